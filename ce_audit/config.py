@@ -1,0 +1,158 @@
+"""Sweep configuration: TOML file → validated, frozen dataclass; the command line overrides the file."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ce_audit.cases import DISTRIBUTIONS
+from ce_audit.dtypes import DTYPE_NAMES, FORMATS
+from ce_audit.errors import AuditError
+from ce_audit.metrics import Tolerance
+
+DEFAULT_CONFIG_NAME = "default.toml"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Everything that determines a sweep's numbers (with the package versions)."""
+
+    dtypes: tuple[str, ...] = DTYPE_NAMES
+    devices: tuple[str, ...] = ("auto",)
+    impls: tuple[str, ...] = ()
+    distributions: tuple[str, ...] = ("normal",)
+    scales: tuple[float, ...] = (1.0,)
+    offsets: tuple[float, ...] = (0.0,)
+    vocabs: tuple[int, ...] = (1000,)
+    batches: tuple[int, ...] = (32,)
+    seed: int = 0
+    grad: bool = True
+    out: str = "ce-audit-report"
+    chunk_size: int = 4096
+    block_size: int = 1024
+    block_mib: int = 256
+    tolerances: dict[str, Tolerance] = field(
+        default_factory=lambda: {name: Tolerance(f.rtol, f.atol) for name, f in FORMATS.items()}
+    )
+
+    def implementation_settings(self) -> dict[str, Any]:
+        """Tunables passed to implementations that declare them."""
+        return {"chunk_size": self.chunk_size, "block_size": self.block_size}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tolerances"] = {name: asdict(tol) for name, tol in self.tolerances.items()}
+        return data
+
+
+_LIST_KEYS = {
+    "dtypes": str,
+    "devices": str,
+    "impls": str,
+    "distributions": str,
+    "scales": float,
+    "offsets": float,
+    "vocabs": int,
+    "batches": int,
+}
+_SCALAR_KEYS = {"seed": int, "grad": bool, "out": str, "chunk_size": int, "block_size": int, "block_mib": int}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise AuditError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise AuditError(f"config key {key!r} must be a number, got {value!r}")
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise AuditError(f"config key {key!r} must be a whole number, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise AuditError(f"config key {key!r} must be a string, got {value!r}")
+    return kind(value)
+
+
+def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key in _LIST_KEYS:
+            items = raw if isinstance(raw, list) else [raw]
+            values[key] = tuple(_coerce(key, item, _LIST_KEYS[key]) for item in items)
+        elif key in _SCALAR_KEYS:
+            values[key] = _coerce(key, raw, _SCALAR_KEYS[key])
+        elif key == "tolerances":
+            if not isinstance(raw, dict):
+                raise AuditError("config key 'tolerances' must be a table of dtype = {rtol, atol}")
+            tolerances = dict(base.tolerances)
+            for dtype, entry in raw.items():
+                if dtype not in FORMATS or not isinstance(entry, dict) or set(entry) - {"rtol", "atol"}:
+                    raise AuditError(f"tolerances.{dtype}: expected a float dtype with keys rtol and atol")
+                current = tolerances[dtype]
+                tolerances[dtype] = Tolerance(
+                    _coerce(f"tolerances.{dtype}.rtol", entry.get("rtol", current.rtol), float),
+                    _coerce(f"tolerances.{dtype}.atol", entry.get("atol", current.atol), float),
+                )
+            values["tolerances"] = tolerances
+        else:
+            known = ", ".join([*_LIST_KEYS, *_SCALAR_KEYS, "tolerances"])
+            raise AuditError(f"unknown config key {key!r}; known keys: {known}")
+    return validate(replace(base, **values))
+
+
+def validate(config: SweepConfig) -> SweepConfig:
+    """Check every value; raise AuditError with a one-line message on the first problem."""
+    for dtype in config.dtypes:
+        if dtype not in FORMATS:
+            raise AuditError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
+    for name in config.distributions:
+        if name not in DISTRIBUTIONS:
+            raise AuditError(f"unknown distribution {name!r}; choose from {', '.join(DISTRIBUTIONS)}")
+    for key in ("dtypes", "devices", "distributions", "scales", "offsets", "vocabs", "batches"):
+        if not getattr(config, key):
+            raise AuditError(f"{key} must not be empty")
+    if any(v < 1 for v in config.vocabs):
+        raise AuditError("every vocab size must be at least 1")
+    if any(b < 0 for b in config.batches):
+        raise AuditError("batch sizes must not be negative")
+    if any(not (s == s and abs(s) != float("inf")) for s in (*config.scales, *config.offsets)):
+        raise AuditError("scales and offsets must be finite numbers")
+    for key in ("chunk_size", "block_size", "block_mib"):
+        if getattr(config, key) < 1:
+            raise AuditError(f"{key} must be at least 1")
+    return config
+
+
+def _read_toml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise AuditError(f"{origin}: invalid TOML: {error}") from None
+
+
+def default_config_text() -> str:
+    """The built-in default sweep (identical to configs/default.toml)."""
+    return resources.files("ce_audit").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """The default sweep, updated by the TOML file at ``path`` (if any), then by ``overrides``."""
+    config = _from_mapping(_read_toml(default_config_text(), "built-in default"), SweepConfig())
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise AuditError(f"cannot read config {path}: {error.strerror or error}") from None
+        config = _from_mapping(_read_toml(text, str(path)), config)
+    if overrides:
+        config = _from_mapping({k: v for k, v in overrides.items() if v is not None}, config)
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> SweepConfig:
+    """Rebuild a config from SweepConfig.to_dict() output (as stored in report.json)."""
+    known = {f.name for f in fields(SweepConfig)}
+    return _from_mapping({k: v for k, v in data.items() if k in known}, SweepConfig())

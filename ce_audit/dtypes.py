@@ -1,0 +1,94 @@
+"""Facts about the four audited floating-point formats, with no torch import."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from ce_audit.errors import AuditError
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """An IEEE-style binary format: precision ``p`` bits (implicit bit included), exponents emin..emax."""
+
+    name: str
+    numpy_dtype: np.dtype
+    precision: int
+    emin: int
+    emax: int
+    rtol: float
+    atol: float
+
+    @property
+    def max(self) -> float:
+        """Largest finite value, (2 − 2^(1−p)) · 2^emax."""
+        return float((2.0 - 2.0 ** (1 - self.precision)) * 2.0**self.emax)
+
+    @property
+    def unit_roundoff(self) -> float:
+        """u = 2^−p."""
+        return 2.0**-self.precision
+
+    @property
+    def smallest_subnormal(self) -> float:
+        """2^(emin − p + 1)."""
+        return 2.0 ** (self.emin - self.precision + 1)
+
+    @property
+    def exp_overflow(self) -> float:
+        """exp(x) overflows above log(max)."""
+        return math.log(self.max)
+
+    @property
+    def exp_underflow(self) -> float:
+        """exp(x) rounds to 0 below log(smallest_subnormal / 2)."""
+        return math.log(self.smallest_subnormal / 2)
+
+    @property
+    def exp_subnormal(self) -> float:
+        """exp(x) is subnormal below log(2^emin)."""
+        return self.emin * math.log(2.0)
+
+
+FORMATS: dict[str, FloatFormat] = {
+    "float16": FloatFormat("float16", np.dtype(np.float16), 11, -14, 15, 1e-3, 1e-5),
+    "bfloat16": FloatFormat("bfloat16", np.dtype(ml_dtypes.bfloat16), 8, -126, 127, 1.6e-2, 1e-5),
+    "float32": FloatFormat("float32", np.dtype(np.float32), 24, -126, 127, 1.3e-6, 1e-5),
+    "float64": FloatFormat("float64", np.dtype(np.float64), 53, -1022, 1023, 1e-7, 1e-7),
+}
+
+DTYPE_NAMES: tuple[str, ...] = tuple(FORMATS)
+
+
+def float_format(name: str) -> FloatFormat:
+    """Look a format up by name; unknown names raise AuditError."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise AuditError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}") from None
+
+
+def format_of_array(array: np.ndarray) -> FloatFormat:
+    """The audited format of a NumPy array (float16, bfloat16, float32 or float64)."""
+    for fmt in FORMATS.values():
+        if array.dtype == fmt.numpy_dtype:
+            return fmt
+    raise AuditError(f"unsupported array dtype {array.dtype}; expected one of {', '.join(DTYPE_NAMES)}")
+
+
+def working_dtype(fmt: FloatFormat) -> np.dtype:
+    """Precision the reference works in: x87 80-bit long double for float64 inputs, float64 otherwise."""
+    return np.dtype(np.longdouble) if fmt.name == "float64" else np.dtype(np.float64)
+
+
+def ulp(reference: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """Spacing of ``fmt`` at |reference|: 2^(max(e, emin) − p + 1) with 2^e ≤ |x| < 2^(e+1)."""
+    magnitude = np.abs(reference)
+    with np.errstate(all="ignore"):
+        _, exponent = np.frexp(magnitude)  # magnitude = m · 2^exponent, m in [0.5, 1)
+    exponent = np.maximum(exponent.astype(np.int64) - 1, fmt.emin)
+    return np.ldexp(np.ones_like(magnitude), (exponent - fmt.precision + 1).astype(np.int32))

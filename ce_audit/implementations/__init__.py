@@ -1,0 +1,8 @@
+"""Built-in implementations (torch and NumPy) and the registry user plugins join."""
+
+from ce_audit.implementations.builtins import register_builtins
+from ce_audit.implementations.registry import REGISTRY, Implementation, add, resolve
+
+register_builtins()
+
+__all__ = ["REGISTRY", "Implementation", "add", "resolve"]

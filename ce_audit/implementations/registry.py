@@ -1,0 +1,67 @@
+"""The implementation registry: each entry names a backend and a function, imported only when called."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ce_audit.dtypes import DTYPE_NAMES
+from ce_audit.errors import AuditError
+
+BACKENDS = ("torch", "numpy")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One audited cross-entropy: ``fn(logits, targets, **tunables) -> per-row losses``.
+
+    ``target`` is the function itself or a ``"module:attribute"`` string resolved on first call, so
+    that listing the registry never imports a framework.
+    """
+
+    name: str
+    backend: str
+    target: Callable[..., Any] | str
+    description: str
+    origin: str
+    dtypes: tuple[str, ...] = DTYPE_NAMES
+    tunables: tuple[str, ...] = ()
+    builtin: bool = True
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def function(self) -> Callable[..., Any]:
+        """The callable, importing its module if it was registered by name."""
+        if callable(self.target):
+            return self.target
+        module_name, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def __call__(self, logits: Any, targets: Any, settings: Mapping[str, Any] | None = None) -> Any:
+        settings = settings or {}
+        kwargs = {name: settings[name] for name in self.tunables if name in settings}
+        return self.function()(logits, targets, **kwargs)
+
+
+REGISTRY: dict[str, Implementation] = {}
+
+
+def add(implementation: Implementation) -> Implementation:
+    """Add to the registry; a second entry of the same name raises AuditError."""
+    if implementation.backend not in BACKENDS:
+        raise AuditError(f"implementation {implementation.name!r}: unknown backend {implementation.backend!r}")
+    if implementation.name in REGISTRY:
+        raise AuditError(f"implementation name {implementation.name!r} is already registered")
+    REGISTRY[implementation.name] = implementation
+    return implementation
+
+
+def resolve(names: list[str] | tuple[str, ...] | None) -> list[Implementation]:
+    """The named implementations in the order given (all, in registry order, when ``names`` is empty)."""
+    if not names:
+        return list(REGISTRY.values())
+    unknown = [name for name in names if name not in REGISTRY]
+    if unknown:
+        raise AuditError(f"unknown implementation {unknown[0]!r}; `ce-audit list` shows the names")
+    return [REGISTRY[name] for name in dict.fromkeys(names)]

@@ -1,0 +1,91 @@
+"""The accurate cross-entropy reference (Blanchard, Higham & Higham, IMA J. Numer. Anal. 2021).
+
+For a row z with target y and a = max_k z_k, with e_k = exp(z_k − a) and S_o = Σ_{k≠y} e_k:
+
+* target at the maximum (z_y = a):  loss = log1p(S_o)                 — no cancellation as loss → 0
+* otherwise:                        loss = (a − z_y) + log(S_o + e_y)  — two non-negative terms
+* gradient of the row loss:         g_k = e_k / S (k ≠ y),  g_y = p_y − 1 = −S_o / S,  S = S_o + e_y
+
+It works on the inputs exactly as quantized to the audited dtype, in float64 for float16, bfloat16
+and float32 inputs and in 80-bit long double for float64 inputs. For float64 inputs every difference
+z_k − a is carried as an unevaluated sum hi + lo (Knuth's TwoSum), so that exp(z_k − a) keeps full
+relative accuracy even when the difference is not representable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Per-row reference loss and (optionally) the gradient of Σ_i loss_i, in working precision."""
+
+    loss: np.ndarray
+    grad: np.ndarray | None
+    format: FloatFormat
+
+
+def _two_difference(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """hi + lo = x − y exactly (TwoSum), with lo = 0 wherever hi is not finite."""
+    hi = x - y
+    with np.errstate(invalid="ignore"):
+        back = hi - x
+        lo = (x - (hi - back)) + (-y - back)
+    lo[~np.isfinite(hi)] = 0
+    return hi, lo
+
+
+def reference_cross_entropy(logits: np.ndarray, targets: np.ndarray, *, grad: bool = True) -> Reference:
+    """Accurate per-row loss logsumexp(z_i) − z_i[y_i] and its gradient softmax(z_i) − onehot(y_i).
+
+    ``logits`` is an (N, V) array already in the audited dtype; ``targets`` holds N class indices.
+    Rows with NaN or +inf logits give NaN, as PyTorch does; −inf logits (masks) contribute exp = 0.
+    """
+    fmt = format_of_array(logits)
+    work = working_dtype(fmt)
+    n_rows = logits.shape[0]
+    rows = np.arange(n_rows)
+    targets = np.asarray(targets, dtype=np.int64)
+
+    z = logits.astype(work)
+    row_max = z.max(axis=1) if z.shape[1] else np.full(n_rows, np.nan, dtype=work)
+    target_logit = z[rows, targets]
+    exact = fmt.name == "float64"
+
+    with np.errstate(all="ignore"):
+        if exact:
+            shifted, shifted_lo = _two_difference(z, row_max[:, None])
+            np.exp(shifted, out=shifted)
+            shifted *= 1 + shifted_lo
+            del shifted_lo
+        else:
+            shifted = z
+            shifted -= row_max[:, None]
+            np.exp(shifted, out=shifted)
+        weights = shifted  # e_k = exp(z_k − a)
+        target_weight = weights[rows, targets].copy()
+        weights[rows, targets] = 0
+        other_sum = weights.sum(axis=1)  # S_o
+        total = other_sum + target_weight  # S
+
+        if exact:
+            gap_hi, gap_lo = _two_difference(row_max, target_logit)
+        else:
+            gap_hi, gap_lo = row_max - target_logit, np.zeros_like(row_max)
+        at_max = target_logit == row_max
+        loss = np.where(at_max, np.log1p(other_sum), gap_hi + (gap_lo + np.log(total)))
+        bad_row = ~np.isfinite(row_max)  # NaN anywhere, a +inf logit, or every logit −inf
+        loss[bad_row] = np.nan
+
+        gradient = None
+        if grad:
+            gradient = weights
+            gradient /= total[:, None]
+            gradient[rows, targets] = -other_sum / total
+            gradient[bad_row] = np.nan
+    return Reference(loss=loss, grad=gradient, format=fmt)

@@ -1,0 +1,62 @@
+"""report.json: resolved config, seed, versions, device names, timestamp and every summary row."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import platform
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ce_audit.engine import AuditResult
+from ce_audit.reports.files import write_atomically
+
+REPORT_FORMAT = 1
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of ce-audit, Python, NumPy, ml_dtypes and torch, read without importing torch."""
+    versions = {"python": platform.python_version()}
+    for name, dist in (("ce-audit", "ce-audit"), ("numpy", "numpy"), ("ml_dtypes", "ml_dtypes"), ("torch", "torch")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _plain(value: Any) -> Any:
+    """JSON has no NaN or Infinity: write them as the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def report_document(result: AuditResult, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    document = {
+        "format": REPORT_FORMAT,
+        "command": command,
+        "timestamp": dt.datetime.fromtimestamp(result.started, dt.UTC).isoformat(),
+        "seconds": round(result.seconds, 3),
+        "seed": result.config.seed,
+        "config": result.config.to_dict(),
+        "versions": package_versions(),
+        "devices": result.devices,
+        "rows": [asdict(row) for row in result.rows],
+    }
+    document.update(extra or {})
+    return _plain(document)
+
+
+def write_report_json(
+    result: AuditResult, path: str | Path, command: str, extra: dict[str, Any] | None = None
+) -> Path:
+    text = json.dumps(report_document(result, command, extra), indent=2, allow_nan=False) + "\n"
+    return write_atomically(path, text)

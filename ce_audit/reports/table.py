@@ -1,0 +1,85 @@
+"""The terminal report: per dtype, implementations down and scale × offset across, coloured by status."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ce_audit.engine import SummaryRow
+from ce_audit.findings import findings
+from ce_audit.metrics import worst_status
+
+STYLES = {"ok": "green", "inaccurate": "yellow", "nonfinite": "bold red", "error": "magenta", "skipped": "dim"}
+
+
+def _ulp_text(value: float) -> str:
+    if value < 10:
+        return f"{value:.2g}"
+    return f"{value:.0f}" if value < 1e5 else f"{value:.1e}"
+
+
+def cell_text(rows: list[SummaryRow]) -> Text:
+    """Worst status of the rows in one table cell, with max ULPs or the NaN/Inf row counts."""
+    status = worst_status([row.status for row in rows])
+    measured = [row for row in rows if row.status not in ("error", "skipped")]
+    if status == "nonfinite":
+        nan = sum(row.nan_rows for row in measured)
+        inf = sum(row.inf_rows for row in measured)
+        text = "/".join(part for part in (f"NaN {nan}" if nan else "", f"Inf {inf}" if inf else "") if part)
+    elif status in ("ok", "inaccurate"):
+        text = _ulp_text(max(row.max_ulp for row in measured))
+    else:
+        text = status
+    grad = worst_status([row.grad_status for row in rows if row.grad_status in ("ok", "inaccurate", "nonfinite")])
+    if grad in ("inaccurate", "nonfinite") and status in ("ok", "inaccurate"):
+        text += " g!"
+    return Text(text, style=STYLES[status])
+
+
+def summary_tables(rows: list[SummaryRow]) -> list[Table]:
+    """One table per dtype; a column per (offset, scale), the worst over distributions, vocabs, batches."""
+    tables = []
+    dtypes = list(dict.fromkeys(row.dtype for row in rows))
+    offsets = sorted({row.offset for row in rows}, key=abs)
+    scales = sorted({row.scale for row in rows}, key=abs)
+    columns = [(offset, scale) for offset in offsets for scale in scales]
+    for dtype in dtypes:
+        grid: dict[tuple[str, float, float], list[SummaryRow]] = defaultdict(list)
+        names: list[str] = []
+        for row in rows:
+            if row.dtype != dtype:
+                continue
+            name = row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
+            if name not in names:
+                names.append(name)
+            grid[(name, row.offset, row.scale)].append(row)
+        table = Table(title=f"{dtype}: max ULP of the loss (NaN/Inf: rows)", title_justify="left")
+        table.add_column("impl", style="bold", no_wrap=True)
+        for offset, scale in columns:
+            header = f"s={scale:g}" + (f"\n+{offset:g}" if offset else "")
+            table.add_column(header, justify="right", no_wrap=True)
+        for name in names:
+            table.add_row(name, *(cell_text(grid[(name, o, s)]) if grid[(name, o, s)] else "" for o, s in columns))
+        tables.append(table)
+    return tables
+
+
+def print_report(rows: list[SummaryRow], console: Console, paths: list[str], seconds: float) -> None:
+    """Tables, the findings in words, and where the files went."""
+    for table in summary_tables(rows):
+        console.print(table)
+    lines = findings(rows)
+    console.print("[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]")
+    for line in lines:
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row.status] += 1
+    tally = ", ".join(f"{counts[s]} {s}" for s in STYLES if counts[s])
+    console.print(f"{len(rows)} cells in {seconds:.1f} s: {tally}", highlight=False)
+    console.print("Legend: ULPs of the dtype; g! = gradient past tolerance.", style="dim")
+    for path in paths:
+        console.print(f"wrote {path}", highlight=False)
