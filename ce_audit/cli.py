@@ -5,9 +5,11 @@ No numerics here, and no torch import at start-up: `ce-audit --help` stays fast.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -18,6 +20,23 @@ try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itsel
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - depends on the installed Typer
     from click import exceptions as click_exceptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(command: F) -> F:
+    """AuditError from the library becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except AuditError as error:
+            typer.echo(f"ce-audit: error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
 
 app = typer.Typer(
     name="ce-audit",
@@ -78,6 +97,7 @@ def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] |
 
 
 @app.command()
+@_user_errors
 def sweep(
     config: Annotated[Path | None, typer.Option("--config", help="TOML sweep config [default: built-in].")] = None,
     dtype: DtypeOption = None,
@@ -127,6 +147,7 @@ def sweep(
 
 
 @app.command()
+@_user_errors
 def replay(
     logits: Annotated[Path, typer.Argument(help="(N, V) logits, .npy or .pt.")],
     targets: Annotated[Path, typer.Argument(help="(N,) integer targets, .npy or .pt.")],
@@ -165,6 +186,7 @@ def replay(
 
 
 @app.command("list")
+@_user_errors
 def list_implementations() -> None:
     """List the implementations, their origin, the dtypes and the devices present here."""
     from rich.table import Table
@@ -188,7 +210,9 @@ def list_implementations() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors exit 2 with one line on stderr, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool):
+            sys.exit(result)  # typer.Exit(code) surfaces as a return value outside standalone mode
     except AuditError as error:
         print(f"ce-audit: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -197,9 +221,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         print(f"ce-audit: error: {error.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click_exceptions.Exit as done:
+    except typer.Exit as done:
         sys.exit(done.exit_code)
-    except click_exceptions.Abort:
+    except typer.Abort:
         print("ce-audit: aborted", file=sys.stderr)
         sys.exit(130)
     except click_exceptions.ClickException as error:

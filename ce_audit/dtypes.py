@@ -90,5 +90,6 @@ def ulp(reference: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     magnitude = np.abs(reference)
     with np.errstate(all="ignore"):
         _, exponent = np.frexp(magnitude)  # magnitude = m · 2^exponent, m in [0.5, 1)
-    exponent = np.maximum(exponent.astype(np.int64) - 1, fmt.emin)
+    exponent = np.where(magnitude > 0, exponent.astype(np.int64) - 1, fmt.emin)  # frexp(0) gives 0
+    exponent = np.maximum(exponent, fmt.emin)
     return np.ldexp(np.ones_like(magnitude), (exponent - fmt.precision + 1).astype(np.int32))
