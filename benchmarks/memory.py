@@ -24,8 +24,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         command = [
             sys.executable, "-m", "ce_audit", "sweep", "--dtype", "float32", "--impl", args.impl, "--no-grad",
-            "--vocab", str(args.vocab), "--batch", str(args.batch), "--distribution", "normal", "--scale", "1",
-            "--offset", "0", "--device", "cpu", "--quiet", "--out", out,
+            "--vocab", str(args.vocab), "--batch", str(args.batch), "--distribution", "normal",
+            "--scale", "1", "--offset", "0", "--device", "cpu", "--quiet", "--out", out,
         ]  # fmt: skip
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

@@ -16,7 +16,7 @@ def _where(row: SummaryRow) -> str:
     text = f"scale {row.scale:g}"
     if row.offset:
         text += f", offset {row.offset:g}"
-    return text
+    return f"{text} ({row.distribution})"
 
 
 def cause(row: SummaryRow) -> str:
