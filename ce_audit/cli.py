@@ -32,7 +32,9 @@ DtypeOption = Annotated[
 ]
 DeviceOption = Annotated[
     list[str] | None,
-    typer.Option("--device", help="cpu, cuda, cuda:N, mps, auto (cpu + first accelerator), all (repeatable)."),
+    typer.Option(
+        "--device", help="cpu, cuda, cuda:N, mps, auto (cpu + first accelerator), all (repeatable)."
+    ),
 ]
 ImplOption = Annotated[
     list[str] | None,
@@ -44,12 +46,15 @@ ImplOption = Annotated[
 ]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory [default: ce-audit-report].")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors.")]
-GradOption = Annotated[bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too [default: on].")]
+GradOption = Annotated[
+    bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too [default: on].")
+]
 PluginOption = Annotated[
     list[str] | None,
     typer.Option(
         "--plugin",
-        help="Load user implementations from a .py file or a dotted module (repeatable; adds to the config's).",
+        help="Load user implementations from a .py file or a dotted module "
+        "(repeatable; adds to the config's).",
     ),
 ]
 
@@ -91,15 +96,20 @@ def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] |
 
 @app.command()
 def sweep(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML sweep config [default: built-in].")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML sweep config [default: built-in].")
+    ] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
     distribution: Annotated[
-        list[str] | None, typer.Option("--distribution", help="normal, uniform, spike, adversarial (repeatable).")
+        list[str] | None,
+        typer.Option("--distribution", help="normal, uniform, spike, adversarial (repeatable)."),
     ] = None,
     scale: Annotated[list[float] | None, typer.Option("--scale", help="Logit scale (repeatable).")] = None,
-    offset: Annotated[list[float] | None, typer.Option("--offset", help="Common logit offset (repeatable).")] = None,
+    offset: Annotated[
+        list[float] | None, typer.Option("--offset", help="Common logit offset (repeatable).")
+    ] = None,
     vocab: Annotated[list[int] | None, typer.Option("--vocab", help="Vocabulary size (repeatable).")] = None,
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Rows per case (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,
@@ -181,7 +191,7 @@ def replay(
 
 @app.command("list")
 def list_implementations(plugin: PluginOption = None) -> None:
-    """List the implementations (built-ins, plugins), their origin, the dtypes and the devices present here."""
+    """List the implementations (built-ins and plugins), their origin, the dtypes and the devices here."""
     from rich.table import Table
 
     from ce_audit.devices import resolve_devices
@@ -224,26 +234,35 @@ def gate(
     ] = None,
     ulp_growth: Annotated[
         float | None,
-        typer.Option("--ulp-growth", help="Allowed growth of max_ulp in ULPs (default: the config's, else 1)."),
+        typer.Option(
+            "--ulp-growth", help="Allowed growth of max_ulp in ULPs (default: the config's, else 1)."
+        ),
     ] = None,
     rel_growth: Annotated[
         float | None,
-        typer.Option("--rel-growth", help="Allowed relative growth, 0.1 = 10% (default: the config's, else 0.1)."),
+        typer.Option(
+            "--rel-growth", help="Allowed relative growth, 0.1 = 10% (default: the config's, else 0.1)."
+        ),
     ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail on cells that are not in the baseline.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail on cells that are not in the baseline.")
+    ] = False,
     markdown: Annotated[
         Path | None, typer.Option("--markdown", help="Write a Markdown summary (for a CI job summary page).")
     ] = None,
-    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML, one test case per cell.")] = None,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="Write JUnit XML, one test case per cell.")
+    ] = None,
     update: Annotated[
-        bool, typer.Option("--update", help="Rewrite the baseline from the current audit (atomically), exit 0.")
+        bool,
+        typer.Option("--update", help="Rewrite the baseline from the current audit (atomically), exit 0."),
     ] = False,
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write the fresh audit's reports to this directory.")
     ] = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Compare the current audit with a baseline: exit 0 when precision held, 1 when it regressed, 2 on bad input."""
+    """Compare the current audit with a baseline: exit 0 held, 1 regressed, 2 bad input."""
     from ce_audit.errors import AuditError
     from ce_audit.gate import run_gate, update_baseline
     from ce_audit.reports.junit import write_gate_junit

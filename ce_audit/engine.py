@@ -226,7 +226,9 @@ def _check_shape(shape: tuple[int, ...], n_rows: int) -> None:
         raise ValueError(f"returned shape {shape}, expected ({n_rows},) per-row losses or a 0-d mean")
 
 
-def _run_numpy(impl: Implementation, block: np.ndarray, targets: np.ndarray, settings: dict[str, Any]) -> _Outcome:
+def _run_numpy(
+    impl: Implementation, block: np.ndarray, targets: np.ndarray, settings: dict[str, Any]
+) -> _Outcome:
     logits, target_copy = block.copy(), targets.copy()
     with np.errstate(all="ignore"):  # overflow in an audited implementation is a finding, not a warning
         losses = impl(logits, target_copy, settings)
@@ -454,7 +456,9 @@ def _summary_row(
     )
 
 
-def _case_blocks(case: Case, fmt: FloatFormat, budget_bytes: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _case_blocks(
+    case: Case, fmt: FloatFormat, budget_bytes: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     for start, stop in row_blocks(case, working_dtype(fmt).itemsize, budget_bytes):
         logits, targets = generate_rows(case, start, stop)
         yield start, quantize(logits, fmt), targets

@@ -16,7 +16,13 @@ from ce_audit.metrics import worst_status
 if TYPE_CHECKING:
     from ce_audit.gate import GateResult
 
-STYLES = {"ok": "green", "inaccurate": "yellow", "nonfinite": "bold red", "error": "magenta", "skipped": "dim"}
+STYLES = {
+    "ok": "green",
+    "inaccurate": "yellow",
+    "nonfinite": "bold red",
+    "error": "magenta",
+    "skipped": "dim",
+}
 
 
 def _ulp_text(value: float) -> str:
@@ -37,7 +43,9 @@ def cell_text(rows: list[SummaryRow]) -> Text:
         text = _ulp_text(max(row.max_ulp for row in measured))
     else:
         text = status
-    grad = worst_status([row.grad_status for row in rows if row.grad_status in ("ok", "inaccurate", "nonfinite")])
+    grad = worst_status(
+        [row.grad_status for row in rows if row.grad_status in ("ok", "inaccurate", "nonfinite")]
+    )
     if grad in ("inaccurate", "nonfinite") and status in ("ok", "inaccurate"):
         text += " g!"
     if any(row.value_kind == "mean" for row in measured):
@@ -70,7 +78,9 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
             header = f"s={scale:g}" + (f"\n+{offset:g}" if offset else "")
             table.add_column(header, justify="right", no_wrap=True)
         for name in names:
-            table.add_row(name, *(cell_text(grid[(name, o, s)]) if grid[(name, o, s)] else "" for o, s in columns))
+            table.add_row(
+                name, *(cell_text(grid[(name, o, s)]) if grid[(name, o, s)] else "" for o, s in columns)
+            )
         tables.append(table)
     return tables
 
@@ -80,7 +90,9 @@ def print_report(rows: list[SummaryRow], console: Console, paths: list[str], sec
     for table in summary_tables(rows):
         console.print(table)
     lines = findings(rows)
-    console.print("[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]")
+    console.print(
+        "[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]"
+    )
     for line in lines:
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     counts: dict[str, int] = defaultdict(int)
@@ -110,14 +122,18 @@ def print_gate(result: GateResult, console: Console) -> None:
             table.add_row(failure.cell, failure.metric, change, failure.message)
         console.print(table)
     if result.new:
-        listed = ", ".join(result.new[:20]) + (f" … and {len(result.new) - 20} more" if len(result.new) > 20 else "")
+        listed = ", ".join(result.new[:20]) + (
+            f" … and {len(result.new) - 20} more" if len(result.new) > 20 else ""
+        )
         console.print(f"{len(result.new)} new cells, not in the baseline: {listed}", highlight=False)
     for note in result.notes:
         console.print(f"note: {note}", style="dim", highlight=False)
     failing = sum(1 for cell in result.cells if cell.failures)
     budgets = f", {_plural(len(result.budgets), 'budget')}" if result.budgets else ""
     if result.passed:
-        console.print(f"[green]PASSED[/green]: {_plural(len(result.cells), 'cell')} held{budgets}.", highlight=False)
+        console.print(
+            f"[green]PASSED[/green]: {_plural(len(result.cells), 'cell')} held{budgets}.", highlight=False
+        )
     else:
         console.print(
             f"[bold red]FAILED[/bold red]: {_plural(len(result.failures), 'failure')} in {failing} of "
