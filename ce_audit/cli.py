@@ -56,12 +56,25 @@ DeviceOption = Annotated[
     ),
 ]
 ImplOption = Annotated[
-    list[str] | None, typer.Option("--impl", help="Implementation name (repeatable; default: every one).")
+    list[str] | None,
+    typer.Option(
+        "--impl",
+        help="Implementation name, or module:function to audit an undecorated torch function "
+        "(repeatable; default: every one).",
+    ),
 ]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory [default: ce-audit-report].")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors.")]
 GradOption = Annotated[
     bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too [default: on].")
+]
+PluginOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plugin",
+        help="Load user implementations from a .py file or a dotted module "
+        "(repeatable; adds to the config's).",
+    ),
 ]
 
 
@@ -121,6 +134,7 @@ def sweep(
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Rows per case (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,
     grad: GradOption = None,
+    plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -142,7 +156,7 @@ def sweep(
         "grad": grad,
         "out": str(out) if out else None,
     }
-    resolved = load_config(config, overrides)
+    resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
     progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
     with progress:
@@ -164,6 +178,7 @@ def replay(
     device: DeviceOption = None,
     impl: ImplOption = None,
     grad: GradOption = None,
+    plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -180,6 +195,7 @@ def replay(
             "grad": grad,
             "out": str(out) if out else None,
             "dtypes": dtype or None,
+            "plugins": plugin or None,
         },
     )
     result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
@@ -195,14 +211,16 @@ def replay(
 
 
 @app.command("list")
-@_user_errors
-def list_implementations() -> None:
-    """List the implementations, their origin, the dtypes and the devices present here."""
+def list_implementations(plugin: PluginOption = None) -> None:
+    """List the implementations (built-ins and plugins), their origin, the dtypes and the devices here."""
     from rich.table import Table
 
     from ce_audit.devices import resolve_devices
     from ce_audit.dtypes import DTYPE_NAMES
     from ce_audit.implementations import REGISTRY
+    from ce_audit.plugins import prepare
+
+    prepare((), plugin or ())
 
     console = _console()
     table = Table(title="Implementations", title_justify="left")
@@ -216,12 +234,119 @@ def list_implementations() -> None:
     console.print(f"devices here: {', '.join(resolve_devices(('all',)))}")
 
 
+@app.command()
+@_user_errors
+def gate(
+    baseline: Annotated[
+        Path | None,
+        typer.Argument(help="Committed baseline: a summary.csv (report.json beside it) or its directory."),
+    ] = None,
+    current: Annotated[
+        Path | None,
+        typer.Option("--current", help="Compare this summary.csv instead of running a fresh sweep."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Run the fresh sweep with this TOML config, not the baseline's."),
+    ] = None,
+    plugin: PluginOption = None,
+    budget: Annotated[
+        list[str] | None,
+        typer.Option("--budget", help='Absolute limit "IMPL:DTYPE:METRIC<=VALUE", * allowed (repeatable).'),
+    ] = None,
+    ulp_growth: Annotated[
+        float | None,
+        typer.Option(
+            "--ulp-growth", help="Allowed growth of max_ulp in ULPs (default: the config's, else 1)."
+        ),
+    ] = None,
+    rel_growth: Annotated[
+        float | None,
+        typer.Option(
+            "--rel-growth", help="Allowed relative growth, 0.1 = 10% (default: the config's, else 0.1)."
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Fail on cells that are not in the baseline.")
+    ] = False,
+    markdown: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a Markdown summary (for a CI job summary page).")
+    ] = None,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="Write JUnit XML, one test case per cell.")
+    ] = None,
+    update: Annotated[
+        bool,
+        typer.Option("--update", help="Rewrite the baseline from the current audit (atomically), exit 0."),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the fresh audit's reports to this directory.")
+    ] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Compare the current audit with a baseline: exit 0 held, 1 regressed, 2 bad input."""
+    from ce_audit.errors import AuditError
+    from ce_audit.gate import run_gate, update_baseline
+    from ce_audit.reports.junit import write_gate_junit
+    from ce_audit.reports.markdown import write_gate_markdown
+    from ce_audit.reports.table import print_gate
+
+    if update and baseline is None:
+        raise AuditError("--update needs the BASELINE to write")
+    for name, value in (("--ulp-growth", ulp_growth), ("--rel-growth", rel_growth)):
+        if value is not None and not (0 <= value < float("inf")):
+            raise AuditError(f"{name} must be a finite number ≥ 0")
+    console = _console()
+    run = run_gate(
+        baseline,
+        current_path=current,
+        config_path=config,
+        plugins=plugin or (),
+        budgets=budget or (),
+        ulp_growth=ulp_growth,
+        rel_growth=rel_growth,
+        strict=strict,
+        allow_missing_baseline=update,
+    )
+    result = run.result
+    written = []
+    if out is not None and run.fresh is not None:
+        written += _write_reports(run.fresh, out, run.command, run.extra)
+    if markdown is not None:
+        written.append(str(write_gate_markdown(result, markdown)))
+    if junit is not None:
+        written.append(str(write_gate_junit(result, junit)))
+    if not quiet:
+        print_gate(result, console)
+    if update:
+        assert baseline is not None
+        written += [str(path) for path in update_baseline(run, baseline)]
+    for path in written:
+        console.print(f"wrote {path}" if not quiet else path, highlight=False)
+    if update:
+        if not quiet:
+            console.print(f"baseline {baseline} updated from {result.current_source}", highlight=False)
+        return
+    if not result.passed:
+        if quiet:
+            count = len(result.failures)
+            print(f"ce-audit gate: FAILED ({count} failure{'s' if count != 1 else ''})", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _with_plugins(config: Any, plugins: list[str] | None) -> Any:
+    """The config's plugins followed by those of the command line (--plugin adds, it does not replace)."""
+    from dataclasses import replace
+
+    if not plugins:
+        return config
+    return replace(config, plugins=tuple(dict.fromkeys([*config.plugins, *plugins])))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage and input errors exit 2 with one line on stderr, never a traceback."""
     try:
-        result = app(args=argv, standalone_mode=False)
-        if isinstance(result, int) and not isinstance(result, bool):
-            sys.exit(result)  # typer.Exit(code) surfaces as a return value outside standalone mode
+        code = app(args=argv, standalone_mode=False)  # returns typer.Exit's code outside standalone mode
     except AuditError as error:
         print(f"ce-audit: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -238,3 +363,5 @@ def main(argv: list[str] | None = None) -> None:
     except click_exceptions.ClickException as error:
         print(f"ce-audit: error: {error.format_message()}", file=sys.stderr)
         sys.exit(error.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ce_audit.budgets import parse_budget
 from ce_audit.cases import DISTRIBUTIONS
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
@@ -34,6 +35,10 @@ class SweepConfig:
     chunk_size: int = 4096
     block_size: int = 1024
     block_mib: int = 256
+    plugins: tuple[str, ...] = ()  # plugin files / modules loaded before the implementations resolve
+    budgets: tuple[str, ...] = ()  # "impl:dtype:metric<=value", checked by `ce-audit gate`
+    ulp_growth: float = 1.0  # gate: max_ulp regresses when it grows by more than this many ULPs …
+    rel_growth: float = 0.1  # … and by more than this fraction (grad_max_rel_err: 1 ULP = machine epsilon)
     tolerances: dict[str, Tolerance] = field(
         default_factory=lambda: {name: Tolerance(f.rtol, f.atol) for name, f in FORMATS.items()}
     )
@@ -57,8 +62,19 @@ _LIST_KEYS = {
     "offsets": float,
     "vocabs": int,
     "batches": int,
+    "plugins": str,
+    "budgets": str,
 }
-_SCALAR_KEYS = {"seed": int, "grad": bool, "out": str, "chunk_size": int, "block_size": int, "block_mib": int}
+_SCALAR_KEYS = {
+    "seed": int,
+    "grad": bool,
+    "out": str,
+    "chunk_size": int,
+    "block_size": int,
+    "block_mib": int,
+    "ulp_growth": float,
+    "rel_growth": float,
+}
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:
@@ -122,6 +138,12 @@ def validate(config: SweepConfig) -> SweepConfig:
     for key in ("chunk_size", "block_size", "block_mib"):
         if getattr(config, key) < 1:
             raise AuditError(f"{key} must be at least 1")
+    for key in ("ulp_growth", "rel_growth"):
+        value = getattr(config, key)
+        if not (value >= 0 and value != float("inf")):
+            raise AuditError(f"{key} must be a finite number ≥ 0, got {value!r}")
+    for text in config.budgets:
+        parse_budget(text)
     return config
 
 

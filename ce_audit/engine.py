@@ -4,6 +4,7 @@ implementation and device; per cell, running loss and gradient tallies that beco
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from ce_audit.cases import Case, build_cases, generate_rows, quantize, row_block
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description, resolve_devices
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
-from ce_audit.implementations import Implementation, resolve
+from ce_audit.implementations import Implementation
 from ce_audit.metrics import GradTally, LossTally, Tolerance
+from ce_audit.plugins import prepare
 from ce_audit.reference import reference_cross_entropy
 
 Progress = Callable[[float], None]
@@ -52,6 +54,8 @@ class SummaryRow:
     max_logit: float
     max_reference: float
     max_value: float
+    value_kind: str  # "rows": per-row losses; "mean": a 0-d mean, audited as such; "" not measured
+    wrote_input: bool  # the implementation changed its logits or targets buffer (it got a private copy)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,24 @@ class _Cell:
     grad_status: str | None = None
     error: str = ""
     max_value: float = float("-inf")
+    value_kind: str | None = None  # "rows" or "mean", from the first result
+    wrote_input: bool = False
+    deferred: bool = False  # returned a mean on a partial block: audited later on the whole batch
+    batch_rows: int = 0
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One call's result: per-row losses (N,) or a mean (shape ()), as float64, and the gradient."""
+
+    value: np.ndarray
+    grad: np.ndarray | None
+    grad_error: str | None
+    wrote_input: bool
+
+    @property
+    def mean(self) -> bool:
+        return self.value.ndim == 0
 
 
 def _error_message(error: BaseException) -> str:
@@ -144,6 +166,9 @@ class _TorchRunner:
             source = torch.from_numpy(block)
         return source.to(device=device, copy=True)
 
+    def _bytes(self, tensor: Any) -> np.ndarray:
+        return tensor.detach().to("cpu").contiguous().view(self.torch.uint8).numpy().reshape(-1)
+
     def run(
         self,
         impl: Implementation,
@@ -153,17 +178,20 @@ class _TorchRunner:
         device: str,
         settings: dict[str, Any],
         want_grad: bool,
-    ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    ) -> _Outcome:
         torch = self.torch
         logits = self.tensor(block, fmt, device)
-        target_tensor = torch.from_numpy(targets).to(device)
+        target_tensor = torch.from_numpy(targets).to(device=device, copy=True)
         logits.requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
             losses = impl(logits, target_tensor, settings)
         if not isinstance(losses, torch.Tensor):
-            raise TypeError(f"returned {type(losses).__name__}, expected a torch.Tensor")
-        if tuple(losses.shape) != (block.shape[0],):
-            raise ValueError(f"returned shape {tuple(losses.shape)}, expected ({block.shape[0]},)")
+            raise TypeError(f"returned {_type_name(losses)}, expected a torch.Tensor")
+        if not impl.builtin and losses.dtype != logits.dtype:
+            raise TypeError(f"returned {_torch_name(losses.dtype)}, expected {fmt.name} (the audited dtype)")
+        _check_shape(tuple(losses.shape), block.shape[0])
+        if not impl.builtin and losses.device != logits.device:
+            raise ValueError(f"returned a tensor on {losses.device}, expected {logits.device}")
         value = losses.detach().to("cpu", torch.float64).numpy()
         grad, grad_error = None, None
         if want_grad:
@@ -176,19 +204,108 @@ class _TorchRunner:
                 grad = logits.grad.detach().to("cpu", torch.float64).numpy()
             except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
                 grad_error = _error_message(error)
-        return value, grad, grad_error
+        # Checked after backward too: fused kernels may store the gradient in the logits buffer.
+        wrote = tuple(logits.shape) != block.shape or not np.array_equal(
+            self._bytes(logits), np.ascontiguousarray(block).view(np.uint8).reshape(-1)
+        )
+        wrote = wrote or not np.array_equal(target_tensor.detach().cpu().numpy(), targets)
+        return _Outcome(value, grad, grad_error, wrote)
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _torch_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_shape(shape: tuple[int, ...], n_rows: int) -> None:
+    if shape not in ((n_rows,), ()):
+        raise ValueError(f"returned shape {shape}, expected ({n_rows},) per-row losses or a 0-d mean")
 
 
 def _run_numpy(
     impl: Implementation, block: np.ndarray, targets: np.ndarray, settings: dict[str, Any]
-) -> np.ndarray:
+) -> _Outcome:
+    logits, target_copy = block.copy(), targets.copy()
     with np.errstate(all="ignore"):  # overflow in an audited implementation is a finding, not a warning
-        losses = impl(block.copy(), targets.copy(), settings)
+        losses = impl(logits, target_copy, settings)
+    if isinstance(losses, np.generic) and not impl.builtin:  # a NumPy scalar, e.g. from np.mean
+        losses = np.asarray(losses)
     if not isinstance(losses, np.ndarray):
-        raise TypeError(f"returned {type(losses).__name__}, expected a numpy.ndarray")
-    if losses.shape != (block.shape[0],):
-        raise ValueError(f"returned shape {losses.shape}, expected ({block.shape[0]},)")
-    return losses.astype(np.float64)
+        raise TypeError(f"returned {_type_name(losses)}, expected a numpy.ndarray")
+    if not impl.builtin and losses.dtype != block.dtype:
+        raise TypeError(f"returned {losses.dtype}, expected {block.dtype} (the audited dtype)")
+    _check_shape(losses.shape, block.shape[0])
+    wrote = logits.shape != block.shape or not np.array_equal(logits.view(np.uint8), block.view(np.uint8))
+    wrote = wrote or not np.array_equal(target_copy, targets)
+    return _Outcome(losses.astype(np.float64), None, None, wrote)
+
+
+def _call(
+    cell: _Cell,
+    runner: _TorchRunner | None,
+    block: np.ndarray,
+    targets: np.ndarray,
+    fmt: FloatFormat,
+    settings: dict[str, Any],
+    grad: bool,
+) -> _Outcome | None:
+    """Run one implementation on one block; a failure marks the cell `error` and returns None."""
+    try:
+        if cell.impl.backend == "torch":
+            assert runner is not None
+            outcome = runner.run(cell.impl, block, targets, fmt, cell.device, settings, grad)
+        else:
+            outcome = _run_numpy(cell.impl, block, targets, settings)
+    except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
+        cell.status, cell.error = "error", _error_message(error)
+        return None
+    kind = "mean" if outcome.mean else "rows"
+    if cell.value_kind not in (None, kind):
+        cell.status, cell.error = "error", "returned per-row losses for one block and a mean for another"
+        return None
+    cell.value_kind = kind
+    cell.wrote_input |= outcome.wrote_input
+    return outcome
+
+
+def _score(
+    cell: _Cell,
+    outcome: _Outcome,
+    value: np.ndarray,
+    reference_loss: np.ndarray,
+    reference_grad: np.ndarray | None,
+    fmt: FloatFormat,
+    tolerance: Tolerance,
+) -> Any:
+    """Add one result to the cell's tallies; returns the per-row errors."""
+    work = reference_loss.dtype
+    errors = cell.loss.add(value.astype(work), reference_loss, fmt, tolerance)
+    finite_values = value[np.isfinite(value)]
+    if finite_values.size:
+        cell.max_value = max(cell.max_value, float(finite_values.max()))
+    if outcome.grad_error:
+        cell.grad_status, cell.error = "error", outcome.grad_error
+    elif outcome.grad is not None and reference_grad is not None and cell.grad_status is None:
+        cell.grad.add(outcome.grad.astype(work), reference_grad, tolerance)
+    return errors
+
+
+def _score_mean(
+    cell: _Cell, outcome: _Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool
+) -> None:
+    """A 0-d result against the exact mean Σ_i loss_i / N (summed in working precision); gradient / N."""
+    n_rows = reference.loss.shape[0]
+    with np.errstate(all="ignore"):
+        mean = reference.loss.sum() / n_rows if n_rows else np.array(np.nan, dtype=reference.loss.dtype)
+        mean_grad = reference.grad
+        if grad and mean_grad is not None and n_rows:
+            mean_grad = mean_grad / n_rows
+    cell.batch_rows = n_rows
+    _score(cell, outcome, outcome.value.reshape(1), np.asarray(mean).reshape(1), mean_grad, fmt, tolerance)
 
 
 def audit_blocks(
@@ -204,11 +321,13 @@ def audit_blocks(
     keep_rows: bool = False,
     n_blocks: int = 1,
     progress: Progress | None = None,
+    whole_batch: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[list[SummaryRow], list[RowRecord]]:
     """Audit every implementation on every device over the row blocks of one (case, dtype).
 
     ``blocks`` yields (first row, quantized logits, targets). The reference is computed once per
-    block and shared by every cell.
+    block and shared by every cell. An implementation that returns a 0-d mean must see the whole
+    batch: when the batch spans several blocks it is called once more on ``whole_batch()``.
     """
     cells = [_Cell(impl, device) for impl in impls for device in devices]
     for cell in cells:
@@ -216,7 +335,6 @@ def audit_blocks(
         if reason:
             cell.status, cell.error = "skipped", reason
     runner = _TorchRunner() if any(c.impl.backend == "torch" and c.status is None for c in cells) else None
-    work = working_dtype(fmt)
     records: list[RowRecord] = []
     max_logit, max_reference = float("-inf"), float("-inf")
     step = 1.0 / (max(n_blocks, 1) * max(len(cells), 1))  # progress: one unit per (case, dtype)
@@ -228,33 +346,22 @@ def audit_blocks(
         finite_reference = reference.loss[np.isfinite(reference.loss)]
         if finite_reference.size:
             max_reference = max(max_reference, float(finite_reference.max()))
+        whole = first_row == 0 and block.shape[0] == label.batch
         for cell in cells:
-            if cell.status is not None:
-                if progress:
-                    progress(step)
+            outcome = None
+            if cell.status is None and not cell.deferred:
+                outcome = _call(cell, runner, block, targets, fmt, settings, grad)
+            if progress:
+                progress(step)
+            if outcome is None:
                 continue
-            try:
-                if cell.impl.backend == "torch":
-                    assert runner is not None
-                    value, gradient, grad_error = runner.run(
-                        cell.impl, block, targets, fmt, cell.device, settings, grad
-                    )
+            if outcome.mean:
+                if whole:
+                    _score_mean(cell, outcome, reference, fmt, tolerance, grad)
                 else:
-                    value, gradient, grad_error = _run_numpy(cell.impl, block, targets, settings), None, None
-            except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
-                cell.status, cell.error = "error", _error_message(error)
-                if progress:
-                    progress(step)
+                    cell.deferred = True
                 continue
-            value_work = value.astype(work)
-            errors = cell.loss.add(value_work, reference.loss, fmt, tolerance)
-            finite_values = value[np.isfinite(value)]
-            if finite_values.size:
-                cell.max_value = max(cell.max_value, float(finite_values.max()))
-            if grad_error:
-                cell.grad_status, cell.error = "error", grad_error
-            elif gradient is not None and reference.grad is not None and cell.grad_status is None:
-                cell.grad.add(gradient.astype(work), reference.grad, tolerance)
+            errors = _score(cell, outcome, outcome.value, reference.loss, reference.grad, fmt, tolerance)
             if keep_rows:
                 records.extend(
                     RowRecord(
@@ -264,17 +371,40 @@ def audit_blocks(
                         first_row + i,
                         int(targets[i]),
                         float(reference.loss[i]),
-                        float(value[i]),
+                        float(outcome.value[i]),
                         float(errors.abs_err[i]),
                         float(errors.rel_err[i]),
                         float(errors.ulp_err[i]),
                     )
-                    for i in range(value.shape[0])
+                    for i in range(outcome.value.shape[0])
                 )
-            if progress:
-                progress(step)
+    deferred = [cell for cell in cells if cell.deferred and cell.status is None]
+    if deferred:
+        _audit_whole_batch(deferred, runner, whole_batch, fmt, settings, tolerance, grad)
     rows = [_summary_row(cell, fmt, label, grad, max_logit, max_reference) for cell in cells]
     return rows, records
+
+
+def _audit_whole_batch(
+    cells: list[_Cell],
+    runner: _TorchRunner | None,
+    whole_batch: Callable[[], tuple[np.ndarray, np.ndarray]] | None,
+    fmt: FloatFormat,
+    settings: dict[str, Any],
+    tolerance: Tolerance,
+    grad: bool,
+) -> None:
+    """Mean-valued implementations of a batch that spans several blocks: one call on every row at once."""
+    if whole_batch is None:
+        for cell in cells:
+            cell.status, cell.error = "error", "returned a mean, but the batch was split into blocks"
+        return
+    block, targets = whole_batch()
+    reference = reference_cross_entropy(block, targets, grad=grad)
+    for cell in cells:
+        outcome = _call(cell, runner, block, targets, fmt, settings, grad)
+        if outcome is not None:
+            _score_mean(cell, outcome, reference, fmt, tolerance, grad)
 
 
 def _summary_row(
@@ -293,6 +423,7 @@ def _summary_row(
         else:
             grad_status = cell.grad.status
     measured = cell.status is None
+    mean = measured and cell.value_kind == "mean"
     return SummaryRow(
         impl=cell.impl.name,
         dtype=fmt.name,
@@ -304,7 +435,7 @@ def _summary_row(
         vocab=label.vocab,
         seed=label.seed,
         status=status,
-        rows=cell.loss.rows,
+        rows=cell.batch_rows if mean else cell.loss.rows,
         nan_rows=cell.loss.nan_rows,
         inf_rows=cell.loss.inf_rows,
         max_abs_err=cell.loss.max_abs_err,
@@ -320,6 +451,8 @@ def _summary_row(
         max_logit=max_logit,
         max_reference=max_reference,
         max_value=cell.max_value if measured else float("nan"),
+        value_kind=(cell.value_kind or "") if measured else "",
+        wrote_input=cell.wrote_input,
     )
 
 
@@ -329,6 +462,11 @@ def _case_blocks(
     for start, stop in row_blocks(case, working_dtype(fmt).itemsize, budget_bytes):
         logits, targets = generate_rows(case, start, stop)
         yield start, quantize(logits, fmt), targets
+
+
+def _whole_batch(case: Case, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
+    logits, targets = generate_rows(case, 0, case.batch)
+    return quantize(logits, fmt), targets
 
 
 def _overflow_reason(case: Case, fmt: FloatFormat) -> str | None:
@@ -364,7 +502,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
     """Run the whole grid of ``config``; returns one summary row per cell."""
     started = time.time()
     clock = time.perf_counter()
-    impls = resolve(config.impls)
+    impls = prepare(config.impls, config.plugins)
     devices = resolve_devices(config.devices, accelerators_wanted=any(i.backend == "torch" for i in impls))
     cases = build_cases(
         config.distributions, config.scales, config.offsets, config.vocabs, config.batches, config.seed
@@ -394,6 +532,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
                 grad=config.grad,
                 n_blocks=n_blocks,
                 progress=progress,
+                whole_batch=functools.partial(_whole_batch, case, fmt),
             )
             rows += cell_rows
     return AuditResult(

@@ -75,4 +75,20 @@ def findings(rows: list[SummaryRow]) -> list[str]:
             parts.append(f"{dtype} {label}from {_where(first)} — {reason}")
         if parts:
             lines.append(f"{impl}: " + "; ".join(parts))
+    lines += _behaviour(rows)
+    return lines
+
+
+def _behaviour(rows: list[SummaryRow]) -> list[str]:
+    """Lines for implementations that return a mean or write into their input."""
+    means = list(dict.fromkeys(row.impl for row in rows if row.value_kind == "mean"))
+    writers = list(dict.fromkeys(row.impl for row in rows if row.wrote_input))
+    lines = [
+        f"{name}: returns a 0-d mean — audited against the exact mean over the batch (per-row columns: n/a)"
+        for name in means
+    ]
+    lines += [
+        f"{name}: writes into its input buffer — it got a private copy, nothing else was affected"
+        for name in writers
+    ]
     return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from ce_audit.devices import device_description, resolve_devices
 from ce_audit.dtypes import FORMATS, float_format, working_dtype
 from ce_audit.engine import AuditResult, CaseLabel, audit_blocks
 from ce_audit.errors import AuditError
-from ce_audit.implementations import resolve
+from ce_audit.plugins import prepare
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
@@ -80,6 +81,10 @@ def validate_inputs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return targets.astype(np.int64)
 
 
+def _pair(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return logits, targets
+
+
 def run_replay(
     logits_path: str | Path,
     targets_path: str | Path,
@@ -90,7 +95,7 @@ def run_replay(
     started, clock = time.time(), time.perf_counter()
     logits = load_array(logits_path, "logits")
     targets = validate_inputs(logits, load_array(targets_path, "targets"))
-    impls = resolve(config.impls)
+    impls = prepare(config.impls, config.plugins)
     devices = resolve_devices(config.devices, accelerators_wanted=any(i.backend == "torch" for i in impls))
     values = logits.astype(np.float64)
     rows, records = [], []
@@ -121,6 +126,7 @@ def run_replay(
             tolerance=config.tolerances[name],
             grad=config.grad,
             keep_rows=True,
+            whole_batch=functools.partial(_pair, quantized, targets),
         )
         rows += cell_rows
         records += cell_records

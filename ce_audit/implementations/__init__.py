@@ -1,8 +1,8 @@
 """Built-in implementations (torch and NumPy) and the registry user plugins join."""
 
 from ce_audit.implementations.builtins import register_builtins
-from ce_audit.implementations.registry import REGISTRY, Implementation, add, resolve
+from ce_audit.implementations.registry import REGISTRY, Implementation, add, remove, resolve
 
 register_builtins()
 
-__all__ = ["REGISTRY", "Implementation", "add", "resolve"]
+__all__ = ["REGISTRY", "Implementation", "add", "remove", "resolve"]

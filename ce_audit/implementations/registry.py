@@ -47,16 +47,21 @@ class Implementation:
 REGISTRY: dict[str, Implementation] = {}
 
 
-def add(implementation: Implementation) -> Implementation:
-    """Add to the registry; a second entry of the same name raises AuditError."""
+def add(implementation: Implementation, *, replace: bool = False) -> Implementation:
+    """Add to the registry; a second entry of the same name raises AuditError unless ``replace``."""
     if implementation.backend not in BACKENDS:
         raise AuditError(
             f"implementation {implementation.name!r}: unknown backend {implementation.backend!r}"
         )
-    if implementation.name in REGISTRY:
+    if implementation.name in REGISTRY and not replace:
         raise AuditError(f"implementation name {implementation.name!r} is already registered")
     REGISTRY[implementation.name] = implementation
     return implementation
+
+
+def remove(name: str) -> None:
+    """Drop an entry (no error when absent)."""
+    REGISTRY.pop(name, None)
 
 
 def resolve(names: list[str] | tuple[str, ...] | None) -> list[Implementation]:

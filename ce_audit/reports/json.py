@@ -44,6 +44,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
+    """What each audited name was: backend, built-in or not, origin and (for plugins) its source."""
+    from ce_audit.implementations import REGISTRY
+
+    described = {}
+    for name in dict.fromkeys(row.impl for row in rows):
+        entry = REGISTRY.get(name)
+        if entry is not None:
+            described[name] = {
+                "backend": entry.backend,
+                "builtin": entry.builtin,
+                "origin": entry.origin,
+                **({"source": entry.extra["source"]} if "source" in entry.extra else {}),
+            }
+    return described
+
+
 def report_document(result: AuditResult, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     document = {
         "format": REPORT_FORMAT,
@@ -54,6 +71,7 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "config": result.config.to_dict(),
         "versions": package_versions(),
         "devices": result.devices,
+        "implementations": implementations(result.rows),
         "rows": [asdict(row) for row in result.rows],
     }
     document.update(extra or {})

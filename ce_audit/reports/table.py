@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -11,6 +12,9 @@ from rich.text import Text
 from ce_audit.engine import SummaryRow
 from ce_audit.findings import findings
 from ce_audit.metrics import worst_status
+
+if TYPE_CHECKING:
+    from ce_audit.gate import GateResult
 
 STYLES = {
     "ok": "green",
@@ -44,6 +48,10 @@ def cell_text(rows: list[SummaryRow]) -> Text:
     )
     if grad in ("inaccurate", "nonfinite") and status in ("ok", "inaccurate"):
         text += " g!"
+    if any(row.value_kind == "mean" for row in measured):
+        text += " μ"
+    if any(row.wrote_input for row in rows):
+        text += " w!"
     return Text(text, style=STYLES[status])
 
 
@@ -92,6 +100,47 @@ def print_report(rows: list[SummaryRow], console: Console, paths: list[str], sec
         counts[row.status] += 1
     tally = ", ".join(f"{counts[s]} {s}" for s in STYLES if counts[s])
     console.print(f"{len(rows)} cells in {seconds:.1f} s: {tally}", highlight=False)
-    console.print("Legend: ULPs of the dtype; g! = gradient past tolerance.", style="dim")
+    legend = "Legend: ULPs of the dtype; g! = gradient past tolerance"
+    if any(row.value_kind == "mean" for row in rows):
+        legend += "; μ = returned a 0-d mean, audited against the exact mean"
+    if any(row.wrote_input for row in rows):
+        legend += "; w! = wrote into its input"
+    console.print(legend + ".", style="dim")
     for path in paths:
         console.print(f"wrote {path}", highlight=False)
+
+
+def print_gate(result: GateResult, console: Console) -> None:
+    """The regressions as a table (cell, metric, baseline → current, why), new cells, notes, verdict."""
+    if result.failures:
+        table = Table(title="Precision regressions", title_justify="left")
+        for column in ("cell", "metric", "baseline → current", "why"):
+            table.add_column(column, overflow="fold")
+        for failure in result.failures:
+            change = Text(f"{failure.baseline} → ", style="dim")
+            change.append(failure.current, style="bold red")
+            table.add_row(failure.cell, failure.metric, change, failure.message)
+        console.print(table)
+    if result.new:
+        listed = ", ".join(result.new[:20]) + (
+            f" … and {len(result.new) - 20} more" if len(result.new) > 20 else ""
+        )
+        console.print(f"{len(result.new)} new cells, not in the baseline: {listed}", highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim", highlight=False)
+    failing = sum(1 for cell in result.cells if cell.failures)
+    budgets = f", {_plural(len(result.budgets), 'budget')}" if result.budgets else ""
+    if result.passed:
+        console.print(
+            f"[green]PASSED[/green]: {_plural(len(result.cells), 'cell')} held{budgets}.", highlight=False
+        )
+    else:
+        console.print(
+            f"[bold red]FAILED[/bold red]: {_plural(len(result.failures), 'failure')} in {failing} of "
+            f"{_plural(len(result.cells), 'cell')}{budgets}.",
+            highlight=False,
+        )
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"

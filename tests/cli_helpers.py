@@ -1,0 +1,43 @@
+"""Shared by the plugin, gate and API tests: run the CLI in-process, keep the plugin registry clean."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ce_audit.cli import main
+from ce_audit.plugins import isolated
+
+PLUGINS = Path(__file__).parent / "plugins"
+TINY = ["--vocab", "64", "--batch", "8", "--distribution", "normal", "--offset", "0", "--device", "cpu"]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `ce-audit ARGS`, each call with a registry of its own (as a process)."""
+    with isolated():
+        try:
+            main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def by_impl(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Rows keyed by implementation (for sweeps with one dtype and one case)."""
+    return {row["impl"]: row for row in rows}
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    with isolated():
+        yield

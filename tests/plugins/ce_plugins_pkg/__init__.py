@@ -1,0 +1,1 @@
+"""A plugin package, imported as a dotted module (tests put tests/plugins on sys.path)."""
