@@ -95,7 +95,7 @@ def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
     values: dict[str, Any] = {}
     for key, raw in data.items():
         if key in _LIST_KEYS:
-            items = raw if isinstance(raw, list) else [raw]
+            items = raw if isinstance(raw, (list, tuple)) else [raw]
             values[key] = tuple(_coerce(key, item, _LIST_KEYS[key]) for item in items)
         elif key in _SCALAR_KEYS:
             values[key] = _coerce(key, raw, _SCALAR_KEYS[key])
@@ -120,6 +120,10 @@ def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
 
 def validate(config: SweepConfig) -> SweepConfig:
     """Check every value; raise AuditError with a one-line message on the first problem."""
+    if config.seed < 0:
+        raise AuditError(f"seed must be a non-negative integer, got {config.seed}")
+    if any(s < 0 for s in config.scales):
+        raise AuditError("scales must not be negative (use the adversarial distribution for low targets)")
     for dtype in config.dtypes:
         if dtype not in FORMATS:
             raise AuditError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")

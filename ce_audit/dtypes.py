@@ -46,7 +46,7 @@ class FloatFormat:
     @property
     def exp_underflow(self) -> float:
         """exp(x) rounds to 0 below log(smallest_subnormal / 2)."""
-        return math.log(self.smallest_subnormal / 2)
+        return math.log(self.smallest_subnormal) - math.log(2.0)  # 2^-1074 / 2 would round to 0
 
     @property
     def exp_subnormal(self) -> float:

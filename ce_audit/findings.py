@@ -26,10 +26,16 @@ def cause(row: SummaryRow) -> str:
         return row.error
     if row.status == "nonfinite":
         kind = "NaN" if row.nan_rows else "Inf"
-        if row.max_logit > fmt.exp_overflow:
-            return f"{kind}: exp overflows above {fmt.exp_overflow:.2f}"
-        if row.max_reference > -fmt.exp_underflow:
-            return f"{kind}: p_y underflows to 0 below exp({fmt.exp_underflow:.1f}), then log(0) = −inf"
+        overflow = row.max_logit > fmt.exp_overflow
+        underflow = row.max_reference > -fmt.exp_underflow  # p_y = exp(−loss) below the smallest subnormal
+        overflow_text = f"exp overflows above {fmt.exp_overflow:.2f} (max logit {row.max_logit:.4g})"
+        underflow_text = f"p_y underflows to 0 below exp({fmt.exp_underflow:.1f}), then log(0) = −inf"
+        if overflow and underflow:
+            return f"{kind}: {overflow_text}, or {underflow_text}"
+        if overflow:
+            return f"{kind}: {overflow_text}"
+        if underflow:
+            return f"{kind}: {underflow_text}"
         return f"{kind} where the exact loss is finite"
     if row.status == "inaccurate":
         if abs(row.max_value - EPSILON_CAP) < 0.1 and row.max_reference > EPSILON_CAP + 0.1:
@@ -67,6 +73,8 @@ def findings(rows: list[SummaryRow]) -> list[str]:
             if status in ("ok", "skipped"):
                 continue
             first = _first(by_status[status])
+            capped = [r for r in by_status[status] if cause(r).startswith("loss capped")]
+            first = _first(capped) if capped else first
             label = {"nonfinite": "", "inaccurate": "inaccurate ", "error": "error "}[status]
             reason = cause(first)
             if status == "nonfinite":

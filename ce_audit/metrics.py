@@ -8,7 +8,8 @@ A non-finite value where the reference is finite counts as all p bits of the for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -84,7 +85,7 @@ class LossTally:
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
     max_ulp: float = 0.0
-    bits_sum: float = 0.0
+    bits: list[np.ndarray] = field(default_factory=list)
 
     def add(
         self, value: np.ndarray, reference: np.ndarray, fmt: FloatFormat, tolerance: Tolerance
@@ -98,7 +99,7 @@ class LossTally:
         self.max_abs_err = max(self.max_abs_err, _max(errors.abs_err))
         self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))
         self.max_ulp = max(self.max_ulp, _max(errors.ulp_err))
-        self.bits_sum += float(np.nansum(errors.bits))
+        self.bits.append(np.asarray(errors.bits, dtype=np.float64))
         return errors
 
     @property
@@ -109,7 +110,11 @@ class LossTally:
 
     @property
     def mean_bits(self) -> float:
-        return self.bits_sum / self.rows if self.rows else 0.0
+        """Mean of the per-row bits, summed exactly (math.fsum) so row blocks do not change it."""
+        if not self.rows:
+            return 0.0
+        values = np.concatenate(self.bits)
+        return math.fsum(values[~np.isnan(values)].tolist()) / self.rows
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,9 @@ def run_replay(
     devices = resolve_devices(config.devices, accelerators_wanted=any(i.backend == "torch" for i in impls))
     values = logits.astype(np.float64)
     rows, records = [], []
-    for name in dtypes or [_file_format_name(logits)]:
+    audited = list(dtypes or [_file_format_name(logits)])
+    config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
+    for name in audited:
         fmt = float_format(name)
         with np.errstate(over="ignore"):
             quantized = values.astype(fmt.numpy_dtype)
