@@ -23,7 +23,9 @@ DISTRIBUTIONS = {
     "normal": "base ~ N(0, 1)",
     "uniform": "base ~ U(−1, 1)",
     "spike": "normal, target set SPIKE_MARGIN above the row's other maximum: confident rows, loss → 0",
-    "adversarial": "normal, target set SPIKE_MARGIN below the row's other minimum: large loss, p_y underflows",
+    "adversarial": (
+        "normal, target set SPIKE_MARGIN below the row's other minimum: large loss, p_y underflows"
+    ),
 }
 SPIKE_MARGIN = 4.0
 GENERATION_ELEMENTS = 1 << 16

@@ -32,14 +32,18 @@ DtypeOption = Annotated[
 ]
 DeviceOption = Annotated[
     list[str] | None,
-    typer.Option("--device", help="cpu, cuda, cuda:N, mps, auto (cpu + first accelerator), all (repeatable)."),
+    typer.Option(
+        "--device", help="cpu, cuda, cuda:N, mps, auto (cpu + first accelerator), all (repeatable)."
+    ),
 ]
 ImplOption = Annotated[
     list[str] | None, typer.Option("--impl", help="Implementation name (repeatable; default: every one).")
 ]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory [default: ce-audit-report].")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors.")]
-GradOption = Annotated[bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too [default: on].")]
+GradOption = Annotated[
+    bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too [default: on].")
+]
 
 
 def _console() -> Console:
@@ -79,15 +83,20 @@ def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] |
 
 @app.command()
 def sweep(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML sweep config [default: built-in].")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML sweep config [default: built-in].")
+    ] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
     distribution: Annotated[
-        list[str] | None, typer.Option("--distribution", help="normal, uniform, spike, adversarial (repeatable).")
+        list[str] | None,
+        typer.Option("--distribution", help="normal, uniform, spike, adversarial (repeatable)."),
     ] = None,
     scale: Annotated[list[float] | None, typer.Option("--scale", help="Logit scale (repeatable).")] = None,
-    offset: Annotated[list[float] | None, typer.Option("--offset", help="Common logit offset (repeatable).")] = None,
+    offset: Annotated[
+        list[float] | None, typer.Option("--offset", help="Common logit offset (repeatable).")
+    ] = None,
     vocab: Annotated[list[int] | None, typer.Option("--vocab", help="Vocabulary size (repeatable).")] = None,
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Rows per case (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,

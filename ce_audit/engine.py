@@ -323,7 +323,9 @@ def _summary_row(
     )
 
 
-def _case_blocks(case: Case, fmt: FloatFormat, budget_bytes: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _case_blocks(
+    case: Case, fmt: FloatFormat, budget_bytes: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     for start, stop in row_blocks(case, working_dtype(fmt).itemsize, budget_bytes):
         logits, targets = generate_rows(case, start, stop)
         yield start, quantize(logits, fmt), targets

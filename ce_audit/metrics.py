@@ -49,7 +49,9 @@ def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> Ro
         diff[same_nonfinite] = 0
         diff[nonfinite_mismatch] = np.nan
         magnitude = np.abs(reference)
-        rel = np.where(magnitude > 0, diff / np.where(magnitude > 0, magnitude, 1), np.where(diff > 0, np.inf, 0))
+        rel = np.where(
+            magnitude > 0, diff / np.where(magnitude > 0, magnitude, 1), np.where(diff > 0, np.inf, 0)
+        )
         rel[same_nonfinite] = 0
         rel[nonfinite_mismatch] = np.nan
         ulps = diff / ulp(np.where(both_finite, reference, 0), fmt)
@@ -84,7 +86,9 @@ class LossTally:
     max_ulp: float = 0.0
     bits_sum: float = 0.0
 
-    def add(self, value: np.ndarray, reference: np.ndarray, fmt: FloatFormat, tolerance: Tolerance) -> RowErrors:
+    def add(
+        self, value: np.ndarray, reference: np.ndarray, fmt: FloatFormat, tolerance: Tolerance
+    ) -> RowErrors:
         errors = row_errors(value, reference, fmt)
         self.rows += value.size
         self.nan_rows += int(np.isnan(value).sum())
@@ -132,7 +136,9 @@ class GradTally:
             bound = tolerance.atol + tolerance.rtol * np.abs(np.where(reference_finite, reference, 0))
             self.failures += int(((diff > bound) | mismatch).any(axis=1).sum())
             row_abs = diff.max(axis=1) if diff.shape[1] else np.zeros(diff.shape[0])
-            row_norm = np.abs(np.where(reference_finite, reference, 0)).max(axis=1) if diff.shape[1] else row_abs
+            row_norm = (
+                np.abs(np.where(reference_finite, reference, 0)).max(axis=1) if diff.shape[1] else row_abs
+            )
             row_rel = np.where(row_norm > 0, row_abs / np.where(row_norm > 0, row_norm, 1), 0)
         if row_abs.size:
             self.max_abs_err = max(self.max_abs_err, float(row_abs.max()))

@@ -101,7 +101,9 @@ def run_replay(
         overflow = np.isinf(quantized) & np.isfinite(values)
         if overflow.any():
             peak = float(np.abs(values[overflow]).max())
-            raise AuditError(f"logits reach {peak:.6g}, which overflows {name} (largest finite {fmt.max:.6g})")
+            raise AuditError(
+                f"logits reach {peak:.6g}, which overflows {name} (largest finite {fmt.max:.6g})"
+            )
         label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed)
         per_row = logits.shape[1] * working_dtype(fmt).itemsize
         block_rows = max(1, (config.block_mib << 20) // per_row)

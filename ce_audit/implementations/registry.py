@@ -50,7 +50,9 @@ REGISTRY: dict[str, Implementation] = {}
 def add(implementation: Implementation) -> Implementation:
     """Add to the registry; a second entry of the same name raises AuditError."""
     if implementation.backend not in BACKENDS:
-        raise AuditError(f"implementation {implementation.name!r}: unknown backend {implementation.backend!r}")
+        raise AuditError(
+            f"implementation {implementation.name!r}: unknown backend {implementation.backend!r}"
+        )
     if implementation.name in REGISTRY:
         raise AuditError(f"implementation name {implementation.name!r} is already registered")
     REGISTRY[implementation.name] = implementation

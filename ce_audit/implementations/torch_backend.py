@@ -54,7 +54,9 @@ def fused(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def chunked(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def chunked(
+    logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> torch.Tensor:
     """lse = logsumexp_j(logsumexp(chunk_j)); loss = lse − z_y (seed 004)."""
     chunk_lse = torch.stack([torch.logsumexp(chunk, dim=1) for chunk in logits.split(chunk_size, dim=1)], 1)
     return torch.logsumexp(chunk_lse, dim=1) - _target_logit(logits, targets)
@@ -67,7 +69,9 @@ def online(logits: torch.Tensor, targets: torch.Tensor, block_size: int = DEFAUL
     running_sum = torch.zeros((n_rows,), dtype=logits.dtype, device=logits.device)
     for block in logits.split(block_size, dim=1):
         new_max = torch.maximum(running_max, block.max(dim=1).values)
-        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(block - new_max[:, None]).sum(1)
+        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
+            block - new_max[:, None]
+        ).sum(1)
         running_max = new_max
     return running_max + torch.log(running_sum) - _target_logit(logits, targets)
 

@@ -20,7 +20,12 @@ REPORT_FORMAT = 1
 def package_versions() -> dict[str, str]:
     """Versions of ce-audit, Python, NumPy, ml_dtypes and torch, read without importing torch."""
     versions = {"python": platform.python_version()}
-    for name, dist in (("ce-audit", "ce-audit"), ("numpy", "numpy"), ("ml_dtypes", "ml_dtypes"), ("torch", "torch")):
+    for name, dist in (
+        ("ce-audit", "ce-audit"),
+        ("numpy", "numpy"),
+        ("ml_dtypes", "ml_dtypes"),
+        ("torch", "torch"),
+    ):
         try:
             versions[name] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -12,7 +12,13 @@ from ce_audit.engine import SummaryRow
 from ce_audit.findings import findings
 from ce_audit.metrics import worst_status
 
-STYLES = {"ok": "green", "inaccurate": "yellow", "nonfinite": "bold red", "error": "magenta", "skipped": "dim"}
+STYLES = {
+    "ok": "green",
+    "inaccurate": "yellow",
+    "nonfinite": "bold red",
+    "error": "magenta",
+    "skipped": "dim",
+}
 
 
 def _ulp_text(value: float) -> str:
@@ -33,7 +39,9 @@ def cell_text(rows: list[SummaryRow]) -> Text:
         text = _ulp_text(max(row.max_ulp for row in measured))
     else:
         text = status
-    grad = worst_status([row.grad_status for row in rows if row.grad_status in ("ok", "inaccurate", "nonfinite")])
+    grad = worst_status(
+        [row.grad_status for row in rows if row.grad_status in ("ok", "inaccurate", "nonfinite")]
+    )
     if grad in ("inaccurate", "nonfinite") and status in ("ok", "inaccurate"):
         text += " g!"
     return Text(text, style=STYLES[status])
@@ -62,7 +70,9 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
             header = f"s={scale:g}" + (f"\n+{offset:g}" if offset else "")
             table.add_column(header, justify="right", no_wrap=True)
         for name in names:
-            table.add_row(name, *(cell_text(grid[(name, o, s)]) if grid[(name, o, s)] else "" for o, s in columns))
+            table.add_row(
+                name, *(cell_text(grid[(name, o, s)]) if grid[(name, o, s)] else "" for o, s in columns)
+            )
         tables.append(table)
     return tables
 
@@ -72,7 +82,9 @@ def print_report(rows: list[SummaryRow], console: Console, paths: list[str], sec
     for table in summary_tables(rows):
         console.print(table)
     lines = findings(rows)
-    console.print("[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]")
+    console.print(
+        "[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]"
+    )
     for line in lines:
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     counts: dict[str, int] = defaultdict(int)
