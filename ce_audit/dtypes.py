@@ -46,7 +46,7 @@ class FloatFormat:
     @property
     def exp_underflow(self) -> float:
         """exp(x) rounds to 0 below log(smallest_subnormal / 2)."""
-        return math.log(self.smallest_subnormal / 2)
+        return (self.emin - self.precision) * math.log(2.0)  # smallest_subnormal / 2 is 0.0 in float64
 
     @property
     def exp_subnormal(self) -> float:
