@@ -255,18 +255,20 @@ def generate_inputs(case: Case, options: LossOptions, start: int, stop: int) -> 
     return logits, _ignore(case, options, start, stop, targets)
 
 
+def random_class_weights(seed: int, vocab: int) -> np.ndarray:
+    """Log-uniform class weights in WEIGHT_RANGE, seeded by (seed, vocab) alone."""
+    key = zlib.crc32(f"weights/{vocab}".encode())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, key, _PURPOSES["weights"]]))
+    low, high = np.log10(WEIGHT_RANGE[0]), np.log10(WEIGHT_RANGE[1])
+    return 10.0 ** rng.uniform(low, high, size=vocab)
+
+
 def class_weights(case: Case, options: LossOptions) -> np.ndarray | None:
     """Per-class weights (float64, V): log-uniform in WEIGHT_RANGE; zero-on-target also zero on the class of
     every target of the batch that is not ignored (so that Σ w[y] = 0). None for ``weights = none``."""
     if options.weights == "none":
         return None
-    rng = np.random.default_rng(
-        np.random.SeedSequence(
-            [case.seed, zlib.crc32(f"weights/{case.vocab}".encode()), _PURPOSES["weights"]]
-        )
-    )
-    low, high = np.log10(WEIGHT_RANGE[0]), np.log10(WEIGHT_RANGE[1])
-    weight = 10.0 ** rng.uniform(low, high, size=case.vocab)
+    weight = random_class_weights(case.seed, case.vocab)
     if options.weights == "zero-on-target":
         step = case.chunk_rows * max(1, (1 << 16) // case.chunk_rows)
         for start in range(0, case.batch, step):

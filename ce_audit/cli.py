@@ -19,6 +19,10 @@ try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itsel
 except ImportError:  # pragma: no cover - depends on the installed Typer
     from click import exceptions as click_exceptions
 
+# Typer ≥ 0.20 raises its own Exit/Abort; older releases raise click's.
+_CLICK_EXIT = tuple(filter(None, [getattr(click_exceptions, "Exit", None)]))
+_CLICK_ABORT = tuple(filter(None, [getattr(click_exceptions, "Abort", None)]))
+
 app = typer.Typer(
     name="ce-audit",
     help="Numerical-stability auditor for cross-entropy loss implementations.",
@@ -44,6 +48,56 @@ QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the
 GradOption = Annotated[
     bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too [default: on].")
 ]
+
+# Loss options (ce_audit.options): repeatable on `sweep` (grid dimensions), single on `replay`.
+LossOpt = Annotated[list[str] | None, typer.Option("--loss", help="ce or binary (binary cross-entropy).")]
+ReductionOpt = Annotated[list[str] | None, typer.Option("--reduction", help="none, mean or sum.")]
+WeightsOpt = Annotated[
+    list[str] | None, typer.Option("--weights", help="Class weights: none, random, zero-on-target.")
+]
+IgnoreFractionOpt = Annotated[
+    list[float] | None,
+    typer.Option("--ignore-fraction", help="Fraction of rows whose target is ignore_index."),
+]
+IgnoreIndexOpt = Annotated[
+    int | None, typer.Option("--ignore-index", help="The ignored target (default -100).")
+]
+SmoothingOpt = Annotated[list[float] | None, typer.Option("--label-smoothing", help="Label smoothing ε.")]
+TargetsOpt = Annotated[
+    list[str] | None, typer.Option("--targets", help="index (class indices) or probs (soft).")
+]
+SoftcapOpt = Annotated[
+    list[float] | None, typer.Option("--softcap", help="Logit softcap C: C·tanh(z/C); 0 = off.")
+]
+ZLossOpt = Annotated[list[float] | None, typer.Option("--z-loss", help="z-loss λ: λ·lse² per row; 0 = off.")]
+MaskOpt = Annotated[
+    list[float] | None,
+    typer.Option("--mask-fraction", help="Fraction of logits set to −inf (never the target)."),
+]
+FocalGammaOpt = Annotated[
+    list[str] | None, typer.Option("--focal-gamma", help="Focal loss γ, or none (off).")
+]
+FocalAlphaOpt = Annotated[float | None, typer.Option("--focal-alpha", help="Focal loss α (default 1).")]
+
+
+def _option_overrides(**values: Any) -> dict[str, Any]:
+    """Config keys of the loss options given on the command line (lists; None where not given)."""
+    keys = {
+        "loss": "losses",
+        "reduction": "reductions",
+        "weights": "weights",
+        "ignore_fraction": "ignore_fractions",
+        "label_smoothing": "label_smoothings",
+        "targets": "targets",
+        "softcap": "softcaps",
+        "z_loss": "z_losses",
+        "mask_fraction": "mask_fractions",
+        "focal_gamma": "focal_gammas",
+    }
+    overrides: dict[str, Any] = {keys[name]: value or None for name, value in values.items() if name in keys}
+    overrides["ignore_index"] = values.get("ignore_index")
+    overrides["focal_alpha"] = values.get("focal_alpha")
+    return overrides
 
 
 def _console() -> Console:
@@ -100,6 +154,27 @@ def sweep(
     vocab: Annotated[list[int] | None, typer.Option("--vocab", help="Vocabulary size (repeatable).")] = None,
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Rows per case (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,
+    loss: LossOpt = None,
+    reduction: ReductionOpt = None,
+    weights: WeightsOpt = None,
+    ignore_fraction: IgnoreFractionOpt = None,
+    ignore_index: IgnoreIndexOpt = None,
+    label_smoothing: SmoothingOpt = None,
+    targets: TargetsOpt = None,
+    softcap: SoftcapOpt = None,
+    z_loss: ZLossOpt = None,
+    mask_fraction: MaskOpt = None,
+    focal_gamma: FocalGammaOpt = None,
+    focal_alpha: FocalAlphaOpt = None,
+    margin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--margin", help="Target logit set M above (M < 0: below) the row's other max, or none."
+        ),
+    ] = None,
+    target_position: Annotated[
+        list[str] | None, typer.Option("--target-position", help="random, first, last or block-edge.")
+    ] = None,
     grad: GradOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
@@ -121,6 +196,22 @@ def sweep(
         "seed": seed,
         "grad": grad,
         "out": str(out) if out else None,
+        "margins": margin or None,
+        "target_positions": target_position or None,
+        **_option_overrides(
+            loss=loss,
+            reduction=reduction,
+            weights=weights,
+            ignore_fraction=ignore_fraction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            targets=targets,
+            softcap=softcap,
+            z_loss=z_loss,
+            mask_fraction=mask_fraction,
+            focal_gamma=focal_gamma,
+            focal_alpha=focal_alpha,
+        ),
     }
     resolved = load_config(config, overrides)
     console = _console()
@@ -138,10 +229,32 @@ def sweep(
 @app.command()
 def replay(
     logits: Annotated[Path, typer.Argument(help="(N, V) logits, .npy or .pt.")],
-    targets: Annotated[Path, typer.Argument(help="(N,) integer targets, .npy or .pt.")],
+    targets: Annotated[
+        Path, typer.Argument(help="(N,) integer targets (ignore_index allowed) or (N, V) probabilities.")
+    ],
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
+    reduction: Annotated[str | None, typer.Option("--reduction", help="none, mean or sum.")] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="Class weights: none, random, zero-on-target.")
+    ] = None,
+    ignore_fraction: Annotated[
+        float | None,
+        typer.Option("--ignore-fraction", help="Fraction of rows to ignore besides the file's own."),
+    ] = None,
+    ignore_index: IgnoreIndexOpt = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option("--label-smoothing", help="Label smoothing ε.")
+    ] = None,
+    softcap: Annotated[float | None, typer.Option("--softcap", help="Logit softcap C; 0 = off.")] = None,
+    z_loss: Annotated[float | None, typer.Option("--z-loss", help="z-loss λ; 0 = off.")] = None,
+    mask_fraction: Annotated[
+        float | None,
+        typer.Option("--mask-fraction", help="Fraction of logits set to −inf (never the target)."),
+    ] = None,
+    focal_gamma: Annotated[str | None, typer.Option("--focal-gamma", help="Focal loss γ, or none.")] = None,
+    focal_alpha: FocalAlphaOpt = None,
     grad: GradOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
@@ -151,6 +264,9 @@ def replay(
     from ce_audit.replay import run_replay
     from ce_audit.reports.table import print_report
 
+    def one(value: Any) -> list[Any] | None:
+        return None if value is None else [value]
+
     resolved = load_config(
         None,
         {
@@ -159,6 +275,18 @@ def replay(
             "grad": grad,
             "out": str(out) if out else None,
             "dtypes": dtype or None,
+            **_option_overrides(
+                reduction=one(reduction),
+                weights=one(weights),
+                ignore_fraction=one(ignore_fraction),
+                ignore_index=ignore_index,
+                label_smoothing=one(label_smoothing),
+                softcap=one(softcap),
+                z_loss=one(z_loss),
+                mask_fraction=one(mask_fraction),
+                focal_gamma=one(focal_gamma),
+                focal_alpha=focal_alpha,
+            ),
         },
     )
     result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
@@ -184,11 +312,14 @@ def list_implementations() -> None:
 
     console = _console()
     table = Table(title="Implementations", title_justify="left")
-    for column in ("name", "backend", "what it computes", "origin", "dtypes"):
+    for column in ("name", "backend", "what it computes", "origin", "dtypes", "loss", "options"):
         table.add_column(column)
     for entry in REGISTRY.values():
         dtypes = "all" if entry.dtypes == DTYPE_NAMES else ", ".join(entry.dtypes)
-        table.add_row(entry.name, entry.backend, entry.description, entry.origin, dtypes)
+        supports = ", ".join(sorted(entry.supports)) or "—"
+        table.add_row(
+            entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports
+        )
     console.print(table)
     console.print(f"dtypes: {', '.join(DTYPE_NAMES)}")
     console.print(f"devices here: {', '.join(resolve_devices(('all',)))}")
@@ -206,9 +337,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         print(f"ce-audit: error: {error.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click_exceptions.Exit as done:
+    except (typer.Exit, *_CLICK_EXIT) as done:
         sys.exit(done.exit_code)
-    except click_exceptions.Abort:
+    except (typer.Abort, *_CLICK_ABORT):
         print("ce-audit: aborted", file=sys.stderr)
         sys.exit(130)
     except click_exceptions.ClickException as error:

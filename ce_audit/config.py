@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
@@ -12,6 +14,16 @@ from ce_audit.cases import DISTRIBUTIONS
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.metrics import Tolerance
+from ce_audit.options import (
+    DEFAULT_IGNORE_INDEX,
+    LOSSES,
+    REDUCTIONS,
+    TARGET_POSITIONS,
+    TARGETS,
+    WEIGHTS,
+    LossOptions,
+    validate_options,
+)
 
 DEFAULT_CONFIG_NAME = "default.toml"
 
@@ -37,6 +49,46 @@ class SweepConfig:
     tolerances: dict[str, Tolerance] = field(
         default_factory=lambda: {name: Tolerance(f.rtol, f.atol) for name, f in FORMATS.items()}
     )
+    # loss options (ce_audit.options) and the input dimensions they bring; each list is a grid dimension
+    losses: tuple[str, ...] = ("ce",)
+    reductions: tuple[str, ...] = ("none",)
+    weights: tuple[str, ...] = ("none",)
+    ignore_fractions: tuple[float, ...] = (0.0,)
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    label_smoothings: tuple[float, ...] = (0.0,)
+    targets: tuple[str, ...] = ("index",)
+    softcaps: tuple[float, ...] = (0.0,)
+    z_losses: tuple[float, ...] = (0.0,)
+    mask_fractions: tuple[float, ...] = (0.0,)
+    focal_gammas: tuple[float | None, ...] = (None,)
+    focal_alpha: float = 1.0
+    margins: tuple[float | None, ...] = (None,)
+    target_positions: tuple[str, ...] = ("random",)
+
+    def loss_options(self) -> list[LossOptions]:
+        """The option grid, in a fixed order."""
+        names = ("loss", "reduction", "weights", "ignore_fraction", "label_smoothing", "targets", "softcap")
+        names += ("z_loss", "mask_fraction", "focal_gamma")
+        dimensions = (
+            self.losses,
+            self.reductions,
+            self.weights,
+            self.ignore_fractions,
+            self.label_smoothings,
+            self.targets,
+            self.softcaps,
+            self.z_losses,
+            self.mask_fractions,
+            self.focal_gammas,
+        )
+        return [
+            LossOptions(
+                ignore_index=self.ignore_index,
+                focal_alpha=self.focal_alpha,
+                **dict(zip(names, combination, strict=True)),  # type: ignore[arg-type]
+            )
+            for combination in itertools.product(*dimensions)
+        ]
 
     def implementation_settings(self) -> dict[str, Any]:
         """Tunables passed to implementations that declare them."""
@@ -57,11 +109,41 @@ _LIST_KEYS = {
     "offsets": float,
     "vocabs": int,
     "batches": int,
+    "losses": str,
+    "reductions": str,
+    "weights": str,
+    "ignore_fractions": float,
+    "label_smoothings": float,
+    "targets": str,
+    "softcaps": float,
+    "z_losses": float,
+    "mask_fractions": float,
+    "focal_gammas": "optional float",
+    "margins": "optional float",
+    "target_positions": str,
 }
-_SCALAR_KEYS = {"seed": int, "grad": bool, "out": str, "chunk_size": int, "block_size": int, "block_mib": int}
+_SCALAR_KEYS = {
+    "seed": int,
+    "grad": bool,
+    "out": str,
+    "chunk_size": int,
+    "block_size": int,
+    "block_mib": int,
+    "ignore_index": int,
+    "focal_alpha": float,
+}
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    if kind == "optional float":  # a number, or "none" (the dimension is off)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off", "")):
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise AuditError(f"config key {key!r} takes numbers or 'none', got {value!r}") from None
+        return _coerce(key, value, float)
     if kind is bool:
         if not isinstance(value, bool):
             raise AuditError(f"config key {key!r} must be true or false, got {value!r}")
@@ -110,9 +192,35 @@ def validate(config: SweepConfig) -> SweepConfig:
     for name in config.distributions:
         if name not in DISTRIBUTIONS:
             raise AuditError(f"unknown distribution {name!r}; choose from {', '.join(DISTRIBUTIONS)}")
-    for key in ("dtypes", "devices", "distributions", "scales", "offsets", "vocabs", "batches"):
+    for key in (
+        "dtypes",
+        "devices",
+        "distributions",
+        "scales",
+        "offsets",
+        "vocabs",
+        "batches",
+        *_OPTION_KEYS,
+    ):
         if not getattr(config, key):
             raise AuditError(f"{key} must not be empty")
+    for key, allowed in (
+        ("losses", LOSSES),
+        ("reductions", REDUCTIONS),
+        ("weights", WEIGHTS),
+        ("targets", TARGETS),
+        ("target_positions", TARGET_POSITIONS),
+    ):
+        for value in getattr(config, key):
+            if value not in allowed:
+                raise AuditError(f"unknown {key[:-1]} {value!r}; choose from {', '.join(allowed)}")
+    if any(m is not None and not math.isfinite(m) for m in config.margins):
+        raise AuditError("margins must be finite numbers (or 'none')")
+    for options in config.loss_options():
+        try:
+            validate_options(options)
+        except ValueError as error:
+            raise AuditError(str(error)) from None
     if any(v < 1 for v in config.vocabs):
         raise AuditError("every vocab size must be at least 1")
     if any(b < 0 for b in config.batches):
@@ -123,6 +231,22 @@ def validate(config: SweepConfig) -> SweepConfig:
         if getattr(config, key) < 1:
             raise AuditError(f"{key} must be at least 1")
     return config
+
+
+_OPTION_KEYS = (
+    "losses",
+    "reductions",
+    "weights",
+    "ignore_fractions",
+    "label_smoothings",
+    "targets",
+    "softcaps",
+    "z_losses",
+    "mask_fractions",
+    "focal_gammas",
+    "margins",
+    "target_positions",
+)
 
 
 def _read_toml(text: str, origin: str) -> dict[str, Any]:

@@ -4,22 +4,26 @@ implementation and device; per cell, running loss and gradient tallies that beco
 
 from __future__ import annotations
 
+import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from ce_audit.cases import Case, build_cases, generate_rows, quantize, row_blocks
+from ce_audit.cases import Case, build_cases, class_weights, generate_inputs, quantize, row_blocks
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description, resolve_devices
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
 from ce_audit.implementations import Implementation, resolve
-from ce_audit.metrics import GradTally, LossTally, Tolerance
-from ce_audit.reference import reference_cross_entropy
+from ce_audit.metrics import GradChecks, GradTally, LossTally, Tolerance
+from ce_audit.options import LossOptions, skip_reason
+from ce_audit.reference_variants import reference_loss
 
 Progress = Callable[[float], None]
+PLAIN = LossOptions()  # plain per-row cross-entropy
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,23 @@ class SummaryRow:
     max_logit: float
     max_reference: float
     max_value: float
+    grad_true_max_rel_err: float = 0.0
+    grad_rowsum_max: float = 0.0
+    loss: str = "ce"
+    reduction: str = "none"
+    weights: str = "none"
+    ignore_fraction: float = 0.0
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    targets: str = "index"
+    softcap: float = 0.0
+    z_loss: float = 0.0
+    mask_fraction: float = 0.0
+    margin: float | None = None
+    target_position: str = "random"
+    focal_gamma: float | None = None
+    focal_alpha: float = 1.0
+    notes: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,9 @@ class CaseLabel:
     batch: int
     vocab: int
     seed: int
+    options: LossOptions = PLAIN
+    margin: float | None = None
+    target_position: str = "random"
 
 
 @dataclass
@@ -100,9 +124,11 @@ class _Cell:
     device: str
     loss: LossTally = field(default_factory=LossTally)
     grad: GradTally = field(default_factory=GradTally)
+    checks: GradChecks = field(default_factory=GradChecks)
     status: str | None = None  # "error" or "skipped" overrides the tallies
     grad_status: str | None = None
     error: str = ""
+    notes: str = ""
     max_value: float = float("-inf")
 
 
@@ -153,17 +179,27 @@ class _TorchRunner:
         device: str,
         settings: dict[str, Any],
         want_grad: bool,
+        options: dict[str, Any] | None = None,
+        weight: np.ndarray | None = None,
+        shape: tuple[int, ...] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
         torch = self.torch
         logits = self.tensor(block, fmt, device)
-        target_tensor = torch.from_numpy(targets).to(device)
+        if targets.dtype.kind == "f" or targets.dtype == fmt.numpy_dtype:  # probabilities, binary targets
+            target_tensor = self.tensor(targets, fmt, device)
+        else:
+            target_tensor = torch.from_numpy(targets).to(device)
+        options = dict(options or {})
+        if weight is not None:
+            options["weight"] = self.tensor(weight, fmt, device)
+        shape = (block.shape[0],) if shape is None else shape
         logits.requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
-            losses = impl(logits, target_tensor, settings)
+            losses = impl(logits, target_tensor, settings, options)
         if not isinstance(losses, torch.Tensor):
             raise TypeError(f"returned {type(losses).__name__}, expected a torch.Tensor")
-        if tuple(losses.shape) != (block.shape[0],):
-            raise ValueError(f"returned shape {tuple(losses.shape)}, expected ({block.shape[0]},)")
+        if tuple(losses.shape) != shape:
+            raise ValueError(f"returned shape {tuple(losses.shape)}, expected {shape}")
         value = losses.detach().to("cpu", torch.float64).numpy()
         grad, grad_error = None, None
         if want_grad:
@@ -180,15 +216,30 @@ class _TorchRunner:
 
 
 def _run_numpy(
-    impl: Implementation, block: np.ndarray, targets: np.ndarray, settings: dict[str, Any]
+    impl: Implementation,
+    block: np.ndarray,
+    targets: np.ndarray,
+    settings: dict[str, Any],
+    options: dict[str, Any] | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> np.ndarray:
-    with np.errstate(all="ignore"):  # overflow in an audited implementation is a finding, not a warning
-        losses = impl(block.copy(), targets.copy(), settings)
+    shape = (block.shape[0],) if shape is None else shape
+    # overflow in an audited implementation is a finding, not a warning (nor is the mean of nothing)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        losses = impl(block.copy(), targets.copy(), settings, options)
     if not isinstance(losses, np.ndarray):
         raise TypeError(f"returned {type(losses).__name__}, expected a numpy.ndarray")
-    if losses.shape != (block.shape[0],):
-        raise ValueError(f"returned shape {losses.shape}, expected ({block.shape[0]},)")
+    if losses.shape != shape:
+        raise ValueError(f"returned shape {losses.shape}, expected {shape}")
     return losses.astype(np.float64)
+
+
+def _expected_shape(options: LossOptions, block: np.ndarray) -> tuple[int, ...]:
+    """What an implementation returns: a scalar for mean/sum, else per row (binary: per element)."""
+    if options.reduction != "none":
+        return ()
+    return tuple(block.shape) if options.family == "binary" else (block.shape[0],)
 
 
 def audit_blocks(
@@ -204,17 +255,25 @@ def audit_blocks(
     keep_rows: bool = False,
     n_blocks: int = 1,
     progress: Progress | None = None,
+    options: LossOptions | None = None,
+    weight: np.ndarray | None = None,
 ) -> tuple[list[SummaryRow], list[RowRecord]]:
     """Audit every implementation on every device over the row blocks of one (case, dtype).
 
-    ``blocks`` yields (first row, quantized logits, targets). The reference is computed once per
-    block and shared by every cell.
+    ``blocks`` yields (first row, quantized logits, targets): class indices, or probabilities / binary
+    targets (N, V) in the audited dtype. The reference is computed once per block and shared by every
+    cell. With a reduction other than none, ``blocks`` must yield the whole batch as one block.
+    ``weight``: per-class weights in the audited dtype.
     """
+    options = options or label.options
     cells = [_Cell(impl, device) for impl in impls for device in devices]
     for cell in cells:
-        reason = _skip_reason(cell.impl, fmt, cell.device)
+        reason = _skip_reason(cell.impl, fmt, cell.device) or skip_reason(
+            cell.impl.name, cell.impl.family, cell.impl.supports, options
+        )
         if reason:
             cell.status, cell.error = "skipped", reason
+    call_options = options.call_options()
     runner = _TorchRunner() if any(c.impl.backend == "torch" and c.status is None for c in cells) else None
     work = working_dtype(fmt)
     records: list[RowRecord] = []
@@ -224,7 +283,8 @@ def audit_blocks(
     for first_row, block, targets in blocks:
         if block.size:
             max_logit = max(max_logit, float(np.nanmax(block.astype(np.float64))))
-        reference = reference_cross_entropy(block, targets, grad=grad)
+        reference = reference_loss(block, targets, options, weight=weight, grad=grad)
+        shape = _expected_shape(options, block)
         finite_reference = reference.loss[np.isfinite(reference.loss)]
         if finite_reference.size:
             max_reference = max(max_reference, float(finite_reference.max()))
@@ -237,32 +297,49 @@ def audit_blocks(
                 if cell.impl.backend == "torch":
                     assert runner is not None
                     value, gradient, grad_error = runner.run(
-                        cell.impl, block, targets, fmt, cell.device, settings, grad
+                        cell.impl,
+                        block,
+                        targets,
+                        fmt,
+                        cell.device,
+                        settings,
+                        grad,
+                        call_options,
+                        weight,
+                        shape,
                     )
                 else:
-                    value, gradient, grad_error = _run_numpy(cell.impl, block, targets, settings), None, None
+                    value = _run_numpy(cell.impl, block, targets, settings, call_options, shape)
+                    gradient, grad_error = None, None
             except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
                 cell.status, cell.error = "error", _error_message(error)
                 if progress:
                     progress(step)
                 continue
+            value = value.reshape(-1)
             value_work = value.astype(work)
             errors = cell.loss.add(value_work, reference.loss, fmt, tolerance)
+            cell.notes = reference.note or cell.notes
             finite_values = value[np.isfinite(value)]
             if finite_values.size:
                 cell.max_value = max(cell.max_value, float(finite_values.max()))
             if grad_error:
                 cell.grad_status, cell.error = "error", grad_error
             elif gradient is not None and reference.grad is not None and cell.grad_status is None:
-                cell.grad.add(gradient.astype(work), reference.grad, tolerance)
+                gradient_work = gradient.astype(work)
+                cell.grad.add(gradient_work, reference.grad, tolerance)
+                cell.checks.add(
+                    gradient_work, reference.grad, reference.true_index, reference.rowsum, tolerance
+                )
             if keep_rows:
+                reduced = options.reduction != "none"
                 records.extend(
                     RowRecord(
                         cell.impl.name,
                         fmt.name,
                         cell.device,
-                        first_row + i,
-                        int(targets[i]),
+                        -1 if reduced else first_row + i,
+                        -1 if reduced or targets.ndim != 1 else int(targets[i]),
                         float(reference.loss[i]),
                         float(value[i]),
                         float(errors.abs_err[i]),
@@ -292,7 +369,10 @@ def _summary_row(
             grad_status = "off"
         else:
             grad_status = cell.grad.status
+            if grad_status == "ok" and cell.checks.rowsum_failures:
+                grad_status = "inaccurate"
     measured = cell.status is None
+    options = label.options
     return SummaryRow(
         impl=cell.impl.name,
         dtype=fmt.name,
@@ -320,33 +400,62 @@ def _summary_row(
         max_logit=max_logit,
         max_reference=max_reference,
         max_value=cell.max_value if measured else float("nan"),
+        grad_true_max_rel_err=cell.checks.true_max_rel_err,
+        grad_rowsum_max=cell.checks.rowsum_max if cell.checks.rowsum_checked else float("nan"),
+        loss=options.loss,
+        reduction=options.reduction,
+        weights=options.weights,
+        ignore_fraction=options.ignore_fraction,
+        ignore_index=options.ignore_index,
+        label_smoothing=options.label_smoothing,
+        targets=options.targets,
+        softcap=options.softcap,
+        z_loss=options.z_loss,
+        mask_fraction=options.mask_fraction,
+        margin=label.margin,
+        target_position=label.target_position,
+        focal_gamma=options.focal_gamma,
+        focal_alpha=options.focal_alpha,
+        notes=cell.notes if measured else "",
     )
 
 
+def _block_ranges(
+    case: Case, fmt: FloatFormat, budget_bytes: int, options: LossOptions = PLAIN
+) -> list[tuple[int, int]]:
+    """Row blocks; a reduction is computed by the implementation over the whole batch, in one block."""
+    if options.reduction != "none":
+        return [(0, case.batch)]
+    return list(row_blocks(case, working_dtype(fmt).itemsize, budget_bytes))
+
+
 def _case_blocks(
-    case: Case, fmt: FloatFormat, budget_bytes: int
+    case: Case, fmt: FloatFormat, budget_bytes: int, options: LossOptions = PLAIN
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    for start, stop in row_blocks(case, working_dtype(fmt).itemsize, budget_bytes):
-        logits, targets = generate_rows(case, start, stop)
+    for start, stop in _block_ranges(case, fmt, budget_bytes, options):
+        logits, targets = generate_inputs(case, options, start, stop)
+        if targets.dtype.kind == "f":
+            targets = quantize(targets, fmt)
         yield start, quantize(logits, fmt), targets
 
 
-def _overflow_reason(case: Case, fmt: FloatFormat) -> str | None:
+def _overflow_reason(case: Case, fmt: FloatFormat, options: LossOptions = PLAIN) -> str | None:
     """Why a case cannot be represented in the dtype (its logits pass the largest finite value)."""
     for start, stop in row_blocks(case, 8, 64 << 20):
-        logits, _ = generate_rows(case, start, stop)
-        if logits.size and np.isinf(quantize(logits, fmt)).any():
-            peak = float(np.abs(logits).max())
+        logits, _ = generate_inputs(case, options, start, stop)
+        finite = np.isfinite(logits)
+        if logits.size and np.isinf(quantize(logits[finite], fmt)).any():
+            peak = float(np.abs(logits[finite]).max())
             return f"logits reach {peak:.4g}, beyond {fmt.name}'s largest finite value {fmt.max:.6g}"
     return None
 
 
-def _overflows(case: Case, fmt: FloatFormat) -> str | None:
-    # Cheap bound first: |offset| + |scale| · (largest |base| a distribution can draw, with margin).
-    bound = abs(case.offset) + abs(case.scale) * 16.0
+def _overflows(case: Case, fmt: FloatFormat, options: LossOptions = PLAIN) -> str | None:
+    # Cheap bound first: |offset| + |scale| · (largest |base| a distribution can draw, with margin) + |M|.
+    bound = abs(case.offset) + abs(case.scale) * 16.0 + abs(case.margin or 0.0)
     if bound < fmt.max / 2:
         return None
-    return _overflow_reason(case, fmt)
+    return _overflow_reason(case, fmt, options)
 
 
 def _skipped_rows(
@@ -357,6 +466,60 @@ def _skipped_rows(
         for device in devices:
             cell = _Cell(impl, device, status="skipped", error=reason)
             rows.append(_summary_row(cell, fmt, label, False, float("nan"), float("nan")))
+    return rows
+
+
+def _too_big(case: Case, fmt: FloatFormat, options: LossOptions, budget: int) -> str | None:
+    if options.reduction == "none" or case.batch * case.vocab * working_dtype(fmt).itemsize <= 8 * budget:
+        return None
+    return (
+        f"a {options.reduction} is computed in one call over the whole batch; "
+        f"{case.batch} × {case.vocab} passes 8 × block_mib"
+    )
+
+
+def _audit_case(
+    case: Case,
+    options: LossOptions,
+    label: CaseLabel,
+    formats: list[FloatFormat],
+    impls: list[Implementation],
+    devices: list[str],
+    config: SweepConfig,
+    settings: dict[str, Any],
+    budget: int,
+    progress: Progress | None,
+) -> list[SummaryRow]:
+    """Every dtype of one (case, options): skipped rows where the loss or the inputs are not defined."""
+    rows: list[SummaryRow] = []
+    if not impls:
+        if progress:
+            progress(float(len(formats)))
+        return rows
+    invalid = options.invalid_reason()
+    weight = None if invalid else class_weights(case, options)
+    for fmt in formats:
+        reason = invalid or _too_big(case, fmt, options, budget) or _overflows(case, fmt, options)
+        if reason:
+            rows += _skipped_rows(impls, devices, fmt, label, reason)
+            if progress:
+                progress(1.0)
+            continue
+        cell_rows, _ = audit_blocks(
+            _case_blocks(case, fmt, budget, options),
+            fmt,
+            label,
+            impls,
+            devices,
+            settings=settings,
+            tolerance=config.tolerances[fmt.name],
+            grad=config.grad,
+            n_blocks=len(_block_ranges(case, fmt, budget, options)),
+            progress=progress,
+            options=options,
+            weight=None if weight is None else quantize(weight, fmt),
+        )
+        rows += cell_rows
     return rows
 
 
@@ -373,29 +536,19 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
     settings = config.implementation_settings()
     budget = config.block_mib << 20
     rows: list[SummaryRow] = []
-    for case in cases:
-        label = CaseLabel(case.distribution, case.scale, case.offset, case.batch, case.vocab, case.seed)
-        for fmt in formats:
-            reason = _overflows(case, fmt)
-            if reason:
-                rows += _skipped_rows(impls, devices, fmt, label, reason)
-                if progress:
-                    progress(1.0)
-                continue
-            n_blocks = len(list(row_blocks(case, working_dtype(fmt).itemsize, budget)))
-            cell_rows, _ = audit_blocks(
-                _case_blocks(case, fmt, budget),
-                fmt,
-                label,
-                impls,
-                devices,
-                settings=settings,
-                tolerance=config.tolerances[fmt.name],
-                grad=config.grad,
-                n_blocks=n_blocks,
-                progress=progress,
-            )
-            rows += cell_rows
+    option_grid = config.loss_options()
+    for base_case in cases:
+        for margin, position in itertools.product(config.margins, config.target_positions):
+            case = replace(base_case, margin=margin, target_position=position)
+            for options in option_grid:
+                family_impls = impls if config.impls else [i for i in impls if i.family == options.family]
+                label = CaseLabel(
+                    case.distribution, case.scale, case.offset, case.batch, case.vocab, case.seed,
+                    options, margin, position,
+                )  # fmt: skip
+                rows += _audit_case(
+                    case, options, label, formats, family_impls, devices, config, settings, budget, progress
+                )
     return AuditResult(
         config=config,
         rows=rows,
@@ -415,4 +568,7 @@ def sweep_size(config: SweepConfig) -> int:
         * len(config.vocabs)
         * len(config.batches)
         * len(config.dtypes)
+        * len(config.margins)
+        * len(config.target_positions)
+        * len(config.loss_options())
     )
