@@ -5,17 +5,54 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from ce_audit.dtypes import float_format
+from ce_audit.dtypes import FloatFormat, float_format
 from ce_audit.engine import SummaryRow
 from ce_audit.metrics import worst_status
 
 EPSILON_CAP = -math.log(1e-7)
 
 
+def options_label(row: SummaryRow) -> str:
+    """The row's loss options and input dimensions that differ from plain cross-entropy, in short."""
+    parts = []
+    if row.loss != "ce":
+        parts.append(row.loss)
+    if row.focal_gamma is not None:
+        parts.append(
+            f"focal γ={row.focal_gamma:g}" + (f" α={row.focal_alpha:g}" if row.focal_alpha != 1 else "")
+        )
+    if row.reduction != "none":
+        parts.append(row.reduction)
+    if row.weights != "none":
+        parts.append(f"w={row.weights}")
+    if row.ignore_fraction:
+        parts.append(f"ignore={row.ignore_fraction:g}")
+    if row.label_smoothing:
+        parts.append(f"ls={row.label_smoothing:g}")
+    if row.targets != "index":
+        parts.append(row.targets)
+    if row.softcap:
+        parts.append(f"cap={row.softcap:g}")
+    if row.z_loss:
+        parts.append(f"z={row.z_loss:g}")
+    if row.mask_fraction:
+        parts.append(f"mask={row.mask_fraction:g}")
+    if row.margin is not None:
+        parts.append(f"M={row.margin:g}")
+    if row.target_position != "random":
+        parts.append(f"y={row.target_position}")
+    return " ".join(parts)
+
+
 def _where(row: SummaryRow) -> str:
     text = f"scale {row.scale:g}"
     if row.offset:
         text += f", offset {row.offset:g}"
+    label = options_label(row)
+    if label:
+        text += f", {label}"
+    if row.reduction != "none":
+        text += f" (batch {row.batch})"
     return text
 
 
@@ -26,12 +63,28 @@ def cause(row: SummaryRow) -> str:
         return row.error
     if row.status == "nonfinite":
         kind = "NaN" if row.nan_rows else "Inf"
+        reduced = _reduction_cause(row, fmt)
+        if reduced:
+            return f"{kind}: {reduced}"
+        if row.targets == "probs" and row.mask_fraction and row.nan_rows:
+            return (
+                f"{kind}: 0 · log p = 0 · (−inf) where a zero target probability meets a −inf (masked) logit"
+            )
         if row.max_logit > fmt.exp_overflow:
             return f"{kind}: exp overflows above {fmt.exp_overflow:.2f}"
         if row.max_reference > -fmt.exp_underflow:
             return f"{kind}: p_y underflows to 0 below exp({fmt.exp_underflow:.1f}), then log(0) = −inf"
         return f"{kind} where the exact loss is finite"
     if row.status == "inaccurate":
+        reduced = _reduction_cause(row, fmt)
+        if reduced:
+            return reduced
+        if row.softcap and row.mask_fraction:
+            return f"softcap turns −inf masks into −{row.softcap:g}: masked classes get probability again"
+        if row.loss == "binary" and abs(row.max_value - 100) < 0.5 and row.max_reference > 100.5:
+            return (
+                f"log clamped at −100 (nn.BCELoss): loss capped at 100 (exact up to {row.max_reference:.3g})"
+            )
         if abs(row.max_value - EPSILON_CAP) < 0.1 and row.max_reference > EPSILON_CAP + 0.1:
             return f"loss capped near −log(1e-7) ≈ {EPSILON_CAP:.1f} (exact up to {row.max_reference:.3g})"
         if row.offset and abs(row.offset) > 8 * max(abs(row.scale), 1.0):
@@ -44,8 +97,25 @@ def cause(row: SummaryRow) -> str:
     return ""
 
 
+def _reduction_cause(row: SummaryRow, fmt: FloatFormat) -> str | None:
+    """A sum (or the sum inside a mean) past the dtype's largest finite value, or an accumulation drift."""
+    if row.reduction == "none":
+        return None
+    total = row.max_reference * (row.batch if row.reduction == "mean" else 1)
+    if total > fmt.max:
+        what = (
+            "sum"
+            if row.reduction == "sum"
+            else f"sum inside the mean (≈ {row.batch} × {row.max_reference:.3g})"
+        )
+        return f"the {row.dtype} {what} passes {fmt.max:g}"
+    if row.status == "inaccurate":
+        return f"the {row.reduction} drifts: {row.max_ulp:.3g} ULP off the exact {row.reduction}"
+    return None
+
+
 def _first(rows: list[SummaryRow]) -> SummaryRow:
-    return min(rows, key=lambda r: (abs(r.offset), abs(r.scale), r.distribution))
+    return min(rows, key=lambda r: (abs(r.offset), abs(r.scale), r.distribution, len(options_label(r))))
 
 
 def findings(rows: list[SummaryRow]) -> list[str]:
@@ -75,4 +145,19 @@ def findings(rows: list[SummaryRow]) -> list[str]:
             parts.append(f"{dtype} {label}from {_where(first)} — {reason}")
         if parts:
             lines.append(f"{impl}: " + "; ".join(parts))
+    return lines + expected_values(rows)
+
+
+def expected_values(rows: list[SummaryRow]) -> list[str]:
+    """One line per note (e.g. PyTorch's expected NaN): which cells, and that they count as ok."""
+    grouped: dict[str, list[SummaryRow]] = defaultdict(list)
+    for row in rows:
+        if row.notes:
+            grouped[row.notes].append(row)
+    lines = []
+    for note, noted in grouped.items():
+        impls = ", ".join(dict.fromkeys(r.impl for r in noted))
+        where = "; ".join(dict.fromkeys(f"{r.dtype} {options_label(r)} (batch {r.batch})" for r in noted))
+        statuses = ", ".join(sorted({r.status for r in noted}))
+        lines.append(f"{note} — {impls}: {where}; status {statuses}")
     return lines

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ce_audit.engine import SummaryRow
-from ce_audit.findings import findings
+from ce_audit.findings import findings, options_label
 from ce_audit.metrics import worst_status
 
 STYLES = {
@@ -48,14 +48,16 @@ def cell_text(rows: list[SummaryRow]) -> Text:
 
 
 def summary_tables(rows: list[SummaryRow]) -> list[Table]:
-    """One table per dtype; a column per (offset, scale), the worst over distributions, vocabs, batches."""
+    """One table per dtype; a column per (offset, scale, loss options), the worst over distributions, vocabs,
+    batches (the options part only where a sweep has several)."""
     tables = []
     dtypes = list(dict.fromkeys(row.dtype for row in rows))
     offsets = sorted({row.offset for row in rows}, key=abs)
     scales = sorted({row.scale for row in rows}, key=abs)
-    columns = [(offset, scale) for offset in offsets for scale in scales]
+    variants = list(dict.fromkeys(options_label(row) for row in rows))
+    columns = [(offset, scale, variant) for variant in variants for offset in offsets for scale in scales]
     for dtype in dtypes:
-        grid: dict[tuple[str, float, float], list[SummaryRow]] = defaultdict(list)
+        grid: dict[tuple[str, float, float, str], list[SummaryRow]] = defaultdict(list)
         names: list[str] = []
         for row in rows:
             if row.dtype != dtype:
@@ -63,16 +65,17 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
             name = row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
             if name not in names:
                 names.append(name)
-            grid[(name, row.offset, row.scale)].append(row)
+            grid[(name, row.offset, row.scale, options_label(row))].append(row)
+        used = [c for c in columns if any(grid[(name, *c)] for name in names)]
         table = Table(title=f"{dtype}: max ULP of the loss (NaN/Inf: rows)", title_justify="left")
         table.add_column("impl", style="bold", no_wrap=True)
-        for offset, scale in columns:
+        for offset, scale, variant in used:
             header = f"s={scale:g}" + (f"\n+{offset:g}" if offset else "")
+            if len(variants) > 1:
+                header += "\n" + (variant.replace(" ", "\n") or "plain")
             table.add_column(header, justify="right", no_wrap=True)
         for name in names:
-            table.add_row(
-                name, *(cell_text(grid[(name, o, s)]) if grid[(name, o, s)] else "" for o, s in columns)
-            )
+            table.add_row(name, *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used))
         tables.append(table)
     return tables
 
