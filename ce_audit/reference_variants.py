@@ -79,11 +79,17 @@ def accurate_sum(values: np.ndarray) -> np.floating:
     return np.longdouble(first) + np.longdouble(math.fsum([*parts, -first]))
 
 
-def _mp_softcap(values: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """C·tanh(x/C) as long double hi + lo, and sech²(x/C), for float64 inputs (mpmath, per distinct value)."""
+_SOFTCAP_CACHE: dict[tuple[float, bytes], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _mp_softcap_values(uniques: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """C·tanh(x/C) as long double hi + lo and sech²(x/C), per distinct float64 x, in mpmath; the last few
+    results are kept (a sweep evaluates the same logits under many option combinations)."""
+    key = (cap, uniques.tobytes())
+    if key in _SOFTCAP_CACHE:
+        return _SOFTCAP_CACHE[key]
     import mpmath
 
-    uniques, inverse = np.unique(values, return_inverse=True)
     hi = np.empty(uniques.size, dtype=np.longdouble)
     lo = np.empty(uniques.size, dtype=np.longdouble)
     chain = np.empty(uniques.size, dtype=np.longdouble)
@@ -98,13 +104,26 @@ def _mp_softcap(values: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray,
             h = np.longdouble(d1) + np.longdouble(d2)
             hi[i] = h
             lo[i] = ((np.longdouble(d1) - h) + np.longdouble(d2)) + np.longdouble(d3)
-            sech = 1 / mpmath.cosh(x)
-            chain[i] = np.longdouble(float(sech * sech)) if abs(x) < 350 else 0
-    return (
-        hi[inverse].reshape(values.shape),
-        lo[inverse].reshape(values.shape),
-        chain[inverse].reshape(values.shape),
-    )
+            if abs(x) > 5600:  # sech² = 4 e^−2|x| is below the smallest long double
+                chain[i] = 0
+                continue
+            sech2 = 1 / mpmath.cosh(x) ** 2
+            if abs(x) < 300:  # two doubles carry the value to ~2^-106; the long double sum rounds once
+                d1 = float(sech2)
+                chain[i] = np.longdouble(d1) + np.longdouble(float(sech2 - d1))
+            else:  # below the double range: strtold rounds 25 digits correctly to the long double
+                chain[i] = np.longdouble(mpmath.nstr(sech2, 25, min_fixed=1, max_fixed=0))
+    if len(_SOFTCAP_CACHE) >= 8:
+        _SOFTCAP_CACHE.pop(next(iter(_SOFTCAP_CACHE)))
+    _SOFTCAP_CACHE[key] = (hi, lo, chain)
+    return hi, lo, chain
+
+
+def _mp_softcap(values: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """C·tanh(x/C) as long double hi + lo, and sech²(x/C), for float64 inputs (mpmath, per distinct value)."""
+    uniques, inverse = np.unique(values, return_inverse=True)
+    hi, lo, chain = _mp_softcap_values(uniques, cap)
+    return hi[inverse], lo[inverse], chain[inverse]
 
 
 def _capped_logits(
