@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
 from ce_audit.dtypes import FloatFormat, float_format
@@ -63,9 +64,15 @@ def cause(row: SummaryRow) -> str:
         return row.error
     if row.status == "nonfinite":
         kind = "NaN" if row.nan_rows else "Inf"
+        if not row.nan_rows and not row.inf_rows:
+            if row.softcap and row.mask_fraction:
+                return f"finite: softcap turns −inf masks into −{row.softcap:g} where the exact loss is +inf"
+            return "finite where the exact value is not (" + (row.notes or "non-finite reference") + ")"
         reduced = _reduction_cause(row, fmt)
         if reduced:
             return f"{kind}: {reduced}"
+        if row.label_smoothing and row.vocab * math.log(max(row.vocab, 2)) > fmt.max:
+            return f"{kind}: the label-smoothing sum Σ_k −log p_k over {row.vocab} classes passes {fmt.max:g}"
         if row.targets == "probs" and row.mask_fraction and row.nan_rows:
             return (
                 f"{kind}: 0 · log p = 0 · (−inf) where a zero target probability meets a −inf (masked) logit"
@@ -84,6 +91,11 @@ def cause(row: SummaryRow) -> str:
         if row.loss == "binary" and abs(row.max_value - 100) < 0.5 and row.max_reference > 100.5:
             return (
                 f"log clamped at −100 (nn.BCELoss): loss capped at 100 (exact up to {row.max_reference:.3g})"
+            )
+        if row.margin is not None and row.margin > 0 and row.loss == "ce":
+            return (
+                f"lse − z_y cancels in confident rows (target {row.margin:g} above the rest: "
+                f"the loss is below the spacing of z_y; max {row.max_ulp:.3g} ULP)"
             )
         if abs(row.max_value - EPSILON_CAP) < 0.1 and row.max_reference > EPSILON_CAP + 0.1:
             return f"loss capped near −log(1e-7) ≈ {EPSILON_CAP:.1f} (exact up to {row.max_reference:.3g})"
@@ -110,7 +122,7 @@ def _reduction_cause(row: SummaryRow, fmt: FloatFormat) -> str | None:
         )
         return f"the {row.dtype} {what} passes {fmt.max:g}"
     if row.status == "inaccurate":
-        return f"the {row.reduction} drifts: {row.max_ulp:.3g} ULP off the exact {row.reduction}"
+        return f"the {row.reduction} is {row.max_ulp:.3g} ULP off the exact {row.reduction}"
     return None
 
 
@@ -118,8 +130,29 @@ def _first(rows: list[SummaryRow]) -> SummaryRow:
     return min(rows, key=lambda r: (abs(r.offset), abs(r.scale), r.distribution, len(options_label(r))))
 
 
+MAX_CAUSES = 4  # per implementation and dtype, in a sweep over several option combinations
+
+
+def _part(dtype: str, status: str, row: SummaryRow) -> str:
+    label = {"nonfinite": "", "inaccurate": "inaccurate ", "error": "error "}[status]
+    reason = cause(row)
+    if status == "nonfinite":
+        kind, _, reason = reason.partition(": ")
+        label = f"{kind} "
+    return f"{dtype} {label}from {_where(row)} — {reason}"
+
+
+def _cause_key(row: SummaryRow) -> str:
+    """A cause with its numbers removed: rows that broke for the same reason share it."""
+    return row.status + re.sub(r"[-+]?\d[\d.e+-]*", "#", cause(row))
+
+
 def findings(rows: list[SummaryRow]) -> list[str]:
-    """Lines like "naive: float16 Inf from scale 10 — exp overflows above 11.09; ..."."""
+    """Lines like "naive: float16 Inf from scale 10 — exp overflows above 11.09; ...".
+
+    One part per implementation and dtype (its worst status, mildest case); when the sweep covers several
+    option combinations, one part per distinct cause instead (worst first, at most MAX_CAUSES).
+    """
     groups: dict[tuple[str, str], dict[str, list[SummaryRow]]] = defaultdict(lambda: defaultdict(list))
     order: list[str] = []
     for row in rows:
@@ -127,6 +160,7 @@ def findings(rows: list[SummaryRow]) -> list[str]:
         if impl not in order:
             order.append(impl)
         groups[(impl, row.dtype)][row.status].append(row)
+    several = len({options_label(row) for row in rows}) > 1
     lines = []
     for impl in order:
         parts = []
@@ -136,13 +170,16 @@ def findings(rows: list[SummaryRow]) -> list[str]:
             status = worst_status([s for s in by_status if s != "ok"] or ["ok"])
             if status in ("ok", "skipped"):
                 continue
-            first = _first(by_status[status])
-            label = {"nonfinite": "", "inaccurate": "inaccurate ", "error": "error "}[status]
-            reason = cause(first)
-            if status == "nonfinite":
-                kind, _, reason = reason.partition(": ")
-                label = f"{kind} "
-            parts.append(f"{dtype} {label}from {_where(first)} — {reason}")
+            if not several:
+                parts.append(_part(dtype, status, _first(by_status[status])))
+                continue
+            by_cause: dict[str, list[SummaryRow]] = defaultdict(list)
+            for bad in ("error", "nonfinite", "inaccurate"):
+                for row in by_status.get(bad, []):
+                    by_cause[_cause_key(row)].append(row)
+            for key in list(by_cause)[:MAX_CAUSES]:
+                first = _first(by_cause[key])
+                parts.append(_part(dtype, first.status, first))
         if parts:
             lines.append(f"{impl}: " + "; ".join(parts))
     return lines + expected_values(rows)
@@ -157,7 +194,9 @@ def expected_values(rows: list[SummaryRow]) -> list[str]:
     lines = []
     for note, noted in grouped.items():
         impls = ", ".join(dict.fromkeys(r.impl for r in noted))
-        where = "; ".join(dict.fromkeys(f"{r.dtype} {options_label(r)} (batch {r.batch})" for r in noted))
+        dtypes = ", ".join(dict.fromkeys(r.dtype for r in noted))
+        labels = list(dict.fromkeys(f"{options_label(r)} (batch {r.batch})" for r in noted))
+        where = "; ".join(labels[:3]) + (f"; {len(labels) - 3} more" if len(labels) > 3 else "")
         statuses = ", ".join(sorted({r.status for r in noted}))
-        lines.append(f"{note} — {impls}: {where}; status {statuses}")
+        lines.append(f"{note} — {impls} in {len(noted)} cells ({dtypes}: {where}): status {statuses}")
     return lines

@@ -16,6 +16,9 @@ ROW_COLUMNS = tuple(f.name for f in fields(RowRecord))
 
 
 def _cell(value: Any) -> str:
+    """Floats as repr(); None (an option that is off, e.g. margin) as an empty cell."""
+    if value is None:
+        return ""
     return repr(value) if isinstance(value, float) else str(value)
 
 

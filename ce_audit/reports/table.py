@@ -1,4 +1,5 @@
-"""The terminal report: per dtype, implementations down and scale × offset across, coloured by status."""
+"""The terminal report: per dtype, implementations down and scale × offset × options across, coloured by
+status (turned round when there are many option combinations)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def cell_text(rows: list[SummaryRow]) -> Text:
         nan = sum(row.nan_rows for row in measured)
         inf = sum(row.inf_rows for row in measured)
         text = "/".join(part for part in (f"NaN {nan}" if nan else "", f"Inf {inf}" if inf else "") if part)
+        text = text or "finite≠"  # finite where the exact value is ±inf or NaN
     elif status in ("ok", "inaccurate"):
         text = _ulp_text(max(row.max_ulp for row in measured))
     else:
@@ -47,9 +49,23 @@ def cell_text(rows: list[SummaryRow]) -> Text:
     return Text(text, style=STYLES[status])
 
 
+WIDE_LIMIT = 12  # more (offset, scale, options) columns than this: one row per column key instead
+
+
+def _column_label(key: tuple[float, float, str], offsets: int, scales: int, sep: str) -> str:
+    offset, scale, variant = key
+    parts = [f"s={scale:g}"] if scales > 1 or not variant else []
+    if offset and (offsets > 1 or not variant):
+        parts.append(f"+{offset:g}")
+    if variant:
+        parts += variant.split(" ") if sep == "\n" else [variant]
+    return sep.join(parts) or "plain"
+
+
 def summary_tables(rows: list[SummaryRow]) -> list[Table]:
-    """One table per dtype; a column per (offset, scale, loss options), the worst over distributions, vocabs,
-    batches (the options part only where a sweep has several)."""
+    """One table per dtype: implementations down and (offset, scale, loss options) across, the worst over
+    distributions, vocabs and batches. With more than WIDE_LIMIT such columns the table turns: option
+    combinations down (only those where some implementation is not ok), implementations across."""
     tables = []
     dtypes = list(dict.fromkeys(row.dtype for row in rows))
     offsets = sorted({row.offset for row in rows}, key=abs)
@@ -67,15 +83,31 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
                 names.append(name)
             grid[(name, row.offset, row.scale, options_label(row))].append(row)
         used = [c for c in columns if any(grid[(name, *c)] for name in names)]
-        table = Table(title=f"{dtype}: max ULP of the loss (NaN/Inf: rows)", title_justify="left")
-        table.add_column("impl", style="bold", no_wrap=True)
-        for offset, scale, variant in used:
-            header = f"s={scale:g}" + (f"\n+{offset:g}" if offset else "")
-            if len(variants) > 1:
-                header += "\n" + (variant.replace(" ", "\n") or "plain")
-            table.add_column(header, justify="right", no_wrap=True)
-        for name in names:
-            table.add_row(name, *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used))
+        title = f"{dtype}: max ULP of the loss (NaN/Inf: rows)"
+        if len(used) <= WIDE_LIMIT:
+            table = Table(title=title, title_justify="left")
+            table.add_column("impl", style="bold", no_wrap=True)
+            for key in used:
+                table.add_column(
+                    _column_label(key, len(offsets), len(scales), "\n"), justify="right", no_wrap=True
+                )
+            for name in names:
+                table.add_row(name, *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used))
+        else:
+            failing = [
+                c
+                for c in used
+                if any(r.status not in ("ok", "skipped") for name in names for r in grid[(name, *c)])
+            ]
+            hidden = len(used) - len(failing)
+            title += f"; {hidden} of {len(used)} option combinations all ok or skipped, not shown"
+            table = Table(title=title, title_justify="left")
+            table.add_column("options", style="bold", no_wrap=True)
+            for name in names:
+                table.add_column(name, justify="right")
+            for key in failing:
+                label = _column_label(key, len(offsets), len(scales), " ")
+                table.add_row(label, *(cell_text(grid[(n, *key)]) if grid[(n, *key)] else "" for n in names))
         tables.append(table)
     return tables
 
