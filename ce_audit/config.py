@@ -64,6 +64,15 @@ class SweepConfig:
     focal_alpha: float = 1.0
     margins: tuple[float | None, ...] = (None,)
     target_positions: tuple[str, ...] = ("random",)
+    # [[grids]]: sub-grids, each the keys above over this config; a sweep runs them in turn
+    grids: tuple[dict[str, Any], ...] = ()
+
+    def expanded(self) -> list[SweepConfig]:
+        """The grids a sweep runs: this config alone, or one config per ``[[grids]]`` table."""
+        if not self.grids:
+            return [self]
+        base = replace(self, grids=())
+        return [_from_mapping(dict(grid), base) for grid in self.grids]
 
     def loss_options(self) -> list[LossOptions]:
         """The option grid, in a fixed order."""
@@ -178,8 +187,15 @@ def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
                     _coerce(f"tolerances.{dtype}.atol", entry.get("atol", current.atol), float),
                 )
             values["tolerances"] = tolerances
+        elif key == "grids":
+            if not isinstance(raw, list) or not all(isinstance(grid, dict) for grid in raw):
+                raise AuditError("config key 'grids' must be an array of tables ([[grids]])")
+            for grid in raw:
+                if "grids" in grid or "out" in grid:
+                    raise AuditError("a [[grids]] table cannot set 'grids' or 'out'")
+            values["grids"] = tuple(dict(grid) for grid in raw)
         else:
-            known = ", ".join([*_LIST_KEYS, *_SCALAR_KEYS, "tolerances"])
+            known = ", ".join([*_LIST_KEYS, *_SCALAR_KEYS, "tolerances", "grids"])
             raise AuditError(f"unknown config key {key!r}; known keys: {known}")
     return validate(replace(base, **values))
 
@@ -221,6 +237,11 @@ def validate(config: SweepConfig) -> SweepConfig:
             validate_options(options)
         except ValueError as error:
             raise AuditError(str(error)) from None
+    for index, grid in enumerate(config.grids):
+        try:
+            _from_mapping(dict(grid), replace(config, grids=()))
+        except AuditError as error:
+            raise AuditError(f"grids[{index}]: {error}") from None
     if any(v < 1 for v in config.vocabs):
         raise AuditError("every vocab size must be at least 1")
     if any(b < 0 for b in config.batches):
@@ -272,7 +293,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise AuditError(f"cannot read config {path}: {error.strerror or error}") from None
         config = _from_mapping(_read_toml(text, str(path)), config)
     if overrides:
-        config = _from_mapping({k: v for k, v in overrides.items() if v is not None}, config)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        config = _from_mapping(given, config)
+        grid_keys = {k: v for k, v in given.items() if k != "out"}
+        if config.grids and grid_keys:  # the command line has the last word in every grid too
+            config = validate(replace(config, grids=tuple({**grid, **grid_keys} for grid in config.grids)))
     return config
 
 

@@ -523,10 +523,7 @@ def _audit_case(
     return rows
 
 
-def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditResult:
-    """Run the whole grid of ``config``; returns one summary row per cell."""
-    started = time.time()
-    clock = time.perf_counter()
+def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[SummaryRow], list[str]]:
     impls = resolve(config.impls)
     devices = resolve_devices(config.devices, accelerators_wanted=any(i.backend == "torch" for i in impls))
     cases = build_cases(
@@ -549,6 +546,19 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
                 rows += _audit_case(
                     case, options, label, formats, family_impls, devices, config, settings, budget, progress
                 )
+    return rows, devices
+
+
+def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditResult:
+    """Run the whole grid of ``config`` (each of its [[grids]] in turn); one summary row per cell."""
+    started = time.time()
+    clock = time.perf_counter()
+    rows: list[SummaryRow] = []
+    devices: list[str] = []
+    for grid in config.expanded():
+        grid_rows, grid_devices = _run_grid(grid, progress)
+        rows += grid_rows
+        devices += [device for device in grid_devices if device not in devices]
     return AuditResult(
         config=config,
         rows=rows,
@@ -561,14 +571,15 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
 
 def sweep_size(config: SweepConfig) -> int:
     """Number of (case, dtype) units a sweep reports progress in."""
-    return (
-        len(config.distributions)
-        * len(config.scales)
-        * len(config.offsets)
-        * len(config.vocabs)
-        * len(config.batches)
-        * len(config.dtypes)
-        * len(config.margins)
-        * len(config.target_positions)
-        * len(config.loss_options())
+    return sum(
+        len(grid.distributions)
+        * len(grid.scales)
+        * len(grid.offsets)
+        * len(grid.vocabs)
+        * len(grid.batches)
+        * len(grid.dtypes)
+        * len(grid.margins)
+        * len(grid.target_positions)
+        * len(grid.loss_options())
+        for grid in config.expanded()
     )

@@ -15,6 +15,7 @@ from ce_audit.cases import Case, class_weights, draw_targets, generate_inputs, g
 from ce_audit.cli import main
 from ce_audit.config import SweepConfig, load_config
 from ce_audit.engine import SummaryRow, run_sweep
+from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
 
@@ -330,3 +331,29 @@ def test_named_configs_load_and_state_their_runtime(name):
     config = load_config(path)
     assert config.loss_options()
     tomllib.loads(text)
+
+
+def test_grids_run_in_turn_and_the_command_line_wins(tmp_path):
+    path = tmp_path / "grids.toml"
+    path.write_text(
+        'dtypes = ["float32"]\nvocabs = [32]\nbatches = [4]\ndistributions = ["normal"]\nscales = [1.0]\n'
+        'offsets = [0.0]\nimpls = ["fused"]\n'
+        '[[grids]]\nreductions = ["mean", "sum"]\n'
+        '[[grids]]\ndtypes = ["float64"]\nlosses = ["binary"]\nimpls = ["bce_logits"]\n'
+    )
+    config = load_config(path)
+    grids = config.expanded()
+    assert [g.dtypes for g in grids] == [("float32",), ("float64",)]
+    assert [g.reductions for g in grids] == [("mean", "sum"), ("none",)]
+    rows = run_sweep(config).rows
+    assert [(r.impl, r.dtype, r.reduction) for r in rows] == [
+        ("fused", "float32", "mean"),
+        ("fused", "float32", "sum"),
+        ("bce_logits", "float64", "none"),
+    ]
+    overridden = load_config(path, {"dtypes": ["float16"]})
+    assert {g.dtypes for g in overridden.expanded()} == {("float16",)}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[grids]]\nreductions = ["avg"]\n')
+    with pytest.raises(AuditError, match=r"grids\[0\]: unknown reduction 'avg'"):
+        load_config(bad)
