@@ -77,11 +77,18 @@ def cause(row: SummaryRow) -> str:
             return (
                 f"{kind}: 0 · log p = 0 · (−inf) where a zero target probability meets a −inf (masked) logit"
             )
+        if row.weights == "zero-on-target" and row.label_smoothing and row.mask_fraction and row.nan_rows:
+            return f"{kind}: w_k · log p_k = 0 · (−inf) where a zero class weight meets a −inf (masked) logit"
+        if row.loss == "binary":
+            return f"{kind}: σ(z) rounds to 0 or 1 in {row.dtype}, then log(0) = −inf and 0 · log(0) = NaN"
         if row.max_logit > fmt.exp_overflow:
             return f"{kind}: exp overflows above {fmt.exp_overflow:.2f}"
+        if row.max_logit + math.log(max(row.vocab, 1)) > fmt.exp_overflow:
+            where = f"over {row.vocab} classes passes {fmt.max:g} (max logit {row.max_logit:.3g})"
+            return f"{kind}: Σ_k exp(z_k) {where}"
         if row.max_reference > -fmt.exp_underflow:
             return f"{kind}: p_y underflows to 0 below exp({fmt.exp_underflow:.1f}), then log(0) = −inf"
-        return f"{kind} where the exact loss is finite"
+        return f"{kind}: non-finite where the exact loss is finite"
     if row.status == "inaccurate":
         reduced = _reduction_cause(row, fmt)
         if reduced:
