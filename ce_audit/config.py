@@ -76,8 +76,8 @@ class SweepConfig:
 
     def loss_options(self) -> list[LossOptions]:
         """The option grid, in a fixed order."""
-        names = ("loss", "reduction", "weights", "ignore_fraction", "label_smoothing", "targets", "softcap")
-        names += ("z_loss", "mask_fraction", "focal_gamma")
+        names: tuple[str, ...] = ("loss", "reduction", "weights", "ignore_fraction", "label_smoothing")
+        names += ("targets", "softcap", "z_loss", "mask_fraction", "focal_gamma")
         dimensions = (
             self.losses,
             self.reductions,
