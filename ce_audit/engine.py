@@ -470,11 +470,11 @@ def _skipped_rows(
 
 
 def _too_big(case: Case, fmt: FloatFormat, options: LossOptions, budget: int) -> str | None:
-    if options.reduction == "none" or case.batch * case.vocab * working_dtype(fmt).itemsize <= 8 * budget:
+    if options.reduction == "none" or case.batch * case.vocab * working_dtype(fmt).itemsize <= 4 * budget:
         return None
     return (
         f"a {options.reduction} is computed in one call over the whole batch; "
-        f"{case.batch} × {case.vocab} passes 8 × block_mib"
+        f"{case.batch} × {case.vocab} passes 4 × block_mib of working memory"
     )
 
 

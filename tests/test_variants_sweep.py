@@ -357,3 +357,8 @@ def test_grids_run_in_turn_and_the_command_line_wins(tmp_path):
     bad.write_text('[[grids]]\nreductions = ["avg"]\n')
     with pytest.raises(AuditError, match=r"grids\[0\]: unknown reduction 'avg'"):
         load_config(bad)
+
+
+def test_whole_batch_reduction_is_bounded_by_block_mib():
+    rows = sweep(batches=(100_000,), vocabs=(1000,), reductions=("mean",), impls=("fused",), block_mib=64)
+    assert rows[0].status == "skipped" and "one call over the whole batch" in rows[0].error
