@@ -1,10 +1,23 @@
 """The sweep grid and its seeded input generators.
 
-A case is (distribution, scale, offset, vocab, batch). Row i of a case is drawn from a generator
-seeded by (seed, distribution, vocab, i // chunk_rows): the same rows whatever the batch, scale,
-offset, block size, machine or implementation, so that cases differ only in what they name.
-Logits are ``offset + scale · base``; the quantized array in the audited dtype is what every
-implementation and the reference see.
+A case is (distribution, scale, offset, vocab, batch, margin, target position). Row i of a case is
+drawn from a generator seeded by (seed, distribution, vocab, i // chunk_rows): the same rows whatever
+the batch, scale, offset, margin, block size, machine or implementation, so that cases differ only in
+what they name. Logits are ``offset + scale · base``; the quantized array in the audited dtype is what
+every implementation and the reference see.
+
+``generate_inputs`` adds what the loss options need, each from its own generator per chunk (so again
+the same rows whatever the batch), in this order:
+
+1. target position: the target's logit is swapped with the logit at the new position (first = 0,
+   last = V − 1, block-edge: rows cycle through 32767, 32768, 65535, 65536; an index past the
+   vocabulary becomes V − 1);
+2. mask: each logit other than the target is −inf with probability ``mask_fraction``;
+3. margin M (absolute logit units, independent of scale): z_y = max of the row's other unmasked
+   logits + M, so p_y runs from ≈ e^M / V (M < 0) to 1 − V·e^−M (M > 0); binary: z += (2y − 1)·M;
+4. probability targets: q ∝ exp(g), g ~ N(0, 1) with g_y = max g + 2 (the soft target's top class is y),
+   q = 0 on masked logits; binary targets: y ~ Bernoulli(½) (index) or U(0, 1) (probs);
+5. ignored rows: each row's target becomes ignore_index with probability ``ignore_fraction``.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import numpy as np
 
 from ce_audit.dtypes import FloatFormat
 from ce_audit.errors import AuditError
+from ce_audit.options import BLOCK_EDGES, LossOptions
 
 DISTRIBUTIONS = {
     "normal": "base ~ N(0, 1)",
@@ -41,6 +55,8 @@ class Case:
     vocab: int
     batch: int
     seed: int
+    margin: float | None = None
+    target_position: str = "random"
 
     @property
     def chunk_rows(self) -> int:
@@ -48,10 +64,15 @@ class Case:
         return max(1, GENERATION_ELEMENTS // self.vocab)
 
     def label(self) -> str:
-        return (
+        text = (
             f"{self.distribution} scale={self.scale:g} offset={self.offset:g} "
             f"vocab={self.vocab} batch={self.batch}"
         )
+        if self.margin is not None:
+            text += f" margin={self.margin:g}"
+        if self.target_position != "random":
+            text += f" target={self.target_position}"
+        return text
 
 
 def build_cases(
@@ -127,3 +148,130 @@ def row_blocks(case: Case, bytes_per_element: int, budget_bytes: int) -> Iterato
     rows = max(case.chunk_rows, rows // case.chunk_rows * case.chunk_rows)
     for start in range(0, case.batch, rows):
         yield start, min(case.batch, start + rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs for the loss options (see the module docstring)
+# ---------------------------------------------------------------------------------------------------------
+
+_PURPOSES = {"mask": 1, "probs": 2, "ignore": 3, "binary": 4, "weights": 5}
+WEIGHT_RANGE = (0.1, 10.0)  # random class weights: log-uniform in this range
+
+
+def _extra_generator(case: Case, chunk_index: int, purpose: str) -> np.random.Generator:
+    key = zlib.crc32(f"{case.distribution}/{case.vocab}".encode())
+    return np.random.default_rng(np.random.SeedSequence([case.seed, key, chunk_index, _PURPOSES[purpose]]))
+
+
+def _chunked_draw(case: Case, start: int, stop: int, purpose: str, draw: object) -> np.ndarray:
+    """Concatenate ``draw(rng, rows)`` over the generation chunks of rows [start, stop), then slice."""
+    parts = [
+        draw(_extra_generator(case, chunk, purpose), case.chunk_rows)  # type: ignore[operator]
+        for chunk in range(start // case.chunk_rows, -(-stop // case.chunk_rows))
+    ]
+    return np.concatenate(parts)[: stop - start] if parts else np.zeros((0, case.vocab))
+
+
+def target_positions(case: Case, start: int, stop: int, targets: np.ndarray) -> np.ndarray:
+    """The target of each row under ``case.target_position`` (random: the drawn target)."""
+    vocab = case.vocab
+    if case.target_position == "random":
+        return targets
+    if case.target_position == "first":
+        return np.zeros_like(targets)
+    if case.target_position == "last":
+        return np.full_like(targets, vocab - 1)
+    if case.target_position == "block-edge":
+        edges = np.array([e + d for e in BLOCK_EDGES for d in (-1, 0)], dtype=np.int64)
+        chosen = edges[np.arange(start, stop) % edges.size]
+        return np.where(chosen < vocab, chosen, vocab - 1)
+    raise AuditError(f"unknown target position {case.target_position!r}")
+
+
+def draw_targets(case: Case, options: LossOptions, start: int, stop: int) -> np.ndarray:
+    """Class-index targets of rows [start, stop) after position and ignoring, without drawing logits."""
+    parts = [
+        _generator(case, chunk).integers(0, case.vocab, size=case.chunk_rows)
+        for chunk in range(start // case.chunk_rows, -(-stop // case.chunk_rows))
+    ]
+    targets = np.concatenate(parts)[: stop - start].astype(np.int64) if parts else np.zeros(0, np.int64)
+    targets = target_positions(case, start, stop, targets)
+    return _ignore(case, options, start, stop, targets)
+
+
+def _ignore(case: Case, options: LossOptions, start: int, stop: int, targets: np.ndarray) -> np.ndarray:
+    if options.ignore_fraction <= 0 or options.probs:
+        return targets
+    u = _chunked_draw(case, start, stop, "ignore", lambda rng, rows: rng.random(rows))
+    return np.where(u < options.ignore_fraction, options.ignore_index, targets)
+
+
+def generate_inputs(case: Case, options: LossOptions, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 logits (−inf where masked) and the targets for rows [start, stop).
+
+    Targets: int64 class indices (ignore_index where ignored) or, for probability and binary targets,
+    float64 (N, V). Plain options give exactly ``generate_rows``.
+    """
+    if stop <= start:
+        width = (0, case.vocab)
+        empty_targets = (
+            np.zeros(width) if options.probs or options.family == "binary" else np.zeros(0, np.int64)
+        )
+        return np.zeros(width), empty_targets
+    logits, targets = generate_rows(case, start, stop)
+    rows = np.arange(stop - start)
+    if case.target_position != "random":
+        moved = target_positions(case, start, stop, targets)
+        original = logits[rows, targets].copy()
+        logits[rows, targets] = logits[rows, moved]
+        logits[rows, moved] = original
+        targets = moved
+    if options.family == "binary":
+        if options.probs:
+            labels = _chunked_draw(case, start, stop, "binary", lambda rng, n: rng.random((n, case.vocab)))
+        else:
+            labels = _chunked_draw(
+                case, start, stop, "binary", lambda rng, n: rng.integers(0, 2, size=(n, case.vocab))
+            ).astype(np.float64)
+        if case.margin is not None:
+            logits += np.where(labels >= 0.5, 1.0, -1.0) * case.margin
+        return logits, labels
+    if options.mask_fraction > 0:
+        u = _chunked_draw(case, start, stop, "mask", lambda rng, n: rng.random((n, case.vocab)))
+        masked = u < options.mask_fraction
+        masked[rows, targets] = False
+        logits[masked] = -np.inf
+    if case.margin is not None and case.vocab > 1:
+        saved = logits[rows, targets].copy()
+        logits[rows, targets] = -np.inf
+        others = logits.max(axis=1)
+        logits[rows, targets] = np.where(np.isfinite(others), others + case.margin, saved)
+    if options.probs:
+        g = _chunked_draw(case, start, stop, "probs", lambda rng, n: rng.standard_normal((n, case.vocab)))
+        g[rows, targets] = g.max(axis=1) + 2.0
+        g[np.isneginf(logits)] = -np.inf
+        q = np.exp(g - g.max(axis=1, keepdims=True))
+        return logits, q / q.sum(axis=1, keepdims=True)
+    return logits, _ignore(case, options, start, stop, targets)
+
+
+def random_class_weights(seed: int, vocab: int) -> np.ndarray:
+    """Log-uniform class weights in WEIGHT_RANGE, seeded by (seed, vocab) alone."""
+    key = zlib.crc32(f"weights/{vocab}".encode())
+    rng = np.random.default_rng(np.random.SeedSequence([seed, key, _PURPOSES["weights"]]))
+    low, high = np.log10(WEIGHT_RANGE[0]), np.log10(WEIGHT_RANGE[1])
+    return 10.0 ** rng.uniform(low, high, size=vocab)
+
+
+def class_weights(case: Case, options: LossOptions) -> np.ndarray | None:
+    """Per-class weights (float64, V): log-uniform in WEIGHT_RANGE; zero-on-target also zero on the class of
+    every target of the batch that is not ignored (so that Σ w[y] = 0). None for ``weights = none``."""
+    if options.weights == "none":
+        return None
+    weight = random_class_weights(case.seed, case.vocab)
+    if options.weights == "zero-on-target":
+        step = case.chunk_rows * max(1, (1 << 16) // case.chunk_rows)
+        for start in range(0, case.batch, step):
+            targets = draw_targets(case, options, start, min(case.batch, start + step))
+            weight[targets[targets != options.ignore_index]] = 0.0
+    return weight

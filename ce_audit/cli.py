@@ -38,6 +38,10 @@ def _user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# Typer ≥ 0.20 raises its own Exit/Abort; older releases raise click's.
+_CLICK_EXIT = tuple(filter(None, [getattr(click_exceptions, "Exit", None)]))
+_CLICK_ABORT = tuple(filter(None, [getattr(click_exceptions, "Abort", None)]))
+
 app = typer.Typer(
     name="ce-audit",
     help="Numerical-stability auditor for cross-entropy loss implementations.",
@@ -77,12 +81,62 @@ PluginOption = Annotated[
     ),
 ]
 
+# Loss options (ce_audit.options): repeatable on `sweep` (grid dimensions), single on `replay`.
+LossOpt = Annotated[list[str] | None, typer.Option("--loss", help="ce or binary (binary cross-entropy).")]
+ReductionOpt = Annotated[list[str] | None, typer.Option("--reduction", help="none, mean or sum.")]
+WeightsOpt = Annotated[
+    list[str] | None, typer.Option("--weights", help="Class weights: none, random, zero-on-target.")
+]
+IgnoreFractionOpt = Annotated[
+    list[float] | None,
+    typer.Option("--ignore-fraction", help="Fraction of rows whose target is ignore_index."),
+]
+IgnoreIndexOpt = Annotated[
+    int | None, typer.Option("--ignore-index", help="The ignored target (default -100).")
+]
+SmoothingOpt = Annotated[list[float] | None, typer.Option("--label-smoothing", help="Label smoothing ε.")]
+TargetsOpt = Annotated[
+    list[str] | None, typer.Option("--targets", help="index (class indices) or probs (soft).")
+]
+SoftcapOpt = Annotated[
+    list[float] | None, typer.Option("--softcap", help="Logit softcap C: C·tanh(z/C); 0 = off.")
+]
+ZLossOpt = Annotated[list[float] | None, typer.Option("--z-loss", help="z-loss λ: λ·lse² per row; 0 = off.")]
+MaskOpt = Annotated[
+    list[float] | None,
+    typer.Option("--mask-fraction", help="Fraction of logits set to −inf (never the target)."),
+]
+FocalGammaOpt = Annotated[
+    list[str] | None, typer.Option("--focal-gamma", help="Focal loss γ, or none (off).")
+]
+FocalAlphaOpt = Annotated[float | None, typer.Option("--focal-alpha", help="Focal loss α (default 1).")]
 
-def _console() -> Console:
-    """Rich on a terminal; plain text, 160 columns wide, when stdout is a file or a pipe."""
+
+def _option_overrides(**values: Any) -> dict[str, Any]:
+    """Config keys of the loss options given on the command line (lists; None where not given)."""
+    keys = {
+        "loss": "losses",
+        "reduction": "reductions",
+        "weights": "weights",
+        "ignore_fraction": "ignore_fractions",
+        "label_smoothing": "label_smoothings",
+        "targets": "targets",
+        "softcap": "softcaps",
+        "z_loss": "z_losses",
+        "mask_fraction": "mask_fractions",
+        "focal_gamma": "focal_gammas",
+    }
+    overrides: dict[str, Any] = {keys[name]: value or None for name, value in values.items() if name in keys}
+    overrides["ignore_index"] = values.get("ignore_index")
+    overrides["focal_alpha"] = values.get("focal_alpha")
+    return overrides
+
+
+def _console(width: int = 160) -> Console:
+    """Rich on a terminal; plain text, ``width`` columns wide, when stdout is a file or a pipe."""
     console = Console(highlight=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=160, no_color=True)
+        console = Console(highlight=False, width=width, no_color=True)
     return console
 
 
@@ -133,6 +187,27 @@ def sweep(
     vocab: Annotated[list[int] | None, typer.Option("--vocab", help="Vocabulary size (repeatable).")] = None,
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Rows per case (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,
+    loss: LossOpt = None,
+    reduction: ReductionOpt = None,
+    weights: WeightsOpt = None,
+    ignore_fraction: IgnoreFractionOpt = None,
+    ignore_index: IgnoreIndexOpt = None,
+    label_smoothing: SmoothingOpt = None,
+    targets: TargetsOpt = None,
+    softcap: SoftcapOpt = None,
+    z_loss: ZLossOpt = None,
+    mask_fraction: MaskOpt = None,
+    focal_gamma: FocalGammaOpt = None,
+    focal_alpha: FocalAlphaOpt = None,
+    margin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--margin", help="Target logit set M above (M < 0: below) the row's other max, or none."
+        ),
+    ] = None,
+    target_position: Annotated[
+        list[str] | None, typer.Option("--target-position", help="random, first, last or block-edge.")
+    ] = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
     out: OutOption = None,
@@ -155,6 +230,22 @@ def sweep(
         "seed": seed,
         "grad": grad,
         "out": str(out) if out else None,
+        "margins": margin or None,
+        "target_positions": target_position or None,
+        **_option_overrides(
+            loss=loss,
+            reduction=reduction,
+            weights=weights,
+            ignore_fraction=ignore_fraction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            targets=targets,
+            softcap=softcap,
+            z_loss=z_loss,
+            mask_fraction=mask_fraction,
+            focal_gamma=focal_gamma,
+            focal_alpha=focal_alpha,
+        ),
     }
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
@@ -173,10 +264,32 @@ def sweep(
 @_user_errors
 def replay(
     logits: Annotated[Path, typer.Argument(help="(N, V) logits, .npy or .pt.")],
-    targets: Annotated[Path, typer.Argument(help="(N,) integer targets, .npy or .pt.")],
+    targets: Annotated[
+        Path, typer.Argument(help="(N,) integer targets (ignore_index allowed) or (N, V) probabilities.")
+    ],
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
+    reduction: Annotated[str | None, typer.Option("--reduction", help="none, mean or sum.")] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="Class weights: none, random, zero-on-target.")
+    ] = None,
+    ignore_fraction: Annotated[
+        float | None,
+        typer.Option("--ignore-fraction", help="Fraction of rows to ignore besides the file's own."),
+    ] = None,
+    ignore_index: IgnoreIndexOpt = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option("--label-smoothing", help="Label smoothing ε.")
+    ] = None,
+    softcap: Annotated[float | None, typer.Option("--softcap", help="Logit softcap C; 0 = off.")] = None,
+    z_loss: Annotated[float | None, typer.Option("--z-loss", help="z-loss λ; 0 = off.")] = None,
+    mask_fraction: Annotated[
+        float | None,
+        typer.Option("--mask-fraction", help="Fraction of logits set to −inf (never the target)."),
+    ] = None,
+    focal_gamma: Annotated[str | None, typer.Option("--focal-gamma", help="Focal loss γ, or none.")] = None,
+    focal_alpha: FocalAlphaOpt = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
     out: OutOption = None,
@@ -187,6 +300,9 @@ def replay(
     from ce_audit.replay import run_replay
     from ce_audit.reports.table import print_report
 
+    def one(value: Any) -> list[Any] | None:
+        return None if value is None else [value]
+
     resolved = load_config(
         None,
         {
@@ -196,6 +312,18 @@ def replay(
             "out": str(out) if out else None,
             "dtypes": dtype or None,
             "plugins": plugin or None,
+            **_option_overrides(
+                reduction=one(reduction),
+                weights=one(weights),
+                ignore_fraction=one(ignore_fraction),
+                ignore_index=ignore_index,
+                label_smoothing=one(label_smoothing),
+                softcap=one(softcap),
+                z_loss=one(z_loss),
+                mask_fraction=one(mask_fraction),
+                focal_gamma=one(focal_gamma),
+                focal_alpha=focal_alpha,
+            ),
         },
     )
     result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
@@ -211,6 +339,7 @@ def replay(
 
 
 @app.command("list")
+@_user_errors
 def list_implementations(plugin: PluginOption = None) -> None:
     """List the implementations (built-ins and plugins), their origin, the dtypes and the devices here."""
     from rich.table import Table
@@ -222,13 +351,20 @@ def list_implementations(plugin: PluginOption = None) -> None:
 
     prepare((), plugin or ())
 
-    console = _console()
+    console = _console(width=220)  # seven columns, plugin paths among them
     table = Table(title="Implementations", title_justify="left")
-    for column in ("name", "backend", "what it computes", "origin", "dtypes"):
-        table.add_column(column)
+    widest = max((len(entry.name) for entry in REGISTRY.values()), default=4)
+    for column in ("name", "backend", "what it computes", "origin", "dtypes", "loss", "options"):
+        fixed = column in ("name", "backend", "loss")
+        table.add_column(
+            column, no_wrap=fixed, min_width=widest if column == "name" else None, overflow="fold"
+        )
     for entry in REGISTRY.values():
         dtypes = "all" if entry.dtypes == DTYPE_NAMES else ", ".join(entry.dtypes)
-        table.add_row(entry.name, entry.backend, entry.description, entry.origin, dtypes)
+        supports = ", ".join(sorted(entry.supports)) or "—"
+        table.add_row(
+            entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports
+        )
     console.print(table)
     console.print(f"dtypes: {', '.join(DTYPE_NAMES)}")
     console.print(f"devices here: {', '.join(resolve_devices(('all',)))}")
@@ -355,9 +491,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         print(f"ce-audit: error: {error.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except typer.Exit as done:
+    except (typer.Exit, *_CLICK_EXIT) as done:
         sys.exit(done.exit_code)
-    except typer.Abort:
+    except (typer.Abort, *_CLICK_ABORT):
         print("ce-audit: aborted", file=sys.stderr)
         sys.exit(130)
     except click_exceptions.ClickException as error:

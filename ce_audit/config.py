@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
@@ -13,6 +15,16 @@ from ce_audit.cases import DISTRIBUTIONS
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.metrics import Tolerance
+from ce_audit.options import (
+    DEFAULT_IGNORE_INDEX,
+    LOSSES,
+    REDUCTIONS,
+    TARGET_POSITIONS,
+    TARGETS,
+    WEIGHTS,
+    LossOptions,
+    validate_options,
+)
 
 DEFAULT_CONFIG_NAME = "default.toml"
 
@@ -42,6 +54,55 @@ class SweepConfig:
     tolerances: dict[str, Tolerance] = field(
         default_factory=lambda: {name: Tolerance(f.rtol, f.atol) for name, f in FORMATS.items()}
     )
+    # loss options (ce_audit.options) and the input dimensions they bring; each list is a grid dimension
+    losses: tuple[str, ...] = ("ce",)
+    reductions: tuple[str, ...] = ("none",)
+    weights: tuple[str, ...] = ("none",)
+    ignore_fractions: tuple[float, ...] = (0.0,)
+    ignore_index: int = DEFAULT_IGNORE_INDEX
+    label_smoothings: tuple[float, ...] = (0.0,)
+    targets: tuple[str, ...] = ("index",)
+    softcaps: tuple[float, ...] = (0.0,)
+    z_losses: tuple[float, ...] = (0.0,)
+    mask_fractions: tuple[float, ...] = (0.0,)
+    focal_gammas: tuple[float | None, ...] = (None,)
+    focal_alpha: float = 1.0
+    margins: tuple[float | None, ...] = (None,)
+    target_positions: tuple[str, ...] = ("random",)
+    # [[grids]]: sub-grids, each the keys above over this config; a sweep runs them in turn
+    grids: tuple[dict[str, Any], ...] = ()
+
+    def expanded(self) -> list[SweepConfig]:
+        """The grids a sweep runs: this config alone, or one config per ``[[grids]]`` table."""
+        if not self.grids:
+            return [self]
+        base = replace(self, grids=())
+        return [_from_mapping(dict(grid), base) for grid in self.grids]
+
+    def loss_options(self) -> list[LossOptions]:
+        """The option grid, in a fixed order."""
+        names: tuple[str, ...] = ("loss", "reduction", "weights", "ignore_fraction", "label_smoothing")
+        names += ("targets", "softcap", "z_loss", "mask_fraction", "focal_gamma")
+        dimensions = (
+            self.losses,
+            self.reductions,
+            self.weights,
+            self.ignore_fractions,
+            self.label_smoothings,
+            self.targets,
+            self.softcaps,
+            self.z_losses,
+            self.mask_fractions,
+            self.focal_gammas,
+        )
+        return [
+            LossOptions(
+                ignore_index=self.ignore_index,
+                focal_alpha=self.focal_alpha,
+                **dict(zip(names, combination, strict=True)),  # type: ignore[arg-type]
+            )
+            for combination in itertools.product(*dimensions)
+        ]
 
     def implementation_settings(self) -> dict[str, Any]:
         """Tunables passed to implementations that declare them."""
@@ -64,6 +125,18 @@ _LIST_KEYS = {
     "batches": int,
     "plugins": str,
     "budgets": str,
+    "losses": str,
+    "reductions": str,
+    "weights": str,
+    "ignore_fractions": float,
+    "label_smoothings": float,
+    "targets": str,
+    "softcaps": float,
+    "z_losses": float,
+    "mask_fractions": float,
+    "focal_gammas": "optional float",
+    "margins": "optional float",
+    "target_positions": str,
 }
 _SCALAR_KEYS = {
     "seed": int,
@@ -74,10 +147,21 @@ _SCALAR_KEYS = {
     "block_mib": int,
     "ulp_growth": float,
     "rel_growth": float,
+    "ignore_index": int,
+    "focal_alpha": float,
 }
 
 
-def _coerce(key: str, value: Any, kind: type) -> Any:
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    if kind == "optional float":  # a number, or "none" (the dimension is off)
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off", "")):
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise AuditError(f"config key {key!r} takes numbers or 'none', got {value!r}") from None
+        return _coerce(key, value, float)
     if kind is bool:
         if not isinstance(value, bool):
             raise AuditError(f"config key {key!r} must be true or false, got {value!r}")
@@ -112,8 +196,15 @@ def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
                     _coerce(f"tolerances.{dtype}.atol", entry.get("atol", current.atol), float),
                 )
             values["tolerances"] = tolerances
+        elif key == "grids":
+            if not isinstance(raw, (list, tuple)) or not all(isinstance(grid, dict) for grid in raw):
+                raise AuditError("config key 'grids' must be an array of tables ([[grids]])")
+            for grid in raw:
+                if "grids" in grid or "out" in grid:
+                    raise AuditError("a [[grids]] table cannot set 'grids' or 'out'")
+            values["grids"] = tuple(dict(grid) for grid in raw)
         else:
-            known = ", ".join([*_LIST_KEYS, *_SCALAR_KEYS, "tolerances"])
+            known = ", ".join([*_LIST_KEYS, *_SCALAR_KEYS, "tolerances", "grids"])
             raise AuditError(f"unknown config key {key!r}; known keys: {known}")
     return validate(replace(base, **values))
 
@@ -130,9 +221,40 @@ def validate(config: SweepConfig) -> SweepConfig:
     for name in config.distributions:
         if name not in DISTRIBUTIONS:
             raise AuditError(f"unknown distribution {name!r}; choose from {', '.join(DISTRIBUTIONS)}")
-    for key in ("dtypes", "devices", "distributions", "scales", "offsets", "vocabs", "batches"):
+    for key in (
+        "dtypes",
+        "devices",
+        "distributions",
+        "scales",
+        "offsets",
+        "vocabs",
+        "batches",
+        *_OPTION_KEYS,
+    ):
         if not getattr(config, key):
             raise AuditError(f"{key} must not be empty")
+    for key, allowed in (
+        ("losses", LOSSES),
+        ("reductions", REDUCTIONS),
+        ("weights", WEIGHTS),
+        ("targets", TARGETS),
+        ("target_positions", TARGET_POSITIONS),
+    ):
+        for value in getattr(config, key):
+            if value not in allowed:
+                raise AuditError(f"unknown {key[:-1]} {value!r}; choose from {', '.join(allowed)}")
+    if any(m is not None and not math.isfinite(m) for m in config.margins):
+        raise AuditError("margins must be finite numbers (or 'none')")
+    for options in config.loss_options():
+        try:
+            validate_options(options)
+        except ValueError as error:
+            raise AuditError(str(error)) from None
+    for index, grid in enumerate(config.grids):
+        try:
+            _from_mapping(dict(grid), replace(config, grids=()))
+        except AuditError as error:
+            raise AuditError(f"grids[{index}]: {error}") from None
     if any(v < 1 for v in config.vocabs):
         raise AuditError("every vocab size must be at least 1")
     if any(b < 0 for b in config.batches):
@@ -149,6 +271,22 @@ def validate(config: SweepConfig) -> SweepConfig:
     for text in config.budgets:
         parse_budget(text)
     return config
+
+
+_OPTION_KEYS = (
+    "losses",
+    "reductions",
+    "weights",
+    "ignore_fractions",
+    "label_smoothings",
+    "targets",
+    "softcaps",
+    "z_losses",
+    "mask_fractions",
+    "focal_gammas",
+    "margins",
+    "target_positions",
+)
 
 
 def _read_toml(text: str, origin: str) -> dict[str, Any]:
@@ -174,7 +312,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise AuditError(f"cannot read config {path}: {error.strerror or error}") from None
         config = _from_mapping(_read_toml(text, str(path)), config)
     if overrides:
-        config = _from_mapping({k: v for k, v in overrides.items() if v is not None}, config)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        config = _from_mapping(given, config)
+        grid_keys = {k: v for k, v in given.items() if k != "out"}
+        if config.grids and grid_keys:  # the command line has the last word in every grid too
+            config = validate(replace(config, grids=tuple({**grid, **grid_keys} for grid in config.grids)))
     return config
 
 

@@ -3,19 +3,57 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 
-from ce_audit.dtypes import float_format
+from ce_audit.dtypes import FloatFormat, float_format
 from ce_audit.engine import SummaryRow
 from ce_audit.metrics import worst_status
 
 EPSILON_CAP = -math.log(1e-7)
 
 
+def options_label(row: SummaryRow) -> str:
+    """The row's loss options and input dimensions that differ from plain cross-entropy, in short."""
+    parts = []
+    if row.loss != "ce":
+        parts.append(row.loss)
+    if row.focal_gamma is not None:
+        parts.append(
+            f"focal γ={row.focal_gamma:g}" + (f" α={row.focal_alpha:g}" if row.focal_alpha != 1 else "")
+        )
+    if row.reduction != "none":
+        parts.append(row.reduction)
+    if row.weights != "none":
+        parts.append(f"w={row.weights}")
+    if row.ignore_fraction:
+        parts.append(f"ignore={row.ignore_fraction:g}")
+    if row.label_smoothing:
+        parts.append(f"ls={row.label_smoothing:g}")
+    if row.targets != "index":
+        parts.append(row.targets)
+    if row.softcap:
+        parts.append(f"cap={row.softcap:g}")
+    if row.z_loss:
+        parts.append(f"z={row.z_loss:g}")
+    if row.mask_fraction:
+        parts.append(f"mask={row.mask_fraction:g}")
+    if row.margin is not None:
+        parts.append(f"M={row.margin:g}")
+    if row.target_position != "random":
+        parts.append(f"y={row.target_position}")
+    return " ".join(parts)
+
+
 def _where(row: SummaryRow) -> str:
     text = f"scale {row.scale:g}"
     if row.offset:
         text += f", offset {row.offset:g}"
+    label = options_label(row)
+    if label:
+        text += f", {label}"
+    if row.reduction != "none":
+        text += f" (batch {row.batch})"
     return f"{text} ({row.distribution})"
 
 
@@ -26,6 +64,23 @@ def cause(row: SummaryRow) -> str:
         return row.error
     if row.status == "nonfinite":
         kind = "NaN" if row.nan_rows else "Inf"
+        if not row.nan_rows and not row.inf_rows:
+            if row.softcap and row.mask_fraction:
+                return f"finite: softcap turns −inf masks into −{row.softcap:g} where the exact loss is +inf"
+            return "finite where the exact value is not (" + (row.notes or "non-finite reference") + ")"
+        reduced = _reduction_cause(row, fmt)
+        if reduced:
+            return f"{kind}: {reduced}"
+        if row.label_smoothing and row.vocab * math.log(max(row.vocab, 2)) > fmt.max:
+            return f"{kind}: the label-smoothing sum Σ_k −log p_k over {row.vocab} classes passes {fmt.max:g}"
+        if row.targets == "probs" and row.mask_fraction and row.nan_rows:
+            return (
+                f"{kind}: 0 · log p = 0 · (−inf) where a zero target probability meets a −inf (masked) logit"
+            )
+        if row.weights == "zero-on-target" and row.label_smoothing and row.mask_fraction and row.nan_rows:
+            return f"{kind}: w_k · log p_k = 0 · (−inf) where a zero class weight meets a −inf (masked) logit"
+        if row.loss == "binary":
+            return f"{kind}: σ(z) rounds to 0 or 1 in {row.dtype}, then log(0) = −inf and 0 · log(0) = NaN"
         overflow = row.max_logit > fmt.exp_overflow
         underflow = row.max_reference > -fmt.exp_underflow  # p_y = exp(−loss) below the smallest subnormal
         overflow_text = f"exp overflows above {fmt.exp_overflow:.2f} (max logit {row.max_logit:.4g})"
@@ -34,10 +89,27 @@ def cause(row: SummaryRow) -> str:
             return f"{kind}: {overflow_text}, or {underflow_text}"
         if overflow:
             return f"{kind}: {overflow_text}"
+        if row.max_logit + math.log(max(row.vocab, 1)) > fmt.exp_overflow:
+            where = f"over {row.vocab} classes passes {fmt.max:g} (max logit {row.max_logit:.3g})"
+            return f"{kind}: Σ_k exp(z_k) {where}"
         if underflow:
             return f"{kind}: {underflow_text}"
-        return f"{kind} where the exact loss is finite"
+        return f"{kind}: non-finite where the exact loss is finite"
     if row.status == "inaccurate":
+        reduced = _reduction_cause(row, fmt)
+        if reduced:
+            return reduced
+        if row.softcap and row.mask_fraction:
+            return f"softcap turns −inf masks into −{row.softcap:g}: masked classes get probability again"
+        if row.loss == "binary" and abs(row.max_value - 100) < 0.5 and row.max_reference > 100.5:
+            return (
+                f"log clamped at −100 (nn.BCELoss): loss capped at 100 (exact up to {row.max_reference:.3g})"
+            )
+        if row.margin is not None and row.margin > 0 and row.loss == "ce":
+            return (
+                f"lse − z_y cancels in confident rows (target {row.margin:g} above the rest: "
+                f"the loss is below the spacing of z_y; max {row.max_ulp:.3g} ULP)"
+            )
         if abs(row.max_value - EPSILON_CAP) < 0.1 and row.max_reference > EPSILON_CAP + 0.1:
             return f"loss capped near −log(1e-7) ≈ {EPSILON_CAP:.1f} (exact up to {row.max_reference:.3g})"
         if row.offset and abs(row.offset) > 8 * max(abs(row.scale), 1.0):
@@ -50,12 +122,50 @@ def cause(row: SummaryRow) -> str:
     return ""
 
 
+def _reduction_cause(row: SummaryRow, fmt: FloatFormat) -> str | None:
+    """A sum (or the sum inside a mean) past the dtype's largest finite value, or an accumulation drift."""
+    if row.reduction == "none":
+        return None
+    total = row.max_reference * (row.batch if row.reduction == "mean" else 1)
+    if total > fmt.max:
+        what = (
+            "sum"
+            if row.reduction == "sum"
+            else f"sum inside the mean (≈ {row.batch} × {row.max_reference:.3g})"
+        )
+        return f"the {row.dtype} {what} passes {fmt.max:g}"
+    if row.status == "inaccurate":
+        return f"the {row.reduction} is {row.max_ulp:.3g} ULP off the exact {row.reduction}"
+    return None
+
+
 def _first(rows: list[SummaryRow]) -> SummaryRow:
-    return min(rows, key=lambda r: (abs(r.offset), abs(r.scale), r.distribution))
+    return min(rows, key=lambda r: (abs(r.offset), abs(r.scale), r.distribution, len(options_label(r))))
+
+
+MAX_CAUSES = 4  # per implementation and dtype, in a sweep over several option combinations
+
+
+def _part(dtype: str, status: str, row: SummaryRow) -> str:
+    label = {"nonfinite": "", "inaccurate": "inaccurate ", "error": "error "}[status]
+    reason = cause(row)
+    if status == "nonfinite":
+        kind, _, reason = reason.partition(": ")
+        label = f"{kind} "
+    return f"{dtype} {label}from {_where(row)} — {reason}"
+
+
+def _cause_key(row: SummaryRow) -> str:
+    """A cause with its numbers removed: rows that broke for the same reason share it."""
+    return row.status + re.sub(r"[-+]?\d[\d.e+-]*", "#", cause(row))
 
 
 def findings(rows: list[SummaryRow]) -> list[str]:
-    """Lines like "naive: float16 Inf from scale 10 — exp overflows above 11.09; ..."."""
+    """Lines like "naive: float16 Inf from scale 10 — exp overflows above 11.09; ...".
+
+    One part per implementation and dtype (its worst status, mildest case); when the sweep covers several
+    option combinations, one part per distinct cause instead (worst first, at most MAX_CAUSES).
+    """
     groups: dict[tuple[str, str], dict[str, list[SummaryRow]]] = defaultdict(lambda: defaultdict(list))
     order: list[str] = []
     for row in rows:
@@ -63,6 +173,7 @@ def findings(rows: list[SummaryRow]) -> list[str]:
         if impl not in order:
             order.append(impl)
         groups[(impl, row.dtype)][row.status].append(row)
+    several = len({options_label(row) for row in rows}) > 1
     lines = []
     for impl in order:
         parts = []
@@ -72,18 +183,36 @@ def findings(rows: list[SummaryRow]) -> list[str]:
             status = worst_status([s for s in by_status if s != "ok"] or ["ok"])
             if status in ("ok", "skipped"):
                 continue
-            first = _first(by_status[status])
-            capped = [r for r in by_status[status] if cause(r).startswith("loss capped")]
-            first = _first(capped) if capped else first
-            label = {"nonfinite": "", "inaccurate": "inaccurate ", "error": "error "}[status]
-            reason = cause(first)
-            if status == "nonfinite":
-                kind, _, reason = reason.partition(": ")
-                label = f"{kind} "
-            parts.append(f"{dtype} {label}from {_where(first)} — {reason}")
+            if not several:
+                capped = [r for r in by_status[status] if cause(r).startswith("loss capped")]
+                parts.append(_part(dtype, status, _first(capped or by_status[status])))
+                continue
+            by_cause: dict[str, list[SummaryRow]] = defaultdict(list)
+            for bad in ("error", "nonfinite", "inaccurate"):
+                for row in by_status.get(bad, []):
+                    by_cause[_cause_key(row)].append(row)
+            for key in list(by_cause)[:MAX_CAUSES]:
+                first = _first(by_cause[key])
+                parts.append(_part(dtype, first.status, first))
         if parts:
             lines.append(f"{impl}: " + "; ".join(parts))
-    lines += _behaviour(rows)
+    return lines + expected_values(rows) + _behaviour(rows)
+
+
+def expected_values(rows: list[SummaryRow]) -> list[str]:
+    """One line per note (e.g. PyTorch's expected NaN): which cells, and that they count as ok."""
+    grouped: dict[str, list[SummaryRow]] = defaultdict(list)
+    for row in rows:
+        if row.notes:
+            grouped[row.notes].append(row)
+    lines = []
+    for note, noted in grouped.items():
+        impls = ", ".join(dict.fromkeys(r.impl for r in noted))
+        dtypes = ", ".join(dict.fromkeys(r.dtype for r in noted))
+        labels = list(dict.fromkeys(f"{options_label(r)} (batch {r.batch})" for r in noted))
+        where = "; ".join(labels[:3]) + (f"; {len(labels) - 3} more" if len(labels) > 3 else "")
+        statuses = ", ".join(sorted({r.status for r in noted}))
+        lines.append(f"{note} — {impls} in {len(noted)} cells ({dtypes}: {where}): status {statuses}")
     return lines
 
 

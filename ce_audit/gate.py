@@ -53,6 +53,9 @@ MEASUREMENT_COLUMNS = frozenset(
         "max_value",
         "value_kind",
         "wrote_input",
+        "grad_true_max_rel_err",
+        "grad_rowsum_max",
+        "notes",
     }
 )
 UNMEASURED = ("error", "skipped")

@@ -162,3 +162,54 @@ def worst_status(statuses: list[str]) -> str:
     if not ranked:
         return "skipped"
     return max(ranked, key=STATUS_ORDER.index)
+
+
+@dataclass
+class GradChecks:
+    """Running true-class and row-sum checks of one cell's gradient.
+
+    true class: max_i |g_iy − g*_iy| / |g*_iy| over the rows with a true class y (where p_y − 1 loses
+    everything as p_y → 1); binary: over every element. Row sum: max_i |Σ_k g_ik − Σ_k g*_ik| / Σ_k |g*_ik|
+    (the exact row sum Σ_k g*_ik is 0 for cross-entropy, focal, label smoothing and soft targets; z-loss and
+    softcap move it); a row fails when |Σ_k g_ik − Σ_k g*_ik| > atol + rtol · Σ_k |g*_ik|.
+    Rows with a non-finite entry on either side are left to the NaN/Inf counts.
+    """
+
+    true_max_rel_err: float = 0.0
+    rowsum_max: float = 0.0
+    rowsum_failures: int = 0
+    rowsum_checked: bool = False
+
+    def add(
+        self,
+        grad: np.ndarray,
+        reference: np.ndarray,
+        true_index: np.ndarray | None,
+        rowsum: np.ndarray | None,
+        tolerance: Tolerance,
+    ) -> None:
+        with np.errstate(all="ignore"):
+            if true_index is None:
+                got, want = grad.ravel(), reference.ravel()
+            else:
+                keep = true_index >= 0
+                rows = np.flatnonzero(keep)
+                got, want = grad[rows, true_index[keep]], reference[rows, true_index[keep]]
+            finite = np.isfinite(got) & np.isfinite(want)
+            diff = np.abs(got - want)[finite]
+            size = np.abs(want)[finite]
+            rel = np.where(size > 0, diff / np.where(size > 0, size, 1), np.where(diff > 0, np.inf, 0))
+            if rel.size:
+                self.true_max_rel_err = max(self.true_max_rel_err, float(rel.max()))
+            if rowsum is None or grad.shape[0] == 0:
+                return
+            self.rowsum_checked = True
+            finite_rows = (
+                np.isfinite(grad).all(axis=1) & np.isfinite(reference).all(axis=1) & np.isfinite(rowsum)
+            )
+            error = np.abs(grad.sum(axis=1) - rowsum)[finite_rows]
+            norm = np.abs(reference).sum(axis=1)[finite_rows]
+            rel = np.where(norm > 0, error / np.where(norm > 0, norm, 1), np.where(error > 0, np.inf, 0))
+            if rel.size:
+                self.rowsum_max = max(self.rowsum_max, float(rel.max()))
+            self.rowsum_failures += int((error > tolerance.atol + tolerance.rtol * norm).sum())

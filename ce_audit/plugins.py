@@ -299,11 +299,13 @@ def prepare(
 
 @contextmanager
 def isolated() -> Iterator[None]:
-    """Restore the registry, loaded plugin modules and the entry-point flag on exit (for test suites)."""
+    """Run as a fresh process would (entry points loaded anew), then restore the registry, loaded plugin
+    modules and the entry-point flag on exit (for test suites)."""
     registry = dict(REGISTRY)
     loaded = len(_state["modules"])
     path = list(sys.path)
     flag = _state["entry_points_loaded"]
+    _state["entry_points_loaded"] = False
     try:
         yield
     finally:

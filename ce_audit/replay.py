@@ -1,4 +1,10 @@
-"""Audit logits dumped from a real model: load, validate, and run every implementation on them."""
+"""Audit logits dumped from a real model: load, validate, and run every implementation on them.
+
+Loss options apply as in a sweep, one value each: targets are class indices (ignore_index allowed) or,
+when the targets file is (N, V) floating point, probabilities; ``ignore_fraction`` and ``mask_fraction``
+ignore rows and mask logits (never the target) on top of the file's own, drawn from the seed; weights
+are drawn from the seed as in a sweep. A reduction is computed over all rows in one call.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from ce_audit.cases import random_class_weights
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description, resolve_devices
 from ce_audit.dtypes import FORMATS, float_format, working_dtype
 from ce_audit.engine import AuditResult, CaseLabel, audit_blocks
 from ce_audit.errors import AuditError
+from ce_audit.options import LossOptions
 from ce_audit.plugins import prepare
 
 
@@ -58,8 +66,11 @@ def _file_format_name(logits: np.ndarray) -> str:
     raise AuditError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
 
 
-def validate_inputs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Check shapes, dtypes and ranges; returns int64 targets. Raises AuditError with one line."""
+def validate_inputs(logits: np.ndarray, targets: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """Check shapes, dtypes and ranges; returns int64 targets (``ignore_index`` allowed among them) or,
+    for (N, V) floating-point targets, float64 probabilities. Raises AuditError with one line."""
+    if targets.ndim == 2 and logits.ndim == 2 and np.issubdtype(targets.dtype, np.floating):
+        return _validate_probs(logits, targets)
     if logits.ndim != 2:
         raise AuditError(f"logits must be a 2-D (N, V) array, got shape {logits.shape}")
     if targets.ndim != 1:
@@ -71,15 +82,75 @@ def validate_inputs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     _file_format_name(logits)
     if not np.issubdtype(targets.dtype, np.integer) or targets.dtype == np.bool_:
         raise AuditError(f"targets must be integers, got {targets.dtype}")
-    if targets.size and (targets.min() < 0 or targets.max() >= logits.shape[1]):
-        bad = int(targets[(targets < 0) | (targets >= logits.shape[1])][0])
+    out_of_range = (targets < 0) | (targets >= logits.shape[1])
+    if ignore_index is not None:
+        out_of_range &= targets != ignore_index
+    if out_of_range.any():
+        bad = int(targets[out_of_range][0])
         raise AuditError(f"target {bad} is out of range for {logits.shape[1]} classes")
+    _check_logit_values(logits)
+    return targets.astype(np.int64)
+
+
+def _check_logit_values(logits: np.ndarray) -> None:
     values = logits.astype(np.float64)
     if np.isnan(values).any():
         raise AuditError(f"logits contain NaN (first at row {int(np.isnan(values).any(axis=1).argmax())})")
     if np.isposinf(values).any():
         raise AuditError("logits contain +inf")
-    return targets.astype(np.int64)
+
+
+def _validate_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    if targets.shape != logits.shape:
+        raise AuditError(
+            f"probability targets must have the logits' shape {logits.shape}, got {targets.shape}"
+        )
+    _file_format_name(logits)
+    probs = targets.astype(np.float64)
+    if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
+        raise AuditError("probability targets must lie in [0, 1]")
+    _check_logit_values(logits)
+    return probs
+
+
+def replay_options(config: SweepConfig, probs: bool) -> LossOptions:
+    """The one set of loss options of a replay (probability targets when the targets file is (N, V))."""
+    grid = config.loss_options()
+    if len(grid) != 1:
+        raise AuditError("replay takes one value of each loss option")
+    options = replace(grid[0], targets="probs" if probs else "index")
+    if options.family == "binary":
+        raise AuditError("replay audits cross-entropy and focal loss, not binary cross-entropy")
+    reason = options.invalid_reason()
+    if reason:
+        raise AuditError(reason)
+    return options
+
+
+def apply_options(
+    logits: np.ndarray, targets: np.ndarray, options: LossOptions, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Float64 logits with the mask applied, targets with extra ignored rows, and float64 class weights."""
+    rng = np.random.default_rng([seed, 20240607])
+    values = logits.astype(np.float64)
+    n_rows, vocab = values.shape
+    if options.mask_fraction > 0:
+        masked = rng.random(values.shape) < options.mask_fraction
+        if options.probs:
+            masked &= targets == 0
+        else:
+            valid = targets != options.ignore_index
+            masked[np.flatnonzero(valid), targets[valid]] = False
+        values[masked] = -np.inf
+    if options.ignore_fraction > 0 and not options.probs:
+        targets = np.where(rng.random(n_rows) < options.ignore_fraction, options.ignore_index, targets)
+    weight = None
+    if options.weights != "none":
+        weight = random_class_weights(seed, vocab)
+        if options.weights == "zero-on-target":
+            hit = targets.argmax(axis=1) if options.probs else targets[targets != options.ignore_index]
+            weight[hit] = 0.0
+    return values, targets, weight
 
 
 def _pair(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,10 +166,16 @@ def run_replay(
     """Audit the implementations of ``config`` on the dumped logits, per dtype (default: the file's)."""
     started, clock = time.time(), time.perf_counter()
     logits = load_array(logits_path, "logits")
-    targets = validate_inputs(logits, load_array(targets_path, "targets"))
+    raw_targets = load_array(targets_path, "targets")
+    options = replay_options(config, probs=raw_targets.ndim == 2)
+    targets = validate_inputs(logits, raw_targets, options.ignore_index)
     impls = prepare(config.impls, config.plugins)
+    if not config.impls:
+        impls = [impl for impl in impls if impl.family == options.family]
     devices = resolve_devices(config.devices, accelerators_wanted=any(i.backend == "torch" for i in impls))
-    values = logits.astype(np.float64)
+    values, targets, weight = apply_options(logits, targets, options, config.seed)
+    if not options.probs and targets.size:  # the column reports the fraction ignored, the file's own included
+        options = replace(options, ignore_fraction=float((targets == options.ignore_index).mean()))
     rows, records = [], []
     audited = list(dtypes or [_file_format_name(logits)])
     config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
@@ -106,18 +183,21 @@ def run_replay(
         fmt = float_format(name)
         with np.errstate(over="ignore"):
             quantized = values.astype(fmt.numpy_dtype)
+        quantized_targets = targets.astype(fmt.numpy_dtype) if options.probs else targets
         overflow = np.isinf(quantized) & np.isfinite(values)
         if overflow.any():
             peak = float(np.abs(values[overflow]).max())
             raise AuditError(
                 f"logits reach {peak:.6g}, which overflows {name} (largest finite {fmt.max:.6g})"
             )
-        label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed)
+        label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
         per_row = logits.shape[1] * working_dtype(fmt).itemsize
         block_rows = max(1, (config.block_mib << 20) // per_row)
+        if options.reduction != "none":
+            block_rows = max(1, logits.shape[0])
         blocks = (
-            (start, quantized[start : start + block_rows], targets[start : start + block_rows])
-            for start in range(0, logits.shape[0], block_rows)
+            (start, quantized[start : start + block_rows], quantized_targets[start : start + block_rows])
+            for start in range(0, max(logits.shape[0], 1 if options.reduction != "none" else 0), block_rows)
         )
         cell_rows, cell_records = audit_blocks(
             blocks,
@@ -130,6 +210,8 @@ def run_replay(
             grad=config.grad,
             keep_rows=True,
             whole_batch=functools.partial(_pair, quantized, targets),
+            options=options,
+            weight=None if weight is None else weight.astype(fmt.numpy_dtype),
         )
         rows += cell_rows
         records += cell_records

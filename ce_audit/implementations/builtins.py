@@ -1,11 +1,47 @@
-"""Registry entries of the built-ins; their code lives in torch_backend.py and numpy_backend.py."""
+"""Registry entries of the built-ins; their code lives in torch_backend.py and numpy_backend.py, wrapped with
+the loss options they support in torch_variants.py and numpy_variants.py.
+"""
 
 from __future__ import annotations
 
 from ce_audit.implementations.registry import Implementation, add
 
-_TORCH = "ce_audit.implementations.torch_backend"
-_NUMPY = "ce_audit.implementations.numpy_backend"
+_TORCH = "ce_audit.implementations.torch_variants"
+_NUMPY = "ce_audit.implementations.numpy_variants"
+
+# What each built-in supports: its PyTorch counterpart's options; softcap and z-loss applied around any
+# torch formula as training code does; a reduction of per-row formulas as .sum() / .mean().
+_GENERIC = frozenset({"reduction", "softcap", "z_loss"})
+_SUPPORTS = {
+    "log_softmax_nll": _GENERIC | {"weight", "ignore_index"},
+    "fused": _GENERIC | {"weight", "ignore_index", "label_smoothing", "probs"},
+    "numpy_naive": frozenset({"reduction"}),
+    "numpy_shifted": frozenset({"reduction"}),
+    "numpy_eps": frozenset({"reduction"}),
+}
+_FOCAL = frozenset({"reduction", "ignore_index", "softcap"})
+_BINARY = frozenset({"reduction", "weight", "probs"})
+
+# name, description, origin, family (all torch)
+_FAMILY_BUILTINS = [
+    ("focal", "seed 002: ce = F.cross_entropy; p_t = exp(−ce); α (1 − p_t)^γ · ce", "seed 002", "focal"),
+    (
+        "focal_softmax",
+        "p_t = softmax(z)[y]; −α (1 − p_t)^γ · log p_t",
+        "Lin et al. 2017, as written",
+        "focal",
+    ),
+    (
+        "focal_accurate",
+        "accurate ce; 1 − p_t = −expm1(−ce); α (1 − p_t)^γ · ce",
+        "seed 002 with expm1",
+        "focal",
+    ),
+    ("bce_sigmoid", "F.binary_cross_entropy(torch.sigmoid(z), y)", "seeds 001/002 (nn.BCELoss)", "binary"),
+    ("bce_logits", "F.binary_cross_entropy_with_logits(z, y)", "seed 002 (nn.BCEWithLogitsLoss)", "binary"),
+    ("bce_naive", "−[y log σ(z) + (1 − y) log(1 − σ(z))] by hand", "seed 001 (BCE formula)", "binary"),
+    ("bce_softplus", "F.softplus(z) − y·z", "softplus form with cancellation", "binary"),
+]
 
 _BUILTINS = [
     ("naive", "torch", "exp, sum, divide, log: −log(exp(z_y) / Σ exp(z))", "seed 000, step 4", ()),
@@ -53,5 +89,18 @@ def register_builtins() -> None:
                 description=description,
                 origin=origin,
                 tunables=tunables,
+                supports=_SUPPORTS.get(name, _GENERIC),
+            )
+        )
+    for name, description, origin, family in _FAMILY_BUILTINS:
+        add(
+            Implementation(
+                name=name,
+                backend="torch",
+                target=f"{_TORCH}:{name}",
+                description=description,
+                origin=origin,
+                supports=_FOCAL if family == "focal" else _BINARY,
+                family=family,
             )
         )

@@ -15,10 +15,12 @@ BACKENDS = ("torch", "numpy")
 
 @dataclass(frozen=True)
 class Implementation:
-    """One audited cross-entropy: ``fn(logits, targets, **tunables) -> per-row losses``.
+    """One audited cross-entropy: ``fn(logits, targets, **tunables, **options) -> per-row losses``.
 
     ``target`` is the function itself or a ``"module:attribute"`` string resolved on first call, so
-    that listing the registry never imports a framework.
+    that listing the registry never imports a framework. ``family`` is the loss it computes (``ce``,
+    ``focal`` or ``binary``); ``supports`` names the options (ce_audit.options.SUPPORTABLE) it accepts as
+    keyword arguments — ``reduction``, ``weight``, ``ignore_index``, ... — or, for ``probs``, as targets.
     """
 
     name: str
@@ -30,6 +32,8 @@ class Implementation:
     tunables: tuple[str, ...] = ()
     builtin: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)
+    supports: frozenset[str] = frozenset()
+    family: str = "ce"
 
     def function(self) -> Callable[..., Any]:
         """The callable, importing its module if it was registered by name."""
@@ -38,9 +42,16 @@ class Implementation:
         module_name, _, attribute = self.target.partition(":")
         return getattr(importlib.import_module(module_name), attribute)
 
-    def __call__(self, logits: Any, targets: Any, settings: Mapping[str, Any] | None = None) -> Any:
+    def __call__(
+        self,
+        logits: Any,
+        targets: Any,
+        settings: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Any:
         settings = settings or {}
         kwargs = {name: settings[name] for name in self.tunables if name in settings}
+        kwargs.update(options or {})
         return self.function()(logits, targets, **kwargs)
 
 

@@ -22,6 +22,9 @@ REQUIRED_COLUMNS = ("impl", "dtype", "status")
 
 
 def _cell(value: Any) -> str:
+    """Floats as repr(); None (an option that is off, e.g. margin) as an empty cell."""
+    if value is None:
+        return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, float) else str(value)

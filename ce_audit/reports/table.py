@@ -1,4 +1,5 @@
-"""The terminal report: per dtype, implementations down and scale × offset across, coloured by status."""
+"""The terminal report: per dtype, implementations down and scale × offset × options across, coloured by
+status (turned round when there are many option combinations)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ce_audit.engine import SummaryRow
-from ce_audit.findings import findings
+from ce_audit.findings import findings, options_label
 from ce_audit.metrics import worst_status
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ def cell_text(rows: list[SummaryRow]) -> Text:
         nan = sum(row.nan_rows for row in measured)
         inf = sum(row.inf_rows for row in measured)
         text = "/".join(part for part in (f"NaN {nan}" if nan else "", f"Inf {inf}" if inf else "") if part)
+        text = text or "finite≠"  # finite where the exact value is ±inf or NaN
     elif status in ("ok", "inaccurate"):
         text = _ulp_text(max(row.max_ulp for row in measured))
     else:
@@ -55,15 +57,31 @@ def cell_text(rows: list[SummaryRow]) -> Text:
     return Text(text, style=STYLES[status])
 
 
+WIDE_LIMIT = 12  # more (offset, scale, options) columns than this: one row per column key instead
+
+
+def _column_label(key: tuple[float, float, str], offsets: int, scales: int, sep: str) -> str:
+    offset, scale, variant = key
+    parts = [f"s={scale:g}"] if scales > 1 or not variant else []
+    if offset and (offsets > 1 or not variant):
+        parts.append(f"+{offset:g}")
+    if variant:
+        parts += variant.split(" ") if sep == "\n" else [variant]
+    return sep.join(parts) or "plain"
+
+
 def summary_tables(rows: list[SummaryRow]) -> list[Table]:
-    """One table per dtype; a column per (offset, scale), the worst over distributions, vocabs, batches."""
+    """One table per dtype: implementations down and (offset, scale, loss options) across, the worst over
+    distributions, vocabs and batches. With more than WIDE_LIMIT such columns the table turns: option
+    combinations down (only those where some implementation is not ok), implementations across."""
     tables = []
     dtypes = list(dict.fromkeys(row.dtype for row in rows))
     offsets = sorted({row.offset for row in rows}, key=abs)
     scales = sorted({row.scale for row in rows}, key=abs)
-    columns = [(offset, scale) for offset in offsets for scale in scales]
+    variants = list(dict.fromkeys(options_label(row) for row in rows))
+    columns = [(offset, scale, variant) for variant in variants for offset in offsets for scale in scales]
     for dtype in dtypes:
-        grid: dict[tuple[str, float, float], list[SummaryRow]] = defaultdict(list)
+        grid: dict[tuple[str, float, float, str], list[SummaryRow]] = defaultdict(list)
         names: list[str] = []
         for row in rows:
             if row.dtype != dtype:
@@ -71,16 +89,33 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
             name = row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
             if name not in names:
                 names.append(name)
-            grid[(name, row.offset, row.scale)].append(row)
-        table = Table(title=f"{dtype}: max ULP of the loss (NaN/Inf: rows)", title_justify="left")
-        table.add_column("impl", style="bold", no_wrap=True)
-        for offset, scale in columns:
-            header = f"s={scale:g}" + (f"\n+{offset:g}" if offset else "")
-            table.add_column(header, justify="right", no_wrap=True)
-        for name in names:
-            table.add_row(
-                name, *(cell_text(grid[(name, o, s)]) if grid[(name, o, s)] else "" for o, s in columns)
-            )
+            grid[(name, row.offset, row.scale, options_label(row))].append(row)
+        used = [c for c in columns if any(grid[(name, *c)] for name in names)]
+        title = f"{dtype}: max ULP of the loss (NaN/Inf: rows)"
+        if len(used) <= WIDE_LIMIT:
+            table = Table(title=title, title_justify="left")
+            table.add_column("impl", style="bold", no_wrap=True)
+            for key in used:
+                table.add_column(
+                    _column_label(key, len(offsets), len(scales), "\n"), justify="right", no_wrap=True
+                )
+            for name in names:
+                table.add_row(name, *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used))
+        else:
+            failing = [
+                c
+                for c in used
+                if any(r.status not in ("ok", "skipped") for name in names for r in grid[(name, *c)])
+            ]
+            hidden = len(used) - len(failing)
+            title += f"; {hidden} of {len(used)} option combinations all ok or skipped, not shown"
+            table = Table(title=title, title_justify="left")
+            table.add_column("options", style="bold", no_wrap=True)
+            for name in names:
+                table.add_column(name, justify="right")
+            for key in failing:
+                label = _column_label(key, len(offsets), len(scales), " ")
+                table.add_row(label, *(cell_text(grid[(n, *key)]) if grid[(n, *key)] else "" for n in names))
         tables.append(table)
     return tables
 

@@ -1,0 +1,384 @@
+"""The accurate reference for every loss option (ce_audit.options), in the precision of reference.py.
+
+With t = softcap(z) (or z), a = max_k t_k attained at m, e_k = exp(t_k − a) and S = 1 + Σ_{k≠m} e_k:
+
+* log S = log1p(Σ_{k≠m} e_k) and −log p_k = (a − t_k) + log S: two non-negative terms, no cancellation;
+  the target's term is the Blanchard–Higham–Higham loss, lse = a + log S;
+* 1 − p_y = Σ_{k≠y} e_k / S, never 1 − p_y;
+* weighted, label-smoothed and soft-target losses are sums of non-negative terms w_k q_k (−log p_k);
+* the gradient of the per-row loss: c1 (p − onehot_y) + (ε/C)(W p − w) for class indices (c1 = (1 − ε) w_y,
+  W = Σ_k w_k), (Σ_k w_k q_k) p − w q for probabilities, + 2 λ lse p for z-loss, times sech²(z/C) under a
+  softcap; the true class entry −c1 (1 − p_y) uses the sum above;
+* focal (softmax form): FL = α (1 − p_y)^γ nll; with B = α (γ nll p_y + (1 − p_y)) (1 − p_y)^γ the gradient
+  is B e_k / Σ_{j≠y} e_j for k ≠ y and −B for k = y: all terms non-negative.
+
+Reductions sum the per-row values exactly (math.fsum of the working-precision values, carried as two
+doubles for long double), then divide once. Float64 inputs: differences t_k − a carried as hi + lo
+(TwoSum) as in reference.py; a softcap is evaluated in mpmath (tanh and sech² at 160 bits) and carried
+as hi + lo, since a long double tanh alone misses 0.01 ULP of float64.
+
+Entries whose exact value is a sum of terms of both signs (smoothed or soft-target gradients, z-loss) are
+accurate to the working precision relative to their largest term, not relative to their own size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
+from ce_audit.options import EXPECTED_NAN_NOTE, ZERO_WEIGHT_NOTE, LossOptions
+from ce_audit.reference import _two_difference, reference_cross_entropy
+
+SOFTCAP_PRECISION = 160  # bits of the mpmath softcap for float64 inputs
+INF_SMOOTHING_NOTE = "exact loss +inf: label smoothing gives ε/C to −inf-masked classes (PyTorch semantics)"
+_FSUM_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class VariantReference:
+    """The reference of one block: the audited values and the gradient of their sum.
+
+    ``loss``: flat — per row (reduction none; binary: per element) or one reduced value. ``grad``: gradient
+    of Σ loss (none) or of the reduced value, shaped like the logits. ``true_index``: per row, the class
+    whose gradient entry is the −(1 − p_y) term (−1: none, e.g. an ignored row); None for binary (every
+    element is its own true class). ``rowsum``: the exact Σ_k grad_ik (None: not checked).
+    """
+
+    loss: np.ndarray
+    grad: np.ndarray | None
+    per_row: np.ndarray
+    true_index: np.ndarray | None
+    rowsum: np.ndarray | None
+    format: FloatFormat
+    note: str = ""
+
+
+def accurate_sum(values: np.ndarray) -> np.floating:
+    """Σ values correctly rounded to the working precision (math.fsum over double hi + lo parts)."""
+    values = np.asarray(values).ravel()
+    work = values.dtype if values.dtype in (np.float64, np.longdouble) else np.dtype(np.float64)
+    if values.size == 0:
+        return work.type(0)
+    if not np.isfinite(values).all():
+        return values.astype(work).sum()
+    parts: list[float] = []
+    for start in range(0, values.size, _FSUM_CHUNK):  # exact partial sums, two doubles per chunk
+        chunk = values[start : start + _FSUM_CHUNK]
+        hi = chunk.astype(np.float64)
+        items = hi.tolist()
+        if work == np.longdouble:
+            items += (chunk - hi).astype(np.float64).tolist()
+        first = math.fsum(items)
+        parts += [first, math.fsum([*items, -first])]
+    first = math.fsum(parts)
+    if work != np.longdouble:
+        return np.float64(first)
+    return np.longdouble(first) + np.longdouble(math.fsum([*parts, -first]))
+
+
+_SOFTCAP_CACHE: dict[tuple[float, bytes], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _mp_softcap_values(uniques: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """C·tanh(x/C) as long double hi + lo and sech²(x/C), per distinct float64 x, in mpmath; the last few
+    results are kept (a sweep evaluates the same logits under many option combinations)."""
+    key = (cap, uniques.tobytes())
+    if key in _SOFTCAP_CACHE:
+        return _SOFTCAP_CACHE[key]
+    import mpmath
+
+    hi = np.empty(uniques.size, dtype=np.longdouble)
+    lo = np.empty(uniques.size, dtype=np.longdouble)
+    chain = np.empty(uniques.size, dtype=np.longdouble)
+    with mpmath.workprec(SOFTCAP_PRECISION):
+        c = mpmath.mpf(cap)
+        for i, value in enumerate(uniques.tolist()):
+            x = mpmath.mpf(value) / c
+            t = c * mpmath.tanh(x)
+            d1 = float(t)
+            d2 = float(t - d1)
+            d3 = float(t - d1 - d2)
+            h = np.longdouble(d1) + np.longdouble(d2)
+            hi[i] = h
+            lo[i] = ((np.longdouble(d1) - h) + np.longdouble(d2)) + np.longdouble(d3)
+            if abs(x) > 5600:  # sech² = 4 e^−2|x| is below the smallest long double
+                chain[i] = 0
+                continue
+            sech2 = 1 / mpmath.cosh(x) ** 2
+            if abs(x) < 300:  # two doubles carry the value to ~2^-106; the long double sum rounds once
+                d1 = float(sech2)
+                chain[i] = np.longdouble(d1) + np.longdouble(float(sech2 - d1))
+            else:  # below the double range: strtold rounds 25 digits correctly to the long double
+                chain[i] = np.longdouble(mpmath.nstr(sech2, 25, min_fixed=1, max_fixed=0))
+    if len(_SOFTCAP_CACHE) >= 8:
+        _SOFTCAP_CACHE.pop(next(iter(_SOFTCAP_CACHE)))
+    _SOFTCAP_CACHE[key] = (hi, lo, chain)
+    return hi, lo, chain
+
+
+def _mp_softcap(values: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """C·tanh(x/C) as long double hi + lo, and sech²(x/C), for float64 inputs (mpmath, per distinct value)."""
+    uniques, inverse = np.unique(values, return_inverse=True)
+    hi, lo, chain = _mp_softcap_values(uniques, cap)
+    return hi[inverse], lo[inverse], chain[inverse]
+
+
+def _capped_logits(
+    logits: np.ndarray, fmt: FloatFormat, cap: float
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(t_hi, t_lo, dt/dz): the logits after the softcap; −inf (masked) stays −inf with dt/dz = 0."""
+    work = working_dtype(fmt)
+    z = logits.astype(work)
+    if not cap:
+        return z, None, None
+    finite = np.isfinite(z)
+    hi = z.copy()
+    lo = np.zeros_like(z)
+    chain = np.zeros_like(z)
+    if fmt.name == "float64":
+        h, low, c = _mp_softcap(logits.astype(np.float64)[finite], cap)
+        hi[finite], lo[finite], chain[finite] = h, low, c
+    else:
+        x = z[finite] / cap
+        hi[finite] = cap * np.tanh(x)
+        with np.errstate(over="ignore"):
+            chain[finite] = 1 / np.cosh(x) ** 2
+    hi[np.isposinf(z)] = np.nan  # a +inf logit makes the row NaN, as without a softcap
+    return hi, lo, chain
+
+
+@dataclass
+class _Softmax:
+    """Per-row pieces of the log-softmax of t (see the module docstring)."""
+
+    argmax: np.ndarray
+    lse: np.ndarray
+    log_s: np.ndarray
+    gap: np.ndarray  # a − t_k ≥ 0 (hi + lo folded), +inf where masked
+    e: np.ndarray  # exp(t_k − a)
+    total: np.ndarray  # S
+    bad: np.ndarray  # NaN / +inf logits or every logit −inf: the row is NaN
+
+
+def _softmax(hi: np.ndarray, lo: np.ndarray | None, exact: bool) -> _Softmax:
+    n_rows, n_cols = hi.shape
+    rows = np.arange(n_rows)
+    with np.errstate(invalid="ignore"):
+        bad = np.isnan(hi).any(axis=1) | np.isposinf(hi).any(axis=1) | ~np.isfinite(hi).any(axis=1)
+        filled = np.where(np.isnan(hi), -np.inf, hi)
+    argmax = filled.argmax(axis=1) if n_cols else np.zeros(n_rows, dtype=np.int64)
+    a_hi = filled[rows, argmax]
+    a_lo = lo[rows, argmax] if lo is not None else np.zeros_like(a_hi)
+    with np.errstate(all="ignore"):
+        if exact:
+            gap, gap_lo = _two_difference(np.broadcast_to(a_hi[:, None], hi.shape).copy(), filled)
+            if lo is not None:
+                gap_lo += a_lo[:, None] - lo
+            gap_lo[~np.isfinite(gap)] = 0
+            e = np.exp(-gap) * (1 - gap_lo)
+            gap += gap_lo
+            del gap_lo
+        else:
+            gap = a_hi[:, None] - filled
+            e = np.exp(-gap)
+        e[~np.isfinite(gap)] = 0
+        e[rows, argmax] = 0
+        s_minus = e.sum(axis=1)  # Σ_{k≠m} e_k
+        e[rows, argmax] = 1
+        log_s = np.log1p(s_minus)
+        total = 1 + s_minus
+        lse = a_hi + (a_lo + log_s)
+    return _Softmax(argmax, lse, log_s, gap, e, total, bad)
+
+
+def _other_sum(e: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Σ_{k≠index_i} e_ik, summed with the excluded entry zeroed (no subtraction)."""
+    rows = np.arange(e.shape[0])
+    saved = e[rows, index].copy()
+    e[rows, index] = 0
+    total = e.sum(axis=1)
+    e[rows, index] = saved
+    return total
+
+
+def _weighted_nlp_sum(coef: np.ndarray, sm: _Softmax) -> np.ndarray:
+    """Σ_k coef_k (−log p_k) = Σ_k coef_k (a − t_k) + (Σ_k coef_k) log S, with 0 · ∞ = 0."""
+    with np.errstate(invalid="ignore"):
+        terms = np.where(coef == 0, 0, coef * sm.gap)
+    return terms.sum(axis=1) + coef.sum(axis=1) * sm.log_s
+
+
+def _mean_note(options: LossOptions, n_rows: int, valid: np.ndarray, weighted_index: bool) -> str:
+    if n_rows == 0 or not valid.any():
+        return EXPECTED_NAN_NOTE
+    return ZERO_WEIGHT_NOTE if weighted_index else EXPECTED_NAN_NOTE
+
+
+def reference_loss(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    options: LossOptions,
+    *,
+    weight: np.ndarray | None = None,
+    grad: bool = True,
+) -> VariantReference:
+    """The exact value an implementation with ``options`` should return on this block, and its gradient.
+
+    ``logits``: (N, V) in the audited dtype; ``targets``: (N,) class indices (ignore_index allowed), or
+    (N, V) probabilities / binary targets in the audited dtype; ``weight``: (V,) in the audited dtype.
+    """
+    fmt = format_of_array(logits)
+    if options.family == "binary":
+        from ce_audit.binary import binary_reference
+
+        return binary_reference(logits, targets, options, weight=weight, grad=grad)
+    if options.family == "ce" and not options.required():
+        plain = reference_cross_entropy(logits, targets, grad=grad)
+        rowsum = np.zeros(logits.shape[0], dtype=plain.loss.dtype)
+        rowsum[~np.isfinite(plain.loss)] = np.nan
+        return VariantReference(plain.loss, plain.grad, plain.loss, np.asarray(targets), rowsum, fmt)
+    return _general_reference(logits, targets, options, weight, grad, fmt)
+
+
+def _general_reference(
+    logits: np.ndarray,
+    targets: np.ndarray,
+    options: LossOptions,
+    weight: np.ndarray | None,
+    grad: bool,
+    fmt: FloatFormat,
+) -> VariantReference:
+    work = working_dtype(fmt)
+    n_rows, n_cols = logits.shape
+    rows = np.arange(n_rows)
+    exact = fmt.name == "float64"
+    hi, lo, chain = _capped_logits(logits, fmt, options.softcap)
+    sm = _softmax(hi, lo, exact)
+    w = np.ones(n_cols, dtype=work) if weight is None else weight.astype(work)
+    eps = work.type(options.label_smoothing)
+    n_classes = work.type(n_cols)
+
+    with np.errstate(all="ignore"):
+        if options.probs:
+            q = targets.astype(work)
+            if eps:
+                q = q * (1 - eps) + eps / n_classes
+            coef = w[None, :] * q
+            valid = np.ones(n_rows, dtype=bool)
+            true_index = q.argmax(axis=1) if n_cols else np.zeros(n_rows, dtype=np.int64)
+            ce = _weighted_nlp_sum(coef, sm)
+            denominator = work.type(n_rows)
+        else:
+            index = np.asarray(targets, dtype=np.int64)
+            valid = index != options.ignore_index
+            y = np.where(valid, index, 0)
+            true_index = np.where(valid, index, -1)
+            w_y = np.where(valid, w[y], 0)
+            other = _other_sum(sm.e, y)  # Σ_{k≠y} e_k
+            nll = sm.gap[rows, y] + sm.log_s
+            one_minus_p = other / sm.total
+            if options.family == "focal":
+                gamma = work.type(options.focal_gamma)
+                ce = options.focal_alpha * one_minus_p**gamma * nll
+                denominator = work.type(valid.sum())
+            else:
+                ce = (1 - eps) * w_y * nll
+                if eps:
+                    ce = ce + eps / n_classes * _weighted_nlp_sum(np.broadcast_to(w, sm.e.shape), sm)
+                denominator = accurate_sum(w_y[valid]) if weight is not None else work.type(valid.sum())
+        ce = np.where(valid, ce, 0)
+        z_term = np.where(valid, options.z_loss * sm.lse * sm.lse, 0) if options.z_loss else None
+        per_row = ce + z_term if z_term is not None else ce
+        per_row[sm.bad & valid] = np.nan
+        n_valid = work.type(valid.sum())
+
+        note = ""
+        if options.reduction == "none":
+            value = per_row
+        elif options.reduction == "sum":
+            value = np.array([accurate_sum(per_row)], dtype=work)
+        else:
+            mean = accurate_sum(ce) / denominator if denominator else work.type(np.nan)
+            if z_term is not None:
+                mean = mean + accurate_sum(z_term) / n_valid
+            value = np.array([mean], dtype=work)
+            if not denominator:
+                note = _mean_note(options, n_rows, valid, weight is not None and not options.probs)
+        if not note and eps and np.isposinf(per_row).any():
+            note = INF_SMOOTHING_NOTE
+
+    gradient = None
+    if grad:
+        gradient = _gradient(options, sm, targets, w, eps, n_classes, valid, denominator, n_valid, work)
+        if chain is not None:
+            with np.errstate(invalid="ignore"):
+                gradient *= chain
+            gradient[~np.isfinite(hi) & ~np.isnan(gradient)] = 0
+        gradient[sm.bad & valid] = np.nan
+    if gradient is not None and (options.z_loss or options.softcap):
+        rowsum = gradient.sum(axis=1)
+    else:
+        rowsum = np.zeros(n_rows, dtype=work)
+    rowsum[sm.bad & valid] = np.nan
+    return VariantReference(value, gradient, per_row, true_index, rowsum, fmt, note)
+
+
+def _gradient(
+    options: LossOptions,
+    sm: _Softmax,
+    targets: np.ndarray,
+    w: np.ndarray,
+    eps: np.floating,
+    n_classes: np.floating,
+    valid: np.ndarray,
+    denominator: np.floating,
+    n_valid: np.floating,
+    work: np.dtype,
+) -> np.ndarray:
+    """Gradient of Σ_i loss_i (none, sum) or of the mean, per the module docstring."""
+    n_rows = sm.e.shape[0]
+    rows = np.arange(n_rows)
+    with np.errstate(all="ignore"):
+        p = sm.e / sm.total[:, None]
+        if options.probs:
+            q = targets.astype(work)
+            if eps:
+                q = q * (1 - eps) + eps / n_classes
+            coef = w[None, :] * q
+            gradient = p * coef.sum(axis=1)[:, None] - coef
+        else:
+            index = np.asarray(targets, dtype=np.int64)
+            y = np.where(valid, index, 0)
+            other = _other_sum(sm.e, y)
+            one_minus_p = other / sm.total
+            if options.family == "focal":
+                gamma = work.type(options.focal_gamma)
+                nll = sm.gap[rows, y] + sm.log_s
+                p_y = sm.e[rows, y] / sm.total
+                bracket = options.focal_alpha * (gamma * nll * p_y + one_minus_p) * one_minus_p**gamma
+                ratio = np.where(other[:, None] > 0, sm.e / np.where(other > 0, other, 1)[:, None], 0)
+                gradient = bracket[:, None] * ratio
+                gradient[rows, y] = -bracket
+            else:
+                c1 = (1 - eps) * np.where(valid, w[y], 0)
+                if eps:
+                    c2 = eps / n_classes
+                    big_w = w.sum()
+                    gradient = (c1 + c2 * big_w)[:, None] * p - c2 * w[None, :]
+                    gradient[rows, y] = -c1 * one_minus_p + c2 * (big_w * p[rows, y] - w[y])
+                else:
+                    gradient = c1[:, None] * p
+                    gradient[rows, y] = -c1 * one_minus_p
+        gradient[~valid] = 0
+        if options.reduction == "mean":
+            if denominator:
+                gradient /= denominator
+            else:
+                gradient[valid] = np.nan
+        if options.z_loss:
+            scale = 1 / n_valid if options.reduction == "mean" and n_valid else 1
+            gradient += np.where(valid, 2 * options.z_loss * scale * sm.lse, 0)[:, None] * p
+    return gradient
