@@ -259,6 +259,16 @@ def test_a_successful_write_replaces_the_file_and_leaves_no_temporary(result, tm
     assert os.listdir(tmp_path) == [name]
 
 
+def test_reports_get_ordinary_file_permissions(result, tmp_path):
+    """The temporary file behind an atomic write is 0600; the report must follow the umask (0644 here)."""
+    previous = os.umask(0o022)
+    try:
+        path = _write_csv(result.rows, tmp_path / "summary.csv")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("name", list(WRITERS))
 def test_a_failing_rename_keeps_the_previous_file_and_no_temporary(result, tmp_path, monkeypatch, name):
     path = tmp_path / name
