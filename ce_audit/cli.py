@@ -255,7 +255,7 @@ def sweep(
     paths = _write_reports(result, Path(resolved.out), "sweep")
     if quiet:
         for path in paths:
-            console.print(path)
+            console.print(path, markup=False)
     else:
         print_report(result.rows, console, paths, result.seconds)
 
@@ -333,7 +333,7 @@ def replay(
     console = _console()
     if quiet:
         for path in paths:
-            console.print(path)
+            console.print(path, markup=False)
     else:
         print_report(result.rows, console, paths, result.seconds)
 
@@ -343,6 +343,7 @@ def replay(
 def list_implementations(plugin: PluginOption = None) -> None:
     """List the implementations (built-ins and plugins), their origin, the dtypes and the devices here."""
     from rich.table import Table
+    from rich.text import Text
 
     from ce_audit.devices import resolve_devices
     from ce_audit.dtypes import DTYPE_NAMES
@@ -362,9 +363,8 @@ def list_implementations(plugin: PluginOption = None) -> None:
     for entry in REGISTRY.values():
         dtypes = "all" if entry.dtypes == DTYPE_NAMES else ", ".join(entry.dtypes)
         supports = ", ".join(sorted(entry.supports)) or "—"
-        table.add_row(
-            entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports
-        )
+        cells = (entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports)
+        table.add_row(*(Text(cell) for cell in cells))  # plain text: descriptions hold [brackets]
     console.print(table)
     console.print(f"dtypes: {', '.join(DTYPE_NAMES)}")
     console.print(f"devices here: {', '.join(resolve_devices(('all',)))}")
@@ -458,10 +458,12 @@ def gate(
         assert baseline is not None
         written += [str(path) for path in update_baseline(run, baseline)]
     for path in written:
-        console.print(f"wrote {path}" if not quiet else path, highlight=False)
+        console.print(f"wrote {path}" if not quiet else path, highlight=False, markup=False)
     if update:
         if not quiet:
-            console.print(f"baseline {baseline} updated from {result.current_source}", highlight=False)
+            console.print(
+                f"baseline {baseline} updated from {result.current_source}", highlight=False, markup=False
+            )
         return
     if not result.passed:
         if quiet:

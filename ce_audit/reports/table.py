@@ -100,7 +100,9 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
                     _column_label(key, len(offsets), len(scales), "\n"), justify="right", no_wrap=True
                 )
             for name in names:
-                table.add_row(name, *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used))
+                table.add_row(
+                    Text(name), *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used)
+                )
         else:
             failing = [
                 c
@@ -115,7 +117,9 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
                 table.add_column(name, justify="right")
             for key in failing:
                 label = _column_label(key, len(offsets), len(scales), " ")
-                table.add_row(label, *(cell_text(grid[(n, *key)]) if grid[(n, *key)] else "" for n in names))
+                table.add_row(
+                    Text(label), *(cell_text(grid[(n, *key)]) if grid[(n, *key)] else "" for n in names)
+                )
         tables.append(table)
     return tables
 
@@ -129,7 +133,7 @@ def print_report(rows: list[SummaryRow], console: Console, paths: list[str], sec
         "[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]"
     )
     for line in lines:
-        console.print(f"  {line}", highlight=False, soft_wrap=True)
+        console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row.status] += 1
@@ -142,7 +146,7 @@ def print_report(rows: list[SummaryRow], console: Console, paths: list[str], sec
         legend += "; w! = wrote into its input"
     console.print(legend + ".", style="dim")
     for path in paths:
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {path}", highlight=False, markup=False)
 
 
 def print_gate(result: GateResult, console: Console) -> None:
@@ -154,15 +158,17 @@ def print_gate(result: GateResult, console: Console) -> None:
         for failure in result.failures:
             change = Text(f"{failure.baseline} → ", style="dim")
             change.append(failure.current, style="bold red")
-            table.add_row(failure.cell, failure.metric, change, failure.message)
+            table.add_row(Text(failure.cell), Text(failure.metric), change, Text(failure.message))
         console.print(table)
     if result.new:
         listed = ", ".join(result.new[:20]) + (
             f" … and {len(result.new) - 20} more" if len(result.new) > 20 else ""
         )
-        console.print(f"{len(result.new)} new cells, not in the baseline: {listed}", highlight=False)
+        console.print(
+            f"{len(result.new)} new cells, not in the baseline: {listed}", highlight=False, markup=False
+        )
     for note in result.notes:
-        console.print(f"note: {note}", style="dim", highlight=False)
+        console.print(f"note: {note}", style="dim", highlight=False, markup=False)
     failing = sum(1 for cell in result.cells if cell.failures)
     budgets = f", {_plural(len(result.budgets), 'budget')}" if result.budgets else ""
     if result.passed:
