@@ -243,6 +243,13 @@ def test_list_shows_every_builtin():
         assert REGISTRY[name].origin.split(",")[0] in result.stdout
 
 
+def test_list_prints_descriptions_as_text_not_markup():
+    """bce_naive's description holds square brackets, which Rich would take for a markup tag."""
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0, result.output
+    assert "−[y log σ(z) + (1 − y) log(1 − σ(z))] by hand" in result.stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # main(argv): usage errors handled at the edge
 # --------------------------------------------------------------------------------------------------
