@@ -21,7 +21,7 @@ from ce_audit.dtypes import DTYPE_NAMES
 from ce_audit.errors import AuditError
 
 LOSS_METRICS = ("max_abs_err", "max_rel_err", "max_ulp", "mean_bits")
-GRAD_METRICS = ("grad_max_abs_err", "grad_max_rel_err")
+GRAD_METRICS = ("grad_max_abs_err", "grad_max_rel_err", "grad_true_max_rel_err", "grad_rowsum_max")
 COUNT_METRICS = ("nan_rows", "inf_rows", "grad_nan", "grad_inf")
 STATUS_METRICS = ("status", "grad_status")
 METRICS = LOSS_METRICS + GRAD_METRICS + COUNT_METRICS + STATUS_METRICS

@@ -164,6 +164,12 @@ def test_budget_status_limits():
     assert ulp.fails(None, {**row, "status": "error", "error": "boom"}).endswith("(boom)")
     grad = parse_budget("*:*:grad_max_rel_err<0.01")
     assert grad.fails(None, {**row, "status": "ok", "grad_status": "n/a", "grad_max_rel_err": "0.0"}) is None
+    true_class = parse_budget("variant_ce:float16:grad_true_max_rel_err<=0.01")
+    measured = {**row, "status": "ok", "grad_status": "inaccurate"}
+    assert true_class.fails(None, {**measured, "grad_true_max_rel_err": "0.005"}) is None
+    assert "grad_true_max_rel_err = 1" in true_class.fails(None, {**measured, "grad_true_max_rel_err": "1.0"})
+    rowsum = parse_budget("variant_ce:float16:grad_rowsum_max<=1e-3")
+    assert rowsum.fails(None, {**measured, "grad_rowsum_max": "0.5"}) is not None
     for bad in (
         "fused:max_ulp<=2",
         "fused:float8:max_ulp<=2",
