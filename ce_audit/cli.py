@@ -67,10 +67,10 @@ ImplOption = Annotated[
         "(repeatable; default: every one).",
     ),
 ]
-OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory [default: ce-audit-report].")]
+OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory (default: ce-audit-report).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors.")]
 GradOption = Annotated[
-    bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too [default: on].")
+    bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too (default: on).")
 ]
 PluginOption = Annotated[
     list[str] | None,
@@ -171,7 +171,7 @@ def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] |
 @_user_errors
 def sweep(
     config: Annotated[
-        Path | None, typer.Option("--config", help="TOML sweep config [default: built-in].")
+        Path | None, typer.Option("--config", help="TOML sweep config (default: built-in).")
     ] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
