@@ -173,12 +173,6 @@ class _TorchRunner:
         import torch
 
         self.torch = torch
-        self._dtypes = {
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "float32": torch.float32,
-            "float64": torch.float64,
-        }
 
     def tensor(self, block: np.ndarray, fmt: FloatFormat, device: str) -> Any:
         """A fresh copy of the block on the device, so an implementation that writes into it harms nothing."""
