@@ -85,6 +85,23 @@ def working_dtype(fmt: FloatFormat) -> np.dtype:
     return np.dtype(np.longdouble) if fmt.name == "float64" else np.dtype(np.float64)
 
 
+def reference_precision() -> dict[str, str]:
+    """The working precision of the reference per audited dtype, as recorded in report.json.
+
+    float64 audits need more than float64: x87 80-bit long double (64-bit significand) on x86-64.
+    Where long double is only a double (ARM macOS, Windows), float64 audits lose that margin.
+    """
+    extended = np.finfo(np.longdouble).nmant >= 63
+    wide = "long double (64-bit significand)" if extended else LIMITED_FLOAT64_REFERENCE
+    return {"float16": "float64", "bfloat16": "float64", "float32": "float64", "float64": wide}
+
+
+LIMITED_FLOAT64_REFERENCE = (
+    "float64: long double is a double on this platform, so the float64 reference is accurate to about "
+    "1 ULP instead of 0.01 ULP"
+)
+
+
 def ulp(reference: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     """Spacing of ``fmt`` at |reference|: 2^(max(e, emin) − p + 1) with 2^e ≤ |x| < 2^(e+1)."""
     magnitude = np.abs(reference)

@@ -204,6 +204,15 @@ def test_report_json_holds_versions_devices_and_timestamp(result, document):
     assert stamp.tzinfo is not None
     assert abs((stamp - dt.datetime.now(dt.UTC)).total_seconds()) < 3600
     assert stamp.timestamp() == pytest.approx(result.started, abs=1e-3)
+
+
+def test_report_json_records_the_reference_precision(document):
+    precision = document["reference_precision"]
+    assert precision["float32"] == precision["float16"] == precision["bfloat16"] == "float64"
+    if np.finfo(np.longdouble).nmant >= 63:  # x86-64: 80-bit long double
+        assert precision["float64"] == "long double (64-bit significand)"
+    else:
+        assert "about 1 ULP" in precision["float64"]
     assert document["seconds"] >= 0
 
 

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ce_audit.dtypes import reference_precision
 from ce_audit.engine import AuditResult
 from ce_audit.reports.files import write_atomically
 
@@ -71,6 +72,7 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "config": result.config.to_dict(),
         "versions": package_versions(),
         "devices": result.devices,
+        "reference_precision": reference_precision(),
         "implementations": implementations(result.rows),
         "rows": [asdict(row) for row in result.rows],
     }

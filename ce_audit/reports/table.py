@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ce_audit.dtypes import LIMITED_FLOAT64_REFERENCE, reference_precision
 from ce_audit.engine import SummaryRow
 from ce_audit.findings import findings, options_label
 from ce_audit.metrics import worst_status
@@ -129,6 +130,10 @@ def print_report(rows: list[SummaryRow], console: Console, paths: list[str], sec
     for table in summary_tables(rows):
         console.print(table)
     lines = findings(rows)
+    if any(row.dtype == "float64" for row in rows) and reference_precision()["float64"].startswith(
+        "float64:"
+    ):
+        console.print(f"warning: {LIMITED_FLOAT64_REFERENCE}", style="yellow", markup=False)
     console.print(
         "[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]"
     )
