@@ -98,7 +98,7 @@ def reference_precision() -> dict[str, str]:
 
 LIMITED_FLOAT64_REFERENCE = (
     "float64: long double is a double on this platform, so the float64 reference is accurate to about "
-    "1 ULP instead of 0.01 ULP"
+    "a few ULP instead of 0.01 ULP"
 )
 
 

@@ -39,6 +39,17 @@ DTYPES: dict[str, type] = {
     "float64": np.float64,
 }
 DTYPE_NAMES = tuple(DTYPES)
+EXTENDED_LONG_DOUBLE = np.finfo(np.longdouble).nmant >= 63
+
+
+@pytest.fixture(autouse=True)
+def _needs_extended_long_double_for_float64(request: pytest.FixtureRequest) -> None:
+    """The 0.01-ULP float64 bound rests on x87 long double; where it is a double the report says so."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("dtype_name", params.get("dtype")) == "float64" and not EXTENDED_LONG_DOUBLE:
+        pytest.skip("long double is a double on this platform: float64 reference is not 0.01-ULP here")
+
+
 # A common offset the sweep adds to every logit: float16 overflows above 65504.
 OFFSETS = {"float16": 6.0e4, "bfloat16": 1.0e8, "float32": 1.0e8, "float64": 1.0e8}
 # z_max − z_y for which p_y = exp(−gap) underflows in the audited format itself

@@ -212,7 +212,7 @@ def test_report_json_records_the_reference_precision(document):
     if np.finfo(np.longdouble).nmant >= 63:  # x86-64: 80-bit long double
         assert precision["float64"] == "long double (64-bit significand)"
     else:
-        assert "about 1 ULP" in precision["float64"]
+        assert "a few ULP" in precision["float64"]
     assert document["seconds"] >= 0
 
 
