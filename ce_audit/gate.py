@@ -85,6 +85,15 @@ def _measured(row: Row | None) -> bool:
     return row is not None and row.get("status", "") not in UNMEASURED
 
 
+def _both_measured(baseline: Row | None, current: Row | None, metric: str) -> tuple[Row, Row] | None:
+    """Both cells, when both were measured and both have the metric's column; otherwise None."""
+    if baseline is None or current is None or not (_measured(baseline) and _measured(current)):
+        return None
+    if metric not in baseline or metric not in current:
+        return None
+    return baseline, current
+
+
 @dataclass(frozen=True)
 class Present:
     """A baseline cell must still be audited; a new cell fails only in strict mode."""
@@ -131,11 +140,10 @@ class CountHeld:
     metric: str
 
     def fails(self, baseline: Row | None, current: Row | None) -> str | None:
-        if not (_measured(baseline) and _measured(current)):
+        pair = _both_measured(baseline, current, self.metric)
+        if pair is None:
             return None
-        assert baseline is not None and current is not None
-        if self.metric not in baseline or self.metric not in current:
-            return None
+        baseline, current = pair
         before, now = number(baseline[self.metric]), number(current[self.metric])
         if now > before or (math.isnan(now) and not math.isnan(before)):
             kind = "NaN" if "nan" in self.metric else "Inf"
@@ -157,11 +165,10 @@ class GrowthHeld:
     relative: bool = False
 
     def fails(self, baseline: Row | None, current: Row | None) -> str | None:
-        if not (_measured(baseline) and _measured(current)):
+        pair = _both_measured(baseline, current, self.metric)
+        if pair is None:
             return None
-        assert baseline is not None and current is not None
-        if self.metric not in baseline or self.metric not in current:
-            return None
+        baseline, current = pair
         if self.relative and not all(
             status_rank(row.get("grad_status", "")) not in (None, 3) for row in (baseline, current)
         ):
@@ -186,9 +193,8 @@ class KindHeld:
     metric: str = "value_kind"
 
     def fails(self, baseline: Row | None, current: Row | None) -> str | None:
-        if not (_measured(baseline) and _measured(current)):
+        if baseline is None or current is None or not (_measured(baseline) and _measured(current)):
             return None
-        assert baseline is not None and current is not None
         before, now = baseline.get(self.metric, ""), current.get(self.metric, "")
         if before and now and before != now:
             return "now returns a mean (0-d)" if now == "mean" else "now returns per-row losses"
