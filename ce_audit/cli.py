@@ -6,6 +6,7 @@ No numerics here, and no torch import at start-up: `ce-audit --help` stays fast.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 
 from ce_audit.errors import AuditError
+from ce_audit.options import OPTION_SPECS, SPECS_BY_NAME
 
 try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itself.
     from typer._click import exceptions as click_exceptions
@@ -81,54 +83,53 @@ PluginOption = Annotated[
     ),
 ]
 
-# Loss options (ce_audit.options): repeatable on `sweep` (grid dimensions), single on `replay`.
-LossOpt = Annotated[list[str] | None, typer.Option("--loss", help="ce or binary (binary cross-entropy).")]
-ReductionOpt = Annotated[list[str] | None, typer.Option("--reduction", help="none, mean or sum.")]
-WeightsOpt = Annotated[
-    list[str] | None, typer.Option("--weights", help="Class weights: none, random, zero-on-target.")
-]
-IgnoreFractionOpt = Annotated[
-    list[float] | None,
-    typer.Option("--ignore-fraction", help="Fraction of rows whose target is ignore_index."),
-]
-IgnoreIndexOpt = Annotated[
-    int | None, typer.Option("--ignore-index", help="The ignored target (default -100).")
-]
-SmoothingOpt = Annotated[list[float] | None, typer.Option("--label-smoothing", help="Label smoothing ε.")]
-TargetsOpt = Annotated[
-    list[str] | None, typer.Option("--targets", help="index (class indices) or probs (soft).")
-]
-SoftcapOpt = Annotated[
-    list[float] | None, typer.Option("--softcap", help="Logit softcap C: C·tanh(z/C); 0 = off.")
-]
-ZLossOpt = Annotated[list[float] | None, typer.Option("--z-loss", help="z-loss λ: λ·lse² per row; 0 = off.")]
-MaskOpt = Annotated[
-    list[float] | None,
-    typer.Option("--mask-fraction", help="Fraction of logits set to −inf (never the target)."),
-]
-FocalGammaOpt = Annotated[
-    list[str] | None, typer.Option("--focal-gamma", help="Focal loss γ, or none (off).")
-]
-FocalAlphaOpt = Annotated[float | None, typer.Option("--focal-alpha", help="Focal loss α (default 1).")]
+def with_loss_options(grid: bool) -> Callable[[F], F]:
+    """Add one CLI option per entry of the option table (ce_audit.options.OPTION_SPECS) to a command.
+
+    ``grid``: repeatable flags for the grid options (`sweep`); otherwise one value each, for the options
+    `replay` takes. The command receives them as keyword arguments named after the options.
+    """
+    python_types = {"str": str, "int": int, "float": float, "optional float": str}
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        added = []
+        for spec in OPTION_SPECS:
+            if not (grid or spec.replay):
+                continue
+            kind = python_types[spec.kind]
+            annotation = list[kind] | None if grid and spec.grid else kind | None  # type: ignore[valid-type]
+            help_text = (spec.help if grid else spec.replay_help or spec.help).rstrip(".")
+            if grid and spec.grid:
+                help_text += " (repeatable)"
+            option = typer.Option(spec.flag, help=help_text + ".")
+            added.append(
+                inspect.Parameter(
+                    spec.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[annotation, option]
+                )
+            )
+        params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        at = next(i for i, p in enumerate(params) if p.name == "grad")  # the loss options come before --grad
+        params = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD and i >= at else p
+            for i, p in enumerate(params)
+        ]
+        params = [*params[:at], *added, *params[at:]]
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
-def _option_overrides(**values: Any) -> dict[str, Any]:
-    """Config keys of the loss options given on the command line (lists; None where not given)."""
-    keys = {
-        "loss": "losses",
-        "reduction": "reductions",
-        "weights": "weights",
-        "ignore_fraction": "ignore_fractions",
-        "label_smoothing": "label_smoothings",
-        "targets": "targets",
-        "softcap": "softcaps",
-        "z_loss": "z_losses",
-        "mask_fraction": "mask_fractions",
-        "focal_gamma": "focal_gammas",
-    }
-    overrides: dict[str, Any] = {keys[name]: value or None for name, value in values.items() if name in keys}
-    overrides["ignore_index"] = values.get("ignore_index")
-    overrides["focal_alpha"] = values.get("focal_alpha")
+def option_overrides(values: dict[str, Any], grid: bool) -> dict[str, Any]:
+    """Config keys of the loss options given on the command line (None where not given)."""
+    overrides: dict[str, Any] = {}
+    for name, value in values.items():
+        spec = SPECS_BY_NAME[name]
+        if spec.grid:
+            value = (value or None) if grid else (None if value is None else [value])
+        overrides[spec.config_key] = value
     return overrides
 
 
@@ -157,18 +158,14 @@ def _progress_bar(console: Console, total: float, quiet: bool) -> tuple[Any, Any
 
 
 def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] | None = None) -> list[str]:
-    from ce_audit.reports.csv import write_rows_csv, write_summary_csv
-    from ce_audit.reports.json import write_report_json
+    from ce_audit.reports.bundle import write_reports
 
-    paths = [write_summary_csv(result.rows, out / "summary.csv")]
-    if result.records:
-        paths.append(write_rows_csv(result.records, out / "rows.csv"))
-    paths.append(write_report_json(result, out / "report.json", command, extra))
-    return [str(path) for path in paths]
+    return write_reports(result, out, command, extra)
 
 
 @app.command()
 @_user_errors
+@with_loss_options(grid=True)
 def sweep(
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML sweep config (default: built-in).")
@@ -187,35 +184,15 @@ def sweep(
     vocab: Annotated[list[int] | None, typer.Option("--vocab", help="Vocabulary size (repeatable).")] = None,
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Rows per case (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,
-    loss: LossOpt = None,
-    reduction: ReductionOpt = None,
-    weights: WeightsOpt = None,
-    ignore_fraction: IgnoreFractionOpt = None,
-    ignore_index: IgnoreIndexOpt = None,
-    label_smoothing: SmoothingOpt = None,
-    targets: TargetsOpt = None,
-    softcap: SoftcapOpt = None,
-    z_loss: ZLossOpt = None,
-    mask_fraction: MaskOpt = None,
-    focal_gamma: FocalGammaOpt = None,
-    focal_alpha: FocalAlphaOpt = None,
-    margin: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--margin", help="Target logit set M above (M < 0: below) the row's other max, or none."
-        ),
-    ] = None,
-    target_position: Annotated[
-        list[str] | None, typer.Option("--target-position", help="random, first, last or block-edge.")
-    ] = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    **loss_options: Any,
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss."""
     from ce_audit.config import load_config
-    from ce_audit.engine import run_sweep, sweep_size
+    from ce_audit.sweep import run_sweep, sweep_size
     from ce_audit.reports.table import print_report
 
     overrides = {
@@ -230,22 +207,7 @@ def sweep(
         "seed": seed,
         "grad": grad,
         "out": str(out) if out else None,
-        "margins": margin or None,
-        "target_positions": target_position or None,
-        **_option_overrides(
-            loss=loss,
-            reduction=reduction,
-            weights=weights,
-            ignore_fraction=ignore_fraction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            targets=targets,
-            softcap=softcap,
-            z_loss=z_loss,
-            mask_fraction=mask_fraction,
-            focal_gamma=focal_gamma,
-            focal_alpha=focal_alpha,
-        ),
+        **option_overrides(loss_options, grid=True),
     }
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
@@ -257,11 +219,12 @@ def sweep(
         for path in paths:
             console.print(path, markup=False)
     else:
-        print_report(result.rows, console, paths, result.seconds)
+        print_report(result.cells, console, paths, result.seconds)
 
 
 @app.command()
 @_user_errors
+@with_loss_options(grid=False)
 def replay(
     logits: Annotated[Path, typer.Argument(help="(N, V) logits, .npy or .pt.")],
     targets: Annotated[
@@ -270,38 +233,16 @@ def replay(
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
-    reduction: Annotated[str | None, typer.Option("--reduction", help="none, mean or sum.")] = None,
-    weights: Annotated[
-        str | None, typer.Option("--weights", help="Class weights: none, random, zero-on-target.")
-    ] = None,
-    ignore_fraction: Annotated[
-        float | None,
-        typer.Option("--ignore-fraction", help="Fraction of rows to ignore besides the file's own."),
-    ] = None,
-    ignore_index: IgnoreIndexOpt = None,
-    label_smoothing: Annotated[
-        float | None, typer.Option("--label-smoothing", help="Label smoothing ε.")
-    ] = None,
-    softcap: Annotated[float | None, typer.Option("--softcap", help="Logit softcap C; 0 = off.")] = None,
-    z_loss: Annotated[float | None, typer.Option("--z-loss", help="z-loss λ; 0 = off.")] = None,
-    mask_fraction: Annotated[
-        float | None,
-        typer.Option("--mask-fraction", help="Fraction of logits set to −inf (never the target)."),
-    ] = None,
-    focal_gamma: Annotated[str | None, typer.Option("--focal-gamma", help="Focal loss γ, or none.")] = None,
-    focal_alpha: FocalAlphaOpt = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    **loss_options: Any,
 ) -> None:
     """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json."""
     from ce_audit.config import load_config
     from ce_audit.replay import run_replay
     from ce_audit.reports.table import print_report
-
-    def one(value: Any) -> list[Any] | None:
-        return None if value is None else [value]
 
     resolved = load_config(
         None,
@@ -312,18 +253,7 @@ def replay(
             "out": str(out) if out else None,
             "dtypes": dtype or None,
             "plugins": plugin or None,
-            **_option_overrides(
-                reduction=one(reduction),
-                weights=one(weights),
-                ignore_fraction=one(ignore_fraction),
-                ignore_index=ignore_index,
-                label_smoothing=one(label_smoothing),
-                softcap=one(softcap),
-                z_loss=one(z_loss),
-                mask_fraction=one(mask_fraction),
-                focal_gamma=one(focal_gamma),
-                focal_alpha=focal_alpha,
-            ),
+            **option_overrides(loss_options, grid=False),
         },
     )
     result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
@@ -335,39 +265,18 @@ def replay(
         for path in paths:
             console.print(path, markup=False)
     else:
-        print_report(result.rows, console, paths, result.seconds)
+        print_report(result.cells, console, paths, result.seconds)
 
 
 @app.command("list")
 @_user_errors
 def list_implementations(plugin: PluginOption = None) -> None:
     """List the implementations (built-ins and plugins), their origin, the dtypes and the devices here."""
-    from rich.table import Table
-    from rich.text import Text
-
-    from ce_audit.devices import resolve_devices
-    from ce_audit.dtypes import DTYPE_NAMES
-    from ce_audit.implementations import REGISTRY
     from ce_audit.plugins import prepare
+    from ce_audit.reports.listing import print_implementations
 
     prepare((), plugin or ())
-
-    console = _console(width=220)  # seven columns, plugin paths among them
-    table = Table(title="Implementations", title_justify="left")
-    widest = max((len(entry.name) for entry in REGISTRY.values()), default=4)
-    for column in ("name", "backend", "what it computes", "origin", "dtypes", "loss", "options"):
-        fixed = column in ("name", "backend", "loss")
-        table.add_column(
-            column, no_wrap=fixed, min_width=widest if column == "name" else None, overflow="fold"
-        )
-    for entry in REGISTRY.values():
-        dtypes = "all" if entry.dtypes == DTYPE_NAMES else ", ".join(entry.dtypes)
-        supports = ", ".join(sorted(entry.supports)) or "—"
-        cells = (entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports)
-        table.add_row(*(Text(cell) for cell in cells))  # plain text: descriptions hold [brackets]
-    console.print(table)
-    console.print(f"dtypes: {', '.join(DTYPE_NAMES)}")
-    console.print(f"devices here: {', '.join(resolve_devices(('all',)))}")
+    print_implementations(_console(width=220))  # seven columns, plugin paths among them
 
 
 @app.command()

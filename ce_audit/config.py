@@ -15,18 +15,10 @@ from ce_audit.cases import DISTRIBUTIONS
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.metrics import Tolerance
-from ce_audit.options import (
-    DEFAULT_IGNORE_INDEX,
-    LOSSES,
-    REDUCTIONS,
-    TARGET_POSITIONS,
-    TARGETS,
-    WEIGHTS,
-    LossOptions,
-    validate_options,
-)
+from ce_audit.options import DEFAULT_IGNORE_INDEX, OPTION_SPECS, LossOptions, validate_options
 
 DEFAULT_CONFIG_NAME = "default.toml"
+_KINDS: dict[str, Any] = {"str": str, "int": int, "float": float, "optional float": "optional float"}
 
 
 @dataclass(frozen=True)
@@ -80,28 +72,13 @@ class SweepConfig:
         return [_from_mapping(dict(grid), base) for grid in self.grids]
 
     def loss_options(self) -> list[LossOptions]:
-        """The option grid, in a fixed order."""
-        names: tuple[str, ...] = ("loss", "reduction", "weights", "ignore_fraction", "label_smoothing")
-        names += ("targets", "softcap", "z_loss", "mask_fraction", "focal_gamma")
-        dimensions = (
-            self.losses,
-            self.reductions,
-            self.weights,
-            self.ignore_fractions,
-            self.label_smoothings,
-            self.targets,
-            self.softcaps,
-            self.z_losses,
-            self.mask_fractions,
-            self.focal_gammas,
-        )
+        """The option grid, in a fixed order (the option table's, grid options only)."""
+        owned = [spec for spec in OPTION_SPECS if spec.owned]
+        single = {spec.name: getattr(self, spec.config_key) for spec in owned if not spec.grid}
+        grid = [spec for spec in owned if spec.grid]
         return [
-            LossOptions(
-                ignore_index=self.ignore_index,
-                focal_alpha=self.focal_alpha,
-                **dict(zip(names, combination, strict=True)),  # type: ignore[arg-type]
-            )
-            for combination in itertools.product(*dimensions)
+            LossOptions(**single, **dict(zip((spec.name for spec in grid), combination, strict=True)))
+            for combination in itertools.product(*(getattr(self, spec.config_key) for spec in grid))
         ]
 
     def implementation_settings(self) -> dict[str, Any]:
@@ -114,7 +91,7 @@ class SweepConfig:
         return data
 
 
-_LIST_KEYS = {
+_LIST_KEYS: dict[str, Any] = {
     "dtypes": str,
     "devices": str,
     "impls": str,
@@ -125,20 +102,9 @@ _LIST_KEYS = {
     "batches": int,
     "plugins": str,
     "budgets": str,
-    "losses": str,
-    "reductions": str,
-    "weights": str,
-    "ignore_fractions": float,
-    "label_smoothings": float,
-    "targets": str,
-    "softcaps": float,
-    "z_losses": float,
-    "mask_fractions": float,
-    "focal_gammas": "optional float",
-    "margins": "optional float",
-    "target_positions": str,
+    **{spec.config_key: _KINDS[spec.kind] for spec in OPTION_SPECS if spec.grid},
 }
-_SCALAR_KEYS = {
+_SCALAR_KEYS: dict[str, Any] = {
     "seed": int,
     "grad": bool,
     "out": str,
@@ -147,8 +113,7 @@ _SCALAR_KEYS = {
     "block_mib": int,
     "ulp_growth": float,
     "rel_growth": float,
-    "ignore_index": int,
-    "focal_alpha": float,
+    **{spec.config_key: _KINDS[spec.kind] for spec in OPTION_SPECS if not spec.grid},
 }
 
 
@@ -221,30 +186,15 @@ def validate(config: SweepConfig) -> SweepConfig:
     for name in config.distributions:
         if name not in DISTRIBUTIONS:
             raise AuditError(f"unknown distribution {name!r}; choose from {', '.join(DISTRIBUTIONS)}")
-    for key in (
-        "dtypes",
-        "devices",
-        "distributions",
-        "scales",
-        "offsets",
-        "vocabs",
-        "batches",
-        *_OPTION_KEYS,
-    ):
+    for key in ("dtypes", "devices", "distributions", "scales", "offsets", "vocabs", "batches", *_OPTION_KEYS):
         if not getattr(config, key):
             raise AuditError(f"{key} must not be empty")
-    for key, allowed in (
-        ("losses", LOSSES),
-        ("reductions", REDUCTIONS),
-        ("weights", WEIGHTS),
-        ("targets", TARGETS),
-        ("target_positions", TARGET_POSITIONS),
-    ):
-        for value in getattr(config, key):
-            if value not in allowed:
-                raise AuditError(f"unknown {key[:-1]} {value!r}; choose from {', '.join(allowed)}")
-    if any(m is not None and not math.isfinite(m) for m in config.margins):
-        raise AuditError("margins must be finite numbers (or 'none')")
+    for spec in OPTION_SPECS:
+        if spec.grid and not spec.owned:  # input dimensions; loss options are checked as LossOptions below
+            for value in getattr(config, spec.config_key):
+                problem = spec.validate(value)
+                if problem:
+                    raise AuditError(problem)
     for options in config.loss_options():
         try:
             validate_options(options)
@@ -273,20 +223,7 @@ def validate(config: SweepConfig) -> SweepConfig:
     return config
 
 
-_OPTION_KEYS = (
-    "losses",
-    "reductions",
-    "weights",
-    "ignore_fractions",
-    "label_smoothings",
-    "targets",
-    "softcaps",
-    "z_losses",
-    "mask_fractions",
-    "focal_gammas",
-    "margins",
-    "target_positions",
-)
+_OPTION_KEYS = tuple(spec.config_key for spec in OPTION_SPECS if spec.grid)
 
 
 def _read_toml(text: str, origin: str) -> dict[str, Any]:

@@ -7,45 +7,14 @@ import re
 from collections import defaultdict
 
 from ce_audit.dtypes import FloatFormat, float_format
-from ce_audit.engine import SummaryRow
-from ce_audit.metrics import worst_status
+from ce_audit.results import Cell
+from ce_audit.options import options_label
+from ce_audit.statuses import worst_status
 
 EPSILON_CAP = -math.log(1e-7)
 
 
-def options_label(row: SummaryRow) -> str:
-    """The row's loss options and input dimensions that differ from plain cross-entropy, in short."""
-    parts = []
-    if row.loss != "ce":
-        parts.append(row.loss)
-    if row.focal_gamma is not None:
-        parts.append(
-            f"focal γ={row.focal_gamma:g}" + (f" α={row.focal_alpha:g}" if row.focal_alpha != 1 else "")
-        )
-    if row.reduction != "none":
-        parts.append(row.reduction)
-    if row.weights != "none":
-        parts.append(f"w={row.weights}")
-    if row.ignore_fraction:
-        parts.append(f"ignore={row.ignore_fraction:g}")
-    if row.label_smoothing:
-        parts.append(f"ls={row.label_smoothing:g}")
-    if row.targets != "index":
-        parts.append(row.targets)
-    if row.softcap:
-        parts.append(f"cap={row.softcap:g}")
-    if row.z_loss:
-        parts.append(f"z={row.z_loss:g}")
-    if row.mask_fraction:
-        parts.append(f"mask={row.mask_fraction:g}")
-    if row.margin is not None:
-        parts.append(f"M={row.margin:g}")
-    if row.target_position != "random":
-        parts.append(f"y={row.target_position}")
-    return " ".join(parts)
-
-
-def _where(row: SummaryRow) -> str:
+def _where(row: Cell) -> str:
     text = f"scale {row.scale:g}"
     if row.offset:
         text += f", offset {row.offset:g}"
@@ -57,7 +26,7 @@ def _where(row: SummaryRow) -> str:
     return f"{text} ({row.distribution})"
 
 
-def cause(row: SummaryRow) -> str:
+def cause(row: Cell) -> str:
     """A likely cause for a row's status, from the case's extremes and the dtype's thresholds."""
     fmt = float_format(row.dtype)
     if row.status == "error":
@@ -122,7 +91,7 @@ def cause(row: SummaryRow) -> str:
     return ""
 
 
-def _reduction_cause(row: SummaryRow, fmt: FloatFormat) -> str | None:
+def _reduction_cause(row: Cell, fmt: FloatFormat) -> str | None:
     """A sum (or the sum inside a mean) past the dtype's largest finite value, or an accumulation drift."""
     if row.reduction == "none":
         return None
@@ -139,14 +108,14 @@ def _reduction_cause(row: SummaryRow, fmt: FloatFormat) -> str | None:
     return None
 
 
-def _first(rows: list[SummaryRow]) -> SummaryRow:
+def _first(rows: list[Cell]) -> Cell:
     return min(rows, key=lambda r: (abs(r.offset), abs(r.scale), r.distribution, len(options_label(r))))
 
 
 MAX_CAUSES = 4  # per implementation and dtype, in a sweep over several option combinations
 
 
-def _part(dtype: str, status: str, row: SummaryRow) -> str:
+def _part(dtype: str, status: str, row: Cell) -> str:
     label = {"nonfinite": "", "inaccurate": "inaccurate ", "error": "error "}[status]
     reason = cause(row)
     if status == "nonfinite":
@@ -155,18 +124,18 @@ def _part(dtype: str, status: str, row: SummaryRow) -> str:
     return f"{dtype} {label}from {_where(row)} — {reason}"
 
 
-def _cause_key(row: SummaryRow) -> str:
+def _cause_key(row: Cell) -> str:
     """A cause with its numbers removed: rows that broke for the same reason share it."""
     return row.status + re.sub(r"[-+]?\d[\d.e+-]*", "#", cause(row))
 
 
-def findings(rows: list[SummaryRow]) -> list[str]:
+def findings(rows: list[Cell]) -> list[str]:
     """Lines like "naive: float16 Inf from scale 10 — exp overflows above 11.09; ...".
 
     One part per implementation and dtype (its worst status, mildest case); when the sweep covers several
     option combinations, one part per distinct cause instead (worst first, at most MAX_CAUSES).
     """
-    groups: dict[tuple[str, str], dict[str, list[SummaryRow]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple[str, str], dict[str, list[Cell]]] = defaultdict(lambda: defaultdict(list))
     order: list[str] = []
     for row in rows:
         impl = row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
@@ -187,7 +156,7 @@ def findings(rows: list[SummaryRow]) -> list[str]:
                 capped = [r for r in by_status[status] if cause(r).startswith("loss capped")]
                 parts.append(_part(dtype, status, _first(capped or by_status[status])))
                 continue
-            by_cause: dict[str, list[SummaryRow]] = defaultdict(list)
+            by_cause: dict[str, list[Cell]] = defaultdict(list)
             for bad in ("error", "nonfinite", "inaccurate"):
                 for row in by_status.get(bad, []):
                     by_cause[_cause_key(row)].append(row)
@@ -199,9 +168,9 @@ def findings(rows: list[SummaryRow]) -> list[str]:
     return lines + expected_values(rows) + _behaviour(rows)
 
 
-def expected_values(rows: list[SummaryRow]) -> list[str]:
+def expected_values(rows: list[Cell]) -> list[str]:
     """One line per note (e.g. PyTorch's expected NaN): which cells, and that they count as ok."""
-    grouped: dict[str, list[SummaryRow]] = defaultdict(list)
+    grouped: dict[str, list[Cell]] = defaultdict(list)
     for row in rows:
         if row.notes:
             grouped[row.notes].append(row)
@@ -216,7 +185,7 @@ def expected_values(rows: list[SummaryRow]) -> list[str]:
     return lines
 
 
-def _behaviour(rows: list[SummaryRow]) -> list[str]:
+def _behaviour(rows: list[Cell]) -> list[str]:
     """Lines for implementations that return a mean or write into their input."""
     means = list(dict.fromkeys(row.impl for row in rows if row.value_kind == "mean"))
     writers = list(dict.fromkeys(row.impl for row in rows if row.wrote_input))

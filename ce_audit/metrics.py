@@ -15,9 +15,6 @@ import numpy as np
 
 from ce_audit.dtypes import FloatFormat, ulp
 
-STATUS_ORDER = ("ok", "inaccurate", "nonfinite", "error", "skipped")
-
-
 @dataclass(frozen=True)
 class Tolerance:
     """Pass when |err| ≤ atol + rtol·|ref|."""
@@ -154,14 +151,6 @@ class GradTally:
         if self.mismatches:
             return "nonfinite"
         return "inaccurate" if self.failures else "ok"
-
-
-def worst_status(statuses: list[str]) -> str:
-    """The worst of several statuses in the order ok < inaccurate < nonfinite < error; skipped last."""
-    ranked = [s for s in statuses if s != "skipped"]
-    if not ranked:
-        return "skipped"
-    return max(ranked, key=STATUS_ORDER.index)
 
 
 @dataclass

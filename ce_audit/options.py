@@ -32,7 +32,9 @@ implementation has to support; the others are, and an implementation declares th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 LOSSES = ("ce", "binary")
 REDUCTIONS = ("none", "mean", "sum")
@@ -52,7 +54,11 @@ ZERO_WEIGHT_NOTE = "expected NaN (PyTorch semantics: mean over zero total class 
 
 @dataclass(frozen=True)
 class LossOptions:
-    """One combination of loss options (the defaults are plain per-row cross-entropy)."""
+    """One combination of loss options (the defaults are plain per-row cross-entropy).
+
+    Its fields are declared, with everything else about them, in ``OPTION_SPECS`` below; a test keeps the
+    two (and ``results.Cell``'s option columns) in step.
+    """
 
     loss: str = "ce"
     reduction: str = "none"
@@ -80,22 +86,9 @@ class LossOptions:
 
     def required(self) -> frozenset[str]:
         """The option names an implementation must support to be audited with these options."""
-        need = set()
-        if self.reduction != "none":
-            need.add("reduction")
-        if self.weights != "none":
-            need.add("weight")
-        if self.ignore_fraction > 0:
-            need.add("ignore_index")
-        if self.label_smoothing:
-            need.add("label_smoothing")
-        if self.probs:
-            need.add("probs")
-        if self.softcap:
-            need.add("softcap")
-        if self.z_loss:
-            need.add("z_loss")
-        return frozenset(need)
+        return frozenset(
+            spec.support for spec in OPTION_SPECS if spec.support and spec.owned and spec.active(self)
+        )
 
     def invalid_reason(self) -> str | None:
         """Why no loss is defined for this combination (every cell is then skipped), or None."""
@@ -128,21 +121,172 @@ class LossOptions:
 
     def call_options(self) -> dict[str, object]:
         """Keyword arguments for an implementation (the weight tensor is added by the caller)."""
-        kwargs: dict[str, object] = {}
-        if self.reduction != "none":
-            kwargs["reduction"] = self.reduction
-        if self.ignore_fraction > 0:
-            kwargs["ignore_index"] = self.ignore_index
-        if self.label_smoothing:
-            kwargs["label_smoothing"] = self.label_smoothing
-        if self.softcap:
-            kwargs["softcap"] = self.softcap
-        if self.z_loss:
-            kwargs["z_loss"] = self.z_loss
-        if self.family == "focal":
-            kwargs["focal_gamma"] = self.focal_gamma
-            kwargs["focal_alpha"] = self.focal_alpha
-        return kwargs
+        return {
+            spec.keyword: getattr(self, spec.name)
+            for spec in OPTION_SPECS
+            if spec.keyword and spec.owned and spec.active(self)
+        }
+
+
+def _fraction(name: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if 0.0 <= value <= 1.0 else f"{name} must lie in [0, 1], got {value!r}"
+
+    return check
+
+
+def _off_or_positive(name: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        ok = math.isfinite(value) and value >= 0
+        return None if ok else f"{name} must be a finite number ≥ 0 (0 = off), got {value!r}"
+
+    return check
+
+
+def _focal_gamma_check(value: Any) -> str | None:
+    if value is None or (math.isfinite(value) and value >= 0):
+        return None
+    return f"focal gamma must be a finite number ≥ 0, got {value!r}"
+
+
+def _focal_alpha_check(value: Any) -> str | None:
+    return None if math.isfinite(value) and value > 0 else f"focal alpha must be a finite number > 0, got {value!r}"
+
+
+def _margin_check(value: Any) -> str | None:
+    return None if value is None or math.isfinite(value) else "margins must be finite numbers (or 'none')"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """Everything about one loss option or input dimension, declared once.
+
+    ``name`` is the LossOptions field (``owned``) or Case field (margin, target_position), the summary.csv
+    column and, with ``-`` for ``_``, the CLI flag. ``config_key`` is its key in a TOML config: a list of
+    values (a grid dimension) when ``grid``, a single value otherwise. ``kind`` is str, int, float or
+    "optional float" (a number or none). ``choices`` / ``check`` validate a value (``check`` returns a
+    message). ``support`` is the name an implementation lists in ``supports`` to be audited while the option
+    is ``active``; ``keyword`` the keyword argument that then carries the value. ``label`` renders the value
+    in findings (in ``label_order``); ``replay`` says whether `ce-audit replay` takes it (one value).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    config_key: str
+    grid: bool = True
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    active: Callable[[Any], bool] = lambda options: False
+    support: str | None = None
+    keyword: str | None = None
+    label: Callable[[Any], str] = lambda value: ""
+    label_order: int = 0
+    replay: bool = True
+    replay_help: str = ""
+    owned: bool = True  # a LossOptions field (False: a Case field that shapes the inputs)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def validate(self, value: Any) -> str | None:
+        """A one-line message when ``value`` is outside the option's domain, else None."""
+        if self.choices and value not in self.choices:
+            return f"unknown {self.name} {value!r}; choose from {', '.join(self.choices)}"
+        return self.check(value) if self.check else None
+
+
+OPTION_SPECS: tuple[OptionSpec, ...] = (
+    OptionSpec(
+        "loss", "str", "ce", "ce or binary (binary cross-entropy).", "losses", choices=LOSSES,
+        label=lambda v: v if v != "ce" else "", label_order=0, replay=False,
+    ),
+    OptionSpec(
+        "reduction", "str", "none", "none, mean or sum.", "reductions", choices=REDUCTIONS,
+        active=lambda o: o.reduction != "none", support="reduction", keyword="reduction",
+        label=lambda v: v if v != "none" else "", label_order=3,
+    ),
+    OptionSpec(
+        "weights", "str", "none", "Class weights: none, random, zero-on-target.", "weights", choices=WEIGHTS,
+        active=lambda o: o.weights != "none", support="weight",
+        label=lambda v: f"w={v}" if v != "none" else "", label_order=4,
+    ),
+    OptionSpec(
+        "ignore_fraction", "float", 0.0, "Fraction of rows whose target is ignore_index.", "ignore_fractions",
+        check=_fraction("ignore_fraction"), active=lambda o: o.ignore_fraction > 0, support="ignore_index",
+        label=lambda v: f"ignore={v:g}" if v else "", label_order=5,
+        replay_help="Fraction of rows to ignore besides the file's own.",
+    ),
+    OptionSpec(
+        "ignore_index", "int", DEFAULT_IGNORE_INDEX, "The ignored target (default -100).", "ignore_index",
+        grid=False, active=lambda o: o.ignore_fraction > 0, keyword="ignore_index",
+    ),
+    OptionSpec(
+        "label_smoothing", "float", 0.0, "Label smoothing ε.", "label_smoothings",
+        check=_fraction("label_smoothing"), active=lambda o: bool(o.label_smoothing),
+        support="label_smoothing", keyword="label_smoothing",
+        label=lambda v: f"ls={v:g}" if v else "", label_order=6,
+    ),
+    OptionSpec(
+        "targets", "str", "index", "index (class indices) or probs (soft).", "targets", choices=TARGETS,
+        active=lambda o: o.targets == "probs", support="probs",
+        label=lambda v: v if v != "index" else "", label_order=7, replay=False,
+    ),
+    OptionSpec(
+        "softcap", "float", 0.0, "Logit softcap C: C·tanh(z/C); 0 = off.", "softcaps",
+        check=_off_or_positive("softcap"), active=lambda o: bool(o.softcap), support="softcap",
+        keyword="softcap", label=lambda v: f"cap={v:g}" if v else "", label_order=8,
+    ),
+    OptionSpec(
+        "z_loss", "float", 0.0, "z-loss λ: λ·lse² per row; 0 = off.", "z_losses",
+        check=_off_or_positive("z_loss"), active=lambda o: bool(o.z_loss), support="z_loss",
+        keyword="z_loss", label=lambda v: f"z={v:g}" if v else "", label_order=9,
+    ),
+    OptionSpec(
+        "mask_fraction", "float", 0.0, "Fraction of logits set to −inf (never the target).", "mask_fractions",
+        check=_fraction("mask_fraction"), label=lambda v: f"mask={v:g}" if v else "", label_order=10,
+    ),
+    OptionSpec(
+        "margin", "optional float", None,
+        "Target logit set M above (M < 0: below) the row's other max, or none.", "margins",
+        check=_margin_check, label=lambda v: f"M={v:g}" if v is not None else "", label_order=11,
+        replay=False, owned=False,
+    ),
+    OptionSpec(
+        "target_position", "str", "random", "random, first, last or block-edge.", "target_positions",
+        choices=TARGET_POSITIONS, label=lambda v: f"y={v}" if v != "random" else "", label_order=12,
+        replay=False, owned=False,
+    ),
+    OptionSpec(
+        "focal_gamma", "optional float", None, "Focal loss γ, or none (off).", "focal_gammas",
+        check=_focal_gamma_check, active=lambda o: o.focal_gamma is not None, keyword="focal_gamma",
+        label_order=1,
+    ),
+    OptionSpec(
+        "focal_alpha", "float", 1.0, "Focal loss α (default 1).", "focal_alpha", grid=False,
+        check=_focal_alpha_check, active=lambda o: o.focal_gamma is not None, keyword="focal_alpha",
+    ),
+)  # fmt: skip
+
+SPECS_BY_NAME = {spec.name: spec for spec in OPTION_SPECS}
+OPTION_COLUMNS = tuple(spec.name for spec in OPTION_SPECS)
+assert {spec.name for spec in OPTION_SPECS if spec.owned} == {f.name for f in fields(LossOptions)}
+
+
+def options_label(cell: Any) -> str:
+    """The cell's loss options and input dimensions that differ from plain cross-entropy, in short."""
+    parts = []
+    for spec in sorted(OPTION_SPECS, key=lambda spec: spec.label_order):
+        if spec.name == "loss":
+            parts.append(spec.label(cell.loss))
+        elif spec.name == "focal_gamma" and cell.focal_gamma is not None:
+            alpha = f" α={cell.focal_alpha:g}" if cell.focal_alpha != 1 else ""
+            parts.append(f"focal γ={cell.focal_gamma:g}{alpha}")
+        else:
+            parts.append(spec.label(getattr(cell, spec.name)))
+    return " ".join(part for part in parts if part)
 
 
 def skip_reason(name: str, family: str, supports: frozenset[str], options: LossOptions) -> str | None:
@@ -158,27 +302,8 @@ def skip_reason(name: str, family: str, supports: frozenset[str], options: LossO
 
 def validate_options(options: LossOptions) -> None:
     """Raise ValueError with a one-line message on a value outside its domain."""
-    choices = {
-        "loss": LOSSES,
-        "reduction": REDUCTIONS,
-        "weights": WEIGHTS,
-        "targets": TARGETS,
-    }
-    for key, allowed in choices.items():
-        value = getattr(options, key)
-        if value not in allowed:
-            raise ValueError(f"unknown {key} {value!r}; choose from {', '.join(allowed)}")
-    for key in ("ignore_fraction", "mask_fraction", "label_smoothing"):
-        value = getattr(options, key)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{key} must lie in [0, 1], got {value!r}")
-    for key in ("softcap", "z_loss"):
-        value = getattr(options, key)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{key} must be a finite number ≥ 0 (0 = off), got {value!r}")
-    if options.focal_gamma is not None and not (
-        math.isfinite(options.focal_gamma) and options.focal_gamma >= 0
-    ):
-        raise ValueError(f"focal gamma must be a finite number ≥ 0, got {options.focal_gamma!r}")
-    if not (math.isfinite(options.focal_alpha) and options.focal_alpha > 0):
-        raise ValueError(f"focal alpha must be a finite number > 0, got {options.focal_alpha!r}")
+    for spec in OPTION_SPECS:
+        if spec.owned:
+            problem = spec.validate(getattr(options, spec.name))
+            if problem:
+                raise ValueError(problem)

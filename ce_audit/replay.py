@@ -8,9 +8,9 @@ are drawn from the seed as in a sweep. A reduction is computed over all rows in 
 
 from __future__ import annotations
 
-import functools
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,14 @@ import numpy as np
 
 from ce_audit.cases import random_class_weights
 from ce_audit.config import SweepConfig
-from ce_audit.devices import device_description, resolve_devices
-from ce_audit.dtypes import FORMATS, float_format, working_dtype
-from ce_audit.engine import AuditResult, CaseLabel, audit_blocks
+from ce_audit.devices import device_description
+from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
-from ce_audit.plugins import prepare
+from ce_audit.pipeline import Block, audit_source, implementations_and_devices
+from ce_audit.results import AuditResult
+from ce_audit.scoring import CaseLabel
+from ce_audit.statuses import message_line
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
@@ -54,8 +56,7 @@ def load_array(path: str | Path, what: str) -> np.ndarray:
     except FileNotFoundError:
         raise AuditError(f"{what} file {path} does not exist") from None
     except Exception as error:  # noqa: BLE001 - any unreadable file is a user error
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AuditError(f"cannot read {what} file {path}: {first}") from None
+        raise AuditError(f"cannot read {what} file {path}: {message_line(error)}") from None
     raise AuditError(f"{what} file {path}: expected a .npy or .pt file")
 
 
@@ -153,8 +154,55 @@ def apply_options(
     return values, targets, weight
 
 
-def _pair(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return logits, targets
+@dataclass
+class FileSource:
+    """The replay's input adapter: the file's rows (options applied), quantized once to each dtype."""
+
+    values: np.ndarray  # float64 logits, masks applied
+    targets: np.ndarray
+    options: LossOptions
+    label: CaseLabel
+    class_weight: np.ndarray | None
+    budget_bytes: int
+
+    def weight(self, fmt: FloatFormat) -> np.ndarray | None:
+        return None if self.class_weight is None else self.class_weight.astype(fmt.numpy_dtype)
+
+    def _quantized(self, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(over="ignore"):
+            quantized = self.values.astype(fmt.numpy_dtype)
+        targets = self.targets.astype(fmt.numpy_dtype) if self.options.probs else self.targets
+        return quantized, targets
+
+    def skip_reason(self, fmt: FloatFormat) -> str | None:
+        """None; logits that overflow the dtype are the user's input error, not a skipped case."""
+        with np.errstate(over="ignore"):
+            overflow = np.isinf(self.values.astype(fmt.numpy_dtype)) & np.isfinite(self.values)
+        if overflow.any():
+            peak = float(np.abs(self.values[overflow]).max())
+            raise AuditError(
+                f"logits reach {peak:.6g}, which overflows {fmt.name} (largest finite {fmt.max:.6g})"
+            )
+        return None
+
+    def _block_rows(self, fmt: FloatFormat) -> int:
+        n_rows, vocab = self.values.shape
+        if self.options.reduction != "none":
+            return max(1, n_rows)
+        return max(1, self.budget_bytes // (vocab * working_dtype(fmt).itemsize))
+
+    def n_blocks(self, fmt: FloatFormat) -> int:
+        return 1
+
+    def blocks(self, fmt: FloatFormat) -> Iterator[Block]:
+        quantized, targets = self._quantized(fmt)
+        n_rows = quantized.shape[0]
+        step = self._block_rows(fmt)
+        for start in range(0, max(n_rows, 1 if self.options.reduction != "none" else 0), step):
+            yield start, quantized[start : start + step], targets[start : start + step]
+
+    def whole_batch(self, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
+        return self._quantized(fmt)
 
 
 def run_replay(
@@ -169,56 +217,25 @@ def run_replay(
     raw_targets = load_array(targets_path, "targets")
     options = replay_options(config, probs=raw_targets.ndim == 2)
     targets = validate_inputs(logits, raw_targets, options.ignore_index)
-    impls = prepare(config.impls, config.plugins)
+    impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
     if not config.impls:
         impls = [impl for impl in impls if impl.family == options.family]
-    devices = resolve_devices(config.devices, accelerators_wanted=any(i.backend == "torch" for i in impls))
     values, targets, weight = apply_options(logits, targets, options, config.seed)
     if not options.probs and targets.size:  # the column reports the fraction ignored, the file's own included
         options = replace(options, ignore_fraction=float((targets == options.ignore_index).mean()))
-    rows, records = [], []
     audited = list(dtypes or [_file_format_name(logits)])
     config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
-    for name in audited:
-        fmt = float_format(name)
-        with np.errstate(over="ignore"):
-            quantized = values.astype(fmt.numpy_dtype)
-        quantized_targets = targets.astype(fmt.numpy_dtype) if options.probs else targets
-        overflow = np.isinf(quantized) & np.isfinite(values)
-        if overflow.any():
-            peak = float(np.abs(values[overflow]).max())
-            raise AuditError(
-                f"logits reach {peak:.6g}, which overflows {name} (largest finite {fmt.max:.6g})"
-            )
-        label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
-        per_row = logits.shape[1] * working_dtype(fmt).itemsize
-        block_rows = max(1, (config.block_mib << 20) // per_row)
-        if options.reduction != "none":
-            block_rows = max(1, logits.shape[0])
-        blocks = (
-            (start, quantized[start : start + block_rows], quantized_targets[start : start + block_rows])
-            for start in range(0, max(logits.shape[0], 1 if options.reduction != "none" else 0), block_rows)
-        )
-        cell_rows, cell_records = audit_blocks(
-            blocks,
-            fmt,
-            label,
-            impls,
-            devices,
-            settings=config.implementation_settings(),
-            tolerance=config.tolerances[name],
-            grad=config.grad,
-            keep_rows=True,
-            whole_batch=functools.partial(_pair, quantized, targets),
-            options=options,
-            weight=None if weight is None else weight.astype(fmt.numpy_dtype),
-        )
-        rows += cell_rows
-        records += cell_records
+    label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
+    source = FileSource(values, targets, options, label, weight, config.block_mib << 20)
+    cells, row_results = audit_source(
+        source, [float_format(name) for name in audited], impls, devices,
+        settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,
+        keep_rows=True,
+    )  # fmt: skip
     return AuditResult(
         config=config,
-        rows=rows,
-        records=records,
+        cells=cells,
+        row_results=row_results,
         devices={device: device_description(device) for device in devices},
         started=started,
         seconds=time.perf_counter() - clock,

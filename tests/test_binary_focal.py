@@ -12,7 +12,7 @@ from oracle_variants import binary_oracle, softmax_oracle, ulp_error
 from ce_audit.binary import binary_reference
 from ce_audit.config import SweepConfig
 from ce_audit.dtypes import FORMATS
-from ce_audit.engine import run_sweep
+from ce_audit.sweep import run_sweep
 from ce_audit.options import LossOptions
 from ce_audit.reference_variants import reference_loss
 
@@ -75,7 +75,7 @@ def _sweep(**overrides) -> list:
     config = SweepConfig(
         dtypes=("float32",), devices=("cpu",), distributions=("normal",), vocabs=(64,), batches=(8,)
     )
-    return run_sweep(replace(config, **overrides)).rows
+    return run_sweep(replace(config, **overrides)).cells
 
 
 def test_bce_naive_gives_inf_for_large_logits_and_with_logits_is_finite():

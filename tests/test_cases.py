@@ -12,7 +12,7 @@ from helpers import row_differences, tiny_overrides
 
 from ce_audit.cases import DISTRIBUTIONS, SPIKE_MARGIN, Case, build_cases, generate_rows, row_blocks
 from ce_audit.config import load_config
-from ce_audit.engine import run_sweep
+from ce_audit.sweep import run_sweep
 from ce_audit.errors import AuditError
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
@@ -189,7 +189,7 @@ def _block_sweep(block_mib: int):
             block_mib=block_mib,
         ),
     )
-    return run_sweep(config).rows
+    return run_sweep(config).cells
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_the_same_config_run_twice_gives_identical_rows():
             seed=42,
         ),
     )
-    first, second = run_sweep(config).rows, run_sweep(config).rows
+    first, second = run_sweep(config).cells, run_sweep(config).cells
     assert len(first) == 5 * 4 * 4 * 3
     assert {row.status for row in first} >= {"ok", "inaccurate", "nonfinite", "skipped"}
     for a, b in zip(first, second, strict=True):
@@ -241,6 +241,6 @@ def test_a_different_seed_changes_the_measurements():
     rows = {}
     for seed in (0, 1):
         config = load_config(None, tiny_overrides(impls=["shifted"], vocabs=[64], batches=[16], seed=seed))
-        rows[seed] = run_sweep(config).rows[0]
+        rows[seed] = run_sweep(config).cells[0]
     assert rows[0].seed == 0 and rows[1].seed == 1
     assert rows[0].max_reference != rows[1].max_reference

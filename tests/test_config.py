@@ -14,7 +14,7 @@ from helpers import BUILTIN_NAMES, tiny_overrides
 from ce_audit.cases import Case, generate_rows
 from ce_audit.config import SweepConfig, config_from_dict, default_config_text, load_config
 from ce_audit.dtypes import FORMATS, ulp
-from ce_audit.engine import run_sweep
+from ce_audit.sweep import run_sweep
 from ce_audit.errors import AuditError
 from ce_audit.implementations import resolve
 
@@ -105,7 +105,7 @@ def test_the_default_offsets_include_one_where_float32_cancels(default):
         None,
         tiny_overrides(impls=["logsumexp"], offsets=[0.0, offset], vocabs=[default.vocabs[0]], batches=[8]),
     )
-    statuses = {row.offset: row.status for row in run_sweep(config).rows}
+    statuses = {row.offset: row.status for row in run_sweep(config).cells}
     assert statuses == {0.0: "ok", offset: "inaccurate"}
 
 

@@ -14,7 +14,7 @@ pytestmark = [
 
 def test_sweep_on_cuda_matches_cpu_verdicts():
     from ce_audit.config import load_config
-    from ce_audit.engine import run_sweep
+    from ce_audit.sweep import run_sweep
 
     config = load_config(
         None,
@@ -29,7 +29,7 @@ def test_sweep_on_cuda_matches_cpu_verdicts():
             "batches": [16],
         },
     )
-    rows = run_sweep(config).rows
+    rows = run_sweep(config).cells
     assert {row.device for row in rows} == {"cpu", "cuda:0"}
     by_cell = {(r.impl, r.dtype, r.scale, r.device): r for r in rows}
     for (impl, dtype, scale, device), row in by_cell.items():

@@ -15,7 +15,8 @@ from helpers import BUILTIN_NAMES, registered_implementations, tiny_overrides
 from ce_audit.cases import Case, generate_rows, quantize
 from ce_audit.config import load_config
 from ce_audit.dtypes import FORMATS, float_format
-from ce_audit.engine import SummaryRow, run_sweep
+from ce_audit.results import Cell
+from ce_audit.sweep import run_sweep
 from ce_audit.findings import cause
 from ce_audit.implementations import REGISTRY
 from ce_audit.reference import reference_cross_entropy
@@ -58,7 +59,7 @@ def easy_rows(dtype: str, vocab: int = 200, batch: int = 32, seed: int = 5):
     return quantized, targets, reference_cross_entropy(quantized, targets)
 
 
-def by_key(rows: list[SummaryRow], *keys: str) -> dict:
+def by_key(rows: list[Cell], *keys: str) -> dict:
     """Rows by the value of one key, or by a tuple of several."""
     table = {
         (getattr(row, keys[0]) if len(keys) == 1 else tuple(getattr(row, key) for key in keys)): row
@@ -88,14 +89,14 @@ def test_registry_holds_every_contract_builtin():
 
 
 @pytest.fixture(scope="module")
-def easy_sweep() -> dict[tuple, SummaryRow]:
+def easy_sweep() -> dict[tuple, Cell]:
     config = load_config(
         None,
         tiny_overrides(
             dtypes=list(FORMATS), impls=list(BUILTIN_NAMES), vocabs=[100, 300], batches=[32], seed=3
         ),
     )
-    rows = run_sweep(config).rows
+    rows = run_sweep(config).cells
     assert len(rows) == len(BUILTIN_NAMES) * 4 * 2
     return by_key(rows, "impl", "dtype", "vocab")
 
@@ -227,7 +228,7 @@ def test_naive_float16_is_finite_just_below_11_09_and_not_just_above(name):
 
 
 @pytest.fixture(scope="module")
-def float16_scales() -> dict[tuple, SummaryRow]:
+def float16_scales() -> dict[tuple, Cell]:
     config = load_config(
         None,
         tiny_overrides(
@@ -238,7 +239,7 @@ def float16_scales() -> dict[tuple, SummaryRow]:
             batches=[32],
         ),
     )
-    return by_key(run_sweep(config).rows, "impl", "scale")
+    return by_key(run_sweep(config).cells, "impl", "scale")
 
 
 @pytest.mark.parametrize("name", ["naive", "numpy_naive"])
@@ -295,7 +296,7 @@ def test_numpy_eps_cap_through_the_engine():
             batches=[32],
         ),
     )
-    rows = by_key(run_sweep(config).rows, "impl")
+    rows = by_key(run_sweep(config).cells, "impl")
     capped = rows["numpy_eps"]
     assert capped.status == "inaccurate"
     assert capped.max_value == pytest.approx(EPSILON_CAP, abs=1e-6)
@@ -320,7 +321,7 @@ def test_logsumexp_loses_accuracy_under_offset_1e4_in_float32():
             batches=[32],
         ),
     )
-    rows = by_key(run_sweep(config).rows, "impl", "offset")
+    rows = by_key(run_sweep(config).cells, "impl", "offset")
     cancelled = rows[("logsumexp", 1e4)]
     assert rows[("logsumexp", 0.0)].status == "ok"
     assert cancelled.status == "inaccurate"
@@ -349,7 +350,7 @@ def test_accurate_keeps_relative_accuracy_on_confident_rows():
             tolerances={"float64": {"rtol": 1e-7, "atol": 0.0}},  # a purely relative verdict
         ),
     )
-    rows = by_key(run_sweep(config).rows, "impl", "dtype")
+    rows = by_key(run_sweep(config).cells, "impl", "dtype")
     assert 0 < rows[("accurate", "float64")].max_reference < 1e-10
     assert rows[("accurate", "float64")].status == "ok"
     assert rows[("accurate", "float64")].max_rel_err < 1e-13
@@ -369,7 +370,7 @@ def test_cases_beyond_the_dtype_range_are_skipped():
     config = load_config(
         None, tiny_overrides(dtypes=["float16", "float32"], impls=["shifted", "numpy_shifted"], offsets=[7e4])
     )
-    rows = run_sweep(config).rows
+    rows = run_sweep(config).cells
     skipped = [row for row in rows if row.dtype == "float16"]
     assert len(skipped) == 2
     for row in skipped:
@@ -404,14 +405,14 @@ def _no_grad(logits, targets):
     return torch.logsumexp(detached, dim=1) - detached.gather(1, targets[:, None]).squeeze(1)
 
 
-def _failing_sweep(names: list[str]) -> list[SummaryRow]:
+def _failing_sweep(names: list[str]) -> list[Cell]:
     config = load_config(
         None,
         tiny_overrides(
             dtypes=["float32", "float64"], impls=[*names, "shifted", "numpy_shifted"], scales=[1.0, 10.0]
         ),
     )
-    return run_sweep(config).rows
+    return run_sweep(config).cells
 
 
 def test_an_implementation_that_raises_gives_error_rows_and_the_sweep_goes_on(temporary_impl):

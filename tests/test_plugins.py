@@ -140,7 +140,7 @@ def test_in_place_write_on_a_leaf_is_an_error_row():
         offsets=0,
         devices="cpu",
     )
-    (row,) = report.rows
+    (row,) = report.cells
     assert row.status == "error" and "in-place" in row.error
     no_grad = ce_audit.check(
         "inplace_leaf_ce",
@@ -153,7 +153,7 @@ def test_in_place_write_on_a_leaf_is_an_error_row():
         devices="cpu",
         grad=False,
     )
-    assert no_grad.rows[0].wrote_input is True and no_grad.rows[0].status != "error"
+    assert no_grad.cells[0].wrote_input is True and no_grad.cells[0].status != "error"
 
 
 def test_mean_valued_plugin_is_audited_as_a_mean(tmp_path, capsys):
@@ -202,7 +202,7 @@ def test_mean_valued_plugin_sees_the_whole_batch_when_rows_come_in_blocks(tmp_pa
             devices="cpu",
         )
         calls = list(module.CALLS)
-    rows = {row.impl: row for row in report.rows}
+    rows = {row.impl: row for row in report.cells}
     assert calls == [32, 64]  # the first block shows it is a mean; then one call on all 64 rows
     assert rows["mean_ce"].value_kind == "mean" and rows["mean_ce"].rows == 64
     assert rows["mean_ce"].status == "ok" and rows["mean_ce"].grad_status == "ok"

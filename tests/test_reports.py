@@ -21,7 +21,8 @@ from helpers import tiny_overrides
 from rich.console import Console
 
 from ce_audit.config import config_from_dict, load_config
-from ce_audit.engine import AuditResult, SummaryRow, run_sweep
+from ce_audit.results import AuditResult, Cell
+from ce_audit.sweep import run_sweep
 from ce_audit.errors import AuditError
 from ce_audit.reports import files
 from ce_audit.reports.csv import SUMMARY_COLUMNS, write_summary_csv
@@ -82,7 +83,7 @@ def result() -> AuditResult:
 @pytest.fixture(scope="module")
 def written(result, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    csv_path = write_summary_csv(result.rows, out / "summary.csv")
+    csv_path = write_summary_csv(result.cells, out / "summary.csv")
     json_path = write_report_json(result, out / "report.json", "sweep")
     return csv_path, json_path
 
@@ -119,7 +120,7 @@ def test_summary_csv_has_one_row_per_impl_dtype_device_and_case(result, written)
         for impl, dtype, distribution, scale in itertools.product(IMPLS, DTYPES, DISTRIBUTIONS, SCALES)
     }
     keys = [tuple(row[c] for c in CONTRACT_COLUMNS[:9]) for row in rows]
-    assert len(keys) == len(set(keys)) == len(result.rows) == len(expected)
+    assert len(keys) == len(set(keys)) == len(result.cells) == len(expected)
     assert set(keys) == expected
     assert {row["status"] for row in rows} <= STATUSES
     # the sweep covers every kind of cell a report must carry
@@ -128,9 +129,9 @@ def test_summary_csv_has_one_row_per_impl_dtype_device_and_case(result, written)
 
 def test_summary_csv_floats_round_trip_exactly(result, written):
     _, rows = read_csv(written[0])
-    names = [f.name for f in dataclasses.fields(SummaryRow)]
+    names = [f.name for f in dataclasses.fields(Cell)]
     checked_nonfinite = 0
-    for text_row, row in zip(rows, result.rows, strict=True):
+    for text_row, row in zip(rows, result.cells, strict=True):
         for name in names:
             value = getattr(row, name)
             if value is None:  # an option that is off (margin, focal_gamma): an empty CSV cell
@@ -263,7 +264,7 @@ WRITERS = {"summary.csv": _write_csv, "report.json": _write_json}
 def test_a_successful_write_replaces_the_file_and_leaves_no_temporary(result, tmp_path, name):
     path = tmp_path / name
     path.write_text("previous contents\n")
-    assert WRITERS[name](result.rows, path) == path
+    assert WRITERS[name](result.cells, path) == path
     assert path.read_text(encoding="utf-8") != "previous contents\n"
     assert os.listdir(tmp_path) == [name]
 
@@ -272,7 +273,7 @@ def test_reports_get_ordinary_file_permissions(result, tmp_path):
     """The temporary file behind an atomic write is 0600; the report must follow the umask (0644 here)."""
     previous = os.umask(0o022)
     try:
-        path = _write_csv(result.rows, tmp_path / "summary.csv")
+        path = _write_csv(result.cells, tmp_path / "summary.csv")
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
@@ -288,7 +289,7 @@ def test_a_failing_rename_keeps_the_previous_file_and_no_temporary(result, tmp_p
 
     monkeypatch.setattr(files.os, "replace", refuse)
     with pytest.raises(AuditError, match="No space left"):
-        WRITERS[name](result.rows, path)
+        WRITERS[name](result.cells, path)
     assert path.read_text() == "previous contents\n"
     assert os.listdir(tmp_path) == [name]
 
@@ -328,7 +329,7 @@ def test_a_write_failing_midway_keeps_the_previous_file_and_no_temporary(
 
     monkeypatch.setattr(files.os, "fdopen", half_writing_fdopen)
     with pytest.raises(AuditError, match="No space left"):
-        WRITERS[name](result.rows, path)
+        WRITERS[name](result.cells, path)
     assert len(streams) == 1  # the failure happened inside the write, as intended
     if existed:
         assert path.read_text() == "previous contents\n"
@@ -345,7 +346,7 @@ def test_a_write_failing_midway_keeps_the_previous_file_and_no_temporary(
 @pytest.fixture(scope="module")
 def rendered(result) -> str:
     console = Console(record=True, width=160)
-    print_report(result.rows, console, ["out/summary.csv", "out/report.json"], 1.5)
+    print_report(result.cells, console, ["out/summary.csv", "out/report.json"], 1.5)
     return console.export_text()
 
 
@@ -360,8 +361,8 @@ def test_the_table_renders_one_table_per_dtype_with_every_impl(rendered):
 
 
 def test_the_report_states_counts_and_paths(result, rendered):
-    counts = {status: sum(row.status == status for row in result.rows) for status in STATUSES}
-    assert f"{len(result.rows)} cells in 1.5 s" in rendered
+    counts = {status: sum(row.status == status for row in result.cells) for status in STATUSES}
+    assert f"{len(result.cells)} cells in 1.5 s" in rendered
     for status, count in counts.items():
         if count:
             assert f"{count} {status}" in rendered
@@ -389,7 +390,7 @@ def test_the_findings_name_the_epsilon_cap():
         ),
     )
     console = Console(record=True, width=160)
-    print_report(run_sweep(config).rows, console, [], 0.1)
+    print_report(run_sweep(config).cells, console, [], 0.1)
     lines = [line.strip() for line in console.export_text().splitlines() if "numpy_eps:" in line]
     assert len(lines) == 1
     assert lines[0].startswith("numpy_eps: float64 inaccurate from scale 10")
@@ -407,7 +408,7 @@ def test_the_findings_explain_a_float64_underflow():
             vocabs=[64],
         ),
     )
-    rows = run_sweep(config).rows
+    rows = run_sweep(config).cells
     assert [row.status for row in rows] == ["nonfinite"]  # log(0) once p_y = exp(−loss) underflows
     assert rows[0].max_logit < 709.78 < rows[0].max_reference
     console = Console(record=True, width=160)
@@ -418,7 +419,7 @@ def test_the_findings_explain_a_float64_underflow():
 
 def test_an_all_ok_sweep_says_so(tiny_config):
     console = Console(record=True, width=160)
-    print_report(run_sweep(tiny_config).rows, console, [], 0.1)
+    print_report(run_sweep(tiny_config).cells, console, [], 0.1)
     text = console.export_text()
     assert "Every cell is within tolerance." in text
     assert "What broke where" not in text
@@ -426,7 +427,7 @@ def test_an_all_ok_sweep_says_so(tiny_config):
 
 
 def test_cell_text_counts_nonfinite_rows(result):
-    naive = [r for r in result.rows if (r.impl, r.dtype, r.scale) == ("naive", "float16", 10.0)]
+    naive = [r for r in result.cells if (r.impl, r.dtype, r.scale) == ("naive", "float16", 10.0)]
     assert {r.status for r in naive} == {"nonfinite"}
     text = cell_text(naive).plain
     inf = sum(r.inf_rows for r in naive)

@@ -14,7 +14,8 @@ import pytest
 from ce_audit.cases import Case, class_weights, draw_targets, generate_inputs, generate_rows
 from ce_audit.cli import main
 from ce_audit.config import SweepConfig, load_config
-from ce_audit.engine import SummaryRow, run_sweep
+from ce_audit.results import Cell
+from ce_audit.sweep import run_sweep
 from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
@@ -27,11 +28,11 @@ CORE_COLUMNS = [
 ]
 
 
-def sweep(**overrides) -> list[SummaryRow]:
+def sweep(**overrides) -> list[Cell]:
     config = SweepConfig(
         dtypes=("float32",), devices=("cpu",), distributions=("normal",), vocabs=(64,), batches=(8,)
     )
-    return run_sweep(replace(config, **overrides)).rows
+    return run_sweep(replace(config, **overrides)).cells
 
 
 def run_cli(argv: list[str]) -> int:
@@ -43,7 +44,7 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
-def by_impl(rows: list[SummaryRow]) -> dict[str, SummaryRow]:
+def by_impl(rows: list[Cell]) -> dict[str, Cell]:
     return {row.impl: row for row in rows}
 
 
@@ -263,7 +264,7 @@ def test_llm_vocabulary_smoke():
 
 
 def test_summary_columns_keep_the_contract_and_add_the_new_ones():
-    names = [f.name for f in fields(SummaryRow)]
+    names = [f.name for f in fields(Cell)]
     assert names[: len(CORE_COLUMNS)] == CORE_COLUMNS
     for column in ("grad_true_max_rel_err", "grad_rowsum_max", "reduction", "weights", "ignore_fraction"):
         assert column in names
@@ -345,7 +346,7 @@ def test_grids_run_in_turn_and_the_command_line_wins(tmp_path):
     grids = config.expanded()
     assert [g.dtypes for g in grids] == [("float32",), ("float64",)]
     assert [g.reductions for g in grids] == [("mean", "sum"), ("none",)]
-    rows = run_sweep(config).rows
+    rows = run_sweep(config).cells
     assert [(r.impl, r.dtype, r.reduction) for r in rows] == [
         ("fused", "float32", "mean"),
         ("fused", "float32", "sum"),

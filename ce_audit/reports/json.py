@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.dtypes import reference_precision
-from ce_audit.engine import AuditResult
+from ce_audit.results import AuditResult
 from ce_audit.reports.files import write_atomically
 
 REPORT_FORMAT = 1
@@ -73,8 +73,8 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "versions": package_versions(),
         "devices": result.devices,
         "reference_precision": reference_precision(),
-        "implementations": implementations(result.rows),
-        "rows": [asdict(row) for row in result.rows],
+        "implementations": implementations(result.cells),
+        "rows": [asdict(row) for row in result.cells],
     }
     document.update(extra or {})
     return _plain(document)

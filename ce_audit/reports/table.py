@@ -11,9 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ce_audit.dtypes import LIMITED_FLOAT64_REFERENCE, reference_precision
-from ce_audit.engine import SummaryRow
-from ce_audit.findings import findings, options_label
-from ce_audit.metrics import worst_status
+from ce_audit.results import Cell
+from ce_audit.findings import findings
+from ce_audit.options import options_label
+from ce_audit.statuses import worst_status
 
 if TYPE_CHECKING:
     from ce_audit.gate import GateResult
@@ -33,7 +34,7 @@ def _ulp_text(value: float) -> str:
     return f"{value:.0f}" if value < 1e5 else f"{value:.1e}"
 
 
-def cell_text(rows: list[SummaryRow]) -> Text:
+def cell_text(rows: list[Cell]) -> Text:
     """Worst status of the rows in one table cell, with max ULPs or the NaN/Inf row counts."""
     status = worst_status([row.status for row in rows])
     measured = [row for row in rows if row.status not in ("error", "skipped")]
@@ -71,7 +72,7 @@ def _column_label(key: tuple[float, float, str], offsets: int, scales: int, sep:
     return sep.join(parts) or "plain"
 
 
-def summary_tables(rows: list[SummaryRow]) -> list[Table]:
+def summary_tables(rows: list[Cell]) -> list[Table]:
     """One table per dtype: implementations down and (offset, scale, loss options) across, the worst over
     distributions, vocabs and batches. With more than WIDE_LIMIT such columns the table turns: option
     combinations down (only those where some implementation is not ok), implementations across."""
@@ -82,7 +83,7 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
     variants = list(dict.fromkeys(options_label(row) for row in rows))
     columns = [(offset, scale, variant) for variant in variants for offset in offsets for scale in scales]
     for dtype in dtypes:
-        grid: dict[tuple[str, float, float, str], list[SummaryRow]] = defaultdict(list)
+        grid: dict[tuple[str, float, float, str], list[Cell]] = defaultdict(list)
         names: list[str] = []
         for row in rows:
             if row.dtype != dtype:
@@ -125,7 +126,7 @@ def summary_tables(rows: list[SummaryRow]) -> list[Table]:
     return tables
 
 
-def print_report(rows: list[SummaryRow], console: Console, paths: list[str], seconds: float) -> None:
+def print_report(rows: list[Cell], console: Console, paths: list[str], seconds: float) -> None:
     """Tables, the findings in words, and where the files went."""
     for table in summary_tables(rows):
         console.print(table)

@@ -1,0 +1,228 @@
+"""The backend registry (in the manner of einops' ``_backends.py``): one class per framework.
+
+A backend knows how to move a quantized block to a device, call an implementation on it, take the
+gradient, check what came back, and which devices it runs on. Nothing else branches on a backend's
+name: the engine asks ``get_backend(impl.backend)``. A framework is imported only when its backend is
+first used, so listing implementations or a NumPy-only sweep never imports torch.
+
+To add a backend: a subclass of ``Backend`` here, and its name in ``BACKEND_CLASSES``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ce_audit.dtypes import FloatFormat
+from ce_audit.statuses import first_line
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One call's result: the value (per row, per element, or 0-d) as float64, and the gradient."""
+
+    value: np.ndarray
+    grad: np.ndarray | None
+    grad_error: str | None
+    wrote_input: bool
+    mean: bool = False  # a 0-d value where per-row losses were asked for: audited as the batch mean
+
+
+def raw_bytes(array: np.ndarray) -> np.ndarray:
+    """The array's bytes, flat (to see whether an implementation wrote into its input)."""
+    return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+
+
+def type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def check_shape(got: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """True when a 0-d value stands for the mean of per-row losses; raises on any other mismatch."""
+    if got == expected:
+        return False
+    if got == () and len(expected) == 1:
+        return True
+    wanted = f"{expected} per-row losses or a 0-d mean" if len(expected) == 1 else str(expected)
+    raise ValueError(f"returned shape {got}, expected {wanted}")
+
+
+class Backend:
+    """What the engine needs of a framework (subclasses fill it in)."""
+
+    name: ClassVar[str]
+    takes_gradients: ClassVar[bool] = False  # False: the gradient status is "n/a"
+    uses_accelerators: ClassVar[bool] = False  # True: "auto" devices include the first accelerator
+
+    @classmethod
+    def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
+        """Why this backend cannot run ``fmt`` on ``device`` (None: it can); needs no framework import."""
+        return None
+
+    def run(
+        self,
+        impl: Any,
+        block: np.ndarray,
+        targets: np.ndarray,
+        fmt: FloatFormat,
+        device: str,
+        settings: dict[str, Any],
+        want_grad: bool,
+        options: dict[str, Any],
+        weight: np.ndarray | None,
+        shape: tuple[int, ...],
+    ) -> Outcome:
+        """Call ``impl`` on a private copy of the block; the value as float64, and the gradient if asked."""
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """PyTorch: (N, V) tensors of the audited dtype on the audited device, gradients by autograd."""
+
+    name = "torch"
+    takes_gradients = True
+    uses_accelerators = True
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    @classmethod
+    def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
+        if device == "mps" and fmt.name == "float64":
+            return "MPS has no float64"
+        return None
+
+    def tensor(self, block: np.ndarray, fmt: FloatFormat, device: str) -> Any:
+        """A fresh copy of the block on the device, so an implementation that writes into it harms nothing."""
+        torch = self.torch
+        if fmt.name == "bfloat16":
+            source = torch.from_numpy(block.view(np.uint16)).view(torch.bfloat16)
+        else:
+            source = torch.from_numpy(block)
+        return source.to(device=device, copy=True)
+
+    def _bytes(self, tensor: Any) -> np.ndarray:
+        if tensor.numel() == 0:
+            return np.zeros(0, dtype=np.uint8)
+        return tensor.detach().to("cpu").contiguous().view(self.torch.uint8).numpy().reshape(-1)
+
+    def run(
+        self,
+        impl: Any,
+        block: np.ndarray,
+        targets: np.ndarray,
+        fmt: FloatFormat,
+        device: str,
+        settings: dict[str, Any],
+        want_grad: bool,
+        options: dict[str, Any],
+        weight: np.ndarray | None,
+        shape: tuple[int, ...],
+    ) -> Outcome:
+        torch = self.torch
+        logits = self.tensor(block, fmt, device)
+        if targets.dtype.kind == "f" or targets.dtype == fmt.numpy_dtype:  # probabilities, binary targets
+            target_tensor = self.tensor(targets, fmt, device)
+        else:
+            target_tensor = torch.from_numpy(targets).to(device=device, copy=True)
+        options = dict(options)
+        if weight is not None:
+            options["weight"] = self.tensor(weight, fmt, device)
+        logits.requires_grad_(want_grad)
+        with torch.set_grad_enabled(want_grad):
+            losses = impl(logits, target_tensor, settings, options)
+        if not isinstance(losses, torch.Tensor):
+            raise TypeError(f"returned {type_name(losses)}, expected a torch.Tensor")
+        if not impl.builtin and losses.dtype != logits.dtype:
+            returned = str(losses.dtype).removeprefix("torch.")
+            raise TypeError(f"returned {returned}, expected {fmt.name} (the audited dtype)")
+        mean = check_shape(tuple(losses.shape), shape)
+        if not impl.builtin and losses.device != logits.device:
+            raise ValueError(f"returned a tensor on {losses.device}, expected {logits.device}")
+        value = losses.detach().to("cpu", torch.float64).numpy()
+        grad, grad_error = None, None
+        if want_grad:
+            try:
+                if not losses.requires_grad:
+                    raise RuntimeError("the result does not require grad")
+                losses.sum().backward()
+                if logits.grad is None:
+                    raise RuntimeError("no gradient reached the logits")
+                grad = logits.grad.detach().to("cpu", torch.float64).numpy()
+            except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
+                grad_error = first_line(error)
+        # Checked after backward too: fused kernels may store the gradient in the logits buffer.
+        wrote = tuple(logits.shape) != block.shape or not np.array_equal(self._bytes(logits), raw_bytes(block))
+        wrote = wrote or not np.array_equal(self._bytes(target_tensor), raw_bytes(targets))
+        return Outcome(value, grad, grad_error, wrote, mean)
+
+
+class NumpyBackend(Backend):
+    """NumPy: arrays of the audited dtype (bfloat16 as ml_dtypes.bfloat16) on the CPU; no gradients."""
+
+    name = "numpy"
+
+    @classmethod
+    def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
+        return None if device == "cpu" else "NumPy implementations run on the CPU only"
+
+    def run(
+        self,
+        impl: Any,
+        block: np.ndarray,
+        targets: np.ndarray,
+        fmt: FloatFormat,
+        device: str,
+        settings: dict[str, Any],
+        want_grad: bool,
+        options: dict[str, Any],
+        weight: np.ndarray | None,
+        shape: tuple[int, ...],
+    ) -> Outcome:
+        logits, target_copy = block.copy(), targets.copy()
+        # overflow in an audited implementation is a finding, not a warning (nor is the mean of nothing)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            losses = impl(logits, target_copy, settings, options)
+        if isinstance(losses, np.generic):  # a NumPy scalar, e.g. from np.mean
+            losses = np.asarray(losses)
+        if not isinstance(losses, np.ndarray):
+            raise TypeError(f"returned {type_name(losses)}, expected a numpy.ndarray")
+        if not impl.builtin and losses.dtype != block.dtype:
+            raise TypeError(f"returned {losses.dtype}, expected {block.dtype} (the audited dtype)")
+        mean = check_shape(losses.shape, shape)
+        wrote = logits.shape != block.shape or not np.array_equal(raw_bytes(logits), raw_bytes(block))
+        wrote = wrote or not np.array_equal(raw_bytes(target_copy), raw_bytes(targets))
+        return Outcome(losses.astype(np.float64), None, None, wrote, mean)
+
+
+BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "numpy": NumpyBackend}
+BACKEND_NAMES = tuple(BACKEND_CLASSES)
+_INSTANCES: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend of that name, created (and its framework imported) on first use."""
+    if name not in _INSTANCES:
+        _INSTANCES[name] = BACKEND_CLASSES[name]()
+    return _INSTANCES[name]
+
+
+def backend_skip_reason(name: str, fmt: FloatFormat, device: str) -> str | None:
+    """Why the backend ``name`` cannot run ``fmt`` on ``device`` (None: it can)."""
+    return BACKEND_CLASSES[name].skip_reason(fmt, device)
+
+
+def uses_accelerators(name: str) -> bool:
+    """Whether implementations of this backend run on accelerators (without importing the framework)."""
+    return BACKEND_CLASSES[name].uses_accelerators
+
+
+def takes_gradients(name: str) -> bool:
+    return BACKEND_CLASSES[name].takes_gradients

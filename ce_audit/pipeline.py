@@ -1,0 +1,226 @@
+"""The one pipeline every audit runs: blocks of (logits, targets) → reference → implementations → cells.
+
+An input adapter (a sweep case: ``sweep.CaseSource``; a file: ``replay.FileSource``) provides, per
+dtype, the row blocks quantized to that dtype, the whole batch for implementations that return a mean,
+and a reason to skip the dtype. ``audit_source`` runs every implementation on every device over each
+dtype's blocks, computing the reference once per block and sharing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from ce_audit.backends import Outcome, backend_skip_reason, get_backend, uses_accelerators
+from ce_audit.devices import resolve_devices
+from ce_audit.dtypes import FloatFormat
+from ce_audit.implementations import Implementation
+from ce_audit.metrics import Tolerance
+from ce_audit.options import LossOptions, skip_reason
+from ce_audit.plugins import prepare
+from ce_audit.reference_variants import reference_loss
+from ce_audit.results import Cell, RowResult
+from ce_audit.scoring import CaseLabel, CellTally
+from ce_audit.statuses import Status, first_line
+
+Progress = Callable[[float], None]
+Block = tuple[int, np.ndarray, np.ndarray]  # (first row, quantized logits, targets)
+
+
+class BlockSource(Protocol):
+    """An input adapter: the inputs of one case, per dtype."""
+
+    label: CaseLabel
+    options: LossOptions
+
+    def skip_reason(self, fmt: FloatFormat) -> str | None:
+        """Why this dtype cannot be audited on these inputs (every cell skipped), or None."""
+
+    def n_blocks(self, fmt: FloatFormat) -> int: ...
+
+    def blocks(self, fmt: FloatFormat) -> Iterator[Block]:
+        """Row blocks quantized to ``fmt`` (a reduction: the whole batch as one block)."""
+
+    def whole_batch(self, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
+        """Every row at once (for an implementation that returns a 0-d mean)."""
+
+    def weight(self, fmt: FloatFormat) -> np.ndarray | None:
+        """Per-class weights in ``fmt``, or None."""
+
+
+def implementations_and_devices(
+    names: Iterable[str], plugins: Iterable[str], devices: Iterable[str]
+) -> tuple[list[Implementation], list[str]]:
+    """The implementations to audit (plugins loaded first) and the devices they run on."""
+    impls = prepare(tuple(names), tuple(plugins))
+    wanted = any(uses_accelerators(impl.backend) for impl in impls)
+    return impls, resolve_devices(tuple(devices), accelerators_wanted=wanted)
+
+
+def _skip(impl: Implementation, fmt: FloatFormat, device: str, options: LossOptions) -> str | None:
+    if fmt.name not in impl.dtypes:
+        return f"{impl.name} does not support {fmt.name}"
+    return backend_skip_reason(impl.backend, fmt, device) or skip_reason(impl.name, impl.family, impl.supports, options)
+
+
+def _expected_shape(options: LossOptions, block: np.ndarray) -> tuple[int, ...]:
+    """What an implementation returns: a scalar for mean/sum, else per row (binary: per element)."""
+    if options.reduction != "none":
+        return ()
+    return tuple(block.shape) if options.family == "binary" else (block.shape[0],)
+
+
+def _call(
+    tally: CellTally,
+    block: np.ndarray,
+    targets: np.ndarray,
+    fmt: FloatFormat,
+    settings: dict[str, Any],
+    grad: bool,
+    options: LossOptions,
+    weight: np.ndarray | None,
+) -> Outcome | None:
+    """Run one implementation on one block; a failure marks the cell `error` and returns None."""
+    try:
+        outcome = get_backend(tally.impl.backend).run(
+            tally.impl, block, targets, fmt, tally.device, settings, grad, options.call_options(), weight,
+            _expected_shape(options, block),
+        )  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
+        tally.fail(Status.ERROR, first_line(error))
+        return None
+    kind = "mean" if outcome.mean else "rows"
+    if tally.value_kind not in (None, kind):
+        tally.fail(Status.ERROR, "returned per-row losses for one block and a mean for another")
+        return None
+    tally.value_kind = kind
+    tally.wrote_input |= outcome.wrote_input
+    return outcome
+
+
+def audit_blocks(
+    source: BlockSource,
+    fmt: FloatFormat,
+    impls: list[Implementation],
+    devices: list[str],
+    *,
+    settings: dict[str, Any],
+    tolerance: Tolerance,
+    grad: bool,
+    keep_rows: bool = False,
+    progress: Progress | None = None,
+) -> tuple[list[Cell], list[RowResult]]:
+    """Audit every implementation on every device over the row blocks of one (case, dtype).
+
+    The reference is computed once per block and shared by every cell. An implementation that returns
+    a 0-d mean where per-row losses are asked for must see the whole batch: when the batch spans several
+    blocks it is called once more on ``source.whole_batch``.
+    """
+    options, label = source.options, source.label
+    weight = source.weight(fmt)
+    tallies = [CellTally(impl, device) for impl in impls for device in devices]
+    for tally in tallies:
+        reason = _skip(tally.impl, fmt, tally.device, options)
+        if reason:
+            tally.fail(Status.SKIPPED, reason)
+    row_results: list[RowResult] = []
+    max_logit, max_reference = float("-inf"), float("-inf")
+    step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(tallies), 1))  # one unit per (case, dtype)
+
+    for first_row, block, targets in source.blocks(fmt):
+        if block.size:
+            with np.errstate(invalid="ignore"):
+                max_logit = max(max_logit, float(np.nanmax(block)))  # in the block's dtype: no copy
+        reference = reference_loss(block, targets, options, weight=weight, grad=grad)
+        finite_reference = reference.loss[np.isfinite(reference.loss)]
+        if finite_reference.size:
+            max_reference = max(max_reference, float(finite_reference.max()))
+        whole = first_row == 0 and block.shape[0] == label.batch
+        for tally in tallies:
+            outcome = None
+            if tally.status is None and not tally.deferred:
+                outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
+            if progress:
+                progress(step)
+            if outcome is None:
+                continue
+            if outcome.mean:
+                if whole:
+                    tally.score_mean(outcome, reference, fmt, tolerance, grad)
+                else:
+                    tally.deferred = True
+                continue
+            value = outcome.value.reshape(-1)
+            errors = tally.score(outcome, value, reference, reference.loss, reference.grad, fmt, tolerance)
+            if keep_rows:
+                reduced = options.reduction != "none"
+                row_results.extend(
+                    RowResult(
+                        tally.impl.name,
+                        fmt.name,
+                        tally.device,
+                        -1 if reduced else first_row + i,
+                        -1 if reduced or targets.ndim != 1 else int(targets[i]),
+                        float(reference.loss[i]),
+                        float(value[i]),
+                        float(errors.abs_err[i]),
+                        float(errors.rel_err[i]),
+                        float(errors.ulp_err[i]),
+                    )
+                    for i in range(value.shape[0])
+                )
+    deferred = [tally for tally in tallies if tally.deferred and tally.status is None]
+    if deferred:
+        block, targets = source.whole_batch(fmt)
+        reference = reference_loss(block, targets, options, weight=weight, grad=grad)
+        for tally in deferred:
+            outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
+            if outcome is not None:
+                tally.score_mean(outcome, reference, fmt, tolerance, grad)
+    cells = [tally.to_cell(fmt, label, grad, max_logit, max_reference) for tally in tallies]
+    return cells, row_results
+
+
+def skipped_cells(
+    impls: list[Implementation], devices: list[str], fmt: FloatFormat, label: CaseLabel, reason: str
+) -> list[Cell]:
+    """Every cell of a (case, dtype) that cannot be audited, with the reason."""
+    cells = []
+    for impl in impls:
+        for device in devices:
+            tally = CellTally(impl, device, status=Status.SKIPPED, error=reason)
+            cells.append(tally.to_cell(fmt, label, False, float("nan"), float("nan")))
+    return cells
+
+
+def audit_source(
+    source: BlockSource,
+    formats: list[FloatFormat],
+    impls: list[Implementation],
+    devices: list[str],
+    *,
+    settings: dict[str, Any],
+    tolerances: dict[str, Tolerance],
+    grad: bool,
+    keep_rows: bool = False,
+    progress: Progress | None = None,
+) -> tuple[list[Cell], list[RowResult]]:
+    """Every dtype of one source: its cells (skipped with the reason where the dtype cannot be audited)."""
+    cells: list[Cell] = []
+    row_results: list[RowResult] = []
+    for fmt in formats:
+        reason = source.skip_reason(fmt)
+        if reason:
+            cells += skipped_cells(impls, devices, fmt, source.label, reason)
+            if progress:
+                progress(1.0)
+            continue
+        fmt_cells, fmt_rows = audit_blocks(
+            source, fmt, impls, devices, settings=settings, tolerance=tolerances[fmt.name], grad=grad,
+            keep_rows=keep_rows, progress=progress,
+        )  # fmt: skip
+        cells += fmt_cells
+        row_results += fmt_rows
+    return cells, row_results

@@ -1,0 +1,142 @@
+"""The result records: one ``Cell`` per implementation × dtype × device × case, one ``RowResult`` per
+input row of a replay, and the ``AuditResult`` a sweep or replay returns.
+
+Every field of a ``Cell`` is marked in its metadata as part of the cell's **key** (what was audited) or
+as a **measurement** (what was found). The summary.csv column order, the gate's cell key and compared
+metrics, and the budget metric names are all derived from these marks, so a new metric is one field:
+
+    my_metric: float = measurement(budget="loss", gate="growth")
+
+``budget`` groups a metric for ``IMPL:DTYPE:METRIC<=VALUE`` budgets (loss, grad, count, status: how an
+unmeasured or non-finite cell reads); ``gate`` says how the regression gate compares it (status: may not
+get worse; count: may not grow; growth: may not grow past the ULP and relative allowances; kind: may not
+change; None: informative only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ce_audit.config import SweepConfig
+
+KEY = "key"
+MEASUREMENT = "measurement"
+
+
+def key(default: Any = None, *, has_default: bool = False) -> Any:
+    """A field that identifies the cell (impl, dtype, device, a case dimension or a loss option)."""
+    meta = {"role": KEY}
+    return field(default=default, metadata=meta) if has_default else field(metadata=meta)
+
+
+def measurement(default: Any = None, *, budget: str | None = None, gate: str | None = None, unit: str = "") -> Any:
+    """A field that holds what the audit found (see the module docstring for ``budget`` and ``gate``)."""
+    meta = {"role": MEASUREMENT, "budget": budget, "gate": gate, "unit": unit}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One audited cell: implementation × dtype × device × case (one line of summary.csv, in order)."""
+
+    impl: str = key()
+    dtype: str = key()
+    device: str = key()
+    distribution: str = key()
+    scale: float = key()
+    offset: float = key()
+    batch: int = key()
+    vocab: int = key()
+    seed: int = key()
+    status: str = measurement("", budget="status", gate="status")
+    rows: int = measurement(0)
+    nan_rows: int = measurement(0, budget="count", gate="count")
+    inf_rows: int = measurement(0, budget="count", gate="count")
+    max_abs_err: float = measurement(0.0, budget="loss")
+    max_rel_err: float = measurement(0.0, budget="loss")
+    max_ulp: float = measurement(0.0, budget="loss", gate="growth", unit="ulp")
+    mean_bits: float = measurement(0.0, budget="loss")
+    grad_status: str = measurement("", budget="status", gate="status")
+    grad_nan: int = measurement(0, budget="count", gate="count")
+    grad_inf: int = measurement(0, budget="count", gate="count")
+    grad_max_abs_err: float = measurement(0.0, budget="grad")
+    grad_max_rel_err: float = measurement(0.0, budget="grad", gate="growth", unit="eps")
+    error: str = measurement("")
+    max_logit: float = measurement(float("nan"))
+    max_reference: float = measurement(float("nan"))
+    max_value: float = measurement(float("nan"))
+    grad_true_max_rel_err: float = measurement(0.0, budget="grad")
+    grad_rowsum_max: float = measurement(0.0, budget="grad")
+    loss: str = key("ce", has_default=True)
+    reduction: str = key("none", has_default=True)
+    weights: str = key("none", has_default=True)
+    ignore_fraction: float = key(0.0, has_default=True)
+    ignore_index: int = key(-100, has_default=True)
+    label_smoothing: float = key(0.0, has_default=True)
+    targets: str = key("index", has_default=True)
+    softcap: float = key(0.0, has_default=True)
+    z_loss: float = key(0.0, has_default=True)
+    mask_fraction: float = key(0.0, has_default=True)
+    margin: float | None = key(None, has_default=True)
+    target_position: str = key("random", has_default=True)
+    focal_gamma: float | None = key(None, has_default=True)
+    focal_alpha: float = key(1.0, has_default=True)
+    notes: str = measurement("")
+    value_kind: str = measurement("", gate="kind")  # "rows" per-row losses; "mean" a 0-d mean; "" not measured
+    wrote_input: bool = measurement(False)  # the implementation changed its logits or targets buffer
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One input row of one implementation (a line of rows.csv): its value against the exact loss."""
+
+    impl: str
+    dtype: str
+    device: str
+    row: int
+    target: int
+    reference: float
+    value: float
+    abs_err: float
+    rel_err: float
+    ulp: float
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What a sweep or replay returns: its cells (and per-row results of a replay), and what produced them."""
+
+    config: SweepConfig
+    cells: list[Cell]
+    row_results: list[RowResult]
+    devices: dict[str, str]
+    started: float
+    seconds: float
+
+
+CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell))
+KEY_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell) if f.metadata["role"] == KEY)
+MEASUREMENT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell) if f.metadata["role"] == MEASUREMENT)
+ROW_RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RowResult))
+
+
+def measurements(*, budget: str | None = None, gate: str | None = None) -> tuple[str, ...]:
+    """Names of the measurement fields in a budget group and/or compared by the gate in a given way."""
+    chosen = []
+    for f in fields(Cell):
+        meta = f.metadata
+        if meta["role"] != MEASUREMENT:
+            continue
+        if budget is not None and meta["budget"] != budget:
+            continue
+        if gate is not None and meta["gate"] != gate:
+            continue
+        chosen.append(f.name)
+    return tuple(chosen)
+
+
+def unit_of(column: str) -> str:
+    """The unit a growth-compared measurement is allowed to grow in: ``ulp`` or ``eps`` (machine epsilon)."""
+    return {f.name: f.metadata.get("unit", "") for f in fields(Cell)}[column]

@@ -1,0 +1,158 @@
+"""A cell's running tallies over row blocks, and the ``Cell`` record they become.
+
+Per block: the loss error against the reference (metrics.LossTally), the gradient's elementwise and
+per-row errors (GradTally) and its true-class and row-sum checks (GradChecks). A 0-d result where
+per-row losses were asked for is scored against the exact mean Σ_i loss_i / N, its gradient against
+the reference gradient / N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ce_audit.backends import Outcome, takes_gradients
+from ce_audit.dtypes import FloatFormat
+from ce_audit.implementations import Implementation
+from ce_audit.metrics import GradChecks, GradTally, LossTally, RowErrors, Tolerance
+from ce_audit.options import OPTION_SPECS, LossOptions
+from ce_audit.results import Cell
+from ce_audit.statuses import GRAD_NOT_AVAILABLE, GRAD_OFF, UNMEASURED, Status
+
+
+@dataclass(frozen=True)
+class CaseLabel:
+    """The key columns of a case: what the sweep or replay calls it, and its options."""
+
+    distribution: str
+    scale: float
+    offset: float
+    batch: int
+    vocab: int
+    seed: int
+    options: LossOptions = LossOptions()
+    margin: float | None = None
+    target_position: str = "random"
+
+
+@dataclass
+class CellTally:
+    """One implementation on one device, over the blocks of one (case, dtype)."""
+
+    impl: Implementation
+    device: str
+    loss: LossTally = field(default_factory=LossTally)
+    grad: GradTally = field(default_factory=GradTally)
+    checks: GradChecks = field(default_factory=GradChecks)
+    status: str | None = None  # "error" or "skipped" overrides the tallies
+    grad_status: str | None = None
+    error: str = ""
+    notes: str = ""
+    max_value: float = float("-inf")
+    value_kind: str | None = None  # "rows" or "mean", from the first result
+    wrote_input: bool = False
+    deferred: bool = False  # returned a mean on a partial block: audited later on the whole batch
+    batch_rows: int = 0
+
+    def fail(self, status: str, message: str) -> None:
+        self.status, self.error = status, message
+
+    def score(
+        self,
+        outcome: Outcome,
+        value: np.ndarray,
+        reference: Any,
+        reference_loss: np.ndarray,
+        reference_grad: np.ndarray | None,
+        fmt: FloatFormat,
+        tolerance: Tolerance,
+    ) -> RowErrors:
+        """Add one result to the tallies; returns the per-row errors."""
+        work = reference_loss.dtype
+        value = value.reshape(-1)
+        errors = self.loss.add(value.astype(work), reference_loss, fmt, tolerance)
+        self.notes = reference.note or self.notes
+        finite_values = value[np.isfinite(value)]
+        if finite_values.size:
+            self.max_value = max(self.max_value, float(finite_values.max()))
+        if outcome.grad_error:
+            self.grad_status, self.error = Status.ERROR, outcome.grad_error
+        elif outcome.grad is not None and reference_grad is not None and self.grad_status is None:
+            gradient = outcome.grad.astype(work)
+            self.grad.add(gradient, reference_grad, tolerance)
+            rowsum = reference.rowsum
+            if reference_grad is not reference.grad and rowsum is not None:
+                rowsum = rowsum / max(reference.loss.shape[0], 1)
+            self.checks.add(gradient, reference_grad, reference.true_index, rowsum, tolerance)
+        return errors
+
+    def score_mean(self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool) -> None:
+        """A 0-d result against the exact mean Σ_i loss_i / N (summed in working precision); gradient / N."""
+        n_rows = reference.loss.shape[0]
+        with np.errstate(all="ignore"):
+            mean = reference.loss.sum() / n_rows if n_rows else np.array(np.nan, dtype=reference.loss.dtype)
+            mean_grad = reference.grad
+            if grad and mean_grad is not None and n_rows:
+                mean_grad = mean_grad / n_rows
+        self.batch_rows = n_rows
+        self.score(outcome, outcome.value, reference, np.asarray(mean).reshape(1), mean_grad, fmt, tolerance)
+
+    def to_cell(
+        self, fmt: FloatFormat, label: CaseLabel, grad: bool, max_logit: float, max_reference: float
+    ) -> Cell:
+        """The tallies as one ``Cell`` (its key from the label and the option table)."""
+        if self.status in UNMEASURED:
+            status, grad_status = self.status, self.status
+        else:
+            status = self.loss.status
+            if self.grad_status:
+                grad_status = self.grad_status
+            elif not takes_gradients(self.impl.backend):
+                grad_status = GRAD_NOT_AVAILABLE
+            elif not grad:
+                grad_status = GRAD_OFF
+            else:
+                grad_status = self.grad.status
+                if grad_status == Status.OK and self.checks.rowsum_failures:
+                    grad_status = Status.INACCURATE
+        measured = self.status is None
+        mean = measured and self.value_kind == "mean"
+        option_values = {
+            spec.name: getattr(label.options if spec.owned else label, spec.name) for spec in OPTION_SPECS
+        }
+        return Cell(
+            impl=self.impl.name,
+            dtype=fmt.name,
+            device=self.device,
+            distribution=label.distribution,
+            scale=label.scale,
+            offset=label.offset,
+            batch=label.batch,
+            vocab=label.vocab,
+            seed=label.seed,
+            status=status,
+            rows=self.batch_rows if mean else self.loss.rows,
+            nan_rows=self.loss.nan_rows,
+            inf_rows=self.loss.inf_rows,
+            max_abs_err=self.loss.max_abs_err,
+            max_rel_err=self.loss.max_rel_err,
+            max_ulp=self.loss.max_ulp,
+            mean_bits=self.loss.mean_bits,
+            grad_status=grad_status,
+            grad_nan=self.grad.nan_rows,
+            grad_inf=self.grad.inf_rows,
+            grad_max_abs_err=self.grad.max_abs_err,
+            grad_max_rel_err=self.grad.max_rel_err,
+            error=self.error,
+            max_logit=max_logit,
+            max_reference=max_reference,
+            max_value=self.max_value if measured else float("nan"),
+            grad_true_max_rel_err=self.checks.true_max_rel_err,
+            grad_rowsum_max=self.checks.rowsum_max if self.checks.rowsum_checked else float("nan"),
+            notes=self.notes if measured else "",
+            value_kind=(self.value_kind or "") if measured else "",
+            wrote_input=self.wrote_input,
+            **option_values,
+        )
