@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, add, resolve
-from ce_audit.implementations.registry import BACKENDS
+from ce_audit.backends import BACKEND_NAMES
 
 ENTRY_POINT_GROUP = "ce_audit.implementations"
 ATTRIBUTE = "__ce_audit_implementation__"  # set on a registered function: its registry entry
@@ -74,8 +74,9 @@ def add_function(
     """
     if not isinstance(name, str) or not (_NAME_PATTERN.match(name) or (spec and name.strip() == name != "")):
         raise AuditError(f"invalid implementation name {name!r}: use letters, digits, '_', '.', '+' or '-'")
-    if backend not in BACKENDS:
-        raise AuditError(f"implementation {name!r}: unknown backend {backend!r}; choose torch or numpy")
+    if backend not in BACKEND_NAMES:
+        choices = " or ".join(BACKEND_NAMES)
+        raise AuditError(f"implementation {name!r}: unknown backend {backend!r}; choose {choices}")
     if not dtypes:
         raise AuditError(f"implementation {name!r}: the dtype list is empty")
     unknown = [dtype for dtype in dtypes if dtype not in FORMATS]

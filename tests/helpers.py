@@ -10,7 +10,7 @@ from typing import Any
 
 from ce_audit.implementations import REGISTRY, Implementation, add
 
-# The twelve built-in names of the contract (DESIGN.md §4).
+# The twelve built-in names every release keeps (the README lists them).
 BUILTIN_NAMES = (
     "naive",
     "softmax_log",

@@ -1,5 +1,5 @@
 """The default sweep and the config loader: the two default.toml copies agree, the default grid crosses
-every dtype's exp overflow and shows float32 cancellation, tolerances and thresholds are DESIGN.md §2's.
+every dtype's exp overflow and shows float32 cancellation, tolerances and thresholds are the published ones (torch.testing.assert_close; IEEE 754 formats).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ pytestmark = pytest.mark.usefixtures("isolated_plugins")
 
 REPO = Path(__file__).resolve().parents[1]
 
-# DESIGN.md §2: the torch.testing.assert_close tolerances, (rtol, atol) per dtype.
-DESIGN_TOLERANCES = {
+# torch.testing.assert_close's default tolerances, (rtol, atol) per dtype.
+PUBLISHED_TOLERANCES = {
     "float16": (1e-3, 1e-5),
     "bfloat16": (1.6e-2, 1e-5),
     "float32": (1.3e-6, 1e-5),
     "float64": (1e-7, 1e-7),
 }
-# DESIGN.md §2: exp overflows above, underflows to 0 below, unit roundoff.
-DESIGN_EXP = {
+# From the IEEE 754 formats: exp overflows above, underflows to 0 below, unit roundoff.
+FORMAT_EXP_LIMITS = {
     "float16": (11.09, -17.3, 2.0**-11),
     "bfloat16": (88.72, -92.9, 2.0**-8),
     "float32": (88.72, -103.97, 2.0**-24),
@@ -110,21 +110,21 @@ def test_the_default_offsets_include_one_where_float32_cancels(default):
 
 
 # --------------------------------------------------------------------------------------------------
-# tolerances and thresholds are DESIGN.md §2's
+# tolerances and thresholds are the published ones
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", list(DESIGN_TOLERANCES))
+@pytest.mark.parametrize("dtype", list(PUBLISHED_TOLERANCES))
 def test_default_tolerances_match_design(default, dtype):
-    rtol, atol = DESIGN_TOLERANCES[dtype]
+    rtol, atol = PUBLISHED_TOLERANCES[dtype]
     for tolerance in (default.tolerances[dtype], SweepConfig().tolerances[dtype]):
         assert (tolerance.rtol, tolerance.atol) == (rtol, atol)
     assert (FORMATS[dtype].rtol, FORMATS[dtype].atol) == (rtol, atol)
 
 
-@pytest.mark.parametrize("dtype", list(DESIGN_EXP))
+@pytest.mark.parametrize("dtype", list(FORMAT_EXP_LIMITS))
 def test_exp_overflow_thresholds_and_roundoff_match_design(dtype):
-    overflow, _, roundoff = DESIGN_EXP[dtype]
+    overflow, _, roundoff = FORMAT_EXP_LIMITS[dtype]
     fmt = FORMATS[dtype]
     assert fmt.exp_overflow == pytest.approx(overflow, abs=0.005)
     assert fmt.unit_roundoff == roundoff
@@ -135,9 +135,9 @@ def test_exp_overflow_thresholds_and_roundoff_match_design(dtype):
         assert np.isinf(np.exp(above.astype(np.float64)).astype(fmt.numpy_dtype))
 
 
-@pytest.mark.parametrize("dtype", list(DESIGN_EXP))
+@pytest.mark.parametrize("dtype", list(FORMAT_EXP_LIMITS))
 def test_exp_underflow_thresholds_match_design(dtype):
-    _, underflow, _ = DESIGN_EXP[dtype]
+    _, underflow, _ = FORMAT_EXP_LIMITS[dtype]
     fmt = FORMATS[dtype]
     assert fmt.exp_underflow == pytest.approx(underflow, abs=0.05)
     with np.errstate(under="ignore"):

@@ -8,6 +8,7 @@ from ce_audit.implementations.registry import Implementation, add
 
 _TORCH = "ce_audit.implementations.torch_variants"
 _NUMPY = "ce_audit.implementations.numpy_variants"
+_MODULES = {"torch": _TORCH, "numpy": _NUMPY}  # where each backend's built-ins live
 
 # What each built-in supports: its PyTorch counterpart's options; softcap and z-loss applied around any
 # torch formula as training code does; a reduction of per-row formulas as .sum() / .mean().
@@ -80,7 +81,7 @@ _BUILTINS = [
 def register_builtins() -> None:
     """Add every built-in to the registry (their modules are imported on first call only)."""
     for name, backend, description, origin, tunables in _BUILTINS:
-        module = _TORCH if backend == "torch" else _NUMPY
+        module = _MODULES[backend]
         add(
             Implementation(
                 name=name,

@@ -7,10 +7,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ce_audit.backends import BACKEND_NAMES
 from ce_audit.dtypes import DTYPE_NAMES
 from ce_audit.errors import AuditError
-
-BACKENDS = ("torch", "numpy")
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ REGISTRY: dict[str, Implementation] = {}
 
 def add(implementation: Implementation, *, replace: bool = False) -> Implementation:
     """Add to the registry; a second entry of the same name raises AuditError unless ``replace``."""
-    if implementation.backend not in BACKENDS:
+    if implementation.backend not in BACKEND_NAMES:
         raise AuditError(
             f"implementation {implementation.name!r}: unknown backend {implementation.backend!r}"
         )

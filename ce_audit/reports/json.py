@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.dtypes import reference_precision
+from ce_audit.implementations import REGISTRY
 from ce_audit.results import AuditResult
 from ce_audit.reports.files import write_atomically
 
@@ -47,8 +48,6 @@ def _plain(value: Any) -> Any:
 
 def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
     """What each audited name was: backend, built-in or not, origin and (for plugins) its source."""
-    from ce_audit.implementations import REGISTRY
-
     described = {}
     for name in dict.fromkeys(row.impl for row in rows):
         entry = REGISTRY.get(name)

@@ -1,0 +1,178 @@
+"""The structure the code relies on: each extension point declared once, and kept in step.
+
+- the loss-option table (ce_audit.options.OPTION_SPECS) names every LossOptions field, every option column
+  of a Cell and every option key of a config, and the CLI flags are generated from it;
+- every Cell field is marked key or measurement, and the summary.csv columns follow the Cell's fields;
+- no module imports another in a cycle; no module outside ce_audit/backends.py branches on a backend name.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ce_audit.backends import BACKEND_CLASSES, BACKEND_NAMES, backend_skip_reason, uses_accelerators
+from ce_audit.cli import app
+from ce_audit.config import SweepConfig, load_config
+from ce_audit.dtypes import float_format
+from ce_audit.options import OPTION_SPECS, SPECS_BY_NAME, LossOptions
+from ce_audit.reports.csv import SUMMARY_COLUMNS
+from ce_audit.results import (
+    CELL_COLUMNS,
+    KEY,
+    KEY_COLUMNS,
+    MEASUREMENT,
+    MEASUREMENT_COLUMNS,
+    Cell,
+    measurements,
+    unit_of,
+)
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ce_audit"
+
+
+def test_option_table_matches_loss_options_cell_and_config():
+    owned = [spec.name for spec in OPTION_SPECS if spec.owned]
+    assert sorted(owned) == sorted(f.name for f in fields(LossOptions))
+    cell_keys = [name for name in KEY_COLUMNS if name in SPECS_BY_NAME]
+    assert cell_keys == [spec.name for spec in OPTION_SPECS]  # same columns, in the table's order
+    config_fields = {f.name for f in fields(SweepConfig)}
+    assert all(spec.config_key in config_fields for spec in OPTION_SPECS)
+
+
+def test_option_defaults_agree_everywhere():
+    defaults = LossOptions()
+    config = SweepConfig()
+    cell_defaults = {f.name: f.default for f in fields(Cell) if f.name in SPECS_BY_NAME}
+    for spec in OPTION_SPECS:
+        if spec.owned:
+            assert getattr(defaults, spec.name) == spec.default, spec.name
+        assert cell_defaults[spec.name] == spec.default, spec.name
+        configured = getattr(config, spec.config_key)
+        assert (configured == (spec.default,)) if spec.grid else (configured == spec.default), spec.name
+
+
+def test_every_cell_field_is_key_or_measurement():
+    roles = {f.name: f.metadata.get("role") for f in fields(Cell)}
+    assert set(roles.values()) == {KEY, MEASUREMENT}
+    assert set(KEY_COLUMNS) | set(MEASUREMENT_COLUMNS) == set(CELL_COLUMNS)
+    assert not set(KEY_COLUMNS) & set(MEASUREMENT_COLUMNS)
+    assert SUMMARY_COLUMNS == CELL_COLUMNS
+    assert {"impl", "dtype", "device", "scale", "offset", "vocab"} <= set(KEY_COLUMNS)
+    assert {"status", "max_ulp", "grad_status", "error"} <= set(MEASUREMENT_COLUMNS)
+
+
+def test_gate_and_budget_groups_come_from_the_fields():
+    assert measurements(gate="status") == ("status", "grad_status")
+    assert set(measurements(gate="count")) == {"nan_rows", "inf_rows", "grad_nan", "grad_inf"}
+    assert measurements(gate="growth") == ("max_ulp", "grad_max_rel_err")
+    assert (unit_of("max_ulp"), unit_of("grad_max_rel_err")) == ("ulp", "eps")
+    assert "max_ulp" in measurements(budget="loss") and "grad_max_rel_err" in measurements(budget="grad")
+
+
+def test_loss_options_reach_implementations_through_the_table():
+    options = LossOptions(reduction="mean", ignore_fraction=0.1, label_smoothing=0.1, softcap=30.0)
+    assert options.call_options() == {
+        "reduction": "mean",
+        "ignore_index": -100,
+        "label_smoothing": 0.1,
+        "softcap": 30.0,
+    }
+    assert options.required() == {"reduction", "ignore_index", "label_smoothing", "softcap"}
+    assert LossOptions().call_options() == {} and LossOptions().required() == frozenset()
+
+
+@pytest.mark.parametrize("spec", OPTION_SPECS, ids=lambda spec: spec.name)
+def test_every_option_has_its_flag_and_config_key(spec):
+    runner = CliRunner()
+    sweep_help = runner.invoke(app, ["sweep", "--help"], env={"COLUMNS": "200"}).output
+    replay_help = runner.invoke(app, ["replay", "--help"], env={"COLUMNS": "200"}).output
+    assert spec.flag in sweep_help
+    assert (spec.flag in replay_help) == spec.replay
+    config = load_config(None, {spec.config_key: [spec.default] if spec.grid else spec.default})
+    assert getattr(config, spec.config_key) == ((spec.default,) if spec.grid else spec.default)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("reductions", ["avg"], "unknown reduction 'avg'"),
+        ("label_smoothings", [1.5], "label_smoothing must lie in [0, 1]"),
+        ("softcaps", [-1.0], "softcap must be a finite number"),
+        ("target_positions", ["middle"], "unknown target_position 'middle'"),
+    ],
+)
+def test_the_table_validates_config_values(option, value, message):
+    from ce_audit.errors import AuditError
+
+    with pytest.raises(AuditError, match=re.escape(message)):
+        load_config(None, {option: value})
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Module-level imports of project modules (TYPE_CHECKING and function-level imports left out)."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        names[name] = path
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                candidates = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            deps |= {candidate for candidate in candidates if candidate in names and candidate != name}
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_imports()
+    assert len(graph) > 20  # the walk found the package
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in graph[name]:
+            if state.get(dep) == 1:
+                cycles.append([*path[path.index(dep) :], dep] if dep in path else [name, dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+    assert not cycles
+
+
+def test_only_the_backend_registry_branches_on_backend_names():
+    pattern = re.compile(r"backend\s*(==|!=|in)\s*\(?[\"'](torch|numpy|jax)[\"']")
+    offenders = [
+        f"{path.relative_to(PACKAGE)}:{number}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "backends.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders
+
+
+def test_backend_registry_answers_without_importing_frameworks():
+    assert set(BACKEND_NAMES) == set(BACKEND_CLASSES) >= {"torch", "numpy"}
+    assert uses_accelerators("torch") and not uses_accelerators("numpy")
+    assert backend_skip_reason("numpy", float_format("float32"), "cuda:0") == (
+        "NumPy implementations run on the CPU only"
+    )
+    assert backend_skip_reason("torch", float_format("float64"), "mps") == "MPS has no float64"
+    assert backend_skip_reason("torch", float_format("float16"), "cpu") is None
