@@ -2,7 +2,7 @@
 
     report = ce_audit.check(my_ce, dtypes=["float16", "float32"], scales=[1, 10, 100])
     report.assert_ok()   # AssertionError listing every failing cell
-    report.rows          # the rows of summary.csv (SummaryRow)
+    report.cells         # the cells of summary.csv (ce_audit.results.Cell)
 
 A cell fails when its loss status is inaccurate, nonfinite or error, when its gradient is nonfinite or
 error (also inaccurate with ``strict_grad=True``: the elementwise rtol/atol test of gradients fails even
@@ -20,20 +20,21 @@ from typing import Any
 
 from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig, load_config
-from ce_audit.engine import SummaryRow, run_sweep
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, remove
 from ce_audit.plugins import ATTRIBUTE, add_function
+from ce_audit.results import Cell
+from ce_audit.statuses import FAILING, Status
+from ce_audit.sweep import run_sweep
 
 Target = str | Callable[..., Any]
-FAILING = ("inaccurate", "nonfinite", "error")
 
 
 @dataclass(frozen=True)
 class CheckReport:
-    """The rows of one check, and a message per failing cell or broken budget."""
+    """The cells of one check, and a message per failing cell or broken budget."""
 
-    rows: list[SummaryRow]
+    cells: list[Cell]
     failures: list[str]
     config: SweepConfig
     seconds: float
@@ -46,48 +47,45 @@ class CheckReport:
         """Raise AssertionError listing every failing cell (one per line); nothing when all held."""
         if self.failures:
             lines = "\n".join(f"  {line}" for line in self.failures)
-            raise AssertionError(f"{len(self.failures)} failing cells of {len(self.rows)}:\n{lines}")
+            raise AssertionError(f"{len(self.failures)} failing cells of {len(self.cells)}:\n{lines}")
 
     def __str__(self) -> str:
-        head = f"{len(self.rows)} cells, {len(self.failures)} failing"
+        head = f"{len(self.cells)} cells, {len(self.failures)} failing"
         return "\n".join([head, *(f"  {line}" for line in self.failures)])
 
 
-def _cell(row: SummaryRow) -> str:
-    where = f"{row.impl} {row.dtype} {row.device} {row.distribution} scale={row.scale:g}"
-    if row.offset:
-        where += f" offset={row.offset:g}"
-    return where + f" vocab={row.vocab} batch={row.batch}"
+def _where(cell: Cell) -> str:
+    """The cell as a failure line names it: impl, dtype, device, distribution, scale, offset, vocab, batch."""
+    where = f"{cell.impl} {cell.dtype} {cell.device} {cell.distribution} scale={cell.scale:g}"
+    if cell.offset:
+        where += f" offset={cell.offset:g}"
+    return where + f" vocab={cell.vocab} batch={cell.batch}"
 
 
-def failing_cells(
-    rows: list[SummaryRow], budgets: Sequence[str] = (), strict_grad: bool = False
-) -> list[str]:
+def failing_cells(cells: list[Cell], budgets: Sequence[str] = (), strict_grad: bool = False) -> list[str]:
     """One line per failing cell (see the module docstring), then one per broken budget."""
-    from ce_audit.reports.csv import summary_records
-
     lines = []
-    for row in rows:
+    for cell in cells:
         problems = []
-        if row.status in FAILING:
-            detail = row.error if row.status == "error" else f"max {row.max_ulp:.3g} ULP"
-            if row.status == "nonfinite":
-                detail = f"NaN rows {row.nan_rows}, Inf rows {row.inf_rows}"
-            problems.append(f"loss {row.status} ({detail})")
-        grad_failing = FAILING if strict_grad else ("nonfinite", "error")
-        if row.grad_status in grad_failing and row.status != "error":
-            detail = row.error if row.grad_status == "error" else f"max rel err {row.grad_max_rel_err:.3g}"
-            problems.append(f"gradient {row.grad_status} ({detail})")
+        if cell.status in FAILING:
+            detail = cell.error if cell.status == Status.ERROR else f"max {cell.max_ulp:.3g} ULP"
+            if cell.status == Status.NONFINITE:
+                detail = f"NaN rows {cell.nan_rows}, Inf rows {cell.inf_rows}"
+            problems.append(f"loss {cell.status} ({detail})")
+        grad_failing = FAILING if strict_grad else (Status.NONFINITE, Status.ERROR)
+        if cell.grad_status in grad_failing and cell.status != Status.ERROR:
+            detail = (
+                cell.error if cell.grad_status == Status.ERROR else f"max rel err {cell.grad_max_rel_err:.3g}"
+            )
+            problems.append(f"gradient {cell.grad_status} ({detail})")
         if problems:
-            lines.append(f"{_cell(row)}: {'; '.join(problems)}")
-    parsed = [parse_budget(text) for text in budgets]
-    records = summary_records(rows)
-    for budget in parsed:
-        for row, record in zip(rows, records, strict=True):
-            message = budget.fails(None, record)
+            lines.append(f"{_where(cell)}: {'; '.join(problems)}")
+    for budget in (parse_budget(text) for text in budgets):
+        for cell in cells:
+            message = budget.fails(None, cell)
             if message:
-                lines.append(f"{_cell(row)}: {message}")
-        if not any(budget.matches(record) and record["status"] != "skipped" for record in records):
+                lines.append(f"{_where(cell)}: {message}")
+        if not any(budget.matches(cell) and cell.status != Status.SKIPPED for cell in cells):
             lines.append(f"budget {budget.text} matches no measured cell")
     return lines
 
@@ -179,5 +177,5 @@ def check(
     finally:
         for name in temporary:
             remove(name)
-    failures = failing_cells(result.rows, resolved.budgets, strict_grad)
-    return CheckReport(result.rows, failures, resolved, result.seconds)
+    failures = failing_cells(result.cells, resolved.budgets, strict_grad)
+    return CheckReport(result.cells, failures, resolved, result.seconds)

@@ -158,7 +158,9 @@ class TorchBackend(Backend):
             except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
                 grad_error = first_line(error)
         # Checked after backward too: fused kernels may store the gradient in the logits buffer.
-        wrote = tuple(logits.shape) != block.shape or not np.array_equal(self._bytes(logits), raw_bytes(block))
+        wrote = tuple(logits.shape) != block.shape or not np.array_equal(
+            self._bytes(logits), raw_bytes(block)
+        )
         wrote = wrote or not np.array_equal(self._bytes(target_tensor), raw_bytes(targets))
         return Outcome(value, grad, grad_error, wrote, mean)
 

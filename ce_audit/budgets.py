@@ -14,18 +14,19 @@ import fnmatch
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ce_audit.dtypes import DTYPE_NAMES
 from ce_audit.errors import AuditError
+from ce_audit.results import Cell, measurements
+from ce_audit.statuses import RANKED, Status, status_rank
 
-LOSS_METRICS = ("max_abs_err", "max_rel_err", "max_ulp", "mean_bits")
-GRAD_METRICS = ("grad_max_abs_err", "grad_max_rel_err", "grad_true_max_rel_err", "grad_rowsum_max")
-COUNT_METRICS = ("nan_rows", "inf_rows", "grad_nan", "grad_inf")
-STATUS_METRICS = ("status", "grad_status")
+LOSS_METRICS = measurements(budget="loss")
+GRAD_METRICS = measurements(budget="grad")
+COUNT_METRICS = measurements(budget="count")
+STATUS_METRICS = measurements(budget="status")
 METRICS = LOSS_METRICS + GRAD_METRICS + COUNT_METRICS + STATUS_METRICS
-RANKED = ("ok", "inaccurate", "nonfinite", "error")
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     "<": operator.lt,
@@ -33,19 +34,6 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
 }
 _CONDITION = re.compile(r"^\s*([A-Za-z_]+)\s*(<=|>=|<|>)\s*(\S+)\s*$")
-
-
-def status_rank(status: str) -> int | None:
-    """ok 0 < inaccurate 1 < nonfinite 2 < error 3; None for unmeasured (skipped, off, n/a, '')."""
-    return RANKED.index(status) if status in RANKED else None
-
-
-def number(text: str | None) -> float:
-    """A summary.csv number (written with repr, so 'inf' and 'nan' parse); '' and junk read as NaN."""
-    try:
-        return float(text) if text not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
 
 
 @dataclass(frozen=True)
@@ -63,32 +51,33 @@ class Budget:
     def name(self) -> str:
         return f"budget {self.text}"
 
-    def matches(self, row: Mapping[str, str]) -> bool:
-        return fnmatch.fnmatchcase(row.get("impl", ""), self.impl) and fnmatch.fnmatchcase(
-            row.get("dtype", ""), self.dtype
-        )
+    def matches(self, cell: Cell) -> bool:
+        return fnmatch.fnmatchcase(cell.impl, self.impl) and fnmatch.fnmatchcase(cell.dtype, self.dtype)
 
-    def _value(self, row: Mapping[str, str]) -> float | str | None:
+    def _value(self, cell: Cell) -> float | str | None:
         """The value to compare, or None when the budget does not apply to this cell."""
         if self.metric in STATUS_METRICS:
-            return row.get(self.metric, "") if status_rank(row.get(self.metric, "")) is not None else None
+            status: str = getattr(cell, self.metric)
+            return status if status_rank(status) is not None else None
         if self.metric.startswith("grad"):
-            grad_status = row.get("grad_status", "")
-            if status_rank(grad_status) is None:
+            if status_rank(cell.grad_status) is None:
                 return None
-            if grad_status == "nonfinite" and self.metric in GRAD_METRICS:
+            if cell.grad_status == Status.NONFINITE and self.metric in GRAD_METRICS:
                 return math.inf
-        elif row.get("status") == "nonfinite" and self.metric in LOSS_METRICS:
+        elif cell.status == Status.NONFINITE and self.metric in LOSS_METRICS:
             return math.inf
-        return number(row.get(self.metric))
+        return float(getattr(cell, self.metric))
 
-    def fails(self, baseline: Mapping[str, str] | None, current: Mapping[str, str] | None) -> str | None:
-        """A message when the current cell breaks the budget; None when it holds or does not apply."""
-        if current is None or not self.matches(current) or current.get("status") == "skipped":
+    def fails(self, baseline: Cell | None, current: Cell | None, missing: Collection[str] = ()) -> str | None:
+        """A message when the current cell breaks the budget; None when it holds or does not apply.
+
+        ``missing``: the measurement columns the current audit's summary.csv lacks (an older version's).
+        """
+        if current is None or not self.matches(current) or current.status == Status.SKIPPED:
             return None
-        if current.get("status") == "error":
-            return f"{self.text}: the implementation failed ({current.get('error', '')})"
-        if self.metric not in current:
+        if current.status == Status.ERROR:
+            return f"{self.text}: the implementation failed ({current.error})"
+        if self.metric in missing:
             return f"{self.text}: summary.csv has no column {self.metric!r}"
         value = self._value(current)
         if value is None:

@@ -83,6 +83,7 @@ PluginOption = Annotated[
     ),
 ]
 
+
 def with_loss_options(grid: bool) -> Callable[[F], F]:
     """Add one CLI option per entry of the option table (ce_audit.options.OPTION_SPECS) to a command.
 
@@ -105,13 +106,18 @@ def with_loss_options(grid: bool) -> Callable[[F], F]:
             option = typer.Option(spec.flag, help=help_text + ".")
             added.append(
                 inspect.Parameter(
-                    spec.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[annotation, option]
+                    spec.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[annotation, option],
                 )
             )
         params = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
         at = next(i for i, p in enumerate(params) if p.name == "grad")  # the loss options come before --grad
         params = [
-            p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD and i >= at else p
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD and i >= at
+            else p
             for i, p in enumerate(params)
         ]
         params = [*params[:at], *added, *params[at:]]
@@ -192,8 +198,8 @@ def sweep(
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss."""
     from ce_audit.config import load_config
-    from ce_audit.sweep import run_sweep, sweep_size
     from ce_audit.reports.table import print_report
+    from ce_audit.sweep import run_sweep, sweep_size
 
     overrides = {
         "dtypes": dtype or None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
@@ -186,7 +185,16 @@ def validate(config: SweepConfig) -> SweepConfig:
     for name in config.distributions:
         if name not in DISTRIBUTIONS:
             raise AuditError(f"unknown distribution {name!r}; choose from {', '.join(DISTRIBUTIONS)}")
-    for key in ("dtypes", "devices", "distributions", "scales", "offsets", "vocabs", "batches", *_OPTION_KEYS):
+    for key in (
+        "dtypes",
+        "devices",
+        "distributions",
+        "scales",
+        "offsets",
+        "vocabs",
+        "batches",
+        *_OPTION_KEYS,
+    ):
         if not getattr(config, key):
             raise AuditError(f"{key} must not be empty")
     for spec in OPTION_SPECS:

@@ -7,8 +7,8 @@ import re
 from collections import defaultdict
 
 from ce_audit.dtypes import FloatFormat, float_format
-from ce_audit.results import Cell
 from ce_audit.options import options_label
+from ce_audit.results import Cell
 from ce_audit.statuses import worst_status
 
 EPSILON_CAP = -math.log(1e-7)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ce_audit.dtypes import FloatFormat, ulp
 
+
 @dataclass(frozen=True)
 class Tolerance:
     """Pass when |err| ≤ atol + rtol·|ref|."""

@@ -150,7 +150,11 @@ def _focal_gamma_check(value: Any) -> str | None:
 
 
 def _focal_alpha_check(value: Any) -> str | None:
-    return None if math.isfinite(value) and value > 0 else f"focal alpha must be a finite number > 0, got {value!r}"
+    return (
+        None
+        if math.isfinite(value) and value > 0
+        else f"focal alpha must be a finite number > 0, got {value!r}"
+    )
 
 
 def _margin_check(value: Any) -> str | None:

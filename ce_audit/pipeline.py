@@ -62,7 +62,9 @@ def implementations_and_devices(
 def _skip(impl: Implementation, fmt: FloatFormat, device: str, options: LossOptions) -> str | None:
     if fmt.name not in impl.dtypes:
         return f"{impl.name} does not support {fmt.name}"
-    return backend_skip_reason(impl.backend, fmt, device) or skip_reason(impl.name, impl.family, impl.supports, options)
+    return backend_skip_reason(impl.backend, fmt, device) or skip_reason(
+        impl.name, impl.family, impl.supports, options
+    )
 
 
 def _expected_shape(options: LossOptions, block: np.ndarray) -> tuple[int, ...]:

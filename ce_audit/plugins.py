@@ -21,10 +21,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+from ce_audit.backends import BACKEND_NAMES
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, add, resolve
-from ce_audit.backends import BACKEND_NAMES
 
 ENTRY_POINT_GROUP = "ce_audit.implementations"
 ATTRIBUTE = "__ce_audit_implementation__"  # set on a registered function: its registry entry

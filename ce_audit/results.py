@@ -31,7 +31,9 @@ def key(default: Any = None, *, has_default: bool = False) -> Any:
     return field(default=default, metadata=meta) if has_default else field(metadata=meta)
 
 
-def measurement(default: Any = None, *, budget: str | None = None, gate: str | None = None, unit: str = "") -> Any:
+def measurement(
+    default: Any = None, *, budget: str | None = None, gate: str | None = None, unit: str = ""
+) -> Any:
     """A field that holds what the audit found (see the module docstring for ``budget`` and ``gate``)."""
     meta = {"role": MEASUREMENT, "budget": budget, "gate": gate, "unit": unit}
     return field(default=default, metadata=meta)
@@ -84,7 +86,9 @@ class Cell:
     focal_gamma: float | None = key(None, has_default=True)
     focal_alpha: float = key(1.0, has_default=True)
     notes: str = measurement("")
-    value_kind: str = measurement("", gate="kind")  # "rows" per-row losses; "mean" a 0-d mean; "" not measured
+    value_kind: str = measurement(
+        "", gate="kind"
+    )  # "rows" per-row losses; "mean" a 0-d mean; "" not measured
     wrote_input: bool = measurement(False)  # the implementation changed its logits or targets buffer
 
 
@@ -118,7 +122,9 @@ class AuditResult:
 
 CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell))
 KEY_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell) if f.metadata["role"] == KEY)
-MEASUREMENT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell) if f.metadata["role"] == MEASUREMENT)
+MEASUREMENT_COLUMNS: tuple[str, ...] = tuple(
+    f.name for f in fields(Cell) if f.metadata["role"] == MEASUREMENT
+)
 ROW_RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RowResult))
 
 

@@ -88,7 +88,9 @@ class CellTally:
             self.checks.add(gradient, reference_grad, reference.true_index, rowsum, tolerance)
         return errors
 
-    def score_mean(self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool) -> None:
+    def score_mean(
+        self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool
+    ) -> None:
         """A 0-d result against the exact mean Σ_i loss_i / N (summed in working precision); gradient / N."""
         n_rows = reference.loss.shape[0]
         with np.errstate(all="ignore"):

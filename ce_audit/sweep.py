@@ -69,7 +69,10 @@ class CaseSource:
 
     def _too_big(self, fmt: FloatFormat) -> str | None:
         case, reduction = self.case, self.options.reduction
-        if reduction == "none" or case.batch * case.vocab * working_dtype(fmt).itemsize <= 4 * self.budget_bytes:
+        if (
+            reduction == "none"
+            or case.batch * case.vocab * working_dtype(fmt).itemsize <= 4 * self.budget_bytes
+        ):
             return None
         return (
             f"a {reduction} is computed in one call over the whole batch; "

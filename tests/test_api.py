@@ -1,4 +1,4 @@
-"""The Python API for test suites: ce_audit.check(...) → report.rows, report.assert_ok()."""
+"""The Python API for test suites: ce_audit.check(...) → report.cells, report.assert_ok()."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from cli_helpers import clean_registry  # noqa: F401
 
 import ce_audit
-from ce_audit.engine import SummaryRow
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY
+from ce_audit.results import Cell
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 SMALL = {"vocabs": 64, "batches": 8, "distributions": "normal", "offsets": 0, "devices": "cpu"}
@@ -33,8 +33,8 @@ def test_check_a_function_and_assert_ok():
     report = ce_audit.check(stable_ce, dtypes=["float16", "float32"], scales=[1, 10, 100], **SMALL)
     report.assert_ok()
     assert report.ok and report.failures == []
-    assert len(report.rows) == 6 and all(isinstance(row, SummaryRow) for row in report.rows)
-    assert {row.impl for row in report.rows} == {"stable_ce"}
+    assert len(report.cells) == 6 and all(isinstance(row, Cell) for row in report.cells)
+    assert {row.impl for row in report.cells} == {"stable_ce"}
     assert before == REGISTRY  # registered for the call only
 
 
@@ -51,7 +51,7 @@ def test_assert_ok_lists_every_failing_cell():
 
 def test_inaccurate_gradients_fail_only_when_strict():
     loose = ce_audit.check("fused", dtypes="float16", scales=1, **SMALL)
-    assert loose.rows[0].grad_status == "inaccurate" and loose.ok  # a few ULPs off on small probabilities
+    assert loose.cells[0].grad_status == "inaccurate" and loose.ok  # a few ULPs off on small probabilities
     strict = ce_audit.check("fused", dtypes="float16", scales=1, strict_grad=True, **SMALL)
     assert strict.failures and "gradient inaccurate" in strict.failures[0]
 
@@ -79,7 +79,7 @@ def test_decorated_and_numpy_functions():
         return (lse - logits[np.arange(len(targets)), targets]).astype(logits.dtype)
 
     report = ce_audit.check([decorated, numpy_ce], dtypes="float32", scales=1, backend="numpy", **SMALL)
-    rows = {row.impl: row for row in report.rows}
+    rows = {row.impl: row for row in report.cells}
     assert set(rows) == {"decorated_ce", "numpy_ce"}
     assert rows["decorated_ce"].grad_status == "ok" and rows["numpy_ce"].grad_status == "n/a"
     report.assert_ok()
@@ -90,7 +90,7 @@ def test_name_clash_with_a_builtin_falls_back_to_the_qualified_name():
         return stable_ce(logits, targets)
 
     report = ce_audit.check(fused, dtypes="float32", scales=1, **SMALL)
-    assert report.rows[0].impl.endswith(
+    assert report.cells[0].impl.endswith(
         "test_name_clash_with_a_builtin_falls_back_to_the_qualified_name._locals_.fused"
     )
     assert REGISTRY["fused"].builtin

@@ -12,8 +12,8 @@ from helpers import row_differences, tiny_overrides
 
 from ce_audit.cases import DISTRIBUTIONS, SPIKE_MARGIN, Case, build_cases, generate_rows, row_blocks
 from ce_audit.config import load_config
-from ce_audit.sweep import run_sweep
 from ce_audit.errors import AuditError
+from ce_audit.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 

@@ -1,5 +1,6 @@
 """The default sweep and the config loader: the two default.toml copies agree, the default grid crosses
-every dtype's exp overflow and shows float32 cancellation, tolerances and thresholds are the published ones (torch.testing.assert_close; IEEE 754 formats).
+every dtype's exp overflow and shows float32 cancellation, tolerances and
+thresholds are the published ones (torch.testing.assert_close; the IEEE 754 formats).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from helpers import BUILTIN_NAMES, tiny_overrides
 from ce_audit.cases import Case, generate_rows
 from ce_audit.config import SweepConfig, config_from_dict, default_config_text, load_config
 from ce_audit.dtypes import FORMATS, ulp
-from ce_audit.sweep import run_sweep
 from ce_audit.errors import AuditError
 from ce_audit.implementations import resolve
+from ce_audit.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import PLUGINS, TINY, clean_registry, read_rows, run_cli  # noqa: F401
@@ -22,6 +24,7 @@ from ce_audit.gate import (
     key_columns,
 )
 from ce_audit.reports.csv import SUMMARY_COLUMNS
+from ce_audit.results import Cell
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 REPOSITORY = Path(__file__).parents[1]
@@ -155,21 +158,21 @@ def test_budgets_fail_and_pass_as_stated(baseline, capsys):
 def test_budget_status_limits():
     budget = parse_budget("variant_ce:float16:status<=inaccurate")
     row = {"impl": "variant_ce", "dtype": "float16", "status": "nonfinite", "error": ""}
-    assert budget.fails(None, row) == "status = nonfinite, budget <= inaccurate"
-    assert budget.fails(None, {**row, "status": "inaccurate"}) is None
-    assert budget.fails(None, {**row, "status": "skipped"}) is None
+    assert budget.fails(None, cell(**row)) == "status = nonfinite, budget <= inaccurate"
+    assert budget.fails(None, cell(**{**row, "status": "inaccurate"})) is None
+    assert budget.fails(None, cell(**{**row, "status": "skipped"})) is None
     ulp = parse_budget("variant_ce:float16:max_ulp<=2")
-    assert ulp.fails(None, {**row, "max_ulp": "0.5"}) == "max_ulp = nonfinite rows, budget <= 2"
-    assert ulp.fails(None, {**row, "status": "ok", "max_ulp": "0.5"}) is None
-    assert ulp.fails(None, {**row, "status": "error", "error": "boom"}).endswith("(boom)")
+    assert ulp.fails(None, cell(**row, max_ulp=0.5)) == "max_ulp = nonfinite rows, budget <= 2"
+    assert ulp.fails(None, cell(**{**row, "status": "ok"}, max_ulp=0.5)) is None
+    assert ulp.fails(None, cell(**{**row, "status": "error", "error": "boom"})).endswith("(boom)")
     grad = parse_budget("*:*:grad_max_rel_err<0.01")
-    assert grad.fails(None, {**row, "status": "ok", "grad_status": "n/a", "grad_max_rel_err": "0.0"}) is None
+    assert grad.fails(None, cell(**{**row, "status": "ok"}, grad_status="n/a", grad_max_rel_err=0.0)) is None
     true_class = parse_budget("variant_ce:float16:grad_true_max_rel_err<=0.01")
     measured = {**row, "status": "ok", "grad_status": "inaccurate"}
-    assert true_class.fails(None, {**measured, "grad_true_max_rel_err": "0.005"}) is None
-    assert "grad_true_max_rel_err = 1" in true_class.fails(None, {**measured, "grad_true_max_rel_err": "1.0"})
+    assert true_class.fails(None, cell(**measured, grad_true_max_rel_err=0.005)) is None
+    assert "grad_true_max_rel_err = 1" in true_class.fails(None, cell(**measured, grad_true_max_rel_err=1.0))
     rowsum = parse_budget("variant_ce:float16:grad_rowsum_max<=1e-3")
-    assert rowsum.fails(None, {**measured, "grad_rowsum_max": "0.5"}) is not None
+    assert rowsum.fails(None, cell(**measured, grad_rowsum_max=0.5)) is not None
     for bad in (
         "fused:max_ulp<=2",
         "fused:float8:max_ulp<=2",
@@ -211,73 +214,67 @@ def test_budgets_in_the_config_are_recorded_and_checked(tmp_path, capsys):
     assert code == 1 and "budget <= 0.01" in text
 
 
-def row(**values: str) -> dict[str, str]:
-    base = {column: "0.0" for column in SUMMARY_COLUMNS}
-    base.update(
+def cell(**values: Any) -> Cell:
+    """A measured fused float16 cell, changed by ``values``."""
+    base: dict[str, Any] = dict(
         impl="fused",
         dtype="float16",
         device="cpu",
         distribution="normal",
-        scale="1.0",
-        offset="0.0",
-        batch="8",
-        vocab="64",
-        seed="0",
+        scale=1.0,
+        offset=0.0,
+        batch=8,
+        vocab=64,
+        seed=0,
         status="ok",
         grad_status="ok",
-        error="",
         value_kind="rows",
-        wrote_input="false",
-        nan_rows="0",
-        inf_rows="0",
-        grad_nan="0",
-        grad_inf="0",
     )
     base.update(values)
-    return base
+    return Cell(**base)
 
 
 def test_growth_tolerance_needs_more_than_one_ulp_and_ten_percent():
     check = GrowthHeld("max_ulp", 1.0, 0.1)
-    assert check.fails(row(max_ulp="0.5"), row(max_ulp="1.4")) is None  # +0.9 ULP
-    assert check.fails(row(max_ulp="0.5"), row(max_ulp="1.6")) == "grew by more than 1 ULP and 10%"
-    assert check.fails(row(max_ulp="20.0"), row(max_ulp="21.9")) is None  # +1.9 ULP but only 9.5%
-    assert check.fails(row(max_ulp="20.0"), row(max_ulp="23.0")) is not None
-    assert check.fails(row(max_ulp="2.0"), row(max_ulp="nan")) == "became NaN"
-    assert GrowthHeld("max_ulp", 5.0, 0.1).fails(row(max_ulp="0.5"), row(max_ulp="5.0")) is None
+    assert check.fails(cell(max_ulp=0.5), cell(max_ulp=1.4)) is None  # +0.9 ULP
+    assert check.fails(cell(max_ulp=0.5), cell(max_ulp=1.6)) == "grew by more than 1 ULP and 10%"
+    assert check.fails(cell(max_ulp=20.0), cell(max_ulp=21.9)) is None  # +1.9 ULP but only 9.5%
+    assert check.fails(cell(max_ulp=20.0), cell(max_ulp=23.0)) is not None
+    assert check.fails(cell(max_ulp=2.0), cell(max_ulp=math.nan)) == "became NaN"
+    assert GrowthHeld("max_ulp", 5.0, 0.1).fails(cell(max_ulp=0.5), cell(max_ulp=5.0)) is None
     grad = GrowthHeld("grad_max_rel_err", 1.0, 0.1, relative=True)  # float16: 1 ULP = 2^-10
-    assert grad.fails(row(grad_max_rel_err="1e-3"), row(grad_max_rel_err="1.9e-3")) is None
-    assert grad.fails(row(grad_max_rel_err="1e-3"), row(grad_max_rel_err="2.1e-3")) is not None
-    assert grad.fails(row(grad_max_rel_err="1e-3"), row(grad_max_rel_err="2.1e-3", grad_status="n/a")) is None
+    assert grad.fails(cell(grad_max_rel_err=1e-3), cell(grad_max_rel_err=1.9e-3)) is None
+    assert grad.fails(cell(grad_max_rel_err=1e-3), cell(grad_max_rel_err=2.1e-3)) is not None
+    assert grad.fails(cell(grad_max_rel_err=1e-3), cell(grad_max_rel_err=2.1e-3, grad_status="n/a")) is None
 
 
 def test_status_and_count_checks():
     status = StatusHeld("status")
-    assert status.fails(row(status="inaccurate"), row(status="ok")) is None
-    assert status.fails(row(status="ok"), row(status="inaccurate")) == "status got worse"
+    assert status.fails(cell(status="inaccurate"), cell(status="ok")) is None
+    assert status.fails(cell(status="ok"), cell(status="inaccurate")) == "status got worse"
     assert (
-        status.fails(row(status="nonfinite"), row(status="error", error="E: x")) == "status got worse: E: x"
+        status.fails(cell(status="nonfinite"), cell(status="error", error="E: x")) == "status got worse: E: x"
     )
-    assert status.fails(row(status="ok"), row(status="skipped", error="no cuda")).startswith(
+    assert status.fails(cell(status="ok"), cell(status="skipped", error="no cuda")).startswith(
         "no longer audited"
     )
-    assert status.fails(row(status="skipped"), row(status="error")) is None
-    assert StatusHeld("grad_status").fails(row(), row(status="error", grad_status="error")) is None
-    assert CountHeld("grad_nan").fails(row(grad_nan="0"), row(grad_nan="3")) == "NaN gradient rows appeared"
-    assert CountHeld("inf_rows").fails(row(inf_rows="2"), row(inf_rows="2")) is None
-    assert Present().fails(row(), None) == "missing from the current audit"
-    assert Present().fails(None, row()) is None
-    assert Present(strict=True).fails(None, row()) is not None
+    assert status.fails(cell(status="skipped"), cell(status="error")) is None
+    assert StatusHeld("grad_status").fails(cell(), cell(status="error", grad_status="error")) is None
+    assert CountHeld("grad_nan").fails(cell(grad_nan=0), cell(grad_nan=3)) == "NaN gradient rows appeared"
+    assert CountHeld("inf_rows").fails(cell(inf_rows=2), cell(inf_rows=2)) is None
+    assert Present().fails(cell(), None) == "missing from the current audit"
+    assert Present().fails(None, cell()) is None
+    assert Present(strict=True).fails(None, cell()) is not None
 
 
 def test_missing_cells_fail_new_cells_pass_unless_strict(tmp_path, capsys):
-    cells = [row(), row(dtype="float32")]
+    cells = [cell(), cell(dtype="float32")]
     base = Audit(SUMMARY_COLUMNS, cells, "baseline.csv")
     fewer = compare(base, Audit(SUMMARY_COLUMNS, cells[:1], "now"))
     assert not fewer.passed and fewer.missing == ["fused float32"]
-    more = compare(base, Audit(SUMMARY_COLUMNS, [*cells, row(scale="10.0")], "now"))
+    more = compare(base, Audit(SUMMARY_COLUMNS, [*cells, cell(scale=10.0)], "now"))
     assert more.passed and more.new == ["fused float16 scale=10"]
-    strict = compare(base, Audit(SUMMARY_COLUMNS, [*cells, row(scale="10.0")], "now"), strict=True)
+    strict = compare(base, Audit(SUMMARY_COLUMNS, [*cells, cell(scale=10.0)], "now"), strict=True)
     assert not strict.passed
 
 
@@ -309,11 +306,11 @@ def test_cell_key_is_every_column_that_is_not_a_measurement():
     )
     header = (*SUMMARY_COLUMNS, "temperature")  # a case column added by a later version
     assert key_columns(header)[-1] == "temperature"
-    base = Audit(header, [row(reduction="mean"), row(reduction="sum", status="nonfinite")], "b")
-    now = Audit(header, [row(reduction="mean"), row(reduction="sum", status="nonfinite")], "c")
+    base = Audit(header, [cell(reduction="mean"), cell(reduction="sum", status="nonfinite")], "b")
+    now = Audit(header, [cell(reduction="mean"), cell(reduction="sum", status="nonfinite")], "c")
     assert compare(base, now).passed
     with pytest.raises(AuditError, match="two rows for the cell"):
-        compare(Audit(SUMMARY_COLUMNS, [row(), row()], "dup"), now)
+        compare(Audit(SUMMARY_COLUMNS, [cell(), cell()], "dup"), now)
 
 
 def test_bad_input_exits_2(tmp_path, capsys):

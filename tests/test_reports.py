@@ -21,13 +21,13 @@ from helpers import tiny_overrides
 from rich.console import Console
 
 from ce_audit.config import config_from_dict, load_config
-from ce_audit.results import AuditResult, Cell
-from ce_audit.sweep import run_sweep
 from ce_audit.errors import AuditError
 from ce_audit.reports import files
 from ce_audit.reports.csv import SUMMARY_COLUMNS, write_summary_csv
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.reports.table import cell_text, print_report
+from ce_audit.results import AuditResult, Cell
+from ce_audit.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 

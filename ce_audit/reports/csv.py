@@ -1,28 +1,36 @@
 """summary.csv (one row per cell) and rows.csv (one row per input row, replay): floats as repr().
 
-Booleans are written as ``true``/``false``. Reading a summary back gives its header and one
-``{column: text}`` mapping per cell; numbers parse with float() ('inf' and 'nan' included).
+Booleans are written as ``true``/``false``, an option that is off (None) as an empty field. Reading a
+summary back gives typed ``Cell``s: each column is parsed by its field's type (floats with float(), so
+'inf' and 'nan' parse). A column the file lacks (written by an older version) reads as the field's
+default; a column this version does not know (written by a later one) is kept as text beside the cell.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import astuple, fields
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ce_audit.engine import RowRecord, SummaryRow
 from ce_audit.errors import AuditError
 from ce_audit.reports.files import write_atomically
+from ce_audit.results import CELL_COLUMNS, ROW_RESULT_COLUMNS, Cell, RowResult
 
-SUMMARY_COLUMNS = tuple(f.name for f in fields(SummaryRow))
-ROW_COLUMNS = tuple(f.name for f in fields(RowRecord))
-REQUIRED_COLUMNS = ("impl", "dtype", "status")
+SUMMARY_COLUMNS = CELL_COLUMNS
+ROW_COLUMNS = ROW_RESULT_COLUMNS
+# Every summary.csv ever written has these: the cell fields without a default, and the status.
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    *(f.name for f in fields(Cell) if f.default is MISSING and f.default_factory is MISSING),
+    "status",
+)
 
 
-def _cell(value: Any) -> str:
-    """Floats as repr(); None (an option that is off, e.g. margin) as an empty cell."""
+def column_text(value: Any) -> str:
+    """A value as summary.csv holds it: floats as repr(), booleans true/false, None as an empty field."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -35,29 +43,74 @@ def _csv_text(columns: tuple[str, ...], rows: list[Any]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([_cell(value) for value in astuple(row)])
+        writer.writerow([column_text(value) for value in astuple(row)])
     return buffer.getvalue()
 
 
-def summary_records(rows: list[SummaryRow]) -> list[dict[str, str]]:
-    """Summary rows as summary.csv would hold them: one {column: text} per cell."""
-    return [dict(zip(SUMMARY_COLUMNS, (_cell(value) for value in astuple(row)), strict=True)) for row in rows]
-
-
-def summary_text(rows: list[SummaryRow]) -> str:
+def summary_text(rows: list[Cell]) -> str:
     return _csv_text(SUMMARY_COLUMNS, rows)
 
 
-def write_summary_csv(rows: list[SummaryRow], path: str | Path) -> Path:
+def write_summary_csv(rows: list[Cell], path: str | Path) -> Path:
     return write_atomically(path, summary_text(rows))
 
 
-def write_rows_csv(records: list[RowRecord], path: str | Path) -> Path:
+def write_rows_csv(records: list[RowResult], path: str | Path) -> Path:
     return write_atomically(path, _csv_text(ROW_COLUMNS, records))
 
 
-def read_summary_csv(path: str | Path, what: str = "summary") -> tuple[list[str], list[dict[str, str]]]:
-    """The header and rows of a summary.csv; a missing, unreadable or malformed file raises AuditError."""
+@dataclass(frozen=True)
+class SummaryFile:
+    """A summary.csv read back: its header, one typed Cell per line, and per line the text of the
+    columns this version does not know (a later version's), by column name."""
+
+    header: tuple[str, ...]
+    cells: list[Cell]
+    unknown: list[dict[str, str]]
+
+
+def _boolean(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise ValueError(text)
+    return text == "true"
+
+
+def _parser(hint: Any) -> Callable[[str], Any]:
+    """How a field of this type is read from its text: '' is None for an optional field."""
+    if type(None) in typing.get_args(hint):
+        (inner,) = (option for option in typing.get_args(hint) if option is not type(None))
+        parse = _parser(inner)
+        return lambda text: None if text == "" else parse(text)
+    if hint is bool:
+        return _boolean
+    if hint in (int, float, str):
+        return typing.cast(Callable[[str], Any], hint)
+    raise TypeError(f"summary.csv cannot read a field of type {hint!r}")
+
+
+_FIELD_TYPES = typing.get_type_hints(Cell)
+PARSERS: dict[str, Callable[[str], Any]] = {name: _parser(_FIELD_TYPES[name]) for name in CELL_COLUMNS}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _typed_cell(values: dict[str, str], where: str) -> tuple[Cell, dict[str, str]]:
+    """The Cell of one line ({column: text}) and the text of the columns Cell has no field for."""
+    known, unknown = {}, {}
+    for column, text in values.items():
+        if column not in PARSERS:
+            unknown[column] = text
+            continue
+        try:
+            known[column] = PARSERS[column](text)
+        except ValueError:
+            hint = _FIELD_TYPES[column]
+            kind = _TYPE_NAMES.get(hint, "a number or empty")
+            raise AuditError(f"{where}: column {column!r} holds {text!r}, not {kind}") from None
+    return Cell(**known), unknown
+
+
+def read_cells(path: str | Path, what: str = "summary") -> SummaryFile:
+    """The typed cells of a summary.csv; a missing, unreadable or malformed file raises AuditError."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -73,7 +126,7 @@ def read_summary_csv(path: str | Path, what: str = "summary") -> tuple[list[str]
         missing = [column for column in REQUIRED_COLUMNS if column not in header]
         if missing:
             raise AuditError(f"{what} {path} is not a ce-audit summary.csv (no column {missing[0]!r})")
-        rows = []
+        cells, unknown = [], []
         for number, values in enumerate(reader, start=2):
             if not values:
                 continue
@@ -81,7 +134,9 @@ def read_summary_csv(path: str | Path, what: str = "summary") -> tuple[list[str]
                 raise AuditError(
                     f"{what} {path}, line {number}: {len(values)} fields, expected {len(header)}"
                 )
-            rows.append(dict(zip(header, values, strict=True)))
+            cell, extra = _typed_cell(dict(zip(header, values, strict=True)), f"{what} {path}, line {number}")
+            cells.append(cell)
+            unknown.append(extra)
     except csv.Error as error:
         raise AuditError(f"{what} {path} is not valid CSV: {error}") from None
-    return header, rows
+    return SummaryFile(tuple(header), cells, unknown)

@@ -13,8 +13,8 @@ from typing import Any
 
 from ce_audit.dtypes import reference_precision
 from ce_audit.implementations import REGISTRY
-from ce_audit.results import AuditResult
 from ce_audit.reports.files import write_atomically
+from ce_audit.results import AuditResult
 
 REPORT_FORMAT = 1
 

@@ -11,7 +11,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from ce_audit.gate import GateResult
+from ce_audit.gate.compare import GateResult
 from ce_audit.reports.files import write_atomically
 
 _NOT_XML = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ce_audit.gate import GateResult
+from ce_audit.gate.compare import GateResult
 from ce_audit.reports.files import write_atomically
 
 MAX_LISTED = 50

@@ -4,20 +4,17 @@ status (turned round when there are many option combinations)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ce_audit.dtypes import LIMITED_FLOAT64_REFERENCE, reference_precision
-from ce_audit.results import Cell
 from ce_audit.findings import findings
+from ce_audit.gate.compare import GateResult
 from ce_audit.options import options_label
+from ce_audit.results import Cell
 from ce_audit.statuses import worst_status
-
-if TYPE_CHECKING:
-    from ce_audit.gate import GateResult
 
 STYLES = {
     "ok": "green",

@@ -1,0 +1,196 @@
+"""What ``ce-audit gate`` does around the comparison: read the baseline (summary.csv and the report.json
+beside it), obtain the current audit (a summary.csv, or a fresh run of the recorded sweep or replay),
+compare, and on ``--update`` rewrite the baseline. Exit codes are the caller's: 0 held, 1 regressed,
+2 bad input (AuditError).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ce_audit.budgets import parse_budget
+from ce_audit.config import SweepConfig, config_from_dict, load_config
+from ce_audit.errors import AuditError
+from ce_audit.gate.checks import default_checks
+from ce_audit.gate.compare import Audit, GateResult, compare
+from ce_audit.replay import run_replay
+from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, write_summary_csv
+from ce_audit.reports.files import write_atomically
+from ce_audit.reports.json import report_document, write_report_json
+from ce_audit.results import AuditResult
+from ce_audit.sweep import run_sweep
+
+
+def summary_path(path: str | Path) -> Path:
+    """A summary.csv, or a report directory holding one."""
+    path = Path(path)
+    if path.is_dir() or (not path.exists() and path.suffix.lower() != ".csv"):
+        return path / "summary.csv"
+    return path
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    report = path.with_name("report.json")
+    if not report.is_file():
+        return None
+    try:
+        document = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AuditError(f"cannot read {report}: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("config", {}), dict):
+        raise AuditError(f"{report} is not a ce-audit report.json")
+    return document
+
+
+def read_audit(path: str | Path, what: str) -> Audit:
+    """A summary.csv (or a directory holding one), read into typed cells, with its report.json if present."""
+    path = summary_path(path)
+    summary = read_cells(path, what)
+    return Audit(summary.header, summary.cells, str(path), _read_report(path), summary.unknown)
+
+
+def audit_from_result(
+    result: AuditResult, source: str, command: str = "sweep", extra: dict[str, Any] | None = None
+) -> Audit:
+    """A fresh AuditResult as the gate sees it: its cells as they are, and the report.json it would write."""
+    return Audit(SUMMARY_COLUMNS, result.cells, source, report_document(result, command, extra))
+
+
+def _recorded_config(report: dict[str, Any] | None, source: str) -> SweepConfig:
+    if report is None:
+        raise AuditError(
+            f"{source} has no report.json beside it, so the sweep cannot be re-run; "
+            "give --current or --config"
+        )
+    try:
+        return config_from_dict(report.get("config") or {})
+    except AuditError as error:
+        raise AuditError(f"config recorded in report.json beside {source}: {error}") from None
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """A gate evaluation: the verdict, both audits, and the fresh result (None with --current)."""
+
+    result: GateResult
+    baseline: Audit | None
+    current: Audit
+    fresh: AuditResult | None = None  # of a fresh sweep or replay
+    command: str = "sweep"
+    extra: dict[str, Any] | None = None
+
+
+def _dedupe(items: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(item for item in items if item))
+
+
+def run_gate(
+    baseline_path: str | Path | None,
+    *,
+    current_path: str | Path | None = None,
+    config_path: str | Path | None = None,
+    plugins: Sequence[str] = (),
+    budgets: Sequence[str] = (),
+    ulp_growth: float | None = None,
+    rel_growth: float | None = None,
+    strict: bool = False,
+    allow_missing_baseline: bool = False,
+    progress: Any = None,
+) -> GateRun:
+    """Read the baseline, obtain the current audit (``current_path`` or a fresh run), compare.
+
+    The fresh run uses ``config_path`` if given, else the config recorded in the baseline's report.json
+    (plugins included; a recorded replay re-reads its logits files). Budgets come from ``budgets`` and
+    from every config involved; growth tolerances from the arguments, else the config, else 1 ULP / 10%.
+    """
+    baseline = None
+    if baseline_path is not None:
+        path = summary_path(baseline_path)
+        if path.exists() or not allow_missing_baseline:
+            baseline = read_audit(path, "baseline")
+    run_config: SweepConfig | None = None
+    fresh, command, extra = None, "sweep", None
+    if current_path is not None:
+        current = read_audit(current_path, "current audit")
+    else:
+        if config_path is not None:
+            run_config = load_config(config_path)
+        elif baseline is not None:
+            run_config = _recorded_config(baseline.report, baseline.source)
+            command = str(baseline.report.get("command", "sweep")) if baseline.report else "sweep"
+        else:
+            raise AuditError("nothing to audit: give a BASELINE with its report.json, --current or --config")
+        run_config = replace(run_config, plugins=_dedupe([*run_config.plugins, *plugins]))
+        if command == "replay":
+            fresh, extra = _rerun_replay(run_config, baseline)
+        else:
+            fresh = run_sweep(run_config, progress=progress)
+        current = audit_from_result(fresh, f"a fresh {command}", command, extra)
+
+    configs = [run_config] if run_config is not None else []
+    if baseline is not None and baseline.report is not None:
+        configs.append(_recorded_config(baseline.report, baseline.source))
+    if current_path is not None and current.report is not None:
+        configs.append(_recorded_config(current.report, current.source))
+    budget_texts = _dedupe([*budgets, *(text for config in configs for text in config.budgets)])
+    parsed = [parse_budget(text) for text in budget_texts]
+    reference = configs[0] if configs else SweepConfig()
+    checks = default_checks(
+        reference.ulp_growth if ulp_growth is None else ulp_growth,
+        reference.rel_growth if rel_growth is None else rel_growth,
+        strict,
+    )
+    result = compare(baseline, current, checks=checks, budgets=parsed, strict=strict)
+    notes = _version_notes(baseline, current)
+    if notes:
+        result = replace(result, notes=[*result.notes, *notes])
+    return GateRun(result, baseline, current, fresh, command, extra)
+
+
+def _rerun_replay(config: SweepConfig, baseline: Audit | None) -> tuple[AuditResult, dict[str, Any]]:
+    """The recorded replay run again on the input files its report.json names, for the baseline's dtypes."""
+    assert baseline is not None and baseline.report is not None
+    inputs = baseline.report.get("inputs") or {}
+    if not isinstance(inputs, dict) or not inputs.get("logits") or not inputs.get("targets"):
+        raise AuditError(f"report.json beside {baseline.source} records a replay without its input files")
+    dtypes = list(dict.fromkeys(cell.dtype for cell in baseline.cells)) or None
+    result = run_replay(inputs["logits"], inputs["targets"], config, dtypes=dtypes)
+    return result, {"inputs": inputs}
+
+
+def _version_notes(baseline: Audit | None, current: Audit) -> list[str]:
+    if baseline is None or baseline.report is None or current.report is None:
+        return []
+    before = baseline.report.get("versions") or {}
+    now = current.report.get("versions") or {}
+    changed = [
+        f"{name} {before[name]} → {now[name]}" for name in before if name in now and before[name] != now[name]
+    ]
+    return [f"versions differ from the baseline's: {', '.join(changed)}"] if changed else []
+
+
+def update_baseline(run: GateRun, baseline_path: str | Path) -> list[Path]:
+    """Rewrite the baseline (summary.csv and report.json beside it) from the current audit, atomically."""
+    path = summary_path(baseline_path)
+    if path.suffix.lower() != ".csv":
+        raise AuditError(f"baseline {path} must be a .csv file or a directory")
+    report_path = path.with_name("report.json")
+    written = []
+    if run.fresh is not None:
+        written.append(write_report_json(run.fresh, report_path, run.command, run.extra))
+        written.append(write_summary_csv(run.fresh.cells, path))
+        return written
+    source = Path(run.current.source)
+    if run.current.report is not None:
+        text = json.dumps(run.current.report, indent=2, allow_nan=False) + "\n"
+        written.append(write_atomically(report_path, text))
+    try:
+        csv_text = source.read_text(encoding="utf-8")
+    except OSError as error:
+        raise AuditError(f"cannot read {source}: {error.strerror or error}") from None
+    written.append(write_atomically(path, csv_text))
+    return written
