@@ -1,9 +1,13 @@
-"""Error measures against the reference, and the verdict of a cell.
+"""Error measures against the reference, and the running tallies that become a cell's verdict.
 
 For a value v and the exact reference r, in ULPs of the audited dtype: ulp_err = |v − r| / ulp(r);
 bits of error = log2(1 + ulp_err) (Herbie's measure); relative error = |v − r| / |r| (0 when both
 are 0). A row passes when |v − r| ≤ atol + rtol·|r| (torch.testing.assert_close's rule).
-A non-finite value where the reference is finite counts as all p bits of the format lost.
+
+Non-finite outcomes are told apart: a NaN or ±inf value where the exact value differs is *nonfinite*
+(all p bits of the format lost); a finite value where the exact value is ±inf is a *wrong value* (it
+fails, as an inaccurate row); a finite value where the exact value is NaN by PyTorch's convention (the
+mean over no rows or no weight) is a *convention* difference, never a failure.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat, ulp
+from ce_audit.cases import quantize
+from ce_audit.dtypes import FORMATS, FloatFormat, ulp
+from ce_audit.statuses import Status, relative_error
 
 
 @dataclass(frozen=True)
@@ -33,37 +39,45 @@ class RowErrors:
     ulp_err: np.ndarray
     bits: np.ndarray
     both_finite: np.ndarray
-    nonfinite_mismatch: np.ndarray
+    nonfinite_mismatch: np.ndarray  # the value is NaN or ±inf where the exact value is not the same
+    finite_where_infinite: np.ndarray  # a finite value where the exact value is ±inf: a wrong value
+    convention: np.ndarray  # a finite value where the exact value is NaN by PyTorch's convention
 
 
 def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> RowErrors:
     """abs, rel, ULP and bits of error per row; value and reference in working precision."""
     with np.errstate(all="ignore"):
-        both_finite = np.isfinite(value) & np.isfinite(reference)
-        same_nonfinite = ~np.isfinite(reference) & (
+        value_finite, reference_finite = np.isfinite(value), np.isfinite(reference)
+        both_finite = value_finite & reference_finite
+        same_nonfinite = ~reference_finite & (
             (np.isnan(reference) & np.isnan(value)) | (np.isinf(reference) & (value == reference))
         )
-        nonfinite_mismatch = ~both_finite & ~same_nonfinite
+        nonfinite_mismatch = ~value_finite & ~same_nonfinite
+        finite_where_infinite = value_finite & np.isinf(reference)
+        convention = value_finite & np.isnan(reference)
+        unmeasured = nonfinite_mismatch | finite_where_infinite | convention
         diff = np.abs(value - reference)
         diff[same_nonfinite] = 0
-        diff[nonfinite_mismatch] = np.nan
-        magnitude = np.abs(reference)
-        rel = np.where(
-            magnitude > 0, diff / np.where(magnitude > 0, magnitude, 1), np.where(diff > 0, np.inf, 0)
-        )
+        diff[unmeasured] = np.nan
+        rel = relative_error(diff, np.abs(reference))
         rel[same_nonfinite] = 0
-        rel[nonfinite_mismatch] = np.nan
+        rel[unmeasured] = np.nan
         ulps = diff / ulp(np.where(both_finite, reference, 0), fmt)
         bits = np.log2(1 + ulps)
-        bits[nonfinite_mismatch] = fmt.precision
-    return RowErrors(diff, rel, ulps, bits, both_finite, nonfinite_mismatch)
+        bits[nonfinite_mismatch | finite_where_infinite] = fmt.precision
+        bits[convention] = 0
+    return RowErrors(
+        diff, rel, ulps, bits, both_finite, nonfinite_mismatch, finite_where_infinite, convention
+    )
 
 
 def within_tolerance(errors: RowErrors, reference: np.ndarray, tolerance: Tolerance) -> np.ndarray:
-    """True where a row passes |err| ≤ atol + rtol·|ref| (non-finite mismatches never pass)."""
+    """True where a row passes |err| ≤ atol + rtol·|ref| (non-finite mismatches and wrong values never pass;
+    a convention difference always does)."""
     with np.errstate(invalid="ignore"):
         bound = tolerance.atol + tolerance.rtol * np.abs(np.where(errors.both_finite, reference, 0))
-        return ~errors.nonfinite_mismatch & ~(errors.abs_err > bound)
+        wrong = errors.nonfinite_mismatch | errors.finite_where_infinite
+        return ~wrong & ~(errors.abs_err > bound)
 
 
 def _max(values: np.ndarray) -> float:
@@ -73,17 +87,21 @@ def _max(values: np.ndarray) -> float:
 
 @dataclass
 class LossTally:
-    """Running loss metrics of one cell over row blocks."""
+    """Running loss metrics of one cell over row blocks (O(1) in the number of rows but for ``bits``)."""
 
     rows: int = 0
     nan_rows: int = 0
     inf_rows: int = 0
     mismatches: int = 0
+    finite_where_infinite: int = 0
+    convention_rows: int = 0
     failures: int = 0
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
     max_ulp: float = 0.0
     bits: list[np.ndarray] = field(default_factory=list)
+    convention_value: float = float("nan")  # the first finite value returned where PyTorch's is NaN
+    on_grid: dict[str, bool] = field(default_factory=dict)  # every finite value lies on a narrower format
 
     def add(
         self, value: np.ndarray, reference: np.ndarray, fmt: FloatFormat, tolerance: Tolerance
@@ -93,18 +111,38 @@ class LossTally:
         self.nan_rows += int(np.isnan(value).sum())
         self.inf_rows += int(np.isinf(value).sum())
         self.mismatches += int(errors.nonfinite_mismatch.sum())
+        self.finite_where_infinite += int(errors.finite_where_infinite.sum())
+        self.convention_rows += int(errors.convention.sum())
         self.failures += int((~within_tolerance(errors, reference, tolerance)).sum())
         self.max_abs_err = max(self.max_abs_err, _max(errors.abs_err))
         self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))
         self.max_ulp = max(self.max_ulp, _max(errors.ulp_err))
         self.bits.append(np.asarray(errors.bits, dtype=np.float64))
+        if errors.convention.any() and math.isnan(self.convention_value):
+            self.convention_value = float(value[errors.convention][0])
+        finite = value[np.isfinite(value)].astype(np.float64)
+        for narrower in FORMATS.values():
+            if narrower.precision < fmt.precision and self.on_grid.get(narrower.name, True):
+                with np.errstate(over="ignore"):
+                    self.on_grid[narrower.name] = bool((finite.astype(narrower.numpy_dtype) == finite).all())
         return errors
+
+    def lower_precision(self, fmt: FloatFormat) -> str:
+        """The widest narrower q-bit format whose grid holds every value, when the errors are that format's
+        rounding errors: at least 2^(p − q − 3) ULPs of the audited p-bit format, yet a relative error of at
+        most 16 · 2^−q (cancellation, which also lands on coarse grids, has far larger relative errors)."""
+        candidates = [f for f in FORMATS.values() if f.precision < fmt.precision and self.on_grid.get(f.name)]
+        for narrower in sorted(candidates, key=lambda f: -f.precision):
+            sized = self.max_ulp >= 2.0 ** (fmt.precision - narrower.precision - 3)
+            if self.rows >= 2 and sized and self.max_rel_err <= 16 * 2.0**-narrower.precision:
+                return narrower.name
+        return ""
 
     @property
     def status(self) -> str:
         if self.mismatches:
-            return "nonfinite"
-        return "inaccurate" if self.failures else "ok"
+            return Status.NONFINITE
+        return Status.INACCURATE if self.failures else Status.OK
 
     @property
     def mean_bits(self) -> float:
@@ -115,9 +153,53 @@ class LossTally:
         return math.fsum(values[~np.isnan(values)].tolist()) / self.rows
 
 
+def machine_epsilon(fmt: FloatFormat) -> float:
+    """2^(1−p): the spacing of ``fmt`` at 1."""
+    return 2.0 ** (1 - fmt.precision)
+
+
+def rounded_once(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """The reference's values rounded once to ``fmt`` (long double → float64, float64 → narrower)."""
+    if fmt.name == "float64":
+        return values.astype(np.float64)
+    return quantize(values.astype(np.float64), fmt)
+
+
+def max_ulp_error(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> float:
+    """max |v − r| / ulp(r) over the entries where both are finite (0 when there are none)."""
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(value) & np.isfinite(reference)
+        if not finite.any():
+            return 0.0
+        diff = np.abs(np.where(finite, value - reference, 0))
+        return float((diff / ulp(np.where(finite, reference, 0), fmt)).max())
+
+
+def floor_ulp_error(reference: np.ndarray, fmt: FloatFormat) -> float:
+    """The largest error, in ULPs of ``fmt``, of the exact values rounded once: the dtype's floor."""
+    return max_ulp_error(rounded_once(reference, fmt).astype(reference.dtype), reference, fmt)
+
+
+def floor_norm_error(reference: np.ndarray | None, fmt: FloatFormat) -> float:
+    """max_i ‖round(g*_i) − g*_i‖₂ / ‖g*_i‖₂ over the finite rows, in units of ``fmt``'s machine epsilon."""
+    if reference is None:
+        return float("nan")
+    with np.errstate(all="ignore"):
+        finite = np.isfinite(reference).all(axis=-1) if reference.ndim > 1 else np.isfinite(reference)
+        rows = reference[finite] if reference.ndim > 1 else reference[finite][None, :]
+        if rows.size == 0:
+            return 0.0
+        delta = rounded_once(rows, fmt).astype(rows.dtype) - rows
+        norms = np.sqrt((rows * rows).sum(axis=-1))
+        errors = relative_error(np.sqrt((delta * delta).sum(axis=-1)), norms)
+        return float(errors.max()) / machine_epsilon(fmt)
+
+
 @dataclass
 class GradTally:
-    """Running gradient metrics of one cell: per-row ‖g − g_ref‖∞ / ‖g_ref‖∞ and elementwise checks."""
+    """Running gradient metrics of one cell: elementwise checks, ULPs, per-row ‖g − g*‖∞ / ‖g*‖∞ and
+    the normwise ‖g − g*‖₂ / ‖g*‖₂. A NaN/±inf entry where the exact entry differs is a mismatch; a finite
+    entry where the exact one is ±inf fails; a finite entry where the exact one is NaN (convention) passes."""
 
     nan_rows: int = 0
     inf_rows: int = 0
@@ -125,33 +207,44 @@ class GradTally:
     failures: int = 0
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
+    max_ulp: float = 0.0
+    norm_rel_err: float = 0.0
+    measured: bool = False
 
-    def add(self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance) -> None:
+    def add(self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat) -> None:
+        self.measured = True
         with np.errstate(all="ignore"):
             self.nan_rows += int(np.isnan(grad).any(axis=1).sum())
             self.inf_rows += int(np.isinf(grad).any(axis=1).sum())
-            reference_finite = np.isfinite(reference)
-            mismatch = (~np.isfinite(grad) & reference_finite) | (
-                ~reference_finite & ~(np.isnan(reference) & np.isnan(grad)) & (grad != reference)
-            )
+            reference_finite, grad_finite = np.isfinite(reference), np.isfinite(grad)
+            mismatch = ~grad_finite & ~(np.isnan(reference) & np.isnan(grad)) & (grad != reference)
             self.mismatches += int(mismatch.any(axis=1).sum())
-            diff = np.abs(np.where(reference_finite & np.isfinite(grad), grad - reference, 0))
-            bound = tolerance.atol + tolerance.rtol * np.abs(np.where(reference_finite, reference, 0))
-            self.failures += int(((diff > bound) | mismatch).any(axis=1).sum())
+            wrong = grad_finite & np.isinf(reference)
+            both = reference_finite & grad_finite
+            delta = np.where(both, grad - reference, 0)
+            diff = np.abs(delta)
+            size = np.abs(np.where(reference_finite, reference, 0))
+            bound = tolerance.atol + tolerance.rtol * size
+            self.failures += int(((diff > bound) | mismatch | wrong).any(axis=1).sum())
+            if diff.size:
+                self.max_ulp = max(self.max_ulp, float((diff / ulp(np.where(both, reference, 0), fmt)).max()))
             row_abs = diff.max(axis=1) if diff.shape[1] else np.zeros(diff.shape[0])
-            row_norm = (
-                np.abs(np.where(reference_finite, reference, 0)).max(axis=1) if diff.shape[1] else row_abs
+            row_norm = size.max(axis=1) if diff.shape[1] else row_abs
+            row_rel = relative_error(row_abs, row_norm)
+            row_rel = np.where(row_norm > 0, row_rel, 0)
+            norm_rel = relative_error(
+                np.sqrt((delta * delta).sum(axis=1)), np.sqrt((size * size).sum(axis=1))
             )
-            row_rel = np.where(row_norm > 0, row_abs / np.where(row_norm > 0, row_norm, 1), 0)
         if row_abs.size:
             self.max_abs_err = max(self.max_abs_err, float(row_abs.max()))
             self.max_rel_err = max(self.max_rel_err, float(row_rel.max()))
+            self.norm_rel_err = max(self.norm_rel_err, float(norm_rel.max()))
 
     @property
     def status(self) -> str:
         if self.mismatches:
-            return "nonfinite"
-        return "inaccurate" if self.failures else "ok"
+            return Status.NONFINITE
+        return Status.INACCURATE if self.failures else Status.OK
 
 
 @dataclass
@@ -161,8 +254,10 @@ class GradChecks:
     true class: max_i |g_iy − g*_iy| / |g*_iy| over the rows with a true class y (where p_y − 1 loses
     everything as p_y → 1); binary: over every element. Row sum: max_i |Σ_k g_ik − Σ_k g*_ik| / Σ_k |g*_ik|
     (the exact row sum Σ_k g*_ik is 0 for cross-entropy, focal, label smoothing and soft targets; z-loss and
-    softcap move it); a row fails when |Σ_k g_ik − Σ_k g*_ik| > atol + rtol · Σ_k |g*_ik|.
-    Rows with a non-finite entry on either side are left to the NaN/Inf counts.
+    softcap move it); a row fails when |Σ_k g_ik − Σ_k g*_ik| > atol + rtol · Σ_k |g*_ik| + Σ_k ½ ulp(g*_ik):
+    the last term is what rounding every entry correctly to the audited dtype may move the sum by, so the
+    exact gradient rounded once always passes. Rows with a non-finite entry on either side are left to the
+    NaN/Inf counts.
     """
 
     true_max_rel_err: float = 0.0
@@ -177,6 +272,7 @@ class GradChecks:
         true_index: np.ndarray | None,
         rowsum: np.ndarray | None,
         tolerance: Tolerance,
+        fmt: FloatFormat,
     ) -> None:
         with np.errstate(all="ignore"):
             if true_index is None:
@@ -186,9 +282,7 @@ class GradChecks:
                 rows = np.flatnonzero(keep)
                 got, want = grad[rows, true_index[keep]], reference[rows, true_index[keep]]
             finite = np.isfinite(got) & np.isfinite(want)
-            diff = np.abs(got - want)[finite]
-            size = np.abs(want)[finite]
-            rel = np.where(size > 0, diff / np.where(size > 0, size, 1), np.where(diff > 0, np.inf, 0))
+            rel = relative_error(np.abs(got - want)[finite], np.abs(want)[finite])
             if rel.size:
                 self.true_max_rel_err = max(self.true_max_rel_err, float(rel.max()))
             if rowsum is None or grad.shape[0] == 0:
@@ -198,8 +292,10 @@ class GradChecks:
                 np.isfinite(grad).all(axis=1) & np.isfinite(reference).all(axis=1) & np.isfinite(rowsum)
             )
             error = np.abs(grad.sum(axis=1) - rowsum)[finite_rows]
-            norm = np.abs(reference).sum(axis=1)[finite_rows]
-            rel = np.where(norm > 0, error / np.where(norm > 0, norm, 1), np.where(error > 0, np.inf, 0))
+            finite_reference = reference[finite_rows]
+            norm = np.abs(finite_reference).sum(axis=1)
+            rounding = 0.5 * ulp(finite_reference, fmt).sum(axis=1)
+            rel = relative_error(error, norm)
             if rel.size:
                 self.rowsum_max = max(self.rowsum_max, float(rel.max()))
-            self.rowsum_failures += int((error > tolerance.atol + tolerance.rtol * norm).sum())
+            self.rowsum_failures += int((error > tolerance.atol + tolerance.rtol * norm + rounding).sum())

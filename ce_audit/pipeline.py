@@ -16,14 +16,15 @@ import numpy as np
 from ce_audit.backends import Outcome, backend_skip_reason, get_backend, uses_accelerators
 from ce_audit.devices import resolve_devices
 from ce_audit.dtypes import FloatFormat
-from ce_audit.implementations import Implementation
-from ce_audit.metrics import Tolerance
+from ce_audit.implementations import REGISTRY, Implementation
+from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
 from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
 from ce_audit.reference_variants import reference_loss
 from ce_audit.results import Cell, RowResult
 from ce_audit.scoring import CaseLabel, CellTally
 from ce_audit.statuses import Status, first_line
+from ce_audit.verdict import BASELINES, Side
 
 Progress = Callable[[float], None]
 Block = tuple[int, np.ndarray, np.ndarray]  # (first row, quantized logits, targets)
@@ -102,6 +103,27 @@ def _call(
     return outcome
 
 
+def _baselines(
+    tallies: list[CellTally], devices: list[str], fmt: FloatFormat, options: LossOptions
+) -> tuple[dict[str, CellTally], list[CellTally]]:
+    """PyTorch's kernel for the loss family on each device: the audited tally when it is one of them,
+    otherwise a hidden one that is run and scored but not reported."""
+    name = BASELINES.get(options.family)
+    if name not in REGISTRY:
+        return {}, []
+    by_device, hidden = {}, []
+    for device in devices:
+        found = next((t for t in tallies if t.impl.name == name and t.device == device), None)
+        if found is None:
+            found = CellTally(REGISTRY[name], device)
+            reason = _skip(found.impl, fmt, device, options)
+            if reason:
+                found.fail(Status.SKIPPED, reason)
+            hidden.append(found)
+        by_device[device] = found
+    return by_device, hidden
+
+
 def audit_blocks(
     source: BlockSource,
     fmt: FloatFormat,
@@ -127,8 +149,10 @@ def audit_blocks(
         reason = _skip(tally.impl, fmt, tally.device, options)
         if reason:
             tally.fail(Status.SKIPPED, reason)
+    baselines, hidden = _baselines(tallies, devices, fmt, options)
     row_results: list[RowResult] = []
     max_logit, max_reference = float("-inf"), float("-inf")
+    floor_loss = floor_grad = 0.0
     step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(tallies), 1))  # one unit per (case, dtype)
 
     for first_row, block, targets in source.blocks(fmt):
@@ -140,11 +164,15 @@ def audit_blocks(
         if finite_reference.size:
             max_reference = max(max_reference, float(finite_reference.max()))
         whole = first_row == 0 and block.shape[0] == label.batch
-        for tally in tallies:
+        if any(tally.status is None for tally in tallies):
+            floor_loss = max(floor_loss, floor_ulp_error(reference.loss, fmt))
+            if grad and reference.grad is not None:
+                floor_grad = max(floor_grad, floor_norm_error(reference.grad, fmt))
+        for tally in [*tallies, *hidden]:
             outcome = None
             if tally.status is None and not tally.deferred:
                 outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
-            if progress:
+            if progress and tally not in hidden:
                 progress(step)
             if outcome is None:
                 continue
@@ -156,7 +184,7 @@ def audit_blocks(
                 continue
             value = outcome.value.reshape(-1)
             errors = tally.score(outcome, value, reference, reference.loss, reference.grad, fmt, tolerance)
-            if keep_rows:
+            if keep_rows and tally not in hidden:
                 reduced = options.reduction != "none"
                 row_results.extend(
                     RowResult(
@@ -173,7 +201,7 @@ def audit_blocks(
                     )
                     for i in range(value.shape[0])
                 )
-    deferred = [tally for tally in tallies if tally.deferred and tally.status is None]
+    deferred = [tally for tally in [*tallies, *hidden] if tally.deferred and tally.status is None]
     if deferred:
         block, targets = source.whole_batch(fmt)
         reference = reference_loss(block, targets, options, weight=weight, grad=grad)
@@ -181,7 +209,11 @@ def audit_blocks(
             outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
             if outcome is not None:
                 tally.score_mean(outcome, reference, fmt, tolerance, grad)
-    cells = [tally.to_cell(fmt, label, grad, max_logit, max_reference) for tally in tallies]
+    floor = Side(floor_loss, False, floor_grad if grad else float("nan"))
+    cells = [
+        tally.to_cell(fmt, label, grad, max_logit, max_reference, floor, baselines.get(tally.device))
+        for tally in tallies
+    ]
     return cells, row_results
 
 

@@ -32,10 +32,11 @@ def key(default: Any = None, *, has_default: bool = False) -> Any:
 
 
 def measurement(
-    default: Any = None, *, budget: str | None = None, gate: str | None = None, unit: str = ""
+    default: Any = None, *, budget: str | None = None, gate: str | None = None, unit: str = "", what: str = ""
 ) -> Any:
-    """A field that holds what the audit found (see the module docstring for ``budget`` and ``gate``)."""
-    meta = {"role": MEASUREMENT, "budget": budget, "gate": gate, "unit": unit}
+    """A field that holds what the audit found (see the module docstring for ``budget`` and ``gate``);
+    ``what`` names a count in words ("NaN rows") for messages."""
+    meta = {"role": MEASUREMENT, "budget": budget, "gate": gate, "unit": unit, "what": what}
     return field(default=default, metadata=meta)
 
 
@@ -54,15 +55,15 @@ class Cell:
     seed: int = key()
     status: str = measurement("", budget="status", gate="status")
     rows: int = measurement(0)
-    nan_rows: int = measurement(0, budget="count", gate="count")
-    inf_rows: int = measurement(0, budget="count", gate="count")
+    nan_rows: int = measurement(0, budget="count", gate="count", what="NaN rows")
+    inf_rows: int = measurement(0, budget="count", gate="count", what="Inf rows")
     max_abs_err: float = measurement(0.0, budget="loss")
     max_rel_err: float = measurement(0.0, budget="loss")
     max_ulp: float = measurement(0.0, budget="loss", gate="growth", unit="ulp")
     mean_bits: float = measurement(0.0, budget="loss")
     grad_status: str = measurement("", budget="status", gate="status")
-    grad_nan: int = measurement(0, budget="count", gate="count")
-    grad_inf: int = measurement(0, budget="count", gate="count")
+    grad_nan: int = measurement(0, budget="count", gate="count", what="NaN gradient rows")
+    grad_inf: int = measurement(0, budget="count", gate="count", what="Inf gradient rows")
     grad_max_abs_err: float = measurement(0.0, budget="grad")
     grad_max_rel_err: float = measurement(0.0, budget="grad", gate="growth", unit="eps")
     error: str = measurement("")
@@ -90,6 +91,21 @@ class Cell:
         "", gate="kind"
     )  # "rows" per-row losses; "mean" a 0-d mean; "" not measured
     wrote_input: bool = measurement(False)  # the implementation changed its logits or targets buffer
+    # the verdict beside the absolute one (see docs/verdicts.md)
+    finite_where_infinite: int = measurement(
+        0, budget="count", gate="count", what="finite values where the exact loss is ±inf"
+    )
+    convention: str = measurement("")  # a finite value where PyTorch's convention is NaN: not a failure
+    lower_precision: str = measurement("")  # the narrower format the loss was computed in, if any
+    grad_max_ulp: float = measurement(0.0, budget="grad")  # elementwise, ULPs of the gradient's dtype
+    grad_norm_rel_err: float = measurement(0.0, budget="grad")  # max over rows of ‖g − g*‖₂ / ‖g*‖₂
+    best_max_ulp: float = measurement(float("nan"))  # the exact loss rounded once: the dtype's floor
+    best_grad_norm_rel_err: float = measurement(float("nan"))  # the exact gradient rounded once
+    pytorch_max_ulp: float = measurement(float("nan"))  # PyTorch's kernel on the same inputs and options
+    pytorch_grad_norm_rel_err: float = measurement(float("nan"))
+    loss_vs_pytorch: float = measurement(float("nan"))  # max_ulp / max(pytorch_max_ulp, ½)
+    grad_vs_pytorch: float = measurement(float("nan"))  # the same for grad_norm_rel_err, in units of eps
+    flag: str = measurement("")  # floor, pytorch (no worse than PyTorch) or worse (than PyTorch); "" ok
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,11 @@ def measurements(*, budget: str | None = None, gate: str | None = None) -> tuple
             continue
         chosen.append(f.name)
     return tuple(chosen)
+
+
+def what_of(column: str) -> str:
+    """A count measurement in words, for messages ("NaN rows")."""
+    return {f.name: f.metadata.get("what", "") for f in fields(Cell)}[column] or column
 
 
 def unit_of(column: str) -> str:

@@ -16,10 +16,20 @@ import numpy as np
 from ce_audit.backends import Outcome, takes_gradients
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import Implementation
-from ce_audit.metrics import GradChecks, GradTally, LossTally, RowErrors, Tolerance
+from ce_audit.metrics import (
+    GradChecks,
+    GradTally,
+    LossTally,
+    RowErrors,
+    Tolerance,
+    floor_norm_error,
+    floor_ulp_error,
+    machine_epsilon,
+)
 from ce_audit.options import OPTION_SPECS, LossOptions
 from ce_audit.results import Cell
 from ce_audit.statuses import GRAD_NOT_AVAILABLE, GRAD_OFF, UNMEASURED, Status
+from ce_audit.verdict import Side, relative
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class CellTally:
     wrote_input: bool = False
     deferred: bool = False  # returned a mean on a partial block: audited later on the whole batch
     batch_rows: int = 0
+    mean_floor: Side | None = None  # a 0-d mean: the exact mean rounded once (the floor of its own)
 
     def fail(self, status: str, message: str) -> None:
         self.status, self.error = status, message
@@ -81,11 +92,11 @@ class CellTally:
             self.grad_status, self.error = Status.ERROR, outcome.grad_error
         elif outcome.grad is not None and reference_grad is not None and self.grad_status is None:
             gradient = outcome.grad.astype(work)
-            self.grad.add(gradient, reference_grad, tolerance)
+            self.grad.add(gradient, reference_grad, tolerance, fmt)
             rowsum = reference.rowsum
             if reference_grad is not reference.grad and rowsum is not None:
                 rowsum = rowsum / max(reference.loss.shape[0], 1)
-            self.checks.add(gradient, reference_grad, reference.true_index, rowsum, tolerance)
+            self.checks.add(gradient, reference_grad, reference.true_index, rowsum, tolerance, fmt)
         return errors
 
     def score_mean(
@@ -99,12 +110,36 @@ class CellTally:
             if grad and mean_grad is not None and n_rows:
                 mean_grad = mean_grad / n_rows
         self.batch_rows = n_rows
-        self.score(outcome, outcome.value, reference, np.asarray(mean).reshape(1), mean_grad, fmt, tolerance)
+        mean = np.asarray(mean).reshape(1)
+        self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance)
+        grad_floor = floor_norm_error(mean_grad, fmt) if grad else np.nan
+        self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
+
+    @property
+    def grad_measured(self) -> bool:
+        return self.grad_status is None and self.grad.measured
+
+    def side(self, fmt: FloatFormat) -> Side:
+        """This result's errors, for the comparison with the floor and with PyTorch."""
+        return Side(
+            self.loss.max_ulp,
+            self.loss.mismatches > 0,
+            self.grad.norm_rel_err / machine_epsilon(fmt) if self.grad_measured else np.nan,
+            self.grad.mismatches > 0,
+        )
 
     def to_cell(
-        self, fmt: FloatFormat, label: CaseLabel, grad: bool, max_logit: float, max_reference: float
+        self,
+        fmt: FloatFormat,
+        label: CaseLabel,
+        grad: bool,
+        max_logit: float,
+        max_reference: float,
+        floor: Side | None = None,
+        pytorch: CellTally | None = None,
     ) -> Cell:
-        """The tallies as one ``Cell`` (its key from the label and the option table)."""
+        """The tallies as one ``Cell`` (its key from the label and the option table), judged against the
+        ``floor`` (the exact values rounded once) and PyTorch's kernel on the same inputs."""
         if self.status in UNMEASURED:
             status, grad_status = self.status, self.status
         else:
@@ -121,6 +156,22 @@ class CellTally:
                     grad_status = Status.INACCURATE
         measured = self.status is None
         mean = measured and self.value_kind == "mean"
+        lower = self.loss.lower_precision(fmt) if measured else ""
+        if lower and status == Status.OK:
+            status = Status.INACCURATE
+        nan = float("nan")
+        floor = (self.mean_floor if mean else floor) or Side(nan, False, nan)
+        baseline = pytorch.side(fmt) if pytorch is not None and pytorch.status is None else None
+        judged = None
+        if measured:
+            flagged = status != Status.OK or grad_status in (Status.INACCURATE, Status.NONFINITE)
+            judged = relative(self.side(fmt), floor, baseline, flagged)
+        convention = ""
+        if measured and self.loss.convention_rows:
+            convention = (
+                f"returns {self.loss.convention_value:g} where PyTorch returns NaN "
+                f"({self.loss.convention_rows} of {self.loss.rows} values: mean over no rows or no weight)"
+            )
         option_values = {
             spec.name: getattr(label.options if spec.owned else label, spec.name) for spec in OPTION_SPECS
         }
@@ -156,5 +207,23 @@ class CellTally:
             notes=self.notes if measured else "",
             value_kind=(self.value_kind or "") if measured else "",
             wrote_input=self.wrote_input,
+            finite_where_infinite=self.loss.finite_where_infinite,
+            convention=convention,
+            lower_precision=lower,
+            grad_max_ulp=self.grad.max_ulp,
+            grad_norm_rel_err=self.grad.norm_rel_err,
+            best_max_ulp=floor.loss_ulp if measured else nan,
+            best_grad_norm_rel_err=floor.grad_ulp * machine_epsilon(fmt)
+            if measured and self.grad_measured
+            else nan,
+            pytorch_max_ulp=baseline.loss_ulp if measured and baseline else nan,
+            pytorch_grad_norm_rel_err=(
+                baseline.grad_ulp * machine_epsilon(fmt)
+                if measured and baseline and self.grad_measured
+                else nan
+            ),
+            loss_vs_pytorch=judged.loss_vs_pytorch if judged else nan,
+            grad_vs_pytorch=judged.grad_vs_pytorch if judged else nan,
+            flag=judged.flag if judged else "",
             **option_values,
         )

@@ -69,7 +69,13 @@ def test_every_cell_field_is_key_or_measurement():
 
 def test_gate_and_budget_groups_come_from_the_fields():
     assert measurements(gate="status") == ("status", "grad_status")
-    assert set(measurements(gate="count")) == {"nan_rows", "inf_rows", "grad_nan", "grad_inf"}
+    assert set(measurements(gate="count")) == {
+        "nan_rows",
+        "inf_rows",
+        "grad_nan",
+        "grad_inf",
+        "finite_where_infinite",
+    }
     assert measurements(gate="growth") == ("max_ulp", "grad_max_rel_err")
     assert (unit_of("max_ulp"), unit_of("grad_max_rel_err")) == ("ulp", "eps")
     assert "max_ulp" in measurements(budget="loss") and "grad_max_rel_err" in measurements(budget="grad")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ce_audit.dtypes import FORMATS
-from ce_audit.results import Cell, measurements, unit_of
+from ce_audit.results import Cell, measurements, unit_of, what_of
 from ce_audit.statuses import UNMEASURED, Status, status_rank
 
 PRESENT = "cell"  # the metric name of the Present check, which compares no column
@@ -85,7 +85,7 @@ class StatusHeld:
 
 @dataclass(frozen=True)
 class CountHeld:
-    """No more NaN/Inf rows than the baseline had."""
+    """No more NaN/Inf (or wrong) rows than the baseline had."""
 
     metric: str
 
@@ -95,9 +95,7 @@ class CountHeld:
             return None
         before, now = (float(getattr(cell, self.metric)) for cell in pair)
         if now > before or (math.isnan(now) and not math.isnan(before)):
-            kind = "NaN" if "nan" in self.metric else "Inf"
-            where = "gradient rows" if self.metric.startswith("grad") else "rows"
-            return f"{kind} {where} appeared"
+            return f"{what_of(self.metric)} appeared"
         return None
 
 
