@@ -71,6 +71,14 @@ ImplOption = Annotated[
 ]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory (default: ce-audit-report).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors.")]
+FailOnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--fail-on",
+        help="Exit 1 when a cell reaches this level: inaccurate, nonfinite, error (the worse of loss and "
+        "gradient), or worse-than-pytorch. A CI check without a baseline.",
+    ),
+]
 GradOption = Annotated[
     bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too (default: on).")
 ]
@@ -194,6 +202,7 @@ def sweep(
     plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    fail_on: FailOnOption = None,
     **loss_options: Any,
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss."""
@@ -215,6 +224,7 @@ def sweep(
         "out": str(out) if out else None,
         **option_overrides(loss_options, grid=True),
     }
+    _check_fail_on(fail_on)
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
     progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
@@ -226,6 +236,7 @@ def sweep(
             console.print(path, markup=False)
     else:
         print_report(result.cells, console, paths, result.seconds)
+    _exit_on(result.cells, fail_on)
 
 
 @app.command()
@@ -243,6 +254,7 @@ def replay(
     plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    fail_on: FailOnOption = None,
     **loss_options: Any,
 ) -> None:
     """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json."""
@@ -262,6 +274,7 @@ def replay(
             **option_overrides(loss_options, grid=False),
         },
     )
+    _check_fail_on(fail_on)
     result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
     paths = _write_reports(
         result, Path(resolved.out), "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}}
@@ -272,6 +285,7 @@ def replay(
             console.print(path, markup=False)
     else:
         print_report(result.cells, console, paths, result.seconds)
+    _exit_on(result.cells, fail_on)
 
 
 @app.command("list")
@@ -384,6 +398,30 @@ def gate(
         if quiet:
             count = len(result.failures)
             print(f"ce-audit gate: FAILED ({count} failure{'s' if count != 1 else ''})", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def _check_fail_on(level: str | None) -> None:
+    from ce_audit.verdict import FAIL_LEVELS
+
+    if level is not None and level not in FAIL_LEVELS:
+        raise AuditError(f"--fail-on takes one of {', '.join(FAIL_LEVELS)}, got {level!r}")
+
+
+def _exit_on(cells: list[Any], level: str | None) -> None:
+    """Exit 1 with one line on stderr when a cell reaches the --fail-on level."""
+    from ce_audit.verdict import reaches
+
+    if level is None:
+        return
+    failing = [cell for cell in cells if reaches(cell, level)]
+    if failing:
+        first = failing[0]
+        print(
+            f"ce-audit: {len(failing)} of {len(cells)} cells reach --fail-on {level} "
+            f"(first: {first.impl} {first.dtype} {first.device} {first.distribution} scale {first.scale:g})",
+            file=sys.stderr,
+        )
         raise typer.Exit(1)
 
 

@@ -10,8 +10,27 @@ from ce_audit.dtypes import FloatFormat, float_format
 from ce_audit.options import options_label
 from ce_audit.results import Cell
 from ce_audit.statuses import worst_status
+from ce_audit.verdict import BASELINES
 
 EPSILON_CAP = -math.log(1e-7)
+# Constants a loss is commonly clipped at: −log(c) for an epsilon c inside the log or a clamp of p.
+KNOWN_EPSILONS = {
+    "1e-7": 1e-7, "1e-8": 1e-8, "1e-6": 1e-6, "1e-9": 1e-9, "1e-10": 1e-10, "1e-12": 1e-12, "1e-15": 1e-15,
+    "1e-7 as float16 (2^-23)": 2.0**-23,
+    "finfo(float16).eps": 2.0**-10, "finfo(bfloat16).eps": 2.0**-7, "finfo(float32).eps": 2.0**-23,
+    "finfo(float64).eps": 2.0**-52, "finfo(float16).tiny": 2.0**-14, "finfo(float32).tiny": 2.0**-126,
+    "2^-24, float16's smallest subnormal: p_y underflows there": 2.0**-24,
+    "1/256: a bfloat16 sum stuck at 256, where adding 1 no longer changes it": 2.0**-8,
+    "1/2048: a float16 sum stuck at 2048, where adding 1 no longer changes it": 2.0**-11,
+}  # fmt: skip
+
+
+def cap_text(level: float, exact: float) -> str:
+    """A loss capped at ``level``, named as −log(c) when c is a known epsilon (within 1 %)."""
+    epsilon = math.exp(-level)
+    named = next((name for name, c in KNOWN_EPSILONS.items() if abs(epsilon / c - 1) < 0.01), None)
+    what = f"−log({named})" if named else f"−log({epsilon:.3g})"
+    return f"loss capped near {what} ≈ {level:.1f} (at {level:.4g}; exact up to {exact:.3g})"
 
 
 def _where(row: Cell) -> str:
@@ -33,10 +52,6 @@ def cause(row: Cell) -> str:
         return row.error
     if row.status == "nonfinite":
         kind = "NaN" if row.nan_rows else "Inf"
-        if not row.nan_rows and not row.inf_rows:
-            if row.softcap and row.mask_fraction:
-                return f"finite: softcap turns −inf masks into −{row.softcap:g} where the exact loss is +inf"
-            return "finite where the exact value is not (" + (row.notes or "non-finite reference") + ")"
         reduced = _reduction_cause(row, fmt)
         if reduced:
             return f"{kind}: {reduced}"
@@ -65,6 +80,17 @@ def cause(row: Cell) -> str:
             return f"{kind}: {underflow_text}"
         return f"{kind}: non-finite where the exact loss is finite"
     if row.status == "inaccurate":
+        if row.lower_precision:
+            return (
+                f"computed in {row.lower_precision}: every value lies on the {row.lower_precision} grid and "
+                f"the errors are its size (max {row.max_ulp:.3g} ULP of {row.dtype})"
+            )
+        if row.finite_where_infinite:
+            if row.softcap and row.mask_fraction:
+                return f"finite: softcap turns −inf masks into −{row.softcap:g} where the exact loss is +inf"
+            return f"finite in {row.finite_where_infinite} rows where the exact loss is +inf"
+        if not math.isnan(row.capped_at):
+            return cap_text(row.capped_at, row.max_reference)
         reduced = _reduction_cause(row, fmt)
         if reduced:
             return reduced
@@ -79,8 +105,6 @@ def cause(row: Cell) -> str:
                 f"lse − z_y cancels in confident rows (target {row.margin:g} above the rest: "
                 f"the loss is below the spacing of z_y; max {row.max_ulp:.3g} ULP)"
             )
-        if abs(row.max_value - EPSILON_CAP) < 0.1 and row.max_reference > EPSILON_CAP + 0.1:
-            return f"loss capped near −log(1e-7) ≈ {EPSILON_CAP:.1f} (exact up to {row.max_reference:.3g})"
         if row.offset and abs(row.offset) > 8 * max(abs(row.scale), 1.0):
             spacing = 2.0 ** (math.floor(math.log2(abs(row.offset))) - fmt.precision + 1)
             return (
@@ -93,14 +117,18 @@ def cause(row: Cell) -> str:
 
 def _reduction_cause(row: Cell, fmt: FloatFormat) -> str | None:
     """A sum (or the sum inside a mean) past the dtype's largest finite value, or an accumulation drift."""
-    if row.reduction == "none":
+    mean_of_rows = row.reduction == "none" and row.value_kind == "mean"  # a 0-d mean returned by choice
+    if row.reduction == "none" and not mean_of_rows:
         return None
-    total = row.max_reference * (row.batch if row.reduction == "mean" else 1)
+    total = row.max_reference * (row.batch if row.reduction == "mean" or mean_of_rows else 1)
     if total > fmt.max:
         what = (
             "sum"
             if row.reduction == "sum"
-            else f"sum inside the mean (≈ {row.batch} × {row.max_reference:.3g})"
+            else (
+                f"sum inside the {'0-d ' if mean_of_rows else ''}mean "
+                f"(≈ {row.batch} × {row.max_reference:.3g})"
+            )
         )
         return f"the {row.dtype} {what} passes {fmt.max:g}"
     if row.status == "inaccurate":
@@ -143,6 +171,7 @@ def findings(rows: list[Cell]) -> list[str]:
             order.append(impl)
         groups[(impl, row.dtype)][row.status].append(row)
     several = len({options_label(row) for row in rows}) > 1
+    relative = relative_to_pytorch(rows)
     lines = []
     for impl in order:
         parts = []
@@ -163,9 +192,10 @@ def findings(rows: list[Cell]) -> list[str]:
             for key in list(by_cause)[:MAX_CAUSES]:
                 first = _first(by_cause[key])
                 parts.append(_part(dtype, first.status, first))
-        if parts:
-            lines.append(f"{impl}: " + "; ".join(parts))
-    return lines + expected_values(rows) + _behaviour(rows)
+        note = relative[impl.split("@")[0]] if impl.split("@")[0] in relative and "@" not in impl else ""
+        if parts or note:
+            lines.append(f"{impl}: " + "; ".join(parts) + (f" [{note}]" if parts and note else note))
+    return lines + expected_values(rows) + conventions(rows) + _behaviour(rows)
 
 
 def expected_values(rows: list[Cell]) -> list[str]:
@@ -182,6 +212,47 @@ def expected_values(rows: list[Cell]) -> list[str]:
         where = "; ".join(labels[:3]) + (f"; {len(labels) - 3} more" if len(labels) > 3 else "")
         statuses = ", ".join(sorted({r.status for r in noted}))
         lines.append(f"{note} — {impls} in {len(noted)} cells ({dtypes}: {where}): status {statuses}")
+    return lines
+
+
+def _factor(row: Cell) -> float:
+    return max((v for v in (row.loss_vs_pytorch, row.grad_vs_pytorch) if not math.isnan(v)), default=math.nan)
+
+
+def relative_to_pytorch(rows: list[Cell]) -> dict[str, str]:
+    """Per implementation, in words: the cells worse than PyTorch's kernel on the same inputs (and by how
+    much), or, for the kernel itself (``fused``), where it is flagged — what the others are judged by."""
+    notes = {}
+    for impl in dict.fromkeys(row.impl for row in rows):
+        worse = [r for r in rows if r.impl == impl and r.flag == "worse"]
+        own = [
+            r
+            for r in rows
+            if r.impl == impl and impl in BASELINES.values() and r.flag in ("pytorch", "floor")
+        ]
+        if worse:
+            top = max(worse, key=_factor)
+            by = "non-finite where PyTorch is finite" if _factor(top) == math.inf else f"×{_factor(top):.3g}"
+            which = "gradient" if top.grad_vs_pytorch >= top.loss_vs_pytorch else "loss"
+            notes[impl] = (
+                f"worse than PyTorch in {len(worse)} cells, most at {top.dtype} {_where(top)}: {which} {by}"
+            )
+        elif own:
+            dtypes = ", ".join(dict.fromkeys(r.dtype for r in own))
+            notes[impl] = (
+                f"this is PyTorch's own kernel, flagged in {len(own)} cells ({dtypes}); "
+                "=pt cells behave the same"
+            )
+    return notes
+
+
+def conventions(rows: list[Cell]) -> list[str]:
+    """Implementations that return a finite value where PyTorch's convention is NaN: not a failure."""
+    lines = []
+    for impl in dict.fromkeys(row.impl for row in rows if row.convention):
+        first = next(row for row in rows if row.impl == impl and row.convention)
+        count = sum(1 for row in rows if row.impl == impl and row.convention)
+        lines.append(f"{impl}: convention, not a failure — {first.convention} ({count} cells)")
     return lines
 
 

@@ -44,6 +44,11 @@ class RowErrors:
     convention: np.ndarray  # a finite value where the exact value is NaN by PyTorch's convention
 
 
+def overflow_threshold(fmt: FloatFormat) -> float:
+    """The smallest magnitude that rounds to ±inf in ``fmt``: max + ½ ulp(max)."""
+    return fmt.max + 2.0 ** (fmt.emax - fmt.precision)
+
+
 def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> RowErrors:
     """abs, rel, ULP and bits of error per row; value and reference in working precision."""
     with np.errstate(all="ignore"):
@@ -51,6 +56,10 @@ def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> Ro
         both_finite = value_finite & reference_finite
         same_nonfinite = ~reference_finite & (
             (np.isnan(reference) & np.isnan(value)) | (np.isinf(reference) & (value == reference))
+        )
+        # ±inf is the correct rounding of an exact value at or past the format's overflow threshold
+        same_nonfinite |= np.isinf(value) & (np.abs(reference) >= overflow_threshold(fmt)) & (
+            np.sign(value) == np.sign(reference)
         )
         nonfinite_mismatch = ~value_finite & ~same_nonfinite
         finite_where_infinite = value_finite & np.isinf(reference)
@@ -101,6 +110,12 @@ class LossTally:
     max_ulp: float = 0.0
     bits: list[np.ndarray] = field(default_factory=list)
     convention_value: float = float("nan")  # the first finite value returned where PyTorch's is NaN
+    top_value: float = float("-inf")  # the largest finite value returned …
+    top_short_rows: int = 0  # … how many rows returned exactly it where the exact loss is larger …
+    top_shortfall: float = 0.0  # … by how much at most, the largest error of the other rows at it …
+    top_error: float = 0.0
+    below_error: float = 0.0  # … and the largest error of every row below it, and a few values below it
+    below_values: set[float] = field(default_factory=set)
     on_grid: dict[str, bool] = field(default_factory=dict)  # every finite value lies on a narrower format
 
     def add(
@@ -118,6 +133,7 @@ class LossTally:
         self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))
         self.max_ulp = max(self.max_ulp, _max(errors.ulp_err))
         self.bits.append(np.asarray(errors.bits, dtype=np.float64))
+        self._track_cap(value, reference, errors, tolerance)
         if errors.convention.any() and math.isnan(self.convention_value):
             self.convention_value = float(value[errors.convention][0])
         finite = value[np.isfinite(value)].astype(np.float64)
@@ -126,6 +142,46 @@ class LossTally:
                 with np.errstate(over="ignore"):
                     self.on_grid[narrower.name] = bool((finite.astype(narrower.numpy_dtype) == finite).all())
         return errors
+
+    def _track_cap(self, value: np.ndarray, reference: np.ndarray, errors: RowErrors, tol: Tolerance) -> None:
+        finite = np.isfinite(value)
+        if not finite.any():
+            return
+        top = float(value[finite].max())
+        at_top = value == top
+        with np.errstate(invalid="ignore", over="ignore"):
+            short = at_top & (reference > value + tol.atol + tol.rtol * np.abs(value))
+            shortfall = _max(np.where(short, reference - value, np.nan))
+        top_error, below_error = _max(errors.abs_err[at_top & ~short]), _max(errors.abs_err[~at_top])
+        below = value[finite & ~at_top]
+        self.below_values.update(np.unique(below)[-8:].tolist())
+        if top > self.top_value:
+            if self.top_value > float("-inf"):
+                self.below_values.add(self.top_value)
+            self.below_error = max(self.below_error, self.top_error, below_error)
+            self.top_value, self.top_short_rows = top, int(short.sum())
+            self.top_shortfall, self.top_error = shortfall, top_error
+        else:
+            self.below_error = max(
+                self.below_error, below_error if top == self.top_value else _max(errors.abs_err)
+            )
+            if top == self.top_value:
+                self.top_short_rows += int(short.sum())
+                self.top_shortfall = max(self.top_shortfall, shortfall)
+                self.top_error = max(self.top_error, top_error)
+
+    @property
+    def capped_at(self) -> float:
+        """The constant the loss is capped at (an epsilon or clamp inside the log), or NaN: at least two rows
+        return exactly the largest value while their exact loss is larger, by more than 4 × the largest error
+        of any other row, at it or below it, and either 3 distinct values lie below it or the value has 4
+        significant bits or more (cancellation, which also ties rows on a coarse grid, errs everywhere and
+        leaves few values, each a small multiple of a power of two)."""
+        below = {value for value in self.below_values if value < self.top_value}
+        varied = len(below) >= 3 or significant_bits(self.top_value) >= 4
+        capped = self.top_short_rows >= 2 and self.top_value > 0 and varied
+        error = max(self.below_error, self.top_error)
+        return self.top_value if capped and self.top_shortfall > 4 * error else float("nan")
 
     def lower_precision(self, fmt: FloatFormat) -> str:
         """The widest narrower q-bit format whose grid holds every value, when the errors are that format's
@@ -151,6 +207,15 @@ class LossTally:
             return 0.0
         values = np.concatenate(self.bits)
         return math.fsum(values[~np.isnan(values)].tolist()) / self.rows
+
+
+def significant_bits(value: float) -> int:
+    """The number of significant bits of a finite float (8 → 1, 192 → 2, 16.125 → 8)."""
+    if value == 0 or not math.isfinite(value):
+        return 0
+    mantissa, _ = math.frexp(abs(value))
+    integer = int(mantissa * 2**53)
+    return 53 - ((integer & -integer).bit_length() - 1)
 
 
 def machine_epsilon(fmt: FloatFormat) -> float:

@@ -97,6 +97,7 @@ class Cell:
     )
     convention: str = measurement("")  # a finite value where PyTorch's convention is NaN: not a failure
     lower_precision: str = measurement("")  # the narrower format the loss was computed in, if any
+    capped_at: float = measurement(float("nan"))  # the constant the loss is clipped at, if it is
     grad_max_ulp: float = measurement(0.0, budget="grad")  # elementwise, ULPs of the gradient's dtype
     grad_norm_rel_err: float = measurement(0.0, budget="grad")  # max over rows of ‖g − g*‖₂ / ‖g*‖₂
     best_max_ulp: float = measurement(float("nan"))  # the exact loss rounded once: the dtype's floor

@@ -210,6 +210,7 @@ class CellTally:
             finite_where_infinite=self.loss.finite_where_infinite,
             convention=convention,
             lower_precision=lower,
+            capped_at=self.loss.capped_at if measured else nan,
             grad_max_ulp=self.grad.max_ulp,
             grad_norm_rel_err=self.grad.norm_rel_err,
             best_max_ulp=floor.loss_ulp if measured else nan,

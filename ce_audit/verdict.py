@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from ce_audit.statuses import RANKED, Status, status_rank
 
 BASELINES = {"ce": "fused", "binary": "bce_logits"}  # PyTorch's kernel for each loss family
 WORSE_FACTOR = 2.0
@@ -85,3 +88,23 @@ def relative(cell: Side, best: Side, pytorch: Side | None, flagged: bool) -> Rel
     if at_floor:
         return Relative(loss_ratio, grad_ratio, "floor")
     return Relative(loss_ratio, grad_ratio, "pytorch" if pytorch is not None else "")
+
+
+FAIL_LEVELS = ("inaccurate", "nonfinite", "error", "worse-than-pytorch")
+
+
+def cell_status(status: str, grad_status: str) -> str:
+    """A cell's overall status: the worse of its loss and gradient statuses (skipped stays skipped)."""
+    if status == Status.SKIPPED:
+        return status
+    ranked = [s for s in (status, grad_status) if s in RANKED]
+    return max(ranked, key=RANKED.index) if ranked else status
+
+
+def reaches(cell: Any, level: str) -> bool:
+    """Whether a cell reaches a ``--fail-on`` level: its overall status at or past ``inaccurate``,
+    ``nonfinite`` or ``error``, or (``worse-than-pytorch``) flagged worse than PyTorch's kernel."""
+    if level == "worse-than-pytorch":
+        return cell.flag == "worse"
+    rank = status_rank(cell_status(cell.status, cell.grad_status))
+    return rank is not None and rank >= (status_rank(level) or 0)

@@ -9,6 +9,7 @@ from ce_audit.implementations.registry import Implementation, add
 _TORCH = "ce_audit.implementations.torch_variants"
 _NUMPY = "ce_audit.implementations.numpy_variants"
 _MODULES = {"torch": _TORCH, "numpy": _NUMPY}  # where each backend's built-ins live
+_OWN_MODULES = {"rounded": "ce_audit.implementations.rounded"}  # built-ins with a module of their own
 
 # What each built-in supports: its PyTorch counterpart's options; softcap and z-loss applied around any
 # torch formula as training code does; a reduction of per-row formulas as .sum() / .mean().
@@ -16,6 +17,7 @@ _GENERIC = frozenset({"reduction", "softcap", "z_loss"})
 _SUPPORTS = {
     "log_softmax_nll": _GENERIC | {"weight", "ignore_index"},
     "fused": _GENERIC | {"weight", "ignore_index", "label_smoothing", "probs"},
+    "rounded": _GENERIC | {"weight", "ignore_index", "label_smoothing", "probs"},
     "numpy_naive": frozenset({"reduction"}),
     "numpy_shifted": frozenset({"reduction"}),
     "numpy_eps": frozenset({"reduction"}),
@@ -75,13 +77,20 @@ _BUILTINS = [
     ("numpy_naive", "numpy", "NumPy exp, sum, divide, log", "seed 000, step 4 in NumPy", ()),
     ("numpy_shifted", "numpy", "NumPy max-shifted log-sum-exp − z_y", "seed 003 / seed 000 step 8", ()),
     ("numpy_eps", "numpy", "shifted softmax, then −log(p_y + 1e-7)", "seed 003", ()),
+    (
+        "rounded",
+        "torch",
+        "the exact loss and gradient rounded once to the dtype: the best any implementation can do",
+        "ce-audit's reference, rounded to nearest",
+        (),
+    ),
 ]
 
 
 def register_builtins() -> None:
     """Add every built-in to the registry (their modules are imported on first call only)."""
     for name, backend, description, origin, tunables in _BUILTINS:
-        module = _MODULES[backend]
+        module = _OWN_MODULES.get(name, _MODULES[backend])
         add(
             Implementation(
                 name=name,

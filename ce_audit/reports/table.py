@@ -3,6 +3,7 @@ status (turned round when there are many option combinations)."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from rich.console import Console
@@ -14,7 +15,8 @@ from ce_audit.findings import findings
 from ce_audit.gate.compare import GateResult
 from ce_audit.options import options_label
 from ce_audit.results import Cell
-from ce_audit.statuses import worst_status
+from ce_audit.statuses import UNMEASURED, worst_status
+from ce_audit.verdict import cell_status
 
 STYLES = {
     "ok": "green",
@@ -53,7 +55,25 @@ def cell_text(rows: list[Cell]) -> Text:
         text += " μ"
     if any(row.wrote_input for row in rows):
         text += " w!"
+    if any(row.convention for row in measured):
+        text += " c"
+    text += _flag_text(measured)
     return Text(text, style=STYLES[status])
+
+
+def _flag_text(measured: list[Cell]) -> str:
+    """The relative verdict of the worst-flagged row: ×N pt (worse than PyTorch by N), =pt (as PyTorch),
+    floor (the dtype's floor: correct rounding is flagged too)."""
+    worse = [row for row in measured if row.flag == "worse"]
+    if worse:
+        factors = [
+            v for row in worse for v in (row.loss_vs_pytorch, row.grad_vs_pytorch) if not math.isnan(v)
+        ]
+        top = max(factors, default=math.nan)
+        return " ✗pt" if top == math.inf else f" ×{top:.2g}pt".replace("e+0", "e").replace("e+", "e")
+    if any(row.flag == "pytorch" for row in measured):
+        return " =pt"
+    return " floor" if any(row.flag == "floor" for row in measured) else ""
 
 
 WIDE_LIMIT = 12  # more (offset, scale, options) columns than this: one row per column key instead
@@ -132,17 +152,21 @@ def print_report(rows: list[Cell], console: Console, paths: list[str], seconds: 
         "float64:"
     ):
         console.print(f"warning: {LIMITED_FLOAT64_REFERENCE}", style="yellow", markup=False)
-    console.print(
-        "[bold]What broke where[/bold]" if lines else "[green]Every cell is within tolerance.[/green]"
-    )
+    overall = [cell_status(row.status, row.grad_status) for row in rows]
+    measured_all = bool(rows) and all(status not in UNMEASURED for status in overall)
+    if lines:
+        console.print("[bold]What broke where[/bold]")
+    elif measured_all and all(status == "ok" for status in overall):
+        console.print("[green]Every cell is within tolerance.[/green]")
     for line in lines:
         console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
-    counts: dict[str, int] = defaultdict(int)
-    for row in rows:
-        counts[row.status] += 1
-    tally = ", ".join(f"{counts[s]} {s}" for s in STYLES if counts[s])
-    console.print(f"{len(rows)} cells in {seconds:.1f} s: {tally}", highlight=False)
-    legend = "Legend: ULPs of the dtype; g! = gradient past tolerance"
+    console.print(closing_line(rows, seconds), highlight=False)
+    legend = (
+        "Legend: ULPs of the dtype; g! = gradient past tolerance; ×N pt = worse than PyTorch's kernel by N"
+    )
+    legend += (
+        ", =pt = flagged as PyTorch's kernel is, floor = the dtype's floor; c = 0 where PyTorch gives NaN"
+    )
     if any(row.value_kind == "mean" for row in rows):
         legend += "; μ = returned a 0-d mean, audited against the exact mean"
     if any(row.wrote_input for row in rows):
@@ -150,6 +174,24 @@ def print_report(rows: list[Cell], console: Console, paths: list[str], seconds: 
     console.print(legend + ".", style="dim")
     for path in paths:
         console.print(f"wrote {path}", highlight=False, markup=False)
+
+
+def closing_line(rows: list[Cell], seconds: float) -> str:
+    """Cells counted by the worse of loss and gradient; skipped cells as not measured; PyTorch comparison."""
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[cell_status(row.status, row.grad_status)] += 1
+    tally = ", ".join(f"{counts[s]} {s}" for s in STYLES if counts[s] and s != "skipped")
+    text = f"{len(rows)} cells in {seconds:.1f} s: {tally or 'none measured'}"
+    if counts["skipped"]:
+        text += f"; {counts['skipped']} not measured (skipped)"
+    flags = {flag: sum(1 for row in rows if row.flag == flag) for flag in ("worse", "pytorch", "floor")}
+    if any(flags.values()):
+        text += (
+            f"; {flags['worse']} worse than PyTorch, {flags['pytorch']} flagged as PyTorch is, "
+            f"{flags['floor']} at the dtype's floor"
+        )
+    return text
 
 
 def print_gate(result: GateResult, console: Console) -> None:

@@ -1,0 +1,85 @@
+"""``rounded``: the exact loss and gradient, each rounded once to the audited dtype.
+
+The best any implementation can do in a dtype: the reference (ce_audit.reference_variants, ≤ 0.01 ULP of
+the dtype by its oracle tests) rounded to nearest once. Every check of the auditor must pass it, in every
+dtype, vocabulary and option; a check that flags it is miscalibrated. Forward returns round(loss*);
+backward returns round(g* · upstream) with the upstream gradient applied in the reference's precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ce_audit.dtypes import FORMATS, FloatFormat
+from ce_audit.metrics import rounded_once
+from ce_audit.options import DEFAULT_IGNORE_INDEX, LossOptions
+from ce_audit.reference_variants import reference_loss
+
+_FORMATS_BY_TORCH = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_FORMATS_BY_TORCH[torch.float64] = "float64"
+
+
+def _to_numpy(tensor: torch.Tensor, fmt: FloatFormat) -> np.ndarray:
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(fmt.numpy_dtype)
+    return tensor.numpy()
+
+
+def _to_torch(values: np.ndarray, fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    """Values in the reference's precision, rounded once to ``fmt``, as a tensor on ``device``."""
+    rounded = rounded_once(np.asarray(values), fmt)
+    flat = np.ascontiguousarray(rounded.reshape(-1))
+    if fmt.name == "bfloat16":
+        return torch.from_numpy(flat.view(np.int16)).view(torch.bfloat16).reshape(rounded.shape).to(device)
+    return torch.from_numpy(flat).reshape(rounded.shape).to(device)
+
+
+class _Rounded(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, logits: torch.Tensor, targets: torch.Tensor, options: Any, weight: Any
+    ) -> torch.Tensor:
+        fmt = FORMATS[_FORMATS_BY_TORCH[logits.dtype]]
+        block = _to_numpy(logits, fmt)
+        target_values = _to_numpy(targets, fmt) if targets.is_floating_point() else targets.cpu().numpy()
+        class_weight = None if weight is None else _to_numpy(weight, fmt)
+        reference = reference_loss(block, target_values, options, weight=class_weight, grad=True)
+        ctx.fmt, ctx.grad = fmt, reference.grad
+        loss = reference.loss if options.reduction == "none" else reference.loss.reshape(())
+        return _to_torch(loss, fmt, logits.device)
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[Any, ...]:
+        scale = upstream.detach().to("cpu", torch.float64).numpy().astype(ctx.grad.dtype)
+        grad = ctx.grad * (scale[:, None] if scale.ndim == 1 else scale)
+        return _to_torch(grad, ctx.fmt, upstream.device), None, None, None
+
+
+def rounded(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: str = "none",
+    weight: torch.Tensor | None = None,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    softcap: float = 0.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """The exact cross-entropy (with PyTorch's options, softcap and z-loss), rounded once to the dtype."""
+    probs = targets.is_floating_point()
+    ignored = 0.0 if probs else float((targets == ignore_index).float().mean()) if targets.numel() else 0.0
+    options = LossOptions(
+        reduction=reduction,
+        weights="none" if weight is None else "random",  # the reference weighs by ``weight`` when it is set
+        ignore_fraction=ignored,  # rows whose target is ignore_index are left out
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        targets="probs" if probs else "index",
+        softcap=softcap,
+        z_loss=z_loss,
+    )
+    return _Rounded.apply(logits, targets, options, weight)
