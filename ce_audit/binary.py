@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from ce_audit.dtypes import format_of_array, working_dtype
+from ce_audit.exact import accurate_sum
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
-from ce_audit.reference_variants import VariantReference, accurate_sum
+from ce_audit.reference import VariantReference
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
