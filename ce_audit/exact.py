@@ -8,9 +8,10 @@ x87 long double (128 bits). With u the unit roundoff of the parts (2^-53, 2^-64)
   bound relative to |a| + |b|, so a cancelling difference keeps an absolute error ≤ 3u² (|a| + |b|));
 * ``dw_row_sum`` sums rows pairwise, TwoSum at every level: error ≤ u|s| + (log2 V + 2) u² Σ|x|
   (the pairwise form of Ogita, Rump & Oishi 2005, Sum2);
-* ``dw_exp`` / ``dw_expm1``: x = n ln2/2^12 + r with ln2/2^12 in three parts (Cody & Waite), 2^(j/2^12)
-  from a double-word table, exp(r) − 1 = r + r²/2 + r³/6 in double-word plus a degree-4..8 tail in the
-  working precision: relative error ≤ 2^-100 (float64 parts) and 2^-120 (long double parts).
+* ``dw_exp`` / ``dw_expm1``: x = n ln2/2^12 + r with ln2/2^12 in four parts (Cody & Waite), 2^(j/2^12)
+  from a double-word table, exp(r) − 1 = r + r²/2 (+ r³/6 for long double parts) in double word plus the
+  rest of the degree-8 Taylor polynomial in the working precision: relative error ≤ 2^-94 (float64 parts)
+  and ≤ 2^-120 (long double parts) for results above 2^-960 (resp. 2^-16000), where the low part is normal.
 
 Also ``accurate_sum``: Σ x correctly rounded to the working precision (math.fsum).
 """
@@ -55,6 +56,15 @@ def two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     b_hi = cb - (cb - b)
     a_lo, b_lo = a - a_hi, b - b_hi
     return p, ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def two_square(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """p + e = a² exactly (Dekker, one split)."""
+    p = a * a
+    ca = _splitter(p.dtype) * a
+    a_hi = ca - (ca - a)
+    a_lo = a - a_hi
+    return p, ((a_hi * a_hi - p) + 2 * a_hi * a_lo) + a_lo * a_lo
 
 
 def dw_add(ah, al, bh, bl) -> tuple[np.ndarray, np.ndarray]:
@@ -145,10 +155,15 @@ def _exp_reduced(xh: np.ndarray, xl: np.ndarray):
     rh, rl = two_sum(xh - n * c1, -(n * c2))  # x − n·c1 is exact (Sterbenz); n·c2, n·c3 exact
     rh, e = two_sum(rh, -(n * c3))
     rh, rl = fast_two_sum(rh, rl + e + (xl - n * c4))
-    # exp(r) − 1 = r + r²/2 + r³/6 + r⁴ (1/4! + r/5! + r²/6! + r³/7! + r⁴/8!), |r| ≤ 2^-13.5
-    sq_h, sq_l = dw_mul(rh, rl, rh, rl)
-    cube_h, cube_l = dw_mul(sq_h, sq_l, rh, rl)
-    cube_h, cube_l = dw_mul(cube_h, cube_l, s_hi, s_lo)
+    # exp(r) − 1 = r + r²/2 + r³/6 + r⁴ (1/4! + r/5! + r²/6! + r³/7! + r⁴/8!), |r| ≤ 2^-13.5; r³/6 is a
+    # double word for long double parts only (|r³/6| < 2^-43: its rounding in float64 stays below 2^-95)
+    sq_h, sq_l = two_square(rh)
+    sq_l += 2 * rh * rl
+    if dtype == np.longdouble:
+        cube_h, cube_l = dw_mul(sq_h, sq_l, rh, rl)
+        cube_h, cube_l = dw_mul(cube_h, cube_l, s_hi, s_lo)
+    else:
+        cube_h, cube_l = sq_h * rh * s_hi, 0.0
     tail = sq_h * sq_h * (f4 + rh * (f5 + rh * (f6 + rh * (f7 + rh * f8))))
     h1, e1 = two_sum(sq_h / 2, cube_h)
     ph, e2 = two_sum(rh, h1)

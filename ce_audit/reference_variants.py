@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_audit.binary import binary_reference
-from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
+from ce_audit.dtypes import FloatFormat, format_of_array, ulp, working_dtype
 from ce_audit.exact import (
     accurate_sum,
     dw_add,
@@ -282,7 +282,17 @@ def _general_reference(
 
     gradient = None
     if grad and options.family == "ce" and (eps or options.probs or options.z_loss):
-        gradient = _dw_gradient(logits, fmt, options, targets, w, valid, denominator, n_valid)
+        gradient = _gradient(options, sm, targets, w, eps, n_classes, valid, denominator, n_valid, work)
+        if fmt.name == "float64":
+            refine = np.ones(n_rows, dtype=bool)
+        else:
+            refine = _rows_to_refine(
+                gradient, sm, options, targets, w, valid, denominator, n_valid, fmt, chain
+            )
+        if refine.any():
+            gradient[refine] = _dw_gradient(
+                logits[refine], fmt, options, targets[refine], w, valid[refine], denominator, n_valid
+            )
     elif grad:
         gradient = _gradient(options, sm, targets, w, eps, n_classes, valid, denominator, n_valid, work)
     if gradient is not None:
@@ -410,9 +420,9 @@ class _Coefficients:
 
 
 def _dw_row_gradient(t_hi: np.ndarray, t_lo: np.ndarray, rows_slice: slice, k: _Coefficients):
-    """G_ik = (T_i + Z_i) p_ik − coef_ik in double word, for the rows of ``rows_slice``; at the row's argmax
-    m, G = (T − coef_m + Z) p_m − coef_m (1 − p_m) with 1 − p_m = Σ_{j≠m} e_j / S, so that no entry cancels
-    beyond what its exact value does. Returns G rounded to the working precision."""
+    """G_ik = e_ik (T_i + Z_i) / S_i − coef_ik in double word, for the rows of ``rows_slice``; at the row's
+    argmax m, G = (T − coef_m + Z) p_m − coef_m (1 − p_m) with 1 − p_m = Σ_{j≠m} e_j / S, so that no entry
+    cancels beyond what its exact value does. Returns G rounded to the working precision."""
     work = t_hi.dtype
     n_rows, n_cols = t_hi.shape
     rows = np.arange(n_rows)
@@ -434,8 +444,8 @@ def _dw_row_gradient(t_hi: np.ndarray, t_lo: np.ndarray, rows_slice: slice, k: _
     one = np.ones(n_rows, dtype=work)
     big_h, big_l = two_sum(one, sh)
     big_h, big_l = fast_two_sum(big_h, big_l + sl)  # S = 1 + Σ_{k≠m} e_k
-    rh, rl = dw_div(one, np.zeros_like(one), big_h, big_l)
-    ph, pl = dw_mul(eh, el, rh[:, None], rl[:, None])
+    rh, rl = dw_div(one, np.zeros_like(one), big_h, big_l)  # 1 / S
+    pmh, pml = dw_mul(eh[rows, m], el[rows, m], rh, rl)  # p_m
     qh, ql = dw_mul(sh, sl, rh, rl)  # 1 − p_m
 
     # coefficients of this chunk
@@ -463,18 +473,19 @@ def _dw_row_gradient(t_hi: np.ndarray, t_lo: np.ndarray, rows_slice: slice, k: _
             ch, cl = np.zeros_like(t_hi), np.zeros_like(t_hi)
             ch[rows, y], cl[rows, y] = c1h, c1l
             th, tl = c1h, c1l
-    fh, fl = th, tl
+    total_h, total_l = th, tl  # T + Z
     if options.z_loss:
         zh, zl = _dw_lse(a_hi, a_lo, sh, sl)
         zh, zl = dw_mul(zh, zl, *k.z_scale)
         zh, zl = dw_mul(zh, zl, work.type(2 * options.z_loss), 0.0)
-        fh, fl = dw_add(th, tl, zh, zl)
-    gh, gl = dw_mul(ph, pl, fh[:, None], fl[:, None])
+        total_h, total_l = dw_add(th, tl, zh, zl)
+    scaled_h, scaled_l = dw_mul(total_h, total_l, rh, rl)  # (T + Z) / S
+    gh, gl = dw_mul(eh, el, scaled_h[:, None], scaled_l[:, None])
     gh, gl = dw_add(gh, gl, -ch, -cl)
     # the argmax entry through 1 − p_m
     cmh, cml = ch[rows, m], cl[rows, m]
-    ah, al = dw_add(fh, fl, -cmh, -cml)  # T − coef_m + Z
-    ah, al = dw_mul(ah, al, ph[rows, m], pl[rows, m])
+    ah, al = dw_add(total_h, total_l, -cmh, -cml)  # T − coef_m + Z
+    ah, al = dw_mul(ah, al, pmh, pml)
     bh, bl = dw_mul(cmh, cml, qh, ql)
     gh[rows, m], gl[rows, m] = dw_add(ah, al, -bh, -bl)
     return gh + gl
@@ -544,3 +555,57 @@ def _dw_gradient(
         else:
             gradient[valid] = np.nan
     return gradient
+
+
+def _rows_to_refine(
+    gradient: np.ndarray,
+    sm: _Softmax,
+    options: LossOptions,
+    targets: np.ndarray,
+    w: np.ndarray,
+    valid: np.ndarray,
+    denominator: np.floating,
+    n_valid: np.floating,
+    fmt: FloatFormat,
+    chain: np.ndarray | None,
+) -> np.ndarray:
+    """Rows where the working-precision gradient may miss 2^-10 ULP of ``fmt`` in some entry.
+
+    Its error is bounded by ε_p ((T + |Z|) p_k + coef_k) + 8u |Z| (|a| + log S + 1) p_k (over D under
+    ``mean``, times the softcap's chain factor), with ε_p = u (16 + 2 log2 V + 4 max_k (a − t_k) + 16 C)
+    covering the rounding of a − t_k, exp, the row sums, the divisions and a softcap's tanh.
+    """
+    work = gradient.dtype
+    n_rows, n_cols = gradient.shape
+    rows = np.arange(n_rows)
+    unit = np.finfo(work).eps / 2
+    with np.errstate(all="ignore"):
+        p = sm.e / sm.total[:, None]
+        eps = work.type(options.label_smoothing)
+        if options.probs:
+            coef = targets.astype(work) * (1 - eps) + eps / n_cols
+            coef *= w[None, :]
+        else:
+            y = np.where(valid, np.asarray(targets, dtype=np.int64), 0)
+            coef = np.broadcast_to(eps / n_cols * w, (n_rows, n_cols)).copy()
+            coef[rows, y] += (1 - eps) * np.where(valid, w[y], 0)
+        total = coef.sum(axis=1)
+        spread = np.where(np.isfinite(sm.gap), sm.gap, 0).max(axis=1) if n_cols else np.zeros(n_rows)
+        eps_p = unit * (16 + 2 * np.log2(n_cols + 1) + 4 * spread + 16 * options.softcap)
+        z_abs = np.zeros(n_rows, dtype=work)
+        z_err = np.zeros(n_rows, dtype=work)
+        if options.z_loss:
+            scale = denominator / n_valid if options.reduction == "mean" and n_valid else 1
+            z_abs = np.abs(2 * options.z_loss * scale * sm.lse)
+            a = sm.lse - sm.log_s
+            z_err = 8 * unit * 2 * options.z_loss * scale * (np.abs(a) + sm.log_s + 1)
+        bound = eps_p[:, None] * ((total + z_abs)[:, None] * p + coef) + z_err[:, None] * p
+        if options.reduction == "mean" and denominator:
+            bound /= denominator
+        value = np.abs(gradient)
+        if chain is not None:
+            bound *= chain
+            value = value * chain
+        suspect = ~(bound <= ulp(np.maximum(value - bound, 0), fmt) * 2.0**-10)
+    suspect[~valid] = False
+    return suspect.any(axis=1) & ~sm.bad
