@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat, format_of_array, ulp, working_dtype
-from ce_audit.exact import accurate_sum, dw_add, dw_div, dw_exp, fast_two_sum, two_sum
+from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
+from ce_audit.exact import accurate_sum, dw_add, dw_div, dw_exp, fast_two_sum, two_sum, ulp_floor
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
 from ce_audit.reference import VariantReference
 
@@ -64,7 +64,7 @@ def _binary_gradient(z: np.ndarray, y: np.ndarray, fmt: FloatFormat) -> np.ndarr
         down = np.where(y == 0, 0, y * sigmoid(-z))
         gradient = up - down
         bound = 16 * np.finfo(z.dtype).eps / 2 * (np.abs(up) + np.abs(down))
-        refine = bound > ulp(gradient, fmt) * 2.0**-10
+        refine = ~(bound <= ulp_floor(np.abs(gradient), fmt) * 2.0**-10)
     refine &= np.isfinite(z) & np.isfinite(y)
     if refine.any():
         gradient[refine] = sigmoid_minus_target(z[refine], y[refine])

@@ -23,6 +23,8 @@ import math
 import mpmath
 import numpy as np
 
+from ce_audit.dtypes import FloatFormat
+
 _FSUM_CHUNK = 1 << 16
 TABLE_BITS = 12  # exp reduction: |r| ≤ ln2 / 2^13
 _MAX_REDUCED = 20000.0  # exp(−20000) underflows every working precision; |n| stays below 2^27
@@ -202,6 +204,11 @@ def dw_expm1(xh: np.ndarray, xl: np.ndarray | None = None) -> tuple[np.ndarray, 
         dh, dl = dw_add(eh, el, -np.ones_like(eh), np.zeros_like(eh))
         small = (j == 0) & (m == 0)
     return np.where(small, ph, dh), np.where(small, pl, dl)
+
+
+def ulp_floor(magnitude: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """A lower bound of the spacing of ``fmt`` at ``magnitude`` ≥ 0: max(x 2^-p, 2^(emin − p + 1))."""
+    return np.maximum(magnitude * 2.0**-fmt.precision, fmt.smallest_subnormal)
 
 
 def accurate_sum(values: np.ndarray) -> np.floating:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_audit.binary import binary_reference
-from ce_audit.dtypes import FloatFormat, format_of_array, ulp, working_dtype
+from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
 from ce_audit.exact import (
     accurate_sum,
     dw_add,
@@ -40,6 +40,7 @@ from ce_audit.exact import (
     fast_two_sum,
     two_product,
     two_sum,
+    ulp_floor,
 )
 from ce_audit.options import EXPECTED_NAN_NOTE, ZERO_WEIGHT_NOTE, LossOptions
 from ce_audit.reference import VariantReference, _two_difference, reference_cross_entropy
@@ -284,15 +285,14 @@ def _general_reference(
     if grad and options.family == "ce" and (eps or options.probs or options.z_loss):
         gradient = _gradient(options, sm, targets, w, eps, n_classes, valid, denominator, n_valid, work)
         if fmt.name == "float64":
-            refine = np.ones(n_rows, dtype=bool)
+            refine = np.arange(n_rows)
         else:
-            refine = _rows_to_refine(
+            suspect = _rows_to_refine(
                 gradient, sm, options, targets, w, valid, denominator, n_valid, fmt, chain
             )
-        if refine.any():
-            gradient[refine] = _dw_gradient(
-                logits[refine], fmt, options, targets[refine], w, valid[refine], denominator, n_valid
-            )
+            refine = np.flatnonzero(suspect)
+        capped = (hi, lo)
+        _dw_gradient(capped, logits, fmt, options, targets, w, valid, denominator, n_valid, refine, gradient)
     elif grad:
         gradient = _gradient(options, sm, targets, w, eps, n_classes, valid, denominator, n_valid, work)
     if gradient is not None:
@@ -504,6 +504,7 @@ def _dw_lse(a_hi, a_lo, sh, sl) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dw_gradient(
+    capped: tuple[np.ndarray, np.ndarray | None],
     logits: np.ndarray,
     fmt: FloatFormat,
     options: LossOptions,
@@ -512,14 +513,21 @@ def _dw_gradient(
     valid: np.ndarray,
     denominator: np.floating,
     n_valid: np.floating,
-) -> np.ndarray:
-    """The gradient of the per-row loss with label smoothing, probability targets or z-loss, each entry
-    from double-word terms (module docstring) and rounded once, then divided by D under ``mean``."""
+    rows: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """out[rows] = the gradient with label smoothing, probability targets or z-loss, each entry from
+    double-word terms (module docstring) rounded once, then divided by D under ``mean``.
+
+    ``capped``: the softcapped logits of _capped_logits (double word for float64 inputs); for other inputs
+    under a softcap the double-word tanh is evaluated here, a chunk of rows at a time."""
     work = working_dtype(fmt)
-    n_rows, n_cols = logits.shape
+    n_cols = logits.shape[1]
+    if not n_cols or not rows.size:
+        return
     eps = work.type(options.label_smoothing)
     one_minus_eps = two_sum(work.type(1), -eps)
-    eps_over_c = dw_div(eps, work.type(0), work.type(n_cols), work.type(0)) if n_cols else (eps, eps)
+    eps_over_c = dw_div(eps, work.type(0), work.type(n_cols), work.type(0))
     column_coef = weight_total = None
     if not options.probs and eps:
         column_coef = dw_mul(w, np.zeros_like(w), *eps_over_c)
@@ -540,21 +548,24 @@ def _dw_gradient(
         weight_total,
         z_scale,
     )
-    gradient = np.zeros((n_rows, n_cols), dtype=work)
-    if n_cols:
-        t_hi, t_lo = _dw_logits(logits, fmt, options.softcap)
-        step = max(1, ROW_CHUNK_ELEMENTS // n_cols)
-        with np.errstate(all="ignore"):
-            for start in range(0, n_rows, step):
-                part = slice(start, min(start + step, n_rows))
-                gradient[part] = _dw_row_gradient(t_hi[part], t_lo[part], part, coefficients)
-    gradient[~valid] = 0
-    if options.reduction == "mean":
-        if denominator:
-            gradient /= denominator
-        else:
-            gradient[valid] = np.nan
-    return gradient
+    recap = bool(options.softcap) and fmt.name != "float64"
+    step = max(1, ROW_CHUNK_ELEMENTS // n_cols)
+    with np.errstate(all="ignore"):
+        for start in range(0, rows.size, step):
+            part = rows[start : start + step]
+            if recap:
+                t_hi, t_lo = _dw_logits(logits[part], fmt, options.softcap)
+            else:
+                t_hi = capped[0][part]
+                t_lo = np.zeros_like(t_hi) if capped[1] is None else capped[1][part]
+            gradient = _dw_row_gradient(t_hi, t_lo, part, coefficients)
+            gradient[~valid[part]] = 0
+            if options.reduction == "mean":
+                if denominator:
+                    gradient /= denominator
+                else:
+                    gradient[valid[part]] = np.nan
+            out[part] = gradient
 
 
 def _rows_to_refine(
@@ -569,43 +580,58 @@ def _rows_to_refine(
     fmt: FloatFormat,
     chain: np.ndarray | None,
 ) -> np.ndarray:
-    """Rows where the working-precision gradient may miss 2^-10 ULP of ``fmt`` in some entry.
+    """Rows where the working-precision gradient may miss 2^-7 ULP of ``fmt`` in some entry.
 
-    Its error is bounded by ε_p ((T + |Z|) p_k + coef_k) + 8u |Z| (|a| + log S + 1) p_k (over D under
-    ``mean``, times the softcap's chain factor), with ε_p = u (16 + 2 log2 V + 4 max_k (a − t_k) + 16 C)
-    covering the rounding of a − t_k, exp, the row sums, the divisions and a softcap's tanh.
+    Its error is bounded by ε_k ((T + |Z|) p_k + coef_k) + 8u |Z| (|a| + log S + 1) p_k (over D under
+    ``mean``, times the softcap's chain factor), with ε_k = u (16 + 2 log2 V + 2 g_k + 2 Σ_j g_j p_j + 16 C),
+    g_k = a − t_k: the rounding of g_k feeds exp(−g_k) (u g_k) and S (u Σ_j g_j e_j), then exp, the row
+    sums, the divisions and a softcap's tanh (its error ≤ 4u |t| ≤ 4u C, twice).
     """
     work = gradient.dtype
     n_rows, n_cols = gradient.shape
-    rows = np.arange(n_rows)
     unit = np.finfo(work).eps / 2
+    eps = work.type(options.label_smoothing)
+    suspect = np.zeros(n_rows, dtype=bool)
+    if not n_cols:
+        return suspect
+    scale = denominator / n_valid if options.reduction == "mean" and n_valid else 1
+    column_coef = eps / n_cols * w
+    step = max(1, ROW_CHUNK_ELEMENTS // n_cols)
     with np.errstate(all="ignore"):
-        p = sm.e / sm.total[:, None]
-        eps = work.type(options.label_smoothing)
-        if options.probs:
-            coef = targets.astype(work) * (1 - eps) + eps / n_cols
-            coef *= w[None, :]
-        else:
-            y = np.where(valid, np.asarray(targets, dtype=np.int64), 0)
-            coef = np.broadcast_to(eps / n_cols * w, (n_rows, n_cols)).copy()
-            coef[rows, y] += (1 - eps) * np.where(valid, w[y], 0)
-        total = coef.sum(axis=1)
-        spread = np.where(np.isfinite(sm.gap), sm.gap, 0).max(axis=1) if n_cols else np.zeros(n_rows)
-        eps_p = unit * (16 + 2 * np.log2(n_cols + 1) + 4 * spread + 16 * options.softcap)
-        z_abs = np.zeros(n_rows, dtype=work)
-        z_err = np.zeros(n_rows, dtype=work)
-        if options.z_loss:
-            scale = denominator / n_valid if options.reduction == "mean" and n_valid else 1
-            z_abs = np.abs(2 * options.z_loss * scale * sm.lse)
-            a = sm.lse - sm.log_s
-            z_err = 8 * unit * 2 * options.z_loss * scale * (np.abs(a) + sm.log_s + 1)
-        bound = eps_p[:, None] * ((total + z_abs)[:, None] * p + coef) + z_err[:, None] * p
-        if options.reduction == "mean" and denominator:
-            bound /= denominator
-        value = np.abs(gradient)
-        if chain is not None:
-            bound *= chain
-            value = value * chain
-        suspect = ~(bound <= ulp(np.maximum(value - bound, 0), fmt) * 2.0**-10)
-    suspect[~valid] = False
-    return suspect.any(axis=1) & ~sm.bad
+        for start in range(0, n_rows, step):
+            part = slice(start, min(start + step, n_rows))
+            rows = np.arange(part.stop - part.start)
+            p = sm.e[part] / sm.total[part, None]
+            if options.probs:
+                coef = targets[part].astype(work) * (1 - eps) + eps / n_cols
+                coef *= w[None, :]
+            else:
+                y = np.where(valid[part], np.asarray(targets[part], dtype=np.int64), 0)
+                coef = np.broadcast_to(column_coef, p.shape).copy()
+                coef[rows, y] += (1 - eps) * np.where(valid[part], w[y], 0)
+            total = coef.sum(axis=1)
+            gap = np.where(np.isfinite(sm.gap[part]), sm.gap[part], 0)
+            mean_gap = (gap * p).sum(axis=1)
+            row_eps = unit * (16 + 2 * np.log2(n_cols + 1) + 2 * mean_gap + 16 * options.softcap)
+            eps_k = gap * (2 * unit)
+            eps_k += row_eps[:, None]
+            factor = total
+            if options.z_loss:
+                lse, log_s = sm.lse[part], sm.log_s[part]
+                factor = total + np.abs(2 * options.z_loss * scale * lse)
+            bound = p * factor[:, None]
+            bound += coef
+            bound *= eps_k
+            if options.z_loss:
+                z_err = 16 * unit * options.z_loss * scale * (np.abs(lse - log_s) + log_s + 1)
+                bound += p * z_err[:, None]
+            if options.reduction == "mean" and denominator:
+                bound /= denominator
+            value = np.abs(gradient[part])
+            if chain is not None:
+                bound *= chain[part]
+                value *= chain[part]
+            value -= bound
+            np.maximum(value, 0, out=value)
+            suspect[part] = (~(bound <= ulp_floor(value, fmt) * 2.0**-7)).any(axis=1)
+    return suspect & valid & ~sm.bad
