@@ -11,7 +11,9 @@ x87 long double (128 bits). With u the unit roundoff of the parts (2^-53, 2^-64)
 * ``dw_exp`` / ``dw_expm1``: x = n ln2/2^12 + r with ln2/2^12 in four parts (Cody & Waite), 2^(j/2^12)
   from a double-word table, exp(r) − 1 = r + r²/2 (+ r³/6 for long double parts) in double word plus the
   rest of the degree-8 Taylor polynomial in the working precision: relative error ≤ 2^-94 (float64 parts)
-  and ≤ 2^-120 (long double parts) for results above 2^-960 (resp. 2^-16000), where the low part is normal.
+  and ≤ 2^-116 (long double parts) for results above 2^-960 (resp. 2^-16000), where the low part is normal;
+  expm1 is the reduced form itself near 0 (|x| ≤ ln2/2^13), else exp(x) − 1 in double word (≤ 13 bits
+  lost): relative error ≤ 2^-80 (float64 parts), ≤ 2^-103 (long double parts).
 
 Also ``accurate_sum``: Σ x correctly rounded to the working precision (math.fsum).
 """
@@ -156,7 +158,8 @@ def _exp_reduced(xh: np.ndarray, xl: np.ndarray):
     n = np.rint(xh * inv_step)
     rh, rl = two_sum(xh - n * c1, -(n * c2))  # x − n·c1 is exact (Sterbenz); n·c2, n·c3 exact
     rh, e = two_sum(rh, -(n * c3))
-    rh, rl = fast_two_sum(rh, rl + e + (xl - n * c4))
+    rh, e_lo = two_sum(rh, xl)
+    rh, rl = fast_two_sum(rh, rl + e + e_lo - n * c4)
     # exp(r) − 1 = r + r²/2 + r³/6 + r⁴ (1/4! + r/5! + r²/6! + r³/7! + r⁴/8!), |r| ≤ 2^-13.5; r³/6 is a
     # double word for long double parts only (|r³/6| < 2^-43: its rounding in float64 stays below 2^-95)
     sq_h, sq_l = two_square(rh)

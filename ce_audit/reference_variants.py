@@ -17,8 +17,23 @@ doubles for long double), then divide once. Float64 inputs: differences t_k − 
 (TwoSum) as in reference.py; a softcap is evaluated in mpmath (tanh and sech² at 160 bits) and carried
 as hi + lo, since a long double tanh alone misses 0.01 ULP of float64.
 
-Entries whose exact value is a sum of terms of both signs (smoothed or soft-target gradients, z-loss) are
-accurate to the working precision relative to their largest term, not relative to their own size.
+Gradients whose entries are sums of terms of both signs (label smoothing, probability targets, z-loss)
+are computed so that each entry is accurate relative to its own exact value. With coef_k the coefficient
+of −log p_k (w_k q̃_k, or ε/C w_k plus (1 − ε) w_y on the target), T = Σ_k coef_k and Z = 2 λ lse (times
+D / n_valid under ``mean``), the entry is G_k / D with
+
+    G_k = (T + Z) e_k / S − coef_k,     and at the row's argmax m:  (T − coef_m + Z) p_m − coef_m (1 − p_m),
+
+every quantity a double word (ce_audit.exact): e_k = exp(t_k − a) by a double-word exp, S and T by
+pairwise TwoSum row sums, 1 − p_m = Σ_{k≠m} e_k / S, lse = a + log1p(Σ_{k≠m} e_k) by one Newton step on
+a double-word expm1, 1 − ε and ε/C exactly or to u², and t = C tanh(z/C) for float16/bfloat16/float32
+inputs through a double-word expm1. The terms carry relative errors ≤ 2^-85 (float64 parts; softcap
+C ≤ 30) and ≤ 2^-112 (long double parts), so |G_k − exact| ≤ 2^-85 (resp. 2^-112) ((T + |Z|) p_k + coef_k):
+within 0.01 ULP of the audited dtype unless the entry is below 2^-55 (float32; 2^-53 for float64) of its
+largest term.
+Rows of float16/bfloat16/float32 inputs whose working-precision gradient provably meets 2^-7 ULP in every
+entry (the bound in ``_rows_to_refine``) keep it; the others, and all float64 rows, take the double-word
+path.
 """
 
 from __future__ import annotations
@@ -369,7 +384,7 @@ def _gradient(
 
 def _dw_softcap(z: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
     """C·tanh(z/C) as a float64 double word for finite float64 z: x = z/C carried as hi + lo (Dekker),
-    tanh|x| = −expm1(−2|x|) / (2 + expm1(−2|x|)) in double word; relative error ≤ 2^-95."""
+    tanh|x| = −expm1(−2|x|) / (2 + expm1(−2|x|)) in double word; absolute error ≤ 2^-92 C."""
     c = np.float64(cap)
     xh = z / c
     ph, pl = two_product(xh, c)
@@ -493,7 +508,8 @@ def _dw_row_gradient(t_hi: np.ndarray, t_lo: np.ndarray, rows_slice: slice, k: _
 
 def _dw_lse(a_hi, a_lo, sh, sl) -> tuple[np.ndarray, np.ndarray]:
     """lse = a + log1p(s) as a double word: y0 = log1p(s) rounded, then log1p(s) = y0 + δ − δ²/2 with
-    δ = (1 + s) e^−y0 − 1 = s + E + s E, E = expm1(−y0) in double word (one Newton step, error ~2^-13 u²·)."""
+    δ = (1 + s) e^−y0 − 1 = s + E + s E, E = expm1(−y0) in double word (one Newton step): absolute error
+    ≤ 2^-80 (float64 parts) and 2^-103 (long double parts) of log S, less for large a."""
     y0 = np.log1p(sh + sl)
     eh, el = dw_expm1(-y0)
     dh, dl = dw_add(sh, sl, eh, el)

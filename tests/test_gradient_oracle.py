@@ -10,11 +10,13 @@ cancels, binary targets y = σ(z) rounded; weights, ignore_index, softcap and re
 from __future__ import annotations
 
 import ml_dtypes
+import mpmath
 import numpy as np
 import pytest
-from oracle_variants import binary_oracle, softmax_oracle, ulp_error
+from oracle_variants import binary_oracle, softmax_oracle, to_mpf, ulp_error
 
 from ce_audit.dtypes import FORMATS
+from ce_audit.exact import dw_exp, dw_expm1
 from ce_audit.options import LossOptions
 from ce_audit.reference_variants import reference_loss
 
@@ -132,6 +134,25 @@ def case_z_loss_negative_lse(dtype, rng):
     return LossOptions(z_loss=lam), logits, rng.integers(0, VOCAB, size=ROWS), None
 
 
+def case_probs_softcap_z_loss_mask_sum(dtype, rng):
+    """q = softmax(C tanh(z/C)) as quantized, masked logits (q = 0 there), z-loss and a sum."""
+    cap = 8.0
+    logits = rng.normal(0.0, 2.0, size=(ROWS, VOCAB))
+    logits[:, 1::5] = -np.inf
+    logits = logits.astype(DTYPES[dtype])
+    z = logits.astype(np.float64)
+    t = np.where(np.isfinite(z), cap * np.tanh(z / cap), -np.inf)
+    p = np.exp(t - t.max(axis=1, keepdims=True))
+    q = (p / p.sum(axis=1, keepdims=True)).astype(DTYPES[dtype])
+    options = LossOptions(targets="probs", softcap=cap, z_loss=1e-4, mask_fraction=0.2, reduction="sum")
+    return options, logits, q, None
+
+
+def case_smoothing_optimum_z_loss_weights_none(dtype, rng):
+    logits, y, w = _smoothing_optimum(dtype, rng, weights=True, near=False)
+    return LossOptions(label_smoothing=0.1, z_loss=1e-6, weights="random"), logits, y, w
+
+
 def _binary_at_sigmoid(dtype, rng, near: bool):
     logits = rng.normal(0.0, 3.0, size=(ROWS, VOCAB)).astype(DTYPES[dtype])
     y = (1 / (1 + np.exp(-logits.astype(np.float64)))).astype(DTYPES[dtype])
@@ -186,3 +207,27 @@ def test_cases_cancel(dtype):
     target = np.full_like(p, 0.1 / VOCAB)
     target[np.arange(ROWS), y] += 0.9
     assert (np.abs(p - target) < 2.0 ** -(FORMATS[dtype].precision - 2) * target).all()
+
+
+@pytest.mark.parametrize(("work", "bits"), [(np.float64, 94), (np.longdouble, 116)])
+def test_double_word_exp_against_mpmath(work, bits):
+    """exp and expm1 of a double-word argument: relative error ≤ 2^-94 (float64), 2^-116 (long double)."""
+    if work is np.longdouble and not EXTENDED_LONG_DOUBLE:
+        pytest.skip("long double is a double on this platform")
+    rng = np.random.default_rng(5)
+    wide = rng.uniform(-650, 8, 300)  # e^-650 > 2^-938: the low part of a float64 result stays normal
+    hi = np.concatenate([wide, rng.uniform(-1e-3, 1e-3, 100), [0.0, -1e-30]]).astype(work)
+    unit = work(2.0) ** -(np.finfo(work).nmant + 1)
+    lo = (hi * unit * rng.uniform(-1, 1, hi.size).astype(work)).astype(work)  # a normalised double word
+    eh, el = dw_exp(hi, lo)
+    mh, ml = dw_expm1(hi, lo)
+    with mpmath.workprec(300):
+        for i in range(hi.size):
+            x = to_mpf(hi[i]) + to_mpf(lo[i])
+            exact = mpmath.exp(x)
+            assert abs(to_mpf(eh[i]) + to_mpf(el[i]) - exact) <= mpmath.ldexp(exact, -bits)
+            if abs(x) < 0.5 and x != 0:
+                exact_m1 = mpmath.expm1(x)
+                # expm1: 2^-80 (float64) where |x| ≤ ln2/2^13, else exp − 1 loses up to 13 bits
+                tol = bits - 13 if work is np.longdouble else 80
+                assert abs(to_mpf(mh[i]) + to_mpf(ml[i]) - exact_m1) <= mpmath.ldexp(abs(exact_m1), -tol)
