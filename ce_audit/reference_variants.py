@@ -55,7 +55,6 @@ from ce_audit.exact import (
     fast_two_sum,
     two_product,
     two_sum,
-    ulp_floor,
 )
 from ce_audit.options import EXPECTED_NAN_NOTE, ZERO_WEIGHT_NOTE, LossOptions
 from ce_audit.reference import VariantReference, _two_difference, reference_cross_entropy
@@ -647,7 +646,8 @@ def _rows_to_refine(
             if chain is not None:
                 bound *= chain[part]
                 value *= chain[part]
-            value -= bound
-            np.maximum(value, 0, out=value)
-            suspect[part] = (~(bound <= ulp_floor(value, fmt) * 2.0**-7)).any(axis=1)
+            value -= bound  # bound ≤ 2^-7 ulp_floor(value − bound), written without the ulp itself
+            np.maximum(value, fmt.smallest_subnormal * 2.0**fmt.precision, out=value)
+            bound *= 2.0 ** (7 + fmt.precision)
+            suspect[part] = (~(bound <= value)).any(axis=1)
     return suspect & valid & ~sm.bad
