@@ -83,11 +83,15 @@ def case_probs_softmax_exact(dtype, rng):
     return LossOptions(targets="probs"), logits, _softmax_targets(logits), None
 
 
-def case_probs_softmax_one_ulp_weights_mean(dtype, rng):
+def case_probs_weighted_optimum_one_ulp_mean(dtype, rng):
+    """q ∝ softmax(z) / w (the optimum of the weighted loss: w_k q_k ∝ p_k), quantized, one ULP off."""
     logits = rng.normal(0.0, 2.0, size=(ROWS, VOCAB)).astype(DTYPES[dtype])
-    q = _one_ulp_off(_softmax_targets(logits), rng)
     w = np.ones(VOCAB, dtype=DTYPES[dtype])
     w[::3] = 2
+    w[1::3] = 0.5
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True)) / w.astype(np.float64)
+    q = _one_ulp_off((p / p.sum(axis=1, keepdims=True)).astype(DTYPES[dtype]), rng)
     return LossOptions(targets="probs", weights="random", reduction="mean"), logits, q, w
 
 
@@ -144,7 +148,7 @@ def case_probs_softcap_z_loss_mask_sum(dtype, rng):
     t = np.where(np.isfinite(z), cap * np.tanh(z / cap), -np.inf)
     p = np.exp(t - t.max(axis=1, keepdims=True))
     q = (p / p.sum(axis=1, keepdims=True)).astype(DTYPES[dtype])
-    options = LossOptions(targets="probs", softcap=cap, z_loss=1e-4, mask_fraction=0.2, reduction="sum")
+    options = LossOptions(targets="probs", softcap=cap, z_loss=1e-9, mask_fraction=0.2, reduction="sum")
     return options, logits, q, None
 
 
