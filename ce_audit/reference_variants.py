@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mpmath
 import numpy as np
 
 from ce_audit.binary import binary_reference
@@ -75,8 +76,6 @@ def _mp_softcap_values(uniques: np.ndarray, cap: float) -> tuple[np.ndarray, np.
     key = (cap, uniques.tobytes())
     if key in _SOFTCAP_CACHE:
         return _SOFTCAP_CACHE[key]
-    import mpmath
-
     hi = np.empty(uniques.size, dtype=np.longdouble)
     lo = np.empty(uniques.size, dtype=np.longdouble)
     chain = np.empty(uniques.size, dtype=np.longdouble)
@@ -610,6 +609,8 @@ def _rows_to_refine(
     if not n_cols:
         return suspect
     scale = denominator / n_valid if options.reduction == "mean" and n_valid else 1
+    if not options.probs and not eps:
+        return _index_rows_to_refine(gradient, sm, options, targets, w, valid, denominator, scale, fmt, chain)
     column_coef = eps / n_cols * w
     step = max(1, ROW_CHUNK_ELEMENTS // n_cols)
     with np.errstate(all="ignore"):
@@ -651,3 +652,48 @@ def _rows_to_refine(
             bound *= 2.0 ** (7 + fmt.precision)
             suspect[part] = (~(bound <= value)).any(axis=1)
     return suspect & valid & ~sm.bad
+
+
+def _index_rows_to_refine(
+    gradient: np.ndarray,
+    sm: _Softmax,
+    options: LossOptions,
+    targets: np.ndarray,
+    w: np.ndarray,
+    valid: np.ndarray,
+    denominator: np.floating,
+    scale: np.floating,
+    fmt: FloatFormat,
+    chain: np.ndarray | None,
+) -> np.ndarray:
+    """_rows_to_refine for class-index targets without smoothing (z-loss): every entry but the target is
+    (c1 + Z) p_k, so one ratio per row bounds them all (with ε = u (16 + 2 log2 V + 4 max_k g_k + 16 C));
+    the target entry −c1 (1 − p_y) + Z p_y is tested on its own, as in _rows_to_refine."""
+    n_rows, n_cols = gradient.shape
+    rows = np.arange(n_rows)
+    unit = np.finfo(gradient.dtype).eps / 2
+    with np.errstate(all="ignore"):
+        spread = np.zeros(n_rows, dtype=gradient.dtype)
+        step = max(1, ROW_CHUNK_ELEMENTS // n_cols)
+        for start in range(0, n_rows, step):
+            gap = sm.gap[start : start + step]
+            spread[start : start + step] = np.where(np.isfinite(gap), gap, 0).max(axis=1)
+        eps_row = unit * (16 + 2 * np.log2(n_cols + 1) + 4 * spread + 16 * options.softcap)
+        y = np.where(valid, np.asarray(targets, dtype=np.int64), 0)
+        c1 = np.where(valid, w[y], 0)
+        z = 2 * options.z_loss * scale * sm.lse
+        z_err = 16 * unit * options.z_loss * scale * (np.abs(sm.lse - sm.log_s) + sm.log_s + 1)
+        # bound ≤ r |c1 + Z| p_k with r ≤ 2^-(8+p) keeps bound ≤ 2^-7 ULP of fmt at |g̃| − bound
+        ratio = (eps_row * (c1 + np.abs(z)) + z_err) / np.abs(c1 + z)
+        others = ~(ratio <= 2.0 ** -(8 + fmt.precision))
+        p_y = sm.e[rows, y] / sm.total
+        bound = eps_row * ((c1 + np.abs(z)) * p_y + c1) + z_err * p_y
+        if options.reduction == "mean" and denominator:
+            bound /= denominator
+        value = np.abs(gradient[rows, y])
+        if chain is not None:
+            bound *= chain[rows, y]
+            value *= chain[rows, y]
+        floor = np.maximum(value - bound, fmt.smallest_subnormal * 2.0**fmt.precision)
+        target = ~(bound * 2.0 ** (7 + fmt.precision) <= floor)
+    return (others | target) & valid & ~sm.bad
