@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 
-import mpmath
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat
@@ -108,7 +107,7 @@ def dw_row_sum(hi: np.ndarray, lo: np.ndarray | None = None) -> tuple[np.ndarray
     return fast_two_sum(hi[:, 0], lo[:, 0])
 
 
-def _dw_constant(value: mpmath.mpf, dtype: np.dtype) -> tuple[np.floating, np.floating]:
+def _dw_constant(value: object, dtype: np.dtype) -> tuple[np.floating, np.floating]:
     """hi + lo = value to ~3 doubles of precision, rounded to two parts of ``dtype``."""
     d1 = float(value)
     d2 = float(value - d1)
@@ -125,6 +124,8 @@ def _exp_constants(dtype: np.dtype) -> tuple:
     remainder; 1/6 as a double word; the tail's coefficients 1/24 … 1/40320 in ``dtype``."""
     key = dtype.name
     if key not in _TABLES:
+        import mpmath  # the tables are built once, on first use
+
         size = 1 << TABLE_BITS
         hi = np.empty(size, dtype=dtype)
         lo = np.empty(size, dtype=dtype)

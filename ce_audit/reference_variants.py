@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mpmath
 import numpy as np
 
 from ce_audit.binary import binary_reference
@@ -76,6 +75,8 @@ def _mp_softcap_values(uniques: np.ndarray, cap: float) -> tuple[np.ndarray, np.
     key = (cap, uniques.tobytes())
     if key in _SOFTCAP_CACHE:
         return _SOFTCAP_CACHE[key]
+    import mpmath  # only float64 softcaps need it: the package imports without loading mpmath
+
     hi = np.empty(uniques.size, dtype=np.longdouble)
     lo = np.empty(uniques.size, dtype=np.longdouble)
     chain = np.empty(uniques.size, dtype=np.longdouble)
