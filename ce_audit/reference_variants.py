@@ -426,6 +426,7 @@ class _Coefficients:
     index: np.ndarray | None  # (N,) target classes (0 where ignored)
     valid: np.ndarray
     weight: np.ndarray
+    weighted: bool  # some w_k ≠ 1
     one_minus_eps: tuple[np.floating, np.floating]
     eps_over_c: tuple[np.floating, np.floating]
     column_coef: tuple[np.ndarray, np.ndarray] | None  # ε/C · w_k
@@ -469,7 +470,7 @@ def _dw_row_gradient(t_hi: np.ndarray, t_lo: np.ndarray, rows_slice: slice, k: _
         if options.label_smoothing:
             ch, cl = dw_mul(q, cl, *k.one_minus_eps)
             ch, cl = dw_add(ch, cl, *k.eps_over_c)
-        if k.weight is not None:
+        if k.weighted:
             ch, cl = dw_mul(ch, cl, k.weight[None, :], 0.0)
         th, tl = dw_row_sum(ch, cl)
     else:
@@ -557,6 +558,7 @@ def _dw_gradient(
         None if options.probs else np.where(valid, np.asarray(targets, dtype=np.int64), 0),
         valid,
         w,
+        bool((w != 1).any()),
         one_minus_eps,
         eps_over_c,
         column_coef,
