@@ -15,7 +15,7 @@ The gradient σ(z) − y cancels for a fractional target near σ(z). Each entry 
 precision with error ≤ 16u (|(1 − y) σ(z)| + |y σ(−z)|); where that bound exceeds 2^-10 ULP of the audited
 dtype at the result, the entry is recomputed in double word (ce_audit.exact): σ(−|z|) = E / (1 + E),
 E = exp(−|z|), and σ(z) − y = (1 − y) − σ(−z) for z ≥ 0 (1 − y exact by TwoSum), σ(z) − y for z < 0:
-absolute error ≤ 2^-100 (float64 parts; 2^-120 for long double) of σ(z) + y, rounded once.
+absolute error ≤ 2^-90 (float64 parts; 2^-112 for long double) of σ(z) + y, rounded once.
 """
 
 from __future__ import annotations
