@@ -22,6 +22,25 @@ from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
 
 
 @dataclass(frozen=True)
+class VariantReference:
+    """The reference of one block: the audited values and the gradient of their sum.
+
+    ``loss``: flat — per row (reduction none; binary: per element) or one reduced value. ``grad``: gradient
+    of Σ loss (none) or of the reduced value, shaped like the logits. ``true_index``: per row, the class
+    whose gradient entry is the −(1 − p_y) term (−1: none, e.g. an ignored row); None for binary (every
+    element is its own true class). ``rowsum``: the exact Σ_k grad_ik (None: not checked).
+    """
+
+    loss: np.ndarray
+    grad: np.ndarray | None
+    per_row: np.ndarray
+    true_index: np.ndarray | None
+    rowsum: np.ndarray | None
+    format: FloatFormat
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Reference:
     """Per-row reference loss and (optionally) the gradient of Σ_i loss_i, in working precision."""
 
