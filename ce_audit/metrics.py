@@ -42,6 +42,7 @@ class RowErrors:
     nonfinite_mismatch: np.ndarray  # the value is NaN or ±inf where the exact value is not the same
     finite_where_infinite: np.ndarray  # a finite value where the exact value is ±inf: a wrong value
     convention: np.ndarray  # a finite value where the exact value is NaN by PyTorch's convention
+    rounds_to_inf: np.ndarray  # ±inf where the exact value is past the format's range: correct rounding
 
 
 def overflow_threshold(fmt: FloatFormat) -> float:
@@ -58,9 +59,9 @@ def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> Ro
             (np.isnan(reference) & np.isnan(value)) | (np.isinf(reference) & (value == reference))
         )
         # ±inf is the correct rounding of an exact value at or past the format's overflow threshold
-        same_nonfinite |= np.isinf(value) & (np.abs(reference) >= overflow_threshold(fmt)) & (
-            np.sign(value) == np.sign(reference)
-        )
+        rounds_to_inf = np.isinf(value) & (np.abs(reference) >= overflow_threshold(fmt))
+        rounds_to_inf &= np.sign(value) == np.sign(reference)
+        same_nonfinite |= rounds_to_inf
         nonfinite_mismatch = ~value_finite & ~same_nonfinite
         finite_where_infinite = value_finite & np.isinf(reference)
         convention = value_finite & np.isnan(reference)
@@ -76,7 +77,15 @@ def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> Ro
         bits[nonfinite_mismatch | finite_where_infinite] = fmt.precision
         bits[convention] = 0
     return RowErrors(
-        diff, rel, ulps, bits, both_finite, nonfinite_mismatch, finite_where_infinite, convention
+        diff,
+        rel,
+        ulps,
+        bits,
+        both_finite,
+        nonfinite_mismatch,
+        finite_where_infinite,
+        convention,
+        rounds_to_inf,
     )
 
 
@@ -104,6 +113,7 @@ class LossTally:
     mismatches: int = 0
     finite_where_infinite: int = 0
     convention_rows: int = 0
+    overflow_rows: int = 0  # ±inf, correctly: the exact value is past the format's range
     failures: int = 0
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
@@ -128,6 +138,7 @@ class LossTally:
         self.mismatches += int(errors.nonfinite_mismatch.sum())
         self.finite_where_infinite += int(errors.finite_where_infinite.sum())
         self.convention_rows += int(errors.convention.sum())
+        self.overflow_rows += int(errors.rounds_to_inf.sum())
         self.failures += int((~within_tolerance(errors, reference, tolerance)).sum())
         self.max_abs_err = max(self.max_abs_err, _max(errors.abs_err))
         self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))

@@ -115,6 +115,15 @@ class CellTally:
         grad_floor = floor_norm_error(mean_grad, fmt) if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
 
+    def _overflow_note(self, fmt: FloatFormat, label: CaseLabel) -> str:
+        if not self.loss.overflow_rows:
+            return ""
+        what = "sum" if label.options.reduction == "sum" else "value"
+        return (
+            f"the exact {what} passes {fmt.max:g}, {fmt.name}'s largest finite value: "
+            "±inf is its correct rounding (not a failure)"
+        )
+
     @property
     def grad_measured(self) -> bool:
         return self.grad_status is None and self.grad.measured
@@ -204,7 +213,7 @@ class CellTally:
             max_value=self.max_value if measured else float("nan"),
             grad_true_max_rel_err=self.checks.true_max_rel_err,
             grad_rowsum_max=self.checks.rowsum_max if self.checks.rowsum_checked else float("nan"),
-            notes=self.notes if measured else "",
+            notes=(self.notes or self._overflow_note(fmt, label)) if measured else "",
             value_kind=(self.value_kind or "") if measured else "",
             wrote_input=self.wrote_input,
             finite_where_infinite=self.loss.finite_where_infinite,

@@ -64,7 +64,9 @@ def test_float16_sum_past_65504_is_caught():
         )
     )
     for name in ("fused", "accurate", "numpy_shifted"):  # PyTorch and NumPy both return inf
-        assert rows[name].status == "nonfinite" and rows[name].inf_rows == 1
+        # inf is the exact sum rounded once to float16: the dtype's limit, noted, not a failure
+        assert rows[name].status == "ok" and rows[name].inf_rows == 1
+        assert "passes 65504" in rows[name].notes
         assert 65504 < rows[name].max_reference < 1e5  # the exact sum is finite
         assert rows[name].rows == 1 and rows[name].batch == 8192
     assert "passes 65504" in " ".join(findings(list(rows.values())))
