@@ -136,9 +136,9 @@ def generate_rows(case: Case, start: int, stop: int) -> tuple[np.ndarray, np.nda
 
 
 def quantize(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
-    """Round float64 values to the audited format (round to nearest even)."""
-    with np.errstate(over="ignore"):
-        return values.astype(fmt.numpy_dtype)
+    """Round float64 values to the audited format: one correct rounding, to nearest, ties to even
+    (``ce_audit.dtypes.round_to_format``; never through an intermediate format)."""
+    return fmt.quantize(values)
 
 
 def row_blocks(case: Case, bytes_per_element: int, budget_bytes: int) -> Iterator[tuple[int, int]]:

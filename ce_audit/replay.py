@@ -182,8 +182,8 @@ def run_replay(
     for name in audited:
         fmt = float_format(name)
         with np.errstate(over="ignore"):
-            quantized = values.astype(fmt.numpy_dtype)
-        quantized_targets = targets.astype(fmt.numpy_dtype) if options.probs else targets
+            quantized = fmt.quantize(values)
+        quantized_targets = fmt.quantize(targets) if options.probs else targets
         overflow = np.isinf(quantized) & np.isfinite(values)
         if overflow.any():
             peak = float(np.abs(values[overflow]).max())
@@ -211,7 +211,7 @@ def run_replay(
             keep_rows=True,
             whole_batch=functools.partial(_pair, quantized, targets),
             options=options,
-            weight=None if weight is None else weight.astype(fmt.numpy_dtype),
+            weight=None if weight is None else fmt.quantize(weight),
         )
         rows += cell_rows
         records += cell_records
