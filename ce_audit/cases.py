@@ -3,8 +3,9 @@
 A case is (distribution, scale, offset, vocab, batch, margin, target position). Row i of a case is
 drawn from a generator seeded by (seed, distribution, vocab, i // chunk_rows): the same rows whatever
 the batch, scale, offset, margin, block size, machine or implementation, so that cases differ only in
-what they name. Logits are ``offset + scale · base``; the quantized array in the audited dtype is what
-every implementation and the reference see.
+what they name. Logits are ``offset + scale · base`` (the confidence ramp then sets each row's target
+logit so that 1 − p_y = ``ramp_gap(i)``, a function of the row index alone); the array rounded once to the
+audited dtype (``quantize``) is what every implementation and the reference see.
 
 ``generate_inputs`` adds what the loss options need, each from its own generator per chunk (so again
 the same rows whatever the batch), in this order:

@@ -9,6 +9,7 @@ bit pattern on a tie, with IEEE's overflow rule (past max the next neighbour is 
 from __future__ import annotations
 
 import bisect
+import csv
 from fractions import Fraction
 
 import ml_dtypes
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 from ce_audit.cases import quantize
+from ce_audit.cli import main
 from ce_audit.dtypes import FORMATS, round_to_format
+from ce_audit.plugins import isolated
 
 
 class _Table:
@@ -203,3 +206,33 @@ def test_bfloat16_is_ml_dtypes_bfloat16_and_shapes_are_kept() -> None:
     assert out.dtype == np.dtype(ml_dtypes.bfloat16) and out.shape == (3, 4)
     assert quantize(x, FORMATS["float64"]) is not x and np.array_equal(quantize(x, FORMATS["float64"]), x)
     assert quantize(np.zeros((0, 5)), FORMATS["float16"]).shape == (0, 5)
+
+
+def test_replay_rounds_a_float64_dump_once_to_bfloat16(tmp_path) -> None:
+    """`ce-audit replay --dtype bfloat16` on float64 logits audits 1 + 2^-7, not the double-rounded 1."""
+    logits = np.zeros((4, 8))
+    logits[:, 0] = 1 + 2.0**-8 + 2.0**-30
+    np.save(tmp_path / "logits.npy", logits)
+    np.save(tmp_path / "targets.npy", np.zeros(4, dtype=np.int64))
+    args = [str(tmp_path / "logits.npy"), str(tmp_path / "targets.npy"), "--dtype", "bfloat16"]
+    args += [
+        "--dtype",
+        "float16",
+        "--impl",
+        "shifted",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+    ]
+    code = 0
+    with isolated():
+        try:
+            main(["replay", *args])
+        except SystemExit as done:
+            code = done.code
+    assert code in (0, None)
+    with open(tmp_path / "out" / "summary.csv", newline="", encoding="utf-8") as stream:
+        peaks = {row["dtype"]: float(row["max_logit"]) for row in csv.DictReader(stream)}
+    assert peaks == {"bfloat16": 1.0078125, "float16": 1.00390625}
