@@ -3,8 +3,9 @@
 A case is (distribution, scale, offset, vocab, batch, margin, target position). Row i of a case is
 drawn from a generator seeded by (seed, distribution, vocab, i // chunk_rows): the same rows whatever
 the batch, scale, offset, margin, block size, machine or implementation, so that cases differ only in
-what they name. Logits are ``offset + scale · base``; the quantized array in the audited dtype is what
-every implementation and the reference see.
+what they name. Logits are ``offset + scale · base`` (the confidence ramp then sets each row's target
+logit so that 1 − p_y = ``ramp_gap(i)``, a function of the row index alone); the array rounded once to the
+audited dtype (``quantize``) is what every implementation and the reference see.
 
 ``generate_inputs`` adds what the loss options need, each from its own generator per chunk (so again
 the same rows whatever the batch), in this order:
@@ -40,8 +41,14 @@ DISTRIBUTIONS = {
     "adversarial": (
         "normal, target set SPIKE_MARGIN below the row's other minimum: large loss, p_y underflows"
     ),
+    "ramp": (
+        "confidence ramp: normal, target set so that 1 − p_y runs from 0.9 down to 1e-17 over every "
+        "RAMP_ROWS rows, across each dtype's 1 − u"
+    ),
 }
 SPIKE_MARGIN = 4.0
+RAMP_ROWS = 64  # rows of one sweep of the confidence ramp: row i has 1 − p_y = ramp_gap(i)
+RAMP_DECADES = (0.05, 17.0)  # 1 − p_y from 10^-0.05 ≈ 0.89 to 10^-17, log-spaced
 GENERATION_ELEMENTS = 1 << 16
 
 
@@ -132,13 +139,36 @@ def generate_rows(case: Case, start: int, stop: int) -> tuple[np.ndarray, np.nda
     base = base[: stop - start]
     base *= case.scale
     base += case.offset
-    return base, target[: stop - start].astype(np.int64)
+    target = target[: stop - start].astype(np.int64)
+    if case.distribution == "ramp" and case.vocab > 1:
+        _set_confidence(base, target, ramp_gap(np.arange(start, stop)))
+    return base, target
+
+
+def ramp_gap(rows: np.ndarray) -> np.ndarray:
+    """1 − p_y of the confidence ramp's rows: log-spaced from 10^-0.05 to 10^-17 over every RAMP_ROWS rows.
+
+    The band covers 1 − u of every audited dtype (float16 4.9e-4, bfloat16 3.9e-3, float32 6e-8,
+    float64 1.1e-16), where p_y − 1 formed from a rounded p_y loses from a few bits to all of them.
+    """
+    low, high = RAMP_DECADES
+    step = (np.asarray(rows) % RAMP_ROWS) / (RAMP_ROWS - 1)
+    return 10.0 ** -(low + (high - low) * step)
+
+
+def _set_confidence(logits: np.ndarray, targets: np.ndarray, gap: np.ndarray) -> None:
+    """z_y ← lse of the row's other logits + log((1 − q) / q), so that p_y = 1 − q (in float64)."""
+    rows = np.arange(logits.shape[0])
+    logits[rows, targets] = -np.inf
+    top = logits.max(axis=1)
+    others = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+    logits[rows, targets] = others + (np.log1p(-gap) - np.log(gap))
 
 
 def quantize(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
-    """Round float64 values to the audited format (round to nearest even)."""
-    with np.errstate(over="ignore"):
-        return values.astype(fmt.numpy_dtype)
+    """Round float64 values to the audited format: one correct rounding, to nearest, ties to even
+    (``ce_audit.dtypes.round_to_format``; never through an intermediate format)."""
+    return fmt.quantize(values)
 
 
 def row_blocks(case: Case, bytes_per_element: int, budget_bytes: int) -> Iterator[tuple[int, int]]:

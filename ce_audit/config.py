@@ -232,6 +232,7 @@ def validate(config: SweepConfig) -> SweepConfig:
 
 
 _OPTION_KEYS = tuple(spec.config_key for spec in OPTION_SPECS if spec.grid)
+_NARROWING_KEYS = frozenset({"distributions", "scales", "offsets", "vocabs", "batches", *_OPTION_KEYS})
 
 
 def _read_toml(text: str, origin: str) -> dict[str, Any]:
@@ -247,7 +248,11 @@ def default_config_text() -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """The default sweep, updated by the TOML file at ``path`` (if any), then by ``overrides``."""
+    """The default sweep, updated by the TOML file at ``path`` (if any), then by ``overrides``.
+
+    The default's [[grids]] (its failure bands) run unless a config file is given (it is one grid unless it
+    has [[grids]] of its own) or the overrides narrow the grid (distributions, scales, offsets, vocabularies,
+    batches or loss options); overrides of other keys (dtypes, devices, impls, …) apply to every grid."""
     config = _from_mapping(_read_toml(default_config_text(), "built-in default"), SweepConfig())
     if path is not None:
         path = Path(path)
@@ -255,9 +260,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise AuditError(f"cannot read config {path}: {error.strerror or error}") from None
-        config = _from_mapping(_read_toml(text, str(path)), config)
+        data = _read_toml(text, str(path))
+        config = _from_mapping(data, config)
+        if "grids" not in data:  # a config file is one grid unless it has [[grids]] of its own
+            config = replace(config, grids=())
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
+        if path is None and "grids" not in given and set(given) & _NARROWING_KEYS:
+            # a grid chosen on the command line (or by check()) replaces the default's sub-grids
+            config = replace(config, grids=())
         config = _from_mapping(given, config)
         grid_keys = {k: v for k, v in given.items() if k != "out"}
         if config.grids and grid_keys:  # the command line has the last word in every grid too

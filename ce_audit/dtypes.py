@@ -53,6 +53,10 @@ class FloatFormat:
         """exp(x) is subnormal below log(2^emin)."""
         return self.emin * math.log(2.0)
 
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """``values`` rounded once, correctly, to this format (see ``round_to_format``)."""
+        return round_to_format(values, self)
+
 
 FORMATS: dict[str, FloatFormat] = {
     "float16": FloatFormat("float16", np.dtype(np.float16), 11, -14, 15, 1e-3, 1e-5),
@@ -110,3 +114,37 @@ def ulp(reference: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     exponent = np.where(magnitude > 0, exponent.astype(np.int64) - 1, fmt.emin)  # frexp(0) gives 0
     exponent = np.maximum(exponent, fmt.emin)
     return np.ldexp(np.ones_like(magnitude), (exponent - fmt.precision + 1).astype(np.int32))
+
+
+def round_to_format(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
+    """Round float64 values to ``fmt`` in a single correct rounding: to nearest, ties to even.
+
+    Overflow gives ±inf (a value at or past max + ulp(max)/2 rounds away), subnormals are rounded at the
+    format's fixed subnormal spacing, signs (−0 included), ±inf and NaN are kept. No conversion goes
+    through an intermediate format: float64 → float32 is the hardware's IEEE conversion, float64 →
+    float16 and float64 → bfloat16 are done here on float64 arithmetic that is exact, because
+    ``astype`` is not one rounding everywhere (ml_dtypes converts float64 → bfloat16 through float32,
+    so 1 + 2^-8 + 2^-30 becomes 1 instead of 1 + 2^-7; NumPy's float64 → float16 may use hardware
+    paths that differ between machines).
+
+    Method, for finite x ≠ 0 with 2^e ≤ |x| < 2^(e+1): the quantum (spacing of ``fmt`` at x) is
+    2^q, q = max(e, emin) − p + 1. x · 2^−q is exact in float64 (a power-of-two scaling that neither
+    overflows nor underflows: its magnitude is below 2^p ≤ 2^24); ``np.rint`` rounds it to an integer,
+    ties to even, exactly (it is below 2^53); the integer times 2^q is exact again and representable
+    in ``fmt`` unless it passes ``fmt.max``, which is then ±inf. The final ``astype`` converts a value
+    already in the format, so it is exact whatever path it takes.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if fmt.name == "float64":
+        return x.copy()
+    if fmt.name == "float32":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float32)  # IEEE conversion: one rounding, ties to even
+    finite = np.isfinite(x) & (x != 0)
+    with np.errstate(all="ignore"):
+        _, exponent = np.frexp(np.where(finite, x, 1.0))  # |x| = m · 2^exponent, m in [0.5, 1)
+        quantum = np.maximum(exponent.astype(np.int64) - 1, fmt.emin) - fmt.precision + 1
+        rounded = np.ldexp(np.rint(np.ldexp(x, (-quantum).astype(np.int32))), quantum.astype(np.int32))
+        rounded = np.where(np.abs(rounded) > fmt.max, np.copysign(np.inf, x), rounded)
+        exact = np.where(finite, rounded, x)
+        return exact.astype(fmt.numpy_dtype)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ce_audit.cases import quantize
 from ce_audit.dtypes import FORMATS, FloatFormat, ulp
 from ce_audit.statuses import Status, relative_error
 
@@ -127,6 +126,7 @@ class LossTally:
     below_error: float = 0.0  # … and the largest error of every row below it, and a few values below it
     below_values: set[float] = field(default_factory=set)
     on_grid: dict[str, bool] = field(default_factory=dict)  # every finite value lies on a narrower format
+    max_significant_bits: int = 0  # the most significant bits any finite value uses
 
     def add(
         self, value: np.ndarray, reference: np.ndarray, fmt: FloatFormat, tolerance: Tolerance
@@ -148,6 +148,8 @@ class LossTally:
         if errors.convention.any() and math.isnan(self.convention_value):
             self.convention_value = float(value[errors.convention][0])
         finite = value[np.isfinite(value)].astype(np.float64)
+        if finite.size:
+            self.max_significant_bits = max(self.max_significant_bits, int(significant_bits_of(finite).max()))
         for narrower in FORMATS.values():
             if narrower.precision < fmt.precision and self.on_grid.get(narrower.name, True):
                 with np.errstate(over="ignore"):
@@ -195,13 +197,17 @@ class LossTally:
         return self.top_value if capped and self.top_shortfall > 4 * error else float("nan")
 
     def lower_precision(self, fmt: FloatFormat) -> str:
-        """The widest narrower q-bit format whose grid holds every value, when the errors are that format's
-        rounding errors: at least 2^(p − q − 3) ULPs of the audited p-bit format, yet a relative error of at
-        most 16 · 2^−q (cancellation, which also lands on coarse grids, has far larger relative errors)."""
-        candidates = [f for f in FORMATS.values() if f.precision < fmt.precision and self.on_grid.get(f.name)]
+        """The widest format q at least 8 bits narrower than the audited p-bit one whose grid holds every
+        value, when the values use q's precision (some value has q − 2 significant bits or more; results
+        of cancellation land on coarse grids with few) and the errors are q's size (at least 2^(p − q − 3)
+        ULPs of the audited format): the loss was computed in q bits."""
+        candidates = [
+            f for f in FORMATS.values() if f.precision <= fmt.precision - 8 and self.on_grid.get(f.name)
+        ]
         for narrower in sorted(candidates, key=lambda f: -f.precision):
             sized = self.max_ulp >= 2.0 ** (fmt.precision - narrower.precision - 3)
-            if self.rows >= 2 and sized and self.max_rel_err <= 16 * 2.0**-narrower.precision:
+            uses = self.max_significant_bits >= narrower.precision - 2
+            if self.rows >= 2 and sized and uses:
                 return narrower.name
         return ""
 
@@ -229,6 +235,16 @@ def significant_bits(value: float) -> int:
     return 53 - ((integer & -integer).bit_length() - 1)
 
 
+def significant_bits_of(values: np.ndarray) -> np.ndarray:
+    """Significant bits of each finite float64 value (0 for 0), vectorised ``significant_bits``."""
+    mantissa, _ = np.frexp(np.abs(values))
+    integer = (mantissa * 2.0**53).astype(np.int64)
+    lowest = integer & -integer
+    with np.errstate(divide="ignore"):
+        trailing = np.where(integer > 0, np.log2(np.where(lowest > 0, lowest, 1)).astype(np.int64), 53)
+    return np.where(integer > 0, 53 - trailing, 0)
+
+
 def machine_epsilon(fmt: FloatFormat) -> float:
     """2^(1−p): the spacing of ``fmt`` at 1."""
     return 2.0 ** (1 - fmt.precision)
@@ -238,7 +254,7 @@ def rounded_once(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     """The reference's values rounded once to ``fmt`` (long double → float64, float64 → narrower)."""
     if fmt.name == "float64":
         return values.astype(np.float64)
-    return quantize(values.astype(np.float64), fmt)
+    return fmt.quantize(values.astype(np.float64))
 
 
 def max_ulp_error(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> float:

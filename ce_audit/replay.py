@@ -166,18 +166,19 @@ class FileSource:
     budget_bytes: int
 
     def weight(self, fmt: FloatFormat) -> np.ndarray | None:
-        return None if self.class_weight is None else self.class_weight.astype(fmt.numpy_dtype)
+        return None if self.class_weight is None else fmt.quantize(self.class_weight)
 
     def _quantized(self, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
+        """The logits (and probability targets) rounded once to ``fmt``."""
         with np.errstate(over="ignore"):
-            quantized = self.values.astype(fmt.numpy_dtype)
-        targets = self.targets.astype(fmt.numpy_dtype) if self.options.probs else self.targets
+            quantized = fmt.quantize(self.values)
+        targets = fmt.quantize(self.targets) if self.options.probs else self.targets
         return quantized, targets
 
     def skip_reason(self, fmt: FloatFormat) -> str | None:
         """None; logits that overflow the dtype are the user's input error, not a skipped case."""
         with np.errstate(over="ignore"):
-            overflow = np.isinf(self.values.astype(fmt.numpy_dtype)) & np.isfinite(self.values)
+            overflow = np.isinf(fmt.quantize(self.values)) & np.isfinite(self.values)
         if overflow.any():
             peak = float(np.abs(self.values[overflow]).max())
             raise AuditError(

@@ -6,11 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 
+import mpmath
 import numpy as np
 import pytest
 from helpers import row_differences, tiny_overrides
 
-from ce_audit.cases import DISTRIBUTIONS, SPIKE_MARGIN, Case, build_cases, generate_rows, row_blocks
+from ce_audit.cases import (
+    DISTRIBUTIONS,
+    RAMP_ROWS,
+    SPIKE_MARGIN,
+    Case,
+    _base_chunk,
+    build_cases,
+    generate_rows,
+    ramp_gap,
+    row_blocks,
+)
 from ce_audit.config import load_config
 from ce_audit.errors import AuditError
 from ce_audit.sweep import run_sweep
@@ -167,6 +178,42 @@ def test_normal_rows_look_standard_normal():
     assert logits.std() == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.parametrize(
+    ("scale", "offset", "vocab"), [(1.0, 0.0, 1000), (1.0, -100.0, 1000), (3.0, 1e4, 300)]
+)
+def test_ramp_rows_sweep_the_confidence_across_every_dtypes_one_minus_u(scale, offset, vocab):
+    """Row i has 1 − p_y = ramp_gap(i) (computed in mpmath from the float64 row), log-spaced from 0.89 to
+    1e-17 over every RAMP_ROWS rows, so the band between p_y ≈ 0.9 and 1 − 1e-12 is covered densely."""
+    batch = 2 * RAMP_ROWS
+    logits, targets = generate_rows(
+        case("ramp", scale=scale, offset=offset, vocab=vocab, batch=batch), 0, batch
+    )
+    mpmath.mp.prec = 200
+    gaps = []
+    for row, target in zip(logits, targets, strict=True):
+        others = mpmath.fsum(mpmath.exp(mpmath.mpf(float(z))) for k, z in enumerate(row) if k != target)
+        own = mpmath.exp(mpmath.mpf(float(row[target])))
+        gaps.append(float(others / (others + own)))
+    expected = ramp_gap(np.arange(batch))
+    np.testing.assert_allclose(gaps, expected, rtol=1e-6)
+    assert expected[0] == pytest.approx(10**-0.05) and expected[RAMP_ROWS - 1] == pytest.approx(1e-17)
+    assert np.array_equal(expected[:RAMP_ROWS], expected[RAMP_ROWS:])
+    in_band = (expected[:RAMP_ROWS] < 0.1) & (expected[:RAMP_ROWS] > 1e-12)
+    assert in_band.sum() >= 40  # p_y between 0.9 and 1 − 1e-12: most of the ramp
+    for u in (2.0**-8, 2.0**-11, 2.0**-24, 2.0**-53):  # bfloat16, float16, float32, float64
+        assert (expected > u).any() and (expected < u).any()
+
+
+def test_ramp_rows_keep_the_normal_rows_other_logits_and_targets():
+    ramp, ramp_targets = generate_rows(case("ramp", vocab=200, batch=16), 0, 16)
+    logits, targets = _base_chunk(case("ramp", vocab=200, batch=16), 0)
+    rows = np.arange(16)
+    assert np.array_equal(ramp_targets, targets[:16])
+    keep = np.ones((16, 200), dtype=bool)
+    keep[rows, ramp_targets] = False
+    assert np.array_equal(ramp[keep], logits[:16][keep])
+
+
 def test_a_single_class_vocabulary_has_no_spike_to_place():
     logits, targets = generate_rows(case("spike", vocab=1, batch=5), 0, 5)
     assert logits.shape == (5, 1) and np.all(np.isfinite(logits))
@@ -187,6 +234,7 @@ def _block_sweep(block_mib: int):
             vocabs=[WIDE],
             batches=[64],
             block_mib=block_mib,
+            grids=[],  # the top-level grid alone, not the default's [[grids]]
         ),
     )
     return run_sweep(config).cells
@@ -227,10 +275,11 @@ def test_the_same_config_run_twice_gives_identical_rows():
             vocabs=[64],
             batches=[16],
             seed=42,
+            grids=[],  # the top-level grid alone, not the default's [[grids]]
         ),
     )
     first, second = run_sweep(config).cells, run_sweep(config).cells
-    assert len(first) == 5 * 4 * 4 * 3
+    assert len(first) == 5 * 4 * len(DISTRIBUTIONS) * 3
     assert {row.status for row in first} >= {"ok", "inaccurate", "nonfinite", "skipped"}
     for a, b in zip(first, second, strict=True):
         assert row_differences(a, b) == [], (a.impl, a.dtype, a.distribution, a.scale)
@@ -240,7 +289,9 @@ def test_the_same_config_run_twice_gives_identical_rows():
 def test_a_different_seed_changes_the_measurements():
     rows = {}
     for seed in (0, 1):
-        config = load_config(None, tiny_overrides(impls=["shifted"], vocabs=[64], batches=[16], seed=seed))
+        config = load_config(
+            None, tiny_overrides(impls=["shifted"], vocabs=[64], batches=[16], seed=seed, grids=[])
+        )
         rows[seed] = run_sweep(config).cells[0]
     assert rows[0].seed == 0 and rows[1].seed == 1
     assert rows[0].max_reference != rows[1].max_reference

@@ -136,7 +136,7 @@ def test_the_defaults_apply_where_neither_file_nor_command_line_say(tmp_path):
     assert result.exit_code == 0, result.output
     _, rows = read_csv(out / "summary.csv")
     # default distributions (all four) and vocab (1000) of configs/default.toml
-    assert [r["distribution"] for r in rows] == ["normal", "uniform", "spike", "adversarial"]
+    assert [r["distribution"] for r in rows] == ["normal", "uniform", "spike", "adversarial", "ramp"]
     assert {r["vocab"] for r in rows} == {"1000"}
 
 

@@ -63,7 +63,7 @@ def test_loading_configs_default_explicitly_changes_nothing(default):
 
 def test_the_default_sweep_covers_everything(default):
     assert default.dtypes == ("float16", "bfloat16", "float32", "float64")
-    assert set(default.distributions) == {"normal", "uniform", "spike", "adversarial"}
+    assert set(default.distributions) == {"normal", "uniform", "spike", "adversarial", "ramp"}
     assert default.impls == ()
     assert [impl.name for impl in resolve(default.impls)][: len(BUILTIN_NAMES)] == list(BUILTIN_NAMES)
     assert default.grad is True
