@@ -109,6 +109,15 @@ LIMITED_FLOAT64_REFERENCE = (
 def ulp(reference: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     """Spacing of ``fmt`` at |reference|: 2^(max(e, emin) − p + 1) with 2^e ≤ |x| < 2^(e+1)."""
     magnitude = np.abs(reference)
+    if magnitude.dtype == np.float64:
+        # fast path: e from the exponent bits; 2^(max(e, emin) − p + 1) built from its bits where it is a
+        # normal float64 (always, for formats narrower than float64; float64 subnormals lie below their emin)
+        exponent = np.maximum((magnitude.view(np.int64) >> 52) - 1023, fmt.emin) - fmt.precision + 1
+        spacing = (np.maximum(exponent, -1022) + 1023 << 52).view(np.float64)
+        tiny = exponent < -1022  # float64's own subnormal spacings
+        if np.any(tiny):
+            spacing = np.where(tiny, np.ldexp(1.0, np.minimum(exponent, 0).astype(np.int32)), spacing)
+        return spacing
     with np.errstate(all="ignore"):
         _, exponent = np.frexp(magnitude)  # magnitude = m · 2^exponent, m in [0.5, 1)
     exponent = np.where(magnitude > 0, exponent.astype(np.int64) - 1, fmt.emin)  # frexp(0) gives 0

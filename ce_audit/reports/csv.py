@@ -12,7 +12,7 @@ import csv
 import io
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, astuple, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ def _csv_text(columns: tuple[str, ...], rows: list[Any]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([column_text(value) for value in astuple(row)])
+        writer.writerow([column_text(getattr(row, name)) for name in columns])  # fields are scalars
     return buffer.getvalue()
 
 

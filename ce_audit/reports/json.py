@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import math
 import platform
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 from ce_audit.dtypes import reference_precision
 from ce_audit.implementations import REGISTRY
 from ce_audit.reports.files import write_atomically
-from ce_audit.results import AuditResult
+from ce_audit.results import CELL_COLUMNS, AuditResult
 
 REPORT_FORMAT = 1
 
@@ -73,7 +72,7 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "devices": result.devices,
         "reference_precision": reference_precision(),
         "implementations": implementations(result.cells),
-        "rows": [asdict(row) for row in result.cells],
+        "rows": [{name: getattr(cell, name) for name in CELL_COLUMNS} for cell in result.cells],
     }
     document.update(extra or {})
     return _plain(document)
