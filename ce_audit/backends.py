@@ -31,6 +31,21 @@ class Outcome:
     mean: bool = False  # a 0-d value where per-row losses were asked for: audited as the batch mean
 
 
+@dataclass(frozen=True)
+class BlockCall:
+    """One call of an implementation: the quantized block and targets, where and how to run it."""
+
+    block: np.ndarray
+    targets: np.ndarray
+    fmt: FloatFormat
+    device: str
+    settings: dict[str, Any]
+    want_grad: bool
+    options: dict[str, Any]  # loss-option keyword arguments (LossOptions.call_options())
+    weight: np.ndarray | None  # per-class weights in the audited dtype
+    shape: tuple[int, ...]  # what a per-row (or per-element) result must be shaped like
+
+
 def raw_bytes(array: np.ndarray) -> np.ndarray:
     """The array's bytes, flat (to see whether an implementation wrote into its input)."""
     return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
@@ -63,19 +78,7 @@ class Backend:
         """Why this backend cannot run ``fmt`` on ``device`` (None: it can); needs no framework import."""
         return None
 
-    def run(
-        self,
-        impl: Any,
-        block: np.ndarray,
-        targets: np.ndarray,
-        fmt: FloatFormat,
-        device: str,
-        settings: dict[str, Any],
-        want_grad: bool,
-        options: dict[str, Any],
-        weight: np.ndarray | None,
-        shape: tuple[int, ...],
-    ) -> Outcome:
+    def run(self, impl: Any, call: BlockCall) -> Outcome:
         """Call ``impl`` on a private copy of the block; the value as float64, and the gradient if asked."""
         raise NotImplementedError
 
@@ -112,26 +115,16 @@ class TorchBackend(Backend):
             return np.zeros(0, dtype=np.uint8)
         return tensor.detach().to("cpu").contiguous().view(self.torch.uint8).numpy().reshape(-1)
 
-    def run(
-        self,
-        impl: Any,
-        block: np.ndarray,
-        targets: np.ndarray,
-        fmt: FloatFormat,
-        device: str,
-        settings: dict[str, Any],
-        want_grad: bool,
-        options: dict[str, Any],
-        weight: np.ndarray | None,
-        shape: tuple[int, ...],
-    ) -> Outcome:
+    def run(self, impl: Any, call: BlockCall) -> Outcome:
+        block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
+        settings, want_grad, shape = call.settings, call.want_grad, call.shape
         torch = self.torch
         logits = self.tensor(block, fmt, device)
         if targets.dtype.kind == "f" or targets.dtype == fmt.numpy_dtype:  # probabilities, binary targets
             target_tensor = self.tensor(targets, fmt, device)
         else:
             target_tensor = torch.from_numpy(targets).to(device=device, copy=True)
-        options = dict(options)
+        options = dict(call.options)
         if weight is not None:
             options["weight"] = self.tensor(weight, fmt, device)
         logits.requires_grad_(want_grad)
@@ -174,31 +167,20 @@ class NumpyBackend(Backend):
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
         return None if device == "cpu" else "NumPy implementations run on the CPU only"
 
-    def run(
-        self,
-        impl: Any,
-        block: np.ndarray,
-        targets: np.ndarray,
-        fmt: FloatFormat,
-        device: str,
-        settings: dict[str, Any],
-        want_grad: bool,
-        options: dict[str, Any],
-        weight: np.ndarray | None,
-        shape: tuple[int, ...],
-    ) -> Outcome:
+    def run(self, impl: Any, call: BlockCall) -> Outcome:
+        block, targets = call.block, call.targets
         logits, target_copy = block.copy(), targets.copy()
         # overflow in an audited implementation is a finding, not a warning (nor is the mean of nothing)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            losses = impl(logits, target_copy, settings, options)
+            losses = impl(logits, target_copy, call.settings, call.options)
         if isinstance(losses, np.generic):  # a NumPy scalar, e.g. from np.mean
             losses = np.asarray(losses)
         if not isinstance(losses, np.ndarray):
             raise TypeError(f"returned {type_name(losses)}, expected a numpy.ndarray")
         if not impl.builtin and losses.dtype != block.dtype:
             raise TypeError(f"returned {losses.dtype}, expected {block.dtype} (the audited dtype)")
-        mean = check_shape(losses.shape, shape)
+        mean = check_shape(losses.shape, call.shape)
         wrote = logits.shape != block.shape or not np.array_equal(raw_bytes(logits), raw_bytes(block))
         wrote = wrote or not np.array_equal(raw_bytes(target_copy), raw_bytes(targets))
         return Outcome(losses.astype(np.float64), None, None, wrote, mean)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ce_audit.backends import Outcome, backend_skip_reason, get_backend, uses_accelerators
+from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, get_backend, uses_accelerators
 from ce_audit.devices import resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
@@ -87,10 +87,11 @@ def _call(
 ) -> Outcome | None:
     """Run one implementation on one block; a failure marks the cell `error` and returns None."""
     try:
-        outcome = get_backend(tally.impl.backend).run(
-            tally.impl, block, targets, fmt, tally.device, settings, grad, options.call_options(), weight,
+        call = BlockCall(
+            block, targets, fmt, tally.device, settings, grad, options.call_options(), weight,
             _expected_shape(options, block),
         )  # fmt: skip
+        outcome = get_backend(tally.impl.backend).run(tally.impl, call)
     except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
         tally.fail(Status.ERROR, first_line(error))
         return None

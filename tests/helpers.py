@@ -9,6 +9,7 @@ from dataclasses import fields
 from typing import Any
 
 from ce_audit.implementations import REGISTRY, Implementation, add
+from ce_audit.results import Cell
 
 # The twelve built-in names every release keeps (the README lists them).
 BUILTIN_NAMES = (
@@ -81,3 +82,23 @@ def registered_implementations() -> Iterator[Callable[..., Implementation]]:
     finally:
         for name in added:
             REGISTRY.pop(name, None)
+
+
+def cell(**values: Any) -> Cell:
+    """A measured fused float16 cell, changed by ``values``."""
+    base: dict[str, Any] = dict(
+        impl="fused",
+        dtype="float16",
+        device="cpu",
+        distribution="normal",
+        scale=1.0,
+        offset=0.0,
+        batch=8,
+        vocab=64,
+        seed=0,
+        status="ok",
+        grad_status="ok",
+        value_kind="rows",
+    )
+    base.update(values)
+    return Cell(**base)

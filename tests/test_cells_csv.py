@@ -14,32 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import cell
 
 from ce_audit.budgets import parse_budget
 from ce_audit.errors import AuditError
 from ce_audit.gate import Audit, compare, read_audit
 from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, write_summary_csv
 from ce_audit.results import KEY_COLUMNS, Cell
-
-
-def cell(**values: Any) -> Cell:
-    """A measured fused float16 cell, changed by ``values``."""
-    base: dict[str, Any] = dict(
-        impl="fused",
-        dtype="float16",
-        device="cpu",
-        distribution="normal",
-        scale=1.0,
-        offset=0.0,
-        batch=8,
-        vocab=64,
-        seed=0,
-        status="ok",
-        grad_status="ok",
-        value_kind="rows",
-    )
-    base.update(values)
-    return Cell(**base)
 
 
 def same(a: Any, b: Any) -> bool:

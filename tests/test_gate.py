@@ -7,10 +7,10 @@ import math
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cli_helpers import PLUGINS, TINY, clean_registry, read_rows, run_cli  # noqa: F401
+from helpers import cell
 
 from ce_audit.budgets import parse_budget
 from ce_audit.errors import AuditError
@@ -24,7 +24,6 @@ from ce_audit.gate import (
     key_columns,
 )
 from ce_audit.reports.csv import SUMMARY_COLUMNS
-from ce_audit.results import Cell
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 REPOSITORY = Path(__file__).parents[1]
@@ -214,24 +213,6 @@ def test_budgets_in_the_config_are_recorded_and_checked(tmp_path, capsys):
     assert code == 1 and "budget <= 0.01" in text
 
 
-def cell(**values: Any) -> Cell:
-    """A measured fused float16 cell, changed by ``values``."""
-    base: dict[str, Any] = dict(
-        impl="fused",
-        dtype="float16",
-        device="cpu",
-        distribution="normal",
-        scale=1.0,
-        offset=0.0,
-        batch=8,
-        vocab=64,
-        seed=0,
-        status="ok",
-        grad_status="ok",
-        value_kind="rows",
-    )
-    base.update(values)
-    return Cell(**base)
 
 
 def test_growth_tolerance_needs_more_than_one_ulp_and_ten_percent():
