@@ -22,6 +22,7 @@ from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig, load_config
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, remove
+from ce_audit.options import SPECS_BY_NAME, options_label
 from ce_audit.plugins import ATTRIBUTE, add_function
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, Status
@@ -59,7 +60,8 @@ def _where(cell: Cell) -> str:
     where = f"{cell.impl} {cell.dtype} {cell.device} {cell.distribution} scale={cell.scale:g}"
     if cell.offset:
         where += f" offset={cell.offset:g}"
-    return where + f" vocab={cell.vocab} batch={cell.batch}"
+    label = options_label(cell)
+    return where + f" vocab={cell.vocab} batch={cell.batch}" + (f" {label}" if label else "")
 
 
 def failing_cells(cells: list[Cell], budgets: Sequence[str] = (), strict_grad: bool = False) -> list[str]:
@@ -113,6 +115,20 @@ def _register_callable(function: Callable[..., Any], backend: str) -> tuple[str,
     return name, True
 
 
+def _option_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """Config keys of the loss options given to check() by name (ce_audit.options.OPTION_SPECS)."""
+    overrides: dict[str, Any] = {}
+    for name, value in options.items():
+        spec = SPECS_BY_NAME.get(name)
+        if spec is None:
+            known = ", ".join(SPECS_BY_NAME)
+            raise AuditError(f"check() got an unknown loss option {name!r}; choose from {known}")
+        if spec.grid and value is not None and not isinstance(value, (list, tuple)):
+            value = [value]
+        overrides[spec.config_key] = value
+    return overrides
+
+
 def check(
     impl: Target | Sequence[Target],
     *,
@@ -131,12 +147,17 @@ def check(
     config: str | Path | None = None,
     plugins: Sequence[str] = (),
     strict_grad: bool = False,
+    **options: Any,
 ) -> CheckReport:
     """Audit one or more implementations (functions or registered names) and return a CheckReport.
 
     Unset arguments keep the config's values (the built-in default sweep when ``config`` is None).
     A function that is not registered is registered for the duration of the call, with ``backend``.
+    ``options``: loss options by their names in the option table (``reduction="mean"``,
+    ``label_smoothing=[0.0, 0.1]``, ``softcap=30``, ``margin=4``, ``ignore_index=-1``, …); a single value or
+    a list for the grid options, as on the command line.
     """
+    option_overrides = _option_overrides(options)
     targets = [impl] if isinstance(impl, str) or callable(impl) else list(impl)
     if not targets:
         raise AuditError("check() needs at least one implementation")
@@ -162,6 +183,7 @@ def check(
             "seed": seed,
             "grad": grad,
             "tolerances": tolerances,
+            **option_overrides,
         }
         resolved = load_config(
             config, {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}

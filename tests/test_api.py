@@ -94,3 +94,27 @@ def test_name_clash_with_a_builtin_falls_back_to_the_qualified_name():
         "test_name_clash_with_a_builtin_falls_back_to_the_qualified_name._locals_.fused"
     )
     assert REGISTRY["fused"].builtin
+
+
+def test_check_takes_every_loss_option_by_its_table_name():
+    report = ce_audit.check(
+        "fused", dtypes="float32", distributions="normal", scales=1, offsets=0,
+        label_smoothing=[0.0, 0.1], reduction="mean", ignore_fraction=0.25,
+    )  # fmt: skip
+    assert sorted((c.label_smoothing, c.reduction, c.ignore_fraction) for c in report.cells) == [
+        (0.0, "mean", 0.25),
+        (0.1, "mean", 0.25),
+    ]
+    assert report.ok
+
+
+def test_check_names_the_options_of_a_failing_cell_and_refuses_unknown_ones():
+    def plain_ce(logits, targets):
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+    report = ce_audit.check(
+        plain_ce, dtypes="float16", distributions="normal", scales=10, offsets=0, margin=4.0
+    )
+    assert not report.ok and "M=4" in report.failures[0]  # confident rows: lse − z_y cancels
+    with pytest.raises(AuditError, match="unknown loss option 'smoothing'"):
+        ce_audit.check("fused", smoothing=0.1)
