@@ -51,6 +51,16 @@ class BlockSource(Protocol):
         """Per-class weights in ``fmt``, or None."""
 
 
+def overflow_peak(values: np.ndarray, fmt: FloatFormat) -> float | None:
+    """The largest finite |value| when some finite value rounds to ±inf in ``fmt`` (the inputs cannot be
+    represented there), else None."""
+    finite = values[np.isfinite(values)]
+    with np.errstate(over="ignore"):
+        if finite.size and np.isinf(fmt.quantize(finite)).any():
+            return float(np.abs(finite).max())
+    return None
+
+
 def implementations_and_devices(
     names: Iterable[str], plugins: Iterable[str], devices: Iterable[str]
 ) -> tuple[list[Implementation], list[str]]:

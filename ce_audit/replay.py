@@ -22,7 +22,7 @@ from ce_audit.devices import device_description
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
-from ce_audit.pipeline import Block, audit_source, implementations_and_devices
+from ce_audit.pipeline import Block, audit_source, implementations_and_devices, overflow_peak
 from ce_audit.results import AuditResult
 from ce_audit.scoring import CaseLabel
 from ce_audit.statuses import message_line
@@ -177,10 +177,8 @@ class FileSource:
 
     def skip_reason(self, fmt: FloatFormat) -> str | None:
         """None; logits that overflow the dtype are the user's input error, not a skipped case."""
-        with np.errstate(over="ignore"):
-            overflow = np.isinf(fmt.quantize(self.values)) & np.isfinite(self.values)
-        if overflow.any():
-            peak = float(np.abs(self.values[overflow]).max())
+        peak = overflow_peak(self.values, fmt)
+        if peak is not None:
             raise AuditError(
                 f"logits reach {peak:.6g}, which overflows {fmt.name} (largest finite {fmt.max:.6g})"
             )

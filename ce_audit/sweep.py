@@ -20,7 +20,7 @@ from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
 from ce_audit.options import LossOptions
-from ce_audit.pipeline import Block, Progress, audit_source, implementations_and_devices
+from ce_audit.pipeline import Block, Progress, audit_source, implementations_and_devices, overflow_peak
 from ce_audit.results import AuditResult, Cell
 from ce_audit.scoring import CaseLabel
 
@@ -86,10 +86,8 @@ class CaseSource:
         if abs(case.offset) + abs(case.scale) * 16.0 + abs(case.margin or 0.0) < fmt.max / 2:
             return None
         for start, stop in row_blocks(case, 8, 64 << 20):
-            logits, _ = generate_inputs(case, self.options, start, stop)
-            finite = np.isfinite(logits)
-            if logits.size and np.isinf(quantize(logits[finite], fmt)).any():
-                peak = float(np.abs(logits[finite]).max())
+            peak = overflow_peak(generate_inputs(case, self.options, start, stop)[0], fmt)
+            if peak is not None:
                 return f"logits reach {peak:.4g}, beyond {fmt.name}'s largest finite value {fmt.max:.6g}"
         return None
 

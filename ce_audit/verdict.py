@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ce_audit.statuses import RANKED, Status, status_rank
+from ce_audit.statuses import status_rank, worst_status
 
 BASELINES = {"ce": "fused", "binary": "bce_logits"}  # PyTorch's kernel for each loss family
 WORSE_FACTOR = 2.0
@@ -95,10 +95,7 @@ FAIL_LEVELS = ("inaccurate", "nonfinite", "error", "worse-than-pytorch")
 
 def cell_status(status: str, grad_status: str) -> str:
     """A cell's overall status: the worse of its loss and gradient statuses (skipped stays skipped)."""
-    if status == Status.SKIPPED:
-        return status
-    ranked = [s for s in (status, grad_status) if s in RANKED]
-    return max(ranked, key=RANKED.index) if ranked else status
+    return worst_status((status, grad_status))
 
 
 def reaches(cell: Any, level: str) -> bool:
