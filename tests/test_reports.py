@@ -439,3 +439,16 @@ def test_cell_text_counts_nonfinite_rows(result):
     text = cell_text(naive).plain
     inf = sum(r.inf_rows for r in naive)
     assert inf > 0 and f"Inf {inf}" in text
+
+
+def test_at_80_columns_the_turned_table_cuts_no_number_and_no_name():
+    cells = run_sweep(load_config(None, {"dtypes": ["float16"]})).cells
+    console = Console(width=80, record=True, no_color=True, file=io.StringIO())
+    print_report(cells, console, [], 1.0)
+    text = console.export_text()
+    tables = text.split("What broke where")[0]
+    assert "…" not in tables  # bands of implementations instead of truncated cells
+    assert "(implementations 1 of" in tables
+    for name in {cell.impl for cell in cells}:
+        assert name in tables
+    assert all(len(line) <= 80 for line in tables.splitlines())

@@ -89,10 +89,32 @@ def _column_label(key: tuple[float, float, str], offsets: int, scales: int, sep:
     return sep.join(parts) or "plain"
 
 
-def summary_tables(rows: list[Cell]) -> list[Table]:
+LABEL_WIDTH = 18  # the options column of a turned table wraps its labels at this width
+CELL_WIDTH = 10  # a cell's text wraps past this width ("NaN 185/Inf 135 ✗pt" takes two lines)
+
+
+def _bands(names: list[str], width: int | None) -> list[list[str]]:
+    """Implementation columns packed into bands that each fit ``width`` beside the options column."""
+    if width is None:
+        return [names]
+    room = width - LABEL_WIDTH - 4
+    bands: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        need = max(len(name), CELL_WIDTH) + 3
+        if bands[-1] and used + need > room:
+            bands.append([])
+            used = 0
+        bands[-1].append(name)
+        used += need
+    return bands
+
+
+def summary_tables(rows: list[Cell], width: int | None = None) -> list[Table]:
     """One table per dtype: implementations down and (offset, scale, loss options) across, the worst over
     distributions, vocabs and batches. With more than WIDE_LIMIT such columns the table turns: option
-    combinations down (only those where some implementation is not ok), implementations across."""
+    combinations down (only those where some implementation is not ok), implementations across, in bands
+    of implementations that fit ``width`` columns (one table per band; no number is cut)."""
     tables = []
     dtypes = list(dict.fromkeys(row.dtype for row in rows))
     offsets = sorted({row.offset for row in rows}, key=abs)
@@ -130,22 +152,29 @@ def summary_tables(rows: list[Cell]) -> list[Table]:
             ]
             hidden = len(used) - len(failing)
             title += f"; {hidden} of {len(used)} option combinations all ok or skipped, not shown"
-            table = Table(title=title, title_justify="left")
-            table.add_column("options", style="bold", no_wrap=True)
-            for name in names:
-                table.add_column(name, justify="right")
-            for key in failing:
-                label = _column_label(key, len(offsets), len(scales), " ")
-                table.add_row(
-                    Text(label), *(cell_text(grid[(n, *key)]) if grid[(n, *key)] else "" for n in names)
-                )
+            bands = _bands(names, width)
+            for index, band in enumerate(bands, 1):
+                part = f" (implementations {index} of {len(bands)})" if len(bands) > 1 else ""
+                table = Table(title=title + part, title_justify="left")
+                table.add_column("options", style="bold", max_width=LABEL_WIDTH if width else None)
+                for name in band:
+                    table.add_column(
+                        name, justify="right", min_width=len(name), max_width=max(len(name), CELL_WIDTH)
+                    )
+                for key in failing:
+                    label = _column_label(key, len(offsets), len(scales), " ")
+                    table.add_row(
+                        Text(label), *(cell_text(grid[(n, *key)]) if grid[(n, *key)] else "" for n in band)
+                    )
+                tables.append(table)
+            continue
         tables.append(table)
     return tables
 
 
 def print_report(rows: list[Cell], console: Console, paths: list[str], seconds: float) -> None:
     """Tables, the findings in words, and where the files went."""
-    for table in summary_tables(rows):
+    for table in summary_tables(rows, console.width):
         console.print(table)
     lines = findings(rows)
     if any(row.dtype == "float64" for row in rows) and reference_precision()["float64"].startswith(
