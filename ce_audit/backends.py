@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat
+from ce_audit.dtypes import FORMATS, FloatFormat
 from ce_audit.statuses import first_line
 
 
@@ -29,6 +29,7 @@ class Outcome:
     grad_error: str | None
     wrote_input: bool
     mean: bool = False  # a 0-d value where per-row losses were asked for: audited as the batch mean
+    value_dtype: str = ""  # the floating dtype the implementation returned (float16 … float64)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ def raw_bytes(array: np.ndarray) -> np.ndarray:
 def type_name(value: Any) -> str:
     kind = type(value)
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def floating_dtype_name(name: str) -> str:
+    """The returned dtype's name when it is a floating format ce-audit knows; raises TypeError otherwise."""
+    name = name.removeprefix("torch.")
+    if name not in FORMATS:
+        raise TypeError(f"returned {name} values, expected a floating dtype ({', '.join(FORMATS)})")
+    return name
 
 
 def check_shape(got: tuple[int, ...], expected: tuple[int, ...]) -> bool:
@@ -130,11 +139,11 @@ class TorchBackend(Backend):
         logits.requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
             losses = impl(logits, target_tensor, settings, options)
+        if isinstance(losses, (float, np.floating)) and not impl.builtin:  # a Python or NumPy scalar
+            losses = torch.from_numpy(np.asarray(losses)).to(logits.device)
         if not isinstance(losses, torch.Tensor):
             raise TypeError(f"returned {type_name(losses)}, expected a torch.Tensor")
-        if not impl.builtin and losses.dtype != logits.dtype:
-            returned = str(losses.dtype).removeprefix("torch.")
-            raise TypeError(f"returned {returned}, expected {fmt.name} (the audited dtype)")
+        value_dtype = floating_dtype_name(str(losses.dtype))
         mean = check_shape(tuple(losses.shape), shape)
         if not impl.builtin and losses.device != logits.device:
             raise ValueError(f"returned a tensor on {losses.device}, expected {logits.device}")
@@ -155,7 +164,7 @@ class TorchBackend(Backend):
             self._bytes(logits), raw_bytes(block)
         )
         wrote = wrote or not np.array_equal(self._bytes(target_tensor), raw_bytes(targets))
-        return Outcome(value, grad, grad_error, wrote, mean)
+        return Outcome(value, grad, grad_error, wrote, mean, value_dtype)
 
 
 class NumpyBackend(Backend):
@@ -174,16 +183,15 @@ class NumpyBackend(Backend):
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             losses = impl(logits, target_copy, call.settings, call.options)
-        if isinstance(losses, np.generic):  # a NumPy scalar, e.g. from np.mean
+        if isinstance(losses, (np.generic, float)):  # a NumPy scalar (np.mean) or a Python float
             losses = np.asarray(losses)
         if not isinstance(losses, np.ndarray):
             raise TypeError(f"returned {type_name(losses)}, expected a numpy.ndarray")
-        if not impl.builtin and losses.dtype != block.dtype:
-            raise TypeError(f"returned {losses.dtype}, expected {block.dtype} (the audited dtype)")
+        value_dtype = floating_dtype_name(str(losses.dtype))
         mean = check_shape(losses.shape, call.shape)
         wrote = logits.shape != block.shape or not np.array_equal(raw_bytes(logits), raw_bytes(block))
         wrote = wrote or not np.array_equal(raw_bytes(target_copy), raw_bytes(targets))
-        return Outcome(losses.astype(np.float64), None, None, wrote, mean)
+        return Outcome(losses.astype(np.float64), None, None, wrote, mean, value_dtype)
 
 
 BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "numpy": NumpyBackend}

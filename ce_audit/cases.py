@@ -24,6 +24,7 @@ the same rows whatever the batch), in this order:
 from __future__ import annotations
 
 import itertools
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,11 +172,15 @@ def quantize(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     return fmt.quantize(values)
 
 
-def row_blocks(case: Case, bytes_per_element: int, budget_bytes: int) -> Iterator[tuple[int, int]]:
-    """[start, stop) row ranges whose working arrays stay within ``budget_bytes``."""
+def row_blocks(
+    case: Case, bytes_per_element: int, budget_bytes: int, multiple: int = 1
+) -> Iterator[tuple[int, int]]:
+    """[start, stop) row ranges whose working arrays stay within ``budget_bytes``; every block but the last
+    a multiple of ``multiple`` rows (an implementation that takes (N/T, T, V) sequences needs T | N)."""
     per_row = case.vocab * bytes_per_element
     rows = max(1, budget_bytes // max(per_row, 1))
-    rows = max(case.chunk_rows, rows // case.chunk_rows * case.chunk_rows)
+    step = math.lcm(case.chunk_rows, max(multiple, 1))
+    rows = max(step, rows // step * step)
     for start in range(0, case.batch, rows):
         yield start, min(case.batch, start + rows)
 

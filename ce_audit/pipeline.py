@@ -8,7 +8,9 @@ dtype's blocks, computing the reference once per block and sharing it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,6 +72,11 @@ def implementations_and_devices(
     return impls, resolve_devices(tuple(devices), accelerators_wanted=wanted)
 
 
+def row_multiple(impls: Iterable[Implementation]) -> int:
+    """The row count every block must be a multiple of: the sequence lengths T of the adapters."""
+    return math.lcm(1, *(getattr(impl.adapter, "row_multiple", 1) for impl in impls))
+
+
 def _skip(impl: Implementation, fmt: FloatFormat, device: str, options: LossOptions) -> str | None:
     if fmt.name not in impl.dtypes:
         return f"{impl.name} does not support {fmt.name}"
@@ -110,8 +117,21 @@ def _call(
         tally.fail(Status.ERROR, "returned per-row losses for one block and a mean for another")
         return None
     tally.value_kind = kind
+    if tally.value_dtype not in ("", outcome.value_dtype):
+        message = f"returned {tally.value_dtype} for one block and {outcome.value_dtype} for another"
+        tally.fail(Status.ERROR, message)
+        return None
+    tally.value_dtype = outcome.value_dtype
     tally.wrote_input |= outcome.wrote_input
     return outcome
+
+
+def _mean_reference(
+    block: np.ndarray, targets: np.ndarray, options: LossOptions, weight: np.ndarray | None, grad: bool
+) -> Any:
+    """The exact batch mean a 0-d result stands for: PyTorch's ``mean`` with these options, over the rows
+    not ignored (Σ w_y ℓ / Σ w_y with class weights), and its gradient."""
+    return reference_loss(block, targets, replace(options, reduction="mean"), weight=weight, grad=grad)
 
 
 def _baselines(
@@ -179,6 +199,7 @@ def audit_blocks(
             floor_loss = max(floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
                 floor_grad = max(floor_grad, floor_norm_error(reference.grad, fmt))
+        mean_reference = None
         for tally in [*tallies, *hidden]:
             outcome = None
             if tally.status is None and not tally.deferred:
@@ -189,7 +210,9 @@ def audit_blocks(
                 continue
             if outcome.mean:
                 if whole:
-                    tally.score_mean(outcome, reference, fmt, tolerance, grad)
+                    if mean_reference is None:
+                        mean_reference = _mean_reference(block, targets, options, weight, grad)
+                    tally.score_mean(outcome, mean_reference, fmt, tolerance, grad)
                 else:
                     tally.deferred = True
                 continue
@@ -215,7 +238,7 @@ def audit_blocks(
     deferred = [tally for tally in [*tallies, *hidden] if tally.deferred and tally.status is None]
     if deferred:
         block, targets = source.whole_batch(fmt)
-        reference = reference_loss(block, targets, options, weight=weight, grad=grad)
+        reference = _mean_reference(block, targets, options, weight, grad)
         for tally in deferred:
             outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
             if outcome is not None:

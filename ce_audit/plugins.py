@@ -21,10 +21,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+from ce_audit.adapters import Adapter, make_adapter, parse_impl_spec
 from ce_audit.backends import BACKEND_NAMES
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, add, resolve
+from ce_audit.options import SUPPORTABLE
 
 ENTRY_POINT_GROUP = "ce_audit.implementations"
 ATTRIBUTE = "__ce_audit_implementation__"  # set on a registered function: its registry entry
@@ -67,10 +69,14 @@ def add_function(
     tunables: tuple[str, ...] | list[str] = (),
     origin: str | None = None,
     spec: bool = False,
+    supports: tuple[str, ...] | list[str] = (),
+    adapter: Adapter | None = None,
 ) -> Implementation:
     """Register ``function`` under ``name``; a clash with a built-in or another function raises AuditError.
 
     ``spec``: the name is a ``module:function`` spec (it may hold ':' and '/', which names may not).
+    ``supports``: option names of ``ce-audit list`` (ce_audit.options.SUPPORTABLE); ``adapter``: how it is
+    called (ce_audit.adapters; default: ``fn(logits, targets, **options)``).
     """
     if not isinstance(name, str) or not (_NAME_PATTERN.match(name) or (spec and name.strip() == name != "")):
         raise AuditError(f"invalid implementation name {name!r}: use letters, digits, '_', '.', '+' or '-'")
@@ -84,6 +90,14 @@ def add_function(
         raise AuditError(f"implementation {name!r}: unknown dtype {unknown[0]!r}")
     if not callable(function):
         raise AuditError(f"implementation {name!r}: {type(function).__name__} is not callable")
+    if isinstance(supports, str):
+        supports = [supports]
+    unknown = [option for option in supports if option not in SUPPORTABLE]
+    if unknown:
+        raise AuditError(
+            f"implementation {name!r}: unknown option {unknown[0]!r} in supports; "
+            f"choose from {', '.join(SUPPORTABLE)}"
+        )
     source = _source(function)
     existing = REGISTRY.get(name)
     if existing is not None:
@@ -103,10 +117,13 @@ def add_function(
         tunables=tuple(tunables),
         builtin=False,
         extra={"source": source},
+        supports=frozenset(supports),
+        adapter=adapter if adapter is not None else Adapter(),
     )
     add(implementation, replace=existing is not None)
-    with contextlib.suppress(AttributeError, TypeError):  # some C callables take no attributes
-        setattr(function, ATTRIBUTE, implementation)
+    if not isinstance(function, type):  # never mark a library's class (its instances would inherit it)
+        with contextlib.suppress(AttributeError, TypeError):  # some C callables take no attributes
+            setattr(function, ATTRIBUTE, implementation)
     return implementation
 
 
@@ -114,32 +131,46 @@ def register(
     name: str | None = None,
     *,
     backend: str = "torch",
-    description: str | None = None,
+    supports: tuple[str, ...] | list[str] = (),
     dtypes: tuple[str, ...] | list[str] = DTYPE_NAMES,
+    description: str | None = None,
     tunables: tuple[str, ...] | list[str] = (),
+    kwargs: dict[str, Any] | None = None,
+    inputs: str | None = None,
+    sequence: int | None = None,
+    shifted: bool | None = None,
+    returns: str | None = None,
+    loss_at: int | str | None = None,
+    count_keyword: str | None = None,
+    ignore_index: int | None = None,
 ) -> Callable[[F], F]:
-    """Decorator: ``@ce_audit.register("my_ce")`` adds ``fn(logits, targets) -> losses`` to the registry.
+    """Decorator: ``@ce_audit.register("my_ce", supports=["reduction"])`` adds ``fn(logits, targets)``.
 
     ``backend="torch"`` passes (N, V) tensors of the audited dtype on the audited device and int64 targets;
-    ``backend="numpy"`` passes NumPy arrays (bfloat16 as ml_dtypes.bfloat16). Return (N,) per-row losses
-    in the audited dtype, or a 0-d value (the mean over rows). The function is returned unchanged.
+    ``backend="numpy"`` passes NumPy arrays (bfloat16 as ml_dtypes.bfloat16). ``supports`` names the loss
+    options the function takes (the names ``ce-audit list`` shows: ``reduction``, ``weight``,
+    ``ignore_index``, ``label_smoothing``, ``softcap``, ``z_loss``, ``probs``): they arrive as keyword
+    arguments with PyTorch's names and meanings (``probs``: (N, V) probability targets); cells with an
+    option not declared are skipped. It returns (N,) per-row losses of any floating dtype, or a 0-d value
+    (the mean over rows not ignored). ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``,
+    ``loss_at``, ``count_keyword`` and ``ignore_index`` describe other call and return forms
+    (ce_audit.adapters.ADAPTER_KEYS). The target (a function, a loss class, a module) is returned unchanged.
     """
-    if callable(name):  # used bare: @register
-        function = name
-        add_function(function, function.__name__, backend=backend, description=description, dtypes=dtypes)
-        return function
+    adapter = make_adapter(
+        kwargs=kwargs, inputs=inputs, sequence=sequence, shifted=shifted, returns=returns, loss_at=loss_at,
+        count_keyword=count_keyword, ignore_index=ignore_index,
+    )  # fmt: skip
 
     def decorate(function: F) -> F:
+        label = name if isinstance(name, str) else getattr(function, "__name__", None)
         add_function(
-            function,
-            name or function.__name__,
-            backend=backend,
-            description=description,
-            dtypes=dtypes,
-            tunables=tunables,
-        )
+            function, label or "", backend=backend, description=description, dtypes=dtypes,
+            tunables=tunables, supports=supports, adapter=adapter,
+        )  # fmt: skip
         return function
 
+    if callable(name):  # used bare: @register
+        return decorate(name)  # type: ignore[return-value]
     return decorate
 
 
@@ -221,13 +252,18 @@ def load_plugin(spec: str) -> ModuleType:
 
 
 def load_function(spec: str) -> Implementation:
-    """``module:function`` or ``file.py:function``: the function's registry entry, registering it if needed.
+    """``module:attr`` or ``file.py:attr``, optionally followed by ``,key=value`` settings: the registry
+    entry, registering it if needed.
 
-    An undecorated function is a torch implementation named by the spec itself.
+    An undecorated target is registered under the spec itself: a torch function unless the settings say
+    otherwise (``backend=``, ``supports=a+b``, ``dtypes=``, ``arg.NAME=VALUE`` and the adapter settings of
+    ce_audit.adapters.ADAPTER_KEYS; see ``adapters.parse_impl_spec``). A decorated function named without
+    settings is its registered entry.
     """
     if spec in REGISTRY:
         return REGISTRY[spec]
-    module_part, _, attribute = spec.rpartition(":")
+    declared = parse_impl_spec(spec)
+    module_part, _, attribute = declared.target.rpartition(":")
     if not module_part or not attribute:
         raise AuditError(f"implementation spec {spec!r}: expected module:function")
     module = load_plugin(module_part)
@@ -237,11 +273,15 @@ def load_function(spec: str) -> Implementation:
             raise AuditError(f"implementation spec {spec!r}: {module_part} has no attribute {attribute!r}")
         target = getattr(target, part)
     registered = getattr(target, ATTRIBUTE, None)
-    if isinstance(registered, Implementation) and REGISTRY.get(registered.name) is registered:
+    plain = declared.target == spec
+    if plain and isinstance(registered, Implementation) and REGISTRY.get(registered.name) is registered:
         return registered
     if not callable(target):
         raise AuditError(f"implementation spec {spec!r}: {type(target).__name__} is not callable")
-    return add_function(target, spec, origin=f"--impl {spec}", spec=True)
+    return add_function(
+        target, spec, backend=declared.backend or "torch", dtypes=declared.dtypes or DTYPE_NAMES,
+        supports=declared.supports, adapter=declared.adapter, origin=f"--impl {declared.target}", spec=True,
+    )  # fmt: skip
 
 
 def load_entry_points() -> list[str]:

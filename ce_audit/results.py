@@ -90,6 +90,8 @@ class Cell:
     value_kind: str = measurement(
         "", gate="kind"
     )  # "rows" per-row losses; "mean" a 0-d mean; "" not measured
+    # the floating dtype the implementation returned ("" not measured); the gate holds it like value_kind
+    value_dtype: str = measurement("", gate="kind")
     wrote_input: bool = measurement(False)  # the implementation changed its logits or targets buffer
     # the verdict beside the absolute one (see docs/verdicts.md)
     finite_where_infinite: int = measurement(
@@ -98,6 +100,8 @@ class Cell:
     convention: str = measurement("")  # a finite value where PyTorch's convention is NaN: not a failure
     lower_precision: str = measurement("")  # the narrower format the loss was computed in, if any
     capped_at: float = measurement(float("nan"))  # the constant the loss is clipped at, if it is
+    # the loss error in ULPs of value_dtype where it is wider than the audited dtype (NaN otherwise)
+    max_ulp_returned: float = measurement(float("nan"), budget="loss")
     grad_max_ulp: float = measurement(0.0, budget="grad")  # elementwise, ULPs of the gradient's dtype
     grad_norm_rel_err: float = measurement(0.0, budget="grad")  # max over rows of ‖g − g*‖₂ / ‖g*‖₂
     best_max_ulp: float = measurement(float("nan"))  # the exact loss rounded once: the dtype's floor

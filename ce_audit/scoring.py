@@ -2,8 +2,11 @@
 
 Per block: the loss error against the reference (metrics.LossTally), the gradient's elementwise and
 per-row errors (GradTally) and its true-class and row-sum checks (GradChecks). A 0-d result where
-per-row losses were asked for is scored against the exact mean Σ_i loss_i / N, its gradient against
-the reference gradient / N.
+per-row losses were asked for is scored against the exact mean PyTorch's ``mean`` computes (over the
+rows not ignored, Σ w_y ℓ_i / Σ w_y with class weights), and its gradient.
+
+A result of a wider dtype than the audited one is also measured in ULPs of its own dtype
+(``max_ulp_returned``), against the reference in working precision.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ce_audit.backends import Outcome, takes_gradients
-from ce_audit.dtypes import FloatFormat
+from ce_audit.dtypes import FORMATS, FloatFormat
 from ce_audit.implementations import Implementation
 from ce_audit.metrics import (
     GradChecks,
@@ -25,6 +28,7 @@ from ce_audit.metrics import (
     floor_norm_error,
     floor_ulp_error,
     machine_epsilon,
+    max_ulp_error,
 )
 from ce_audit.options import OPTION_SPECS, LossOptions
 from ce_audit.results import Cell
@@ -66,6 +70,8 @@ class CellTally:
     deferred: bool = False  # returned a mean on a partial block: audited later on the whole batch
     batch_rows: int = 0
     mean_floor: Side | None = None  # a 0-d mean: the exact mean rounded once (the floor of its own)
+    value_dtype: str = ""  # the dtype the implementation returned
+    max_ulp_returned: float = float("nan")  # ULPs of value_dtype, when it is wider than the audited dtype
 
     def fail(self, status: str, message: str) -> None:
         self.status, self.error = status, message
@@ -84,6 +90,11 @@ class CellTally:
         work = reference_loss.dtype
         value = value.reshape(-1)
         errors = self.loss.add(value.astype(work), reference_loss, fmt, tolerance)
+        returned = FORMATS.get(outcome.value_dtype)
+        if returned is not None and returned.precision > fmt.precision:
+            ulps = max_ulp_error(value.astype(work), reference_loss, returned)
+            before = self.max_ulp_returned
+            self.max_ulp_returned = ulps if np.isnan(before) else max(before, ulps)
         self.notes = reference.note or self.notes
         finite_values = value[np.isfinite(value)]
         if finite_values.size:
@@ -102,15 +113,11 @@ class CellTally:
     def score_mean(
         self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool
     ) -> None:
-        """A 0-d result against the exact mean Σ_i loss_i / N (summed in working precision); gradient / N."""
-        n_rows = reference.loss.shape[0]
-        with np.errstate(all="ignore"):
-            mean = reference.loss.sum() / n_rows if n_rows else np.array(np.nan, dtype=reference.loss.dtype)
-            mean_grad = reference.grad
-            if grad and mean_grad is not None and n_rows:
-                mean_grad = mean_grad / n_rows
-        self.batch_rows = n_rows
-        mean = np.asarray(mean).reshape(1)
+        """A 0-d result against ``reference``: the exact batch mean with PyTorch's denominator (the rows
+        not ignored, Σ w_y with class weights; pipeline._mean_reference), and its gradient."""
+        self.batch_rows = reference.per_row.shape[0]
+        mean = np.asarray(reference.loss).reshape(1)
+        mean_grad = reference.grad if grad else None
         self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance)
         grad_floor = floor_norm_error(mean_grad, fmt) if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
@@ -215,6 +222,8 @@ class CellTally:
             grad_rowsum_max=self.checks.rowsum_max if self.checks.rowsum_checked else float("nan"),
             notes=(self.notes or self._overflow_note(fmt, label)) if measured else "",
             value_kind=(self.value_kind or "") if measured else "",
+            value_dtype=self.value_dtype if measured else "",
+            max_ulp_returned=self.max_ulp_returned if measured else nan,
             wrote_input=self.wrote_input,
             finite_where_infinite=self.loss.finite_where_infinite,
             convention=convention,

@@ -20,7 +20,14 @@ from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
 from ce_audit.options import LossOptions
-from ce_audit.pipeline import Block, Progress, audit_source, implementations_and_devices, overflow_peak
+from ce_audit.pipeline import (
+    Block,
+    Progress,
+    audit_source,
+    implementations_and_devices,
+    overflow_peak,
+    row_multiple,
+)
 from ce_audit.results import AuditResult, Cell
 from ce_audit.scoring import CaseLabel
 
@@ -33,6 +40,7 @@ class CaseSource:
     options: LossOptions
     label: CaseLabel
     budget_bytes: int
+    row_multiple: int = 1  # blocks are multiples of this many rows (sequence adapters)
 
     def __post_init__(self) -> None:
         self.invalid = self.options.invalid_reason()
@@ -45,7 +53,7 @@ class CaseSource:
         """Row blocks; a reduction is computed by the implementation over the whole batch, in one block."""
         if self.options.reduction != "none":
             return [(0, self.case.batch)]
-        return list(row_blocks(self.case, working_dtype(fmt).itemsize, budget_bytes))
+        return list(row_blocks(self.case, working_dtype(fmt).itemsize, budget_bytes, self.row_multiple))
 
     def n_blocks(self, fmt: FloatFormat) -> int:
         return len(self._ranges(fmt, self.budget_bytes))
@@ -113,7 +121,7 @@ def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell
                     case.distribution, case.scale, case.offset, case.batch, case.vocab, case.seed,
                     options, margin, position,
                 )  # fmt: skip
-                source = CaseSource(case, options, label, config.block_mib << 20)
+                source = CaseSource(case, options, label, config.block_mib << 20, row_multiple(family_impls))
                 case_cells, _ = audit_source(
                     source, formats, family_impls, devices, settings=settings, tolerances=config.tolerances,
                     grad=config.grad, progress=progress,

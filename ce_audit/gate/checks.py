@@ -6,7 +6,7 @@ Which metrics are compared, and how, comes from the gate marks of the ``Cell`` f
 * ``count``: NaN/Inf rows may not grow;
 * ``growth``: may not grow by more than ``ulp_growth`` ULPs and by more than ``rel_growth`` (a fraction);
   a metric in ``eps`` units (a relative error) counts one ULP as the dtype's machine epsilon 2^(1−p);
-* ``kind``: may not change (per-row losses ↔ a mean).
+* ``kind``: may not change (per-row losses ↔ a mean; the returned dtype).
 A baseline cell missing now fails; a new cell fails only when ``strict``.
 """
 
@@ -136,7 +136,8 @@ class GrowthHeld:
 
 @dataclass(frozen=True)
 class KindHeld:
-    """An implementation that returned per-row losses keeps doing so (and a mean stays a mean)."""
+    """What an implementation returns does not change: per-row losses stay per-row losses (and a mean a
+    mean); the returned dtype stays the same."""
 
     metric: str = "value_kind"
 
@@ -146,6 +147,8 @@ class KindHeld:
             return None
         before, now = (getattr(cell, self.metric) for cell in pair)
         if before and now and before != now:
+            if self.metric != "value_kind":
+                return f"now returns {now} (was {before})"
             return "now returns a mean (0-d)" if now == "mean" else "now returns per-row losses"
         return None
 

@@ -20,6 +20,7 @@ class Implementation:
     that listing the registry never imports a framework. ``family`` is the loss it computes (``ce``,
     ``focal`` or ``binary``); ``supports`` names the options (ce_audit.options.SUPPORTABLE) it accepts as
     keyword arguments — ``reduction``, ``weight``, ``ignore_index``, ... — or, for ``probs``, as targets.
+    ``adapter`` (user implementations) says how it is called and what it returns (ce_audit.adapters).
     """
 
     name: str
@@ -33,6 +34,7 @@ class Implementation:
     extra: Mapping[str, Any] = field(default_factory=dict)
     supports: frozenset[str] = frozenset()
     family: str = "ce"
+    adapter: Any = None  # ce_audit.adapters.Adapter: how a user implementation is called (None: directly)
 
     def function(self) -> Callable[..., Any]:
         """The callable, importing its module if it was registered by name."""
@@ -51,6 +53,8 @@ class Implementation:
         settings = settings or {}
         kwargs = {name: settings[name] for name in self.tunables if name in settings}
         kwargs.update(options or {})
+        if self.adapter is not None:
+            return self.adapter.call(self.function(), logits, targets, kwargs)
         return self.function()(logits, targets, **kwargs)
 
 
