@@ -22,25 +22,14 @@ ce-audit sees it on any vocabulary whose halves are not multiples of 128 (1000: 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 import ce_audit
-from ce_audit.implementations.registry import REGISTRY, add
 
 DTYPES = ("float16", "bfloat16", "float32")  # a Triton kernel: no float64
 WORLD_SIZE = 2
 BLOCK_V = 128
 
-
-def _register(name: str, supports: tuple[str, ...]):
-    def decorate(function):
-        ce_audit.register(name, dtypes=DTYPES)(function)
-        add(dataclasses.replace(REGISTRY[name], supports=frozenset(supports)), replace=True)
-        return function
-
-    return decorate
 
 
 def _partition(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -69,13 +58,13 @@ def _vocab_parallel_cce(logits, targets, fixed):
     return (lse + neg_correct).to(logits.dtype)  # neg_correct: vp_reduce_correct_logit (a sum)
 
 
-@_register("bug_cce_vocab_parallel_sentinel", ())
+@ce_audit.register("bug_cce_vocab_parallel_sentinel", dtypes=DTYPES)
 def bug_cce_vocab_parallel_sentinel(logits, targets):
     """Vocab-parallel CCE before PR #59: the sentinel target can match a padded column."""
     return _vocab_parallel_cce(logits, targets, False)
 
 
-@_register("fix_cce_vocab_parallel_sentinel", ())
+@ce_audit.register("fix_cce_vocab_parallel_sentinel", dtypes=DTYPES)
 def fix_cce_vocab_parallel_sentinel(logits, targets):
     """Vocab-parallel CCE after PR #59: `offs_v < V` guards the target match."""
     return _vocab_parallel_cce(logits, targets, True)

@@ -20,22 +20,10 @@ ce-audit sees it with `label_smoothings = [0.1]` on a 50257-token vocabulary in 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
 import ce_audit
-from ce_audit.implementations.registry import REGISTRY, add
-
-
-def _register(name: str, supports: tuple[str, ...]):
-    def decorate(function):
-        ce_audit.register(name)(function)
-        add(dataclasses.replace(REGISTRY[name], supports=frozenset(supports)), replace=True)
-        return function
-
-    return decorate
 
 
 def _label_smoother(logits, labels, epsilon, ignore_index, fixed):
@@ -59,13 +47,13 @@ def _label_smoother(logits, labels, epsilon, ignore_index, fixed):
     return loss.to(logits.dtype)
 
 
-@_register("bug_hf_label_smoother_fp16", ("label_smoothing", "ignore_index"))
+@ce_audit.register("bug_hf_label_smoother_fp16", supports=["label_smoothing", "ignore_index"])
 def bug_hf_label_smoother_fp16(logits, targets, label_smoothing=0.0, ignore_index=-100):
     """transformers LabelSmoother before PR #10815: log_probs.sum(-1) in the logits' dtype."""
     return _label_smoother(logits, targets, label_smoothing, ignore_index, False)
 
 
-@_register("fix_hf_label_smoother_fp16", ("label_smoothing", "ignore_index"))
+@ce_audit.register("fix_hf_label_smoother_fp16", supports=["label_smoothing", "ignore_index"])
 def fix_hf_label_smoother_fp16(logits, targets, label_smoothing=0.0, ignore_index=-100):
     """transformers LabelSmoother after PR #10815: the smoothing sum accumulated in float32."""
     return _label_smoother(logits, targets, label_smoothing, ignore_index, True)

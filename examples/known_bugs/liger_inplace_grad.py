@@ -26,23 +26,12 @@ computes it, loses accuracy on confident rows at scale 100 and under offset 1e4,
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 import ce_audit
-from ce_audit.implementations.registry import REGISTRY, add
 
 DTYPES = ("float16", "bfloat16", "float32")  # a Triton kernel: no float64
 
-
-def _register(name: str, supports: tuple[str, ...]):
-    def decorate(function):
-        ce_audit.register(name, dtypes=DTYPES)(function)
-        add(dataclasses.replace(REGISTRY[name], supports=frozenset(supports)), replace=True)
-        return function
-
-    return decorate
 
 
 class _LigerCrossEntropy(torch.autograd.Function):
@@ -86,13 +75,13 @@ def _liger(logits, targets, fixed, reduction="none", label_smoothing=0.0):
     return _LigerCrossEntropy.apply(logits, targets, float(label_smoothing), reduction == "mean", fixed)
 
 
-@_register("bug_liger_inplace_grad", ("reduction", "label_smoothing"))
+@ce_audit.register("bug_liger_inplace_grad", dtypes=DTYPES, supports=["reduction", "label_smoothing"])
 def bug_liger_inplace_grad(logits, targets, reduction="none", label_smoothing=0.0):
     """Liger CE after PR #1268: p_y rounded to the 16-bit buffer, then 1 subtracted."""
     return _liger(logits, targets, False, reduction, label_smoothing)
 
 
-@_register("fix_liger_inplace_grad", ("reduction", "label_smoothing"))
+@ce_audit.register("fix_liger_inplace_grad", dtypes=DTYPES, supports=["reduction", "label_smoothing"])
 def fix_liger_inplace_grad(logits, targets, reduction="none", label_smoothing=0.0):
     """Liger CE after PR #1329: p_y - 1 formed in float32, rounded once."""
     return _liger(logits, targets, True, reduction, label_smoothing)

@@ -22,22 +22,10 @@ evaluated there (see the README's example).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
 import ce_audit
-from ce_audit.implementations.registry import REGISTRY, add
-
-
-def _register(name: str, supports: tuple[str, ...]):
-    def decorate(function):
-        ce_audit.register(name)(function)
-        add(dataclasses.replace(REGISTRY[name], supports=frozenset(supports)), replace=True)
-        return function
-
-    return decorate
 
 
 def _labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,14 +34,14 @@ def _labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.one_hot(targets, logits.shape[1]).to(logits.dtype)
 
 
-@_register("bug_optax_onehot_neginf", ("probs",))
+@ce_audit.register("bug_optax_onehot_neginf", supports=["probs"])
 def bug_optax_onehot_neginf(logits, targets):
     """optax.softmax_cross_entropy before PR #898: -sum(labels * log_softmax(logits))."""
     labels = _labels(logits, targets)
     return -(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1)
 
 
-@_register("fix_optax_onehot_neginf", ("probs",))
+@ce_audit.register("fix_optax_onehot_neginf", supports=["probs"])
 def fix_optax_onehot_neginf(logits, targets):
     """optax.softmax_cross_entropy after PR #898: 0 where the label is 0 (0 * log 0 = 0)."""
     labels = _labels(logits, targets)

@@ -20,21 +20,9 @@ the fix is ok. bfloat16 has float32's range, so the sum stays finite there.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch.nn.functional as F
 
 import ce_audit
-from ce_audit.implementations.registry import REGISTRY, add
-
-
-def _register(name: str, supports: tuple[str, ...]):
-    def decorate(function):
-        ce_audit.register(name)(function)
-        add(dataclasses.replace(REGISTRY[name], supports=frozenset(supports)), replace=True)
-        return function
-
-    return decorate
 
 
 def _paddle(logits, targets, reduction, ignore_index, fixed):
@@ -48,13 +36,13 @@ def _paddle(logits, targets, reduction, ignore_index, fixed):
     return (total / count).to(logits.dtype)
 
 
-@_register("bug_paddle_fp16_mean_sum", ("reduction", "ignore_index"))
+@ce_audit.register("bug_paddle_fp16_mean_sum", supports=["reduction", "ignore_index"])
 def bug_paddle_fp16_mean_sum(logits, targets, reduction="none", ignore_index=-100):
     """Paddle cross_entropy before PR #74070: the mean's sum in float16."""
     return _paddle(logits, targets, reduction, ignore_index, False)
 
 
-@_register("fix_paddle_fp16_mean_sum", ("reduction", "ignore_index"))
+@ce_audit.register("fix_paddle_fp16_mean_sum", supports=["reduction", "ignore_index"])
 def fix_paddle_fp16_mean_sum(logits, targets, reduction="none", ignore_index=-100):
     """Paddle cross_entropy after PR #74070: the per-row losses summed in float32."""
     return _paddle(logits, targets, reduction, ignore_index, True)

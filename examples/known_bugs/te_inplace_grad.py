@@ -24,23 +24,12 @@ reproduction supports.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 import ce_audit
-from ce_audit.implementations.registry import REGISTRY, add
 
 DTYPES = ("float16", "bfloat16", "float32")  # a Triton kernel: no float64
 
-
-def _register(name: str, supports: tuple[str, ...]):
-    def decorate(function):
-        ce_audit.register(name, dtypes=DTYPES)(function)
-        add(dataclasses.replace(REGISTRY[name], supports=frozenset(supports)), replace=True)
-        return function
-
-    return decorate
 
 
 class _TEParallelCrossEntropy(torch.autograd.Function):
@@ -85,13 +74,13 @@ def _te(logits, targets, fixed, reduction, label_smoothing):
     return _TEParallelCrossEntropy.apply(logits, targets, float(label_smoothing), reduction == "mean", fixed)
 
 
-@_register("bug_te_inplace_grad", ("reduction", "label_smoothing"))
+@ce_audit.register("bug_te_inplace_grad", dtypes=DTYPES, supports=["reduction", "label_smoothing"])
 def bug_te_inplace_grad(logits, targets, reduction="none", label_smoothing=0.0):
     """TE fused CE before PR #3193: softmax stored in the bf16 buffer, then X_y += -(1 - ls)/N."""
     return _te(logits, targets, False, reduction, label_smoothing)
 
 
-@_register("fix_te_inplace_grad", ("reduction", "label_smoothing"))
+@ce_audit.register("fix_te_inplace_grad", dtypes=DTYPES, supports=["reduction", "label_smoothing"])
 def fix_te_inplace_grad(logits, targets, reduction="none", label_smoothing=0.0):
     """TE fused CE after PR #3193: the gradient formed in float32, rounded once."""
     return _te(logits, targets, True, reduction, label_smoothing)

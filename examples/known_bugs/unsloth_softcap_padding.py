@@ -23,24 +23,13 @@ the fix is ok.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 import ce_audit
-from ce_audit.implementations.registry import REGISTRY, add
 
 DTYPES = ("float16", "bfloat16", "float32")  # a Triton kernel: no float64
 MAX_FUSED_SIZE = 65536
 
-
-def _register(name: str, supports: tuple[str, ...]):
-    def decorate(function):
-        ce_audit.register(name, dtypes=DTYPES)(function)
-        add(dataclasses.replace(REGISTRY[name], supports=frozenset(supports)), replace=True)
-        return function
-
-    return decorate
 
 
 def _block_size(vocab: int) -> int:
@@ -68,13 +57,13 @@ def _unsloth(logits, targets, softcap, fixed):
     return (lse - x_y).to(logits.dtype)
 
 
-@_register("bug_unsloth_softcap_padding", ("softcap",))
+@ce_audit.register("bug_unsloth_softcap_padding", dtypes=DTYPES, supports=["softcap"])
 def bug_unsloth_softcap_padding(logits, targets, softcap=0.0):
     """unsloth fused CE before PR #10616: softcap turns the -inf padding lanes into -C."""
     return _unsloth(logits, targets, softcap, False)
 
 
-@_register("fix_unsloth_softcap_padding", ("softcap",))
+@ce_audit.register("fix_unsloth_softcap_padding", dtypes=DTYPES, supports=["softcap"])
 def fix_unsloth_softcap_padding(logits, targets, softcap=0.0):
     """unsloth fused CE after PR #10616: padding masked to -inf after softcapping."""
     return _unsloth(logits, targets, softcap, True)
