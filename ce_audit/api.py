@@ -13,11 +13,12 @@ not fail. The sweep starts from the built-in default config (or ``config``), upd
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ce_audit.adapters import make_adapter
 from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig, load_config
 from ce_audit.errors import AuditError
@@ -73,6 +74,8 @@ def failing_cells(cells: list[Cell], budgets: Sequence[str] = (), strict_grad: b
             detail = cell.error if cell.status == Status.ERROR else f"max {cell.max_ulp:.3g} ULP"
             if cell.status == Status.NONFINITE:
                 detail = f"NaN rows {cell.nan_rows}, Inf rows {cell.inf_rows}"
+            if cell.status != Status.ERROR:
+                detail += f", worst row {cell.worst_row}" if cell.worst_row >= 0 else ", the reduced value"
             problems.append(f"loss {cell.status} ({detail})")
         grad_failing = FAILING if strict_grad else (Status.NONFINITE, Status.ERROR)
         if cell.grad_status in grad_failing and cell.status != Status.ERROR:
@@ -100,18 +103,27 @@ def _as_tuple(value: Any) -> tuple[Any, ...] | None:
     return tuple(value)
 
 
-def _register_callable(function: Callable[..., Any], backend: str) -> tuple[str, bool]:
+def _register_callable(
+    function: Callable[..., Any], backend: str, supports: Sequence[str], adapter: Mapping[str, Any] | None
+) -> tuple[str, bool]:
     """The registry name of a callable, registering it for this check if needed (True: remove after)."""
     registered = getattr(function, ATTRIBUTE, None)
     if isinstance(registered, Implementation) and REGISTRY.get(registered.name) is registered:
+        if supports or adapter:
+            raise AuditError(
+                f"{registered.name} is registered already: declare supports and the adapter in its register()"
+            )
         return registered.name, False
-    name = getattr(function, "__name__", "") or "user_impl"
+    name = getattr(function, "__name__", "") or type(function).__name__
     if name in REGISTRY or not name.isidentifier():
         name = f"{getattr(function, '__module__', 'user')}.{getattr(function, '__qualname__', name)}"
         name = "".join(c if c.isalnum() or c in "._+-" else "_" for c in name)
     if name in REGISTRY:
         raise AuditError(f"cannot register {function!r}: the name {name!r} is taken; decorate it with a name")
-    add_function(function, name, backend=backend, origin="ce_audit.check")
+    add_function(
+        function, name, backend=backend, origin="ce_audit.check", supports=tuple(supports),
+        adapter=make_adapter(**(adapter or {})),
+    )  # fmt: skip
     return name, True
 
 
@@ -147,12 +159,18 @@ def check(
     config: str | Path | None = None,
     plugins: Sequence[str] = (),
     strict_grad: bool = False,
+    supports: Sequence[str] = (),
+    adapter: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> CheckReport:
     """Audit one or more implementations (functions or registered names) and return a CheckReport.
 
     Unset arguments keep the config's values (the built-in default sweep when ``config`` is None).
-    A function that is not registered is registered for the duration of the call, with ``backend``.
+    A function (or loss class, or module) that is not registered is registered for the duration of the
+    call, with ``backend``, ``supports`` (the options it takes, as in ``ce_audit.register``) and
+    ``adapter``: the adapter settings of ``ce_audit.register`` by name (``{"returns": "mean",
+    "sequence": 128, "shifted": True, "kwargs": {...}}``; ce_audit.adapters.ADAPTER_KEYS). A failing cell's
+    line names the cell and its worst row (the first non-finite one, else the largest ULP error).
     ``options``: loss options by their names in the option table (``reduction="mean"``,
     ``label_smoothing=[0.0, 0.1]``, ``softcap=30``, ``margin=4``, ``ignore_index=-1``, …); a single value or
     a list for the grid options, as on the command line.
@@ -167,7 +185,7 @@ def check(
             if isinstance(target, str):
                 names.append(target)
             else:
-                name, added = _register_callable(target, backend)
+                name, added = _register_callable(target, backend, supports, adapter)
                 names.append(name)
                 if added:
                     temporary.append(name)

@@ -6,7 +6,7 @@ import math
 import re
 from collections import defaultdict
 
-from ce_audit.dtypes import FloatFormat, float_format
+from ce_audit.dtypes import FORMATS, FloatFormat, float_format
 from ce_audit.options import options_label
 from ce_audit.results import Cell
 from ce_audit.statuses import worst_status
@@ -256,14 +256,33 @@ def conventions(rows: list[Cell]) -> list[str]:
     return lines
 
 
+def narrower_results(rows: list[Cell]) -> list[str]:
+    """Implementations that return a dtype narrower than their input's: the result cannot hold the loss
+    to the input's precision, whatever the arithmetic."""
+    narrower: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        returned, audited = FORMATS.get(row.value_dtype), FORMATS.get(row.dtype)
+        if returned and audited and returned.precision < audited.precision:
+            pair = f"{row.value_dtype} for {row.dtype} inputs"
+            if pair not in narrower[row.impl]:
+                narrower[row.impl].append(pair)
+    return [
+        f"{impl}: returns a narrower dtype than its input ({', '.join(pairs)}) — the loss is rounded "
+        "to the narrower format"
+        for impl, pairs in narrower.items()
+    ]
+
+
 def _behaviour(rows: list[Cell]) -> list[str]:
     """Lines for implementations that return a mean or write into their input."""
     means = list(dict.fromkeys(row.impl for row in rows if row.value_kind == "mean"))
     writers = list(dict.fromkeys(row.impl for row in rows if row.wrote_input))
     lines = [
-        f"{name}: returns a 0-d mean — audited against the exact mean over the batch (per-row columns: n/a)"
+        f"{name}: returns a 0-d mean — audited against the exact mean over the rows not ignored "
+        "(per-row columns: n/a)"
         for name in means
     ]
+    lines += narrower_results(rows)
     lines += [
         f"{name}: writes into its input buffer — it got a private copy, nothing else was affected"
         for name in writers

@@ -217,7 +217,11 @@ def audit_blocks(
                     tally.deferred = True
                 continue
             value = outcome.value.reshape(-1)
-            errors = tally.score(outcome, value, reference, reference.loss, reference.grad, fmt, tolerance)
+            per_row = options.reduction == "none" and options.family != "binary"
+            errors = tally.score(
+                outcome, value, reference, reference.loss, reference.grad, fmt, tolerance,
+                first_row if per_row else None,
+            )  # fmt: skip
             if keep_rows and tally not in hidden:
                 reduced = options.reduction != "none"
                 row_results.extend(

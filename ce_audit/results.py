@@ -100,6 +100,7 @@ class Cell:
     convention: str = measurement("")  # a finite value where PyTorch's convention is NaN: not a failure
     lower_precision: str = measurement("")  # the narrower format the loss was computed in, if any
     capped_at: float = measurement(float("nan"))  # the constant the loss is clipped at, if it is
+    worst_row: int = measurement(-1)  # the input row with the largest loss error (-1: a reduced value)
     # the loss error in ULPs of value_dtype where it is wider than the audited dtype (NaN otherwise)
     max_ulp_returned: float = measurement(float("nan"), budget="loss")
     grad_max_ulp: float = measurement(0.0, budget="grad")  # elementwise, ULPs of the gradient's dtype

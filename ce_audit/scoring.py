@@ -71,6 +71,8 @@ class CellTally:
     batch_rows: int = 0
     mean_floor: Side | None = None  # a 0-d mean: the exact mean rounded once (the floor of its own)
     value_dtype: str = ""  # the dtype the implementation returned
+    worst_row: int = -1  # the row of the first non-finite mismatch, else of the largest ULP error
+    worst_nonfinite: bool = False
     max_ulp_returned: float = float("nan")  # ULPs of value_dtype, when it is wider than the audited dtype
 
     def fail(self, status: str, message: str) -> None:
@@ -85,11 +87,16 @@ class CellTally:
         reference_grad: np.ndarray | None,
         fmt: FloatFormat,
         tolerance: Tolerance,
+        first_row: int | None = None,
     ) -> RowErrors:
-        """Add one result to the tallies; returns the per-row errors."""
+        """Add one result to the tallies; returns the per-row errors. ``first_row``: the block's first
+        row in the batch (None: a reduced value, no row of its own)."""
         work = reference_loss.dtype
         value = value.reshape(-1)
+        before = self.loss.max_ulp
         errors = self.loss.add(value.astype(work), reference_loss, fmt, tolerance)
+        if first_row is not None:
+            self._track_worst(errors, before, first_row)
         returned = FORMATS.get(outcome.value_dtype)
         if returned is not None and returned.precision > fmt.precision:
             ulps = max_ulp_error(value.astype(work), reference_loss, returned)
@@ -109,6 +116,15 @@ class CellTally:
                 rowsum = rowsum / max(reference.loss.shape[0], 1)
             self.checks.add(gradient, reference_grad, reference.true_index, rowsum, tolerance, fmt)
         return errors
+
+    def _track_worst(self, errors: RowErrors, before: float, first_row: int) -> None:
+        bad = errors.nonfinite_mismatch | errors.finite_where_infinite
+        if bad.any():
+            if not self.worst_nonfinite:
+                self.worst_row, self.worst_nonfinite = first_row + int(np.flatnonzero(bad)[0]), True
+        elif not self.worst_nonfinite and self.loss.max_ulp > before and errors.ulp_err.size:
+            with np.errstate(invalid="ignore"):
+                self.worst_row = first_row + int(np.nanargmax(errors.ulp_err))
 
     def score_mean(
         self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool
@@ -223,6 +239,7 @@ class CellTally:
             notes=(self.notes or self._overflow_note(fmt, label)) if measured else "",
             value_kind=(self.value_kind or "") if measured else "",
             value_dtype=self.value_dtype if measured else "",
+            worst_row=self.worst_row if measured and not mean else -1,
             max_ulp_returned=self.max_ulp_returned if measured else nan,
             wrote_input=self.wrote_input,
             finite_where_infinite=self.loss.finite_where_infinite,
