@@ -132,7 +132,8 @@ def _reduction_cause(row: Cell, fmt: FloatFormat) -> str | None:
         )
         return f"the {row.dtype} {what} passes {fmt.max:g}"
     if row.status == "inaccurate":
-        return f"the {row.reduction} is {row.max_ulp:.3g} ULP off the exact {row.reduction}"
+        what = "0-d mean" if mean_of_rows else row.reduction
+        return f"the {what} is {row.max_ulp:.3g} ULP off the exact {what.removeprefix('0-d ')}"
     return None
 
 
