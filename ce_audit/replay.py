@@ -22,7 +22,13 @@ from ce_audit.devices import device_description
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
-from ce_audit.pipeline import Block, audit_source, implementations_and_devices, overflow_peak
+from ce_audit.pipeline import (
+    Block,
+    audit_source,
+    implementations_and_devices,
+    overflow_peak,
+    row_multiple,
+)
 from ce_audit.results import AuditResult
 from ce_audit.scoring import CaseLabel
 from ce_audit.statuses import message_line
@@ -164,6 +170,7 @@ class FileSource:
     label: CaseLabel
     class_weight: np.ndarray | None
     budget_bytes: int
+    row_multiple: int = 1  # blocks are multiples of this many rows (sequence adapters)
 
     def weight(self, fmt: FloatFormat) -> np.ndarray | None:
         return None if self.class_weight is None else fmt.quantize(self.class_weight)
@@ -188,7 +195,8 @@ class FileSource:
         n_rows, vocab = self.values.shape
         if self.options.reduction != "none":
             return max(1, n_rows)
-        return max(1, self.budget_bytes // (vocab * working_dtype(fmt).itemsize))
+        rows = max(1, self.budget_bytes // (vocab * working_dtype(fmt).itemsize))
+        return max(self.row_multiple, rows // self.row_multiple * self.row_multiple)
 
     def n_blocks(self, fmt: FloatFormat) -> int:
         return 1
@@ -225,7 +233,9 @@ def run_replay(
     audited = list(dtypes or [_file_format_name(logits)])
     config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
     label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
-    source = FileSource(values, targets, options, label, weight, config.block_mib << 20)
+    source = FileSource(
+        values, targets, options, label, weight, config.block_mib << 20, row_multiple(impls)
+    )
     cells, row_results = audit_source(
         source, [float_format(name) for name in audited], impls, devices,
         settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,

@@ -342,3 +342,25 @@ def test_bad_impl_spec_exits_2_with_one_line(tmp_path):
     assert code == 2
     assert "adapter setting returns='total': choose auto, rows, mean" in output
     assert "Traceback" not in output
+
+
+def test_replay_with_a_sequence_adapter(tmp_path):
+    from typer.testing import CliRunner
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "logits.npy", rng.normal(size=(24, 32)).astype(np.float32))
+    np.save(tmp_path / "targets.npy", rng.integers(0, 32, size=24))
+    targets = PLUGINS / "adapter_targets.py"
+    causal = f"{targets}:causal_lm_ce,sequence=6,shifted=true,returns=mean,arg.vocab_size=32"
+    per_token = f"{targets}:TupleLoss,sequence=6,loss_at=0"
+    result = CliRunner().invoke(
+        app,
+        [
+            "replay", str(tmp_path / "logits.npy"), str(tmp_path / "targets.npy"), "--impl", causal,
+            "--impl", per_token, "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "out"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = {row["impl"]: row for row in _summary(tmp_path / "out")}
+    assert rows[causal]["status"] == "ok" and rows[causal]["value_kind"] == "mean"
+    assert rows[per_token]["status"] == "ok" and rows[per_token]["rows"] == "24"
