@@ -150,6 +150,7 @@ def test_shifted_labels_pair_each_row_with_its_own_target():
     _ok(report)
     assert {cell.value_kind for cell in report.cells} == {"mean"}
     assert {cell.value_dtype for cell in report.cells} == {"float32"}
+    assert {cell.grad_status for cell in report.cells} == {"ok"}  # through the padding, onto each row
     counted = ce_audit.check(
         causal_lm_ce, dtypes="float32", adapter={**settings, "count_keyword": "num_items_in_batch"}, **SMALL
     )
@@ -223,11 +224,21 @@ def test_numpy_python_float_mean_is_audited_as_float64():
 
 def test_torch_python_float_and_numpy_scalar_results():
     def python_float(logits, targets):
-        return float(F.cross_entropy(logits.double(), targets))
+        return F.cross_entropy(logits.double(), targets).item()
 
     report = ce_audit.check(python_float, dtypes="float32", grad=False, **SMALL)
     _ok(report)
     assert report.cells[0].value_dtype == "float64"
+    with_grad = ce_audit.check(python_float, dtypes="float32", **SMALL)
+    assert with_grad.cells[0].grad_status == "error"  # a Python float carries no gradient
+
+    def numpy_scalar(logits, targets):
+        top = logits.max(axis=1)
+        lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+        return np.mean(lse - logits[np.arange(len(targets)), targets])  # a NumPy float32 scalar
+
+    scalar = _ok(ce_audit.check(numpy_scalar, backend="numpy", dtypes="float32", **SMALL))
+    assert scalar.cells[0].value_kind == "mean" and scalar.cells[0].value_dtype == "float32"
 
 
 # --- any return dtype ------------------------------------------------------------------------------------
