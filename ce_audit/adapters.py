@@ -135,6 +135,20 @@ class Adapter:
     count_keyword: str | None = None
     ignore_index: int = DEFAULT_IGNORE_INDEX
 
+    def declared(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, JSON-ready (a kwargs value that is not a plain
+        number, string, bool or None as its repr)."""
+        default = Adapter()
+        settings: dict[str, Any] = {}
+        for name in KEYS_BY_NAME:
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                settings[name] = value
+        if "kwargs" in settings:
+            plain = (str, int, float, bool, type(None))
+            settings["kwargs"] = {k: v if isinstance(v, plain) else repr(v) for k, v in self.kwargs.items()}
+        return settings
+
     @property
     def row_multiple(self) -> int:
         """Row blocks handed to this implementation must be a multiple of this many rows."""

@@ -196,6 +196,9 @@ def _load_file(path: Path, spec: str) -> ModuleType:
     if module_spec is None or module_spec.loader is None:
         raise AuditError(f"cannot load plugin file {spec}: not a Python source file")
     module = importlib.util.module_from_spec(module_spec)
+    folder = str(resolved.parent)
+    if folder not in sys.path:  # a plugin file imports the modules beside it, as a script would
+        sys.path.append(folder)
     sys.modules[module_name] = module
     _state["modules"].append(module_name)
     try:

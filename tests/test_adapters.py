@@ -375,3 +375,9 @@ def test_replay_with_a_sequence_adapter(tmp_path):
     rows = {row["impl"]: row for row in _summary(tmp_path / "out")}
     assert rows[causal]["status"] == "ok" and rows[causal]["value_kind"] == "mean"
     assert rows[per_token]["status"] == "ok" and rows[per_token]["rows"] == "24"
+
+
+def test_a_plugin_file_imports_a_module_beside_it():
+    plugin = str(PLUGINS / "uses_sibling.py")
+    report = _ok(ce_audit.check("sibling_ce", plugins=[plugin], dtypes="float32", **SMALL))
+    assert report.cells[0].impl == "sibling_ce"

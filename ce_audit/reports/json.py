@@ -46,7 +46,8 @@ def _plain(value: Any) -> Any:
 
 
 def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
-    """What each audited name was: backend, built-in or not, origin and (for plugins) its source."""
+    """What each audited name was: backend, built-in or not, origin, the options it supports and (for
+    plugins) its source and the adapter settings that differ from the defaults."""
     described = {}
     for name in dict.fromkeys(row.impl for row in rows):
         entry = REGISTRY.get(name)
@@ -55,7 +56,9 @@ def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
                 "backend": entry.backend,
                 "builtin": entry.builtin,
                 "origin": entry.origin,
+                "supports": sorted(entry.supports),
                 **({"source": entry.extra["source"]} if "source" in entry.extra else {}),
+                **({"adapter": entry.adapter.declared()} if entry.adapter is not None else {}),
             }
     return described
 
