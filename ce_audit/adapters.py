@@ -163,12 +163,13 @@ class Adapter:
             keywords[self.count_keyword] = int((targets != ignore).sum()) if targets.ndim == 1 else n_rows
         if self.sequence:
             logits, targets = self._sequences(logits, targets, ignore)
+        loss: Any = function
         if inspect.isclass(function):
             constructor = {k: v for k, v in keywords.items() if k != self.count_keyword}
-            function = function(**constructor)
+            loss = function(**constructor)
             keywords = {k: v for k, v in keywords.items() if k == self.count_keyword}
         arguments = (targets, logits) if self.inputs == "targets-logits" else (logits, targets)
-        result = self._pick(function(*arguments, **keywords))
+        result = self._pick(loss(*arguments, **keywords))
         return self._shape(result, n_rows, reduced=keywords.get("reduction", "none") != "none")
 
     def _sequences(self, logits: Any, targets: Any, ignore: int) -> tuple[Any, Any]:
@@ -286,7 +287,9 @@ def parse_impl_spec(spec: str) -> ImplSpec:
     other key is an adapter setting (``ADAPTER_KEYS``).
     """
     target, *parts = spec.split(",")
-    backend, supports, dtypes = None, (), None
+    backend: str | None = None
+    supports: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] | None = None
     settings: dict[str, Any] = {}
     kwargs: dict[str, Any] = {}
     for part in parts:

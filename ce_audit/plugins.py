@@ -170,7 +170,7 @@ def register(
         return function
 
     if callable(name):  # used bare: @register
-        return decorate(name)  # type: ignore[return-value]
+        return decorate(name)
     return decorate
 
 
