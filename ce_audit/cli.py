@@ -64,8 +64,9 @@ ImplOption = Annotated[
     list[str] | None,
     typer.Option(
         "--impl",
-        help="Implementation name, or module:function to audit an undecorated torch function "
-        "(repeatable; default: every one).",
+        help="Implementation name, or module:attr to audit an undecorated function, loss class or module, "
+        "with optional ,key=value settings (backend=numpy, supports=reduction+weight, arg.NAME=VALUE, "
+        "returns=mean, ...; docs/adapters.md) (repeatable; default: every one).",
     ),
 ]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory (default: ce-audit-report).")]
