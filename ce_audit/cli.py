@@ -245,6 +245,20 @@ def list_implementations(plugin: PluginOption = None) -> None:
 
 @app.command()
 @_user_errors
+def report(
+    directory: Annotated[
+        Path, typer.Argument(help="A report directory (summary.csv and report.json) or its summary.csv.")
+    ],
+) -> None:
+    """Rebuild report.html and the PNGs in plots/ from a summary.csv and the report.json beside it."""
+    from ce_audit.reports.html import rebuild_report
+
+    for path in rebuild_report(directory):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
 def gate(
     baseline: Annotated[
         Path | None,
