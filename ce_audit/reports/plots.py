@@ -16,7 +16,6 @@ Torch is never imported here; matplotlib only when a figure is drawn (``plotting
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 import re
@@ -60,7 +59,11 @@ class Figure:
 
 def plotting_available() -> bool:
     """Whether matplotlib (``pip install 'ce-audit[html]'``) can be imported."""
-    return importlib.util.find_spec("matplotlib") is not None
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def overall_status(cell: Cell) -> str:
@@ -179,7 +182,7 @@ def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
     left.imshow(verdict, cmap=ListedColormap(list(STATUS_COLOURS.values())), vmin=0, vmax=len(names) - 1,
                 aspect="auto", interpolation="nearest")  # fmt: skip
     finite = [b for row in bits for b in row if math.isfinite(b)]
-    top = max([*finite, 1.0])
+    top = max([*finite, float(float_format(dtype).precision)])  # all p bits of the format wrong
     shown = [[min(b, top) if not math.isnan(b) else math.nan for b in row] for row in bits]
     image = right.imshow(shown, cmap="viridis", vmin=0, vmax=top, aspect="auto", interpolation="nearest")
     for row, impl_bits in enumerate(bits):
@@ -197,7 +200,9 @@ def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
     figure.suptitle(f"{dtype}: implementations × {dimension or 'case'}", fontsize=11)
     caption = (
         f"{dtype}: the worst cell of each implementation at each {dimension or 'case'} "
-        "(over every other dimension): its verdict, and its loss error in bits (inf: non-finite)."
+        "(over every other dimension): its verdict (ok; inac: inaccurate; nonf: NaN or ±inf; erro: error; "
+        "skip: not measured), and its loss error in bits, log2(1 + ULPs), on a scale up to the dtype's "
+        "precision (inf: non-finite)."
     )
     return Figure(file_stem("heatmap", dtype), f"{dtype} heatmap", caption, _png(figure))
 
