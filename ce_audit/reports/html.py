@@ -272,6 +272,25 @@ def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: s
     return [write_atomically(out / HTML_NAME, html_report(cells, document, figures)), *written]
 
 
+def plots_markdown(directory: str | Path, inline: bool = False) -> str:
+    """A Markdown section on DIR/plots/*.png for a CI job summary: the images inline as data: URIs
+    (``inline``; for platforms whose Markdown shows them: GitHub's job summary strips data: images), or
+    their names, to be found in the uploaded report directory."""
+    folder = Path(directory) / PLOTS_DIR
+    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    lines = ["### ce-audit plots", ""]
+    if not pngs:
+        return "\n".join([*lines, f"No plots in {folder} (they need matplotlib: `{EXTRA_HINT}`).", ""])
+    if inline:
+        for png in pngs:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            lines += [f"![{png.stem}](data:image/png;base64,{data})", ""]
+        return "\n".join(lines)
+    lines.append(f"In the uploaded report directory, beside {HTML_NAME} (which shows them all):")
+    lines += ["", *(f"- `{PLOTS_DIR}/{png.name}`" for png in pngs), ""]
+    return "\n".join(lines)
+
+
 def rebuild_report(directory: str | Path) -> list[Path]:
     """Redraw DIR/report.html and DIR/plots/ from DIR/summary.csv (and DIR/report.json when present)."""
     directory = Path(directory)
