@@ -155,7 +155,7 @@ def file_stem(*parts: str) -> str:
 
 def _png(figure: Any) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=96, bbox_inches="tight", metadata={"Software": None})
+    figure.savefig(buffer, format="png", dpi=96, metadata={"Software": None})  # laid out already
     return buffer.getvalue()
 
 
@@ -221,6 +221,7 @@ def _curve_panel(axis: Any, series: dict[str, dict[Any, Point]], band: float, wh
     """One panel of error curves with the tolerance band (error ≤ ``band``) and the dtype's floor; False
     when it has nothing to draw."""
     from matplotlib import colormaps
+    from matplotlib.ticker import NullLocator
 
     colours = colormaps["tab20"]
     errors = [p.error for points in series.values() for p in points.values()]
@@ -256,6 +257,7 @@ def _curve_panel(axis: Any, series: dict[str, dict[Any, Point]], band: float, wh
         axis.plot(xs, [max(floors[x], low) for x in xs], "--", color="#444444", linewidth=1,
                   label="floor: exact value rounded once")  # fmt: skip
     axis.set_yscale("log")
+    axis.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost more to place than the rest
     axis.set_ylim(low, high * 1.5)
     axis.set_ylabel(f"{what}: {unit}")
     axis.set_title(f"{what} (filled: past tolerance; × on top: NaN or ±inf)", fontsize=9)
@@ -289,6 +291,7 @@ def _series(
 
 def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figure:
     from matplotlib.figure import Figure as MplFigure
+    from matplotlib.ticker import NullLocator
 
     figure = MplFigure(figsize=(12, 4.6), layout="constrained")
     loss_axis, grad_axis = figure.subplots(1, 2, sharex=True)
@@ -303,6 +306,9 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
             axis.set_xscale("log")
         elif dimension == "offset" or max(abs(v) for v in values) / max(min(abs(v) for v in values), 1) > 100:
             axis.set_xscale("symlog", linthresh=1)
+        axis.xaxis.set_minor_locator(NullLocator())
+        if len(values) <= 10:
+            axis.set_xticks(values, [value_label(v) for v in values])  # the swept values themselves
         axis.set_xlabel(CURVE_DIMENSIONS[dimension])
     handles, labels = loss_axis.get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside right upper", fontsize=7, frameon=False)
