@@ -119,13 +119,15 @@ def test_report_command_rebuilds_the_same_page_without_torch(report_dir, tmp_pat
 
 def test_page_without_matplotlib_keeps_tables_and_findings(report_dir, tmp_path, monkeypatch):
     copy = _copy_without_page(report_dir, tmp_path / "copy")
+    (copy / "plots").mkdir()
+    (copy / "plots" / "heatmap-float16.png").write_bytes(b"an earlier audit's figure")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert not plots.plotting_available()
     written = rebuild_report(copy)
     assert written == [copy / "report.html"]
     page = written[0].read_text(encoding="utf-8")
     assert "The plots need matplotlib" in page and "ce-audit[html]" in page
-    assert "<img" not in page and not (copy / "plots").exists()
+    assert "<img" not in page and list((copy / "plots").iterdir()) == []  # no stale figure beside it
     assert '<tr id="cell-0"' in page and "naive: float16" in page
 
 
@@ -193,3 +195,18 @@ def test_chromium_renders_the_figures(report_dir, tmp_path, monkeypatch):
     plain = imread(bare)
     assert plain[..., :3].std() > 0.05
     assert _pixels_near(plain, plots.STATUS_COLOURS["ok"]) < 50
+
+
+def test_report_markdown_lists_or_inlines_the_plots(report_dir, tmp_path):
+    copy = _copy_without_page(report_dir, tmp_path / "copy")
+    listed, inline = tmp_path / "listed.md", tmp_path / "inline.md"
+    assert _cli(["report", copy, "--markdown", listed]) == 0
+    assert _cli(["report", copy, "--markdown", inline, "--inline-images"]) == 0
+    pngs = sorted(path.name for path in (copy / "plots").glob("*.png"))
+    text, embedded = listed.read_text(encoding="utf-8"), inline.read_text(encoding="utf-8")
+    assert text.startswith("### ce-audit plots")
+    if not plots.plotting_available():
+        assert pngs == [] and "need matplotlib" in text
+        return
+    assert pngs and all(f"`plots/{name}`" in text for name in pngs) and "data:" not in text
+    assert embedded.count("](data:image/png;base64,") == len(pngs)

@@ -255,20 +255,18 @@ def html_report(
 
 
 def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: str | Path) -> list[Path]:
-    """Write OUT/report.html and, when matplotlib is installed, OUT/plots/*.png (older PNGs there are
-    removed); the paths written."""
+    """Write OUT/report.html and, when matplotlib is installed, OUT/plots/*.png (other PNGs there, an
+    earlier audit's, are removed); the paths written, report.html first."""
     out = Path(out)
-    figures = plots.audit_figures(cells, rtols_of(document)) if cells and plots.plotting_available() else None
+    figures = plots.audit_figures(cells, rtols_of(document)) if plots.plotting_available() else None
     written = []
-    if figures is not None:
-        folder = out / PLOTS_DIR
-        names = set()
-        for figure in (figure for drawn in figures.values() for figure in drawn):
-            written.append(write_bytes_atomically(folder / f"{figure.name}.png", figure.png))
-            names.add(f"{figure.name}.png")
-        for stale in folder.glob("*.png"):
-            if stale.name not in names:
-                stale.unlink(missing_ok=True)
+    folder = out / PLOTS_DIR
+    for figure in (figure for drawn in (figures or {}).values() for figure in drawn):
+        written.append(write_bytes_atomically(folder / f"{figure.name}.png", figure.png))
+    names = {path.name for path in written}
+    for stale in folder.glob("*.png"):  # an earlier audit's figures in the same directory
+        if stale.name not in names:
+            stale.unlink(missing_ok=True)
     return [write_atomically(out / HTML_NAME, html_report(cells, document, figures)), *written]
 
 
