@@ -217,9 +217,12 @@ class Point:
     floor: float
 
 
-def _curve_panel(axis: Any, series: dict[str, dict[Any, Point]], band: float, what: str, unit: str) -> bool:
+def _curve_panel(
+    axis: Any, series: dict[str, dict[Any, Point]], band: float, what: str, unit: str, precision: int
+) -> bool:
     """One panel of error curves with the tolerance band (error ≤ ``band``) and the dtype's floor; False
-    when it has nothing to draw."""
+    when it has nothing to draw. Errors past 2^(p+3) units (all p bits wrong, and then some) are drawn at
+    that edge, so that a value 1e180 ULPs off does not flatten every other curve."""
     from matplotlib import colormaps
     from matplotlib.ticker import NullLocator
 
@@ -231,7 +234,7 @@ def _curve_panel(axis: Any, series: dict[str, dict[Any, Point]], band: float, wh
         return False
     finite = [e for e in errors if math.isfinite(e) and e > 0]
     low = min([*finite, band]) / 10
-    high = max([*finite, band]) * 30
+    high = min(max([*finite, band]) * 30, 2.0 ** (precision + 3))
     axis.axhspan(low, band, color="#009E73", alpha=0.12, label="tolerance band (rtol)")
     axis.axhline(band, color="#009E73", linewidth=1)
     floors: dict[Any, float] = {}
@@ -298,8 +301,10 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
     band = tolerance_in_ulps(dtype, rtol)
     loss = _series(cells, dimension, loss_error, lambda c: c.status, lambda c: c.best_max_ulp)
     grad = _series(cells, dimension, grad_error, lambda c: c.grad_status, _grad_floor)
-    _curve_panel(loss_axis, loss, band, "loss", "max error, ULPs")
-    has_grad = _curve_panel(grad_axis, grad, band, "gradient", "max ‖g − g*‖ / ‖g*‖, machine epsilons")
+    precision = float_format(dtype).precision
+    _curve_panel(loss_axis, loss, band, "loss", "max error, ULPs", precision)
+    grad_unit = "max ‖g − g*‖ / ‖g*‖, machine epsilons"
+    has_grad = _curve_panel(grad_axis, grad, band, "gradient", grad_unit, precision)
     values = [v for v in dimension_values(cells, dimension) if v is not None]
     for axis in (loss_axis, grad_axis):
         if dimension == "scale" and min(values) > 0:
@@ -319,7 +324,8 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
         + f" at each {dimension} (the worst over every other dimension). The band is the tolerance "
         f"rtol = {rtol:g}, {band:.3g} machine epsilons (atol lets values near 0 pass above it; the "
         "gradient's verdict is elementwise); a filled point is a cell past tolerance, × a NaN or ±inf; "
-        "the dashed line is the dtype's floor, the exact values rounded once."
+        "the dashed line is the dtype's floor, the exact values rounded once; errors past "
+        f"2^{precision + 3} (every bit wrong) are drawn at the top edge."
     )
     name = file_stem("error", dimension, dtype)
     return Figure(name, f"{dtype} error vs {dimension}", caption, _png(figure))
