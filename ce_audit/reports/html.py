@@ -29,12 +29,11 @@ from ce_audit.reports.files import write_atomically, write_bytes_atomically
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, worst_status
 
-MEASURED = ("ok", "inaccurate")
-
 HTML_NAME = "report.html"
 PLOTS_DIR = "plots"
 EXTRA_HINT = "pip install 'ce-audit[html]'"
 MAX_LINKS = 12  # cells linked from one finding before "… and N more"
+MEASURED = ("ok", "inaccurate")  # statuses whose error columns hold measured values
 # Where a findings line passes from one dtype's part to the next ("…; float32 Inf from …").
 PART_BOUNDARY = re.compile(r"; (?=(?:float16|bfloat16|float32|float64) )")
 
