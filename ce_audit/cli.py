@@ -246,6 +246,36 @@ def list_implementations(plugin: PluginOption = None) -> None:
 
 @app.command()
 @_user_errors
+def report(
+    directory: Annotated[
+        Path, typer.Argument(help="A report directory (summary.csv and report.json) or its summary.csv.")
+    ],
+    markdown: Annotated[
+        Path | None,
+        typer.Option("--markdown", help="Also write a Markdown section on the plots (for a CI job summary)."),
+    ] = None,
+    inline_images: Annotated[
+        bool,
+        typer.Option(
+            "--inline-images",
+            help="In --markdown, embed the PNGs as data: URIs (where the platform shows them; GitHub's "
+            "job summary does not).",
+        ),
+    ] = False,
+) -> None:
+    """Rebuild report.html and the PNGs in plots/ from a summary.csv and the report.json beside it."""
+    from ce_audit.reports.files import write_atomically
+    from ce_audit.reports.html import plots_markdown, rebuild_report
+
+    written = rebuild_report(directory)
+    if markdown is not None:
+        written.append(write_atomically(markdown, plots_markdown(written[0].parent, inline_images)))
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
 def gate(
     baseline: Annotated[
         Path | None,

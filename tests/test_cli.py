@@ -22,6 +22,7 @@ from ce_audit.cli import app, main
 from ce_audit.dtypes import FORMATS, ulp
 from ce_audit.implementations import REGISTRY
 from ce_audit.reference import reference_cross_entropy
+from ce_audit.reports.plots import plotting_available
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 
@@ -64,8 +65,10 @@ def test_sweep_writes_summary_and_report_to_out(tmp_path):
     result = runner.invoke(app, ["sweep", *TINY, "--seed", "5", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "summary.csv"]
-    assert result.stdout.split() == [str(out / "summary.csv"), str(out / "report.json")]
+    plotted = ["plots"] if plotting_available() else []
+    assert sorted(p.name for p in out.iterdir()) == [*plotted, "report.html", "report.json", "summary.csv"]
+    written = [str(out / name) for name in ("summary.csv", "report.json", "report.html")]
+    assert result.stdout.split() == written
     header, rows = read_csv(out / "summary.csv")
     assert header[:9] == SUMMARY_START
     assert [(r["impl"], r["dtype"], r["vocab"], r["batch"], r["seed"], r["status"]) for r in rows] == [
@@ -327,7 +330,9 @@ def test_replay_npy_writes_summary_rows_and_report(dumps):
     args = ["replay", str(folder / "logits.npy"), str(folder / "targets.npy"), "--device", "cpu"]
     result = runner.invoke(app, [*args, "--impl", "shifted", "--impl", "numpy_eps", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "rows.csv", "summary.csv"]
+    plotted = ["plots"] if plotting_available() else []
+    names = [*plotted, "report.html", "report.json", "rows.csv", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == names
 
     _, summary = read_csv(out / "summary.csv")
     assert [
@@ -584,7 +589,8 @@ def test_module_sweep_runs_in_a_subprocess(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert (tmp_path / "out" / "summary.csv").exists() and (tmp_path / "out" / "report.json").exists()
-    assert done.stdout.split() == [str(Path("out") / "summary.csv"), str(Path("out") / "report.json")]
+    written = [str(Path("out") / name) for name in ("summary.csv", "report.json", "report.html")]
+    assert done.stdout.split() == written
 
 
 @pytest.mark.parametrize(

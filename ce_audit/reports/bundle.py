@@ -1,4 +1,5 @@
-"""The files of one audit: summary.csv, rows.csv (when there are per-row results) and report.json."""
+"""The files of one audit: summary.csv, rows.csv (when there are per-row results), report.json, and
+report.html with its plots/ (the paths returned name report.html, not each PNG)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.reports.csv import write_rows_csv, write_summary_csv
-from ce_audit.reports.json import write_report_json
+from ce_audit.reports.html import write_html_report
+from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.results import AuditResult
 
 
@@ -19,4 +21,5 @@ def write_reports(
     if result.row_results:
         paths.append(write_rows_csv(result.row_results, out / "rows.csv"))
     paths.append(write_report_json(result, out / "report.json", command, extra))
+    paths.append(write_html_report(result.cells, report_document(result, command, extra), out)[0])
     return [str(path) for path in paths]
