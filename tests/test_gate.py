@@ -64,9 +64,11 @@ def baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, 
 
 
 def test_gate_passes_on_an_unchanged_run(baseline, tmp_path, capsys):
-    summary, _ = baseline
+    summary, plugin = baseline
     junit, markdown = tmp_path / "gate.xml", tmp_path / "gate.md"
-    code, out, err = run_cli(["gate", summary, "--junit", junit, "--markdown", markdown], capsys)
+    code, out, err = run_cli(
+        ["gate", summary, "--plugin", plugin, "--junit", junit, "--markdown", markdown], capsys
+    )
     assert code == 0, out + err
     assert "PASSED: 8 cells held" in out
     cells = read_rows(summary)
@@ -83,7 +85,8 @@ def test_gate_fails_when_a_plugin_is_swapped_for_a_less_accurate_one(baseline, t
     summary, plugin = baseline
     shutil.copy(PLUGINS / "variant_naive.py", plugin)
     junit, markdown = tmp_path / "gate.xml", tmp_path / "gate.md"
-    code, out, err = run_cli(["gate", summary, "--junit", junit, "--markdown", markdown], capsys)
+    command = ["gate", summary, "--baseline-plugins", "--junit", junit, "--markdown", markdown]
+    code, out, err = run_cli(command, capsys)
     assert code == 1, out + err
     assert "Precision regressions" in out and "FAILED" in out
     assert "variant_ce float16 scale=20" in out  # float16 exp overflows beyond 11.09
@@ -107,15 +110,23 @@ def test_gate_fails_when_a_plugin_is_swapped_for_a_less_accurate_one(baseline, t
 def test_update_writes_a_baseline_that_then_passes(baseline, capsys):
     summary, plugin = baseline
     shutil.copy(PLUGINS / "variant_naive.py", plugin)
-    code, out, err = run_cli(["gate", summary, "--update"], capsys)
+    code, out, err = run_cli(["gate", summary, "--update", "--baseline-plugins"], capsys)
     assert code == 0, out + err
-    assert "updated" in out
+    assert f"baseline written: {summary.parent} (8 cells)" in out and "PASSED" not in out
     rows = {(r["impl"], r["dtype"], r["scale"]): r for r in read_rows(summary)}
     assert rows[("variant_ce", "float16", "20.0")]["status"] == "nonfinite"
     assert sorted(path.name for path in summary.parent.iterdir()) == ["report.json", "summary.csv"]
     assert json.loads(summary.with_name("report.json").read_text())["config"]["plugins"] == [str(plugin)]
-    code, out, err = run_cli(["gate", summary], capsys)
+    code, out, err = run_cli(["gate", summary, "--plugin", plugin], capsys)
     assert code == 0, out + err
+
+
+def test_a_baseline_cannot_run_code(baseline, capsys):
+    summary, plugin = baseline
+    plugin.write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n")
+    code, _, err = run_cli(["gate", summary], capsys)
+    assert code == 2 and "--baseline-plugins" in err and len(err.strip().splitlines()) == 1
+    assert not plugin.with_name("ran").exists()
 
 
 def test_update_bootstraps_a_baseline_from_a_config(tmp_path, capsys):
@@ -301,7 +312,7 @@ def test_bad_input_exits_2(tmp_path, capsys):
     lonely.parent.mkdir()
     lonely.write_text(",".join(SUMMARY_COLUMNS) + "\n")
     code, _, err = run_cli(["gate", lonely], capsys)
-    assert code == 2 and "no report.json" in err
+    assert code == 2 and "has no cells" in err
     garbage = tmp_path / "garbage.csv"
     garbage.write_text("a,b\n1,2\n")
     code, _, err = run_cli(["gate", garbage, "--current", garbage], capsys)
