@@ -64,7 +64,7 @@ def test_sweep_writes_summary_and_report_to_out(tmp_path):
     result = runner.invoke(app, ["sweep", *TINY, "--seed", "5", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "run.json", "summary.csv"]
     assert result.stdout.split() == [str(out / "summary.csv"), str(out / "report.json")]
     header, rows = read_csv(out / "summary.csv")
     assert header[:9] == SUMMARY_START
@@ -75,7 +75,7 @@ def test_sweep_writes_summary_and_report_to_out(tmp_path):
     document = json.loads((out / "report.json").read_text())
     assert document["command"] == "sweep" and document["seed"] == 5
     assert document["config"]["out"] == str(out)
-    assert len(document["rows"]) == 2
+    assert document["cells"] == 2
 
 
 def test_sweep_prints_the_table_and_findings(tmp_path):
@@ -327,7 +327,7 @@ def test_replay_npy_writes_summary_rows_and_report(dumps):
     args = ["replay", str(folder / "logits.npy"), str(folder / "targets.npy"), "--device", "cpu"]
     result = runner.invoke(app, [*args, "--impl", "shifted", "--impl", "numpy_eps", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "rows.csv", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "rows.csv", "run.json", "summary.csv"]
 
     _, summary = read_csv(out / "summary.csv")
     assert [
@@ -364,7 +364,7 @@ def test_replay_npy_writes_summary_rows_and_report(dumps):
         "logits": str(folder / "logits.npy"),
         "targets": str(folder / "targets.npy"),
     }
-    assert [row["distribution"] for row in document["rows"]] == ["replay", "replay"]
+    assert set(document["files"]) == {"summary.csv", "rows.csv"}
 
 
 def test_replay_pt_uses_the_file_dtype_or_the_requested_ones(tmp_path):

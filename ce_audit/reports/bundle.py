@@ -93,24 +93,33 @@ class ReportDirectory:
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out)
         self._lock: int | None = None
+        self._created: list[Path] = []  # the directories open() made, deepest first
 
     def __enter__(self) -> ReportDirectory:
         self.open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *rest: object) -> None:
         self.close()
+        if kind is not None:  # the run failed before writing: leave no empty directory behind
+            for made in self._created:
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
 
     def open(self) -> None:
         import fcntl
 
         out = self.out
+        if out.exists() and not out.is_dir():
+            raise AuditError(f"cannot write reports to {out}: it is a file, not a directory")
+        missing = [p for p in (out, *out.parents) if not p.exists()]
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise AuditError(f"cannot create report directory {out}: {_reason(error)}") from None
-        if not out.is_dir():
-            raise AuditError(f"report directory {out} is not a directory")
+            raise AuditError(f"cannot write reports to {out}: {_reason(error)}") from None
+        self._created = missing
         try:
             handle = os.open(out, os.O_RDONLY)
         except OSError as error:
@@ -124,6 +133,10 @@ class ReportDirectory:
             ) from None
         self._lock = handle
         self._clean_stale()
+        for name in (*LEGACY_NAMES, REPORT_NAME):
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                self.close()
+                raise AuditError(f"cannot write {out / name}: it is a directory")
         try:  # writable: a probe file created and removed
             with tempfile.NamedTemporaryFile(prefix=STAGING_PREFIX, suffix=".probe", dir=out):
                 pass
