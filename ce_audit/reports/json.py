@@ -58,6 +58,13 @@ def _portable(text: str) -> str:
     return text.replace(root, "") if root != os.sep else text
 
 
+def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its paths (out, plugin files) relative to the working directory where under it."""
+    config["out"] = _portable(str(config.get("out", "")))
+    config["plugins"] = [_portable(str(plugin)) for plugin in config.get("plugins", ())]
+    return config
+
+
 def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
     """What each audited name was: backend, built-in or not, origin and (for plugins) its source."""
     described = {}
@@ -78,7 +85,7 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "format": REPORT_FORMAT,
         "command": command,
         "seed": result.config.seed,
-        "config": result.config.to_dict(),
+        "config": _portable_config(result.config.to_dict()),
         "versions": package_versions(),
         "reference_precision": reference_precision(),
         "implementations": implementations(result.cells),
