@@ -48,7 +48,8 @@ def rows_scaling(rows: list[int], impl: str, grad: bool) -> None:
         ]  # fmt: skip
         mib, seconds = peak_rss(arguments, config)
         figures.append(mib)
-        print(f"{batch:>10} rows × vocab 10, float32, {impl}, block_mib 8: peak RSS {mib:7.1f} MiB ({seconds:.1f} s)")
+        where = f"{batch:>10} rows × vocab 10, float32, {impl}, block_mib 8"
+        print(f"{where}: peak RSS {mib:7.1f} MiB ({seconds:.1f} s)")
     growth = figures[-1] / figures[0] - 1
     verdict = "ok" if growth < 0.10 else "GROWS"
     print(f"growth {rows[0]} → {rows[-1]} rows: {growth:+.1%} (target < 10 %): {verdict}")
