@@ -1,9 +1,10 @@
 """summary.csv (one row per cell) and rows.csv (one row per input row, replay): floats as repr().
 
-Booleans are written as ``true``/``false``, an option that is off (None) as an empty field. Measurements
-are rounded to ``SIGNIFICANT_DIGITS`` significant digits (what matters, and what stays the same from one
-machine to the next, so a committed baseline diffs only where results change); the gate rounds a fresh
-run's cells the same way before comparing, so its verdict is the one on the written file. Reading a
+Booleans are written as ``true``/``false``, an option that is off (None) as an empty field. Error
+measurements are rounded to ``SIGNIFICANT_DIGITS`` significant digits (what matters, and what stays the
+same from one machine to the next, so a committed baseline diffs only where results change; values of the
+dtype keep every digit); the gate rounds a fresh run's cells the same way before comparing, so its verdict
+is the one on the written file. Reading a
 summary back gives typed ``Cell``s: each column is parsed by its field's type (floats with float(), so
 'inf' and 'nan' parse). A column the file lacks (written by an older version) reads as the field's
 default; a column this version does not know (written by a later one) is kept as text beside the cell.
@@ -41,7 +42,14 @@ def rounded(value: float) -> float:
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
 
 
-_ROUNDED_FIELDS = tuple(f.name for f in fields(Cell) if f.name in MEASUREMENT_COLUMNS and f.type == "float")
+# Values of the audited dtype (the largest logit, reference and value, the constant a loss is capped at)
+# keep every digit: they are exact inputs or outputs, not errors.
+EXACT_VALUES = ("max_logit", "max_reference", "max_value", "capped_at")
+_ROUNDED_FIELDS = tuple(
+    f.name
+    for f in fields(Cell)
+    if f.name in MEASUREMENT_COLUMNS and f.type == "float" and f.name not in EXACT_VALUES
+)
 
 
 def rounded_cells(cells: list[Cell]) -> list[Cell]:
