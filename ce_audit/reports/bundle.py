@@ -22,8 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,11 +101,14 @@ class ReportDirectory:
     def __exit__(self, kind: object, *rest: object) -> None:
         self.close()
         if kind is not None:  # the run failed before writing: leave no empty directory behind
-            for made in self._created:
-                try:
-                    made.rmdir()
-                except OSError:
-                    break
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for made in self._created:
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
     def open(self) -> None:
         import fcntl
@@ -142,6 +144,7 @@ class ReportDirectory:
                 pass
         except OSError as error:
             self.close()
+            self._remove_created()
             raise AuditError(f"cannot write to report directory {out}: {_reason(error)}") from None
 
     def close(self) -> None:
@@ -257,13 +260,6 @@ def _sync_directory(path: Path) -> None:
         pass
     finally:
         os.close(handle)
-
-
-@contextmanager
-def report_directory(out: str | Path) -> Iterator[ReportDirectory]:
-    """``with report_directory(out) as target: ... target.write(result, command)``."""
-    with ReportDirectory(out) as target:
-        yield target
 
 
 def write_reports(
