@@ -123,6 +123,6 @@ def parse_budget(text: str) -> Budget:
             limit = float(raw)
         except ValueError:
             raise AuditError(f"budget {text!r}: limit {raw!r} is not a number") from None
-        if math.isnan(limit):
-            raise AuditError(f"budget {text!r}: limit must not be NaN")
+        if math.isnan(limit) or limit < 0:
+            raise AuditError(f"budget {text!r}: limit must be a number ≥ 0")
     return Budget(impl.strip(), dtype.strip(), metric, op, limit, text.strip())

@@ -116,10 +116,11 @@ def _progress_bar(console: Console, total: float, quiet: bool) -> tuple[Any, Any
     return progress, lambda units: progress.advance(task, units)
 
 
-def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] | None = None) -> list[str]:
-    from ce_audit.reports.bundle import write_reports
+def _report_directory(out: Path) -> Any:
+    """``--out`` created, checked writable and locked before any work (released on leaving the block)."""
+    from ce_audit.reports.bundle import ReportDirectory
 
-    return write_reports(result, out, command, extra)
+    return ReportDirectory(out)
 
 
 @app.command()
@@ -173,9 +174,10 @@ def sweep(
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
     progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
-    with progress:
-        result = run_sweep(resolved, progress=advance)
-    paths = _write_reports(result, Path(resolved.out), "sweep")
+    with _report_directory(Path(resolved.out)) as target:
+        with progress:
+            result = run_sweep(resolved, progress=advance)
+        paths = target.write(result, "sweep")
     if quiet:
         for path in paths:
             console.print(path, markup=False)
@@ -220,10 +222,9 @@ def replay(
         },
     )
     _check_fail_on(fail_on)
-    result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
-    paths = _write_reports(
-        result, Path(resolved.out), "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}}
-    )
+    with _report_directory(Path(resolved.out)) as target:
+        result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
+        paths = target.write(result, "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}})
     console = _console()
     if quiet:
         for path in paths:
@@ -323,10 +324,20 @@ def gate(
         Path | None, typer.Option("--out", help="Also write the fresh audit's reports to this directory.")
     ] = None,
     quiet: QuietOption = False,
+    baseline_plugins: Annotated[
+        bool,
+        typer.Option(
+            "--baseline-plugins",
+            help="Also import the plugins the baseline's report.json records (off: a baseline cannot run "
+            "code; give --plugin instead).",
+        ),
+    ] = False,
 ) -> None:
     """Compare the current audit with a baseline: exit 0 held, 1 regressed, 2 bad input."""
+    from contextlib import ExitStack
+
     from ce_audit.errors import AuditError
-    from ce_audit.gate import run_gate, update_baseline
+    from ce_audit.gate import run_gate, summary_path, update_baseline
     from ce_audit.reports.junit import write_gate_junit
     from ce_audit.reports.markdown import write_gate_markdown
     from ce_audit.reports.table import print_gate
@@ -337,37 +348,43 @@ def gate(
         if value is not None and not (0 <= value < float("inf")):
             raise AuditError(f"{name} must be a finite number ≥ 0")
     console = _console()
-    run = run_gate(
-        baseline,
-        current_path=current,
-        config_path=config,
-        plugins=plugin or (),
-        budgets=budget or (),
-        ulp_growth=ulp_growth,
-        rel_growth=rel_growth,
-        strict=strict,
-        allow_missing_baseline=update,
-    )
-    result = run.result
-    written = []
-    if out is not None and run.fresh is not None:
-        written += _write_reports(run.fresh, out, run.command, run.extra)
-    if markdown is not None:
-        written.append(str(write_gate_markdown(result, markdown)))
-    if junit is not None:
-        written.append(str(write_gate_junit(result, junit)))
-    if not quiet:
-        print_gate(result, console)
-    if update:
-        assert baseline is not None
-        written += [str(path) for path in update_baseline(run, baseline)]
+    with ExitStack() as held:  # report directories checked writable and locked before any work
+        report_target = held.enter_context(_report_directory(out)) if out is not None else None
+        baseline_target = None
+        if update and baseline is not None and summary_path(baseline).name == "summary.csv":
+            baseline_target = held.enter_context(_report_directory(summary_path(baseline).parent))
+        run = run_gate(
+            baseline,
+            current_path=current,
+            config_path=config,
+            plugins=plugin or (),
+            budgets=budget or (),
+            ulp_growth=ulp_growth,
+            rel_growth=rel_growth,
+            strict=strict,
+            allow_missing_baseline=update,
+            baseline_plugins=baseline_plugins,
+        )
+        result = run.result
+        written = []
+        if report_target is not None and run.fresh is not None:
+            written += report_target.write(run.fresh, run.command, run.extra)
+        if markdown is not None:
+            written.append(str(write_gate_markdown(result, markdown)))
+        if junit is not None:
+            written.append(str(write_gate_junit(result, junit)))
+        if not quiet and not update:
+            print_gate(result, console)
+        if update:
+            assert baseline is not None
+            written += [str(path) for path in update_baseline(run, baseline, baseline_target)]
     for path in written:
         console.print(f"wrote {path}" if not quiet else path, highlight=False, markup=False)
     if update:
-        if not quiet:
-            console.print(
-                f"baseline {baseline} updated from {result.current_source}", highlight=False, markup=False
-            )
+        cells = len(run.current.cells)
+        place = summary_path(baseline) if baseline is not None else ""
+        place = place.parent if place and place.name == "summary.csv" else place
+        console.print(f"baseline written: {place} ({cells} cells)", highlight=False, markup=False)
         return
     if not result.passed:
         if quiet:

@@ -226,6 +226,11 @@ def validate(config: SweepConfig) -> SweepConfig:
         value = getattr(config, key)
         if not (value >= 0 and value != float("inf")):
             raise AuditError(f"{key} must be a finite number ≥ 0, got {value!r}")
+    for dtype, tolerance in config.tolerances.items():
+        for name in ("rtol", "atol"):
+            value = getattr(tolerance, name)
+            if not (0 <= value < float("inf")):
+                raise AuditError(f"tolerances.{dtype}.{name} must be a finite number ≥ 0, got {value!r}")
     for text in config.budgets:
         parse_budget(text)
     return config
@@ -260,6 +265,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise AuditError(f"cannot read config {path}: {error.strerror or error}") from None
+        except UnicodeDecodeError as error:
+            raise AuditError(f"config {path} is not UTF-8 text (byte {error.start})") from None
         data = _read_toml(text, str(path))
         config = _from_mapping(data, config)
         if "grids" not in data:  # a config file is one grid unless it has [[grids]] of its own

@@ -12,6 +12,7 @@ mean over no rows or no weight) is a *convention* difference, never a failure.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -104,7 +105,8 @@ def _max(values: np.ndarray) -> float:
 
 @dataclass
 class LossTally:
-    """Running loss metrics of one cell over row blocks (O(1) in the number of rows but for ``bits``)."""
+    """Running loss metrics of one cell over row blocks: O(1) in the number of rows (the bits are kept as
+    an exact running sum, a few floats)."""
 
     rows: int = 0
     nan_rows: int = 0
@@ -117,7 +119,7 @@ class LossTally:
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
     max_ulp: float = 0.0
-    bits: list[np.ndarray] = field(default_factory=list)
+    bits_sum: list[float] = field(default_factory=list)  # exact_sum_terms of the per-row bits so far
     convention_value: float = float("nan")  # the first finite value returned where PyTorch's is NaN
     top_value: float = float("-inf")  # the largest finite value returned …
     top_short_rows: int = 0  # … how many rows returned exactly it where the exact loss is larger …
@@ -143,7 +145,8 @@ class LossTally:
         self.max_abs_err = max(self.max_abs_err, _max(errors.abs_err))
         self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))
         self.max_ulp = max(self.max_ulp, _max(errors.ulp_err))
-        self.bits.append(np.asarray(errors.bits, dtype=np.float64))
+        bits = np.asarray(errors.bits, dtype=np.float64)
+        self.bits_sum = exact_sum_terms(self.bits_sum, bits[~np.isnan(bits)])
         self._track_cap(value, reference, errors, tolerance)
         if errors.convention.any() and math.isnan(self.convention_value):
             self.convention_value = float(value[errors.convention][0])
@@ -168,6 +171,8 @@ class LossTally:
         top_error, below_error = _max(errors.abs_err[at_top & ~short]), _max(errors.abs_err[~at_top])
         below = value[finite & ~at_top]
         self.below_values.update(np.unique(below)[-8:].tolist())
+        if len(self.below_values) > 16:  # the largest few are all capped_at needs: O(1) in the rows
+            self.below_values = set(sorted(self.below_values)[-16:])
         if top > self.top_value:
             if self.top_value > float("-inf"):
                 self.below_values.add(self.top_value)
@@ -219,11 +224,24 @@ class LossTally:
 
     @property
     def mean_bits(self) -> float:
-        """Mean of the per-row bits, summed exactly (math.fsum) so row blocks do not change it."""
+        """Mean of the per-row bits: their exact sum (kept as a few floats), rounded once, over the rows;
+        so row blocks do not change it."""
         if not self.rows:
             return 0.0
-        values = np.concatenate(self.bits)
-        return math.fsum(values[~np.isnan(values)].tolist()) / self.rows
+        return math.fsum(self.bits_sum) / self.rows
+
+
+def exact_sum_terms(carried: list[float], values: np.ndarray) -> list[float]:
+    """A few floats whose exact sum is the exact sum of ``carried`` and ``values`` (finite floats):
+    math.fsum's correctly rounded sum, then the correctly rounded remainder, until nothing remains. Each
+    term gains at least 53 bits, so a handful suffice; carrying them from block to block keeps a running sum
+    exact in O(1) memory (the values are read in place, never copied into a list)."""
+    terms: list[float] = []
+    while True:
+        rest = math.fsum(itertools.chain(carried, values.flat, (-term for term in terms)))
+        if rest == 0.0:
+            return terms
+        terms.append(rest)
 
 
 def significant_bits(value: float) -> int:
@@ -253,7 +271,8 @@ def machine_epsilon(fmt: FloatFormat) -> float:
 def rounded_once(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     """The reference's values rounded once to ``fmt`` (long double → float64, float64 → narrower)."""
     if fmt.name == "float64":
-        return values.astype(np.float64)
+        with np.errstate(over="ignore"):  # a long double past float64's range rounds to ±inf, as it should
+            return values.astype(np.float64)
     return fmt.quantize(values.astype(np.float64))
 
 

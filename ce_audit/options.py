@@ -135,6 +135,14 @@ def _fraction(name: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _int64(name: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        low, high = -(2**63), 2**63 - 1
+        return None if low <= value <= high else f"{name} must fit in int64 ({low} … {high}), got {value}"
+
+    return check
+
+
 def _off_or_positive(name: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         ok = math.isfinite(value) and value >= 0
@@ -226,6 +234,7 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "ignore_index", "int", DEFAULT_IGNORE_INDEX, "The ignored target (default -100).", "ignore_index",
         grid=False, active=lambda o: o.ignore_fraction > 0, keyword="ignore_index",
+        check=_int64("ignore_index"),
     ),
     OptionSpec(
         "label_smoothing", "float", 0.0, "Label smoothing ε.", "label_smoothings",

@@ -51,9 +51,13 @@ def load_array(path: str | Path, what: str) -> np.ndarray:
         if suffix == ".npy":
             return np.load(path, allow_pickle=False)
         if suffix in (".pt", ".pth"):
+            import warnings
+
             import torch
 
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a legacy pickle warns over two lines before failing: one line
+                warnings.simplefilter("ignore")
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(loaded, torch.Tensor):
                 raise AuditError(f"{what} file {path} holds a {type(loaded).__name__}, not a tensor")
             return _torch_to_numpy(loaded)
@@ -62,7 +66,10 @@ def load_array(path: str | Path, what: str) -> np.ndarray:
     except FileNotFoundError:
         raise AuditError(f"{what} file {path} does not exist") from None
     except Exception as error:  # noqa: BLE001 - any unreadable file is a user error
-        raise AuditError(f"cannot read {what} file {path}: {message_line(error)}") from None
+        reason = message_line(error)
+        if reason.startswith("Weights only load failed"):
+            reason = "not a tensor torch.load reads safely (weights_only=True); save a tensor with torch.save"
+        raise AuditError(f"cannot read {what} file {path}: {reason}") from None
     raise AuditError(f"{what} file {path}: expected a .npy or .pt file")
 
 

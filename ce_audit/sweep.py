@@ -3,7 +3,7 @@
 ``CaseSource`` is the sweep's input adapter: the seeded rows of one case (ce_audit.cases), quantized
 once to each dtype, in blocks of at most ``block_mib`` of working memory. A dtype is skipped, with the
 reason, where the loss is not defined for the options, where a reduction's single whole-batch call would
-pass 4 × ``block_mib``, or where the generated logits overflow the dtype.
+pass 4 × ``block_mib``, or where the generated logits overflow the dtype (or float64 itself, while generated).
 """
 
 from __future__ import annotations
@@ -94,7 +94,13 @@ class CaseSource:
         if abs(case.offset) + abs(case.scale) * 16.0 + abs(case.margin or 0.0) < fmt.max / 2:
             return None
         for start, stop in row_blocks(case, 8, 64 << 20):
-            peak = overflow_peak(generate_inputs(case, self.options, start, stop)[0], fmt)
+            logits = generate_inputs(case, self.options, start, stop)[0]
+            if np.isnan(logits).any() or np.isposinf(logits).any():  # masks are −inf; nothing else is
+                return (
+                    f"the generated logits overflow float64 (scale {case.scale:g}, offset {case.offset:g}): "
+                    "the case cannot be generated"
+                )
+            peak = overflow_peak(logits, fmt)
             if peak is not None:
                 return f"logits reach {peak:.4g}, beyond {fmt.name}'s largest finite value {fmt.max:.6g}"
         return None
@@ -132,7 +138,10 @@ def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell
 
 def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditResult:
     """Run the whole grid of ``config`` (each of its [[grids]] in turn); one cell per implementation,
-    dtype, device and case."""
+    dtype, device and case. A size this machine cannot hold is refused first (ce_audit.capacity)."""
+    from ce_audit.capacity import check_capacity
+
+    check_capacity(config)
     started = time.time()
     clock = time.perf_counter()
     cells: list[Cell] = []

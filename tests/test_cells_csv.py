@@ -1,5 +1,5 @@
 """Reading summary.csv back into typed cells: every column type round-trips, an older header's missing
-columns read as defaults (and the gate skips checks on missing measurements), a later header's unknown
+columns read as defaults (a compared measurement the baseline lacks is bad input), a later header's unknown
 columns are kept as text, malformed values are bad input."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from helpers import cell
 from ce_audit.budgets import parse_budget
 from ce_audit.errors import AuditError
 from ce_audit.gate import Audit, compare, read_audit
-from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, write_summary_csv
+from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
 from ce_audit.results import KEY_COLUMNS, Cell
 
 
@@ -61,7 +61,8 @@ def test_every_column_type_round_trips(tmp_path):
             max_ulp=math.inf,
             max_abs_err=-math.inf,
             max_rel_err=math.nan,
-            mean_bits=0.1 + 0.2,  # needs every digit
+            mean_bits=0.1 + 0.2,  # a measurement: kept to 4 significant digits
+            scale=0.1 + 0.2,  # a key: needs every digit
             max_logit=5e-324,
             nan_rows=3,
             inf_rows=0,
@@ -78,7 +79,8 @@ def test_every_column_type_round_trips(tmp_path):
     summary = read_cells(path)
     assert summary.header == SUMMARY_COLUMNS
     assert summary.unknown == [{}, {}]
-    assert_same_cells(summary.cells, cells)
+    assert_same_cells(summary.cells, rounded_cells(cells))
+    assert summary.cells[0].mean_bits == 0.3 and summary.cells[0].scale == 0.1 + 0.2
     assert summary.cells[0].margin is None and summary.cells[1].focal_gamma is None
     assert summary.cells[0].wrote_input is True and summary.cells[1].wrote_input is False
 
@@ -95,13 +97,15 @@ def test_an_older_header_reads_missing_columns_as_defaults(tmp_path):
     assert audit.missing == {"grad_true_max_rel_err", "value_kind", "wrote_input", "grad_inf"}
 
 
-def test_checks_on_a_column_an_older_baseline_lacks_are_skipped(tmp_path):
+def test_a_compared_column_an_older_baseline_lacks_is_bad_input(tmp_path):
     path = write_without(
         tmp_path / "old.csv", [cell(grad_inf=0, value_kind="rows")], {"grad_inf", "value_kind"}
     )
     old = read_audit(path, "baseline")
     now = Audit(SUMMARY_COLUMNS, [cell(grad_inf=5, value_kind="mean")], "now")
-    assert compare(old, now).passed
+    with pytest.raises(AuditError, match="has no column 'grad_inf', which the gate compares"):
+        compare(old, now)
+    assert compare(now, Audit(old.header, old.cells, "older current")).passed  # the current's: skipped
     full = Audit(SUMMARY_COLUMNS, [cell(grad_inf=0, value_kind="rows")], "baseline")
     assert [f.metric for f in compare(full, now).failures] == ["grad_inf", "value_kind"]
     budget = parse_budget("fused:float16:grad_inf<=0")
@@ -182,3 +186,21 @@ def test_the_gate_imports_no_report_renderer():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     renderers = {"ce_audit.reports.markdown", "ce_audit.reports.junit", "ce_audit.reports.table"}
     assert not renderers & set(json.loads(loaded))
+
+
+def test_the_gate_decides_on_the_rounded_values_a_fresh_run_and_its_file_share(tmp_path):
+    """Rounding cannot flip a decision between a fresh run and its written summary.csv: the gate rounds a
+    fresh run's cells as the file does (10.0004 → 10, 11.00049 → 11: 11 is not past 10 + 10 %)."""
+    from ce_audit.config import SweepConfig
+    from ce_audit.gate.command import audit_from_result
+    from ce_audit.results import AuditResult
+
+    base = write_summary_csv([cell(max_ulp=10.0004)], tmp_path / "base.csv")
+    now = [cell(max_ulp=11.00049)]
+    fresh = AuditResult(SweepConfig(), now, [], {}, 0.0, 0.0)
+    written = write_summary_csv(now, tmp_path / "now.csv")
+    on_fresh = compare(read_audit(base, "baseline"), audit_from_result(fresh, "fresh"))
+    on_file = compare(read_audit(base, "baseline"), read_audit(written, "current"))
+    assert on_fresh.passed == on_file.passed is True
+    worse = write_summary_csv([cell(max_ulp=11.02)], tmp_path / "worse.csv")
+    assert not compare(read_audit(base, "baseline"), read_audit(worse, "current")).passed

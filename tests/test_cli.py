@@ -66,8 +66,9 @@ def test_sweep_writes_summary_and_report_to_out(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     plotted = ["plots"] if plotting_available() else []
-    assert sorted(p.name for p in out.iterdir()) == [*plotted, "report.html", "report.json", "summary.csv"]
-    written = [str(out / name) for name in ("summary.csv", "report.json", "report.html")]
+    names = [*plotted, "report.html", "report.json", "run.json", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    written = [str(out / name) for name in ("summary.csv", "report.html", "report.json")]
     assert result.stdout.split() == written
     header, rows = read_csv(out / "summary.csv")
     assert header[:9] == SUMMARY_START
@@ -78,7 +79,7 @@ def test_sweep_writes_summary_and_report_to_out(tmp_path):
     document = json.loads((out / "report.json").read_text())
     assert document["command"] == "sweep" and document["seed"] == 5
     assert document["config"]["out"] == str(out)
-    assert len(document["rows"]) == 2
+    assert document["cells"] == 2
 
 
 def test_sweep_prints_the_table_and_findings(tmp_path):
@@ -331,7 +332,7 @@ def test_replay_npy_writes_summary_rows_and_report(dumps):
     result = runner.invoke(app, [*args, "--impl", "shifted", "--impl", "numpy_eps", "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
     plotted = ["plots"] if plotting_available() else []
-    names = [*plotted, "report.html", "report.json", "rows.csv", "summary.csv"]
+    names = [*plotted, "report.html", "report.json", "rows.csv", "run.json", "summary.csv"]
     assert sorted(p.name for p in out.iterdir()) == names
 
     _, summary = read_csv(out / "summary.csv")
@@ -369,7 +370,8 @@ def test_replay_npy_writes_summary_rows_and_report(dumps):
         "logits": str(folder / "logits.npy"),
         "targets": str(folder / "targets.npy"),
     }
-    assert [row["distribution"] for row in document["rows"]] == ["replay", "replay"]
+    plotted = {"plots"} if plotting_available() else set()
+    assert set(document["files"]) == {"summary.csv", "rows.csv", "report.html", *plotted}
 
 
 def test_replay_pt_uses_the_file_dtype_or_the_requested_ones(tmp_path):
@@ -589,7 +591,7 @@ def test_module_sweep_runs_in_a_subprocess(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert (tmp_path / "out" / "summary.csv").exists() and (tmp_path / "out" / "report.json").exists()
-    written = [str(Path("out") / name) for name in ("summary.csv", "report.json", "report.html")]
+    written = [str(Path("out") / name) for name in ("summary.csv", "report.html", "report.json")]
     assert done.stdout.split() == written
 
 

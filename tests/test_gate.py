@@ -23,7 +23,7 @@ from ce_audit.gate import (
     compare,
     key_columns,
 )
-from ce_audit.reports.csv import SUMMARY_COLUMNS
+from ce_audit.reports.csv import SUMMARY_COLUMNS, write_summary_csv
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 REPOSITORY = Path(__file__).parents[1]
@@ -64,9 +64,11 @@ def baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, 
 
 
 def test_gate_passes_on_an_unchanged_run(baseline, tmp_path, capsys):
-    summary, _ = baseline
+    summary, plugin = baseline
     junit, markdown = tmp_path / "gate.xml", tmp_path / "gate.md"
-    code, out, err = run_cli(["gate", summary, "--junit", junit, "--markdown", markdown], capsys)
+    code, out, err = run_cli(
+        ["gate", summary, "--plugin", plugin, "--junit", junit, "--markdown", markdown], capsys
+    )
     assert code == 0, out + err
     assert "PASSED: 8 cells held" in out
     cells = read_rows(summary)
@@ -83,7 +85,8 @@ def test_gate_fails_when_a_plugin_is_swapped_for_a_less_accurate_one(baseline, t
     summary, plugin = baseline
     shutil.copy(PLUGINS / "variant_naive.py", plugin)
     junit, markdown = tmp_path / "gate.xml", tmp_path / "gate.md"
-    code, out, err = run_cli(["gate", summary, "--junit", junit, "--markdown", markdown], capsys)
+    command = ["gate", summary, "--baseline-plugins", "--junit", junit, "--markdown", markdown]
+    code, out, err = run_cli(command, capsys)
     assert code == 1, out + err
     assert "Precision regressions" in out and "FAILED" in out
     assert "variant_ce float16 scale=20" in out  # float16 exp overflows beyond 11.09
@@ -107,16 +110,24 @@ def test_gate_fails_when_a_plugin_is_swapped_for_a_less_accurate_one(baseline, t
 def test_update_writes_a_baseline_that_then_passes(baseline, capsys):
     summary, plugin = baseline
     shutil.copy(PLUGINS / "variant_naive.py", plugin)
-    code, out, err = run_cli(["gate", summary, "--update"], capsys)
+    code, out, err = run_cli(["gate", summary, "--update", "--baseline-plugins"], capsys)
     assert code == 0, out + err
-    assert "updated" in out
+    assert f"baseline written: {summary.parent} (8 cells)" in out and "PASSED" not in out
     rows = {(r["impl"], r["dtype"], r["scale"]): r for r in read_rows(summary)}
     assert rows[("variant_ce", "float16", "20.0")]["status"] == "nonfinite"
     written = {path.name for path in summary.parent.iterdir()} - {"report.html", "plots"}  # the sweep's page
     assert sorted(written) == ["report.json", "summary.csv"]
     assert json.loads(summary.with_name("report.json").read_text())["config"]["plugins"] == [str(plugin)]
-    code, out, err = run_cli(["gate", summary], capsys)
+    code, out, err = run_cli(["gate", summary, "--plugin", plugin], capsys)
     assert code == 0, out + err
+
+
+def test_a_baseline_cannot_run_code(baseline, capsys):
+    summary, plugin = baseline
+    plugin.write_text("import pathlib\npathlib.Path(__file__).with_name('ran').touch()\n")
+    code, _, err = run_cli(["gate", summary], capsys)
+    assert code == 2 and "--baseline-plugins" in err and len(err.strip().splitlines()) == 1
+    assert not plugin.with_name("ran").exists()
 
 
 def test_update_bootstraps_a_baseline_from_a_config(tmp_path, capsys):
@@ -302,7 +313,7 @@ def test_bad_input_exits_2(tmp_path, capsys):
     lonely.parent.mkdir()
     lonely.write_text(",".join(SUMMARY_COLUMNS) + "\n")
     code, _, err = run_cli(["gate", lonely], capsys)
-    assert code == 2 and "no report.json" in err
+    assert code == 2 and "has no cells" in err
     garbage = tmp_path / "garbage.csv"
     garbage.write_text("a,b\n1,2\n")
     code, _, err = run_cli(["gate", garbage, "--current", garbage], capsys)
@@ -351,3 +362,89 @@ def test_gate_reruns_a_recorded_replay(tmp_path, capsys):
     code, out, err = run_cli(["gate", tmp_path / "base", "--junit", tmp_path / "j.xml"], capsys)
     assert code == 0, out + err
     assert len(ET.parse(tmp_path / "j.xml").getroot().findall(".//testcase")) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# fails closed; a report people read
+# --------------------------------------------------------------------------------------------------
+
+
+def _audits(before: list, now: list) -> tuple[Audit, Audit]:
+    return Audit(SUMMARY_COLUMNS, before, "base.csv"), Audit(SUMMARY_COLUMNS, now, "now")
+
+
+def test_a_nan_baseline_measurement_is_bad_input_naming_the_column():
+    base, now = _audits([cell(max_ulp=math.nan)], [cell(max_ulp=100.0)])
+    with pytest.raises(AuditError, match="column 'max_ulp' is NaN for fused float16"):
+        compare(base, now)
+    base, now = _audits([cell(status="junk")], [cell()])
+    with pytest.raises(AuditError, match="column 'status' holds 'junk'"):
+        compare(base, now)
+    base, now = _audits([cell(max_ulp=math.nan, status="error")], [cell(max_ulp=1.0)])
+    assert compare(base, now).compared == 0  # not measured in the baseline: nothing to compare
+
+
+def test_a_junk_or_empty_baseline_column_exits_2(baseline, capsys):
+    summary, _ = baseline
+    summary.with_name("report.json").unlink()  # else the edit is caught as a summary of another run
+    lines = summary.read_text().splitlines()
+    column = lines[0].split(",").index("max_ulp")
+    for junk in ("nan", "", "many"):
+        rows = [line.split(",") for line in lines[1:]]
+        for row in rows:
+            row[column] = junk
+        summary.write_text("\n".join([lines[0], *(",".join(row) for row in rows)]) + "\n")
+        current = summary.with_name("current.csv")
+        current.write_text(lines[0] + "\n" + "\n".join(lines[1:]) + "\n")
+        code, out, err = run_cli(["gate", summary, "--current", current], capsys)
+        assert code == 2 and "max_ulp" in err and "PASSED" not in out, (junk, err)
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_nothing_compared_is_not_passed(tmp_path, capsys):
+    base = tmp_path / "base.csv"
+    write_summary_csv([cell(status="skipped")], base)
+    code, out, err = run_cli(["gate", base, "--current", base], capsys)
+    assert code == 2 and "nothing was compared" in err and "PASSED" not in out
+
+
+def test_growth_and_budget_limits_must_be_finite_and_not_negative(capsys):
+    for text in ("fused:float16:max_ulp<=nan", "fused:float16:max_ulp<=-1"):
+        with pytest.raises(AuditError, match="limit must be a number ≥ 0"):
+            parse_budget(text)
+
+
+def test_the_gate_report_sums_up_each_implementation_first(capsys):
+    scales = (1.0, 100.0, 1000.0)
+    before = [cell(impl=impl, scale=s, max_ulp=0.5) for impl in ("naive", "fused") for s in scales]
+    now = [cell(impl="naive", scale=1.0, max_ulp=0.5), cell(impl="naive", scale=100.0, max_ulp=70.0)]
+    now += [cell(impl="naive", scale=1000.0, max_ulp=7.0, status="nonfinite")]
+    now += [cell(impl="fused", scale=s, max_ulp=0.5) for s in scales]
+    result = compare(*_audits(before, now))
+    from ce_audit.gate.summary import summary_lines
+
+    assert summary_lines(result) == [
+        "naive: 2 of 3 cells regressed (float16, scale 100–1000): max_ulp up to 140× (0.5 → 70), "
+        "status ok → nonfinite (1)"
+    ]
+    from ce_audit.reports.junit import gate_junit
+    from ce_audit.reports.markdown import gate_markdown
+
+    markdown = gate_markdown(result)
+    assert markdown.index("- naive: 2 of 3 cells regressed") < markdown.index("| naive float16 scale=100 |")
+    assert "<system-out>naive: 2 of 3 cells regressed" in gate_junit(result)
+
+
+def test_the_per_cell_detail_is_capped_with_a_count(capsys):
+    from rich.console import Console
+
+    from ce_audit.gate.summary import MAX_DETAIL
+    from ce_audit.reports.table import print_gate
+
+    before = [cell(scale=float(s), max_ulp=0.5) for s in range(MAX_DETAIL + 5)]
+    now = [cell(scale=float(s), max_ulp=50.0) for s in range(MAX_DETAIL + 5)]
+    console = Console(width=100, record=True, no_color=True)
+    print_gate(compare(*_audits(before, now)), console)
+    text = console.export_text()
+    assert text.index("fused: 45 of 45 cells regressed") < text.index("per cell")
+    assert "… and 5 more failures" in text and text.count("grew by more than") == MAX_DETAIL

@@ -45,7 +45,9 @@ def test_plugin_file_is_loaded_and_audited(tmp_path, capsys):
     assert rows["good_np_ce"]["status"] == "ok" and rows["good_np_ce"]["grad_status"] == "n/a"
     assert rows["good_ce"]["value_kind"] == "rows" and rows["good_ce"]["wrote_input"] == "false"
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["config"]["plugins"] == [str(PLUGINS / "good_plugin.py")]
+    (recorded,) = report["config"]["plugins"]  # relative to the working directory when under it
+    assert Path(recorded).resolve() == (PLUGINS / "good_plugin.py").resolve()
+    assert not Path(recorded).is_absolute() or not PLUGINS.is_relative_to(Path.cwd())
     assert report["implementations"]["good_ce"]["builtin"] is False
     assert report["implementations"]["good_ce"]["origin"].endswith("good_plugin.py")
 

@@ -99,7 +99,7 @@ class CountHeld:
         return None
 
 
-def _gradient_measured(cell: Cell) -> bool:
+def gradient_measured(cell: Cell) -> bool:
     return status_rank(cell.grad_status) not in (None, status_rank(Status.ERROR))
 
 
@@ -119,7 +119,7 @@ class GrowthHeld:
         pair = _both_measured(baseline, current)
         if pair is None:
             return None
-        if self.relative and not all(_gradient_measured(cell) for cell in pair):
+        if self.relative and not all(gradient_measured(cell) for cell in pair):
             return None  # no gradient measured on one side; the grad_status check covers it
         before, now = (float(getattr(cell, self.metric)) for cell in pair)
         if math.isnan(now):

@@ -18,10 +18,12 @@ from ce_audit.errors import AuditError
 from ce_audit.gate.checks import default_checks
 from ce_audit.gate.compare import Audit, GateResult, compare
 from ce_audit.replay import run_replay
-from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, write_summary_csv
+from ce_audit.reports.bundle import ReportDirectory, ReportFile, check_member
+from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
 from ce_audit.reports.files import write_atomically
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.results import AuditResult
+from ce_audit.statuses import message_line
 from ce_audit.sweep import run_sweep
 
 
@@ -39,10 +41,13 @@ def _read_report(path: Path) -> dict[str, Any] | None:
         return None
     try:
         document = json.loads(report.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise AuditError(f"{report} is not a ce-audit report.json (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AuditError(f"cannot read {report}: {error}") from None
+        raise AuditError(f"cannot read {report}: {message_line(error)}") from None
     if not isinstance(document, dict) or not isinstance(document.get("config", {}), dict):
         raise AuditError(f"{report} is not a ce-audit report.json")
+    check_member(path, document)
     return document
 
 
@@ -56,8 +61,11 @@ def read_audit(path: str | Path, what: str) -> Audit:
 def audit_from_result(
     result: AuditResult, source: str, command: str = "sweep", extra: dict[str, Any] | None = None
 ) -> Audit:
-    """A fresh AuditResult as the gate sees it: its cells as they are, and the report.json it would write."""
-    return Audit(SUMMARY_COLUMNS, result.cells, source, report_document(result, command, extra))
+    """A fresh AuditResult as the gate sees it: its cells as summary.csv would hold them (measurements
+    rounded the same way, so the verdict on a fresh run is the verdict on its written report), and the
+    report.json it would write."""
+    cells = rounded_cells(result.cells)
+    return Audit(SUMMARY_COLUMNS, cells, source, report_document(result, command, extra))
 
 
 def _recorded_config(report: dict[str, Any] | None, source: str) -> SweepConfig:
@@ -100,18 +108,25 @@ def run_gate(
     strict: bool = False,
     allow_missing_baseline: bool = False,
     progress: Any = None,
+    baseline_plugins: bool = False,
 ) -> GateRun:
     """Read the baseline, obtain the current audit (``current_path`` or a fresh run), compare.
 
-    The fresh run uses ``config_path`` if given, else the config recorded in the baseline's report.json
-    (plugins included; a recorded replay re-reads its logits files). Budgets come from ``budgets`` and
-    from every config involved; growth tolerances from the arguments, else the config, else 1 ULP / 10%.
+    The fresh run uses ``config_path`` if given, else the config recorded in the baseline's report.json (a
+    recorded replay re-reads its logits files). Plugins are imported from ``plugins`` only, and from the
+    baseline's recorded ones only with ``baseline_plugins`` (a baseline must not be able to run code).
+    Budgets come from ``budgets`` and from every config involved; growth tolerances from the arguments,
+    else the config, else 1 ULP / 10%. Fails closed: a baseline without cells, or a comparison in which no
+    cell was compared and nothing failed, raises AuditError (unless ``allow_missing_baseline``: --update).
     """
     baseline = None
     if baseline_path is not None:
         path = summary_path(baseline_path)
         if path.exists() or not allow_missing_baseline:
             baseline = read_audit(path, "baseline")
+    if baseline is not None and not baseline.cells and not allow_missing_baseline:
+        raise AuditError(f"baseline {baseline.source} has no cells, so nothing can be compared")
+    ignored_plugins: tuple[str, ...] = ()
     run_config: SweepConfig | None = None
     fresh, command, extra = None, "sweep", None
     if current_path is not None:
@@ -122,13 +137,24 @@ def run_gate(
         elif baseline is not None:
             run_config = _recorded_config(baseline.report, baseline.source)
             command = str(baseline.report.get("command", "sweep")) if baseline.report else "sweep"
+            if not baseline_plugins:
+                ignored_plugins = tuple(p for p in run_config.plugins if p not in plugins)
+                run_config = replace(run_config, plugins=())
         else:
             raise AuditError("nothing to audit: give a BASELINE with its report.json, --current or --config")
         run_config = replace(run_config, plugins=_dedupe([*run_config.plugins, *plugins]))
-        if command == "replay":
-            fresh, extra = _rerun_replay(run_config, baseline)
-        else:
-            fresh = run_sweep(run_config, progress=progress)
+        try:
+            if command == "replay":
+                fresh, extra = _rerun_replay(run_config, baseline)
+            else:
+                fresh = run_sweep(run_config, progress=progress)
+        except AuditError as error:
+            if not ignored_plugins:
+                raise
+            raise AuditError(
+                f"{error} (the baseline was recorded with --plugin {' '.join(ignored_plugins)}: give them "
+                "with --plugin, or --baseline-plugins to load the recorded ones)"
+            ) from None
         current = audit_from_result(fresh, f"a fresh {command}", command, extra)
 
     configs = [run_config] if run_config is not None else []
@@ -148,6 +174,11 @@ def run_gate(
     notes = _version_notes(baseline, current)
     if notes:
         result = replace(result, notes=[*result.notes, *notes])
+    if baseline is not None and not allow_missing_baseline and not result.compared and result.passed:
+        raise AuditError(
+            f"nothing was compared: none of the {len(baseline.cells)} baseline cells was measured in "
+            f"{current.source} ({len(result.new)} new, {len(result.missing)} missing, the rest not measured)"
+        )
     return GateRun(result, baseline, current, fresh, command, extra)
 
 
@@ -173,24 +204,43 @@ def _version_notes(baseline: Audit | None, current: Audit) -> list[str]:
     return [f"versions differ from the baseline's: {', '.join(changed)}"] if changed else []
 
 
-def update_baseline(run: GateRun, baseline_path: str | Path) -> list[Path]:
-    """Rewrite the baseline (summary.csv and report.json beside it) from the current audit, atomically."""
+def update_baseline(
+    run: GateRun, baseline_path: str | Path, target: ReportDirectory | None = None
+) -> list[Path]:
+    """Rewrite the baseline from the current audit: a directory's summary.csv and report.json as one set
+    (``target``: the directory already opened and locked), a named .csv and the report.json beside it
+    file by file."""
     path = summary_path(baseline_path)
     if path.suffix.lower() != ".csv":
         raise AuditError(f"baseline {path} must be a .csv file or a directory")
+    if path.name == "summary.csv":
+        if target is None:
+            with ReportDirectory(path.parent) as opened:
+                return update_baseline(run, baseline_path, opened)
+        if run.fresh is not None:
+            written = target.write(run.fresh, run.command, run.extra, run_record=False)
+        else:
+            text = _read_current_text(run)
+            member = ReportFile("summary.csv", lambda staged: write_atomically(staged, text))
+            written = target.write_set([member], dict(run.current.report or {}))
+        return [Path(name) for name in written]
     report_path = path.with_name("report.json")
     written = []
     if run.fresh is not None:
         written.append(write_report_json(run.fresh, report_path, run.command, run.extra))
         written.append(write_summary_csv(run.fresh.cells, path))
         return written
-    source = Path(run.current.source)
     if run.current.report is not None:
-        text = json.dumps(run.current.report, indent=2, allow_nan=False) + "\n"
+        document = {k: v for k, v in run.current.report.items() if k not in ("files", "run_id")}
+        text = json.dumps(document, indent=1, allow_nan=False) + "\n"
         written.append(write_atomically(report_path, text))
+    written.append(write_atomically(path, _read_current_text(run)))
+    return written
+
+
+def _read_current_text(run: GateRun) -> str:
+    source = Path(run.current.source)
     try:
-        csv_text = source.read_text(encoding="utf-8")
+        return source.read_text(encoding="utf-8")
     except OSError as error:
         raise AuditError(f"cannot read {source}: {error.strerror or error}") from None
-    written.append(write_atomically(path, csv_text))
-    return written

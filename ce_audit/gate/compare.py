@@ -7,18 +7,20 @@ join the key by themselves. Every failure is collected, then the caller exits on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ce_audit.budgets import Budget
 from ce_audit.errors import AuditError
-from ce_audit.gate.checks import PRESENT, Check, default_checks
+from ce_audit.gate.checks import PRESENT, Check, default_checks, gradient_measured, measured
 from ce_audit.reports.csv import column_text
-from ce_audit.results import CELL_COLUMNS, KEY_COLUMNS, MEASUREMENT_COLUMNS, Cell
+from ce_audit.results import CELL_COLUMNS, KEY_COLUMNS, MEASUREMENT_COLUMNS, Cell, measurements
 from ce_audit.statuses import Status
 
 Key = tuple[Any, ...]
+GATED = frozenset(m for kind in ("status", "count", "growth", "kind") for m in measurements(gate=kind))
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class GateResult:
     baseline_source: str | None
     current_source: str
     key_columns: tuple[str, ...] = field(default=())
+    compared: int = 0  # cells measured on both sides: what the checks actually compared
 
     @property
     def passed(self) -> bool:
@@ -168,6 +171,44 @@ def _budget_failure(
     return Failure(label, budget.metric, f"budget {budget.op} {limit}", value, message)
 
 
+def _gated_columns() -> tuple[str, ...]:
+    return tuple(m for m in MEASUREMENT_COLUMNS if m in GATED)
+
+
+def _refuse_unusable_baseline(baseline: Audit, current: Audit) -> None:
+    """Fail closed: a compared column the baseline lacks while the current audit has it is bad input."""
+    lacking = [c for c in _gated_columns() if c in baseline.missing and c not in current.missing]
+    if lacking:
+        raise AuditError(
+            f"baseline {baseline.source} has no column {lacking[0]!r}, which the gate compares; "
+            "rewrite it with --update"
+        )
+
+
+def _refuse_nan_baseline(baseline: Audit, label: str, before: Cell, now: Cell, checks: list[Check]) -> None:
+    """Fail closed: a compared measurement that is NaN in the baseline where the current cell has a number
+    (both measured) is bad input, never a silent pass; so is a status that is none of the statuses."""
+    if before.status not in set(Status):
+        raise AuditError(
+            f"baseline {baseline.source}: column 'status' holds {before.status!r} for {label}, "
+            f"not one of {', '.join(Status)}"
+        )
+    if not (measured(before) and measured(now)):
+        return
+    for check in checks:
+        metric = check.metric
+        if metric not in MEASUREMENT_COLUMNS or not isinstance(getattr(before, metric), float):
+            continue
+        if getattr(check, "relative", False) and not (gradient_measured(before) and gradient_measured(now)):
+            continue
+        value_before, value_now = getattr(before, metric), getattr(now, metric)
+        if math.isnan(value_before) and not math.isnan(value_now):
+            raise AuditError(
+                f"baseline {baseline.source}: column {metric!r} is NaN for {label}, where the current audit "
+                f"has {shown(value_now)}; rewrite the baseline with --update"
+            )
+
+
 def compare(
     baseline: Audit | None,
     current: Audit,
@@ -188,6 +229,9 @@ def compare(
     short, full = labels(keys, columns)
     unrecorded = current.missing | (baseline.missing if baseline is not None else frozenset())
     applied = [check for check in checks if check.metric not in unrecorded]
+    if baseline is not None:
+        _refuse_unusable_baseline(baseline, current)
+    compared = 0
 
     cells: list[CellOutcome] = []
     failures: list[Failure] = []
@@ -198,6 +242,9 @@ def compare(
         cell = now if now is not None else before
         assert cell is not None
         cell_failures = []
+        if baseline is not None and before is not None and now is not None:
+            _refuse_nan_baseline(baseline, label, before, now, applied)
+            compared += measured(before) and measured(now)
         if baseline is not None:
             for check in applied:
                 message = check.fails(before, now)
@@ -239,4 +286,5 @@ def compare(
         baseline_source=baseline.source if baseline is not None else None,
         current_source=current.source,
         key_columns=columns,
+        compared=compared,
     )

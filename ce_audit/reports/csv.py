@@ -1,6 +1,10 @@
 """summary.csv (one row per cell) and rows.csv (one row per input row, replay): floats as repr().
 
-Booleans are written as ``true``/``false``, an option that is off (None) as an empty field. Reading a
+Booleans are written as ``true``/``false``, an option that is off (None) as an empty field. Error
+measurements are rounded to ``SIGNIFICANT_DIGITS`` significant digits (what matters, and what stays the
+same from one machine to the next, so a committed baseline diffs only where results change; values of the
+dtype keep every digit); the gate rounds a fresh run's cells the same way before comparing, so its verdict
+is the one on the written file. Reading a
 summary back gives typed ``Cell``s: each column is parsed by its field's type (floats with float(), so
 'inf' and 'nan' parse). A column the file lacks (written by an older version) reads as the field's
 default; a column this version does not know (written by a later one) is kept as text beside the cell.
@@ -10,15 +14,16 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
 from ce_audit.reports.files import write_atomically
-from ce_audit.results import CELL_COLUMNS, ROW_RESULT_COLUMNS, Cell, RowResult
+from ce_audit.results import CELL_COLUMNS, MEASUREMENT_COLUMNS, ROW_RESULT_COLUMNS, Cell, RowResult
 
 SUMMARY_COLUMNS = CELL_COLUMNS
 ROW_COLUMNS = ROW_RESULT_COLUMNS
@@ -27,6 +32,31 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     *(f.name for f in fields(Cell) if f.default is MISSING and f.default_factory is MISSING),
     "status",
 )
+
+
+SIGNIFICANT_DIGITS = 4
+
+
+def rounded(value: float) -> float:
+    """A measurement as summary.csv keeps it: 4 significant digits (inf and nan as they are)."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
+
+
+# Values of the audited dtype (the largest logit, reference and value, the constant a loss is capped at)
+# keep every digit: they are exact inputs or outputs, not errors.
+EXACT_VALUES = ("max_logit", "max_reference", "max_value", "capped_at")
+_ROUNDED_FIELDS = tuple(
+    f.name
+    for f in fields(Cell)
+    if f.name in MEASUREMENT_COLUMNS and f.type == "float" and f.name not in EXACT_VALUES
+)
+
+
+def rounded_cells(cells: list[Cell]) -> list[Cell]:
+    """The cells with every float measurement rounded as summary.csv writes it."""
+    return [
+        replace(cell, **{name: rounded(getattr(cell, name)) for name in _ROUNDED_FIELDS}) for cell in cells
+    ]
 
 
 def column_text(value: Any) -> str:
@@ -48,7 +78,7 @@ def _csv_text(columns: tuple[str, ...], rows: list[Any]) -> str:
 
 
 def summary_text(rows: list[Cell]) -> str:
-    return _csv_text(SUMMARY_COLUMNS, rows)
+    return _csv_text(SUMMARY_COLUMNS, rounded_cells(rows))
 
 
 def write_summary_csv(rows: list[Cell], path: str | Path) -> Path:

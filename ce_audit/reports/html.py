@@ -24,7 +24,7 @@ from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import options_label
 from ce_audit.reports import plots
-from ce_audit.reports.csv import read_cells
+from ce_audit.reports.csv import read_cells, rounded_cells
 from ce_audit.reports.files import write_atomically, write_bytes_atomically
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, worst_status
@@ -178,12 +178,10 @@ def _meta_html(document: dict[str, Any] | None) -> str:
         return '<p class="meta">No report.json beside the summary: run details unknown.</p>'
     versions = ", ".join(f"{k} {v}" for k, v in (document.get("versions") or {}).items())
     devices = ", ".join(f"{k}: {v}" for k, v in (document.get("devices") or {}).items())
-    parts = [
-        f"command <code>{_e(document.get('command', '?'))}</code>",
-        f"seed {_e(document.get('seed', '?'))}",
-        f"run at {_e(document.get('timestamp', '?'))}",
-        f"{_e(document.get('seconds', '?'))} s",
-    ]
+    parts = [f"command <code>{_e(document.get('command', '?'))}</code>"]
+    parts.append(f"seed {_e(document.get('seed', '?'))}")
+    if "timestamp" in document:  # written by versions before run.json held the timing
+        parts += [f"run at {_e(document['timestamp'])}", f"{_e(document.get('seconds', '?'))} s"]
     text = " · ".join(parts)
     if devices:
         text += f"<br>devices: {_e(devices)}"
@@ -267,6 +265,27 @@ def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: s
         if stale.name not in names:
             stale.unlink(missing_ok=True)
     return [write_atomically(out / HTML_NAME, html_report(cells, document, figures)), *written]
+
+
+def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[Any]:
+    """report.html and (when matplotlib is installed) the plots/ folder as members of the report set
+    (``reports.bundle.ReportFile``); the figures are drawn once, for both."""
+    from ce_audit.reports.bundle import ReportFile
+
+    cells = rounded_cells(cells)  # as summary.csv keeps them, so `ce-audit report` draws the same page
+    figures = plots.audit_figures(cells, rtols_of(document)) if plots.plotting_available() else None
+    drawn = [figure for group in (figures or {}).values() for figure in group]
+
+    def write_page(path: Path) -> None:
+        path.write_text(html_report(cells, document, figures), encoding="utf-8")
+
+    def write_plots(path: Path) -> None:
+        path.mkdir()
+        for figure in drawn:
+            (path / f"{figure.name}.png").write_bytes(figure.png)
+
+    members = [ReportFile(HTML_NAME, write_page)]
+    return [*members, ReportFile(PLOTS_DIR, write_plots)] if drawn else members
 
 
 def plots_markdown(directory: str | Path, inline: bool = False) -> str:

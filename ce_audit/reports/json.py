@@ -1,10 +1,17 @@
-"""report.json: resolved config, seed, versions, device names, timestamp and every summary row."""
+"""report.json: what was audited (command, resolved config, seed, versions, reference precision, what each
+implementation was) — the results themselves are in summary.csv, listed with a digest in ``files`` by the
+report bundle. run.json: what differs between two runs of one audit (timestamp, seconds, host, devices).
+
+Both are small and stable: no timestamp or absolute path in report.json (plugin origins under the working
+directory are written relative to it), so a committed baseline diffs only where its results change.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import math
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -13,9 +20,9 @@ from typing import Any
 from ce_audit.dtypes import reference_precision
 from ce_audit.implementations import REGISTRY
 from ce_audit.reports.files import write_atomically
-from ce_audit.results import CELL_COLUMNS, AuditResult
+from ce_audit.results import AuditResult
 
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2  # 2: the rows left to summary.csv; timing and host moved to run.json
 
 
 def package_versions() -> dict[str, str]:
@@ -45,6 +52,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _portable(text: str) -> str:
+    """Absolute paths under the working directory inside ``text``, written relative to it."""
+    root = os.getcwd().rstrip(os.sep) + os.sep
+    return text.replace(root, "") if root != os.sep else text
+
+
+def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with its paths (out, plugin files) relative to the working directory where under it."""
+    config["out"] = _portable(str(config.get("out", "")))
+    config["plugins"] = [_portable(str(plugin)) for plugin in config.get("plugins", ())]
+    return config
+
+
 def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
     """What each audited name was: backend, built-in or not, origin, the options it supports and (for
     plugins) its source and the adapter settings that differ from the defaults."""
@@ -55,9 +75,9 @@ def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
             described[name] = {
                 "backend": entry.backend,
                 "builtin": entry.builtin,
-                "origin": entry.origin,
+                "origin": _portable(entry.origin),
                 "supports": sorted(entry.supports),
-                **({"source": entry.extra["source"]} if "source" in entry.extra else {}),
+                **({"source": _portable(entry.extra["source"])} if "source" in entry.extra else {}),
                 **({"adapter": entry.adapter.declared()} if entry.adapter is not None else {}),
             }
     return described
@@ -67,22 +87,33 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
     document = {
         "format": REPORT_FORMAT,
         "command": command,
-        "timestamp": dt.datetime.fromtimestamp(result.started, dt.UTC).isoformat(),
-        "seconds": round(result.seconds, 3),
         "seed": result.config.seed,
-        "config": result.config.to_dict(),
+        "config": _portable_config(result.config.to_dict()),
         "versions": package_versions(),
-        "devices": result.devices,
         "reference_precision": reference_precision(),
         "implementations": implementations(result.cells),
-        "rows": [{name: getattr(cell, name) for name in CELL_COLUMNS} for cell in result.cells],
+        "cells": len(result.cells),
     }
     document.update(extra or {})
     return _plain(document)
 
 
+def run_document(result: AuditResult, run_id: str) -> dict[str, Any]:
+    """run.json: when, how long, where (host and device names); the run_id of the set it belongs to."""
+    return _plain(
+        {
+            "run_id": run_id,
+            "timestamp": dt.datetime.fromtimestamp(result.started, dt.UTC).isoformat(),
+            "seconds": round(result.seconds, 3),
+            "host": {"node": platform.node(), "machine": platform.machine(), "system": platform.system()},
+            "devices": result.devices,
+        }
+    )
+
+
 def write_report_json(
     result: AuditResult, path: str | Path, command: str, extra: dict[str, Any] | None = None
 ) -> Path:
-    text = json.dumps(report_document(result, command, extra), indent=2, allow_nan=False) + "\n"
+    """report.json alone (no ``files`` digests: the report bundle writes the checked set)."""
+    text = json.dumps(report_document(result, command, extra), indent=1, allow_nan=False) + "\n"
     return write_atomically(path, text)

@@ -1,4 +1,5 @@
-"""The gate's verdict as JUnit XML: one <testcase> per cell, a <failure> per failing cell.
+"""The gate's verdict as JUnit XML: one <testcase> per cell, a <failure> per failing cell, and the
+per-implementation summary (ce_audit.gate.summary) as the suite's <system-out>.
 
 CI systems (GitHub, GitLab, Jenkins, Azure) display these natively. classname is
 ``ce-audit.IMPL.DTYPE``; name lists the cell's other key columns. Unmeasured (skipped) cells are
@@ -24,8 +25,11 @@ def _clean(text: str) -> str:
 
 def gate_junit(result: GateResult) -> str:
     """The XML document as text."""
+    from ce_audit.gate.summary import summary_lines
+
     root = ET.Element("testsuites", name="ce-audit gate")
     suite = ET.SubElement(root, "testsuite", name="ce-audit precision gate")
+    summary = summary_lines(result)
     failures = skipped = 0
     for cell in result.cells:
         case = ET.SubElement(
@@ -46,6 +50,8 @@ def gate_junit(result: GateResult) -> str:
             ET.SubElement(case, "skipped", message=_clean(cell.skipped))
         if cell.state == "new":
             ET.SubElement(case, "system-out").text = "new cell, not in the baseline"
+    if summary:  # what regressed per implementation, before the per-cell detail of the test cases
+        ET.SubElement(suite, "system-out").text = _clean("\n".join(summary))
     suite.set("tests", str(len(result.cells)))
     suite.set("failures", str(failures))
     suite.set("errors", "0")

@@ -34,6 +34,11 @@ def gate_markdown(result: GateResult) -> str:
         "",
     ]
     if result.failures:
+        from ce_audit.gate.summary import summary_lines
+
+        lines += ["**By implementation**", ""]
+        lines += [f"- {_escape(line)}" for line in summary_lines(result)]
+        lines += ["", "**Per cell**", ""]
         lines += ["| cell | metric | baseline | current | why |", "|---|---|---|---|---|"]
         for failure in result.failures[:MAX_LISTED]:
             lines.append(
@@ -41,7 +46,8 @@ def gate_markdown(result: GateResult) -> str:
                 f"| {_escape(failure.current)} | {_escape(failure.message)} |"
             )
         if len(result.failures) > MAX_LISTED:
-            lines.append(f"\n… and {len(result.failures) - MAX_LISTED} more failures (see the JUnit report).")
+            left = len(result.failures) - MAX_LISTED
+            lines.append(f"\n… and {left} more failures (the JUnit report lists every one).")
         lines.append("")
     if result.new:
         shown = ", ".join(f"`{label}`" for label in result.new[:MAX_LISTED])

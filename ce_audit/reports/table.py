@@ -4,6 +4,7 @@ status (turned round when there are many option combinations)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 
 from rich.console import Console
@@ -224,16 +225,31 @@ def closing_line(rows: list[Cell], seconds: float) -> str:
 
 
 def print_gate(result: GateResult, console: Console) -> None:
-    """The regressions as a table (cell, metric, baseline → current, why), new cells, notes, verdict."""
+    """What regressed per implementation (by how much, where), then the per-cell detail as a table (cell,
+    metric, baseline → current, why; the first MAX_DETAIL lines), new cells, notes, verdict."""
+    from ce_audit.gate.summary import MAX_DETAIL, summary_lines
+
     if result.failures:
-        table = Table(title="Precision regressions", title_justify="left")
+        console.print("Precision regressions by implementation:", style="bold", highlight=False)
+        for line in summary_lines(result):  # wrapped on words, with a hanging indent
+            width = max(console.width, 40)
+            wrapped = textwrap.fill(line, width=width, initial_indent="  ", subsequent_indent="    ")
+            console.print(Text(wrapped), highlight=False, soft_wrap=True)
+        table = Table(title="Precision regressions, per cell", title_justify="left")
         for column in ("cell", "metric", "baseline → current", "why"):
             table.add_column(column, overflow="fold")
-        for failure in result.failures:
+        for failure in result.failures[:MAX_DETAIL]:
             change = Text(f"{failure.baseline} → ", style="dim")
             change.append(failure.current, style="bold red")
             table.add_row(Text(failure.cell), Text(failure.metric), change, Text(failure.message))
         console.print(table)
+        if len(result.failures) > MAX_DETAIL:
+            left = len(result.failures) - MAX_DETAIL
+            console.print(
+                f"… and {_plural(left, 'more failure')} (--junit or --markdown lists every one)",
+                highlight=False,
+                markup=False,
+            )
     if result.new:
         listed = ", ".join(result.new[:20]) + (
             f" … and {len(result.new) - 20} more" if len(result.new) > 20 else ""
