@@ -70,6 +70,14 @@ ImplOption = Annotated[
 ]
 OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory (default: ce-audit-report).")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors.")]
+DetailOption = Annotated[
+    bool,
+    typer.Option(
+        "--detail",
+        help="Show the per-case grid of each dtype and every finding (shown anyway where the terminal is "
+        "wide enough for it).",
+    ),
+]
 FailOnOption = Annotated[
     str | None,
     typer.Option(
@@ -91,11 +99,15 @@ PluginOption = Annotated[
 ]
 
 
-def _console(width: int = 160) -> Console:
-    """Rich on a terminal; plain text, ``width`` columns wide, when stdout is a file or a pipe."""
+def _console(width: int = 100) -> Console:
+    """Rich on a terminal; plain text when stdout is a file or a pipe, ``$COLUMNS`` (else ``width``)
+    columns wide. Rich leaves colour out under ``NO_COLOR``; the report's marks carry the status."""
+    import os
+
     console = Console(highlight=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=width, no_color=True)
+        columns = os.environ.get("COLUMNS", "")
+        console = Console(highlight=False, width=int(columns) if columns.isdigit() else width, no_color=True)
     return console
 
 
@@ -146,6 +158,7 @@ def sweep(
     plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    detail: DetailOption = False,
     fail_on: FailOnOption = None,
     **loss_options: Any,
 ) -> None:
@@ -179,7 +192,7 @@ def sweep(
         for path in paths:
             console.print(path, markup=False)
     else:
-        print_report(result.cells, console, paths, result.seconds)
+        print_report(result.cells, console, paths, result.seconds, detail=detail or None)
     _exit_on(result.cells, fail_on)
 
 
@@ -198,6 +211,7 @@ def replay(
     plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    detail: DetailOption = False,
     fail_on: FailOnOption = None,
     **loss_options: Any,
 ) -> None:
@@ -228,7 +242,7 @@ def replay(
         for path in paths:
             console.print(path, markup=False)
     else:
-        print_report(result.cells, console, paths, result.seconds)
+        print_report(result.cells, console, paths, result.seconds, detail=detail or None)
     _exit_on(result.cells, fail_on)
 
 
@@ -240,7 +254,7 @@ def list_implementations(plugin: PluginOption = None) -> None:
     from ce_audit.reports.listing import print_implementations
 
     prepare((), plugin or ())
-    print_implementations(_console(width=220))  # seven columns, plugin paths among them
+    print_implementations(_console())
 
 
 @app.command()
