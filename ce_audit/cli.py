@@ -111,22 +111,6 @@ def _console(width: int = 100) -> Console:
     return console
 
 
-def _progress_bar(console: Console, total: float, quiet: bool) -> tuple[Any, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(
-        TextColumn("auditing"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=quiet or not console.is_terminal,
-    )
-    task = progress.add_task("sweep", total=total)
-    return progress, lambda units: progress.advance(task, units)
-
-
 def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] | None = None) -> list[str]:
     from ce_audit.reports.bundle import write_reports
 
@@ -164,6 +148,7 @@ def sweep(
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss."""
     from ce_audit.config import load_config
+    from ce_audit.progress import progress_reporter
     from ce_audit.reports.table import print_report
     from ce_audit.sweep import run_sweep, sweep_size
 
@@ -184,8 +169,7 @@ def sweep(
     _check_fail_on(fail_on)
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
-    progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
-    with progress:
+    with progress_reporter(sweep_size(resolved), quiet=quiet) as advance:
         result = run_sweep(resolved, progress=advance)
     paths = _write_reports(result, Path(resolved.out), "sweep")
     if quiet:
