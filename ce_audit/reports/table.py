@@ -130,6 +130,9 @@ def verdict_text(rows: list[Cell]) -> Text:
     return Text(text, style=STYLES[overall])
 
 
+VERDICT_TITLE = "Verdict per implementation and dtype (its worst case)"
+
+
 def _name(row: Cell) -> str:
     return row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
 
@@ -142,8 +145,6 @@ def verdict_table(rows: list[Cell]) -> Table:
         by_key[(_name(row), row.dtype)].append(row)
     names = list(dict.fromkeys(_name(row) for row in rows))
     table = Table(
-        title="Verdict per implementation and dtype (worst case)",
-        title_justify="left",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -345,6 +346,7 @@ def print_report(
         for line in lines:
             _paragraph(console, line, indent=2, bold=line.find(": ") + 1)
         console.print()
+    console.print(Text(VERDICT_TITLE, style="bold"))
     console.print(verdict_table(rows))
     console.print()
     overall = [cell_status(row.status, row.grad_status) for row in rows]
