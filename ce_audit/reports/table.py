@@ -334,6 +334,8 @@ def print_report(
     if show_grid:
         for tables in grids:
             for table in tables:
+                title, table.title = str(table.title or ""), None  # wrapped to the width, not the table
+                _paragraph(console, title, style="italic")
                 console.print(table)
     if any(row.dtype == "float64" for row in rows) and reference_precision()["float64"].startswith(
         "float64:"
