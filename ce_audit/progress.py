@@ -41,9 +41,10 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(done: float, total: float, elapsed: float, unit: str = "cases") -> str:
-    """``ce-audit: 840/2470 cases, 4 s elapsed, ~8 s left`` (the time left from the rate so far)."""
+    """``ce-audit: 840/2470 cases, 4 s elapsed, ~8 s left`` (the time left from the rate so far, once a
+    whole unit is done: the first one carries the start-up, torch's import among it)."""
     text = f"ce-audit: {int(done)}/{int(total)} {unit}, {_duration(elapsed)} elapsed"
-    if 0 < done < total and elapsed > 0:
+    if 1 <= done < total and elapsed > 0:
         text += f", ~{_duration(elapsed * (total - done) / done)} left"
     return text
 

@@ -31,6 +31,7 @@ class Terminal(io.StringIO):
 def test_the_plain_line_gives_count_elapsed_and_time_left():
     assert progress_line(840, 2470, 4.2) == "ce-audit: 840/2470 cases, 4 s elapsed, ~8 s left"
     assert progress_line(0, 10, 0.0) == "ce-audit: 0/10 cases, 0 s elapsed"
+    assert progress_line(0.4, 10, 5.0) == "ce-audit: 0/10 cases, 5 s elapsed"  # no estimate from a fraction
     assert progress_line(10, 10, 75.0) == "ce-audit: 10/10 cases, 1 min 15 s elapsed"
     assert progress_line(1, 100, 40.0).endswith("~1 h 6 min left")
 
