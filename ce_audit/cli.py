@@ -43,77 +43,168 @@ def _user_errors(command: F) -> F:
 _CLICK_EXIT = tuple(filter(None, [getattr(click_exceptions, "Exit", None)]))
 _CLICK_ABORT = tuple(filter(None, [getattr(click_exceptions, "Abort", None)]))
 
+
+def _grid_defaults() -> dict[str, Any]:
+    """The top-level keys of the built-in default sweep (ce_audit/default.toml), for --help."""
+    import tomllib
+    from importlib import resources
+
+    return tomllib.loads(resources.files("ce_audit").joinpath("default.toml").read_text(encoding="utf-8"))
+
+
+_DEFAULTS = _grid_defaults()
+
+
+def _default(key: str) -> str:
+    values = _DEFAULTS.get(key, [])
+    return ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
+
+
+def _examples(*lines: str) -> str:
+    """A command's epilog: its examples, one per line (\b keeps Click from re-wrapping them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 app = typer.Typer(
     name="ce-audit",
-    help="Numerical-stability auditor for cross-entropy loss implementations.",
-    add_completion=False,
+    help="Numerical-stability auditor for cross-entropy loss implementations: where each one overflows, "
+    "returns NaN or loses bits, in which dtype, against the exact loss.",
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: metavars, not <list[str]> types; readable at 80 columns
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_examples(
+        "ce-audit sweep                 # the default audit",
+        "ce-audit sweep --dtype fp16 --detail",
+        "ce-audit list",
+        "ce-audit sweep -h              # a command's options and their defaults",
+    ),
 )
 
+
+def _version(value: bool) -> None:
+    if value:
+        from ce_audit import __version__
+
+        typer.echo(f"ce-audit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Numerical-stability auditor for cross-entropy loss implementations: where each one overflows,
+    returns NaN or loses bits, in which dtype, against the exact loss. `ce-audit sweep` runs the default
+    audit; `ce-audit COMMAND -h` explains a command."""
+
+
 DtypeOption = Annotated[
-    list[str] | None, typer.Option("--dtype", help="float16, bfloat16, float32, float64 (repeatable).")
+    list[str] | None,
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE",
+        help="float16 (fp16, half), bfloat16 (bf16), float32 (fp32, float), float64 (fp64, double); "
+        f"repeatable. Default: {_default('dtypes')}.",
+    ),
+]
+ReplayDtypeOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dtype",
+        metavar="DTYPE",
+        help="float16 (fp16, half), bfloat16 (bf16), float32 (fp32, float), float64 (fp64, double); "
+        "repeatable. Default: the file's dtype (another one rounds the file's values to it).",
+    ),
 ]
 DeviceOption = Annotated[
     list[str] | None,
     typer.Option(
-        "--device", help="cpu, cuda, cuda:N, mps, auto (cpu + first accelerator), all (repeatable)."
+        "--device",
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N, mps, auto (cpu + first accelerator), all; repeatable. Default: auto.",
     ),
 ]
 ImplOption = Annotated[
     list[str] | None,
     typer.Option(
         "--impl",
-        help="Implementation name, or module:attr to audit an undecorated function, loss class or module, "
-        "with optional ,key=value settings (backend=numpy, supports=reduction+weight, arg.NAME=VALUE, "
-        "returns=mean, ...; docs/adapters.md) (repeatable; default: every one).",
+        metavar="NAME",
+        help="Implementation name (ce-audit list), or module:attr to audit an undecorated function, loss "
+        "class or module, with optional ,key=value settings (backend=numpy, supports=reduction+weight, "
+        "arg.NAME=VALUE, returns=mean, ...; docs/adapters.md); repeatable. Default: every one.",
     ),
 ]
-OutOption = Annotated[Path | None, typer.Option("--out", help="Report directory (default: ce-audit-report).")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors.")]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", metavar="DIR", help="Report directory. Default: ce-audit-report.")
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors; no progress.")
+]
+DetailOption = Annotated[
+    bool,
+    typer.Option(
+        "--detail",
+        help="Show the per-case grid of each dtype and every finding (shown anyway where the terminal is "
+        "wide enough for it).",
+    ),
+]
+FormatOption = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        metavar="table|json|csv",
+        show_default=False,
+        help="The summary on stdout: the terminal report (table), or machine-readable: the report.json "
+        "document (json) or summary.csv (csv), with nothing else on stdout. Default: table.",
+    ),
+]
 FailOnOption = Annotated[
     str | None,
     typer.Option(
         "--fail-on",
+        metavar="LEVEL",
         help="Exit 1 when a cell reaches this level: inaccurate, nonfinite, error (the worse of loss and "
-        "gradient), or worse-than-pytorch. A CI check without a baseline.",
+        "gradient), or worse-than-pytorch. A CI check without a baseline. Default: off.",
     ),
 ]
 GradOption = Annotated[
-    bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too (default: on).")
+    bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too. Default: on.")
 ]
 PluginOption = Annotated[
     list[str] | None,
     typer.Option(
         "--plugin",
-        help="Load user implementations from a .py file or a dotted module "
-        "(repeatable; adds to the config's).",
+        metavar="FILE.py|MODULE",
+        help="Load user implementations from a .py file or a dotted module; repeatable, adds to the "
+        "config's plugins.",
     ),
 ]
+LoadPluginOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plugin",
+        metavar="FILE.py|MODULE",
+        help="Load user implementations from a .py file or a dotted module; repeatable.",
+    ),
+]
+OUTPUT_FORMATS = ("table", "json", "csv")
 
 
-def _console(width: int = 160) -> Console:
-    """Rich on a terminal; plain text, ``width`` columns wide, when stdout is a file or a pipe."""
+def _console(width: int = 100) -> Console:
+    """Rich on a terminal; plain text when stdout is a file or a pipe, ``$COLUMNS`` (else ``width``)
+    columns wide. Rich leaves colour out under ``NO_COLOR``; the report's marks carry the status."""
+    import os
+
     console = Console(highlight=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=width, no_color=True)
+        columns = os.environ.get("COLUMNS", "")
+        console = Console(highlight=False, width=int(columns) if columns.isdigit() else width, no_color=True)
     return console
-
-
-def _progress_bar(console: Console, total: float, quiet: bool) -> tuple[Any, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    progress = Progress(
-        TextColumn("auditing"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=quiet or not console.is_terminal,
-    )
-    task = progress.add_task("sweep", total=total)
-    return progress, lambda units: progress.advance(task, units)
 
 
 def _report_directory(out: Path) -> Any:
@@ -123,37 +214,90 @@ def _report_directory(out: Path) -> Any:
     return ReportDirectory(out)
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "ce-audit sweep                                  # the default audit",
+        "ce-audit sweep --dtype fp16 --impl fused --impl naive",
+        "ce-audit sweep --scale 1 --scale 100 --offset 0 --offset 1e4 --vocab 50257",
+        "ce-audit sweep --config configs/llm.toml --detail",
+        "ce-audit sweep --format json > summary.json     # machine-readable",
+    )
+)
 @_user_errors
 @with_loss_options(grid=True)
 def sweep(
     config: Annotated[
-        Path | None, typer.Option("--config", help="TOML sweep config (default: built-in).")
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE.toml",
+            help="TOML sweep config. Default: [tool.ce-audit] in the nearest pyproject.toml, else the "
+            "built-in grid (configs/default.toml).",
+        ),
     ] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
     distribution: Annotated[
         list[str] | None,
-        typer.Option("--distribution", help="normal, uniform, spike, adversarial (repeatable)."),
+        typer.Option(
+            "--distribution",
+            metavar="NAME",
+            help="normal, uniform, spike, adversarial, ramp; repeatable. "
+            f"Default: {_default('distributions')}.",
+        ),
     ] = None,
-    scale: Annotated[list[float] | None, typer.Option("--scale", help="Logit scale (repeatable).")] = None,
+    scale: Annotated[
+        list[float] | None,
+        typer.Option(
+            "--scale",
+            metavar="S",
+            help=f"Logit scale: logits are offset + S · base; repeatable. Default: {_default('scales')}.",
+        ),
+    ] = None,
     offset: Annotated[
-        list[float] | None, typer.Option("--offset", help="Common logit offset (repeatable).")
+        list[float] | None,
+        typer.Option(
+            "--offset",
+            metavar="O",
+            help=f"Common offset added to every logit; repeatable. Default: {_default('offsets')}.",
+        ),
     ] = None,
-    vocab: Annotated[list[int] | None, typer.Option("--vocab", help="Vocabulary size (repeatable).")] = None,
-    batch: Annotated[list[int] | None, typer.Option("--batch", help="Rows per case (repeatable).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,
+    vocab: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--vocab", metavar="V", help=f"Vocabulary size; repeatable. Default: {_default('vocabs')}."
+        ),
+    ] = None,
+    batch: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--batch", metavar="N", help=f"Rows per case; repeatable. Default: {_default('batches')}."
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            "--seed", metavar="N", help=f"Seed of the input generator. Default: {_DEFAULTS.get('seed', 0)}."
+        ),
+    ] = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    detail: DetailOption = False,
+    output_format: FormatOption = "table",
     fail_on: FailOnOption = None,
     **loss_options: Any,
 ) -> None:
-    """Run implementations over a grid of cases and report errors against the exact loss."""
+    """Run implementations over a grid of cases and report errors against the exact loss.
+
+    With no grid option the built-in default runs: every implementation in the four dtypes over its five
+    sub-grids (the failure bands of docs/variants.md). A grid option (--scale, --vocab, a loss option, …)
+    replaces the sub-grids; --dtype, --impl and --device apply to every one. Writes summary.csv and
+    report.json to --out."""
     from ce_audit.config import load_config
-    from ce_audit.reports.table import print_report
+    from ce_audit.progress import progress_reporter
     from ce_audit.sweep import run_sweep, sweep_size
 
     overrides = {
@@ -171,81 +315,94 @@ def sweep(
         **option_overrides(loss_options, grid=True),
     }
     _check_fail_on(fail_on)
-    resolved = _with_plugins(load_config(config, overrides), plugin)
-    console = _console()
-    progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
+    _check_format(output_format)
+    resolved = _with_plugins(load_config(config, overrides, search_from=Path.cwd()), plugin)
     with _report_directory(Path(resolved.out)) as target:
-        with progress:
+        with progress_reporter(sweep_size(resolved), quiet=quiet) as advance:
             result = run_sweep(resolved, progress=advance)
         paths = target.write(result, "sweep")
-    if quiet:
-        for path in paths:
-            console.print(path, markup=False)
-    else:
-        print_report(result.cells, console, paths, result.seconds)
+    _print_result(result, paths, "sweep", None, output_format, quiet, detail)
     _exit_on(result.cells, fail_on)
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "ce-audit replay logits.npy targets.npy",
+        "ce-audit replay logits.pt targets.pt --dtype bf16 --reduction mean --label-smoothing 0.1",
+        "ce-audit replay logits.npy targets.npy --impl my_ce --plugin my_ce.py --format csv",
+    )
+)
 @_user_errors
 @with_loss_options(grid=False)
 def replay(
-    logits: Annotated[Path, typer.Argument(help="(N, V) logits, .npy or .pt.")],
+    logits: Annotated[Path, typer.Argument(metavar="LOGITS", help="(N, V) logits, .npy or .pt.")],
     targets: Annotated[
-        Path, typer.Argument(help="(N,) integer targets (ignore_index allowed) or (N, V) probabilities.")
+        Path,
+        typer.Argument(
+            metavar="TARGETS",
+            help="(N,) integer targets (ignore_index allowed) or (N, V) probabilities.",
+        ),
     ],
-    dtype: DtypeOption = None,
+    dtype: ReplayDtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
     grad: GradOption = None,
-    plugin: PluginOption = None,
+    plugin: LoadPluginOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
+    detail: DetailOption = False,
+    output_format: FormatOption = "table",
     fail_on: FailOnOption = None,
     **loss_options: Any,
 ) -> None:
-    """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json."""
-    from ce_audit.config import load_config
-    from ce_audit.replay import run_replay
-    from ce_audit.reports.table import print_report
+    """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json.
 
-    resolved = load_config(
-        None,
-        {
-            "devices": device or None,
-            "impls": impl or None,
-            "grad": grad,
-            "out": str(out) if out else None,
-            "dtypes": dtype or None,
-            "plugins": plugin or None,
-            **option_overrides(loss_options, grid=False),
-        },
-    )
+    LOGITS is an (N, V) array, TARGETS (N,) class indices or (N, V) probabilities, each a .npy file or a
+    .pt file (read without running code). Loss options take one value each."""
+    from ce_audit.config import load_config
+    from ce_audit.dtypes import canonical_dtype
+    from ce_audit.replay import run_replay
+
+    dtypes = [canonical_dtype(name) for name in dtype] if dtype else None
+    overrides = {
+        "devices": device or None,
+        "impls": impl or None,
+        "grad": grad,
+        "out": str(out) if out else None,
+        "dtypes": dtypes,
+        **option_overrides(loss_options, grid=False),
+    }
     _check_fail_on(fail_on)
+    _check_format(output_format)
+    resolved = _with_plugins(load_config(None, overrides, search_from=Path.cwd()), plugin)
+    extra = {"inputs": {"logits": str(logits), "targets": str(targets)}}
     with _report_directory(Path(resolved.out)) as target:
-        result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
-        paths = target.write(result, "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}})
-    console = _console()
-    if quiet:
-        for path in paths:
-            console.print(path, markup=False)
-    else:
-        print_report(result.cells, console, paths, result.seconds)
+        result = run_replay(logits, targets, resolved, dtypes=dtypes)
+        paths = target.write(result, "replay", extra)
+    _print_result(result, paths, "replay", extra, output_format, quiet, detail)
     _exit_on(result.cells, fail_on)
 
 
-@app.command("list")
+@app.command(
+    "list",
+    epilog=_examples("ce-audit list", "ce-audit list --plugin my_kernels/ce_plugin.py"),
+)
 @_user_errors
-def list_implementations(plugin: PluginOption = None) -> None:
+def list_implementations(plugin: LoadPluginOption = None) -> None:
     """List the implementations (built-ins and plugins), their origin, the dtypes and the devices here."""
     from ce_audit.plugins import prepare
     from ce_audit.reports.listing import print_implementations
 
     prepare((), plugin or ())
-    print_implementations(_console(width=220))  # seven columns, plugin paths among them
+    print_implementations(_console())
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "ce-audit report ce-audit-report                    # redraw report.html and plots/",
+        "ce-audit report gate-current --markdown plots.md   # + a Markdown section for a CI summary",
+    )
+)
 @_user_errors
 def report(
     directory: Annotated[
@@ -275,53 +432,81 @@ def report(
         typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "ce-audit gate precision/baseline --update          # write the baseline",
+        "ce-audit gate precision/baseline --markdown gate.md # 0 held, 1 regressed",
+        'ce-audit gate precision/baseline --budget "fused:float16:max_ulp<=2"',
+    )
+)
 @_user_errors
 def gate(
     baseline: Annotated[
         Path | None,
-        typer.Argument(help="Committed baseline: a summary.csv (report.json beside it) or its directory."),
+        typer.Argument(
+            metavar="BASELINE",
+            help="Committed baseline: a summary.csv (report.json beside it) or its directory.",
+        ),
     ] = None,
     current: Annotated[
         Path | None,
-        typer.Option("--current", help="Compare this summary.csv instead of running a fresh sweep."),
+        typer.Option(
+            "--current", metavar="FILE.csv", help="Compare this summary.csv instead of running a fresh sweep."
+        ),
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="Run the fresh sweep with this TOML config, not the baseline's."),
+        typer.Option(
+            "--config",
+            metavar="FILE.toml",
+            help="Run the fresh sweep with this TOML config, not the baseline's.",
+        ),
     ] = None,
     plugin: PluginOption = None,
     budget: Annotated[
         list[str] | None,
-        typer.Option("--budget", help='Absolute limit "IMPL:DTYPE:METRIC<=VALUE", * allowed (repeatable).'),
+        typer.Option(
+            "--budget",
+            metavar="RULE",
+            help='Absolute limit "IMPL:DTYPE:METRIC<=VALUE", * allowed (repeatable).',
+        ),
     ] = None,
     ulp_growth: Annotated[
         float | None,
         typer.Option(
-            "--ulp-growth", help="Allowed growth of max_ulp in ULPs (default: the config's, else 1)."
+            "--ulp-growth",
+            metavar="U",
+            help="Allowed growth of max_ulp in ULPs (default: the config's, else 1).",
         ),
     ] = None,
     rel_growth: Annotated[
         float | None,
         typer.Option(
-            "--rel-growth", help="Allowed relative growth, 0.1 = 10% (default: the config's, else 0.1)."
+            "--rel-growth",
+            metavar="R",
+            help="Allowed relative growth, 0.1 = 10% (default: the config's, else 0.1).",
         ),
     ] = None,
     strict: Annotated[
         bool, typer.Option("--strict", help="Fail on cells that are not in the baseline.")
     ] = False,
     markdown: Annotated[
-        Path | None, typer.Option("--markdown", help="Write a Markdown summary (for a CI job summary page).")
+        Path | None,
+        typer.Option(
+            "--markdown", metavar="FILE.md", help="Write a Markdown summary (for a CI job summary page)."
+        ),
     ] = None,
     junit: Annotated[
-        Path | None, typer.Option("--junit", help="Write JUnit XML, one test case per cell.")
+        Path | None,
+        typer.Option("--junit", metavar="FILE.xml", help="Write JUnit XML, one test case per cell."),
     ] = None,
     update: Annotated[
         bool,
         typer.Option("--update", help="Rewrite the baseline from the current audit (atomically), exit 0."),
     ] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Also write the fresh audit's reports to this directory.")
+        Path | None,
+        typer.Option("--out", metavar="DIR", help="Also write the fresh audit's reports to this directory."),
     ] = None,
     quiet: QuietOption = False,
     baseline_plugins: Annotated[
@@ -391,6 +576,49 @@ def gate(
             count = len(result.failures)
             print(f"ce-audit gate: FAILED ({count} failure{'s' if count != 1 else ''})", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _check_format(output_format: str) -> None:
+    if output_format not in OUTPUT_FORMATS:
+        raise AuditError(f"--format takes one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+
+
+def _print_result(
+    result: Any,
+    paths: list[str],
+    command: str,
+    extra: dict[str, Any] | None,
+    output_format: str,
+    quiet: bool,
+    detail: bool,
+) -> None:
+    """The summary on stdout in ``output_format``: the terminal report (or, quiet, the paths written);
+    or the report.json document / summary.csv alone, the paths written then going to stderr."""
+    if output_format == "table":
+        console = _console()
+        if quiet:
+            for path in paths:
+                console.print(path, markup=False, soft_wrap=True)
+        else:
+            from ce_audit.reports.table import print_report
+
+            print_report(result.cells, console, paths, result.seconds, detail=detail or None)
+        return
+    if output_format == "csv":
+        from ce_audit.reports.csv import summary_text
+
+        sys.stdout.write(summary_text(result.cells))
+    else:
+        import json
+
+        from ce_audit.reports.json import report_document
+
+        document = report_document(result, command, extra)
+        sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+    if not quiet:
+        for path in paths:
+            print(f"wrote {path}", file=sys.stderr)
 
 
 def _check_fail_on(level: str | None) -> None:

@@ -32,8 +32,10 @@ def with_loss_options(grid: bool) -> Callable[[F], F]:
             annotation = list[kind] | None if grid and spec.grid else kind | None  # type: ignore[valid-type]
             help_text = (spec.help if grid else spec.replay_help or spec.help).rstrip(".")
             if grid and spec.grid:
-                help_text += " (repeatable)"
-            option = typer.Option(spec.flag, help=help_text + ".")
+                help_text += "; repeatable"
+            if "default" not in help_text:
+                help_text += f". Default: {_default_text(spec.default)}"
+            option = typer.Option(spec.flag, metavar=_metavar(spec), help=help_text + ".")
             added.append(
                 inspect.Parameter(
                     spec.name,
@@ -56,6 +58,19 @@ def with_loss_options(grid: bool) -> Callable[[F], F]:
         return command
 
     return decorate
+
+
+def _metavar(spec: Any) -> str:
+    """What the option takes, for --help: its choices, or N (int), X (float), X|none."""
+    if spec.choices:
+        return "|".join(spec.choices)
+    return {"int": "N", "float": "X", "optional float": "X|none"}.get(spec.kind, "TEXT")
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def option_overrides(values: dict[str, Any], grid: bool) -> dict[str, Any]:

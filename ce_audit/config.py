@@ -11,7 +11,7 @@ from typing import Any
 
 from ce_audit.budgets import parse_budget
 from ce_audit.cases import DISTRIBUTIONS
-from ce_audit.dtypes import DTYPE_NAMES, FORMATS
+from ce_audit.dtypes import DTYPE_ALIASES, DTYPE_NAMES, FORMATS, canonical_dtype
 from ce_audit.errors import AuditError
 from ce_audit.metrics import Tolerance
 from ce_audit.options import DEFAULT_IGNORE_INDEX, OPTION_SPECS, LossOptions, validate_options
@@ -145,13 +145,16 @@ def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
         if key in _LIST_KEYS:
             items = raw if isinstance(raw, (list, tuple)) else [raw]
             values[key] = tuple(_coerce(key, item, _LIST_KEYS[key]) for item in items)
+            if key == "dtypes":  # aliases (fp16, bf16, double, …) become the canonical names
+                values[key] = tuple(canonical_dtype(name) for name in values[key])
         elif key in _SCALAR_KEYS:
             values[key] = _coerce(key, raw, _SCALAR_KEYS[key])
         elif key == "tolerances":
             if not isinstance(raw, dict):
                 raise AuditError("config key 'tolerances' must be a table of dtype = {rtol, atol}")
             tolerances = dict(base.tolerances)
-            for dtype, entry in raw.items():
+            for alias, entry in raw.items():
+                dtype = canonical_dtype(alias) if alias.lower() in DTYPE_ALIASES else alias
                 if dtype not in FORMATS or not isinstance(entry, dict) or set(entry) - {"rtol", "atol"}:
                     raise AuditError(f"tolerances.{dtype}: expected a float dtype with keys rtol and atol")
                 current = tolerances[dtype]
@@ -252,13 +255,47 @@ def default_config_text() -> str:
     return resources.files("ce_audit").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> SweepConfig:
+PROJECT_FILE = "pyproject.toml"
+PROJECT_TABLE = "ce-audit"  # [tool.ce-audit]
+
+
+def find_project_config(start: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The ``[tool.ce-audit]`` table of the nearest pyproject.toml that has one, in ``start`` or a parent
+    directory, with that file's path; None when there is none."""
+    start = Path(start).resolve()
+    for directory in (start, *start.parents):
+        candidate = directory / PROJECT_FILE
+        if not candidate.is_file():
+            continue
+        try:
+            text = candidate.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        table = _read_toml(text, str(candidate)).get("tool", {}).get(PROJECT_TABLE)
+        if table is not None:
+            if not isinstance(table, dict):
+                raise AuditError(f"{candidate}: [tool.{PROJECT_TABLE}] must be a table")
+            return candidate, table
+    return None
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    search_from: str | Path | None = None,
+) -> SweepConfig:
     """The default sweep, updated by the TOML file at ``path`` (if any), then by ``overrides``.
+
+    With no ``path`` and a ``search_from`` directory, the ``[tool.ce-audit]`` table of the nearest
+    pyproject.toml there or above (``find_project_config``) stands in for the file; an explicit ``path``
+    wins over it, and the overrides (the command line) over both.
 
     The default's [[grids]] (its failure bands) run unless a config file is given (it is one grid unless it
     has [[grids]] of its own) or the overrides narrow the grid (distributions, scales, offsets, vocabularies,
     batches or loss options); overrides of other keys (dtypes, devices, impls, …) apply to every grid."""
     config = _from_mapping(_read_toml(default_config_text(), "built-in default"), SweepConfig())
+    data: dict[str, Any] | None = None
     if path is not None:
         path = Path(path)
         try:
@@ -269,11 +306,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise AuditError(f"config {path} is not UTF-8 text (byte {error.start})") from None
         data = _read_toml(text, str(path))
         config = _from_mapping(data, config)
-        if "grids" not in data:  # a config file is one grid unless it has [[grids]] of its own
-            config = replace(config, grids=())
+    elif search_from is not None:
+        found = find_project_config(search_from)
+        if found is not None:
+            origin, data = found
+            try:
+                config = _from_mapping(data, config)
+            except AuditError as error:
+                raise AuditError(f"{origin} [tool.{PROJECT_TABLE}]: {error}") from None
+    if data is not None and "grids" not in data:  # a config file is one grid unless it has [[grids]]
+        config = replace(config, grids=())
     if overrides:
         given = {k: v for k, v in overrides.items() if v is not None}
-        if path is None and "grids" not in given and set(given) & _NARROWING_KEYS:
+        if data is None and "grids" not in given and set(given) & _NARROWING_KEYS:
             # a grid chosen on the command line (or by check()) replaces the default's sub-grids
             config = replace(config, grids=())
         config = _from_mapping(given, config)

@@ -67,13 +67,33 @@ FORMATS: dict[str, FloatFormat] = {
 
 DTYPE_NAMES: tuple[str, ...] = tuple(FORMATS)
 
+DTYPE_ALIASES: dict[str, str] = {
+    "fp16": "float16",
+    "half": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+}
+"""The other names users type for the audited dtypes, accepted wherever a dtype is (CLI, config files)."""
+
+
+def canonical_dtype(name: str) -> str:
+    """The dtype's canonical name (``float16`` …) for itself or an alias (``fp16``, ``half``, ``bf16``,
+    ``fp32``, ``float``, ``fp64``, ``double``), case-insensitive; anything else raises AuditError."""
+    key = str(name).strip().lower()
+    if key in FORMATS:
+        return key
+    if key in DTYPE_ALIASES:
+        return DTYPE_ALIASES[key]
+    aliases = ", ".join(DTYPE_ALIASES)
+    raise AuditError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)} (or {aliases})")
+
 
 def float_format(name: str) -> FloatFormat:
-    """Look a format up by name; unknown names raise AuditError."""
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise AuditError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}") from None
+    """Look a format up by name or alias; unknown names raise AuditError."""
+    return FORMATS[canonical_dtype(name)]
 
 
 def format_of_array(array: np.ndarray) -> FloatFormat:

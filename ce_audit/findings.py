@@ -289,3 +289,23 @@ def _behaviour(rows: list[Cell]) -> list[str]:
         for name in writers
     ]
     return lines
+
+
+def worst_finding(rows: list[Cell]) -> str:
+    """One implementation's worst finding in words: its worst loss status, at the mildest case that shows it
+    ("float16 NaN from scale 10 (normal) — exp overflows …"); for a loss that holds, the gradient's; "" when
+    every measured cell is ok."""
+    status = worst_status([row.status for row in rows if row.status in ("inaccurate", "nonfinite", "error")])
+    if status in ("inaccurate", "nonfinite", "error"):
+        bad = [row for row in rows if row.status == status]
+        capped = [row for row in bad if cause(row).startswith("loss capped")]
+        row = _first(capped or bad)
+        return _part(row.dtype, status, row)
+    bad_grad = [row for row in rows if row.grad_status in ("inaccurate", "nonfinite")]
+    if not bad_grad:
+        return ""
+    grad = worst_status(row.grad_status for row in bad_grad)
+    row = _first([row for row in bad_grad if row.grad_status == grad])
+    dtypes = ", ".join(dict.fromkeys(r.dtype for r in bad_grad))
+    word = "non-finite" if grad == "nonfinite" else "past tolerance"
+    return f"gradient {word} in {len(bad_grad)} cells ({dtypes}), from {row.dtype} {_where(row)}"

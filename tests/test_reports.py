@@ -338,8 +338,8 @@ def test_a_write_failing_midway_keeps_the_previous_file_and_no_temporary(
 
 @pytest.fixture(scope="module")
 def rendered(result) -> str:
-    console = Console(record=True, width=160)
-    print_report(result.cells, console, ["out/summary.csv", "out/report.json"], 1.5)
+    console = Console(record=True, width=400)  # wide: each finding on one line
+    print_report(result.cells, console, ["out/summary.csv", "out/report.json"], 1.5, detail=True)
     return console.export_text()
 
 
@@ -388,8 +388,8 @@ def test_the_findings_name_the_epsilon_cap():
             dtypes=["float64"], impls=["numpy_eps"], distributions=["adversarial"], scales=[10.0], vocabs=[64]
         ),
     )
-    console = Console(record=True, width=160)
-    print_report(run_sweep(config).cells, console, [], 0.1)
+    console = Console(record=True, width=400)
+    print_report(run_sweep(config).cells, console, [], 0.1, detail=True)
     lines = [line.strip() for line in console.export_text().splitlines() if "numpy_eps:" in line]
     assert len(lines) == 1
     assert lines[0].startswith("numpy_eps: float64 inaccurate from scale 10")
@@ -410,8 +410,8 @@ def test_the_findings_explain_a_float64_underflow():
     rows = run_sweep(config).cells
     assert [row.status for row in rows] == ["nonfinite"]  # log(0) once p_y = exp(−loss) underflows
     assert rows[0].max_logit < 709.78 < rows[0].max_reference
-    console = Console(record=True, width=160)
-    print_report(rows, console, [], 0.1)
+    console = Console(record=True, width=400)
+    print_report(rows, console, [], 0.1, detail=True)
     lines = [line.strip() for line in console.export_text().splitlines() if "softmax_log:" in line]
     assert len(lines) == 1 and "float64 Inf" in lines[0] and "underflows" in lines[0]
 
@@ -436,7 +436,7 @@ def test_cell_text_counts_nonfinite_rows(result):
 def test_at_80_columns_the_turned_table_cuts_no_number_and_no_name():
     cells = run_sweep(load_config(None, {"dtypes": ["float16"]})).cells
     console = Console(width=80, record=True, no_color=True, file=io.StringIO())
-    print_report(cells, console, [], 1.0)
+    print_report(cells, console, [], 1.0, detail=True)
     text = console.export_text()
     tables = text.split("What broke where")[0]
     assert "…" not in tables  # bands of implementations instead of truncated cells

@@ -1,6 +1,11 @@
-"""`ce-audit list`: the registered implementations as a table, with the dtypes and devices here."""
+"""`ce-audit list`: the registered implementations, with the dtypes and devices here.
+
+A table where the terminal is wide enough (STACKED_BELOW columns and up); below that, one block per
+implementation, its lines wrapped on word boundaries with a hanging indent, so no word is split."""
 
 from __future__ import annotations
+
+import textwrap
 
 from rich.console import Console
 from rich.table import Table
@@ -10,21 +15,48 @@ from ce_audit.devices import resolve_devices
 from ce_audit.dtypes import DTYPE_NAMES
 from ce_audit.implementations import REGISTRY
 
+STACKED_BELOW = 140  # narrower consoles get one block per implementation instead of a table
+COLUMNS = ("name", "backend", "what it computes", "origin", "dtypes", "loss", "options")
 
-def print_implementations(console: Console) -> None:
-    """One line per implementation: name, backend, description, origin, dtypes, loss family, options."""
-    table = Table(title="Implementations", title_justify="left")
-    widest = max((len(entry.name) for entry in REGISTRY.values()), default=4)
-    for column in ("name", "backend", "what it computes", "origin", "dtypes", "loss", "options"):
-        fixed = column in ("name", "backend", "loss")
-        table.add_column(
-            column, no_wrap=fixed, min_width=widest if column == "name" else None, overflow="fold"
-        )
+
+def _rows() -> list[tuple[str, ...]]:
+    rows = []
     for entry in REGISTRY.values():
         dtypes = "all" if entry.dtypes == DTYPE_NAMES else ", ".join(entry.dtypes)
         supports = ", ".join(sorted(entry.supports)) or "—"
-        cells = (entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports)
-        table.add_row(*(Text(cell) for cell in cells))  # plain text: descriptions hold [brackets]
-    console.print(table)
-    console.print(f"dtypes: {', '.join(DTYPE_NAMES)}")
-    console.print(f"devices here: {', '.join(resolve_devices(('all',)))}")
+        rows.append(
+            (entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports)
+        )
+    return rows
+
+
+def _wrapped(console: Console, text: str, indent: int, style: str = "") -> None:
+    for line in textwrap.wrap(
+        text,
+        width=max(console.width, 20),
+        initial_indent=" " * indent,
+        subsequent_indent=" " * (indent + 4),
+        break_long_words=False,
+        break_on_hyphens=False,
+    ):
+        console.print(Text(line, style=style), soft_wrap=True)  # plain text: descriptions hold [brackets]
+
+
+def print_implementations(console: Console) -> None:
+    """Per implementation: name, backend, description, origin, dtypes, loss family, options."""
+    rows = _rows()
+    if console.width >= STACKED_BELOW:
+        table = Table(title="Implementations", title_justify="left")
+        for column in COLUMNS:
+            table.add_column(column, no_wrap=column in ("name", "backend", "loss"))
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        console.print(table)
+    else:
+        console.print(Text("Implementations", style="bold"))
+        for name, backend, description, origin, dtypes, family, supports in rows:
+            console.print(Text(f"{name}", style="bold").append(f"  {backend}, {family}", style=""))
+            _wrapped(console, description, indent=4)
+            _wrapped(console, f"origin: {origin}; dtypes: {dtypes}; options: {supports}", 4, "dim")
+    _wrapped(console, f"dtypes: {', '.join(DTYPE_NAMES)}", 0)
+    _wrapped(console, f"devices here: {', '.join(resolve_devices(('all',)))}", 0)

@@ -1,5 +1,11 @@
-"""The terminal report: per dtype, implementations down and scale × offset × options across, coloured by
-status (turned round when there are many option combinations)."""
+"""The terminal report, designed for 80 columns and up.
+
+By default it is compact: one verdict per implementation × dtype, the worst finding of each implementation
+in one paragraph, the tally, a one-line legend and where to look next. With ``detail`` (``--detail``), or
+where the terminal is wide enough to show each dtype's grid in one table, the per-dtype grid of cases ×
+implementations and every finding come first. Numbers and names are never cut: the grid is split into
+bands of implementations that fit the width; text wraps on word boundaries with a hanging indent. Every
+status carries a mark or a word, so it reads without colour (``NO_COLOR``)."""
 
 from __future__ import annotations
 
@@ -7,12 +13,14 @@ import math
 import textwrap
 from collections import defaultdict
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from ce_audit.dtypes import LIMITED_FLOAT64_REFERENCE, reference_precision
-from ce_audit.findings import findings
+from ce_audit.findings import findings, relative_to_pytorch, worst_finding
 from ce_audit.gate.compare import GateResult
 from ce_audit.options import options_label
 from ce_audit.results import Cell
@@ -26,6 +34,25 @@ STYLES = {
     "error": "magenta",
     "skipped": "dim",
 }
+MARKS = {"ok": "✓", "inaccurate": "✗", "nonfinite": "✗", "error": "!", "skipped": "-"}
+"""Each status's mark: the report reads the same without colour."""
+
+# what the short labels of the grid's rows and columns stand for (ce_audit.options.options_label)
+LABEL_MEANINGS = {
+    "s=": "s=S logit scale",
+    "+": "+O/-O common offset added to every logit",
+    "-": "+O/-O common offset added to every logit",
+    "w=": "w= class weights",
+    "ignore=": "ignore= ignored fraction",
+    "ls=": "ls= label smoothing",
+    "cap=": "cap= softcap",
+    "z=": "z= z-loss",
+    "mask=": "mask= fraction of −inf logits",
+    "M=": "M= target margin",
+    "y=": "y= target position",
+    "mean": "mean/sum = the batch's reduction",
+    "sum": "mean/sum = the batch's reduction",
+}
 
 
 def _ulp_text(value: float) -> str:
@@ -35,7 +62,7 @@ def _ulp_text(value: float) -> str:
 
 
 def cell_text(rows: list[Cell]) -> Text:
-    """Worst status of the rows in one table cell, with max ULPs or the NaN/Inf row counts."""
+    """Worst status of the rows in one grid cell, as its mark with max ULPs or the NaN/Inf row counts."""
     status = worst_status([row.status for row in rows])
     measured = [row for row in rows if row.status not in ("error", "skipped")]
     if status == "nonfinite":
@@ -44,7 +71,7 @@ def cell_text(rows: list[Cell]) -> Text:
         text = "/".join(part for part in (f"NaN {nan}" if nan else "", f"Inf {inf}" if inf else "") if part)
         text = text or "finite≠"  # finite where the exact value is ±inf or NaN
     elif status in ("ok", "inaccurate"):
-        text = _ulp_text(max(row.max_ulp for row in measured))
+        text = f"{MARKS[status]} {_ulp_text(max(row.max_ulp for row in measured))}"
     else:
         text = status
     grad = worst_status(
@@ -77,6 +104,61 @@ def _flag_text(measured: list[Cell]) -> str:
     return " floor" if any(row.flag == "floor" for row in measured) else ""
 
 
+def verdict_text(rows: list[Cell]) -> Text:
+    """One implementation × dtype in one short cell: the worst overall status (loss and gradient) as a
+    mark and a word or number: ``✓ ok``; ``✗ 2047`` (the largest loss error, in ULPs, of the cases past
+    tolerance); ``✗ 40 NaN/Inf`` (cases with a NaN or Inf loss); ``✗ gradient`` (the loss holds, the
+    gradient does not); ``! 3 error``; ``- skipped``."""
+    overall = worst_status(cell_status(row.status, row.grad_status) for row in rows)
+    if overall == "skipped":
+        return Text("- skipped", style=STYLES["skipped"])
+    if overall == "error":
+        count = sum(1 for row in rows if "error" in (row.status, row.grad_status))
+        return Text(f"! {count} error", style=STYLES["error"])
+    nonfinite = sum(1 for row in rows if row.status == "nonfinite")
+    inaccurate = [row.max_ulp for row in rows if row.status == "inaccurate" and not math.isnan(row.max_ulp)]
+    if nonfinite:
+        text = f"✗ {nonfinite} NaN/Inf"
+    elif inaccurate:
+        text = f"✗ {_ulp_text(max(inaccurate))}"
+    elif overall != "ok":
+        text = "✗ gradient"
+    else:
+        text = "✓ ok"
+    if inaccurate and not nonfinite and any(row.grad_status in ("inaccurate", "nonfinite") for row in rows):
+        text += " g!"
+    return Text(text, style=STYLES[overall])
+
+
+VERDICT_TITLE = "Verdict per implementation and dtype (its worst case)"
+
+
+def _name(row: Cell) -> str:
+    return row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
+
+
+def verdict_table(rows: list[Cell]) -> Table:
+    """Implementations down, dtypes across: each implementation's verdict per dtype (``verdict_text``)."""
+    dtypes = list(dict.fromkeys(row.dtype for row in rows))
+    by_key: dict[tuple[str, str], list[Cell]] = defaultdict(list)
+    for row in rows:
+        by_key[(_name(row), row.dtype)].append(row)
+    names = list(dict.fromkeys(_name(row) for row in rows))
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    table.add_column("implementation", style="bold", no_wrap=True)
+    for dtype in dtypes:
+        table.add_column(dtype, no_wrap=True)
+    for name in names:
+        table.add_row(
+            Text(name), *(verdict_text(by_key[(name, d)]) if by_key[(name, d)] else Text("") for d in dtypes)
+        )
+    return table
+
+
 WIDE_LIMIT = 12  # more (offset, scale, options) columns than this: one row per column key instead
 
 
@@ -84,126 +166,230 @@ def _column_label(key: tuple[float, float, str], offsets: int, scales: int, sep:
     offset, scale, variant = key
     parts = [f"s={scale:g}"] if scales > 1 or not variant else []
     if offset and (offsets > 1 or not variant):
-        parts.append(f"+{offset:g}")
+        parts.append(f"{offset:+g}")
     if variant:
         parts += variant.split(" ") if sep == "\n" else [variant]
     return sep.join(parts) or "plain"
 
 
-LABEL_WIDTH = 18  # the options column of a turned table wraps its labels at this width
-CELL_WIDTH = 10  # a cell's text wraps past this width ("NaN 185/Inf 135 ✗pt" takes two lines)
+def _fits(table: Table, console: Console | None, width: int | None) -> bool:
+    """Whether ``table`` (no column of which wraps) can be drawn within ``width`` columns."""
+    if console is None or width is None:
+        return True
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum <= width
 
 
-def _bands(names: list[str], width: int | None) -> list[list[str]]:
-    """Implementation columns packed into bands that each fit ``width`` beside the options column."""
-    if width is None:
-        return [names]
-    room = width - LABEL_WIDTH - 4
-    bands: list[list[str]] = [[]]
-    used = 0
+def _wide_table(title: str, names: list[str], used: list, grid: dict, offsets: int, scales: int) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("impl", style="bold", no_wrap=True)
+    for key in used:
+        table.add_column(_column_label(key, offsets, scales, "\n"), justify="right", no_wrap=True)
     for name in names:
-        need = max(len(name), CELL_WIDTH) + 3
-        if bands[-1] and used + need > room:
-            bands.append([])
-            used = 0
-        bands[-1].append(name)
-        used += need
-    return bands
+        table.add_row(Text(name), *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used))
+    return table
 
 
-def summary_tables(rows: list[Cell], width: int | None = None) -> list[Table]:
-    """One table per dtype: implementations down and (offset, scale, loss options) across, the worst over
-    distributions, vocabs and batches. With more than WIDE_LIMIT such columns the table turns: option
-    combinations down (only those where some implementation is not ok), implementations across, in bands
-    of implementations that fit ``width`` columns (one table per band; no number is cut)."""
-    tables = []
+def _column_widths(columns: list[list[str]], room: int | None) -> list[int] | None:
+    """Widths for columns of texts within ``room`` characters (their borders and padding deducted): each
+    at least its longest word, so a word is never cut; the room left shared out up to each one's longest
+    text. None when even the longest words do not fit."""
+    longest = [max((len(text) for text in texts), default=1) for texts in columns]
+    if room is None:
+        return longest
+    widths = [max((len(word) for text in texts for word in text.split()), default=1) for texts in columns]
+    if sum(widths) > room:
+        return None
+    while sum(widths) < room and any(w < top for w, top in zip(widths, longest, strict=True)):
+        for index, top in enumerate(longest):
+            if widths[index] < top and sum(widths) < room:
+                widths[index] += 1
+    return widths
+
+
+def _turned_table(
+    title: str, band: list[str], keys: list, grid: dict, sizes: tuple[int, int], width: int | None
+) -> Table | None:
+    """Option combinations down, the implementations of ``band`` across, within ``width`` (None when the
+    band does not fit)."""
+    labels = [_column_label(key, *sizes, " ") for key in keys]
+    body = [[cell_text(grid[(n, *key)]) if grid[(n, *key)] else Text("") for n in band] for key in keys]
+    texts = [["options", *labels]] + [[name, *(row[i].plain for row in body)] for i, name in enumerate(band)]
+    room = None if width is None else width - 1 - 3 * len(texts)  # a border and a padded separator each
+    widths = _column_widths(texts, room)
+    if widths is None:
+        return None
+    table = Table(title=title, title_justify="left")
+    table.add_column("options", style="bold", width=widths[0])
+    for name, column_width in zip(band, widths[1:], strict=True):
+        table.add_column(name, justify="right", width=column_width)
+    for label, cells in zip(labels, body, strict=True):
+        table.add_row(Text(label), *cells)
+    return table
+
+
+def summary_tables(
+    rows: list[Cell], console: Console | None = None, width: int | None = None
+) -> list[list[Table]]:
+    """Per dtype, its grid: implementations down and (offset, scale, loss options) across, the worst over
+    distributions, vocabs and batches. Where that does not fit ``width`` columns, or has more than
+    WIDE_LIMIT columns, the table turns: option combinations down (only those where some implementation is
+    not ok), implementations across, in bands of implementations that each fit ``width`` (one table per
+    band; no number is cut). Returns the tables of each dtype."""
+    out = []
     dtypes = list(dict.fromkeys(row.dtype for row in rows))
     offsets = sorted({row.offset for row in rows}, key=abs)
     scales = sorted({row.scale for row in rows}, key=abs)
     variants = list(dict.fromkeys(options_label(row) for row in rows))
     columns = [(offset, scale, variant) for variant in variants for offset in offsets for scale in scales]
+    sizes = (len(offsets), len(scales))
     for dtype in dtypes:
         grid: dict[tuple[str, float, float, str], list[Cell]] = defaultdict(list)
         names: list[str] = []
         for row in rows:
             if row.dtype != dtype:
                 continue
-            name = row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
-            if name not in names:
-                names.append(name)
-            grid[(name, row.offset, row.scale, options_label(row))].append(row)
+            if _name(row) not in names:
+                names.append(_name(row))
+            grid[(_name(row), row.offset, row.scale, options_label(row))].append(row)
         used = [c for c in columns if any(grid[(name, *c)] for name in names)]
         title = f"{dtype}: max ULP of the loss (NaN/Inf: rows)"
         if len(used) <= WIDE_LIMIT:
-            table = Table(title=title, title_justify="left")
-            table.add_column("impl", style="bold", no_wrap=True)
-            for key in used:
-                table.add_column(
-                    _column_label(key, len(offsets), len(scales), "\n"), justify="right", no_wrap=True
-                )
-            for name in names:
-                table.add_row(
-                    Text(name), *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used)
-                )
-        else:
-            failing = [
-                c
-                for c in used
-                if any(r.status not in ("ok", "skipped") for name in names for r in grid[(name, *c)])
-            ]
-            hidden = len(used) - len(failing)
+            table = _wide_table(title, names, used, grid, *sizes)
+            if _fits(table, console, width):
+                out.append([table])
+                continue
+        failing = [
+            c
+            for c in used
+            if any(r.status not in ("ok", "skipped") for name in names for r in grid[(name, *c)])
+        ]
+        hidden = len(used) - len(failing)
+        if hidden:
             title += f"; {hidden} of {len(used)} option combinations all ok or skipped, not shown"
-            bands = _bands(names, width)
-            for index, band in enumerate(bands, 1):
-                part = f" (implementations {index} of {len(bands)})" if len(bands) > 1 else ""
-                table = Table(title=title + part, title_justify="left")
-                table.add_column("options", style="bold", max_width=LABEL_WIDTH if width else None)
-                for name in band:
-                    table.add_column(
-                        name, justify="right", min_width=len(name), max_width=max(len(name), CELL_WIDTH)
-                    )
-                for key in failing:
-                    label = _column_label(key, len(offsets), len(scales), " ")
-                    table.add_row(
-                        Text(label), *(cell_text(grid[(n, *key)]) if grid[(n, *key)] else "" for n in band)
-                    )
-                tables.append(table)
-            continue
-        tables.append(table)
-    return tables
+        bands: list[list[str]] = []
+        for name in names:
+            if not (bands and _turned_table(title, [*bands[-1], name], failing, grid, sizes, width)):
+                bands.append([])
+            bands[-1].append(name)
+        tables = []
+        for index, band in enumerate(bands, 1):
+            part = f" (implementations {index} of {len(bands)})" if len(bands) > 1 else ""
+            table = _turned_table(title + part, band, failing, grid, sizes, width)
+            tables.append(table or _turned_table(title + part, band, failing, grid, sizes, None))
+        out.append(tables)
+    return out
 
 
-def print_report(rows: list[Cell], console: Console, paths: list[str], seconds: float) -> None:
-    """Tables, the findings in words, and where the files went."""
-    for table in summary_tables(rows, console.width):
-        console.print(table)
-    lines = findings(rows)
+def _paragraph(
+    console: Console, text: str, indent: int = 0, hang: int = 4, style: str | None = None, bold: int = 0
+) -> None:
+    """``text`` wrapped on word boundaries to the console's width, later lines indented by ``hang`` more;
+    its first ``bold`` characters in bold."""
+    lines = textwrap.wrap(
+        text,
+        width=max(console.width, 20),
+        initial_indent=" " * indent,
+        subsequent_indent=" " * (indent + hang),
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    for number, line in enumerate(lines):
+        text_line = Text(line, style=style or "")
+        if number == 0 and bold:
+            text_line.stylize("bold", indent, indent + bold)
+        console.print(text_line, soft_wrap=True)
+
+
+def _legend(rows: list[Cell], grid_shown: bool) -> str:
+    parts = [
+        "✓ within tolerance; ✗ N = past it, the loss off by up to N ULPs of the dtype",
+        "N NaN/Inf = N cases with a NaN or Inf loss",
+        "g! = the gradient is past tolerance too",
+    ]
+    if grid_shown:
+        keys = {(row.offset, row.scale, options_label(row)) for row in rows}
+        labels = " " + " ".join(_column_label(key, 2, 2, " ") for key in keys)
+        shown = list(dict.fromkeys(m for prefix, m in LABEL_MEANINGS.items() if f" {prefix}" in labels))
+        parts.append("grid: " + ", ".join(shown) if shown else "grid: cases")
+        parts.append(
+            "×N pt = worse than PyTorch's kernel by N, =pt = flagged as PyTorch is, floor = the dtype's floor"
+        )
+        if any(row.value_kind == "mean" for row in rows):
+            parts.append("μ = a 0-d mean, audited against the exact mean")
+        if any(row.wrote_input for row in rows):
+            parts.append("w! = wrote into its input")
+        if any(row.convention for row in rows):
+            parts.append("c = 0 where PyTorch gives NaN")
+    return "Legend: " + "; ".join(parts) + "."
+
+
+def print_report(
+    rows: list[Cell], console: Console, paths: list[str], seconds: float, detail: bool | None = None
+) -> None:
+    """The report: (with ``detail``, or where each dtype's grid fits the width in one table) the grids and
+    every finding; then the verdicts, each implementation's worst finding, the tally, the legend, where to
+    look next and the files written. ``detail=False`` never shows the grids."""
+    grids = summary_tables(rows, console, console.width)
+    show_grid = detail if detail is not None else all(len(tables) == 1 for tables in grids)
+    if show_grid:
+        for tables in grids:
+            for table in tables:
+                title, table.title = str(table.title or ""), None  # wrapped to the width, not the table
+                _paragraph(console, title, style="italic")
+                console.print(table)
     if any(row.dtype == "float64" for row in rows) and reference_precision()["float64"].startswith(
         "float64:"
     ):
-        console.print(f"warning: {LIMITED_FLOAT64_REFERENCE}", style="yellow", markup=False)
+        _paragraph(console, f"warning: {LIMITED_FLOAT64_REFERENCE}", style="yellow")
+    if show_grid:
+        lines = findings(rows)
+        if lines:
+            console.print(Text("What broke where", style="bold"))
+        for line in lines:
+            _paragraph(console, line, indent=2, bold=line.find(": ") + 1)
+        console.print()
+    console.print(Text(VERDICT_TITLE, style="bold"))
+    console.print(verdict_table(rows))
+    console.print()
     overall = [cell_status(row.status, row.grad_status) for row in rows]
     measured_all = bool(rows) and all(status not in UNMEASURED for status in overall)
-    if lines:
-        console.print("[bold]What broke where[/bold]")
-    elif measured_all and all(status == "ok" for status in overall):
-        console.print("[green]Every cell is within tolerance.[/green]")
-    for line in lines:
-        console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
-    console.print(closing_line(rows, seconds), highlight=False)
-    legend = (
-        "Legend: ULPs of the dtype; g! = gradient past tolerance; ×N pt = worse than PyTorch's kernel by N"
-    )
-    legend += (
-        ", =pt = flagged as PyTorch's kernel is, floor = the dtype's floor; c = 0 where PyTorch gives NaN"
-    )
-    if any(row.value_kind == "mean" for row in rows):
-        legend += "; μ = returned a 0-d mean, audited against the exact mean"
-    if any(row.wrote_input for row in rows):
-        legend += "; w! = wrote into its input"
-    console.print(legend + ".", style="dim")
+    if not show_grid:
+        worst = _worst_lines(rows)
+        if worst:
+            console.print(Text("Worst finding of each implementation", style="bold"))
+        for line in worst:
+            _paragraph(console, line, indent=2, bold=line.find(": ") + 1)
+    if measured_all and all(status == "ok" for status in overall):
+        console.print(Text("Every cell is within tolerance.", style="green"))
+    _paragraph(console, closing_line(rows, seconds))
+    _paragraph(console, _legend(rows, show_grid), style="dim")
+    _paragraph(console, _next_steps(paths, show_grid), style="dim")
     for path in paths:
-        console.print(f"wrote {path}", highlight=False, markup=False)
+        console.print(Text(f"wrote {path}"), soft_wrap=True)
+
+
+def _worst_lines(rows: list[Cell]) -> list[str]:
+    """Per implementation, its worst finding and how it compares with PyTorch's kernel."""
+    relative = relative_to_pytorch(rows)
+    lines = []
+    for name in dict.fromkeys(_name(row) for row in rows):
+        own = [row for row in rows if _name(row) == name]
+        text = worst_finding(own)
+        note = relative.get(name, "")
+        if text or note:
+            lines.append(f"{name}: {text}" + (f" [{note}]" if text and note else note))
+    return lines
+
+
+def _next_steps(paths: list[str], grid_shown: bool) -> str:
+    steps = [] if grid_shown else ["--detail for the per-case grid and every finding"]
+    names = {path.replace("\\", "/").rsplit("/", 1)[-1]: path for path in paths}
+    if "report.html" in names:
+        steps.append(f"{names['report.html']} for plots")
+    if "summary.csv" in names:
+        steps.append(f"{names['summary.csv']} for every cell")
+    steps.append("docs/verdicts.md for what the verdicts mean")
+    return "Next: " + "; ".join(steps) + "."
 
 
 def closing_line(rows: list[Cell], seconds: float) -> str:

@@ -1,0 +1,135 @@
+"""Every shell command in README.md is run here (or listed with the reason it is not, and the test that
+covers it instead), so the README cannot go stale; the output shown in it is checked against a real run.
+
+`ce-audit` runs as `python -m ce_audit` from this checkout, in a scratch directory that sees the
+repository's examples/ and configs/."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+# commands run by this module; True marks the slow ones (a full default sweep)
+RUN: dict[str, bool] = {
+    "ce-audit sweep": True,
+    "ce-audit sweep --plugin examples/plugin/my_ce.py --impl my_ce --impl fused --dtype bf16": False,
+    "ce-audit list": False,
+    "ce-audit sweep --dtype fp16 --impl fused --impl naive": False,
+    "ce-audit sweep --impl accurate --dtype fp32 --scale 1 --scale 100 --vocab 50257 --batch 8": False,
+    "ce-audit sweep --impl shifted --dtype bf16 --format csv > summary.csv": False,
+    "ce-audit sweep -h": False,
+    "ruff check ce_audit tests benchmarks examples": False,
+}
+# commands not run here, and why
+NOT_RUN: dict[str, str] = {
+    'python -m pytest -m "not slow"': "the test suite itself",
+    "python3 -m venv .venv && . .venv/bin/activate": "creates an environment (checked by hand)",
+    "pip install torch --index-url https://download.pytorch.org/whl/cpu": "installs packages",
+    'pip install ".[dev]"': "installs packages",
+    "ce-audit gate precision/baseline --update": "a full default sweep; tests/test_gate.py runs --update",
+    "ce-audit gate precision/baseline --markdown gate.md": "a full default sweep; tests/test_gate.py runs it",
+    "ce-audit sweep --fail-on nonfinite": "a full default sweep; tests/test_verdicts.py runs --fail-on",
+    "python benchmarks/overhead.py": "a benchmark of several minutes",
+}
+
+
+def fenced(language: str) -> list[str]:
+    """The bodies of the README's fenced blocks in ``language`` ("" for plain blocks), in order."""
+    blocks: list[tuple[str, list[str]]] = []
+    inside = False
+    for line in README.splitlines():
+        if line.startswith("```"):
+            if inside:
+                inside = False
+            else:
+                inside = True
+                blocks.append((line[3:].strip(), []))
+        elif inside:
+            blocks[-1][1].append(line)
+    return ["\n".join(body) + "\n" for kind, body in blocks if kind == language]
+
+
+def shell_commands() -> list[str]:
+    """Each command line of the README's bash blocks, without its trailing comment."""
+    commands = []
+    for block in fenced("bash"):
+        for line in block.splitlines():
+            command = re.sub(r"\s+#.*$", "", line).strip()
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def test_every_readme_command_is_run_or_accounted_for():
+    commands = shell_commands()
+    assert commands, "no bash blocks found"
+    assert set(commands) == set(RUN) | set(NOT_RUN)
+    assert not set(RUN) & set(NOT_RUN)
+
+
+def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    bin_dir = cwd / ".bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "ce-audit"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m ce_audit "$@"\n')
+    shim.chmod(0o755)
+    ruff = bin_dir / "ruff"
+    ruff.write_text(f'#!/bin/sh\ncd "{ROOT}" && exec "{sys.executable}" -m ruff "$@"\n')
+    ruff.chmod(0o755)
+    for name in ("examples", "configs"):
+        link = cwd / name
+        if not link.exists():
+            link.symlink_to(ROOT / name)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+        "COLUMNS": "80",
+    }
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [pytest.param(c, marks=[pytest.mark.slow] if slow else []) for c, slow in RUN.items()]
+)
+def test_readme_command_runs(command, tmp_path):
+    done = run_shell(command, tmp_path)
+    assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+    if command.startswith("ce-audit sweep") and "-h" not in command.split():
+        if "> summary.csv" in command:
+            assert (tmp_path / "summary.csv").read_text().startswith("impl,dtype,device,")
+        else:
+            assert "Verdict per implementation and dtype" in done.stdout
+            assert (tmp_path / "ce-audit-report" / "summary.csv").exists()
+    if command == "ce-audit sweep":
+        shown = fenced("")[0]  # the README's excerpt of this very command's output
+        verdicts = [line for line in shown.splitlines() if re.match(r"\w+ {2,}[✓✗!-] ", line)]
+        assert len(verdicts) >= 5
+        printed = {line.rstrip() for line in done.stdout.splitlines()}
+        for line in verdicts:
+            assert line.rstrip() in printed, line
+
+
+@pytest.mark.slow
+def test_readme_python_api_example_runs():
+    block = next(block for block in fenced("python") if "ce_audit.check(" in block)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    namespace["test_my_ce_precision"]()
+
+
+def test_readme_speaks_no_project_history():
+    for words in ("seed 000", "seeds 001", "step 4", "the primer", "No virtual environment needed"):
+        assert words not in README
+    first_screen = "\n".join(README.splitlines()[:30])
+    assert "ce-audit sweep" in first_screen and "python -m pytest" in first_screen
