@@ -611,9 +611,9 @@ def _print_result(
     else:
         import json
 
-        from ce_audit.reports.json import report_document
+        from ce_audit.reports.json import stdout_document
 
-        document = report_document(result, command, extra)
+        document = stdout_document(result, command, extra)
         sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
     if not quiet:

@@ -125,7 +125,9 @@ def test_format_json_is_the_report_document_alone_on_stdout(tmp_path, capsys):
     document = json.loads(out)  # the whole of stdout is one JSON document
     assert document["command"] == "sweep"
     assert [(row["impl"], row["dtype"]) for row in document["rows"]] == [("shifted", "float64")]
-    assert document["rows"] == json.loads((tmp_path / "report.json").read_text())["rows"]
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert document["cells"] == written["cells"] == len(document["rows"])
+    assert document["config"] == written["config"]
 
 
 def test_format_json_quiet_writes_nothing_but_the_document(tmp_path, capsys):

@@ -98,6 +98,16 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
     return _plain(document)
 
 
+def stdout_document(result: AuditResult, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--format json``: the report.json document plus ``rows``, every cell as summary.csv holds it."""
+    from dataclasses import asdict
+
+    from ce_audit.reports.csv import rounded_cells
+
+    rows = _plain([asdict(cell) for cell in rounded_cells(result.cells)])
+    return {**report_document(result, command, extra), "rows": rows}
+
+
 def run_document(result: AuditResult, run_id: str) -> dict[str, Any]:
     """run.json: when, how long, where (host and device names); the run_id of the set it belongs to."""
     return _plain(
