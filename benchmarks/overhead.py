@@ -50,7 +50,7 @@ SWEEP_ARGS = [
 # Stages of the breakdown: (label, module, attribute) of the functions the pipeline calls for them.
 STAGES = [
     ("inputs", "ce_audit.sweep", "generate_quantized"),
-    ("reference", "ce_audit.pipeline", "reference_loss"),
+    ("reference", "ce_audit.pipeline", "block_reference"),
     ("implementations", "ce_audit.pipeline", "_call"),
     ("metrics", "ce_audit.pipeline", "floor_ulp_error"),
     ("metrics", "ce_audit.pipeline", "floor_norm_error"),
