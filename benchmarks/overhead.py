@@ -28,6 +28,9 @@ from pathlib import Path
 
 BATCH, VOCAB = 2048, 32000
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.stages import LABELS  # noqa: E402 - after the checkout is on the path
 
 PLAIN_SCRIPT = f"""
 import torch
@@ -47,46 +50,22 @@ SWEEP_ARGS = [
     "--offset", "0", "--device", "cpu", "--quiet",
 ]  # fmt: skip
 
-# Stages of the breakdown: (label, module, attribute) of the functions the pipeline calls for them.
-STAGES = [
-    ("inputs", "ce_audit.sweep", "generate_quantized"),
-    ("reference", "ce_audit.pipeline", "block_reference"),
-    ("implementations", "ce_audit.pipeline", "_call"),
-    ("metrics", "ce_audit.pipeline", "floor_ulp_error"),
-    ("metrics", "ce_audit.pipeline", "floor_norm_error"),
-    ("metrics", "ce_audit.scoring", "CellTally.score"),
-    ("metrics", "ce_audit.scoring", "CellTally.score_mean"),
-    ("metrics", "ce_audit.scoring", "CellTally.to_cell"),
-    ("reports", "ce_audit.cli", "_write_reports"),
-]
-
 BREAKDOWN_DRIVER = """
-import importlib, json, sys, time
+import sys, time
 clock = time.perf_counter()
 import torch
 torch_import = time.perf_counter() - clock
+import json
 import ce_audit.cli
-stages, seconds = json.loads(sys.argv[1]), {}
-for label, module_name, attribute in stages:
-    owner = importlib.import_module(module_name)
-    *path, name = attribute.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    original = getattr(owner, name)
-    def timed(*args, __original=original, __label=label, **kwargs):
-        start = time.perf_counter()
-        try:
-            return __original(*args, **kwargs)
-        finally:
-            seconds[__label] = seconds.get(__label, 0.0) + time.perf_counter() - start
-    setattr(owner, name, timed)
-try:
-    ce_audit.cli.main(sys.argv[3:])
-except SystemExit as done:
-    if done.code:
-        raise
+from benchmarks.stages import stage_timers
+with stage_timers() as seconds:
+    try:
+        ce_audit.cli.main(sys.argv[2:])
+    except SystemExit as done:
+        if done.code:
+            raise
 seconds["torch import"] = torch_import
-with open(sys.argv[2], "w") as handle:
+with open(sys.argv[1], "w") as handle:
     json.dump(seconds, handle)
 """
 
@@ -108,7 +87,7 @@ def breakdown(out: str) -> tuple[float, dict[str, float]]:
     """Wall seconds of one instrumented sweep and the seconds of each stage (see the module docstring)."""
     record = Path(out) / "stages.json"
     command = [
-        sys.executable, "-c", BREAKDOWN_DRIVER, json.dumps(STAGES), str(record),
+        sys.executable, "-c", BREAKDOWN_DRIVER, str(record),
         *SWEEP_ARGS, "--out", str(Path(out) / "breakdown"),
     ]  # fmt: skip
     wall = timed(command)
@@ -137,7 +116,7 @@ def main() -> None:
         wall, seconds = stages
         inside = sum(value for key, value in seconds.items() if key != "torch import")
         print(f"breakdown of one sweep ({wall:.2f} s wall):")
-        for label in ["inputs", "reference", "implementations", "metrics", "reports"]:
+        for label in LABELS:
             print(f"  {label:16s} {seconds.get(label, 0.0):6.3f} s")
         torch_import = seconds["torch import"]
         print(f"  {'start-up':16s} {wall - inside:6.3f} s  (of which import torch {torch_import:.3f} s)")
