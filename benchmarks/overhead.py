@@ -4,8 +4,9 @@ The plain script: `torch.randn` float32 logits (batch 2048, vocabulary 32000), `
 then `F.cross_entropy` and the naive formula −log(exp(z) / Σ exp(z)) gathered at the targets, without
 gradients. The audit: `ce-audit sweep --dtype float32 --impl fused --impl naive --no-grad` on one case of
 the same shape. Both run as fresh processes (interpreter start-up and imports counted on both sides),
-interleaved, ``--repeats`` times; the figure is the ratio of the medians (the floor is 1.0: the
-implementations must run).
+interleaved, ``--repeats`` times; the figure is the ratio of the medians of the wall times (the floor is
+1.0: the implementations must run). The medians of the CPU seconds (user + system, all threads) are
+printed too: on a busy machine they vary less than wall times.
 
 The breakdown runs the same sweep once more in a fresh process, with a timer around each stage the
 pipeline calls: inputs (generation and rounding), reference, implementations (the copy to the device,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -77,10 +79,16 @@ def environment() -> dict[str, str]:
     return env
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], cpu: list[float] | None = None) -> float:
+    """Wall seconds of the command; its CPU seconds (user + system) appended to ``cpu``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment())
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return wall
 
 
 def breakdown(out: str) -> tuple[float, dict[str, float]]:
@@ -99,19 +107,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-breakdown", action="store_true")
     args = parser.parse_args()
-    plain, sweep = [], []
+    plain, sweep, plain_cpu, sweep_cpu = [], [], [], []
     with tempfile.TemporaryDirectory() as out:
         sweep_command = [sys.executable, "-m", "ce_audit", *SWEEP_ARGS, "--out", out]
         timed([sys.executable, "-c", "import torch"])  # warm the file cache for both sides
         for _ in range(args.repeats):
-            plain.append(timed([sys.executable, "-c", PLAIN_SCRIPT]))
-            sweep.append(timed(sweep_command))
+            plain.append(timed([sys.executable, "-c", PLAIN_SCRIPT], plain_cpu))
+            sweep.append(timed(sweep_command, sweep_cpu))
         stages = None if args.no_breakdown else breakdown(out)
     plain_median, sweep_median = statistics.median(plain), statistics.median(sweep)
     print(f"case         : float32 {BATCH} x {VOCAB}, fused + naive, no gradient, {args.repeats} runs each")
     print(f"plain script : median {plain_median:.2f} s  runs {[round(t, 2) for t in plain]}")
     print(f"ce-audit     : median {sweep_median:.2f} s  runs {[round(t, 2) for t in sweep]}")
-    print(f"ratio        : {sweep_median / plain_median:.2f}x (target ≤ 1.5x)")
+    plain_cpu_median, sweep_cpu_median = statistics.median(plain_cpu), statistics.median(sweep_cpu)
+    print(f"ratio        : {sweep_median / plain_median:.2f}x wall (target ≤ 1.5x)")
+    print(f"CPU seconds  : median {sweep_cpu_median:.2f} against {plain_cpu_median:.2f} (user + system), "
+          f"{sweep_cpu_median / plain_cpu_median:.2f}x")  # fmt: skip
     if stages is not None:
         wall, seconds = stages
         inside = sum(value for key, value in seconds.items() if key != "torch import")

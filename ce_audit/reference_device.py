@@ -13,9 +13,10 @@ audited dtype (the oracle tests check both). NumPy and torch differ in their exp
 so the two agree to that bound, not bit for bit.
 
 What stays on the CPU, in NumPy (``device_reason`` says why): float64 inputs (their reference needs long
-double, which torch has not), every loss option other than plain per-row cross-entropy (reductions,
-weights, label smoothing, probability targets, softcap, z-loss, masks with ignore_index, focal, binary),
-and any device that is not CUDA unless asked for (tests run it on the CPU as a stand-in).
+double, which torch has not), every loss option other than plain per-row cross-entropy with class-index
+targets (reductions, weights, ignored rows, label smoothing, probability targets, softcap, z-loss, focal,
+binary; −inf masks are plain logits and stay on the device), targets outside the vocabulary, and devices
+other than CUDA (``block_reference`` runs on any torch device it is given: tests use the CPU).
 """
 
 from __future__ import annotations
