@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 MAX_THREADS = 8
 _threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0  # a forked child has the parent's pool object but none of its threads: it makes its own
 
 
 def default_threads() -> int:
@@ -32,24 +33,24 @@ def set_threads(count: int | None) -> None:
     """Use ``count`` threads from now on (None: ``default_threads()``)."""
     global _threads, _pool
     _threads = None if count is None else max(1, int(count))
-    if _pool is not None:
+    if _pool is not None and _pool_pid == os.getpid():
         _pool.shutdown(wait=True)
-        _pool = None
+    _pool = None
 
 
 def map_ranges(work: Callable[[int, int], None], stop: int, step: int) -> None:
     """Call ``work(first, last)`` for the ranges [0, step), [step, 2·step), … up to ``stop``; in parallel
-    where there are several ranges and threads. The first exception raised by any range is re-raised."""
-    global _pool
+    where there are several ranges and threads. The first exception raised by any range is re-raised.
+    ``work`` must not call ``map_ranges`` itself (the pool's threads would wait on one another)."""
+    global _pool, _pool_pid
     ranges = [(first, min(first + step, stop)) for first in range(0, stop, max(step, 1))]
     count = min(threads(), len(ranges))
     if count <= 1:
         for first, last in ranges:
             work(first, last)
         return
-    if _pool is None or _pool._max_workers < count:  # noqa: SLF001 - grow the pool when asked for more
-        if _pool is not None:
-            _pool.shutdown(wait=True)
+    if _pool is None or _pool_pid != os.getpid():
         _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="ce-audit")
+        _pool_pid = os.getpid()
     for future in [_pool.submit(work, first, last) for first, last in ranges]:
         future.result()

@@ -107,6 +107,27 @@ def test_map_ranges_covers_every_range_once_and_raises():
         threads.set_threads(None)
 
 
+def _sum_of_rows(rows: int) -> float:
+    case = Case("normal", 1.0, 0.0, 5000, rows, 0)
+    logits, _ = generate_quantized(case, LossOptions(), 0, rows, FORMATS["float32"])
+    return float(logits.astype(np.float64).sum())
+
+
+def test_a_forked_worker_gets_its_own_threads(monkeypatch):
+    """A process forked after the pool started (a --jobs worker) must not wait on the parent's threads."""
+    multiprocessing = pytest.importorskip("multiprocessing")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    monkeypatch.setattr(cases, "GROUP_ELEMENTS", 1)
+    threads.set_threads(2)
+    try:
+        expected = _sum_of_rows(64)  # the parent's pool is running now
+        with multiprocessing.get_context("fork").Pool(1) as workers:
+            assert workers.apply_async(_sum_of_rows, (64,)).get(timeout=60) == expected
+    finally:
+        threads.set_threads(None)
+
+
 def test_same_bytes_finds_one_changed_byte_and_a_shape_change():
     first = np.arange(3_000_001, dtype=np.uint8)
     second = first.copy()
