@@ -73,7 +73,8 @@ with open(sys.argv[1], "w") as handle:
 
 
 def environment() -> dict[str, str]:
-    """This checkout first on the path, so both sides import the same ce_audit."""
+    """This checkout first on the path (and the working directory, which `python -m` puts first), so
+    the sweep imports this checkout's ce_audit."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     return env
@@ -83,7 +84,7 @@ def timed(command: list[str], cpu: list[float] | None = None) -> float:
     """Wall seconds of the command; its CPU seconds (user + system) appended to ``cpu``."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment())
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=environment(), cwd=ROOT)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if cpu is not None:
