@@ -104,6 +104,8 @@ class TorchBackend(Backend):
         import torch
 
         self.torch = torch
+        self._logits_buffer: Any = None  # reused for every call's private copy of the logits
+        self._logits_key: tuple[Any, ...] | None = None
 
     @classmethod
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
@@ -113,12 +115,26 @@ class TorchBackend(Backend):
 
     def tensor(self, block: np.ndarray, fmt: FloatFormat, device: str) -> Any:
         """A fresh copy of the block on the device, so an implementation that writes into it harms nothing."""
+        return self._source(block, fmt).to(device=device, copy=True)
+
+    def private_logits(self, block: np.ndarray, fmt: FloatFormat, device: str) -> Any:
+        """Like ``tensor``, but copied into one buffer kept for the next call of the same shape, dtype and
+        device (fresh memory for every implementation costs more than the copy). Nothing of one call
+        outlives it: its value and gradient are copied out before the next call refills the buffer."""
+        source = self._source(block, fmt)
+        key = (tuple(source.shape), source.dtype, str(device))
+        if self._logits_key != key:
+            self._logits_buffer = None  # release the old one first
+            self._logits_buffer = self.torch.empty(source.shape, dtype=source.dtype, device=device)
+            self._logits_key = key
+        self._logits_buffer.copy_(source)
+        return self._logits_buffer.detach()  # a new leaf each call, sharing the buffer
+
+    def _source(self, block: np.ndarray, fmt: FloatFormat) -> Any:
         torch = self.torch
         if fmt.name == "bfloat16":
-            source = torch.from_numpy(block.view(np.uint16)).view(torch.bfloat16)
-        else:
-            source = torch.from_numpy(block)
-        return source.to(device=device, copy=True)
+            return torch.from_numpy(block.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(block)
 
     def _bytes(self, tensor: Any) -> np.ndarray:
         if tensor.numel() == 0:
@@ -129,7 +145,7 @@ class TorchBackend(Backend):
         block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
         settings, want_grad, shape = call.settings, call.want_grad, call.shape
         torch = self.torch
-        logits = self.tensor(block, fmt, device)
+        logits = self.private_logits(block, fmt, device)
         if targets.dtype.kind == "f" or targets.dtype == fmt.numpy_dtype:  # probabilities, binary targets
             target_tensor = self.tensor(targets, fmt, device)
         else:
@@ -148,7 +164,7 @@ class TorchBackend(Backend):
         mean = check_shape(tuple(losses.shape), shape)
         if not impl.builtin and losses.device != logits.device:
             raise ValueError(f"returned a tensor on {losses.device}, expected {logits.device}")
-        value = losses.detach().to("cpu", torch.float64).numpy()
+        value = losses.detach().to("cpu", torch.float64, copy=True).numpy()  # never a view of the buffer
         grad, grad_error = None, None
         if want_grad:
             try:
@@ -157,7 +173,7 @@ class TorchBackend(Backend):
                 losses.sum().backward()
                 if logits.grad is None:
                     raise RuntimeError("no gradient reached the logits")
-                grad = logits.grad.detach().to("cpu", torch.float64).numpy()
+                grad = logits.grad.detach().to("cpu", torch.float64, copy=True).numpy()
             except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
                 grad_error = first_line(error)
         # Checked after backward too: fused kernels may store the gradient in the logits buffer.

@@ -135,3 +135,33 @@ def test_same_bytes_finds_one_changed_byte_and_a_shape_change():
     second[2_999_999] ^= 1
     assert not same_bytes(first, second, step=1 << 16)
     assert not same_bytes(first, first[:-1])
+
+
+def test_torch_logits_buffer_is_reused_and_private_per_call():
+    """One buffer serves every call of a shape; an implementation that writes into it, or returns a view
+    of it, harms neither the block nor the values already taken."""
+    torch = pytest.importorskip("torch")
+    from ce_audit.backends import BlockCall, get_backend
+    from ce_audit.implementations.registry import Implementation
+
+    calls = []
+
+    def overwrite(logits, targets):
+        calls.append(len(calls))
+        values = logits[:, 0]  # a view of the input ...
+        logits.fill_(7.0 + len(calls))  # ... and the input overwritten, differently each call
+        return values
+
+    impl = Implementation("overwrite", "torch", overwrite, "test", "test")
+    block = np.arange(12, dtype=np.float64).reshape(3, 4)
+    targets = np.zeros(3, dtype=np.int64)
+    backend = get_backend("torch")
+    call = BlockCall(block, targets, FORMATS["float64"], "cpu", {}, False, {}, None, (3,))
+    first = backend.run(impl, call)
+    buffer = backend._logits_buffer
+    second = backend.run(impl, call)
+    assert backend._logits_buffer is buffer  # reused
+    assert first.wrote_input and second.wrote_input
+    assert first.value.tolist() == [8.0, 8.0, 8.0] and second.value.tolist() == [9.0, 9.0, 9.0]
+    assert np.array_equal(block, np.arange(12, dtype=np.float64).reshape(3, 4))
+    assert isinstance(buffer, torch.Tensor)
