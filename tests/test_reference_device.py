@@ -140,6 +140,10 @@ def test_pipeline_computes_the_reference_on_the_audited_cuda_device(monkeypatch)
     assert len(device_cells) == len(cpu_cells)
     for cpu, device in zip(cpu_cells, device_cells, strict=True):
         assert (cpu.impl, cpu.dtype, cpu.scale, cpu.distribution, cpu.status) == (
-            device.impl, device.dtype, device.scale, device.distribution, device.status
+            device.impl,
+            device.dtype,
+            device.scale,
+            device.distribution,
+            device.status,
         )
         assert device.max_ulp == pytest.approx(cpu.max_ulp, rel=1e-6, abs=1e-6, nan_ok=True)
