@@ -165,3 +165,24 @@ def test_torch_logits_buffer_is_reused_and_private_per_call():
     assert first.value.tolist() == [8.0, 8.0, 8.0] and second.value.tolist() == [9.0, 9.0, 9.0]
     assert np.array_equal(block, np.arange(12, dtype=np.float64).reshape(3, 4))
     assert isinstance(buffer, torch.Tensor)
+
+
+def test_gradient_tally_by_row_groups_equals_one_pass(monkeypatch):
+    from ce_audit import metrics
+    from ce_audit.metrics import GradTally, Tolerance
+
+    fmt = FORMATS["bfloat16"]
+    logits, targets = cases.generate_rows(Case("normal", 5.0, 0.0, 300, 40, 2), 0, 40)
+    block = quantize(logits, fmt)
+    exact = reference_cross_entropy(block, targets).grad
+    grad = quantize(exact * (1 + 5e-2 * np.sin(np.arange(exact.size)).reshape(exact.shape)), fmt)
+    grad = grad.astype(np.float64)
+    grad[3, 4], grad[7, :], grad[9, 2] = np.nan, np.inf, -np.inf
+    tolerance = Tolerance(fmt.rtol, fmt.atol)
+    whole = GradTally()
+    whole.add(grad, exact, tolerance, fmt)
+    monkeypatch.setattr(metrics, "ROW_GROUP_ELEMENTS", 900)  # three rows at a time
+    grouped = GradTally()
+    grouped.add(grad, exact, tolerance, fmt)
+    assert grouped == whole
+    assert whole.nan_rows == 1 and whole.inf_rows == 2 and whole.failures > 3 and whole.max_ulp > 0
