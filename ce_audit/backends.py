@@ -52,6 +52,16 @@ def raw_bytes(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
 
 
+def same_bytes(first: np.ndarray, second: np.ndarray, step: int = 1 << 20) -> bool:
+    """Whether two flat byte arrays are equal, compared a cache-sized piece at a time (no full-size mask)."""
+    if first.shape != second.shape:
+        return False
+    return all(
+        np.array_equal(first[start : start + step], second[start : start + step])
+        for start in range(0, first.size, step)
+    )
+
+
 def type_name(value: Any) -> str:
     kind = type(value)
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
@@ -103,6 +113,8 @@ class TorchBackend(Backend):
         import torch
 
         self.torch = torch
+        self._logits_buffer: Any = None  # reused for every call's private copy of the logits
+        self._logits_key: tuple[Any, ...] | None = None
 
     @classmethod
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
@@ -112,12 +124,26 @@ class TorchBackend(Backend):
 
     def tensor(self, block: np.ndarray, fmt: FloatFormat, device: str) -> Any:
         """A fresh copy of the block on the device, so an implementation that writes into it harms nothing."""
+        return self._source(block, fmt).to(device=device, copy=True)
+
+    def private_logits(self, block: np.ndarray, fmt: FloatFormat, device: str) -> Any:
+        """Like ``tensor``, but copied into one buffer kept for the next call of the same shape, dtype and
+        device (fresh memory for every implementation costs more than the copy). Nothing of one call
+        outlives it: its value and gradient are copied out before the next call refills the buffer."""
+        source = self._source(block, fmt)
+        key = (tuple(source.shape), source.dtype, str(device))
+        if self._logits_key != key:
+            self._logits_buffer = None  # release the old one first
+            self._logits_buffer = self.torch.empty(source.shape, dtype=source.dtype, device=device)
+            self._logits_key = key
+        self._logits_buffer.copy_(source)
+        return self._logits_buffer.detach()  # a new leaf each call, sharing the buffer
+
+    def _source(self, block: np.ndarray, fmt: FloatFormat) -> Any:
         torch = self.torch
         if fmt.name == "bfloat16":
-            source = torch.from_numpy(block.view(np.uint16)).view(torch.bfloat16)
-        else:
-            source = torch.from_numpy(block)
-        return source.to(device=device, copy=True)
+            return torch.from_numpy(block.view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(block)
 
     def _bytes(self, tensor: Any) -> np.ndarray:
         if tensor.numel() == 0:
@@ -128,7 +154,7 @@ class TorchBackend(Backend):
         block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
         settings, want_grad, shape = call.settings, call.want_grad, call.shape
         torch = self.torch
-        logits = self.tensor(block, fmt, device)
+        logits = self.private_logits(block, fmt, device)
         if targets.dtype.kind == "f" or targets.dtype == fmt.numpy_dtype:  # probabilities, binary targets
             target_tensor = self.tensor(targets, fmt, device)
         else:
@@ -147,7 +173,7 @@ class TorchBackend(Backend):
         mean = check_shape(tuple(losses.shape), shape)
         if not impl.builtin and losses.device != logits.device:
             raise ValueError(f"returned a tensor on {losses.device}, expected {logits.device}")
-        value = losses.detach().to("cpu", torch.float64).numpy()
+        value = losses.detach().to("cpu", torch.float64, copy=True).numpy()  # never a view of the buffer
         grad, grad_error = None, None
         if want_grad:
             try:
@@ -156,14 +182,12 @@ class TorchBackend(Backend):
                 losses.sum().backward()
                 if logits.grad is None:
                     raise RuntimeError("no gradient reached the logits")
-                grad = logits.grad.detach().to("cpu", torch.float64).numpy()
+                grad = logits.grad.detach().to("cpu", torch.float64, copy=True).numpy()
             except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
                 grad_error = first_line(error)
         # Checked after backward too: fused kernels may store the gradient in the logits buffer.
-        wrote = tuple(logits.shape) != block.shape or not np.array_equal(
-            self._bytes(logits), raw_bytes(block)
-        )
-        wrote = wrote or not np.array_equal(self._bytes(target_tensor), raw_bytes(targets))
+        wrote = tuple(logits.shape) != block.shape or not same_bytes(self._bytes(logits), raw_bytes(block))
+        wrote = wrote or not same_bytes(self._bytes(target_tensor), raw_bytes(targets))
         return Outcome(value, grad, grad_error, wrote, mean, value_dtype)
 
 
@@ -189,8 +213,8 @@ class NumpyBackend(Backend):
             raise TypeError(f"returned {type_name(losses)}, expected a numpy.ndarray")
         value_dtype = floating_dtype_name(str(losses.dtype))
         mean = check_shape(losses.shape, call.shape)
-        wrote = logits.shape != block.shape or not np.array_equal(raw_bytes(logits), raw_bytes(block))
-        wrote = wrote or not np.array_equal(raw_bytes(target_copy), raw_bytes(targets))
+        wrote = logits.shape != block.shape or not same_bytes(raw_bytes(logits), raw_bytes(block))
+        wrote = wrote or not same_bytes(raw_bytes(target_copy), raw_bytes(targets))
         return Outcome(losses.astype(np.float64), None, None, wrote, mean, value_dtype)
 
 

@@ -19,6 +19,11 @@ the same rows whatever the batch), in this order:
 4. probability targets: q ∝ exp(g), g ~ N(0, 1) with g_y = max g + 2 (the soft target's top class is y),
    q = 0 on masked logits; binary targets: y ~ Bernoulli(½) (index) or U(0, 1) (probs);
 5. ignored rows: each row's target becomes ignore_index with probability ``ignore_fraction``.
+
+``generate_quantized`` gives the same values already rounded to the audited dtype without a float64 copy
+of the whole block: groups of whole generation chunks (about GROUP_ELEMENTS elements, so the float64
+temporaries stay in cache) are generated and rounded straight into the output, on ``ce_audit.threads``.
+Every group starts on a chunk, so the result is the same whatever the grouping or the number of threads.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 from ce_audit.dtypes import FloatFormat
 from ce_audit.errors import AuditError
 from ce_audit.options import BLOCK_EDGES, LossOptions
+from ce_audit.threads import map_ranges
 
 DISTRIBUTIONS = {
     "normal": "base ~ N(0, 1)",
@@ -51,6 +57,7 @@ SPIKE_MARGIN = 4.0
 RAMP_ROWS = 64  # rows of one sweep of the confidence ramp: row i has 1 − p_y = ramp_gap(i)
 RAMP_DECADES = (0.05, 17.0)  # 1 − p_y from 10^-0.05 ≈ 0.89 to 10^-17, log-spaced
 GENERATION_ELEMENTS = 1 << 16
+GROUP_ELEMENTS = 1 << 18  # generate_quantized works on this many float64 elements at a time (2 MiB)
 
 
 @dataclass(frozen=True)
@@ -311,3 +318,33 @@ def class_weights(case: Case, options: LossOptions) -> np.ndarray | None:
             targets = draw_targets(case, options, start, min(case.batch, start + step))
             weight[targets[targets != options.ignore_index]] = 0.0
     return weight
+
+
+def _has_float_targets(options: LossOptions) -> bool:
+    return bool(options.probs) or options.family == "binary"
+
+
+def generate_quantized(
+    case: Case, options: LossOptions, start: int, stop: int, fmt: FloatFormat
+) -> tuple[np.ndarray, np.ndarray]:
+    """``generate_inputs`` with the logits (and float targets) rounded once to ``fmt``: exactly
+    ``quantize(generate_inputs(...), fmt)``, built group by group in cache (see the module docstring)."""
+    n_rows = max(stop - start, 0)
+    logits = np.empty((n_rows, case.vocab), dtype=fmt.numpy_dtype)
+    float_targets = _has_float_targets(options)
+    targets = (
+        np.empty((n_rows, case.vocab), dtype=fmt.numpy_dtype) if float_targets else np.empty(n_rows, np.int64)
+    )
+    if n_rows == 0:
+        return logits, targets
+    if start % case.chunk_rows:
+        raise ValueError("row blocks must start on a generation chunk")
+    group = case.chunk_rows * max(1, GROUP_ELEMENTS // (case.chunk_rows * max(case.vocab, 1)))
+
+    def fill(first: int, last: int) -> None:
+        values, labels = generate_inputs(case, options, start + first, start + last)
+        logits[first:last] = quantize(values, fmt)
+        targets[first:last] = quantize(labels, fmt) if float_targets else labels
+
+    map_ranges(fill, n_rows, group)
+    return logits, targets

@@ -306,6 +306,9 @@ def floor_norm_error(reference: np.ndarray | None, fmt: FloatFormat) -> float:
         return float(errors.max()) / machine_epsilon(fmt)
 
 
+ROW_GROUP_ELEMENTS = 1 << 16  # GradTally works on this many gradient entries at a time
+
+
 @dataclass
 class GradTally:
     """Running gradient metrics of one cell: elementwise checks, ULPs, per-row ‖g − g*‖∞ / ‖g*‖∞ and
@@ -323,9 +326,18 @@ class GradTally:
     measured: bool = False
 
     def add(self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat) -> None:
+        """Tally a block, ROW_GROUP_ELEMENTS at a time: every quantity is per row or a maximum, so the
+        totals are those of one pass, and the temporaries stay in cache."""
         self.measured = True
         if not grad.size:
             return
+        step = max(1, ROW_GROUP_ELEMENTS // max(grad.shape[1], 1))
+        for first in range(0, grad.shape[0], step):
+            self._add_rows(grad[first : first + step], reference[first : first + step], tolerance, fmt)
+
+    def _add_rows(
+        self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat
+    ) -> None:
         with np.errstate(all="ignore"):
             grad_finite, reference_finite = np.isfinite(grad), np.isfinite(reference)
             if grad_finite.all() and reference_finite.all():  # the usual case: one pass per quantity

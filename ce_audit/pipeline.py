@@ -22,6 +22,7 @@ from ce_audit.implementations import REGISTRY, Implementation
 from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
 from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
+from ce_audit.reference_device import block_reference, reference_device
 from ce_audit.reference_variants import reference_loss
 from ce_audit.results import Cell, RowResult
 from ce_audit.scoring import CaseLabel, CellTally
@@ -169,7 +170,8 @@ def audit_blocks(
 ) -> tuple[list[Cell], list[RowResult]]:
     """Audit every implementation on every device over the row blocks of one (case, dtype).
 
-    The reference is computed once per block and shared by every cell. An implementation that returns
+    The reference is computed once per block and shared by every cell, on the first CUDA device audited
+    where ``reference_device`` allows (else in NumPy on the CPU). An implementation that returns
     a 0-d mean where per-row losses are asked for must see the whole batch: when the batch spans several
     blocks it is called once more on ``source.whole_batch``.
     """
@@ -185,12 +187,13 @@ def audit_blocks(
     max_logit, max_reference = float("-inf"), float("-inf")
     floor_loss = floor_grad = 0.0
     step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(tallies), 1))  # one unit per (case, dtype)
+    on_device = reference_device(devices)
 
     for first_row, block, targets in source.blocks(fmt):
         if block.size:
             with np.errstate(invalid="ignore"):
                 max_logit = max(max_logit, float(np.nanmax(block)))  # in the block's dtype: no copy
-        reference = reference_loss(block, targets, options, weight=weight, grad=grad)
+        reference = block_reference(block, targets, options, weight=weight, grad=grad, device=on_device)
         finite_reference = reference.loss[np.isfinite(reference.loss)]
         if finite_reference.size:
             max_reference = max(max_reference, float(finite_reference.max()))

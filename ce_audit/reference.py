@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
+from ce_audit.threads import map_ranges
+
+CHUNK_ELEMENTS = 1 << 16  # rows of the plain reference are computed this many elements at a time
 
 
 @dataclass(frozen=True)
@@ -64,14 +67,36 @@ def reference_cross_entropy(logits: np.ndarray, targets: np.ndarray, *, grad: bo
 
     ``logits`` is an (N, V) array already in the audited dtype; ``targets`` holds N class indices.
     Rows with NaN or +inf logits give NaN, as PyTorch does; −inf logits (masks) contribute exp = 0.
+    Rows are independent: they are computed in groups of about CHUNK_ELEMENTS elements (in cache), on
+    ``ce_audit.threads``, with the same result for any grouping.
     """
     fmt = format_of_array(logits)
     work = working_dtype(fmt)
+    n_rows, n_cols = logits.shape
+    targets = np.asarray(targets, dtype=np.int64)
+    loss = np.empty(n_rows, dtype=work)
+    gradient = np.empty(logits.shape, dtype=work) if grad else None
+
+    def fill(first: int, last: int) -> None:
+        out = gradient[first:last] if gradient is not None else None
+        loss[first:last] = _cross_entropy_rows(logits[first:last], targets[first:last], fmt, out)
+
+    map_ranges(fill, n_rows, max(1, CHUNK_ELEMENTS // max(n_cols, 1)))
+    return Reference(loss=loss, grad=gradient, format=fmt)
+
+
+def _cross_entropy_rows(
+    logits: np.ndarray, targets: np.ndarray, fmt: FloatFormat, gradient: np.ndarray | None
+) -> np.ndarray:
+    """The loss of a few rows; their gradient written into ``gradient`` (working precision) when given."""
+    work = working_dtype(fmt)
     n_rows = logits.shape[0]
     rows = np.arange(n_rows)
-    targets = np.asarray(targets, dtype=np.int64)
-
-    z = logits.astype(work)
+    if gradient is None:
+        z = logits.astype(work)
+    else:
+        z = gradient
+        z[...] = logits
     row_max = z.max(axis=1) if z.shape[1] else np.full(n_rows, np.nan, dtype=work)
     target_logit = z[rows, targets]
     exact = fmt.name == "float64"
@@ -79,14 +104,13 @@ def reference_cross_entropy(logits: np.ndarray, targets: np.ndarray, *, grad: bo
     with np.errstate(all="ignore"):
         if exact:
             shifted, shifted_lo = _two_difference(z, row_max[:, None])
-            np.exp(shifted, out=shifted)
-            shifted *= 1 + shifted_lo
-            del shifted_lo
+            np.exp(shifted, out=z)
+            z *= 1 + shifted_lo
+            del shifted, shifted_lo
         else:
-            shifted = z
-            shifted -= row_max[:, None]
-            np.exp(shifted, out=shifted)
-        weights = shifted  # e_k = exp(z_k − a)
+            z -= row_max[:, None]
+            np.exp(z, out=z)
+        weights = z  # e_k = exp(z_k − a)
         target_weight = weights[rows, targets].copy()
         weights[rows, targets] = 0
         other_sum = weights.sum(axis=1)  # S_o
@@ -101,10 +125,8 @@ def reference_cross_entropy(logits: np.ndarray, targets: np.ndarray, *, grad: bo
         bad_row = ~np.isfinite(row_max)  # NaN anywhere, a +inf logit, or every logit −inf
         loss[bad_row] = np.nan
 
-        gradient = None
-        if grad:
-            gradient = weights
+        if gradient is not None:
             gradient /= total[:, None]
             gradient[rows, targets] = -other_sum / total
             gradient[bad_row] = np.nan
-    return Reference(loss=loss, grad=gradient, format=fmt)
+    return loss

@@ -15,7 +15,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ce_audit.cases import Case, build_cases, class_weights, generate_inputs, quantize, row_blocks
+from ce_audit.cases import (
+    Case,
+    build_cases,
+    class_weights,
+    generate_inputs,
+    generate_quantized,
+    quantize,
+    row_blocks,
+)
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
@@ -60,10 +68,8 @@ class CaseSource:
 
     def _blocks(self, fmt: FloatFormat, budget_bytes: int) -> Iterator[Block]:
         for start, stop in self._ranges(fmt, budget_bytes):
-            logits, targets = generate_inputs(self.case, self.options, start, stop)
-            if targets.dtype.kind == "f":
-                targets = quantize(targets, fmt)
-            yield start, quantize(logits, fmt), targets
+            logits, targets = generate_quantized(self.case, self.options, start, stop, fmt)
+            yield start, logits, targets
 
     def blocks(self, fmt: FloatFormat) -> Iterator[Block]:
         return self._blocks(fmt, self.budget_bytes)

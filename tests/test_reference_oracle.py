@@ -4,6 +4,10 @@ Requirement: ``reference_cross_entropy`` gives the loss and every gradient entry
 the audited dtype for every case a sweep can generate (all four dtypes, float64 inputs, common offsets
 up to 1e8, confident rows with loss < 1e-30, targets at the row minimum, vocabularies up to 256k).
 
+The same cases run on every engine of the reference: NumPy (``reference_cross_entropy``) and torch float64
+(``reference_device``, the reference of CUDA audits) on the CPU as a stand-in and on CUDA where there is
+one; float64 inputs stay in NumPy on every engine (long double), so they run on NumPy only.
+
 The oracle never uses the formula under test: every (already quantized) input element is converted
 exactly to an ``mpmath.mpf`` and the loss is evaluated *directly* as log(Σ_k exp(z_k)) − z_y, the
 gradient as exp(z_k − lse) − [k = y], at ≥ 256 bits (more when the a-priori error bound asks for it,
@@ -25,7 +29,9 @@ import pytest
 from mpmath import mpf
 
 from ce_audit.dtypes import FORMATS, FloatFormat, ulp
-from ce_audit.reference import reference_cross_entropy
+from ce_audit.options import LossOptions
+from ce_audit.reference import Reference, reference_cross_entropy
+from ce_audit.reference_device import block_reference
 
 SEED = 20240611
 ULP_BOUND = 0.01
@@ -40,6 +46,40 @@ DTYPES: dict[str, type] = {
 }
 DTYPE_NAMES = tuple(DTYPES)
 EXTENDED_LONG_DOUBLE = np.finfo(np.longdouble).nmant >= 63
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+ENGINES = [
+    "numpy",
+    "torch-cpu",
+    pytest.param(
+        "torch-cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _has_cuda(), reason="needs CUDA")]
+    ),
+]
+
+
+def reference_by(engine: str, logits: np.ndarray, targets: np.ndarray) -> Reference:
+    """The plain reference of ``logits`` computed by ``engine`` (see the module docstring)."""
+    if engine == "numpy":
+        return reference_cross_entropy(logits, targets)
+    pytest.importorskip("torch")
+    device = "cpu" if engine == "torch-cpu" else "cuda"
+    ref = block_reference(logits, targets, LossOptions(), weight=None, grad=True, device=device)
+    return Reference(ref.loss, ref.grad, ref.format)
+
+
+@pytest.fixture(autouse=True)
+def _float64_on_numpy_only(request: pytest.FixtureRequest) -> None:
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("engine", "numpy") != "numpy" and params.get("dtype_name") == "float64":
+        pytest.skip("float64 inputs keep the NumPy (long double) reference on every device")
 
 
 @pytest.fixture(autouse=True)
@@ -202,14 +242,15 @@ def check_against_oracle(
     *,
     columns: list | None = None,
     converge: bool = True,
+    engine: str = "numpy",
 ) -> tuple[list[OracleRow], float]:
     """Assert the reference loss and gradient are within ULP_BOUND of the oracle; return the oracle rows.
 
-    ``columns``: per row, the gradient entries to check (all of them when None).
+    ``columns``: per row, the gradient entries to check (all of them when None); ``engine``: ENGINES.
     """
     dtype_name = next(name for name, dt in DTYPES.items() if logits.dtype == np.dtype(dt))
     fmt = FORMATS[dtype_name]
-    ref = reference_cross_entropy(logits, targets)
+    ref = reference_by(engine, logits, targets)
     assert ref.format is fmt
     assert ref.loss.shape == (logits.shape[0],)
     assert ref.grad is not None and ref.grad.shape == logits.shape
@@ -339,12 +380,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_reference_matches_oracle(dtype_name, case):
+def test_reference_matches_oracle(dtype_name, case, engine):
     rng = np.random.default_rng([SEED, DTYPE_NAMES.index(dtype_name), list(CASES).index(case)])
     logits, targets = CASES[case](dtype_name, rng)
-    oracles, _ = check_against_oracle(logits, targets)
+    oracles, _ = check_against_oracle(logits, targets, engine=engine)
 
     # the hard cases really are hard after quantization
     if case.startswith("confident"):
@@ -365,8 +407,9 @@ def test_reference_matches_oracle(dtype_name, case):
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_target_tied_with_max(dtype_name):
+def test_target_tied_with_max(dtype_name, engine):
     rng = np.random.default_rng([SEED, 100, DTYPE_NAMES.index(dtype_name)])
     z = rng.normal(0.0, SIGMA, size=(3, 64))
     y = np.array([5, 0, 63])
@@ -378,7 +421,7 @@ def test_target_tied_with_max(dtype_name):
     zf = logits.astype(np.float64)
     assert (zf[np.arange(3), y] == zf.max(axis=1)).all()
     assert ((zf == zf.max(axis=1, keepdims=True)).sum(axis=1) >= 2).all()
-    check_against_oracle(logits, y)
+    check_against_oracle(logits, y, engine=engine)
 
 
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
@@ -391,8 +434,9 @@ def test_vocab_of_one(dtype_name):
     check_against_oracle(logits, targets)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_masked_neg_inf_logits(dtype_name):
+def test_masked_neg_inf_logits(dtype_name, engine):
     rng = np.random.default_rng([SEED, 200, DTYPE_NAMES.index(dtype_name)])
     z = rng.normal(0.0, SIGMA, size=(3, 200))
     y = np.array([3, 50, 199])
@@ -402,8 +446,8 @@ def test_masked_neg_inf_logits(dtype_name):
     z[2, ::2] = -np.inf  # half the row masked, target at the max
     z[2, 199] = np.nanmax(z[2]) + 2
     logits = quantize(z, dtype_name)
-    oracles, _ = check_against_oracle(logits, y)
-    ref = reference_cross_entropy(logits, y)
+    oracles, _ = check_against_oracle(logits, y, engine=engine)
+    ref = reference_by(engine, logits, y)
     assert np.isfinite(ref.loss).all()
     assert (ref.grad[np.isneginf(z)] == 0).all()
     # equal to the oracle of the row with the masked entries simply dropped
@@ -415,24 +459,26 @@ def test_masked_neg_inf_logits(dtype_name):
         assert ulp_error(ref.loss[i], dropped.loss, FORMATS[dtype_name]) <= ULP_BOUND
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_nan_logit_gives_nan_loss(dtype_name):
+def test_nan_logit_gives_nan_loss(dtype_name, engine):
     rng = np.random.default_rng([SEED, 300, DTYPE_NAMES.index(dtype_name)])
     z = rng.normal(0.0, SIGMA, size=(3, 50))
     z[0, 10] = np.nan  # not the target
     z[2, 4] = np.nan  # the target itself
     y = np.array([3, 7, 4])
     logits = quantize(z, dtype_name)
-    ref = reference_cross_entropy(logits, y)
+    ref = reference_by(engine, logits, y)
     assert np.isnan(ref.loss[0]) and np.isnan(ref.loss[2])
     assert np.isnan(ref.grad[0]).all() and np.isnan(ref.grad[2]).all()
     # the clean row in the same batch is unaffected
-    check_against_oracle(logits[1:2], y[1:2])
-    assert ref.loss[1] == reference_cross_entropy(logits[1:2], y[1:2]).loss[0]
+    check_against_oracle(logits[1:2], y[1:2], engine=engine)
+    assert ref.loss[1] == reference_by(engine, logits[1:2], y[1:2]).loss[0]
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_target_logit_neg_inf_gives_inf_loss(dtype_name):
+def test_target_logit_neg_inf_gives_inf_loss(dtype_name, engine):
     rng = np.random.default_rng([SEED, 400, DTYPE_NAMES.index(dtype_name)])
     z = rng.normal(0.0, SIGMA, size=(2, 40))
     y = np.array([9, 0])
@@ -440,9 +486,9 @@ def test_target_logit_neg_inf_gives_inf_loss(dtype_name):
     z[1, 0] = -np.inf
     z[1, 30:] = -np.inf  # other masked entries too
     logits = quantize(z, dtype_name)
-    ref = reference_cross_entropy(logits, y)
+    ref = reference_by(engine, logits, y)
     assert np.isposinf(ref.loss).all()
-    check_against_oracle(logits, y)  # the gradient is softmax − onehot: −1 at the target
+    check_against_oracle(logits, y, engine=engine)  # the gradient is softmax − onehot: −1 at the target
     assert (ref.grad[np.arange(2), y] == -1).all()
 
 
@@ -489,8 +535,9 @@ LARGE_VOCAB = 256_000
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
-def test_large_vocab(dtype_name):
+def test_large_vocab(dtype_name, engine):
     rng = np.random.default_rng([SEED, 600, DTYPE_NAMES.index(dtype_name)])
     off = OFFSETS[dtype_name]
     z = rng.normal(0.0, SIGMA, size=(2, LARGE_VOCAB))
@@ -508,7 +555,7 @@ def test_large_vocab(dtype_name):
         sample = {int(y[i]), int(np.argmax(zf)), int(np.argmin(zf))}
         sample.update(rng.choice(LARGE_VOCAB, size=200, replace=False).tolist())
         columns.append(sorted(sample))
-    oracles, _ = check_against_oracle(logits, y, columns=columns, converge=False)
+    oracles, _ = check_against_oracle(logits, y, columns=columns, converge=False, engine=engine)
     assert 0 <= oracles[0].loss < mpf("1e-30")
     assert oracles[1].loss > 10
 

@@ -1,0 +1,56 @@
+"""Row ranges of one array worked on by a small pool of threads (NumPy releases the GIL in its loops).
+
+The work of each range must depend on that range alone, so that the result is the same for any number
+of threads. ``set_threads(1)`` (e.g. in worker processes that already use every core) runs inline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+MAX_THREADS = 8
+_threads: int | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0  # a forked child has the parent's pool object but none of its threads: it makes its own
+
+
+def default_threads() -> int:
+    """The cores this process may use, at most MAX_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cores))
+
+
+def threads() -> int:
+    return _threads if _threads is not None else default_threads()
+
+
+def set_threads(count: int | None) -> None:
+    """Use ``count`` threads from now on (None: ``default_threads()``)."""
+    global _threads, _pool
+    _threads = None if count is None else max(1, int(count))
+    if _pool is not None and _pool_pid == os.getpid():
+        _pool.shutdown(wait=True)
+    _pool = None
+
+
+def map_ranges(work: Callable[[int, int], None], stop: int, step: int) -> None:
+    """Call ``work(first, last)`` for the ranges [0, step), [step, 2·step), … up to ``stop``; in parallel
+    where there are several ranges and threads. The first exception raised by any range is re-raised.
+    ``work`` must not call ``map_ranges`` itself (the pool's threads would wait on one another)."""
+    global _pool, _pool_pid
+    ranges = [(first, min(first + step, stop)) for first in range(0, stop, max(step, 1))]
+    count = min(threads(), len(ranges))
+    if count <= 1:
+        for first, last in ranges:
+            work(first, last)
+        return
+    if _pool is None or _pool_pid != os.getpid():
+        _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="ce-audit")
+        _pool_pid = os.getpid()
+    for future in [_pool.submit(work, first, last) for first, last in ranges]:
+        future.result()
