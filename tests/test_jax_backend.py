@@ -26,7 +26,8 @@ def jax():
 
 
 def _cells(impls, dtypes, scales=(1.0,), **changes):
-    config = load_config(None, tiny_overrides(impls=list(impls), dtypes=list(dtypes), scales=list(scales), **changes))
+    overrides = tiny_overrides(impls=list(impls), dtypes=list(dtypes), scales=list(scales), **changes)
+    config = load_config(None, overrides)
     return {(cell.impl, cell.dtype, cell.scale): cell for cell in run_sweep(config).cells}
 
 
