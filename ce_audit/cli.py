@@ -187,10 +187,22 @@ def sweep(
 @_user_errors
 @with_loss_options(grid=False)
 def replay(
-    logits: Annotated[Path, typer.Argument(help="(N, V) logits, .npy or .pt.")],
-    targets: Annotated[
-        Path, typer.Argument(help="(N,) integer targets (ignore_index allowed) or (N, V) probabilities.")
+    logits: Annotated[
+        Path, typer.Argument(help="(N, V) or (B, T, V) logits: .npy, .pt or .safetensors (memory-mapped).")
     ],
+    targets: Annotated[
+        Path | None,
+        typer.Argument(
+            help="(N,) or (B, T) integer targets (ignore_index allowed) or probabilities shaped as the "
+            "logits. Leave out when the logits file (.safetensors or a .pt dict) holds both."
+        ),
+    ] = None,
+    logits_key: Annotated[
+        str | None, typer.Option("--logits-key", help="Name of the logits in a file of named tensors.")
+    ] = None,
+    targets_key: Annotated[
+        str | None, typer.Option("--targets-key", help="Name of the targets in a file of named tensors.")
+    ] = None,
     dtype: DtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
@@ -201,7 +213,10 @@ def replay(
     fail_on: FailOnOption = None,
     **loss_options: Any,
 ) -> None:
-    """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json."""
+    """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json.
+
+    Every implementation is audited on the rows whose target is not --ignore-index (PyTorch's -100);
+    one that cannot ignore rows is called on those rows only."""
     from ce_audit.config import load_config
     from ce_audit.replay import run_replay
     from ce_audit.reports.table import print_report
@@ -219,10 +234,16 @@ def replay(
         },
     )
     _check_fail_on(fail_on)
-    result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
-    paths = _write_reports(
-        result, Path(resolved.out), "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}}
+    result = run_replay(
+        logits,
+        targets,
+        resolved,
+        dtypes=list(dtype) if dtype else None,
+        logits_key=logits_key,
+        targets_key=targets_key,
     )
+    inputs = {"logits": str(logits), "targets": str(targets if targets is not None else logits)}
+    paths = _write_reports(result, Path(resolved.out), "replay", {"inputs": inputs})
     console = _console()
     if quiet:
         for path in paths:

@@ -9,6 +9,7 @@ dtype's blocks, computing the reference once per block and sharing it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,6 +50,32 @@ class BlockSource(Protocol):
 
     def weight(self, fmt: FloatFormat) -> np.ndarray | None:
         """Per-class weights in ``fmt``, or None."""
+
+
+DROPPED_NOTE = "ignored rows left out of its call and of its reference (it does not support ignore_index)"
+
+
+def drops_ignored_rows(source: BlockSource, impl: Implementation) -> bool:
+    """Whether ``impl`` is audited on the rows that are not ignored: the source asks for it
+    (``drop_ignored_rows``, a replay) and the implementation cannot ignore rows itself."""
+    options = source.options
+    return (
+        getattr(source, "drop_ignored_rows", False)
+        and options.ignore_fraction > 0
+        and not options.probs
+        and "ignore_index" not in impl.supports
+    )
+
+
+def without_ignored(options: LossOptions) -> LossOptions:
+    """The options of a call on the rows that are not ignored: nothing left to ignore."""
+    return replace(options, ignore_fraction=0.0)
+
+
+def _kept(block: np.ndarray, targets: np.ndarray, options: LossOptions) -> np.ndarray | None:
+    """Indices of the rows not ignored (None: every row is kept)."""
+    ignored = targets == options.ignore_index
+    return None if not ignored.any() else np.flatnonzero(~ignored)
 
 
 def overflow_peak(values: np.ndarray, fmt: FloatFormat) -> float | None:
@@ -135,6 +162,21 @@ def _baselines(
     return by_device, hidden
 
 
+# (row indices in the block or None for all, logits, targets, their reference, the options of the call)
+RowsView = tuple[np.ndarray | None, np.ndarray, np.ndarray, Any, LossOptions]
+
+
+def _kept_view(full: RowsView, weight: np.ndarray | None, grad: bool) -> RowsView:
+    """The rows of a block that are not ignored, with their own reference (options without ignoring)."""
+    _, block, targets, reference, options = full
+    rows = _kept(block, targets, options)
+    own = without_ignored(options)
+    if rows is None:
+        return (None, block, targets, reference, own)
+    block, targets = block[rows], targets[rows]
+    return (rows, block, targets, reference_loss(block, targets, own, weight=weight, grad=grad), own)
+
+
 def audit_blocks(
     source: BlockSource,
     fmt: FloatFormat,
@@ -156,8 +198,10 @@ def audit_blocks(
     options, label = source.options, source.label
     weight = source.weight(fmt)
     tallies = [CellTally(impl, device) for impl in impls for device in devices]
+    dropping = {id(t) for t in tallies if drops_ignored_rows(source, t.impl)}
     for tally in tallies:
-        reason = _skip(tally.impl, fmt, tally.device, options)
+        own = without_ignored(options) if id(tally) in dropping else options
+        reason = _skip(tally.impl, fmt, tally.device, own)
         if reason:
             tally.fail(Status.SKIPPED, reason)
     baselines, hidden = _baselines(tallies, devices, fmt, options)
@@ -165,6 +209,43 @@ def audit_blocks(
     max_logit, max_reference = float("-inf"), float("-inf")
     floor_loss = floor_grad = 0.0
     step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(tallies), 1))  # one unit per (case, dtype)
+
+    def run_on(tally: CellTally, first_row: int, view: RowsView, whole: bool) -> None:
+        """Call one implementation on the rows of ``view`` and score it against their reference."""
+        rows, block, targets, reference, call_options = view
+        if rows is not None and not rows.size:
+            return  # every row of this block is ignored: nothing to call it on
+        outcome = _call(tally, block, targets, fmt, settings, grad, call_options, weight)
+        if outcome is None:
+            return
+        if id(tally) in dropping:
+            tally.notes = tally.notes or DROPPED_NOTE
+        if outcome.mean:
+            if whole:
+                tally.score_mean(outcome, reference, fmt, tolerance, grad)
+            else:
+                tally.deferred = True
+            return
+        value = outcome.value.reshape(-1)
+        errors = tally.score(outcome, value, reference, reference.loss, reference.grad, fmt, tolerance)
+        if keep_rows and tally not in hidden:
+            reduced = call_options.reduction != "none"
+            index = np.arange(value.shape[0]) if rows is None else rows
+            row_results.extend(
+                RowResult(
+                    tally.impl.name,
+                    fmt.name,
+                    tally.device,
+                    -1 if reduced else first_row + int(index[i]),
+                    -1 if reduced or targets.ndim != 1 else int(targets[i]),
+                    float(reference.loss[i]),
+                    float(value[i]),
+                    float(errors.abs_err[i]),
+                    float(errors.rel_err[i]),
+                    float(errors.ulp_err[i]),
+                )
+                for i in range(value.shape[0])
+            )
 
     for first_row, block, targets in source.blocks(fmt):
         if block.size:
@@ -179,47 +260,27 @@ def audit_blocks(
             floor_loss = max(floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
                 floor_grad = max(floor_grad, floor_norm_error(reference.grad, fmt))
+        full: RowsView = (None, block, targets, reference, options)
+        kept: RowsView | None = None
         for tally in [*tallies, *hidden]:
-            outcome = None
             if tally.status is None and not tally.deferred:
-                outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
+                view = full
+                if id(tally) in dropping:
+                    kept = kept or _kept_view(full, weight, grad)
+                    view = kept
+                run_on(tally, first_row, view, whole)
             if progress and tally not in hidden:
                 progress(step)
-            if outcome is None:
-                continue
-            if outcome.mean:
-                if whole:
-                    tally.score_mean(outcome, reference, fmt, tolerance, grad)
-                else:
-                    tally.deferred = True
-                continue
-            value = outcome.value.reshape(-1)
-            errors = tally.score(outcome, value, reference, reference.loss, reference.grad, fmt, tolerance)
-            if keep_rows and tally not in hidden:
-                reduced = options.reduction != "none"
-                row_results.extend(
-                    RowResult(
-                        tally.impl.name,
-                        fmt.name,
-                        tally.device,
-                        -1 if reduced else first_row + i,
-                        -1 if reduced or targets.ndim != 1 else int(targets[i]),
-                        float(reference.loss[i]),
-                        float(value[i]),
-                        float(errors.abs_err[i]),
-                        float(errors.rel_err[i]),
-                        float(errors.ulp_err[i]),
-                    )
-                    for i in range(value.shape[0])
-                )
     deferred = [tally for tally in [*tallies, *hidden] if tally.deferred and tally.status is None]
     if deferred:
         block, targets = source.whole_batch(fmt)
-        reference = reference_loss(block, targets, options, weight=weight, grad=grad)
+        whole_reference = reference_loss(block, targets, options, weight=weight, grad=grad)
+        full = (None, block, targets, whole_reference, options)
+        kept = None
         for tally in deferred:
-            outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
-            if outcome is not None:
-                tally.score_mean(outcome, reference, fmt, tolerance, grad)
+            if id(tally) in dropping:
+                kept = kept or _kept_view(full, weight, grad)
+            run_on(tally, 0, kept if id(tally) in dropping else full, True)
     floor = Side(floor_loss, False, floor_grad if grad else float("nan"))
     cells = [
         tally.to_cell(fmt, label, grad, max_logit, max_reference, floor, baselines.get(tally.device))

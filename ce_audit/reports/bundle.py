@@ -1,4 +1,5 @@
-"""The files of one audit: summary.csv, rows.csv (when there are per-row results) and report.json."""
+"""The files of one audit: summary.csv, rows.csv (a replay's always, a sweep's when it kept rows) and
+report.json."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def write_reports(
     """Write the audit's report files into ``out``; their paths, in the order written."""
     out = Path(out)
     paths = [write_summary_csv(result.cells, out / "summary.csv")]
-    if result.row_results:
+    if result.row_results or command == "replay":
         paths.append(write_rows_csv(result.row_results, out / "rows.csv"))
     paths.append(write_report_json(result, out / "report.json", command, extra))
     return [str(path) for path in paths]
