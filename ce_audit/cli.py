@@ -81,6 +81,14 @@ FailOnOption = Annotated[
 GradOption = Annotated[
     bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too (default: on).")
 ]
+SaveFailuresOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-failures",
+        help="Save each failing cell's worst rows (.npy, .pt) and the `ce-audit replay` command that shows "
+        "the failure again, one folder per cell under this directory.",
+    ),
+]
 PluginOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -121,6 +129,21 @@ def _write_reports(result: Any, out: Path, command: str, extra: dict[str, Any] |
     return write_reports(result, out, command, extra)
 
 
+def _reproducer_sink(directory: Path | None) -> Any:
+    if directory is None:
+        return None
+    from ce_audit.reproducers import ReproducerSink
+
+    return ReproducerSink()
+
+
+def _write_reproducers(sink: Any, directory: Path | None) -> list[str]:
+    """The command.txt of each reproducer written (one folder per failing cell)."""
+    if sink is None or directory is None:
+        return []
+    return [str(folder / "command.txt") for folder in sink.write(directory).values()]
+
+
 @app.command()
 @_user_errors
 @with_loss_options(grid=True)
@@ -147,6 +170,7 @@ def sweep(
     out: OutOption = None,
     quiet: QuietOption = False,
     fail_on: FailOnOption = None,
+    save_failures: SaveFailuresOption = None,
     **loss_options: Any,
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss."""
@@ -172,9 +196,11 @@ def sweep(
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
     progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
+    reproducers = _reproducer_sink(save_failures)
     with progress:
-        result = run_sweep(resolved, progress=advance)
+        result = run_sweep(resolved, progress=advance, reproducers=reproducers)
     paths = _write_reports(result, Path(resolved.out), "sweep")
+    paths += _write_reproducers(reproducers, save_failures)
     if quiet:
         for path in paths:
             console.print(path, markup=False)
@@ -211,6 +237,10 @@ def replay(
     out: OutOption = None,
     quiet: QuietOption = False,
     fail_on: FailOnOption = None,
+    save_failures: SaveFailuresOption = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the drawn options (weights, masks, ignored rows).")
+    ] = None,
     **loss_options: Any,
 ) -> None:
     """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json.
@@ -230,10 +260,12 @@ def replay(
             "out": str(out) if out else None,
             "dtypes": dtype or None,
             "plugins": plugin or None,
+            "seed": seed,
             **option_overrides(loss_options, grid=False),
         },
     )
     _check_fail_on(fail_on)
+    reproducers = _reproducer_sink(save_failures)
     result = run_replay(
         logits,
         targets,
@@ -241,9 +273,11 @@ def replay(
         dtypes=list(dtype) if dtype else None,
         logits_key=logits_key,
         targets_key=targets_key,
+        reproducers=reproducers,
     )
     inputs = {"logits": str(logits), "targets": str(targets if targets is not None else logits)}
     paths = _write_reports(result, Path(resolved.out), "replay", {"inputs": inputs})
+    paths += _write_reproducers(reproducers, save_failures)
     console = _console()
     if quiet:
         for path in paths:

@@ -22,6 +22,7 @@ from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
 from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
 from ce_audit.reference_variants import reference_loss
+from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
 from ce_audit.scoring import CaseLabel, CellTally
 from ce_audit.statuses import Status, first_line
@@ -188,12 +189,14 @@ def audit_blocks(
     grad: bool,
     keep_rows: bool = False,
     progress: Progress | None = None,
+    reproducers: ReproducerSink | None = None,
 ) -> tuple[list[Cell], list[RowResult]]:
     """Audit every implementation on every device over the row blocks of one (case, dtype).
 
     The reference is computed once per block and shared by every cell. An implementation that returns
     a 0-d mean where per-row losses are asked for must see the whole batch: when the batch spans several
-    blocks it is called once more on ``source.whole_batch``.
+    blocks it is called once more on ``source.whole_batch``. With ``reproducers``, each cell's worst rows
+    are tracked and a failing cell's are handed to it.
     """
     options, label = source.options, source.label
     weight = source.weight(fmt)
@@ -209,27 +212,40 @@ def audit_blocks(
     max_logit, max_reference = float("-inf"), float("-inf")
     floor_loss = floor_grad = 0.0
     step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(tallies), 1))  # one unit per (case, dtype)
+    worst: dict[int, WorstRows] = {id(t): reproducers.tracker() for t in tallies} if reproducers else {}
 
     def run_on(tally: CellTally, first_row: int, view: RowsView, whole: bool) -> None:
         """Call one implementation on the rows of ``view`` and score it against their reference."""
         rows, block, targets, reference, call_options = view
         if rows is not None and not rows.size:
             return  # every row of this block is ignored: nothing to call it on
+        tracker = worst.get(id(tally))
+        reduced = call_options.reduction != "none"
         outcome = _call(tally, block, targets, fmt, settings, grad, call_options, weight)
         if outcome is None:
+            if tracker is not None and tally.status == Status.ERROR:
+                tracker.offer_error(first_row, block, targets, reduced)
             return
         if id(tally) in dropping:
             tally.notes = tally.notes or DROPPED_NOTE
         if outcome.mean:
             if whole:
                 tally.score_mean(outcome, reference, fmt, tolerance, grad)
+                if tracker is not None:
+                    tracker.offer_batch(block, targets, np.inf)
             else:
                 tally.deferred = True
             return
         value = outcome.value.reshape(-1)
         errors = tally.score(outcome, value, reference, reference.loss, reference.grad, fmt, tolerance)
+        if tracker is not None:
+            badness = row_badness(errors, outcome.grad)
+            if reduced:
+                tracker.offer_batch(block, targets, float(badness[0]))
+            else:
+                index = np.arange(value.shape[0]) if rows is None else rows
+                tracker.offer(first_row + index, badness, block, targets)
         if keep_rows and tally not in hidden:
-            reduced = call_options.reduction != "none"
             index = np.arange(value.shape[0]) if rows is None else rows
             row_results.extend(
                 RowResult(
@@ -286,6 +302,10 @@ def audit_blocks(
         tally.to_cell(fmt, label, grad, max_logit, max_reference, floor, baselines.get(tally.device))
         for tally in tallies
     ]
+    if reproducers is not None:
+        for tally, cell in zip(tallies, cells, strict=True):
+            own = without_ignored(options) if id(tally) in dropping else options
+            reproducers.add(cell, worst[id(tally)], tally.impl, own, label.seed)
     return cells, row_results
 
 
@@ -312,6 +332,7 @@ def audit_source(
     grad: bool,
     keep_rows: bool = False,
     progress: Progress | None = None,
+    reproducers: ReproducerSink | None = None,
 ) -> tuple[list[Cell], list[RowResult]]:
     """Every dtype of one source: its cells (skipped with the reason where the dtype cannot be audited)."""
     cells: list[Cell] = []
@@ -325,7 +346,7 @@ def audit_source(
             continue
         fmt_cells, fmt_rows = audit_blocks(
             source, fmt, impls, devices, settings=settings, tolerance=tolerances[fmt.name], grad=grad,
-            keep_rows=keep_rows, progress=progress,
+            keep_rows=keep_rows, progress=progress, reproducers=reproducers,
         )  # fmt: skip
         cells += fmt_cells
         row_results += fmt_rows

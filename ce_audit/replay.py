@@ -24,6 +24,7 @@ from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices
+from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult
 from ce_audit.scoring import CaseLabel
 from ce_audit.statuses import message_line
@@ -32,6 +33,7 @@ DEFAULT_LOGITS_KEY = "logits"
 DEFAULT_TARGETS_KEY = "targets"
 SUFFIXES = ".npy, .pt or .safetensors"
 _SCAN_BYTES = 64 << 20  # rows read at a time when scanning the logits for NaN, +inf and their range
+REPLAY_BLOCK_MIB = 32  # rows per block: 32 MiB in working precision; the audit of a block takes ~10x that
 
 # safetensors dtype codes (the format's header, https://github.com/huggingface/safetensors)
 _SAFETENSORS_DTYPES = {
@@ -377,8 +379,10 @@ def run_replay(
     *,
     logits_key: str | None = None,
     targets_key: str | None = None,
+    reproducers: ReproducerSink | None = None,
 ) -> AuditResult:
-    """Audit the implementations of ``config`` on the dumped logits, per dtype (default: the file's)."""
+    """Audit the implementations of ``config`` on the dumped logits, per dtype (default: the file's).
+    ``reproducers`` collects the worst rows of every failing cell."""
     started, clock = time.time(), time.perf_counter()
     logits, raw_targets, _ = load_dump(
         logits_path, targets_path, logits_key=logits_key, targets_key=targets_key
@@ -395,11 +399,12 @@ def run_replay(
     audited = list(dtypes or [_file_format_name(logits)])
     config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
     label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
-    source = FileSource(logits, targets, options, label, weight, config.block_mib << 20, peak, config.seed)
+    budget = min(config.block_mib, REPLAY_BLOCK_MIB) << 20
+    source = FileSource(logits, targets, options, label, weight, budget, peak, config.seed)
     cells, row_results = audit_source(
         source, [float_format(name) for name in audited], impls, devices,
         settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,
-        keep_rows=True,
+        keep_rows=True, reproducers=reproducers,
     )  # fmt: skip
     return AuditResult(
         config=config,

@@ -21,6 +21,7 @@ from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, Progress, audit_source, implementations_and_devices, overflow_peak
+from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
 from ce_audit.scoring import CaseLabel
 
@@ -92,7 +93,9 @@ class CaseSource:
         return None
 
 
-def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell], list[str]]:
+def _run_grid(
+    config: SweepConfig, progress: Progress | None, reproducers: ReproducerSink | None = None
+) -> tuple[list[Cell], list[str]]:
     impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
     cases = build_cases(
         config.distributions, config.scales, config.offsets, config.vocabs, config.batches, config.seed
@@ -116,21 +119,23 @@ def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell
                 source = CaseSource(case, options, label, config.block_mib << 20)
                 case_cells, _ = audit_source(
                     source, formats, family_impls, devices, settings=settings, tolerances=config.tolerances,
-                    grad=config.grad, progress=progress,
+                    grad=config.grad, progress=progress, reproducers=reproducers,
                 )  # fmt: skip
                 cells += case_cells
     return cells, devices
 
 
-def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditResult:
+def run_sweep(
+    config: SweepConfig, progress: Progress | None = None, reproducers: ReproducerSink | None = None
+) -> AuditResult:
     """Run the whole grid of ``config`` (each of its [[grids]] in turn); one cell per implementation,
-    dtype, device and case."""
+    dtype, device and case. ``reproducers`` collects the worst rows of every failing cell."""
     started = time.time()
     clock = time.perf_counter()
     cells: list[Cell] = []
     devices: list[str] = []
     for grid in config.expanded():
-        grid_cells, grid_devices = _run_grid(grid, progress)
+        grid_cells, grid_devices = _run_grid(grid, progress, reproducers)
         cells += grid_cells
         devices += [device for device in grid_devices if device not in devices]
     return AuditResult(
