@@ -291,12 +291,14 @@ def audit_blocks(
     if deferred:
         block, targets = source.whole_batch(fmt)
         whole_reference = reference_loss(block, targets, options, weight=weight, grad=grad)
-        full = (None, block, targets, whole_reference, options)
+        full = (None, block, targets, whole_reference, options)  # the whole batch now
         kept = None
         for tally in deferred:
+            view = full
             if id(tally) in dropping:
                 kept = kept or _kept_view(full, weight, grad)
-            run_on(tally, 0, kept if id(tally) in dropping else full, True)
+                view = kept
+            run_on(tally, 0, view, True)
     floor = Side(floor_loss, False, floor_grad if grad else float("nan"))
     cells = [
         tally.to_cell(fmt, label, grad, max_logit, max_reference, floor, baselines.get(tally.device))

@@ -36,7 +36,7 @@ _SCAN_BYTES = 64 << 20  # rows read at a time when scanning the logits for NaN, 
 REPLAY_BLOCK_MIB = 32  # rows per block: 32 MiB in working precision; the audit of a block takes ~10x that
 
 # safetensors dtype codes (the format's header, https://github.com/huggingface/safetensors)
-_SAFETENSORS_DTYPES = {
+_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
@@ -273,8 +273,8 @@ def mask_rows(
     """Set ``mask_fraction`` of each row's logits to −inf in place, never the target; row r draws from its
     own stream (seed, r), so the mask does not depend on how the rows are split into blocks."""
     for i in range(values.shape[0]):
-        masked = np.random.default_rng([seed, 20240607, first_row + i]).random(values.shape[1])
-        masked = masked < options.mask_fraction
+        draws = np.random.default_rng([seed, 20240607, first_row + i]).random(values.shape[1])
+        masked: np.ndarray = np.less(draws, options.mask_fraction)
         if options.probs:
             masked &= targets[i] == 0
         elif targets[i] != options.ignore_index:
