@@ -89,3 +89,23 @@ def test_a_cuda_device_without_a_jax_gpu_is_a_skip_reason(jax):
         pytest.skip("JAX sees a GPU here")
     reason = backends.backend_skip_reason("jax", float_format("float32"), "cuda:0")
     assert reason is not None and "no GPU device 0" in reason
+
+
+def test_the_vjp_gradient_is_softmax_minus_onehot(jax):
+    import numpy as np
+
+    from ce_audit.backends import BlockCall, get_backend
+    from ce_audit.implementations import REGISTRY
+
+    rng = np.random.default_rng(0)
+    block = (4.0 * rng.standard_normal((6, 33))).astype(np.float32)
+    targets = rng.integers(0, 33, size=6)
+    call = BlockCall(block, targets, float_format("float32"), "cpu", {}, True, {}, None, (6,))
+    outcome = get_backend("jax").run(REGISTRY["jax_shifted"], call)
+    z = block.astype(np.float64)
+    softmax = np.exp(z - z.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    softmax[np.arange(6), targets] -= 1.0
+    assert outcome.grad is not None and outcome.grad.shape == (6, 33) and not outcome.wrote_input
+    np.testing.assert_allclose(outcome.grad, softmax, atol=1e-6)
+    assert outcome.value.dtype == np.float64 and outcome.value.shape == (6,)
