@@ -25,6 +25,7 @@ from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, remove
 from ce_audit.options import SPECS_BY_NAME, options_label
 from ce_audit.plugins import ATTRIBUTE, add_function
+from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, Status
 from ce_audit.sweep import run_sweep
@@ -65,8 +66,14 @@ def _where(cell: Cell) -> str:
     return where + f" vocab={cell.vocab} batch={cell.batch}" + (f" {label}" if label else "")
 
 
-def failing_cells(cells: list[Cell], budgets: Sequence[str] = (), strict_grad: bool = False) -> list[str]:
-    """One line per failing cell (see the module docstring), then one per broken budget."""
+def failing_cells(
+    cells: list[Cell],
+    budgets: Sequence[str] = (),
+    strict_grad: bool = False,
+    reproducers: dict[Cell, Path] | None = None,
+) -> list[str]:
+    """One line per failing cell (see the module docstring), then one per broken budget; a cell with a
+    saved reproducer names its folder."""
     lines = []
     for cell in cells:
         problems = []
@@ -83,6 +90,9 @@ def failing_cells(cells: list[Cell], budgets: Sequence[str] = (), strict_grad: b
                 cell.error if cell.grad_status == Status.ERROR else f"max rel err {cell.grad_max_rel_err:.3g}"
             )
             problems.append(f"gradient {cell.grad_status} ({detail})")
+        saved = (reproducers or {}).get(cell)
+        if saved is not None:
+            problems.append(f"reproducer: {saved / 'command.txt'}")
         if problems:
             lines.append(f"{_where(cell)}: {'; '.join(problems)}")
     for budget in (parse_budget(text) for text in budgets):
@@ -161,6 +171,7 @@ def check(
     strict_grad: bool = False,
     supports: Sequence[str] = (),
     adapter: Mapping[str, Any] | None = None,
+    save_failures: str | Path | None = None,
     **options: Any,
 ) -> CheckReport:
     """Audit one or more implementations (functions or registered names) and return a CheckReport.
@@ -173,7 +184,8 @@ def check(
     line names the cell and its worst row (the first non-finite one, else the largest ULP error).
     ``options``: loss options by their names in the option table (``reduction="mean"``,
     ``label_smoothing=[0.0, 0.1]``, ``softcap=30``, ``margin=4``, ``ignore_index=-1``, …); a single value or
-    a list for the grid options, as on the command line.
+    a list for the grid options, as on the command line. ``save_failures``: a directory where each failing
+    cell's worst rows and its `ce-audit replay` command are saved; its failure line names the file.
     """
     option_overrides = _option_overrides(options)
     targets = [impl] if isinstance(impl, str) or callable(impl) else list(impl)
@@ -213,9 +225,11 @@ def check(
         )
         for text in resolved.budgets:
             parse_budget(text)  # a bad budget is an AuditError before the sweep, not after
-        result = run_sweep(resolved)
+        sink = ReproducerSink() if save_failures is not None else None
+        result = run_sweep(resolved, reproducers=sink)
     finally:
         for name in temporary:
             remove(name)
-    failures = failing_cells(result.cells, resolved.budgets, strict_grad)
+    saved = sink.write(save_failures) if sink is not None and save_failures is not None else None
+    failures = failing_cells(result.cells, resolved.budgets, strict_grad, saved)
     return CheckReport(result.cells, failures, resolved, result.seconds)

@@ -10,6 +10,7 @@ To add a backend: a subclass of ``Backend`` here, and its name in ``BACKEND_CLAS
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -218,7 +219,98 @@ class NumpyBackend(Backend):
         return Outcome(losses.astype(np.float64), None, None, wrote, mean, value_dtype)
 
 
-BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "numpy": NumpyBackend}
+JAX_MISSING = "JAX is not installed: pip install 'ce-audit[jax]'"
+
+
+class JaxBackend(Backend):
+    """JAX: arrays of the audited dtype (bfloat16 and float16 native) on a JAX device, gradients by
+    ``jax.vjp`` with a cotangent of ones (the gradient of the sum of the result, as torch's backward).
+
+    Float64 needs ``jax_enable_x64``: it is turned on for the call (targets are then int64, else int32)
+    and restored after. ``cuda`` / ``cuda:N`` map to JAX's GPU devices where JAX has them.
+    """
+
+    name = "jax"
+    takes_gradients = True
+    uses_accelerators = True
+
+    def __init__(self) -> None:
+        import jax
+
+        self.jax = jax
+
+    @classmethod
+    def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
+        if importlib.util.find_spec("jax") is None:
+            return JAX_MISSING
+        if device == "cpu":
+            return None
+        if device == "mps":
+            return "JAX implementations run on the CPU or a CUDA GPU, not MPS"
+        return cls._gpu_missing(device)
+
+    @staticmethod
+    def _gpu_missing(device: str) -> str | None:
+        import jax
+
+        index = int(device.partition(":")[2] or 0)
+        try:
+            count = len(jax.devices("gpu"))
+        except RuntimeError:
+            count = 0
+        return None if index < count else f"JAX has no GPU device {index} here (jaxlib without CUDA?)"
+
+    def device(self, device: str) -> Any:
+        if device == "cpu":
+            return self.jax.devices("cpu")[0]
+        return self.jax.devices("gpu")[int(device.partition(":")[2] or 0)]
+
+    def run(self, impl: Any, call: BlockCall) -> Outcome:
+        jax = self.jax
+        x64 = bool(jax.config.jax_enable_x64)
+        wide = call.fmt.name == "float64" or x64
+        jax.config.update("jax_enable_x64", wide)
+        try:
+            return self._run(impl, call, wide)
+        finally:
+            jax.config.update("jax_enable_x64", x64)
+
+    def _run(self, impl: Any, call: BlockCall, wide: bool) -> Outcome:
+        jax = self.jax
+        where = self.device(call.device)
+        logits = jax.device_put(call.block, where)
+        targets = call.targets
+        if targets.dtype.kind == "i":
+            targets = targets.astype(np.int64 if wide else np.int32)
+        target_array = jax.device_put(targets, where)
+        options = dict(call.options)
+        if call.weight is not None:
+            options["weight"] = jax.device_put(call.weight, where)
+
+        def loss(z: Any) -> Any:
+            return impl(z, target_array, call.settings, options)
+
+        grad, grad_error = None, None
+        if call.want_grad:
+            losses, pullback = jax.vjp(loss, logits)
+        else:
+            losses = loss(logits)
+        if not isinstance(losses, jax.Array):
+            raise TypeError(f"returned {type_name(losses)}, expected a jax.Array")
+        if not impl.builtin and losses.dtype != logits.dtype:
+            raise TypeError(f"returned {losses.dtype}, expected {call.fmt.name} (the audited dtype)")
+        mean = check_shape(tuple(losses.shape), call.shape)
+        value = np.asarray(losses).astype(np.float64)
+        if call.want_grad:
+            try:
+                (cotangent,) = pullback(jax.numpy.ones_like(losses))
+                grad = np.asarray(cotangent).astype(np.float64)
+            except Exception as error:  # noqa: BLE001 - a failing gradient is recorded, not raised
+                grad_error = first_line(error)
+        return Outcome(value, grad, grad_error, False, mean)  # JAX arrays are immutable
+
+
+BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "numpy": NumpyBackend, "jax": JaxBackend}
 BACKEND_NAMES = tuple(BACKEND_CLASSES)
 _INSTANCES: dict[str, Backend] = {}
 

@@ -175,6 +175,14 @@ FailOnOption = Annotated[
 GradOption = Annotated[
     bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too. Default: on.")
 ]
+SaveFailuresOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-failures",
+        help="Save each failing cell's worst rows (.npy, .pt) and the `ce-audit replay` command that shows "
+        "the failure again, one folder per cell under this directory.",
+    ),
+]
 PluginOption = Annotated[
     list[str] | None,
     typer.Option(
@@ -212,6 +220,21 @@ def _report_directory(out: Path) -> Any:
     from ce_audit.reports.bundle import ReportDirectory
 
     return ReportDirectory(out)
+
+
+def _reproducer_sink(directory: Path | None) -> Any:
+    if directory is None:
+        return None
+    from ce_audit.reproducers import ReproducerSink
+
+    return ReproducerSink()
+
+
+def _write_reproducers(sink: Any, directory: Path | None) -> list[str]:
+    """The command.txt of each reproducer written (one folder per failing cell)."""
+    if sink is None or directory is None:
+        return []
+    return [str(folder / "command.txt") for folder in sink.write(directory).values()]
 
 
 @app.command(
@@ -288,6 +311,7 @@ def sweep(
     detail: DetailOption = False,
     output_format: FormatOption = "table",
     fail_on: FailOnOption = None,
+    save_failures: SaveFailuresOption = None,
     **loss_options: Any,
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss.
@@ -317,10 +341,12 @@ def sweep(
     _check_fail_on(fail_on)
     _check_format(output_format)
     resolved = _with_plugins(load_config(config, overrides, search_from=Path.cwd()), plugin)
+    reproducers = _reproducer_sink(save_failures)
     with _report_directory(Path(resolved.out)) as target:
         with progress_reporter(sweep_size(resolved), quiet=quiet) as advance:
-            result = run_sweep(resolved, progress=advance)
+            result = run_sweep(resolved, progress=advance, reproducers=reproducers)
         paths = target.write(result, "sweep")
+    paths += _write_reproducers(reproducers, save_failures)
     _print_result(result, paths, "sweep", None, output_format, quiet, detail)
     _exit_on(result.cells, fail_on)
 
@@ -335,14 +361,28 @@ def sweep(
 @_user_errors
 @with_loss_options(grid=False)
 def replay(
-    logits: Annotated[Path, typer.Argument(metavar="LOGITS", help="(N, V) logits, .npy or .pt.")],
-    targets: Annotated[
+    logits: Annotated[
         Path,
         typer.Argument(
-            metavar="TARGETS",
-            help="(N,) integer targets (ignore_index allowed) or (N, V) probabilities.",
+            metavar="LOGITS", help="(N, V) or (B, T, V) logits: .npy, .pt or .safetensors (memory-mapped)."
         ),
     ],
+    targets: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[TARGETS]",
+            help="(N,) or (B, T) integer targets (ignore_index allowed) or probabilities shaped as the "
+            "logits. Leave out when the logits file (.safetensors or a .pt dict) holds both.",
+        ),
+    ] = None,
+    logits_key: Annotated[
+        str | None,
+        typer.Option("--logits-key", metavar="NAME", help="Name of the logits in a file of named tensors."),
+    ] = None,
+    targets_key: Annotated[
+        str | None,
+        typer.Option("--targets-key", metavar="NAME", help="Name of the targets in a file of named tensors."),
+    ] = None,
     dtype: ReplayDtypeOption = None,
     device: DeviceOption = None,
     impl: ImplOption = None,
@@ -353,12 +393,19 @@ def replay(
     detail: DetailOption = False,
     output_format: FormatOption = "table",
     fail_on: FailOnOption = None,
+    save_failures: SaveFailuresOption = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the drawn options (weights, masks, ignored rows).")
+    ] = None,
     **loss_options: Any,
 ) -> None:
     """Audit logits dumped from a real model; writes summary.csv, rows.csv and report.json.
 
-    LOGITS is an (N, V) array, TARGETS (N,) class indices or (N, V) probabilities, each a .npy file or a
-    .pt file (read without running code). Loss options take one value each."""
+
+    LOGITS is an (N, V) or (B, T, V) array, TARGETS (N,) or (B, T) class indices or probabilities shaped
+    as the logits, each a .npy, .pt or .safetensors file (read without running code). Every
+    implementation is audited on the rows whose target is not --ignore-index (PyTorch's -100); one that
+    cannot ignore rows is called on those rows only. Loss options take one value each."""
     from ce_audit.config import load_config
     from ce_audit.dtypes import canonical_dtype
     from ce_audit.replay import run_replay
@@ -370,15 +417,22 @@ def replay(
         "grad": grad,
         "out": str(out) if out else None,
         "dtypes": dtypes,
+        "seed": seed,
         **option_overrides(loss_options, grid=False),
     }
     _check_fail_on(fail_on)
     _check_format(output_format)
     resolved = _with_plugins(load_config(None, overrides, search_from=Path.cwd()), plugin)
-    extra = {"inputs": {"logits": str(logits), "targets": str(targets)}}
+    inputs = {"logits": str(logits), "targets": str(targets if targets is not None else logits)}
+    extra = {"inputs": inputs}
+    reproducers = _reproducer_sink(save_failures)
     with _report_directory(Path(resolved.out)) as target:
-        result = run_replay(logits, targets, resolved, dtypes=dtypes)
+        result = run_replay(
+            logits, targets, resolved, dtypes=dtypes, logits_key=logits_key, targets_key=targets_key,
+            reproducers=reproducers,
+        )  # fmt: skip
         paths = target.write(result, "replay", extra)
+    paths += _write_reproducers(reproducers, save_failures)
     _print_result(result, paths, "replay", extra, output_format, quiet, detail)
     _exit_on(result.cells, fail_on)
 

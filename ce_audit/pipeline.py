@@ -24,6 +24,7 @@ from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
 from ce_audit.reference_device import block_reference, reference_device
 from ce_audit.reference_variants import reference_loss
+from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
 from ce_audit.scoring import CaseLabel, CellTally
 from ce_audit.statuses import Status, first_line
@@ -52,6 +53,32 @@ class BlockSource(Protocol):
 
     def weight(self, fmt: FloatFormat) -> np.ndarray | None:
         """Per-class weights in ``fmt``, or None."""
+
+
+DROPPED_NOTE = "ignored rows left out of its call and of its reference (it does not support ignore_index)"
+
+
+def drops_ignored_rows(source: BlockSource, impl: Implementation) -> bool:
+    """Whether ``impl`` is audited on the rows that are not ignored: the source asks for it
+    (``drop_ignored_rows``, a replay) and the implementation cannot ignore rows itself."""
+    options = source.options
+    return (
+        getattr(source, "drop_ignored_rows", False)
+        and options.ignore_fraction > 0
+        and not options.probs
+        and "ignore_index" not in impl.supports
+    )
+
+
+def without_ignored(options: LossOptions) -> LossOptions:
+    """The options of a call on the rows that are not ignored: nothing left to ignore."""
+    return replace(options, ignore_fraction=0.0)
+
+
+def _kept(block: np.ndarray, targets: np.ndarray, options: LossOptions) -> np.ndarray | None:
+    """Indices of the rows not ignored (None: every row is kept)."""
+    ignored = targets == options.ignore_index
+    return None if not ignored.any() else np.flatnonzero(~ignored)
 
 
 def overflow_peak(values: np.ndarray, fmt: FloatFormat) -> float | None:
@@ -156,6 +183,21 @@ def _baselines(
     return by_device, hidden
 
 
+# (row indices in the block or None for all, logits, targets, their reference, the options of the call)
+RowsView = tuple[np.ndarray | None, np.ndarray, np.ndarray, Any, LossOptions]
+
+
+def _kept_view(full: RowsView, weight: np.ndarray | None, grad: bool) -> RowsView:
+    """The rows of a block that are not ignored, with their own reference (options without ignoring)."""
+    _, block, targets, reference, options = full
+    rows = _kept(block, targets, options)
+    own = without_ignored(options)
+    if rows is None:
+        return (None, block, targets, reference, own)
+    block, targets = block[rows], targets[rows]
+    return (rows, block, targets, reference_loss(block, targets, own, weight=weight, grad=grad), own)
+
+
 def audit_blocks(
     source: BlockSource,
     fmt: FloatFormat,
@@ -167,19 +209,23 @@ def audit_blocks(
     grad: bool,
     keep_rows: bool = False,
     progress: Progress | None = None,
+    reproducers: ReproducerSink | None = None,
 ) -> tuple[list[Cell], list[RowResult]]:
     """Audit every implementation on every device over the row blocks of one (case, dtype).
 
     The reference is computed once per block and shared by every cell, on the first CUDA device audited
     where ``reference_device`` allows (else in NumPy on the CPU). An implementation that returns
     a 0-d mean where per-row losses are asked for must see the whole batch: when the batch spans several
-    blocks it is called once more on ``source.whole_batch``.
+    blocks it is called once more on ``source.whole_batch``. With ``reproducers``, each cell's worst rows
+    are tracked and a failing cell's are handed to it.
     """
     options, label = source.options, source.label
     weight = source.weight(fmt)
     tallies = [CellTally(impl, device) for impl in impls for device in devices]
+    dropping = {id(t) for t in tallies if drops_ignored_rows(source, t.impl)}
     for tally in tallies:
-        reason = _skip(tally.impl, fmt, tally.device, options)
+        own = without_ignored(options) if id(tally) in dropping else options
+        reason = _skip(tally.impl, fmt, tally.device, own)
         if reason:
             tally.fail(Status.SKIPPED, reason)
     baselines, hidden = _baselines(tallies, devices, fmt, options)
@@ -188,6 +234,68 @@ def audit_blocks(
     floor_loss = floor_grad = 0.0
     step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(tallies), 1))  # one unit per (case, dtype)
     on_device = reference_device(devices)
+    worst: dict[int, WorstRows] = {id(t): reproducers.tracker() for t in tallies} if reproducers else {}
+
+    means: dict[int, Any] = {}  # the exact batch mean of a view (for 0-d results), by id(view)
+
+    def mean_reference(view: RowsView) -> Any:
+        if id(view) not in means:
+            _, block, targets, _, call_options = view
+            means[id(view)] = _mean_reference(block, targets, call_options, weight, grad)
+        return means[id(view)]
+
+    def run_on(tally: CellTally, first_row: int, view: RowsView, whole: bool) -> None:
+        """Call one implementation on the rows of ``view`` and score it against their reference."""
+        rows, block, targets, reference, call_options = view
+        if rows is not None and not rows.size:
+            return  # every row of this block is ignored: nothing to call it on
+        tracker = worst.get(id(tally))
+        reduced = call_options.reduction != "none"
+        outcome = _call(tally, block, targets, fmt, settings, grad, call_options, weight)
+        if outcome is None:
+            if tracker is not None and tally.status == Status.ERROR:
+                tracker.offer_error(first_row, block, targets, reduced)
+            return
+        if id(tally) in dropping:
+            tally.notes = tally.notes or DROPPED_NOTE
+        if outcome.mean:
+            if whole:
+                tally.score_mean(outcome, mean_reference(view), fmt, tolerance, grad)
+                if tracker is not None:
+                    tracker.offer_batch(block, targets, np.inf)
+            else:
+                tally.deferred = True
+            return
+        value = outcome.value.reshape(-1)
+        per_row = not reduced and call_options.family != "binary" and rows is None
+        errors = tally.score(
+            outcome, value, reference, reference.loss, reference.grad, fmt, tolerance,
+            first_row if per_row else None,
+        )  # fmt: skip
+        if tracker is not None:
+            badness = row_badness(errors, outcome.grad)
+            if reduced:
+                tracker.offer_batch(block, targets, float(badness[0]))
+            else:
+                index = np.arange(value.shape[0]) if rows is None else rows
+                tracker.offer(first_row + index, badness, block, targets)
+        if keep_rows and tally not in hidden:
+            index = np.arange(value.shape[0]) if rows is None else rows
+            row_results.extend(
+                RowResult(
+                    tally.impl.name,
+                    fmt.name,
+                    tally.device,
+                    -1 if reduced else first_row + int(index[i]),
+                    -1 if reduced or targets.ndim != 1 else int(targets[i]),
+                    float(reference.loss[i]),
+                    float(value[i]),
+                    float(errors.abs_err[i]),
+                    float(errors.rel_err[i]),
+                    float(errors.ulp_err[i]),
+                )
+                for i in range(value.shape[0])
+            )
 
     for first_row, block, targets in source.blocks(fmt):
         if block.size:
@@ -202,59 +310,40 @@ def audit_blocks(
             floor_loss = max(floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
                 floor_grad = max(floor_grad, floor_norm_error(reference.grad, fmt))
-        mean_reference = None
+        means.clear()
+        full: RowsView = (None, block, targets, reference, options)
+        kept: RowsView | None = None
         for tally in [*tallies, *hidden]:
-            outcome = None
             if tally.status is None and not tally.deferred:
-                outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
+                view = full
+                if id(tally) in dropping:
+                    kept = kept or _kept_view(full, weight, grad)
+                    view = kept
+                run_on(tally, first_row, view, whole)
             if progress and tally not in hidden:
                 progress(step)
-            if outcome is None:
-                continue
-            if outcome.mean:
-                if whole:
-                    if mean_reference is None:
-                        mean_reference = _mean_reference(block, targets, options, weight, grad)
-                    tally.score_mean(outcome, mean_reference, fmt, tolerance, grad)
-                else:
-                    tally.deferred = True
-                continue
-            value = outcome.value.reshape(-1)
-            per_row = options.reduction == "none" and options.family != "binary"
-            errors = tally.score(
-                outcome, value, reference, reference.loss, reference.grad, fmt, tolerance,
-                first_row if per_row else None,
-            )  # fmt: skip
-            if keep_rows and tally not in hidden:
-                reduced = options.reduction != "none"
-                row_results.extend(
-                    RowResult(
-                        tally.impl.name,
-                        fmt.name,
-                        tally.device,
-                        -1 if reduced else first_row + i,
-                        -1 if reduced or targets.ndim != 1 else int(targets[i]),
-                        float(reference.loss[i]),
-                        float(value[i]),
-                        float(errors.abs_err[i]),
-                        float(errors.rel_err[i]),
-                        float(errors.ulp_err[i]),
-                    )
-                    for i in range(value.shape[0])
-                )
     deferred = [tally for tally in [*tallies, *hidden] if tally.deferred and tally.status is None]
     if deferred:
         block, targets = source.whole_batch(fmt)
-        reference = _mean_reference(block, targets, options, weight, grad)
+        whole_reference = block_reference(block, targets, options, weight=weight, grad=grad, device=on_device)
+        full = (None, block, targets, whole_reference, options)  # the whole batch now
+        kept = None
+        means.clear()
         for tally in deferred:
-            outcome = _call(tally, block, targets, fmt, settings, grad, options, weight)
-            if outcome is not None:
-                tally.score_mean(outcome, reference, fmt, tolerance, grad)
+            view = full
+            if id(tally) in dropping:
+                kept = kept or _kept_view(full, weight, grad)
+                view = kept
+            run_on(tally, 0, view, True)
     floor = Side(floor_loss, False, floor_grad if grad else float("nan"))
     cells = [
         tally.to_cell(fmt, label, grad, max_logit, max_reference, floor, baselines.get(tally.device))
         for tally in tallies
     ]
+    if reproducers is not None:
+        for tally, cell in zip(tallies, cells, strict=True):
+            own = without_ignored(options) if id(tally) in dropping else options
+            reproducers.add(cell, worst[id(tally)], tally.impl, own, label.seed)
     return cells, row_results
 
 
@@ -281,6 +370,7 @@ def audit_source(
     grad: bool,
     keep_rows: bool = False,
     progress: Progress | None = None,
+    reproducers: ReproducerSink | None = None,
 ) -> tuple[list[Cell], list[RowResult]]:
     """Every dtype of one source: its cells (skipped with the reason where the dtype cannot be audited)."""
     cells: list[Cell] = []
@@ -294,7 +384,7 @@ def audit_source(
             continue
         fmt_cells, fmt_rows = audit_blocks(
             source, fmt, impls, devices, settings=settings, tolerance=tolerances[fmt.name], grad=grad,
-            keep_rows=keep_rows, progress=progress,
+            keep_rows=keep_rows, progress=progress, reproducers=reproducers,
         )  # fmt: skip
         cells += fmt_cells
         row_results += fmt_rows

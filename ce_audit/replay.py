@@ -8,6 +8,7 @@ are drawn from the seed as in a sweep. A reduction is computed over all rows in 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -22,19 +23,38 @@ from ce_audit.devices import device_description
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
-from ce_audit.pipeline import (
-    Block,
-    audit_source,
-    implementations_and_devices,
-    overflow_peak,
-    row_multiple,
-)
+from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
+from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult
 from ce_audit.scoring import CaseLabel
 from ce_audit.statuses import message_line
 
+DEFAULT_LOGITS_KEY = "logits"
+DEFAULT_TARGETS_KEY = "targets"
+SUFFIXES = ".npy, .pt or .safetensors"
+_SCAN_BYTES = 64 << 20  # rows read at a time when scanning the logits for NaN, +inf and their range
+REPLAY_BLOCK_MIB = 32  # rows per block: 32 MiB in working precision; the audit of a block takes ~10x that
+
+# safetensors dtype codes (the format's header, https://github.com/huggingface/safetensors)
+_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": FORMATS["bfloat16"].numpy_dtype,
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "U16": np.dtype(np.uint16),
+    "U32": np.dtype(np.uint32),
+    "U64": np.dtype(np.uint64),
+    "BOOL": np.dtype(np.bool_),
+}
+
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes.bfloat16), sharing its memory map."""
     import torch
 
     tensor = tensor.detach().cpu()
@@ -43,24 +63,78 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
-def load_array(path: str | Path, what: str) -> np.ndarray:
-    """Read a .npy (no pickles) or .pt (torch.load weights_only) file into a NumPy array."""
-    path = Path(path)
+def _safetensors_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file as a read-only memory map: the header is JSON, nothing runs."""
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short for a safetensors header")
+        size = int.from_bytes(head, "little")
+        if size > min(100 << 20, path.stat().st_size - 8):
+            raise ValueError("header length past the end of the file")
+        header = json.loads(stream.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, stop = (int(n) for n in entry["data_offsets"])
+        if stop - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: its byte range does not match its shape")
+        if stop == begin:
+            arrays[name] = np.zeros(shape, dtype=dtype)
+        else:
+            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=shape)
+    return arrays
+
+
+def _pt_contents(path: Path) -> Any:
+    """torch.load with weights_only (no pickled code) and a memory map where the file format allows."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # a legacy pickle warns over two lines before failing: one line
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # only the legacy (non-zip) format cannot be memory-mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _tensors(path: Path, what: str) -> np.ndarray | dict[str, np.ndarray]:
+    """The file's array, or its named arrays (.safetensors, a .pt dict), read lazily where possible."""
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if suffix in (".pt", ".pth"):
-            import warnings
+    if suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if suffix == ".safetensors":
+        return _safetensors_arrays(path)
+    if suffix in (".pt", ".pth"):
+        import torch
 
-            import torch
-
-            with warnings.catch_warnings():  # a legacy pickle warns over two lines before failing: one line
-                warnings.simplefilter("ignore")
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(loaded, torch.Tensor):
-                raise AuditError(f"{what} file {path} holds a {type(loaded).__name__}, not a tensor")
+        loaded = _pt_contents(path)
+        if isinstance(loaded, torch.Tensor):
             return _torch_to_numpy(loaded)
+        if isinstance(loaded, dict) and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            return {str(key): _torch_to_numpy(value) for key, value in loaded.items()}
+        raise AuditError(f"{what} file {path} holds a {type(loaded).__name__}, not a tensor")
+    raise AuditError(f"{what} file {path}: expected a {SUFFIXES} file")
+
+
+def load_array(path: str | Path, what: str, key: str | None = None, *, sole: bool = True) -> np.ndarray:
+    """One array of a .npy (no pickles), .pt (torch.load weights_only) or .safetensors file, memory-mapped
+    where the format allows (.npy, .safetensors, zip-format .pt). A file of several named tensors gives the
+    one named ``key`` (default: ``what``), or (``sole``) its only tensor."""
+    path = Path(path)
+    try:
+        loaded = _tensors(path, what)
     except AuditError:
         raise
     except FileNotFoundError:
@@ -70,7 +144,15 @@ def load_array(path: str | Path, what: str) -> np.ndarray:
         if reason.startswith("Weights only load failed"):
             reason = "not a tensor torch.load reads safely (weights_only=True); save a tensor with torch.save"
         raise AuditError(f"cannot read {what} file {path}: {reason}") from None
-    raise AuditError(f"{what} file {path}: expected a .npy or .pt file")
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    key = key or what
+    if key in loaded:
+        return loaded[key]
+    if sole and len(loaded) == 1 and key in (DEFAULT_LOGITS_KEY, DEFAULT_TARGETS_KEY):
+        return next(iter(loaded.values()))
+    held = ", ".join(sorted(loaded)) or "nothing"
+    raise AuditError(f"{what} file {path} has no tensor {key!r} (it holds: {held})")
 
 
 def _file_format_name(logits: np.ndarray) -> str:
@@ -80,13 +162,28 @@ def _file_format_name(logits: np.ndarray) -> str:
     raise AuditError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
 
 
+def token_rows(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T, V) logits with (B, T) targets (or (B, T, V) probabilities) as B·T rows, row b·T + t for
+    token (b, t); (N, V) logits unchanged. A view: nothing is read."""
+    if logits.ndim != 3:
+        return logits, targets
+    batch, tokens, vocab = logits.shape
+    if targets.shape not in ((batch, tokens), logits.shape):
+        raise AuditError(
+            f"targets of shape {targets.shape} for (B, T, V) logits {logits.shape}: "
+            f"expected (B, T) = {(batch, tokens)} class indices or (B, T, V) probabilities"
+        )
+    return logits.reshape(batch * tokens, vocab), targets.reshape(batch * tokens, *targets.shape[2:])
+
+
 def validate_inputs(logits: np.ndarray, targets: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
     """Check shapes, dtypes and ranges; returns int64 targets (``ignore_index`` allowed among them) or,
-    for (N, V) floating-point targets, float64 probabilities. Raises AuditError with one line."""
+    for (N, V) floating-point targets, float64 probabilities. Raises AuditError with one line.
+    The logit values are checked by ``scan_logits``."""
     if targets.ndim == 2 and logits.ndim == 2 and np.issubdtype(targets.dtype, np.floating):
         return _validate_probs(logits, targets)
     if logits.ndim != 2:
-        raise AuditError(f"logits must be a 2-D (N, V) array, got shape {logits.shape}")
+        raise AuditError(f"logits must be a 2-D (N, V) or 3-D (B, T, V) array, got shape {logits.shape}")
     if targets.ndim != 1:
         raise AuditError(f"targets must be a 1-D (N,) array, got shape {targets.shape}")
     if targets.shape[0] != logits.shape[0]:
@@ -96,22 +193,14 @@ def validate_inputs(logits: np.ndarray, targets: np.ndarray, ignore_index: int |
     _file_format_name(logits)
     if not np.issubdtype(targets.dtype, np.integer) or targets.dtype == np.bool_:
         raise AuditError(f"targets must be integers, got {targets.dtype}")
+    targets = np.asarray(targets)
     out_of_range = (targets < 0) | (targets >= logits.shape[1])
     if ignore_index is not None:
         out_of_range &= targets != ignore_index
     if out_of_range.any():
         bad = int(targets[out_of_range][0])
         raise AuditError(f"target {bad} is out of range for {logits.shape[1]} classes")
-    _check_logit_values(logits)
     return targets.astype(np.int64)
-
-
-def _check_logit_values(logits: np.ndarray) -> None:
-    values = logits.astype(np.float64)
-    if np.isnan(values).any():
-        raise AuditError(f"logits contain NaN (first at row {int(np.isnan(values).any(axis=1).argmax())})")
-    if np.isposinf(values).any():
-        raise AuditError("logits contain +inf")
 
 
 def _validate_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -120,11 +209,37 @@ def _validate_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
             f"probability targets must have the logits' shape {logits.shape}, got {targets.shape}"
         )
     _file_format_name(logits)
-    probs = targets.astype(np.float64)
+    probs = np.asarray(targets).astype(np.float64)
     if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
         raise AuditError("probability targets must lie in [0, 1]")
-    _check_logit_values(logits)
     return probs
+
+
+def _row_step(logits: np.ndarray, budget: int) -> int:
+    return max(1, budget // max(1, logits.shape[1] * logits.dtype.itemsize))
+
+
+def scan_logits(logits: np.ndarray) -> float:
+    """One pass over the rows, a block at a time: NaN or +inf is an AuditError; returns the largest finite
+    |logit| (0 when there is none)."""
+    peak = 0.0
+    step = _row_step(logits, _SCAN_BYTES)
+    for start in range(0, logits.shape[0], step):
+        chunk = np.asarray(logits[start : start + step])
+        if chunk.dtype.itemsize < 4:
+            chunk = chunk.astype(np.float32)  # exact for float16 and bfloat16
+        nan = np.isnan(chunk)
+        if nan.any():
+            raise AuditError(f"logits contain NaN (first at row {start + int(nan.any(axis=1).argmax())})")
+        del nan
+        if np.isposinf(chunk).any():
+            raise AuditError("logits contain +inf")
+        top = chunk.max(initial=-np.inf)
+        bottom = np.where(np.isneginf(chunk), np.inf, chunk).min(initial=np.inf)
+        for extreme in (top, bottom):
+            if np.isfinite(extreme):
+                peak = max(peak, abs(float(extreme)))
+    return peak
 
 
 def replay_options(config: SweepConfig, probs: bool) -> LossOptions:
@@ -141,112 +256,166 @@ def replay_options(config: SweepConfig, probs: bool) -> LossOptions:
     return options
 
 
-def apply_options(
-    logits: np.ndarray, targets: np.ndarray, options: LossOptions, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Float64 logits with the mask applied, targets with extra ignored rows, and float64 class weights."""
+def apply_target_options(
+    targets: np.ndarray, vocab: int, options: LossOptions, seed: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Targets with the extra ignored rows (``ignore_fraction``), and float64 class weights, from the seed."""
     rng = np.random.default_rng([seed, 20240607])
-    values = logits.astype(np.float64)
-    n_rows, vocab = values.shape
-    if options.mask_fraction > 0:
-        masked = rng.random(values.shape) < options.mask_fraction
-        if options.probs:
-            masked &= targets == 0
-        else:
-            valid = targets != options.ignore_index
-            masked[np.flatnonzero(valid), targets[valid]] = False
-        values[masked] = -np.inf
     if options.ignore_fraction > 0 and not options.probs:
-        targets = np.where(rng.random(n_rows) < options.ignore_fraction, options.ignore_index, targets)
+        targets = np.where(
+            rng.random(targets.shape[0]) < options.ignore_fraction, options.ignore_index, targets
+        )
     weight = None
     if options.weights != "none":
         weight = random_class_weights(seed, vocab)
         if options.weights == "zero-on-target":
             hit = targets.argmax(axis=1) if options.probs else targets[targets != options.ignore_index]
             weight[hit] = 0.0
-    return values, targets, weight
+    return targets, weight
+
+
+def mask_rows(
+    values: np.ndarray, targets: np.ndarray, first_row: int, options: LossOptions, seed: int
+) -> None:
+    """Set ``mask_fraction`` of each row's logits to −inf in place, never the target; row r draws from its
+    own stream (seed, r), so the mask does not depend on how the rows are split into blocks."""
+    for i in range(values.shape[0]):
+        draws = np.random.default_rng([seed, 20240607, first_row + i]).random(values.shape[1])
+        masked: np.ndarray = np.less(draws, options.mask_fraction)
+        if options.probs:
+            masked &= targets[i] == 0
+        elif targets[i] != options.ignore_index:
+            masked[targets[i]] = False
+        values[i, masked] = -np.inf
 
 
 @dataclass
 class FileSource:
-    """The replay's input adapter: the file's rows (options applied), quantized once to each dtype."""
+    """The replay's input adapter: the file's rows, read a block at a time from the (memory-mapped) dump,
+    masked, and rounded once to each dtype. The dump is never converted to float64 as a whole.
 
-    values: np.ndarray  # float64 logits, masks applied
+    An implementation that cannot ignore rows is audited on the rows that are not ignored
+    (``drop_ignored_rows``), against the reference of those rows, rather than skipped.
+    """
+
+    logits: np.ndarray  # (N, V) in the file's dtype, a memory map where the format allows
     targets: np.ndarray
     options: LossOptions
     label: CaseLabel
     class_weight: np.ndarray | None
     budget_bytes: int
+    peak: float  # the largest finite |logit|
+    seed: int = 0
+    drop_ignored_rows: bool = True
     row_multiple: int = 1  # blocks are multiples of this many rows (sequence adapters)
 
     def weight(self, fmt: FloatFormat) -> np.ndarray | None:
         return None if self.class_weight is None else fmt.quantize(self.class_weight)
 
-    def _quantized(self, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
-        """The logits (and probability targets) rounded once to ``fmt``."""
+    def rows(self, fmt: FloatFormat, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``start:stop`` rounded once to ``fmt`` (masks applied), and their targets."""
+        raw = np.asarray(self.logits[start:stop])
+        targets = self.targets[start:stop]
+        if self.options.probs:
+            targets = fmt.quantize(targets)
+        if raw.dtype == fmt.numpy_dtype and self.options.mask_fraction == 0:
+            return np.array(raw), targets
+        values = raw.astype(np.float64)
+        if self.options.mask_fraction > 0:
+            mask_rows(values, self.targets[start:stop], start, self.options, self.seed)
         with np.errstate(over="ignore"):
-            quantized = fmt.quantize(self.values)
-        targets = fmt.quantize(self.targets) if self.options.probs else self.targets
-        return quantized, targets
+            return fmt.quantize(values), targets
 
     def skip_reason(self, fmt: FloatFormat) -> str | None:
         """None; logits that overflow the dtype are the user's input error, not a skipped case."""
-        peak = overflow_peak(self.values, fmt)
-        if peak is not None:
+        with np.errstate(over="ignore"):
+            overflows = np.isinf(fmt.quantize(np.array([self.peak]))).any()
+        if overflows:
             raise AuditError(
-                f"logits reach {peak:.6g}, which overflows {fmt.name} (largest finite {fmt.max:.6g})"
+                f"logits reach {self.peak:.6g}, which overflows {fmt.name} (largest finite {fmt.max:.6g})"
             )
         return None
 
     def _block_rows(self, fmt: FloatFormat) -> int:
-        n_rows, vocab = self.values.shape
+        n_rows, vocab = self.logits.shape
         if self.options.reduction != "none":
             return max(1, n_rows)
         rows = max(1, self.budget_bytes // (vocab * working_dtype(fmt).itemsize))
         return max(self.row_multiple, rows // self.row_multiple * self.row_multiple)
 
     def n_blocks(self, fmt: FloatFormat) -> int:
-        return 1
+        return max(1, -(-self.logits.shape[0] // self._block_rows(fmt)))
 
     def blocks(self, fmt: FloatFormat) -> Iterator[Block]:
-        quantized, targets = self._quantized(fmt)
-        n_rows = quantized.shape[0]
+        n_rows = self.logits.shape[0]
         step = self._block_rows(fmt)
         for start in range(0, max(n_rows, 1 if self.options.reduction != "none" else 0), step):
-            yield start, quantized[start : start + step], targets[start : start + step]
+            yield (start, *self.rows(fmt, start, start + step))
 
     def whole_batch(self, fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
-        return self._quantized(fmt)
+        return self.rows(fmt, 0, self.logits.shape[0])
+
+
+def load_dump(
+    logits_path: str | Path,
+    targets_path: str | Path | None = None,
+    *,
+    logits_key: str | None = None,
+    targets_key: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """(N, V) logits (a lazy view of the file), their targets, and the logits' shape as dumped.
+
+    Without ``targets_path`` the logits file (.safetensors or a .pt dict) holds both tensors, under
+    ``logits_key`` and ``targets_key`` (default ``logits`` and ``targets``).
+    """
+    logits = load_array(
+        logits_path, "logits", logits_key or DEFAULT_LOGITS_KEY, sole=targets_path is not None
+    )
+    if targets_path is None:
+        raw_targets = load_array(logits_path, "targets", targets_key or DEFAULT_TARGETS_KEY, sole=False)
+    else:
+        raw_targets = load_array(targets_path, "targets", targets_key or DEFAULT_TARGETS_KEY)
+    shape = tuple(logits.shape)
+    logits, raw_targets = token_rows(logits, raw_targets)
+    return logits, raw_targets, shape
 
 
 def run_replay(
     logits_path: str | Path,
-    targets_path: str | Path,
+    targets_path: str | Path | None,
     config: SweepConfig,
     dtypes: list[str] | None = None,
+    *,
+    logits_key: str | None = None,
+    targets_key: str | None = None,
+    reproducers: ReproducerSink | None = None,
 ) -> AuditResult:
-    """Audit the implementations of ``config`` on the dumped logits, per dtype (default: the file's)."""
+    """Audit the implementations of ``config`` on the dumped logits, per dtype (default: the file's).
+    ``reproducers`` collects the worst rows of every failing cell."""
     started, clock = time.time(), time.perf_counter()
-    logits = load_array(logits_path, "logits")
-    raw_targets = load_array(targets_path, "targets")
+    logits, raw_targets, _ = load_dump(
+        logits_path, targets_path, logits_key=logits_key, targets_key=targets_key
+    )
     options = replay_options(config, probs=raw_targets.ndim == 2)
     targets = validate_inputs(logits, raw_targets, options.ignore_index)
+    peak = scan_logits(logits)
     impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
     if not config.impls:
         impls = [impl for impl in impls if impl.family == options.family]
-    values, targets, weight = apply_options(logits, targets, options, config.seed)
+    targets, weight = apply_target_options(targets, logits.shape[1], options, config.seed)
     if not options.probs and targets.size:  # the column reports the fraction ignored, the file's own included
         options = replace(options, ignore_fraction=float((targets == options.ignore_index).mean()))
     audited = list(dtypes or [_file_format_name(logits)])
     config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
     label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
+    budget = min(config.block_mib, REPLAY_BLOCK_MIB) << 20
     source = FileSource(
-        values, targets, options, label, weight, config.block_mib << 20, row_multiple(impls)
+        logits, targets, options, label, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
     )
     cells, row_results = audit_source(
         source, [float_format(name) for name in audited], impls, devices,
         settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,
-        keep_rows=True,
+        keep_rows=True, reproducers=reproducers,
     )  # fmt: skip
     return AuditResult(
         config=config,

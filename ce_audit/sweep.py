@@ -36,6 +36,7 @@ from ce_audit.pipeline import (
     overflow_peak,
     row_multiple,
 )
+from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
 from ce_audit.scoring import CaseLabel
 
@@ -112,7 +113,9 @@ class CaseSource:
         return None
 
 
-def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell], list[str]]:
+def _run_grid(
+    config: SweepConfig, progress: Progress | None, reproducers: ReproducerSink | None = None
+) -> tuple[list[Cell], list[str]]:
     impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
     cases = build_cases(
         config.distributions, config.scales, config.offsets, config.vocabs, config.batches, config.seed
@@ -136,15 +139,18 @@ def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell
                 source = CaseSource(case, options, label, config.block_mib << 20, row_multiple(family_impls))
                 case_cells, _ = audit_source(
                     source, formats, family_impls, devices, settings=settings, tolerances=config.tolerances,
-                    grad=config.grad, progress=progress,
+                    grad=config.grad, progress=progress, reproducers=reproducers,
                 )  # fmt: skip
                 cells += case_cells
     return cells, devices
 
 
-def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditResult:
+def run_sweep(
+    config: SweepConfig, progress: Progress | None = None, reproducers: ReproducerSink | None = None
+) -> AuditResult:
     """Run the whole grid of ``config`` (each of its [[grids]] in turn); one cell per implementation,
-    dtype, device and case. A size this machine cannot hold is refused first (ce_audit.capacity)."""
+    dtype, device and case. A size this machine cannot hold is refused first (ce_audit.capacity).
+    ``reproducers`` collects the worst rows of every failing cell."""
     from ce_audit.capacity import check_capacity
 
     check_capacity(config)
@@ -153,7 +159,7 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
     cells: list[Cell] = []
     devices: list[str] = []
     for grid in config.expanded():
-        grid_cells, grid_devices = _run_grid(grid, progress)
+        grid_cells, grid_devices = _run_grid(grid, progress, reproducers)
         cells += grid_cells
         devices += [device for device in grid_devices if device not in devices]
     return AuditResult(

@@ -443,6 +443,8 @@ def _bad_replay_files(folder: Path, kind: str) -> tuple[Path, Path, list[str]]:
     extra: list[str] = []
     if kind == "logits 1-D":
         logits = logits[0]
+    elif kind == "tokens mismatch":
+        logits = logits.reshape(2, 3, 20)
     elif kind == "targets 2-D":
         targets = targets[:, None]
     elif kind == "length mismatch":
@@ -469,6 +471,9 @@ def _bad_replay_files(folder: Path, kind: str) -> tuple[Path, Path, list[str]]:
     np.save(targets_path, targets)
     if kind == "garbage .npy":
         logits_path.write_bytes(b"this is not a NumPy file\n" * 4)
+    elif kind == "garbage .safetensors":
+        logits_path = folder / "logits.safetensors"
+        logits_path.write_bytes((12).to_bytes(8, "little") + b"not json at all")
     elif kind == "garbage .pt":
         logits_path = folder / "logits.pt"
         logits_path.write_bytes(b"\x00\x01 not a torch file either")
@@ -484,7 +489,7 @@ def _bad_replay_files(folder: Path, kind: str) -> tuple[Path, Path, list[str]]:
         np.save(logits_path, np.array([Payload(), Payload()], dtype=object), allow_pickle=True)
     elif kind == "dict .pt":
         logits_path = folder / "logits.pt"
-        torch.save({"logits": torch.zeros(6, 20)}, logits_path)
+        torch.save({"scores": torch.zeros(6, 20), "labels": torch.zeros(6)}, logits_path)
     elif kind == "class .pt":
         logits_path = folder / "logits.pt"
         torch.save(Payload(), logits_path)
@@ -494,7 +499,8 @@ def _bad_replay_files(folder: Path, kind: str) -> tuple[Path, Path, list[str]]:
 
 
 BAD_REPLAYS = {
-    "logits 1-D": "logits must be a 2-D (N, V) array, got shape (20,)",
+    "logits 1-D": "logits must be a 2-D (N, V) or 3-D (B, T, V) array, got shape (20,)",
+    "tokens mismatch": "targets of shape (6,) for (B, T, V) logits (2, 3, 20): expected (B, T) = (2, 3)",
     "targets 2-D": "targets must be a 1-D (N,) array, got shape (6, 1)",
     "length mismatch": "5 targets for 6 rows of logits",
     "target out of range": "target 20 is out of range for 20 classes",
@@ -510,9 +516,10 @@ BAD_REPLAYS = {
     "garbage .pt": "cannot read logits file",
     "directory": "cannot read logits file",
     "missing file": "does not exist",
-    "unknown suffix": "expected a .npy or .pt file",
-    "pickled .npy": "allow_pickle=False",
-    "dict .pt": "holds a dict, not a tensor",
+    "unknown suffix": "expected a .npy, .pt or .safetensors file",
+    "garbage .safetensors": "cannot read logits file",
+    "pickled .npy": "Python objects in dtype",
+    "dict .pt": "has no tensor 'logits' (it holds: labels, scores)",
     "class .pt": "cannot read logits file",
 }
 

@@ -1,6 +1,6 @@
 """The report directory of one audit, written as one unit.
 
-Every file of a run (summary.csv, rows.csv when there are per-row results, report.html and its plots/,
+Every file of a run (summary.csv, rows.csv for a replay or when rows were kept, report.html and its plots/,
 then report.json) is written into a staging directory inside ``--out`` and moved in only when all of them
 were written; a failed write leaves the previous run's set as it was. report.json is moved in last and
 records a digest of every file of its set (``files``) and a ``run_id`` derived from them, so a reader can
@@ -53,7 +53,7 @@ def report_files(result: AuditResult, document: dict[str, Any] | None = None) ->
     from ce_audit.reports.html import html_files
 
     files = [ReportFile("summary.csv", lambda path: write_summary_csv(result.cells, path))]
-    if result.row_results:
+    if result.row_results or (document or {}).get("command") == "replay":  # a replay's always
         files.append(ReportFile("rows.csv", lambda path: write_rows_csv(result.row_results, path)))
     return [*files, *html_files(result.cells, document)]
 
