@@ -295,10 +295,11 @@ class JaxBackend(Backend):
             losses, pullback = jax.vjp(loss, logits)
         else:
             losses = loss(logits)
+        if isinstance(losses, (float, np.floating)) and not impl.builtin and not call.want_grad:
+            losses = jax.numpy.asarray(losses)  # a Python or NumPy scalar (no gradient to take from it)
         if not isinstance(losses, jax.Array):
             raise TypeError(f"returned {type_name(losses)}, expected a jax.Array")
-        if not impl.builtin and losses.dtype != logits.dtype:
-            raise TypeError(f"returned {losses.dtype}, expected {call.fmt.name} (the audited dtype)")
+        value_dtype = floating_dtype_name(str(losses.dtype))
         mean = check_shape(tuple(losses.shape), call.shape)
         value = np.asarray(losses).astype(np.float64)
         if call.want_grad:
@@ -307,7 +308,7 @@ class JaxBackend(Backend):
                 grad = np.asarray(cotangent).astype(np.float64)
             except Exception as error:  # noqa: BLE001 - a failing gradient is recorded, not raised
                 grad_error = first_line(error)
-        return Outcome(value, grad, grad_error, False, mean)  # JAX arrays are immutable
+        return Outcome(value, grad, grad_error, False, mean, value_dtype)  # JAX arrays are immutable
 
 
 BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "numpy": NumpyBackend, "jax": JaxBackend}

@@ -24,5 +24,5 @@ def jax_naive(logits, targets):
 
 @ce_audit.register("jax_wrong_dtype", backend="jax")
 def jax_wrong_dtype(logits, targets):
-    """Returns float32 whatever the input: refused as the torch backend refuses it."""
+    """Returns float32 whatever the input: audited as returned, as the torch backend does."""
     return jax_shifted(logits.astype(jnp.float32), targets)
