@@ -147,11 +147,46 @@ def sweep(
     out: OutOption = None,
     quiet: QuietOption = False,
     fail_on: FailOnOption = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs", "-j",
+            help="Worker processes for the (case, dtype) units (default: this machine's cores; a small "
+            "sweep stays in this process). 1: in this process. Results are the same for any value.",
+        ),
+    ] = None,  # fmt: skip
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor",
+            help="local (this process), processes (--jobs workers) or ray (Ray tasks; needs ce-audit[ray]).",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard", help="Run part K of N of the units (e.g. 2/4), for CI; `ce-audit merge` joins them."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", help="Ray cluster to run on (default: a local Ray started for the run)."
+        ),
+    ] = None,
+    ray_accelerator_type: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-accelerator-type", help="Ray accelerator type the CUDA units ask for (e.g. H100, A100)."
+        ),
+    ] = None,
     **loss_options: Any,
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss."""
     from ce_audit.config import load_config
+    from ce_audit.executors import Execution
     from ce_audit.reports.table import print_report
+    from ce_audit.shards import Shard
     from ce_audit.sweep import run_sweep, sweep_size
 
     overrides = {
@@ -169,11 +204,13 @@ def sweep(
         **option_overrides(loss_options, grid=True),
     }
     _check_fail_on(fail_on)
+    execution = Execution(executor, jobs, ray_address, ray_accelerator_type)
+    part = Shard.parse(shard) if shard is not None else None
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
-    progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
+    progress, advance = _progress_bar(console, sweep_size(resolved, part), quiet)
     with progress:
-        result = run_sweep(resolved, progress=advance)
+        result = run_sweep(resolved, progress=advance, execution=execution, shard=part)
     paths = _write_reports(result, Path(resolved.out), "sweep")
     if quiet:
         for path in paths:
@@ -230,6 +267,25 @@ def replay(
     else:
         print_report(result.cells, console, paths, result.seconds)
     _exit_on(result.cells, fail_on)
+
+
+@app.command()
+@_user_errors
+def merge(
+    reports: Annotated[
+        list[Path],
+        typer.Argument(help="The report directories of every shard (`ce-audit sweep --shard K/N`)."),
+    ],
+    out: OutOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Join the reports of a sweep's shards into one, as a single run would have written it."""
+    from ce_audit.merge import merge_reports
+
+    paths = merge_reports(list(reports), out or Path("ce-audit-report"))
+    console = _console()
+    for path in paths:
+        console.print(path if quiet else f"wrote {path}", markup=False, highlight=False)
 
 
 @app.command("list")

@@ -74,6 +74,8 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "implementations": implementations(result.cells),
         "rows": [{name: getattr(cell, name) for name in CELL_COLUMNS} for cell in result.cells],
     }
+    if result.shard is not None:
+        document["shard"] = result.shard
     document.update(extra or {})
     return _plain(document)
 

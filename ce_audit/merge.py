@@ -1,0 +1,154 @@
+"""``ce-audit merge``: the report directories of a sweep's shards (``--shard K/N``) as one report.
+
+The merged summary.csv is byte for byte the one a single run writes: each shard's lines are put back in
+the sweep's unit order (report.json records, per shard, which units it ran and how many cells each gave).
+The merged report.json equals a single run's apart from its timing fields (timestamp: the earliest shard's;
+seconds: the shards' sum) and ``config.out``. Shards of different configs, seeds or package versions, the
+same shard twice, overlapping units and missing shards are refused with one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from ce_audit.errors import AuditError
+from ce_audit.reports.files import write_atomically
+
+# report.json keys that may differ between the shards of one sweep
+_PER_RUN_KEYS = frozenset({"timestamp", "seconds", "shard", "rows", "implementations", "devices"})
+
+
+def _read_shard(directory: Path) -> tuple[dict[str, Any], list[str], list[list[str]]]:
+    """A shard's report.json, its summary.csv header and lines."""
+    report_path, summary_path = directory / "report.json", directory / "summary.csv"
+    for path in (report_path, summary_path):
+        if not path.is_file():
+            raise AuditError(f"{directory} is not a report directory (no {path.name})")
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        lines = list(csv.reader(io.StringIO(summary_path.read_text(encoding="utf-8"))))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
+        raise AuditError(f"cannot read the report in {directory}: {error}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("shard"), dict):
+        raise AuditError(f"{directory} holds no shard of a sweep (run `ce-audit sweep --shard K/N`)")
+    shard = report["shard"]
+    if not (
+        all(isinstance(shard.get(key), int) for key in ("index", "count", "total_units"))
+        and isinstance(shard.get("units"), list)
+        and all(isinstance(unit, list) and len(unit) == 2 for unit in shard["units"])
+        and isinstance(report.get("rows"), list)
+    ):
+        raise AuditError(f"{directory}/report.json has a malformed shard record")
+    if not lines:
+        raise AuditError(f"{directory}/summary.csv is empty")
+    return report, lines[0], [line for line in lines[1:] if line]
+
+
+def _comparable(report: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal across the shards of one sweep (the config without its output directory)."""
+    same = {key: value for key, value in report.items() if key not in _PER_RUN_KEYS}
+    same["config"] = {key: value for key, value in report.get("config", {}).items() if key != "out"}
+    return same
+
+
+def _first_difference(first: dict[str, Any], other: dict[str, Any]) -> str:
+    for key in sorted(set(first) | set(other)):
+        if first.get(key) != other.get(key):
+            if isinstance(first.get(key), dict) and isinstance(other.get(key), dict):
+                return f"{key}.{_first_difference(first[key], other[key])}"
+            return key
+    return "?"
+
+
+def merge_reports(directories: list[Path], out: Path) -> list[str]:
+    """Merge the shard report directories into ``out``; the paths written."""
+    if not directories:
+        raise AuditError("merge needs the report directories of the shards")
+    shards = [(directory, *_read_shard(directory)) for directory in directories]
+    first_dir, first_report, header, _ = shards[0]
+    count, total = first_report["shard"]["count"], first_report["shard"]["total_units"]
+    seen: dict[int, Path] = {}
+    owner: dict[int, Path] = {}
+    pieces: dict[int, list[list[str]]] = {}
+    for directory, report, shard_header, lines in shards:
+        shard = report["shard"]
+        if report.get("seed") != first_report.get("seed"):
+            raise AuditError(
+                f"{directory} was run with seed {report.get('seed')}, "
+                f"{first_dir} with {first_report.get('seed')}"
+            )
+        if _comparable(report) != _comparable(first_report):
+            differ = _first_difference(_comparable(first_report), _comparable(report))
+            raise AuditError(f"{directory} and {first_dir} are not shards of one sweep ({differ} differs)")
+        if (shard["count"], shard["total_units"]) != (count, total) or shard_header != header:
+            raise AuditError(
+                f"{directory} is shard {shard['index']}/{shard['count']}, {first_dir} of /{count}"
+            )
+        if shard["index"] in seen:
+            raise AuditError(
+                f"shard {shard['index']}/{count} given twice: {seen[shard['index']]} and {directory}"
+            )
+        seen[shard["index"]] = directory
+        position = 0
+        for index, cells in shard["units"]:
+            if index in owner:
+                raise AuditError(f"{directory} and {owner[index]} overlap (both ran unit {index})")
+            owner[index] = directory
+            pieces[index] = lines[position : position + cells]
+            position += cells
+        if position != len(lines):
+            raise AuditError(
+                f"{directory}: summary.csv has {len(lines)} rows, report.json accounts for {position}"
+            )
+    missing = [str(k) for k in range(1, count + 1) if k not in seen]
+    if missing:
+        raise AuditError(
+            f"shard {', '.join(f'{k}/{count}' for k in missing)} missing: merge needs all {count}"
+        )
+    if sorted(owner) != list(range(total)):
+        raise AuditError(f"the shards ran {len(owner)} of the sweep's {total} units")
+    return _write_merged(shards, pieces, header, out)
+
+
+def _write_merged(
+    shards: list[tuple[Path, dict[str, Any], list[str], list[list[str]]]],
+    pieces: dict[int, list[list[str]]],
+    header: list[str],
+    out: Path,
+) -> list[str]:
+    ordered = sorted(shards, key=lambda shard: shard[1]["shard"]["index"])
+    lines = [line for index in sorted(pieces) for line in pieces[index]]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(lines)
+    rows_by_unit: dict[int, list[Any]] = {}
+    for _, report, _, _ in ordered:
+        position = 0
+        for index, cells in report["shard"]["units"]:
+            rows_by_unit[index] = report["rows"][position : position + cells]
+            position += cells
+    rows = [row for index in sorted(rows_by_unit) for row in rows_by_unit[index]]
+    described: dict[str, Any] = {}
+    devices: dict[str, Any] = {}
+    for _, report, _, _ in ordered:
+        described.update(report.get("implementations", {}))
+        devices.update({k: v for k, v in report.get("devices", {}).items() if k not in devices})
+    document = dict(ordered[0][1])
+    document.pop("shard")
+    document["timestamp"] = min(report["timestamp"] for _, report, _, _ in ordered)
+    document["seconds"] = round(sum(report["seconds"] for _, report, _, _ in ordered), 3)
+    document["config"] = {**document["config"], "out": str(out)}
+    document["devices"] = devices
+    names = dict.fromkeys(row["impl"] for row in rows)
+    document["implementations"] = {name: described[name] for name in names if name in described}
+    document["rows"] = rows
+    summary = write_atomically(out / "summary.csv", buffer.getvalue())
+    report_path = write_atomically(
+        out / "report.json", json.dumps(document, indent=2, allow_nan=False) + "\n"
+    )
+    return [str(summary), str(report_path)]
