@@ -85,8 +85,10 @@ def merge_reports(directories: list[Path], out: Path) -> list[str]:
             differ = _first_difference(_comparable(first_report), _comparable(report))
             raise AuditError(f"{directory} and {first_dir} are not shards of one sweep ({differ} differs)")
         if (shard["count"], shard["total_units"]) != (count, total) or shard_header != header:
+            first = first_report["shard"]
             raise AuditError(
-                f"{directory} is shard {shard['index']}/{shard['count']}, {first_dir} of /{count}"
+                f"{directory} is shard {shard['index']}/{shard['count']}, {first_dir} shard "
+                f"{first['index']}/{count}: they split the sweep differently"
             )
         if shard["index"] in seen:
             raise AuditError(
