@@ -243,3 +243,15 @@ def test_local_ray_gives_the_summary_of_jobs_1(
         ray.shutdown()
     assert (on_ray / "summary.csv").read_bytes() == (single / "summary.csv").read_bytes()
     assert without_timings(on_ray / "report.json") == without_timings(single / "report.json")
+
+
+def test_example_sharded_workflow_runs_every_shard_and_merges_them() -> None:
+    yaml = pytest.importorskip("yaml", reason="pyyaml is in the dev extra")
+    workflow = yaml.safe_load(
+        (Path(__file__).parents[1] / "examples" / "ci" / "sharded-sweep.yml").read_text()
+    )
+    shards = workflow["jobs"]["shard"]["strategy"]["matrix"]["shard"]
+    runs = " ".join(step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"])
+    assert f"--shard ${{{{ matrix.shard }}}}/{len(shards)}" in runs
+    assert f"ce-audit merge {' '.join(f'shard-{k}' for k in shards)} --out merged" in runs
+    assert shards == list(range(1, len(shards) + 1)) and "ce-audit gate" in runs
