@@ -48,6 +48,7 @@ def main() -> None:
             for jobs in settings:
                 out = Path(scratch) / f"{jobs}-{repeat}"
                 times[jobs].append(timed(sweep_command(args.config, jobs, out)))
+                print(f"run {repeat + 1}, --jobs {jobs}: {times[jobs][-1]:.1f} s", flush=True)
                 summary = (out / "summary.csv").read_bytes()
                 reference = reference if reference is not None else summary
                 identical &= summary == reference

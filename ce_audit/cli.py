@@ -208,7 +208,7 @@ def sweep(
     part = Shard.parse(shard) if shard is not None else None
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
-    progress, advance = _progress_bar(console, sweep_size(resolved, part), quiet)
+    progress, advance = _progress_bar(console, sweep_size(resolved, part, execution.devices_here), quiet)
     with progress:
         result = run_sweep(resolved, progress=advance, execution=execution, shard=part)
     paths = _write_reports(result, Path(resolved.out), "sweep")

@@ -203,10 +203,10 @@ def run_sweep(
     )
 
 
-def sweep_size(config: SweepConfig, shard: Shard | None = None) -> int:
-    """Number of (case, dtype) units a sweep reports progress in."""
+def sweep_size(config: SweepConfig, shard: Shard | None = None, devices_here: bool = True) -> int:
+    """Number of (case, dtype) units a sweep (or one shard of it) reports progress in."""
     if shard is not None:
-        return len(shard.select(plan_units(config)[0]))
+        return len(shard.select(plan_units(config, devices_here)[0]))
     return sum(
         len(grid.distributions) * len(grid.scales) * len(grid.offsets) * len(grid.vocabs) * len(grid.batches)
         * len(grid.dtypes) * len(grid.margins) * len(grid.target_positions) * len(grid.loss_options())
