@@ -159,7 +159,7 @@ def sweep(
         str | None,
         typer.Option(
             "--executor",
-            help="local (this process), processes (--jobs workers) or ray (Ray tasks; needs ce-audit[ray]).",
+            help="local (this process), processes (--jobs workers) or ray (Ray tasks; needs the ray extra).",
         ),
     ] = None,
     shard: Annotated[
