@@ -312,6 +312,47 @@ def sweep(
     output_format: FormatOption = "table",
     fail_on: FailOnOption = None,
     save_failures: SaveFailuresOption = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs", "-j",
+            metavar="N",
+            help="Worker processes for the (case, dtype) units (default: this machine's cores; a small "
+            "sweep stays in this process). 1: in this process. Results are the same for any value.",
+        ),
+    ] = None,  # fmt: skip
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            "--executor",
+            metavar="local|processes|ray",
+            help="local (this process), processes (--jobs workers) or ray (Ray tasks; needs the ray extra).",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="K/N",
+            help="Run part K of N of the units (e.g. 2/4), for CI; `ce-audit merge` joins them."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="Ray cluster to run on (default: a local Ray started for the run)."
+        ),
+    ] = None,
+    ray_accelerator_type: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-accelerator-type",
+            metavar="TYPE",
+            help="Ray accelerator type the CUDA units ask for (e.g. H100, A100)."
+        ),
+    ] = None,
     **loss_options: Any,
 ) -> None:
     """Run implementations over a grid of cases and report errors against the exact loss.
@@ -321,7 +362,9 @@ def sweep(
     replaces the sub-grids; --dtype, --impl and --device apply to every one. Writes summary.csv and
     report.json to --out."""
     from ce_audit.config import load_config
+    from ce_audit.executors import Execution
     from ce_audit.progress import progress_reporter
+    from ce_audit.shards import Shard
     from ce_audit.sweep import run_sweep, sweep_size
 
     overrides = {
@@ -340,11 +383,16 @@ def sweep(
     }
     _check_fail_on(fail_on)
     _check_format(output_format)
+    execution = Execution(executor, jobs, ray_address, ray_accelerator_type)
+    part = Shard.parse(shard) if shard is not None else None
     resolved = _with_plugins(load_config(config, overrides, search_from=Path.cwd()), plugin)
     reproducers = _reproducer_sink(save_failures)
     with _report_directory(Path(resolved.out)) as target:
-        with progress_reporter(sweep_size(resolved), quiet=quiet) as advance:
-            result = run_sweep(resolved, progress=advance, reproducers=reproducers)
+        total = sweep_size(resolved, part, execution.devices_here)
+        with progress_reporter(total, quiet=quiet) as advance:
+            result = run_sweep(
+                resolved, progress=advance, execution=execution, shard=part, reproducers=reproducers
+            )
         paths = target.write(result, "sweep")
     paths += _write_reproducers(reproducers, save_failures)
     _print_result(result, paths, "sweep", None, output_format, quiet, detail)
@@ -435,6 +483,32 @@ def replay(
     paths += _write_reproducers(reproducers, save_failures)
     _print_result(result, paths, "replay", extra, output_format, quiet, detail)
     _exit_on(result.cells, fail_on)
+
+
+@app.command(
+    epilog=_examples(
+        "ce-audit sweep --shard 1/2 --out shard-1 && ce-audit sweep --shard 2/2 --out shard-2",
+        "ce-audit merge shard-1 shard-2 --out ce-audit-report",
+    )
+)
+@_user_errors
+def merge(
+    reports: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="DIR...", help="The report directories of every shard (`ce-audit sweep --shard K/N`)."
+        ),
+    ],
+    out: OutOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Join the reports of a sweep's shards into one, as a single run would have written it."""
+    from ce_audit.merge import merge_reports
+
+    paths = merge_reports(list(reports), out or Path("ce-audit-report"))
+    console = _console()
+    for path in paths:
+        console.print(path if quiet else f"wrote {path}", markup=False, highlight=False)
 
 
 @app.command(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 from typing import Any
@@ -27,11 +28,14 @@ def accelerators() -> list[str]:
     return found
 
 
-def resolve_devices(requested: tuple[str, ...] | list[str], *, accelerators_wanted: bool = True) -> list[str]:
+def resolve_devices(
+    requested: tuple[str, ...] | list[str], *, accelerators_wanted: bool = True, present_only: bool = True
+) -> list[str]:
     """Concrete device names; `auto` is cpu plus the first accelerator, `all` is cpu plus every one.
 
     With ``accelerators_wanted`` False (only NumPy implementations), `auto` and `all` mean cpu and
-    torch is not imported.
+    torch is not imported. With ``present_only`` False a named accelerator (cuda, cuda:N, mps) is taken
+    as it is, not looked for here (the units run on other machines: ``--executor ray``).
     """
     resolved: list[str] = []
     for name in requested:
@@ -45,6 +49,8 @@ def resolve_devices(requested: tuple[str, ...] | list[str], *, accelerators_want
             if accelerators_wanted:
                 present = accelerators()
                 found += present[:1] if name == "auto" else present
+        elif not present_only:
+            found = ["cuda:0" if name == "cuda" else name]
         else:
             present = accelerators()
             wanted = "cuda:0" if name == "cuda" else name
@@ -56,11 +62,35 @@ def resolve_devices(requested: tuple[str, ...] | list[str], *, accelerators_want
     return resolved
 
 
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith(("model name", "Model", "cpu model")) and ":" in line:
+                    name = " ".join(line.partition(":")[2].split())
+                    if name:
+                        return name
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@functools.cache
 def device_description(device: str) -> str:
-    """A human name for the device, for report.json."""
+    """A human name for the device (the CPU model, the GPU's name), for report.json and the
+    ``device_name`` column."""
     if device == "cpu":
-        return platform.processor() or platform.machine() or "cpu"
+        return cpu_model()
     torch = _torch()
     if device.startswith("cuda"):
         return str(torch.cuda.get_device_name(torch.device(device)))
     return "Apple MPS"
+
+
+def device_name(device: str) -> str:
+    """``device_description``, or "" where the device cannot be asked (it is not present here)."""
+    try:
+        return device_description(device)
+    except Exception:  # noqa: BLE001 - a name is informative; its absence never stops an audit
+        return ""

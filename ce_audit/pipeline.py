@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, get_backend, uses_accelerators
-from ce_audit.devices import resolve_devices
+from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
 from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
@@ -92,12 +92,13 @@ def overflow_peak(values: np.ndarray, fmt: FloatFormat) -> float | None:
 
 
 def implementations_and_devices(
-    names: Iterable[str], plugins: Iterable[str], devices: Iterable[str]
+    names: Iterable[str], plugins: Iterable[str], devices: Iterable[str], *, present_only: bool = True
 ) -> tuple[list[Implementation], list[str]]:
-    """The implementations to audit (plugins loaded first) and the devices they run on."""
+    """The implementations to audit (plugins loaded first) and the devices they run on (``present_only``
+    False: a named accelerator need not be present here)."""
     impls = prepare(tuple(names), tuple(plugins))
     wanted = any(uses_accelerators(impl.backend) for impl in impls)
-    return impls, resolve_devices(tuple(devices), accelerators_wanted=wanted)
+    return impls, resolve_devices(tuple(devices), accelerators_wanted=wanted, present_only=present_only)
 
 
 def row_multiple(impls: Iterable[Implementation]) -> int:
@@ -388,4 +389,4 @@ def audit_source(
         )  # fmt: skip
         cells += fmt_cells
         row_results += fmt_rows
-    return cells, row_results
+    return [replace(cell, device_name=device_name(cell.device)) for cell in cells], row_results

@@ -112,6 +112,7 @@ class Cell:
     loss_vs_pytorch: float = measurement(float("nan"))  # max_ulp / max(pytorch_max_ulp, ½)
     grad_vs_pytorch: float = measurement(float("nan"))  # the same for grad_norm_rel_err, in units of eps
     flag: str = measurement("")  # floor, pytorch (no worse than PyTorch) or worse (than PyTorch); "" ok
+    device_name: str = measurement("")  # what the device is where the cell ran: the CPU model, the GPU's name
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class AuditResult:
     devices: dict[str, str]
     started: float
     seconds: float
+    shard: dict[str, Any] | None = None  # a --shard run: which part of the units (ce_audit.shards)
 
 
 CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell))

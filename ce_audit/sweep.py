@@ -8,6 +8,7 @@ pass 4 × ``block_mib``, or where the generated logits overflow the dtype (or fl
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from ce_audit.cases import (
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
+from ce_audit.executors import Execution
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
     Block,
@@ -36,9 +38,11 @@ from ce_audit.pipeline import (
     overflow_peak,
     row_multiple,
 )
+from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
 from ce_audit.scoring import CaseLabel
+from ce_audit.shards import Shard
 
 
 @dataclass
@@ -113,55 +117,114 @@ class CaseSource:
         return None
 
 
-def _run_grid(
-    config: SweepConfig, progress: Progress | None, reproducers: ReproducerSink | None = None
-) -> tuple[list[Cell], list[str]]:
-    impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
-    cases = build_cases(
-        config.distributions, config.scales, config.offsets, config.vocabs, config.batches, config.seed
-    )
-    formats = [float_format(name) for name in config.dtypes]
-    settings = config.implementation_settings()
-    cells: list[Cell] = []
-    for base_case in cases:
-        for margin, position in itertools.product(config.margins, config.target_positions):
-            case = replace(base_case, margin=margin, target_position=position)
-            for options in config.loss_options():
-                family_impls = impls if config.impls else [i for i in impls if i.family == options.family]
-                if not family_impls:
-                    if progress:
-                        progress(float(len(formats)))
-                    continue
-                label = CaseLabel(
-                    case.distribution, case.scale, case.offset, case.batch, case.vocab, case.seed,
-                    options, margin, position,
-                )  # fmt: skip
-                source = CaseSource(case, options, label, config.block_mib << 20, row_multiple(family_impls))
-                case_cells, _ = audit_source(
-                    source, formats, family_impls, devices, settings=settings, tolerances=config.tolerances,
-                    grad=config.grad, progress=progress, reproducers=reproducers,
-                )  # fmt: skip
-                cells += case_cells
-    return cells, devices
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of a sweep: one (case, loss options, dtype) of one grid, with the names of
+    the implementations and the devices it runs on. Units are numbered in the order a sweep reports them."""
+
+    index: int
+    grid: SweepConfig
+    case: Case
+    options: LossOptions
+    dtype: str
+    impls: tuple[str, ...]
+    devices: tuple[str, ...]
+
+    @property
+    def cost(self) -> int:
+        """An estimate of the work: rows × vocabulary × (implementations + the reference) × devices."""
+        if not self.impls:
+            return 0
+        return self.case.batch * self.case.vocab * (len(self.impls) + 1) * len(self.devices)
+
+    def label(self) -> CaseLabel:
+        case = self.case
+        return CaseLabel(
+            case.distribution, case.scale, case.offset, case.batch, case.vocab, case.seed,
+            self.options, case.margin, case.target_position,
+        )  # fmt: skip
+
+
+def plan_units(config: SweepConfig, devices_here: bool = True) -> tuple[list[Unit], list[str]]:
+    """Every unit of the sweep, in report order, and the devices of all its grids.
+
+    Plugins are loaded here to know each implementation's loss family. ``devices_here`` False: a named
+    accelerator (cuda, cuda:N) need not be present on this machine (a cluster's nodes have their own).
+    """
+    units: list[Unit] = []
+    all_devices: list[str] = []
+    for grid in config.expanded():
+        impls, grid_devices = implementations_and_devices(
+            grid.impls, grid.plugins, grid.devices, present_only=devices_here
+        )
+        all_devices += [device for device in grid_devices if device not in all_devices]
+        cases = build_cases(
+            grid.distributions, grid.scales, grid.offsets, grid.vocabs, grid.batches, grid.seed
+        )
+        for base_case in cases:
+            for margin, position in itertools.product(grid.margins, grid.target_positions):
+                case = replace(base_case, margin=margin, target_position=position)
+                for options in grid.loss_options():
+                    family = impls if grid.impls else [i for i in impls if i.family == options.family]
+                    for dtype in grid.dtypes:
+                        units.append(
+                            Unit(
+                                len(units), grid, case, options, dtype,
+                                tuple(impl.name for impl in family), tuple(grid_devices),
+                            )
+                        )  # fmt: skip
+    return units, all_devices
+
+
+def run_unit(
+    unit: Unit, progress: Progress | None = None, reproducers: ReproducerSink | None = None
+) -> list[Cell]:
+    """The cells of one unit (none when no implementation audits its loss family); the same in any
+    process: plugins are loaded again from the grid's specs where this process has not loaded them.
+    ``reproducers`` (in this process only) collects the worst rows of every failing cell."""
+    if not unit.impls:
+        if progress:
+            progress(1.0)
+        return []
+    grid = unit.grid
+    impls = prepare(unit.impls, grid.plugins)
+    source = CaseSource(unit.case, unit.options, unit.label(), grid.block_mib << 20, row_multiple(impls))
+    cells, _ = audit_source(
+        source, [float_format(unit.dtype)], impls, list(unit.devices),
+        settings=grid.implementation_settings(), tolerances=grid.tolerances, grad=grid.grad,
+        progress=progress, reproducers=reproducers,
+    )  # fmt: skip
+    return cells
 
 
 def run_sweep(
-    config: SweepConfig, progress: Progress | None = None, reproducers: ReproducerSink | None = None
+    config: SweepConfig,
+    progress: Progress | None = None,
+    *,
+    execution: Execution | None = None,
+    shard: Shard | None = None,
+    reproducers: ReproducerSink | None = None,
 ) -> AuditResult:
     """Run the whole grid of ``config`` (each of its [[grids]] in turn); one cell per implementation,
-    dtype, device and case. A size this machine cannot hold is refused first (ce_audit.capacity).
-    ``reproducers`` collects the worst rows of every failing cell."""
+    dtype, device and case, in the same order whatever runs the units (``execution``: in this process by
+    default). ``shard``: run only that part of the units (ce_audit.shards); the result records which.
+    ``reproducers`` collects the worst rows of every failing cell (the units then run in this process).
+    A size this machine cannot hold is refused first (ce_audit.capacity)."""
     from ce_audit.capacity import check_capacity
 
     check_capacity(config)
+    if reproducers is not None or execution is None:
+        execution = Execution()
+    run = run_unit if reproducers is None else functools.partial(run_unit, reproducers=reproducers)
     started = time.time()
     clock = time.perf_counter()
+    units, devices = plan_units(config, execution.devices_here)
+    chosen = units if shard is None else shard.select(units)
     cells: list[Cell] = []
-    devices: list[str] = []
-    for grid in config.expanded():
-        grid_cells, grid_devices = _run_grid(grid, progress, reproducers)
-        cells += grid_cells
-        devices += [device for device in grid_devices if device not in devices]
+    cell_counts: list[tuple[int, int]] = []
+    for unit, unit_cells in zip(chosen, execution.run(run, chosen, progress), strict=True):
+        cells += unit_cells
+        cell_counts.append((unit.index, len(unit_cells)))
     return AuditResult(
         config=config,
         cells=cells,
@@ -169,11 +232,14 @@ def run_sweep(
         devices={device: device_description(device) for device in devices},
         started=started,
         seconds=time.perf_counter() - clock,
+        shard=None if shard is None else shard.record(len(units), cell_counts),
     )
 
 
-def sweep_size(config: SweepConfig) -> int:
-    """Number of (case, dtype) units a sweep reports progress in."""
+def sweep_size(config: SweepConfig, shard: Shard | None = None, devices_here: bool = True) -> int:
+    """Number of (case, dtype) units a sweep (or one shard of it) reports progress in."""
+    if shard is not None:
+        return len(shard.select(plan_units(config, devices_here)[0]))
     return sum(
         len(grid.distributions) * len(grid.scales) * len(grid.offsets) * len(grid.vocabs) * len(grid.batches)
         * len(grid.dtypes) * len(grid.margins) * len(grid.target_positions) * len(grid.loss_options())

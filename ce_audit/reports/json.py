@@ -94,6 +94,8 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "implementations": implementations(result.cells),
         "cells": len(result.cells),
     }
+    if result.shard is not None:
+        document["shard"] = result.shard
     document.update(extra or {})
     return _plain(document)
 

@@ -1,0 +1,242 @@
+"""Executors: what runs a sweep's units — in this process, in worker processes, or as Ray tasks.
+
+Every executor takes the units in report order and yields each unit's cells **in that order**, whatever
+order they finish in, so a sweep's cells (and summary.csv, row for row) are the same as in one process.
+A unit's numbers do not depend on where it runs: its inputs are drawn from generators seeded by the case
+and the row, and the reference is computed from those inputs alone.
+
+| name        | runs each unit                                                                         |
+|-------------|----------------------------------------------------------------------------------------|
+| `local`     | in this process, one after the other (progress advances inside a unit)                |
+| `processes` | in one of ``jobs`` worker processes (forkserver, else spawn); plugins are loaded again |
+|             | in each worker from the config's specs; torch and BLAS get cores // jobs threads each  |
+| `ray`       | as a Ray task (``num_cpus=1``; ``num_gpus`` = the unit's CUDA devices, and the          |
+|             | ``accelerator_type`` asked for); a local Ray is started for the run without an address |
+
+Adding one: a class with ``name`` and ``map(function, units, progress)`` in ``EXECUTORS``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from ce_audit.errors import AuditError
+
+if TYPE_CHECKING:
+    from ce_audit.results import Cell
+    from ce_audit.sweep import Unit
+
+Progress = Callable[[float], None]
+UnitFunction = Callable[..., "list[Cell]"]  # function(unit, progress=None) -> the unit's cells
+
+# Below this estimated cost (rows × vocabulary × implementations × devices, summed over units) a sweep
+# whose --jobs was not given runs in this process: starting workers (a Python and a torch import each,
+# about a second) would cost more than it saves.
+SMALL_SWEEP_COST = 50_000_000
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    counter = getattr(os, "process_cpu_count", None)  # Python ≥ 3.13
+    if counter is not None:
+        return max(1, counter() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+class Executor(Protocol):
+    name: ClassVar[str]
+
+    def map(
+        self, function: UnitFunction, units: Sequence[Unit], progress: Progress | None
+    ) -> Iterator[list[Cell]]:
+        """``function(unit)`` for every unit; the results in the order of ``units``."""
+
+
+class LocalExecutor:
+    """Each unit in this process, in order."""
+
+    name = "local"
+
+    def map(
+        self, function: UnitFunction, units: Sequence[Unit], progress: Progress | None
+    ) -> Iterator[list[Cell]]:
+        for unit in units:
+            yield function(unit, progress)
+
+
+def _init_worker(threads: int) -> None:
+    """A worker's start: ``threads`` threads for torch and BLAS (set before either is imported)."""
+    for variable in THREAD_VARIABLES:
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:  # pragma: no cover - a start method that copies the parent's modules
+        sys.modules["torch"].set_num_threads(threads)
+
+
+@dataclass
+class ProcessExecutor:
+    """Units in ``jobs`` worker processes; each worker gets cores // jobs threads (at least one)."""
+
+    jobs: int
+    name: ClassVar[str] = "processes"
+
+    def map(
+        self, function: UnitFunction, units: Sequence[Unit], progress: Progress | None
+    ) -> Iterator[list[Cell]]:
+        if not units:
+            return
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        workers = max(1, min(self.jobs, len(units)))
+        threads = max(1, available_cores() // workers)
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+        try:
+            futures = [pool.submit(function, unit) for unit in units]
+            yield from _in_order(futures, progress)
+        except BrokenProcessPool as error:
+            raise AuditError(f"a worker process died ({error}); run with --jobs 1 to see why") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_order(futures: list[Future[list[Cell]]], progress: Progress | None) -> Iterator[list[Cell]]:
+    """Each future's result in list order, advancing ``progress`` by one as each finishes."""
+    pending = set(futures)
+    position = 0
+    while position < len(futures):
+        if pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            if progress:
+                progress(float(len(done)))
+        while position < len(futures) and futures[position].done():
+            yield futures[position].result()  # a worker's AuditError is raised here, as it was there
+            position += 1
+
+
+@dataclass
+class RayExecutor:
+    """Units as Ray tasks on the cluster at ``address`` (None: a local Ray, started for the run and shut
+    down after); a unit with CUDA devices asks for that many GPUs and, if given, ``accelerator_type``."""
+
+    address: str | None = None
+    accelerator_type: str | None = None
+    name: ClassVar[str] = "ray"
+
+    def resources(self, unit: Unit) -> dict[str, Any]:
+        """The Ray resources a unit's task asks for."""
+        gpus = len({device for device in unit.devices if device.startswith("cuda")})
+        wanted: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus}
+        if gpus and self.accelerator_type:
+            wanted["accelerator_type"] = self.accelerator_type
+        return wanted
+
+    def map(
+        self, function: UnitFunction, units: Sequence[Unit], progress: Progress | None
+    ) -> Iterator[list[Cell]]:
+        ray = import_ray()
+        started = not ray.is_initialized()
+        if started:
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            except (ConnectionError, ValueError, RuntimeError) as error:
+                where = self.address or "a local Ray"
+                raise AuditError(
+                    f"cannot start or reach {where}: {str(error).strip().splitlines()[0]}"
+                ) from None
+        try:
+            task = ray.remote(function)
+            references = [task.options(**self.resources(unit)).remote(unit) for unit in units]
+            pending = list(references)
+            finished: set[Any] = set()
+            position = 0
+            while position < len(references):
+                if pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    finished.update(done)
+                    if progress:
+                        progress(float(len(done)))
+                while position < len(references) and references[position] in finished:
+                    yield _ray_result(ray, references[position])
+                    position += 1
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _ray_result(ray: Any, reference: Any) -> list[Cell]:
+    """A task's cells; the AuditError it raised (a plugin that does not load there) raised here."""
+    try:
+        return list(ray.get(reference))
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, AuditError):
+            raise AuditError(str(cause)) from None
+        raise
+
+
+def import_ray() -> Any:
+    """Ray, or an AuditError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise AuditError("--executor ray needs Ray: pip install 'ce-audit[ray]'") from None
+    return ray
+
+
+EXECUTORS: dict[str, str] = {
+    LocalExecutor.name: "in this process, one unit after the other",
+    ProcessExecutor.name: "in --jobs worker processes on this machine",
+    RayExecutor.name: "as Ray tasks (--ray-address; default: a local Ray started for the run)",
+}
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a sweep runs its units: an executor name (None: `local` for one job, `processes` for more),
+    ``jobs`` (None: this machine's cores, but a small sweep stays in this process) and Ray's settings."""
+
+    executor: str | None = None
+    jobs: int | None = 1
+    ray_address: str | None = None
+    ray_accelerator_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.executor is not None and self.executor not in EXECUTORS:
+            raise AuditError(f"unknown executor {self.executor!r}; choose from {', '.join(EXECUTORS)}")
+        if self.jobs is not None and self.jobs < 1:
+            raise AuditError(f"--jobs must be at least 1, got {self.jobs}")
+        if (self.ray_address or self.ray_accelerator_type) and self.executor != RayExecutor.name:
+            raise AuditError("--ray-address and --ray-accelerator-type need --executor ray")
+
+    @property
+    def devices_here(self) -> bool:
+        """Whether the units' devices are this machine's (not so on a Ray cluster)."""
+        return self.executor != RayExecutor.name
+
+    def executor_for(self, units: Sequence[Unit]) -> LocalExecutor | ProcessExecutor | RayExecutor:
+        """The executor that runs these units."""
+        if self.executor == RayExecutor.name:
+            return RayExecutor(self.ray_address, self.ray_accelerator_type)
+        jobs = self.jobs
+        if jobs is None:
+            busy = [unit for unit in units if unit.impls]
+            small = len(busy) < 2 or sum(unit.cost for unit in busy) < SMALL_SWEEP_COST
+            jobs = 1 if small else available_cores()
+        if self.executor == LocalExecutor.name or (self.executor is None and jobs == 1):
+            return LocalExecutor()
+        return ProcessExecutor(jobs)
+
+    def run(
+        self, function: UnitFunction, units: Sequence[Unit], progress: Progress | None
+    ) -> Iterator[list[Cell]]:
+        """Each unit's cells, in the order of ``units``."""
+        return self.executor_for(units).map(function, units, progress)

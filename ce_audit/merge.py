@@ -1,0 +1,179 @@
+"""``ce-audit merge``: the report directories of a sweep's shards (``--shard K/N``) as one report.
+
+The merged summary.csv is byte for byte the one a single run writes: each shard's lines are put back in
+the sweep's unit order (report.json records, per shard, which units it ran and how many cells each gave).
+The merged report.json equals a single run's apart from ``config.out``; run.json holds the earliest
+shard's timestamp and the shards' summed seconds. report.html and its plots are drawn from the merged
+cells, and the set is written as one unit (ce_audit.reports.bundle). Shards of different configs, seeds
+or package versions, the same shard twice, overlapping units and missing shards are refused with one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from ce_audit.errors import AuditError
+from ce_audit.reports.bundle import RUN_NAME, ReportDirectory, ReportFile
+from ce_audit.reports.csv import read_cells
+from ce_audit.reports.html import html_files
+
+# report.json keys that may differ between the shards of one sweep
+_PER_RUN_KEYS = frozenset({"shard", "implementations", "cells", "files", "run_id"})
+
+
+def _read_shard(directory: Path) -> tuple[dict[str, Any], list[str], list[list[str]]]:
+    """A shard's report.json, its summary.csv header and lines."""
+    report_path, summary_path = directory / "report.json", directory / "summary.csv"
+    for path in (report_path, summary_path):
+        if not path.is_file():
+            raise AuditError(f"{directory} is not a report directory (no {path.name})")
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        lines = list(csv.reader(io.StringIO(summary_path.read_text(encoding="utf-8"))))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
+        raise AuditError(f"cannot read the report in {directory}: {error}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("shard"), dict):
+        raise AuditError(f"{directory} holds no shard of a sweep (run `ce-audit sweep --shard K/N`)")
+    shard = report["shard"]
+    if not (
+        all(isinstance(shard.get(key), int) for key in ("index", "count", "total_units"))
+        and isinstance(shard.get("units"), list)
+        and all(isinstance(unit, list) and len(unit) == 2 for unit in shard["units"])
+    ):
+        raise AuditError(f"{directory}/report.json has a malformed shard record")
+    if not lines:
+        raise AuditError(f"{directory}/summary.csv is empty")
+    return report, lines[0], [line for line in lines[1:] if line]
+
+
+def _comparable(report: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal across the shards of one sweep (the config without its output directory)."""
+    same = {key: value for key, value in report.items() if key not in _PER_RUN_KEYS}
+    same["config"] = {key: value for key, value in report.get("config", {}).items() if key != "out"}
+    return same
+
+
+def _first_difference(first: dict[str, Any], other: dict[str, Any]) -> str:
+    for key in sorted(set(first) | set(other)):
+        if first.get(key) != other.get(key):
+            if isinstance(first.get(key), dict) and isinstance(other.get(key), dict):
+                return f"{key}.{_first_difference(first[key], other[key])}"
+            return key
+    return "?"
+
+
+def merge_reports(directories: list[Path], out: Path) -> list[str]:
+    """Merge the shard report directories into ``out``; the paths written."""
+    if not directories:
+        raise AuditError("merge needs the report directories of the shards")
+    shards = [(directory, *_read_shard(directory)) for directory in directories]
+    first_dir, first_report, header, _ = shards[0]
+    count, total = first_report["shard"]["count"], first_report["shard"]["total_units"]
+    seen: dict[int, Path] = {}
+    owner: dict[int, Path] = {}
+    pieces: dict[int, list[list[str]]] = {}
+    for directory, report, shard_header, lines in shards:
+        shard = report["shard"]
+        if report.get("seed") != first_report.get("seed"):
+            raise AuditError(
+                f"{directory} was run with seed {report.get('seed')}, "
+                f"{first_dir} with {first_report.get('seed')}"
+            )
+        if _comparable(report) != _comparable(first_report):
+            differ = _first_difference(_comparable(first_report), _comparable(report))
+            raise AuditError(f"{directory} and {first_dir} are not shards of one sweep ({differ} differs)")
+        if (shard["count"], shard["total_units"]) != (count, total) or shard_header != header:
+            first = first_report["shard"]
+            raise AuditError(
+                f"{directory} is shard {shard['index']}/{shard['count']}, {first_dir} shard "
+                f"{first['index']}/{count}: they split the sweep differently"
+            )
+        if shard["index"] in seen:
+            raise AuditError(
+                f"shard {shard['index']}/{count} given twice: {seen[shard['index']]} and {directory}"
+            )
+        seen[shard["index"]] = directory
+        position = 0
+        for index, cells in shard["units"]:
+            if index in owner:
+                raise AuditError(f"{directory} and {owner[index]} overlap (both ran unit {index})")
+            owner[index] = directory
+            pieces[index] = lines[position : position + cells]
+            position += cells
+        if position != len(lines):
+            raise AuditError(
+                f"{directory}: summary.csv has {len(lines)} rows, report.json accounts for {position}"
+            )
+    missing = [str(k) for k in range(1, count + 1) if k not in seen]
+    if missing:
+        raise AuditError(
+            f"shard {', '.join(f'{k}/{count}' for k in missing)} missing: merge needs all {count}"
+        )
+    if sorted(owner) != list(range(total)):
+        raise AuditError(f"the shards ran {len(owner)} of the sweep's {total} units")
+    return _write_merged(shards, pieces, header, out)
+
+
+def _read_run(directory: Path) -> dict[str, Any]:
+    """A shard's run.json (timing, host, devices); empty where it has none."""
+    try:
+        run = json.loads((directory / RUN_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return run if isinstance(run, dict) else {}
+
+
+def _write_merged(
+    shards: list[tuple[Path, dict[str, Any], list[str], list[list[str]]]],
+    pieces: dict[int, list[list[str]]],
+    header: list[str],
+    out: Path,
+) -> list[str]:
+    ordered = sorted(shards, key=lambda shard: shard[1]["shard"]["index"])
+    lines = [line for index in sorted(pieces) for line in pieces[index]]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(lines)
+    text = buffer.getvalue()
+    described: dict[str, Any] = {}
+    for _, report, _, _ in ordered:
+        described.update(report.get("implementations", {}))
+    impl_column = header.index("impl")
+    names = dict.fromkeys(line[impl_column] for line in lines)
+    document = {key: value for key, value in ordered[0][1].items() if key not in ("shard", "files", "run_id")}
+    document["config"] = {**document["config"], "out": str(out)}
+    document["implementations"] = {name: described[name] for name in names if name in described}
+    document["cells"] = len(lines)
+    runs = [_read_run(directory) for directory, *_ in ordered]
+    devices: dict[str, Any] = {}
+    for run in runs:
+        devices.update({k: v for k, v in (run.get("devices") or {}).items() if k not in devices})
+    stamps = [run["timestamp"] for run in runs if isinstance(run.get("timestamp"), str)]
+    seconds = sum(float(run.get("seconds") or 0.0) for run in runs)
+
+    def write_summary(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    def run_record(identity: str) -> dict[str, Any]:
+        return {
+            "run_id": identity,
+            "timestamp": min(stamps) if stamps else None,
+            "seconds": round(seconds, 3),
+            "merged_from": [str(directory) for directory, *_ in ordered],
+            "devices": devices,
+        }
+
+    with ReportDirectory(out) as target:
+        staged = target.out / ".ce-audit-merged-summary.csv"
+        staged.write_text(text, encoding="utf-8")
+        try:
+            cells = read_cells(staged).cells
+        finally:
+            staged.unlink(missing_ok=True)
+        members = [ReportFile("summary.csv", write_summary), *html_files(cells, document)]
+        return target.write_set(members, document, run_record)
