@@ -443,7 +443,8 @@ def replay(
     fail_on: FailOnOption = None,
     save_failures: SaveFailuresOption = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed of the drawn options (weights, masks, ignored rows).")
+        int | None,
+        typer.Option("--seed", metavar="N", help="Seed of the drawn options (weights, masks, ignored rows)."),
     ] = None,
     **loss_options: Any,
 ) -> None:

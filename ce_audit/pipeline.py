@@ -341,6 +341,7 @@ def audit_blocks(
         tally.to_cell(fmt, label, grad, max_logit, max_reference, floor, baselines.get(tally.device))
         for tally in tallies
     ]
+    cells = [replace(cell, device_name=device_name(cell.device)) for cell in cells]
     if reproducers is not None:
         for tally, cell in zip(tallies, cells, strict=True):
             own = without_ignored(options) if id(tally) in dropping else options
@@ -356,7 +357,8 @@ def skipped_cells(
     for impl in impls:
         for device in devices:
             tally = CellTally(impl, device, status=Status.SKIPPED, error=reason)
-            cells.append(tally.to_cell(fmt, label, False, float("nan"), float("nan")))
+            cell = tally.to_cell(fmt, label, False, float("nan"), float("nan"))
+            cells.append(replace(cell, device_name=device_name(device)))
     return cells
 
 
@@ -389,4 +391,4 @@ def audit_source(
         )  # fmt: skip
         cells += fmt_cells
         row_results += fmt_rows
-    return [replace(cell, device_name=device_name(cell.device)) for cell in cells], row_results
+    return cells, row_results
