@@ -6,6 +6,7 @@ No numerics here, and no torch import at start-up: `ce-audit --help` stays fast.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from ce_audit.cli_options import option_overrides, with_loss_options
 from ce_audit.errors import AuditError
+from ce_audit.interruption import stop_on_signals
 
 try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itself.
     from typer._click import exceptions as click_exceptions
@@ -90,6 +92,23 @@ PluginOption = Annotated[
     ),
 ]
 
+IsolationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--isolation",
+        help="process (default): implementations that are not built in run in a worker process, so a crash, "
+        "exit or hang costs only their cells; none: in-process (for debugging).",
+    ),
+]
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Seconds one call of an isolated implementation may take before its cell is an error "
+        "(default 120; 0: no limit).",
+    ),
+]
+
 
 def _console(width: int = 160) -> Console:
     """Rich on a terminal; plain text, ``width`` columns wide, when stdout is a file or a pipe."""
@@ -144,6 +163,8 @@ def sweep(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the input generator.")] = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
+    isolation: IsolationOption = None,
+    timeout: TimeoutOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
     fail_on: FailOnOption = None,
@@ -165,6 +186,8 @@ def sweep(
         "batches": batch or None,
         "seed": seed,
         "grad": grad,
+        "isolation": isolation,
+        "timeout": timeout,
         "out": str(out) if out else None,
         **option_overrides(loss_options, grid=True),
     }
@@ -172,7 +195,7 @@ def sweep(
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
     progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
-    with progress:
+    with stop_on_signals(), progress:
         result = run_sweep(resolved, progress=advance)
     paths = _write_reports(result, Path(resolved.out), "sweep")
     if quiet:
@@ -180,6 +203,7 @@ def sweep(
             console.print(path, markup=False)
     else:
         print_report(result.cells, console, paths, result.seconds)
+    _exit_if_interrupted(result, Path(resolved.out), console, quiet)
     _exit_on(result.cells, fail_on)
 
 
@@ -196,6 +220,8 @@ def replay(
     impl: ImplOption = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
+    isolation: IsolationOption = None,
+    timeout: TimeoutOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
     fail_on: FailOnOption = None,
@@ -215,11 +241,14 @@ def replay(
             "out": str(out) if out else None,
             "dtypes": dtype or None,
             "plugins": plugin or None,
+            "isolation": isolation,
+            "timeout": timeout,
             **option_overrides(loss_options, grid=False),
         },
     )
     _check_fail_on(fail_on)
-    result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
+    with stop_on_signals():
+        result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
     paths = _write_reports(
         result, Path(resolved.out), "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}}
     )
@@ -229,6 +258,7 @@ def replay(
             console.print(path, markup=False)
     else:
         print_report(result.cells, console, paths, result.seconds)
+    _exit_if_interrupted(result, Path(resolved.out), console, quiet)
     _exit_on(result.cells, fail_on)
 
 
@@ -350,6 +380,24 @@ def _check_fail_on(level: str | None) -> None:
 
     if level is not None and level not in FAIL_LEVELS:
         raise AuditError(f"--fail-on takes one of {', '.join(FAIL_LEVELS)}, got {level!r}")
+
+
+def _exit_if_interrupted(result: Any, out: Path, console: Console, quiet: bool) -> None:
+    """After SIGINT / SIGTERM: say what the written report holds, and exit 130 / 143."""
+    from ce_audit.interruption import exit_code
+
+    if not result.interrupted:
+        return
+    done, total = result.units_done, result.units_total
+    if not quiet:
+        kept = f"{done} of {total} units completed" if result.partial else "every unit completed"
+        console.print(f"partial report: {kept} (interrupted by {result.interrupted})", highlight=False)
+    what = "the partial report" if result.partial else "the report"
+    print(
+        f"ce-audit: interrupted by {result.interrupted}: {what} of {done} of {total} units is in {out}",
+        file=sys.stderr,
+    )
+    raise typer.Exit(exit_code(signal.Signals[result.interrupted].value))
 
 
 def _exit_on(cells: list[Any], level: str | None) -> None:

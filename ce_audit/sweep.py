@@ -19,6 +19,8 @@ from ce_audit.cases import Case, build_cases, class_weights, generate_inputs, qu
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
+from ce_audit.interruption import UnitCount, received_signal, signal_name, stop_requested
+from ce_audit.isolation import session
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, Progress, audit_source, implementations_and_devices, overflow_peak
 from ce_audit.results import AuditResult, Cell
@@ -92,7 +94,9 @@ class CaseSource:
         return None
 
 
-def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell], list[str]]:
+def _run_grid(
+    config: SweepConfig, progress: Progress | None, units: UnitCount
+) -> tuple[list[Cell], list[str]]:
     impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
     cases = build_cases(
         config.distributions, config.scales, config.offsets, config.vocabs, config.batches, config.seed
@@ -104,8 +108,11 @@ def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell
         for margin, position in itertools.product(config.margins, config.target_positions):
             case = replace(base_case, margin=margin, target_position=position)
             for options in config.loss_options():
+                if stop_requested():  # interrupted: the completed units are the result
+                    return cells, devices
                 family_impls = impls if config.impls else [i for i in impls if i.family == options.family]
                 if not family_impls:
+                    units.done += len(formats)
                     if progress:
                         progress(float(len(formats)))
                     continue
@@ -116,7 +123,7 @@ def _run_grid(config: SweepConfig, progress: Progress | None) -> tuple[list[Cell
                 source = CaseSource(case, options, label, config.block_mib << 20)
                 case_cells, _ = audit_source(
                     source, formats, family_impls, devices, settings=settings, tolerances=config.tolerances,
-                    grad=config.grad, progress=progress,
+                    grad=config.grad, progress=progress, units=units,
                 )  # fmt: skip
                 cells += case_cells
     return cells, devices
@@ -129,10 +136,18 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
     clock = time.perf_counter()
     cells: list[Cell] = []
     devices: list[str] = []
-    for grid in config.expanded():
-        grid_cells, grid_devices = _run_grid(grid, progress)
-        cells += grid_cells
-        devices += [device for device in grid_devices if device not in devices]
+    units = UnitCount(sweep_size(config))
+    grids = config.expanded()
+    impls = [name for grid in grids for name in grid.impls]
+    plugins = [spec for grid in grids for spec in grid.plugins]
+    with session(config.isolation, config.timeout, impls=impls, plugins=plugins):  # one worker per run
+        for grid in grids:
+            if stop_requested():
+                break
+            grid_cells, grid_devices = _run_grid(grid, progress, units)
+            cells += grid_cells
+            devices += [device for device in grid_devices if device not in devices]
+    signum = received_signal()
     return AuditResult(
         config=config,
         cells=cells,
@@ -140,6 +155,9 @@ def run_sweep(config: SweepConfig, progress: Progress | None = None) -> AuditRes
         devices={device: device_description(device) for device in devices},
         started=started,
         seconds=time.perf_counter() - clock,
+        units_done=units.done,
+        units_total=units.total,
+        interrupted=signal_name(signum) if signum else "",
     )
 
 

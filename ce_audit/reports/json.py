@@ -71,6 +71,9 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "versions": package_versions(),
         "devices": result.devices,
         "reference_precision": reference_precision(),
+        "partial": result.partial,  # stopped early (interrupted): the rows are the completed units'
+        "units": {"completed": result.units_done, "total": result.units_total},
+        **({"interrupted": result.interrupted} if result.interrupted else {}),
         "implementations": implementations(result.cells),
         "rows": [{name: getattr(cell, name) for name in CELL_COLUMNS} for cell in result.cells],
     }
