@@ -28,6 +28,7 @@ SMALL = [
     "--dtype", "float32", "--dtype", "float16", "--vocab", "64", "--batch", "8", "--distribution", "normal",
     "--scale", "1", "--offset", "0", "--device", "cpu", "--quiet",
 ]  # fmt: skip
+BUILT_INS = {"fused", "numpy_shifted"}
 EXPECTED = {  # implementation: the start of its cells' error
     "segfaults": "killed by SIGSEGV (last output: segfaults: about to misbehave)",
     "aborts": "killed by SIGABRT (last output: aborts: about to misbehave)",
@@ -49,7 +50,7 @@ def _rows_of(path: Path, impls: set[str]) -> list[dict[str, str]]:
 def test_faulty_plugins_cost_only_their_cells(tmp_path, capsys):
     impls = ["fused", *EXPECTED, "state_changer", "numpy_shifted"]
     code, _, err = run_cli(
-        ["sweep", "--plugin", FAULTS, *_impl_args(impls), *SMALL, "--timeout", "1", "--out", tmp_path / "all"],
+        ["sweep", "--plugin", FAULTS, *_impl_args(impls), *SMALL, "--timeout", "1", "--out", tmp_path / "a"],
         capsys,
     )
     assert code == 0, err
@@ -57,7 +58,7 @@ def test_faulty_plugins_cost_only_their_cells(tmp_path, capsys):
         ["sweep", *_impl_args(["fused", "numpy_shifted"]), *SMALL, "--out", tmp_path / "clean"], capsys
     )
     assert code == 0, err
-    rows = read_rows(tmp_path / "all" / "summary.csv")
+    rows = read_rows(tmp_path / "a" / "summary.csv")
     assert len(rows) == 2 * len(impls)
     for row in rows:
         if row["impl"] in EXPECTED:
@@ -66,7 +67,7 @@ def test_faulty_plugins_cost_only_their_cells(tmp_path, capsys):
         else:
             assert row["status"] == "ok", row
     # the built-ins' cells are exactly those of a run without the faulty plugins
-    assert _rows_of(tmp_path / "all", {"fused", "numpy_shifted"}) == read_rows(tmp_path / "clean" / "summary.csv")
+    assert _rows_of(tmp_path / "a", BUILT_INS) == read_rows(tmp_path / "clean" / "summary.csv")
 
 
 def test_state_changes_are_undone_in_process(tmp_path, capsys):
@@ -75,11 +76,11 @@ def test_state_changes_are_undone_in_process(tmp_path, capsys):
     rng = np.random.get_state()[1].copy()
     impls = ["state_changer", "fused", "numpy_shifted"]
     code, _, err = run_cli(
-        ["sweep", "--plugin", FAULTS, *_impl_args(impls), *SMALL, "--isolation", "none", "--out", tmp_path / "a"],
+        ["sweep", "--plugin", FAULTS, *_impl_args(impls), *SMALL, "--isolation=none", "--out", tmp_path],
         capsys,
     )
     assert code == 0, err
-    assert (tmp_path / "a" / "report.json").is_file()  # not in the directory the plugin moved to
+    assert (tmp_path / "report.json").is_file()  # not in the directory the plugin moved to
     assert os.getcwd() == cwd and np.geterr() == errors and torch.get_default_dtype() == dtype
     assert np.array_equal(np.random.get_state()[1], rng)
     assert not isolation._flushes_denormals(torch)
@@ -87,8 +88,8 @@ def test_state_changes_are_undone_in_process(tmp_path, capsys):
         ["sweep", *_impl_args(["fused", "numpy_shifted"]), *SMALL, "--out", tmp_path / "clean"], capsys
     )
     assert code == 0, err
-    assert _rows_of(tmp_path / "a", {"fused", "numpy_shifted"}) == read_rows(tmp_path / "clean" / "summary.csv")
-    assert {row["status"] for row in _rows_of(tmp_path / "a", {"state_changer"})} == {"ok"}
+    assert _rows_of(tmp_path, BUILT_INS) == read_rows(tmp_path / "clean" / "summary.csv")
+    assert {row["status"] for row in _rows_of(tmp_path, {"state_changer"})} == {"ok"}
 
 
 def test_preserved_state_restores_flush_denormal_threads_and_rng():
@@ -246,7 +247,7 @@ def test_interruption_writes_the_completed_units_as_a_partial_report(tmp_path, s
     name = signal.Signals(signum).name
     assert process.returncode == code, err
     assert f"ce-audit: interrupted by {name}: the partial report of" in err and str(tmp_path / "out") in err
-    assert f"partial report: " in out and f"(interrupted by {name})" in out
+    assert "partial report: " in out and f"(interrupted by {name})" in out
     document = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     completed, total = document["units"]["completed"], document["units"]["total"]
     assert document["partial"] is True and document["interrupted"] == name
