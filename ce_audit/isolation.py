@@ -206,8 +206,9 @@ def _lookup(name: str, pickled: bytes | None) -> Any:
     return impl
 
 
-def _worker_main(conn: Any, log_path: str, spec: WorkerSpec | None) -> None:
+def _worker_main(conn: Any, parent_end: Any, log_path: str, spec: WorkerSpec | None) -> None:
     """The worker's loop: receive (name, call), run it with the state restored after it, send the outcome."""
+    parent_end.close()  # inherited: held open here, the run's end would never see this end close
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the run decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent()
@@ -297,7 +298,10 @@ class Worker:
         parent_end, child_end = context.Pipe()
         spec = None if self.method == "fork" else self.spec
         self.process = context.Process(
-            target=_worker_main, args=(child_end, self.log_path, spec), daemon=True, name="ce-audit-worker"
+            target=_worker_main,
+            args=(child_end, parent_end, self.log_path, spec),
+            daemon=True,
+            name="ce-audit-worker",
         )
         self.process.start()
         child_end.close()
