@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -223,7 +224,8 @@ def _worker_main(conn: Any, parent_end: Any, log_path: str, spec: WorkerSpec | N
         else:
             from ce_audit.plugins import prepare
 
-            prepare(spec.impls, spec.plugins)
+            # module:function specs register themselves; other names may be live objects of the run's
+            prepare(tuple(name for name in spec.impls if ":" in name), spec.plugins)
     except Exception as error:  # noqa: BLE001 - reported with every call instead
         setup_error = f"the worker could not load the implementations: {first_line(error)}"
     conn.send(("ready", setup_error))
@@ -339,7 +341,7 @@ class Worker:
         """The worker's next message; a CallFailed when it died, or passed ``limit`` seconds (0: none)."""
         from ce_audit.interruption import Interrupted, stop_requested
 
-        waited = 0.0
+        deadline = time.monotonic() + limit
         while True:
             try:
                 if self.conn.poll(_POLL_S):
@@ -347,13 +349,12 @@ class Worker:
             except (EOFError, OSError):
                 self.process.join(timeout=5.0)
                 raise self._fail(exit_description(self._stop())) from None
-            waited += _POLL_S
             if not self.process.is_alive() and not self.conn.poll(0):
                 raise self._fail(exit_description(self._stop()))
             if stop_requested():  # the run is being interrupted: drop the call in flight
                 self._stop()
                 raise Interrupted
-            if limit and waited >= limit:
+            if limit and time.monotonic() >= deadline:
                 self._stop()
                 raise self._fail(f"{hang} after {limit:g} s")
 
