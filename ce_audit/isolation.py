@@ -228,10 +228,10 @@ def _worker_main(conn: Any, parent_end: Any, log_path: str, spec: WorkerSpec | N
             prepare(tuple(name for name in spec.impls if ":" in name), spec.plugins)
     except Exception as error:  # noqa: BLE001 - reported with every call instead
         setup_error = f"the worker could not load the implementations: {first_line(error)}"
-    conn.send(("ready", setup_error))
+    conn.send((0, "ready", setup_error))
     while True:
         try:
-            name, pickled, fields = conn.recv()
+            number, name, pickled, fields = conn.recv()
         except (EOFError, OSError):
             os._exit(0)  # the run is over
         with contextlib.suppress(OSError):
@@ -257,9 +257,9 @@ def _worker_main(conn: Any, parent_end: Any, log_path: str, spec: WorkerSpec | N
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            conn.send(reply)
+            conn.send((number, *reply))
         except Exception as error:  # noqa: BLE001 - e.g. a result that cannot be pickled
-            conn.send(("error", f"its result could not be sent back: {first_line(error)}"))
+            conn.send((number, "error", f"its result could not be sent back: {first_line(error)}"))
 
 
 def start_method() -> str:
@@ -292,7 +292,8 @@ class Worker:
         self.log_path = str(Path(self.directory) / "output.log")
         self.process: Any = None
         self.conn: Any = None
-        self.starts = 0
+        self.pickles: dict[str, bytes | None] = {}
+        self.calls = 0  # calls sent; each answer carries its call's number
 
     def _start(self) -> None:
         self.method = start_method()
@@ -308,8 +309,7 @@ class Worker:
         self.process.start()
         child_end.close()
         self.conn = parent_end
-        self.starts += 1
-        self._receive(max(STARTUP_LIMIT_S, self.timeout), "did not start")
+        self._receive(0, max(STARTUP_LIMIT_S, self.timeout), "did not start")
 
     def _tail(self) -> str:
         try:
@@ -337,15 +337,19 @@ class Worker:
             process.join(timeout=5.0)
         return process.exitcode
 
-    def _receive(self, limit: float, hang: str) -> Any:
-        """The worker's next message; a CallFailed when it died, or passed ``limit`` seconds (0: none)."""
+    def _receive(self, number: int, limit: float, hang: str) -> tuple[str, Any]:
+        """The worker's answer to message ``number``: (kind, value); a CallFailed when the worker died or
+        passed ``limit`` seconds (0: none)."""
         from ce_audit.interruption import Interrupted, stop_requested
 
         deadline = time.monotonic() + limit
         while True:
             try:
                 if self.conn.poll(_POLL_S):
-                    return self.conn.recv()
+                    answered, kind, value = self.conn.recv()
+                    if answered == number:
+                        return kind, value
+                    continue  # a stale answer (to a call given up on): not this one's
             except (EOFError, OSError):
                 self.process.join(timeout=5.0)
                 raise self._fail(exit_description(self._stop())) from None
@@ -362,20 +366,28 @@ class Worker:
         if self.process is None or not self.process.is_alive():
             self._stop()
             self._start()
-        pickled = None
-        if self.method != "fork" and impl.name not in self.spec.impls:
-            with contextlib.suppress(Exception):
-                pickled = pickle.dumps(impl)
+        pickled = None if self.method == "fork" else self._pickled(impl)
         fields = {name: getattr(call, name) for name in call.__dataclass_fields__}
         fields["fmt"] = call.fmt.name
+        self.calls += 1
         try:
-            self.conn.send((impl.name, pickled, fields))
+            self.conn.send((self.calls, impl.name, pickled, fields))
         except (BrokenPipeError, OSError):
             raise self._fail(exit_description(self._stop())) from None
-        kind, value = self._receive(self.timeout, "timed out")
+        kind, value = self._receive(self.calls, self.timeout, "timed out")
         if kind == "ok":
             return value
         raise CallFailed(value)
+
+    def _pickled(self, impl: Any) -> bytes | None:
+        """The implementation pickled (its function by reference), for a spawned worker that has no entry
+        of that name; None where it cannot be."""
+        if impl.name not in self.pickles:
+            try:
+                self.pickles[impl.name] = pickle.dumps(impl)
+            except Exception:  # noqa: BLE001 - a local function, a lambda: the worker says so per cell
+                self.pickles[impl.name] = None
+        return self.pickles[impl.name]
 
     def close(self) -> None:
         self._stop()

@@ -144,11 +144,15 @@ def test_a_live_function_is_isolated_in_a_forked_worker():
     assert statuses["float32"][0] == "ok"
 
 
-def test_spawned_worker_loads_the_plugins_again(tmp_path, capsys, monkeypatch):
-    """Where fork is unusable (CUDA initialised) the worker is spawned and runs plugins.prepare itself."""
+def test_spawned_worker_loads_the_plugins_again(tmp_path, capsys, monkeypatch, temporary_impl):
+    """Where fork is unusable (CUDA initialised) the worker is spawned and runs plugins.prepare itself;
+    a function registered from a live object is pickled by reference, a local one cannot be."""
     monkeypatch.setattr(isolation, "start_method", lambda: "spawn")
+    temporary_impl("live_module_level", torch.nn.functional.cross_entropy)
+    temporary_impl("live_local", lambda logits, targets: logits[:, 0])
     code, _, err = run_cli(
         ["sweep", "--plugin", PLUGINS / "good_plugin.py", "--plugin", FAULTS, "--impl", "good_ce",
+         "--impl", "live_module_level", "--impl", "live_local",
          "--impl", "segfaults", "--impl", "fused", "--dtype", "float32", "--vocab", "64", "--batch", "8",
          "--distribution", "normal", "--scale", "1", "--offset", "0", "--device", "cpu", "--out", tmp_path],
         capsys,
@@ -157,6 +161,8 @@ def test_spawned_worker_loads_the_plugins_again(tmp_path, capsys, monkeypatch):
     rows = {row["impl"]: row for row in read_rows(tmp_path / "summary.csv")}
     assert rows["good_ce"]["status"] == "ok" and rows["fused"]["status"] == "ok"
     assert rows["segfaults"]["error"].startswith("killed by SIGSEGV")
+    assert rows["live_module_level"]["status"] != "error", rows["live_module_level"]["error"]
+    assert "cannot be rebuilt in a worker process" in rows["live_local"]["error"]
 
 
 def test_a_crashing_plugin_in_replay(tmp_path, capsys):
