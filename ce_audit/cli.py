@@ -195,15 +195,16 @@ def sweep(
     resolved = _with_plugins(load_config(config, overrides), plugin)
     console = _console()
     progress, advance = _progress_bar(console, sweep_size(resolved), quiet)
-    with stop_on_signals(), progress:
-        result = run_sweep(resolved, progress=advance)
-    paths = _write_reports(result, Path(resolved.out), "sweep")
-    if quiet:
-        for path in paths:
-            console.print(path, markup=False)
-    else:
-        print_report(result.cells, console, paths, result.seconds)
-    _exit_if_interrupted(result, Path(resolved.out), console, quiet)
+    with stop_on_signals():  # through the writing of the reports: a signal then exits after it
+        with progress:
+            result = run_sweep(resolved, progress=advance)
+        paths = _write_reports(result, Path(resolved.out), "sweep")
+        if quiet:
+            for path in paths:
+                console.print(path, markup=False)
+        else:
+            print_report(result.cells, console, paths, result.seconds)
+        _exit_if_interrupted(result, Path(resolved.out), console, quiet)
     _exit_on(result.cells, fail_on)
 
 
@@ -247,18 +248,18 @@ def replay(
         },
     )
     _check_fail_on(fail_on)
-    with stop_on_signals():
+    with stop_on_signals():  # through the writing of the reports: a signal then exits after it
         result = run_replay(logits, targets, resolved, dtypes=list(dtype) if dtype else None)
-    paths = _write_reports(
-        result, Path(resolved.out), "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}}
-    )
-    console = _console()
-    if quiet:
-        for path in paths:
-            console.print(path, markup=False)
-    else:
-        print_report(result.cells, console, paths, result.seconds)
-    _exit_if_interrupted(result, Path(resolved.out), console, quiet)
+        paths = _write_reports(
+            result, Path(resolved.out), "replay", {"inputs": {"logits": str(logits), "targets": str(targets)}}
+        )
+        console = _console()
+        if quiet:
+            for path in paths:
+                console.print(path, markup=False)
+        else:
+            print_report(result.cells, console, paths, result.seconds)
+        _exit_if_interrupted(result, Path(resolved.out), console, quiet)
     _exit_on(result.cells, fail_on)
 
 
@@ -383,21 +384,23 @@ def _check_fail_on(level: str | None) -> None:
 
 
 def _exit_if_interrupted(result: Any, out: Path, console: Console, quiet: bool) -> None:
-    """After SIGINT / SIGTERM: say what the written report holds, and exit 130 / 143."""
-    from ce_audit.interruption import exit_code
+    """After SIGINT / SIGTERM (during the run, or while its reports were written): say what the written
+    report holds, and exit 130 / 143."""
+    from ce_audit.interruption import exit_code, received_signal, signal_name
 
-    if not result.interrupted:
+    late = received_signal()
+    name = result.interrupted or (signal_name(late) if late else "")
+    if not name:
         return
     done, total = result.units_done, result.units_total
     if not quiet:
-        kept = f"{done} of {total} units completed" if result.partial else "every unit completed"
-        console.print(f"partial report: {kept} (interrupted by {result.interrupted})", highlight=False)
+        line = f"partial report: {done} of {total} units completed (interrupted by {name})"
+        if not result.partial:
+            line = f"interrupted by {name} after the last unit: the report is complete"
+        console.print(line, highlight=False)
     what = "the partial report" if result.partial else "the report"
-    print(
-        f"ce-audit: interrupted by {result.interrupted}: {what} of {done} of {total} units is in {out}",
-        file=sys.stderr,
-    )
-    raise typer.Exit(exit_code(signal.Signals[result.interrupted].value))
+    print(f"ce-audit: interrupted by {name}: {what} of {done} of {total} units is in {out}", file=sys.stderr)
+    raise typer.Exit(exit_code(signal.Signals[name].value))
 
 
 def _exit_on(cells: list[Any], level: str | None) -> None:
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ce-audit: error: {error.format_message()}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, *_CLICK_EXIT) as done:
+        if isinstance(done.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into a silent Exit(130)
+            print("ce-audit: interrupted", file=sys.stderr)
         sys.exit(done.exit_code)
     except (typer.Abort, *_CLICK_ABORT):
         print("ce-audit: aborted", file=sys.stderr)
