@@ -82,7 +82,7 @@ class ProcessState:
     """What a call of an implementation could change for every later call: captured, then restored."""
 
     cwd: str
-    numpy_errors: dict[str, str]
+    numpy_errors: Any  # numpy's error-mode dict
     numpy_random: Any
     python_random: Any
     warning_filters: list[Any]
@@ -117,7 +117,7 @@ class ProcessState:
         np.seterr(**self.numpy_errors)
         np.random.set_state(self.numpy_random)
         random.setstate(self.python_random)
-        warnings.filters[:] = self.warning_filters
+        warnings.filters[:] = self.warning_filters  # type: ignore[index]
         sys.stdout, sys.stderr = self.streams
         saved = self.torch
         torch = sys.modules.get("torch")
@@ -297,7 +297,7 @@ class Worker:
 
     def _start(self) -> None:
         self.method = start_method()
-        context = multiprocessing.get_context(self.method)
+        context: Any = multiprocessing.get_context(self.method)
         parent_end, child_end = context.Pipe()
         spec = None if self.method == "fork" else self.spec
         self.process = context.Process(
