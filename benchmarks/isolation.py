@@ -6,7 +6,10 @@ plugin's torch and NumPy implementations) as fresh processes with `--isolation p
 (the run and its worker together, from the children's rusage) of each, and their ratios, isolated over
 in-process. CPU time is the steadier figure on a shared machine.
 
-Usage: python benchmarks/isolation.py [--repeats 3] [--plugin FILE] [-- extra sweep arguments]
+It also times one call of the plugin's torch implementation on a 64 × 1000 float32 block with its
+gradient (the default sweep's block), in a worker and in-process, 200 times each: the cost per call.
+
+Usage: python benchmarks/isolation.py [--repeats 3] [--plugin FILE] [--per-call-only] [-- sweep arguments]
 """
 
 from __future__ import annotations
@@ -37,12 +40,42 @@ def timed(command: list[str]) -> tuple[float, float]:
     return wall, cpu
 
 
+def per_call(plugin: str, calls: int = 200) -> None:
+    """Median time of one call, isolated and in-process (the same block each time)."""
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+
+    from ce_audit import isolation
+    from ce_audit.backends import BlockCall
+    from ce_audit.dtypes import float_format
+    from ce_audit.plugins import prepare
+
+    impl = next(impl for impl in prepare((), (plugin,)) if not impl.builtin and impl.backend == "torch")
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(64, 1000)).astype(np.float32)
+    targets = rng.integers(0, 1000, 64)
+    call = BlockCall(block, targets, float_format("float32"), "cpu", {}, True, {}, None, (64,))
+    for mode in ("none", "process"):
+        with isolation.session(mode, 60):
+            isolation.run_implementation(impl, call)  # the worker's start is not a call's cost
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                isolation.run_implementation(impl, call)
+                times.append(time.perf_counter() - start)
+        print(f"one call of {impl.name}, isolation {mode:8s}: median {statistics.median(times) * 1e3:.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--plugin", default=str(REPO / "tests" / "plugins" / "good_plugin.py"))
+    parser.add_argument("--per-call-only", action="store_true", help="time single calls only")
     parser.add_argument("extra", nargs="*", help="more `ce-audit sweep` arguments (after --)")
     args = parser.parse_args()
+    per_call(args.plugin)
+    if args.per_call_only:
+        return
     runs: dict[str, list[tuple[float, float]]] = {"process": [], "none": []}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.repeats):
