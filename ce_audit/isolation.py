@@ -404,8 +404,8 @@ class Session:
     worker: Worker | None = None
 
     def run(self, impl: Any, call: BlockCall) -> Outcome:
-        if impl.builtin or self.mode == "none":
-            return run_in_process(impl, call)
+        if impl.builtin or self.mode == "none" or multiprocessing.current_process().daemon:
+            return run_in_process(impl, call)  # a daemonic process (a Pool's) may not start a worker
         if self.worker is None:
             self.worker = Worker(self.spec, self.timeout)
         return self.worker.run(impl, call)
