@@ -6,6 +6,7 @@ No numerics here, and no torch import at start-up: `ce-audit --help` stays fast.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.console import Console
 
 from ce_audit.cli_options import option_overrides, with_loss_options
 from ce_audit.errors import AuditError
+from ce_audit.interruption import stop_on_signals
 
 try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itself.
     from typer._click import exceptions as click_exceptions
@@ -202,6 +204,23 @@ LoadPluginOption = Annotated[
 ]
 OUTPUT_FORMATS = ("table", "json", "csv")
 
+IsolationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--isolation",
+        help="process (default): implementations that are not built in run in a worker process, so a crash, "
+        "exit or hang costs only their cells; none: in-process (for debugging).",
+    ),
+]
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Seconds one call of an isolated implementation may take before its cell is an error "
+        "(default 120; 0: no limit).",
+    ),
+]
+
 
 def _console(width: int = 100) -> Console:
     """Rich on a terminal; plain text when stdout is a file or a pipe, ``$COLUMNS`` (else ``width``)
@@ -306,6 +325,8 @@ def sweep(
     ] = None,
     grad: GradOption = None,
     plugin: PluginOption = None,
+    isolation: IsolationOption = None,
+    timeout: TimeoutOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
     detail: DetailOption = False,
@@ -378,6 +399,8 @@ def sweep(
         "batches": batch or None,
         "seed": seed,
         "grad": grad,
+        "isolation": isolation,
+        "timeout": timeout,
         "out": str(out) if out else None,
         **option_overrides(loss_options, grid=True),
     }
@@ -387,15 +410,17 @@ def sweep(
     part = Shard.parse(shard) if shard is not None else None
     resolved = _with_plugins(load_config(config, overrides, search_from=Path.cwd()), plugin)
     reproducers = _reproducer_sink(save_failures)
-    with _report_directory(Path(resolved.out)) as target:
+    with _report_directory(Path(resolved.out)) as target, stop_on_signals():  # a signal while the
+        # reports are written exits after them
         total = sweep_size(resolved, part, execution.devices_here)
         with progress_reporter(total, quiet=quiet) as advance:
             result = run_sweep(
                 resolved, progress=advance, execution=execution, shard=part, reproducers=reproducers
             )
         paths = target.write(result, "sweep")
-    paths += _write_reproducers(reproducers, save_failures)
-    _print_result(result, paths, "sweep", None, output_format, quiet, detail)
+        paths += _write_reproducers(reproducers, save_failures)
+        _print_result(result, paths, "sweep", None, output_format, quiet, detail)
+        _exit_if_interrupted(result, Path(resolved.out), _status_console(output_format), quiet)
     _exit_on(result.cells, fail_on)
 
 
@@ -436,6 +461,8 @@ def replay(
     impl: ImplOption = None,
     grad: GradOption = None,
     plugin: LoadPluginOption = None,
+    isolation: IsolationOption = None,
+    timeout: TimeoutOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
     detail: DetailOption = False,
@@ -467,6 +494,8 @@ def replay(
         "out": str(out) if out else None,
         "dtypes": dtypes,
         "seed": seed,
+        "isolation": isolation,
+        "timeout": timeout,
         **option_overrides(loss_options, grid=False),
     }
     _check_fail_on(fail_on)
@@ -475,14 +504,15 @@ def replay(
     inputs = {"logits": str(logits), "targets": str(targets if targets is not None else logits)}
     extra = {"inputs": inputs}
     reproducers = _reproducer_sink(save_failures)
-    with _report_directory(Path(resolved.out)) as target:
+    with _report_directory(Path(resolved.out)) as target, stop_on_signals():
         result = run_replay(
             logits, targets, resolved, dtypes=dtypes, logits_key=logits_key, targets_key=targets_key,
             reproducers=reproducers,
         )  # fmt: skip
         paths = target.write(result, "replay", extra)
-    paths += _write_reproducers(reproducers, save_failures)
-    _print_result(result, paths, "replay", extra, output_format, quiet, detail)
+        paths += _write_reproducers(reproducers, save_failures)
+        _print_result(result, paths, "replay", extra, output_format, quiet, detail)
+        _exit_if_interrupted(result, Path(resolved.out), _status_console(output_format), quiet)
     _exit_on(result.cells, fail_on)
 
 
@@ -757,6 +787,31 @@ def _check_fail_on(level: str | None) -> None:
         raise AuditError(f"--fail-on takes one of {', '.join(FAIL_LEVELS)}, got {level!r}")
 
 
+def _status_console(output_format: str) -> Console:
+    """Where status lines go: the terminal report's console, or stderr when stdout holds JSON or CSV."""
+    return _console() if output_format == "table" else Console(stderr=True)
+
+
+def _exit_if_interrupted(result: Any, out: Path, console: Console, quiet: bool) -> None:
+    """After SIGINT / SIGTERM (during the run, or while its reports were written): say what the written
+    report holds, and exit 130 / 143."""
+    from ce_audit.interruption import exit_code, received_signal, signal_name
+
+    late = received_signal()
+    name = result.interrupted or (signal_name(late) if late else "")
+    if not name:
+        return
+    done, total = result.units_done, result.units_total
+    if not quiet:
+        line = f"partial report: {done} of {total} units completed (interrupted by {name})"
+        if not result.partial:
+            line = f"interrupted by {name} after the last unit: the report is complete"
+        console.print(line, highlight=False)
+    what = "the partial report" if result.partial else "the report"
+    print(f"ce-audit: interrupted by {name}: {what} of {done} of {total} units is in {out}", file=sys.stderr)
+    raise typer.Exit(exit_code(signal.Signals[name].value))
+
+
 def _exit_on(cells: list[Any], level: str | None) -> None:
     """Exit 1 with one line on stderr when a cell reaches the --fail-on level."""
     from ce_audit.verdict import reaches
@@ -796,6 +851,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ce-audit: error: {error.format_message()}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, *_CLICK_EXIT) as done:
+        if isinstance(done.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into a silent Exit(130)
+            print("ce-audit: interrupted", file=sys.stderr)
         sys.exit(done.exit_code)
     except (typer.Abort, *_CLICK_ABORT):
         print("ce-audit: aborted", file=sys.stderr)

@@ -13,6 +13,7 @@ from ce_audit.budgets import parse_budget
 from ce_audit.cases import DISTRIBUTIONS
 from ce_audit.dtypes import DTYPE_ALIASES, DTYPE_NAMES, FORMATS, canonical_dtype
 from ce_audit.errors import AuditError
+from ce_audit.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
 from ce_audit.metrics import Tolerance
 from ce_audit.options import DEFAULT_IGNORE_INDEX, OPTION_SPECS, LossOptions, validate_options
 
@@ -38,6 +39,8 @@ class SweepConfig:
     chunk_size: int = 4096
     block_size: int = 1024
     block_mib: int = 256
+    isolation: str = "process"  # non-built-in implementations run in a worker process ("none": in-process)
+    timeout: float = DEFAULT_TIMEOUT_S  # seconds an isolated implementation's call may take (0: no limit)
     plugins: tuple[str, ...] = ()  # plugin files / modules loaded before the implementations resolve
     budgets: tuple[str, ...] = ()  # "impl:dtype:metric<=value", checked by `ce-audit gate`
     ulp_growth: float = 1.0  # gate: max_ulp regresses when it grows by more than this many ULPs …
@@ -110,6 +113,8 @@ _SCALAR_KEYS: dict[str, Any] = {
     "chunk_size": int,
     "block_size": int,
     "block_mib": int,
+    "isolation": str,
+    "timeout": float,
     "ulp_growth": float,
     "rel_growth": float,
     **{spec.config_key: _KINDS[spec.kind] for spec in OPTION_SPECS if not spec.grid},
@@ -225,6 +230,11 @@ def validate(config: SweepConfig) -> SweepConfig:
     for key in ("chunk_size", "block_size", "block_mib"):
         if getattr(config, key) < 1:
             raise AuditError(f"{key} must be at least 1")
+    if config.isolation not in ISOLATION_MODES:
+        choices = " or ".join(ISOLATION_MODES)
+        raise AuditError(f"isolation must be {choices}, got {config.isolation!r}")
+    if not (config.timeout >= 0 and config.timeout != float("inf")):
+        raise AuditError(f"timeout must be a finite number of seconds ≥ 0 (0: none), got {config.timeout!r}")
     for key in ("ulp_growth", "rel_growth"):
         value = getattr(config, key)
         if not (value >= 0 and value != float("inf")):

@@ -15,10 +15,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, get_backend, uses_accelerators
+from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, uses_accelerators
 from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
+from ce_audit.interruption import Interrupted, UnitCount, stop_requested
+from ce_audit.isolation import failure_reason, run_implementation
 from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
 from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
@@ -27,7 +29,7 @@ from ce_audit.reference_variants import reference_loss
 from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
 from ce_audit.scoring import CaseLabel, CellTally
-from ce_audit.statuses import Status, first_line
+from ce_audit.statuses import Status
 from ce_audit.verdict import BASELINES, Side
 
 Progress = Callable[[float], None]
@@ -137,9 +139,9 @@ def _call(
             block, targets, fmt, tally.device, settings, grad, options.call_options(), weight,
             _expected_shape(options, block),
         )  # fmt: skip
-        outcome = get_backend(tally.impl.backend).run(tally.impl, call)
+        outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.isolation)
     except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
-        tally.fail(Status.ERROR, first_line(error))
+        tally.fail(Status.ERROR, failure_reason(error))
         return None
     kind = "mean" if outcome.mean else "rows"
     if tally.value_kind not in (None, kind):
@@ -374,21 +376,35 @@ def audit_source(
     keep_rows: bool = False,
     progress: Progress | None = None,
     reproducers: ReproducerSink | None = None,
+    units: UnitCount | None = None,
 ) -> tuple[list[Cell], list[RowResult]]:
-    """Every dtype of one source: its cells (skipped with the reason where the dtype cannot be audited)."""
+    """Every dtype of one source: its cells (skipped with the reason where the dtype cannot be audited).
+
+    Each dtype is one unit: when the run is asked to stop (ce_audit.interruption) no further unit starts,
+    and a unit whose isolated call was dropped is left out whole; ``units.done`` counts those completed.
+    """
     cells: list[Cell] = []
     row_results: list[RowResult] = []
     for fmt in formats:
+        if stop_requested():
+            break
         reason = source.skip_reason(fmt)
         if reason:
             cells += skipped_cells(impls, devices, fmt, source.label, reason)
             if progress:
                 progress(1.0)
+            if units:
+                units.done += 1
             continue
-        fmt_cells, fmt_rows = audit_blocks(
-            source, fmt, impls, devices, settings=settings, tolerance=tolerances[fmt.name], grad=grad,
-            keep_rows=keep_rows, progress=progress, reproducers=reproducers,
-        )  # fmt: skip
+        try:
+            fmt_cells, fmt_rows = audit_blocks(
+                source, fmt, impls, devices, settings=settings, tolerance=tolerances[fmt.name], grad=grad,
+                keep_rows=keep_rows, progress=progress, reproducers=reproducers,
+            )  # fmt: skip
+        except Interrupted:
+            break
         cells += fmt_cells
         row_results += fmt_rows
+        if units:
+            units.done += 1
     return cells, row_results

@@ -22,6 +22,8 @@ from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
+from ce_audit.interruption import UnitCount, received_signal, signal_name
+from ce_audit.isolation import session
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
 from ce_audit.reproducers import ReproducerSink
@@ -412,11 +414,14 @@ def run_replay(
     source = FileSource(
         logits, targets, options, label, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
     )
-    cells, row_results = audit_source(
-        source, [float_format(name) for name in audited], impls, devices,
-        settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,
-        keep_rows=True, reproducers=reproducers,
-    )  # fmt: skip
+    units = UnitCount(len(audited))  # one unit per dtype
+    with session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins):
+        cells, row_results = audit_source(
+            source, [float_format(name) for name in audited], impls, devices,
+            settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,
+            keep_rows=True, units=units, reproducers=reproducers,
+        )  # fmt: skip
+    signum = received_signal()
     return AuditResult(
         config=config,
         cells=cells,
@@ -424,4 +429,7 @@ def run_replay(
         devices={device: device_description(device) for device in devices},
         started=started,
         seconds=time.perf_counter() - clock,
+        units_done=units.done,
+        units_total=units.total,
+        interrupted=signal_name(signum) if signum else "",
     )

@@ -142,6 +142,14 @@ class AuditResult:
     started: float
     seconds: float
     shard: dict[str, Any] | None = None  # a --shard run: which part of the units (ce_audit.shards)
+    units_done: int = 0  # (case, dtype) units completed …
+    units_total: int = 0  # … of those planned
+    interrupted: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), "" when it ran to its end
+
+    @property
+    def partial(self) -> bool:
+        """The run was stopped before its last unit: the cells are those of the completed units."""
+        return self.units_done < self.units_total
 
 
 CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell))

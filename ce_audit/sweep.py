@@ -8,6 +8,7 @@ pass 4 × ``block_mib``, or where the generated logits overflow the dtype (or fl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
@@ -29,6 +30,8 @@ from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
 from ce_audit.executors import Execution
+from ce_audit.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
+from ce_audit.isolation import in_session, session
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
     Block,
@@ -178,10 +181,12 @@ def plan_units(config: SweepConfig, devices_here: bool = True) -> tuple[list[Uni
 
 def run_unit(
     unit: Unit, progress: Progress | None = None, reproducers: ReproducerSink | None = None
-) -> list[Cell]:
+) -> list[Cell] | None:
     """The cells of one unit (none when no implementation audits its loss family); the same in any
-    process: plugins are loaded again from the grid's specs where this process has not loaded them.
-    ``reproducers`` (in this process only) collects the worst rows of every failing cell."""
+    process: plugins are loaded again from the grid's specs where this process has not loaded them, and
+    run isolated (ce_audit.isolation) in the run's session, or in one of the unit's own in a worker
+    process. ``reproducers`` (in this process only) collects the worst rows of every failing cell.
+    None: the run was interrupted inside the unit (it is dropped whole)."""
     if not unit.impls:
         if progress:
             progress(1.0)
@@ -189,12 +194,19 @@ def run_unit(
     grid = unit.grid
     impls = prepare(unit.impls, grid.plugins)
     source = CaseSource(unit.case, unit.options, unit.label(), grid.block_mib << 20, row_multiple(impls))
-    cells, _ = audit_source(
-        source, [float_format(unit.dtype)], impls, list(unit.devices),
-        settings=grid.implementation_settings(), tolerances=grid.tolerances, grad=grid.grad,
-        progress=progress, reproducers=reproducers,
-    )  # fmt: skip
-    return cells
+    count = UnitCount(1)
+    isolated = (
+        contextlib.nullcontext()
+        if in_session()
+        else session(grid.isolation, grid.timeout, impls=grid.impls, plugins=grid.plugins)
+    )
+    with isolated:
+        cells, _ = audit_source(
+            source, [float_format(unit.dtype)], impls, list(unit.devices),
+            settings=grid.implementation_settings(), tolerances=grid.tolerances, grad=grid.grad,
+            progress=progress, reproducers=reproducers, units=count,
+        )  # fmt: skip
+    return cells if count.done == count.total else None
 
 
 def run_sweep(
@@ -222,9 +234,28 @@ def run_sweep(
     chosen = units if shard is None else shard.select(units)
     cells: list[Cell] = []
     cell_counts: list[tuple[int, int]] = []
-    for unit, unit_cells in zip(chosen, execution.run(run, chosen, progress), strict=True):
-        cells += unit_cells
-        cell_counts.append((unit.index, len(unit_cells)))
+    count = UnitCount(len(chosen))
+    grids = config.expanded()
+    impls = [name for grid in grids for name in grid.impls]
+    plugins = [spec for grid in grids for spec in grid.plugins]
+    with session(config.isolation, config.timeout, impls=impls, plugins=plugins):  # one worker per run
+        results = execution.run(run, chosen, progress)
+        try:
+            for unit, unit_cells in zip(chosen, results, strict=False):
+                if unit_cells is None:  # dropped: the run was interrupted inside it
+                    break
+                cells += unit_cells
+                cell_counts.append((unit.index, len(unit_cells)))
+                count.done += 1
+                if stop_requested():  # interrupted: the completed units are the result
+                    break
+        except (Interrupted, KeyboardInterrupt):  # a worker process stopped by the same Ctrl-C
+            pass
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()
+    signum = received_signal()
     return AuditResult(
         config=config,
         cells=cells,
@@ -233,6 +264,9 @@ def run_sweep(
         started=started,
         seconds=time.perf_counter() - clock,
         shard=None if shard is None else shard.record(len(units), cell_counts),
+        units_done=count.done,
+        units_total=count.total,
+        interrupted=signal_name(signum) if signum else "",
     )
 
 

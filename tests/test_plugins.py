@@ -190,7 +190,8 @@ def test_mean_valued_plugin_is_audited_as_a_mean(tmp_path, capsys):
 
 def test_mean_valued_plugin_sees_the_whole_batch_when_rows_come_in_blocks(tmp_path, capsys):
     config = tmp_path / "blocks.toml"
-    config.write_text("block_mib = 1\n")  # vocab 4096 in float64: 32 rows per block, 64 rows per case
+    # vocab 4096 in float64: 32 rows per block, 64 rows per case; in-process, so that CALLS is this one's
+    config.write_text('block_mib = 1\nisolation = "none"\n')
     with isolated():
         module = load_plugin(str(PLUGINS / "bad_plugins.py"))
         report = ce_audit.check(

@@ -91,6 +91,9 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "config": _portable_config(result.config.to_dict()),
         "versions": package_versions(),
         "reference_precision": reference_precision(),
+        "partial": result.partial,  # stopped early (interrupted): the rows are the completed units'
+        "units": {"completed": result.units_done, "total": result.units_total},
+        **({"interrupted": result.interrupted} if result.interrupted else {}),
         "implementations": implementations(result.cells),
         "cells": len(result.cells),
     }

@@ -1,0 +1,79 @@
+"""Ctrl-C and SIGTERM during a sweep or replay: stop between units, keep the work done.
+
+While ``stop_on_signals()`` is active (the CLI's sweep and replay), the first SIGINT or SIGTERM only
+records the request. A run checks ``stop_requested()`` at the boundary between its (case, dtype) units
+and stops there; an isolated call in flight is dropped with its unit (``Interrupted``). The run returns
+what it completed, marked partial, and the CLI writes it and exits 130 (SIGINT) or 143 (SIGTERM).
+A second signal exits at once. Outside ``stop_on_signals()`` nothing changes: ``stop_requested()`` is
+False and signals keep their usual meaning.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+_received: list[int] = []  # the signals received while stop_on_signals() is active
+
+
+class Interrupted(BaseException):
+    """Raised where a unit in flight is dropped because the run is stopping (not an implementation's
+    failure: a BaseException, so that ``except Exception`` around a call lets it through)."""
+
+
+@dataclass
+class UnitCount:
+    """How many of a run's (case, dtype) units were completed."""
+
+    total: int
+    done: int = 0
+
+
+def stop_requested() -> bool:
+    """True once SIGINT or SIGTERM arrived during ``stop_on_signals()``: finish the unit, start no other."""
+    return bool(_received)
+
+
+def received_signal() -> int | None:
+    """The first signal received (``signal.SIGINT`` or ``signal.SIGTERM``), or None."""
+    return _received[0] if _received else None
+
+
+def exit_code(signum: int) -> int:
+    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143)."""
+    return 128 + signum
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _handle(signum: int, frame: Any) -> None:
+    if _received:  # the second signal: leave now, the partial report is not waited for
+        os.write(2, f"ce-audit: {signal_name(signum)} again: stopped at once, nothing written\n".encode())
+        os._exit(exit_code(_received[0]))
+    _received.append(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM ask the run to stop at the next unit boundary."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in HANDLED}
+    _received.clear()
+    for signum in HANDLED:
+        signal.signal(signum, _handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()  # the run has recorded it in its result (AuditResult.interrupted)
