@@ -172,6 +172,8 @@ def check(
     supports: Sequence[str] = (),
     adapter: Mapping[str, Any] | None = None,
     save_failures: str | Path | None = None,
+    isolation: str | None = None,
+    timeout: float | None = None,
     **options: Any,
 ) -> CheckReport:
     """Audit one or more implementations (functions or registered names) and return a CheckReport.
@@ -186,6 +188,8 @@ def check(
     ``label_smoothing=[0.0, 0.1]``, ``softcap=30``, ``margin=4``, ``ignore_index=-1``, …); a single value or
     a list for the grid options, as on the command line. ``save_failures``: a directory where each failing
     cell's worst rows and its `ce-audit replay` command are saved; its failure line names the file.
+    ``isolation`` ("process", the default, or "none") and ``timeout``: how implementations that are not
+    built in run (ce_audit.isolation); "none" lets a test see what its function recorded in this process.
     """
     option_overrides = _option_overrides(options)
     targets = [impl] if isinstance(impl, str) or callable(impl) else list(impl)
@@ -213,6 +217,8 @@ def check(
             "seed": seed,
             "grad": grad,
             "tolerances": tolerances,
+            "isolation": isolation,
+            "timeout": timeout,
             **option_overrides,
         }
         resolved = load_config(

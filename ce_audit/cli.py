@@ -181,6 +181,7 @@ SaveFailuresOption = Annotated[
     Path | None,
     typer.Option(
         "--save-failures",
+        metavar="DIR",
         help="Save each failing cell's worst rows (.npy, .pt) and the `ce-audit replay` command that shows "
         "the failure again, one folder per cell under this directory.",
     ),
@@ -208,6 +209,7 @@ IsolationOption = Annotated[
     str | None,
     typer.Option(
         "--isolation",
+        metavar="process|none",
         help="process (default): implementations that are not built in run in a worker process, so a crash, "
         "exit or hang costs only their cells; none: in-process (for debugging).",
     ),
@@ -216,6 +218,7 @@ TimeoutOption = Annotated[
     float | None,
     typer.Option(
         "--timeout",
+        metavar="SECONDS",
         help="Seconds one call of an isolated implementation may take before its cell is an error "
         "(default 120; 0: no limit).",
     ),

@@ -262,11 +262,22 @@ def _worker_main(conn: Any, parent_end: Any, log_path: str, spec: WorkerSpec | N
             conn.send((number, "error", f"its result could not be sent back: {first_line(error)}"))
 
 
+def _jax_started() -> bool:
+    """Whether JAX's runtime (multithreaded: a fork of it can deadlock) has started in this process."""
+    if "jax" not in sys.modules:
+        return False
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    started = getattr(bridge, "backends_are_initialized", None)
+    return True if started is None else bool(started())
+
+
 def start_method() -> str:
-    """``fork`` on Linux while CUDA is not initialised here (a fork after it is unusable), else ``spawn``."""
+    """``fork`` on Linux while neither CUDA nor JAX's runtime has started here (a fork after either is
+    unusable or can deadlock), else ``spawn``."""
     torch = sys.modules.get("torch")
     cuda_started = torch is not None and hasattr(torch, "cuda") and torch.cuda.is_initialized()
-    return "fork" if sys.platform.startswith("linux") and not cuda_started else "spawn"
+    unsafe = cuda_started or _jax_started()
+    return "fork" if sys.platform.startswith("linux") and not unsafe else "spawn"
 
 
 def exit_description(code: int | None) -> str:

@@ -22,7 +22,7 @@ from ce_audit.reports.csv import read_cells
 from ce_audit.reports.html import html_files
 
 # report.json keys that may differ between the shards of one sweep
-_PER_RUN_KEYS = frozenset({"shard", "implementations", "cells", "files", "run_id"})
+_PER_RUN_KEYS = frozenset({"shard", "implementations", "cells", "files", "run_id", "units"})
 
 
 def _read_shard(directory: Path) -> tuple[dict[str, Any], list[str], list[list[str]]]:
@@ -38,6 +38,8 @@ def _read_shard(directory: Path) -> tuple[dict[str, Any], list[str], list[list[s
         raise AuditError(f"cannot read the report in {directory}: {error}") from None
     if not isinstance(report, dict) or not isinstance(report.get("shard"), dict):
         raise AuditError(f"{directory} holds no shard of a sweep (run `ce-audit sweep --shard K/N`)")
+    if report.get("partial"):
+        raise AuditError(f"{directory} is a partial report (an interrupted shard): run that shard again")
     shard = report["shard"]
     if not (
         all(isinstance(shard.get(key), int) for key in ("index", "count", "total_units"))
@@ -149,6 +151,8 @@ def _write_merged(
     document["config"] = {**document["config"], "out": str(out)}
     document["implementations"] = {name: described[name] for name in names if name in described}
     document["cells"] = len(lines)
+    total = ordered[0][1]["shard"]["total_units"]
+    document["units"] = {"completed": total, "total": total}
     runs = [_read_run(directory) for directory, *_ in ordered]
     devices: dict[str, Any] = {}
     for run in runs:

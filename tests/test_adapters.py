@@ -44,7 +44,7 @@ def test_declared_options_arrive_with_pytorch_names_and_values():
 
     report = ce_audit.check(
         "spy_ce", dtypes="float32", reduction="mean", label_smoothing=0.1, ignore_fraction=0.25,
-        ignore_index=-7, weights="random", **SMALL,
+        ignore_index=-7, weights="random", isolation="none", **SMALL,
     )  # fmt: skip
     _ok(report)
     assert received[0] == {
@@ -135,7 +135,10 @@ def test_sequences_per_token_results_and_blocks_that_are_multiples_of_t(tmp_path
     small = {**SMALL, "batches": 96, "vocabs": 4096}
     # 1 MiB holds 32 rows of 4096 float64 values; blocks start on generator chunks of 16 rows: with T = 12
     # they become 48 rows (lcm(16, 12)), two blocks of 4 sequences each
-    _ok(ce_audit.check(per_token, dtypes="float32", adapter={"sequence": 12}, config=config, **small))
+    checked = ce_audit.check(
+        per_token, dtypes="float32", adapter={"sequence": 12}, config=config, isolation="none", **small
+    )
+    _ok(checked)
     assert shapes == [((4, 12, 4096), (4, 12))] * 2
     odd = ce_audit.check(per_token, dtypes="float32", adapter={"sequence": 7}, **SMALL)
     assert odd.cells[0].status == "error" and "not a multiple of the sequence length 7" in odd.cells[0].error
