@@ -259,7 +259,7 @@ def test_interruption_writes_the_completed_units_as_a_partial_report(tmp_path, s
     assert document["partial"] is True and document["interrupted"] == name
     assert total == 40 and 3 <= completed < total
     rows = read_rows(tmp_path / "out" / "summary.csv")
-    assert len(rows) == len(document["rows"]) == 2 * completed  # fused and marked_slow per unit
+    assert len(rows) == document["cells"] == 2 * completed  # fused and marked_slow per unit
     assert {row["status"] for row in rows} == {"ok"}
     assert sorted({float(row["scale"]) for row in rows}) == [float(s) for s in range(1, completed + 1)]
 
