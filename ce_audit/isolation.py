@@ -390,6 +390,13 @@ class Worker:
             return value
         raise CallFailed(value)
 
+    def reaches(self, impl: Any) -> bool:
+        """Whether the worker can call ``impl``: a forked one has every entry; a spawned one rebuilds
+        those of the run's specs (``module:attr``, plugin files) and those pickled by reference."""
+        method = self.method if self.process is not None and self.process.is_alive() else start_method()
+        from_specs = ":" in impl.name and impl.name in self.spec.impls
+        return method == "fork" or from_specs or self._pickled(impl) is not None
+
     def _pickled(self, impl: Any) -> bytes | None:
         """The implementation pickled (its function by reference), for a spawned worker that has no entry
         of that name; None where it cannot be."""
@@ -419,6 +426,8 @@ class Session:
             return run_in_process(impl, call)  # a daemonic process (a Pool's) may not start a worker
         if self.worker is None:
             self.worker = Worker(self.spec, self.timeout)
+        if not self.worker.reaches(impl):  # a closure or lambda a spawned worker cannot rebuild
+            return run_in_process(impl, call)
         return self.worker.run(impl, call)
 
     def close(self) -> None:

@@ -162,7 +162,8 @@ def test_spawned_worker_loads_the_plugins_again(tmp_path, capsys, monkeypatch, t
     assert rows["good_ce"]["status"] == "ok" and rows["fused"]["status"] == "ok"
     assert rows["segfaults"]["error"].startswith("killed by SIGSEGV")
     assert rows["live_module_level"]["status"] != "error", rows["live_module_level"]["error"]
-    assert "cannot be rebuilt in a worker process" in rows["live_local"]["error"]
+    # a lambda a spawned worker cannot rebuild runs in this process (state restored) rather than fail
+    assert rows["live_local"]["status"] != "error", rows["live_local"]["error"]
 
 
 def test_a_crashing_plugin_in_replay(tmp_path, capsys):
