@@ -190,15 +190,17 @@ def _baselines(
 RowsView = tuple[np.ndarray | None, np.ndarray, np.ndarray, Any, LossOptions]
 
 
-def _kept_view(full: RowsView, weight: np.ndarray | None, grad: bool) -> RowsView:
-    """The rows of a block that are not ignored, with their own reference (options without ignoring)."""
+def _kept_view(full: RowsView, weight: np.ndarray | None, grad: bool, per_row: bool = True) -> RowsView:
+    """The rows of a block that are not ignored, with their own reference (options without ignoring);
+    ``per_row`` False: no per-row reference (only a mean will be scored on them)."""
     _, block, targets, reference, options = full
     rows = _kept(block, targets, options)
     own = without_ignored(options)
     if rows is None:
         return (None, block, targets, reference, own)
     block, targets = block[rows], targets[rows]
-    return (rows, block, targets, reference_loss(block, targets, own, weight=weight, grad=grad), own)
+    kept = reference_loss(block, targets, own, weight=weight, grad=grad) if per_row else None
+    return (rows, block, targets, kept, own)
 
 
 def audit_blocks(
@@ -328,14 +330,15 @@ def audit_blocks(
     deferred = [tally for tally in [*tallies, *hidden] if tally.deferred and tally.status is None]
     if deferred:
         block, targets = source.whole_batch(fmt)
-        whole_reference = block_reference(block, targets, options, weight=weight, grad=grad, device=on_device)
-        full = (None, block, targets, whole_reference, options)  # the whole batch now
+        # the whole batch now; a deferred implementation returns a mean, scored against mean_reference
+        # alone: no per-row reference of the whole batch is needed
+        full = (None, block, targets, None, options)
         kept = None
         means.clear()
         for tally in deferred:
             view = full
             if id(tally) in dropping:
-                kept = kept or _kept_view(full, weight, grad)
+                kept = kept or _kept_view(full, weight, grad, per_row=False)
                 view = kept
             run_on(tally, 0, view, True)
     floor = Side(floor_loss, False, floor_grad if grad else float("nan"))

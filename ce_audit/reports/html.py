@@ -251,15 +251,20 @@ def html_report(
     )
 
 
+def _figures(cells: list[Cell], document: dict[str, Any] | None) -> tuple[Any, list[plots.Figure]]:
+    """The figures of the page by dtype (None without matplotlib), and the same flat, in order."""
+    figures = plots.audit_figures(cells, rtols_of(document)) if plots.plotting_available() else None
+    return figures, [figure for group in (figures or {}).values() for figure in group]
+
+
 def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: str | Path) -> list[Path]:
     """Write OUT/report.html and, when matplotlib is installed, OUT/plots/*.png (other PNGs there, an
-    earlier audit's, are removed); the paths written, report.html first."""
+    earlier audit's, are removed); the paths written, report.html first. (`ce-audit report`; an audit
+    writes them as members of its report set: ``html_files``.)"""
     out = Path(out)
-    figures = plots.audit_figures(cells, rtols_of(document)) if plots.plotting_available() else None
-    written = []
+    figures, drawn = _figures(cells, document)
     folder = out / PLOTS_DIR
-    for figure in (figure for drawn in (figures or {}).values() for figure in drawn):
-        written.append(write_bytes_atomically(folder / f"{figure.name}.png", figure.png))
+    written = [write_bytes_atomically(folder / f"{figure.name}.png", figure.png) for figure in drawn]
     names = {path.name for path in written}
     for stale in folder.glob("*.png"):  # an earlier audit's figures in the same directory
         if stale.name not in names:
@@ -268,13 +273,12 @@ def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: s
 
 
 def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[Any]:
-    """report.html and (when matplotlib is installed) the plots/ folder as members of the report set
+    """report.html and (when there are figures) the plots/ folder as members of the report set
     (``reports.bundle.ReportFile``); the figures are drawn once, for both."""
     from ce_audit.reports.bundle import ReportFile
 
     cells = rounded_cells(cells)  # as summary.csv keeps them, so `ce-audit report` draws the same page
-    figures = plots.audit_figures(cells, rtols_of(document)) if plots.plotting_available() else None
-    drawn = [figure for group in (figures or {}).values() for figure in group]
+    figures, drawn = _figures(cells, document)
 
     def write_page(path: Path) -> None:
         path.write_text(html_report(cells, document, figures), encoding="utf-8")
