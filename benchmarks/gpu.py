@@ -65,7 +65,7 @@ def audit(torch, batch: int, vocab: int, out: str, reference: str) -> tuple[floa
     """Wall seconds of the sweep of one bfloat16 CUDA case and its seconds per stage."""
     from ce_audit import pipeline
     from ce_audit.config import load_config
-    from ce_audit.sweep import run_sweep
+    from ce_audit.run.sweep import run_sweep
 
     def config(b: int, v: int):
         return load_config(

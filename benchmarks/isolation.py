@@ -45,7 +45,7 @@ def per_call(plugin: str, calls: int = 200) -> None:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from ce_audit import isolation
+    from ce_audit.run import isolation
     from ce_audit.backends import BlockCall
     from ce_audit.dtypes import float_format
     from ce_audit.plugins import prepare

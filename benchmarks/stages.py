@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 STAGES = [
-    ("inputs", "ce_audit.sweep", "generate_quantized"),
+    ("inputs", "ce_audit.run.sweep", "generate_quantized"),
     ("reference", "ce_audit.pipeline", "block_reference"),
     ("implementations", "ce_audit.pipeline", "_call"),
     ("metrics", "ce_audit.pipeline", "floor_ulp_error"),

@@ -28,7 +28,7 @@ from ce_audit.plugins import ATTRIBUTE, add_function
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, Status
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 
 Target = str | Callable[..., Any]
 
@@ -189,7 +189,7 @@ def check(
     a list for the grid options, as on the command line. ``save_failures``: a directory where each failing
     cell's worst rows and its `ce-audit replay` command are saved; its failure line names the file.
     ``isolation`` ("process", the default, or "none") and ``timeout``: how implementations that are not
-    built in run (ce_audit.isolation); "none" lets a test see what its function recorded in this process.
+    built in run (ce_audit.run.isolation); "none" lets a test see what its function recorded in this process.
     """
     option_overrides = _option_overrides(options)
     targets = [impl] if isinstance(impl, str) or callable(impl) else list(impl)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ce_audit.cli_options import option_overrides, with_loss_options
 from ce_audit.errors import AuditError
-from ce_audit.interruption import stop_on_signals
+from ce_audit.run.interruption import stop_on_signals
 
 try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itself.
     from typer._click import exceptions as click_exceptions
@@ -386,10 +386,10 @@ def sweep(
     replaces the sub-grids; --dtype, --impl and --device apply to every one. Writes summary.csv and
     report.json to --out."""
     from ce_audit.config import load_config
-    from ce_audit.executors import Execution
-    from ce_audit.progress import progress_reporter
-    from ce_audit.shards import Shard
-    from ce_audit.sweep import run_sweep, sweep_size
+    from ce_audit.run.executors import Execution
+    from ce_audit.run.progress import progress_reporter
+    from ce_audit.run.shards import Shard
+    from ce_audit.run.sweep import run_sweep, sweep_size
 
     overrides = {
         "dtypes": dtype or None,
@@ -537,7 +537,7 @@ def merge(
     quiet: QuietOption = False,
 ) -> None:
     """Join the reports of a sweep's shards into one, as a single run would have written it."""
-    from ce_audit.merge import merge_reports
+    from ce_audit.run.merge import merge_reports
 
     paths = merge_reports(list(reports), out or Path("ce-audit-report"))
     console = _console()
@@ -798,7 +798,7 @@ def _status_console(output_format: str) -> Console:
 def _exit_if_interrupted(result: Any, out: Path, console: Console, quiet: bool) -> None:
     """After SIGINT / SIGTERM (during the run, or while its reports were written): say what the written
     report holds, and exit 130 / 143."""
-    from ce_audit.interruption import exit_code, received_signal, signal_name
+    from ce_audit.run.interruption import exit_code, received_signal, signal_name
 
     late = received_signal()
     name = result.interrupted or (signal_name(late) if late else "")

@@ -19,13 +19,13 @@ from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, uses_acce
 from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
-from ce_audit.interruption import Interrupted, UnitCount, stop_requested
-from ce_audit.isolation import failure_reason, run_implementation
+from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
+from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
 from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
-from ce_audit.reference_device import block_reference, reference_device
-from ce_audit.reference_variants import reference_loss
+from ce_audit.reference.device import block_reference, reference_device
+from ce_audit.reference.variants import reference_loss
 from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
 from ce_audit.scoring import CaseLabel, CellTally
@@ -139,7 +139,7 @@ def _call(
             block, targets, fmt, tally.device, settings, grad, options.call_options(), weight,
             _expected_shape(options, block),
         )  # fmt: skip
-        outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.isolation)
+        outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.run.isolation)
     except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
         tally.fail(Status.ERROR, failure_reason(error))
         return None
@@ -383,7 +383,7 @@ def audit_source(
 ) -> tuple[list[Cell], list[RowResult]]:
     """Every dtype of one source: its cells (skipped with the reason where the dtype cannot be audited).
 
-    Each dtype is one unit: when the run is asked to stop (ce_audit.interruption) no further unit starts,
+    Each dtype is one unit: when the run is asked to stop (ce_audit.run.interruption) no further unit starts,
     and a unit whose isolated call was dropped is left out whole; ``units.done`` counts those completed.
     """
     cells: list[Cell] = []

@@ -141,7 +141,7 @@ class AuditResult:
     devices: dict[str, str]
     started: float
     seconds: float
-    shard: dict[str, Any] | None = None  # a --shard run: which part of the units (ce_audit.shards)
+    shard: dict[str, Any] | None = None  # a --shard run: which part of the units (ce_audit.run.shards)
     units_done: int = 0  # (case, dtype) units completed …
     units_total: int = 0  # … of those planned
     interrupted: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), "" when it ran to its end

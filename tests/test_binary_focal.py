@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from oracle_variants import binary_oracle, softmax_oracle, ulp_error
 
-from ce_audit.binary import binary_reference
+from ce_audit.reference.binary import binary_reference
 from ce_audit.config import SweepConfig
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
-from ce_audit.reference_variants import reference_loss
-from ce_audit.sweep import run_sweep
+from ce_audit.reference.variants import reference_loss
+from ce_audit.run.sweep import run_sweep
 
 ULP_BOUND = 0.01
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}

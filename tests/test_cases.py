@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import row_differences, tiny_overrides
 
-from ce_audit.cases import (
+from ce_audit.plan.cases import (
     DISTRIBUTIONS,
     RAMP_ROWS,
     SPIKE_MARGIN,
@@ -24,7 +24,7 @@ from ce_audit.cases import (
 )
 from ce_audit.config import load_config
 from ce_audit.errors import AuditError
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ce_audit.cli import app, main
 from ce_audit.dtypes import FORMATS, ulp
 from ce_audit.implementations import REGISTRY
-from ce_audit.reference import reference_cross_entropy
+from ce_audit.reference.cross_entropy import reference_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 

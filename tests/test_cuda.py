@@ -14,7 +14,7 @@ pytestmark = [
 
 def test_sweep_on_cuda_matches_cpu_verdicts():
     from ce_audit.config import load_config
-    from ce_audit.sweep import run_sweep
+    from ce_audit.run.sweep import run_sweep
 
     config = load_config(
         None,

@@ -16,9 +16,9 @@ import pytest
 from oracle_variants import binary_oracle, softmax_oracle, to_mpf, ulp_error
 
 from ce_audit.dtypes import FORMATS
-from ce_audit.exact import dw_exp, dw_expm1
+from ce_audit.reference.exact import dw_exp, dw_expm1
 from ce_audit.options import LossOptions
-from ce_audit.reference_variants import reference_loss
+from ce_audit.reference.variants import reference_loss
 
 ULP_BOUND = 0.01
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}

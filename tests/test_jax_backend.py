@@ -12,7 +12,7 @@ from ce_audit import backends
 from ce_audit.config import load_config
 from ce_audit.dtypes import float_format
 from ce_audit.plugins import load_plugin
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 JAX_PLUGIN = PLUGINS / "jax_plugin.py"

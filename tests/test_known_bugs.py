@@ -18,7 +18,7 @@ import pytest
 from ce_audit.config import SweepConfig, load_config
 from ce_audit.plugins import isolated
 from ce_audit.results import Cell
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 
 GALLERY = Path(__file__).resolve().parent.parent / "examples" / "known_bugs"
 FLAGGED = ("inaccurate", "nonfinite", "error")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ce_audit.progress import PlainProgress, progress_line, progress_reporter
+from ce_audit.run.progress import PlainProgress, progress_line, progress_reporter
 
 ROOT = Path(__file__).parents[1]
 

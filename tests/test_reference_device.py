@@ -1,4 +1,4 @@
-"""The reference on the device (torch float64; ce_audit.reference_device): agreement with the NumPy
+"""The reference on the device (torch float64; ce_audit.reference.device): agreement with the NumPy
 reference within its documented bound, the options it leaves to NumPy, and its use by the pipeline.
 
 The mpmath oracle cases run on it in test_reference_oracle.py (engines torch-cpu and torch-cuda)."""
@@ -12,13 +12,13 @@ from test_gradient_oracle import _seed
 from test_reference_oracle import ENGINES
 
 from ce_audit import pipeline
-from ce_audit.cases import Case, generate_rows, quantize
+from ce_audit.plan.cases import Case, generate_rows, quantize
 from ce_audit.config import load_config
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
-from ce_audit.reference_device import block_reference, device_reason, reference_device
-from ce_audit.reference_variants import reference_loss
-from ce_audit.sweep import run_sweep
+from ce_audit.reference.device import block_reference, device_reason, reference_device
+from ce_audit.reference.variants import reference_loss
+from ce_audit.run.sweep import run_sweep
 
 torch = pytest.importorskip("torch")
 
@@ -67,7 +67,7 @@ def test_agrees_with_numpy_reference(engine, dtype, distribution, scale, offset)
 
 
 def test_rows_in_pieces_equal_rows_at_once(monkeypatch):
-    from ce_audit import reference_device as module
+    from ce_audit.reference import device as module
 
     block, targets = _block("bfloat16", "normal", 2.0, 0.0)
     whole = block_reference(block, targets, LossOptions(), weight=None, grad=True, device="cpu")

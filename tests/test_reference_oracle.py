@@ -30,8 +30,8 @@ from mpmath import mpf
 
 from ce_audit.dtypes import FORMATS, FloatFormat, ulp
 from ce_audit.options import LossOptions
-from ce_audit.reference import Reference, reference_cross_entropy
-from ce_audit.reference_device import block_reference
+from ce_audit.reference.cross_entropy import Reference, reference_cross_entropy
+from ce_audit.reference.device import block_reference
 
 SEED = 20240611
 ULP_BOUND = 0.01

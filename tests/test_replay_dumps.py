@@ -15,7 +15,7 @@ from helpers import BUILTIN_NAMES
 
 from ce_audit.config import load_config
 from ce_audit.implementations import REGISTRY
-from ce_audit.reference import reference_cross_entropy
+from ce_audit.reference.cross_entropy import reference_cross_entropy
 from ce_audit.replay import load_dump, run_replay
 
 pytestmark = pytest.mark.usefixtures("clean_registry")

@@ -78,10 +78,10 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path, capsys):
 
 
 def test_an_unusable_out_stops_the_command_before_the_sweep(tmp_path, capsys, monkeypatch):
-    import ce_audit.sweep
+    import ce_audit.run.sweep
 
     ran = []
-    monkeypatch.setattr(ce_audit.sweep, "run_sweep", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(ce_audit.run.sweep, "run_sweep", lambda *a, **k: ran.append(1))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for out in (blocker, blocker / "below"):
@@ -92,7 +92,7 @@ def test_an_unusable_out_stops_the_command_before_the_sweep(tmp_path, capsys, mo
 
 def _result(tmp_path: Path, capsys) -> AuditResult:
     from ce_audit.config import load_config
-    from ce_audit.sweep import run_sweep
+    from ce_audit.run.sweep import run_sweep
 
     overrides = {"impls": ["shifted"], "dtypes": ["float32"], "scales": [1.0], "vocabs": [16], "batches": [4]}
     overrides |= {"distributions": ["normal"], "offsets": [0.0], "devices": ["cpu"]}

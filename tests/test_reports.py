@@ -29,7 +29,7 @@ from ce_audit.reports.csv import EXACT_VALUES, SUMMARY_COLUMNS, rounded, write_s
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.reports.table import cell_text, print_report
 from ce_audit.results import MEASUREMENT_COLUMNS, AuditResult, Cell
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 from ce_audit.verdict import cell_status
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")

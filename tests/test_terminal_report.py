@@ -19,7 +19,7 @@ from ce_audit.implementations import REGISTRY
 from ce_audit.plugins import prepare
 from ce_audit.reports.listing import print_implementations
 from ce_audit.reports.table import MARKS, print_report, verdict_text
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 

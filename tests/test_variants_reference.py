@@ -21,8 +21,8 @@ from oracle_variants import softmax_oracle, ulp_error
 
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
-from ce_audit.reference import reference_cross_entropy
-from ce_audit.reference_variants import accurate_sum, reference_loss
+from ce_audit.reference.cross_entropy import reference_cross_entropy
+from ce_audit.reference.variants import accurate_sum, reference_loss
 
 ULP_BOUND = 0.01
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}

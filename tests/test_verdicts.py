@@ -20,7 +20,7 @@ from cli_helpers import clean_registry, run_cli  # noqa: F401
 from ce_audit.config import load_config
 from ce_audit.findings import findings
 from ce_audit.implementations import Implementation, add
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 from ce_audit.verdict import Side, reaches, relative
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

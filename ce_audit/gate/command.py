@@ -24,7 +24,7 @@ from ce_audit.reports.files import write_atomically
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.results import AuditResult
 from ce_audit.statuses import message_line
-from ce_audit.sweep import run_sweep
+from ce_audit.run.sweep import run_sweep
 
 
 def summary_path(path: str | Path) -> Path:

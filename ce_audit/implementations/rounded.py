@@ -1,6 +1,6 @@
 """``rounded``: the exact loss and gradient, each rounded once to the audited dtype.
 
-The best any implementation can do in a dtype: the reference (ce_audit.reference_variants, ≤ 0.01 ULP of
+The best any implementation can do in a dtype: the reference (ce_audit.reference.variants, ≤ 0.01 ULP of
 the dtype by its oracle tests) rounded to nearest once. Every check of the auditor must pass it, in every
 dtype, vocabulary and option; a check that flags it is miscalibrated. Forward returns round(loss*);
 backward returns round(g* · upstream) with the upstream gradient applied in the reference's precision.
@@ -16,7 +16,7 @@ import torch
 from ce_audit.dtypes import FORMATS, FloatFormat
 from ce_audit.metrics import rounded_once
 from ce_audit.options import DEFAULT_IGNORE_INDEX, LossOptions
-from ce_audit.reference_variants import reference_loss
+from ce_audit.reference.variants import reference_loss
 
 _FORMATS_BY_TORCH = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _FORMATS_BY_TORCH[torch.float64] = "float64"

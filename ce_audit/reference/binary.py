@@ -13,7 +13,7 @@ F.binary_cross_entropy does. Working precision as reference.py: float64, long do
 
 The gradient σ(z) − y cancels for a fractional target near σ(z). Each entry is computed in the working
 precision with error ≤ 16u (|(1 − y) σ(z)| + |y σ(−z)|); where that bound exceeds 2^-10 ULP of the audited
-dtype at the result, the entry is recomputed in double word (ce_audit.exact): σ(−|z|) = E / (1 + E),
+dtype at the result, the entry is recomputed in double word (ce_audit.reference.exact): σ(−|z|) = E / (1 + E),
 E = exp(−|z|), and σ(z) − y = (1 − y) − σ(−z) for z ≥ 0 (1 − y exact by TwoSum), σ(z) − y for z < 0:
 absolute error ≤ 2^-90 (float64 parts; 2^-112 for long double) of σ(z) + y, rounded once.
 """
@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
-from ce_audit.exact import accurate_sum, dw_add, dw_div, dw_exp, fast_two_sum, two_sum, ulp_floor
+from ce_audit.reference.exact import accurate_sum, dw_add, dw_div, dw_exp, fast_two_sum, two_sum, ulp_floor
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
-from ce_audit.reference import VariantReference
+from ce_audit.reference.cross_entropy import VariantReference
 
 
 def softplus(x: np.ndarray) -> np.ndarray:

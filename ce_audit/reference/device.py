@@ -27,8 +27,8 @@ import numpy as np
 
 from ce_audit.dtypes import FloatFormat, format_of_array
 from ce_audit.options import LossOptions
-from ce_audit.reference import VariantReference
-from ce_audit.reference_variants import reference_loss
+from ce_audit.reference.cross_entropy import VariantReference
+from ce_audit.reference.variants import reference_loss
 
 DEVICE_CHUNK_ELEMENTS = 1 << 26  # rows are computed this many elements at a time (512 MiB of float64)
 

@@ -351,7 +351,7 @@ class Worker:
     def _receive(self, number: int, limit: float, hang: str) -> tuple[str, Any]:
         """The worker's answer to message ``number``: (kind, value); a CallFailed when the worker died or
         passed ``limit`` seconds (0: none)."""
-        from ce_audit.interruption import Interrupted, stop_requested
+        from ce_audit.run.interruption import Interrupted, stop_requested
 
         deadline = time.monotonic() + limit
         while True:

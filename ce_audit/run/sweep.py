@@ -1,6 +1,6 @@
 """The sweep: plans the grid of cases and runs each (case, options) through the pipeline.
 
-``CaseSource`` is the sweep's input adapter: the seeded rows of one case (ce_audit.cases), quantized
+``CaseSource`` is the sweep's input adapter: the seeded rows of one case (ce_audit.plan.cases), quantized
 once to each dtype, in blocks of at most ``block_mib`` of working memory. A dtype is skipped, with the
 reason, where the loss is not defined for the options, where a reduction's single whole-batch call would
 pass 4 × ``block_mib``, or where the generated logits overflow the dtype (or float64 itself, while generated).
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ce_audit.cases import (
+from ce_audit.plan.cases import (
     Case,
     build_cases,
     class_weights,
@@ -29,9 +29,9 @@ from ce_audit.cases import (
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
-from ce_audit.executors import Execution
-from ce_audit.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
-from ce_audit.isolation import in_session, session
+from ce_audit.run.executors import Execution
+from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
+from ce_audit.run.isolation import in_session, session
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
     Block,
@@ -45,7 +45,7 @@ from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
 from ce_audit.scoring import CaseLabel
-from ce_audit.shards import Shard
+from ce_audit.run.shards import Shard
 
 
 @dataclass
@@ -184,7 +184,7 @@ def run_unit(
 ) -> list[Cell] | None:
     """The cells of one unit (none when no implementation audits its loss family); the same in any
     process: plugins are loaded again from the grid's specs where this process has not loaded them, and
-    run isolated (ce_audit.isolation) in the run's session, or in one of the unit's own in a worker
+    run isolated (ce_audit.run.isolation) in the run's session, or in one of the unit's own in a worker
     process. ``reproducers`` (in this process only) collects the worst rows of every failing cell.
     None: the run was interrupted inside the unit (it is dropped whole)."""
     if not unit.impls:
@@ -219,10 +219,10 @@ def run_sweep(
 ) -> AuditResult:
     """Run the whole grid of ``config`` (each of its [[grids]] in turn); one cell per implementation,
     dtype, device and case, in the same order whatever runs the units (``execution``: in this process by
-    default). ``shard``: run only that part of the units (ce_audit.shards); the result records which.
+    default). ``shard``: run only that part of the units (ce_audit.run.shards); the result records which.
     ``reproducers`` collects the worst rows of every failing cell (the units then run in this process).
-    A size this machine cannot hold is refused first (ce_audit.capacity)."""
-    from ce_audit.capacity import check_capacity
+    A size this machine cannot hold is refused first (ce_audit.plan.capacity)."""
+    from ce_audit.plan.capacity import check_capacity
 
     check_capacity(config)
     if reproducers is not None or execution is None:

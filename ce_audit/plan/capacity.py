@@ -41,7 +41,7 @@ def available_memory() -> int | None:
 
 def block_working_set(vocab: int, batch: int, block_mib: int, itemsize: int) -> int:
     """Bytes the largest row block of a case of this size needs (see the module docstring)."""
-    from ce_audit.cases import GENERATION_ELEMENTS
+    from ce_audit.plan.cases import GENERATION_ELEMENTS
 
     chunk_rows = max(1, GENERATION_ELEMENTS // vocab)
     rows = max(1, (block_mib << 20) // max(vocab * itemsize, 1))

@@ -24,7 +24,7 @@ D / n_valid under ``mean``), the entry is G_k / D with
 
     G_k = (T + Z) e_k / S − coef_k,     and at the row's argmax m:  (T − coef_m + Z) p_m − coef_m (1 − p_m),
 
-every quantity a double word (ce_audit.exact): e_k = exp(t_k − a) by a double-word exp, S and T by
+every quantity a double word (ce_audit.reference.exact): e_k = exp(t_k − a) by a double-word exp, S and T by
 pairwise TwoSum row sums, 1 − p_m = Σ_{k≠m} e_k / S, lse = a + log1p(Σ_{k≠m} e_k) by one Newton step on
 a double-word expm1, 1 − ε and ε/C exactly or to u², and t = C tanh(z/C) for float16/bfloat16/float32
 inputs through a double-word expm1. The terms carry relative errors ≤ 2^-85 (float64 parts; softcap
@@ -40,15 +40,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ce_audit.binary import binary_reference
+from ce_audit.reference.binary import binary_reference
 from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
-from ce_audit.exact import (
+from ce_audit.reference.exact import (
     accurate_sum,
 )
 from ce_audit.options import EXPECTED_NAN_NOTE, ZERO_WEIGHT_NOTE, LossOptions
-from ce_audit.reference import VariantReference, reference_cross_entropy
-from ce_audit.reference_gradient import dw_gradient, rows_to_refine
-from ce_audit.reference_parts import (
+from ce_audit.reference.cross_entropy import VariantReference, reference_cross_entropy
+from ce_audit.reference.gradient import dw_gradient, rows_to_refine
+from ce_audit.reference.parts import (
     INF_SMOOTHING_NOTE,
     Softmax,
     capped_logits,

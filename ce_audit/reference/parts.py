@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, working_dtype
-from ce_audit.reference import _two_difference
+from ce_audit.reference.cross_entropy import _two_difference
 
 SOFTCAP_PRECISION = 160  # bits of the mpmath softcap for float64 inputs
 INF_SMOOTHING_NOTE = "exact loss +inf: label smoothing gives ε/C to −inf-masked classes (PyTorch semantics)"

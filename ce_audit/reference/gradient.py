@@ -1,5 +1,5 @@
 """The exact gradient where its terms cancel (label smoothing, probability targets, z-loss), in
-double-word arithmetic; see ce_audit.reference_variants for the formula and its error bound."""
+double-word arithmetic; see ce_audit.reference.variants for the formula and its error bound."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, working_dtype
-from ce_audit.exact import (
+from ce_audit.reference.exact import (
     dw_add,
     dw_div,
     dw_exp,
@@ -20,7 +20,7 @@ from ce_audit.exact import (
     two_sum,
 )
 from ce_audit.options import LossOptions
-from ce_audit.reference_parts import ROW_CHUNK_ELEMENTS, Softmax, mp_softcap
+from ce_audit.reference.parts import ROW_CHUNK_ELEMENTS, Softmax, mp_softcap
 
 
 def _dw_softcap(z: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:

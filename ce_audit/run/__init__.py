@@ -1,0 +1,2 @@
+"""The run machinery: the sweep's orchestration, executors (in process, worker processes, Ray), shards and
+merge, isolation of user implementations, interruption and progress."""
