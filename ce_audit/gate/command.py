@@ -17,6 +17,7 @@ from ce_audit.config import SweepConfig, config_from_dict, load_config
 from ce_audit.errors import AuditError
 from ce_audit.gate.checks import default_checks
 from ce_audit.gate.compare import Audit, GateResult, compare
+from ce_audit.printable import printable
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory, ReportFile, check_member
 from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
@@ -198,8 +199,10 @@ def _version_notes(baseline: Audit | None, current: Audit) -> list[str]:
         return []
     before = baseline.report.get("versions") or {}
     now = current.report.get("versions") or {}
-    changed = [
-        f"{name} {before[name]} → {now[name]}" for name in before if name in now and before[name] != now[name]
+    changed = [  # a report.json is a file anyone may edit: its text is printed with escapes shown
+        printable(f"{name} {before[name]} → {now[name]}")
+        for name in before
+        if name in now and before[name] != now[name]
     ]
     return [f"versions differ from the baseline's: {', '.join(changed)}"] if changed else []
 
