@@ -137,7 +137,8 @@ def _typed_cell(values: dict[str, str], where: str) -> tuple[Cell, dict[str, str
         try:
             known[column] = PARSERS[column](text)
             if isinstance(known[column], float) and math.isinf(known[column]) and "inf" not in text.lower():
-                raise AuditError(f"{where}: column {column!r} holds {text!r}, which overflows a double")
+                name = printable(" ".join(values.get(key, "") for key in ("impl", "dtype")))
+                raise AuditError(f"{where}: column {column!r} holds {text!r} for {name}, past a double")
         except ValueError:
             hint = _FIELD_TYPES[column]
             kind = _TYPE_NAMES.get(hint, "a number or empty")
