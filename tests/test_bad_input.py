@@ -202,6 +202,8 @@ def test_a_bogus_status_word_in_the_baseline_is_refused(tmp_path, capsys, column
     code, out, err = run_cli(["gate", base, "--current", current], capsys)
     one_line_error(code, err, str(base), f"column {column!r} holds 'bogus'", "fused float16")
     assert "PASSED" not in out
+    code, _, err = run_cli(["gate", base], capsys)  # refused before a fresh run would start
+    one_line_error(code, err, f"column {column!r} holds 'bogus'")
 
 
 def test_a_config_nested_500_deep_is_one_line(tmp_path, capsys):

@@ -276,6 +276,18 @@ def test_merge_refuses_shards_of_different_plugin_code(tmp_path, capsys):
     assert merged["plugin_sha256"] == document["plugin_sha256"]
 
 
+def test_plugin_digests_cover_plugin_files_and_impl_modules(tmp_path, monkeypatch):
+    """report.json's plugin_sha256: each --plugin file and the module of each --impl module:attr."""
+    from ce_audit.reports.json import plugin_digests
+
+    monkeypatch.chdir(tmp_path)
+    Path("one.py").write_text("A = 1\n")
+    Path("two.py").write_text("B = 2\n")
+    digests = plugin_digests(["one.py"], ["two.py:f,backend=numpy", "fused", "json:dumps", "absent.py:f"])
+    sha = {name: hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in ("one.py", "two.py")}
+    assert digests == {**sha, "json": hashlib.sha256(Path(json.__file__).read_bytes()).hexdigest()}
+
+
 ESCAPES = "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[1A\\x9b2K\\r"
 ESCAPING_PLUGIN = f'''
 import os, sys

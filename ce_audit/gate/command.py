@@ -16,7 +16,7 @@ from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig, config_from_dict, load_config
 from ce_audit.errors import AuditError
 from ce_audit.gate.checks import default_checks
-from ce_audit.gate.compare import Audit, GateResult, compare
+from ce_audit.gate.compare import Audit, GateResult, compare, refuse_malformed_audit
 from ce_audit.printable import printable
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory, ReportFile, check_member
@@ -127,6 +127,8 @@ def run_gate(
             baseline = read_audit(path, "baseline")
     if baseline is not None and not baseline.cells and not allow_missing_baseline:
         raise AuditError(f"baseline {baseline.source} has no cells, so nothing can be compared")
+    if baseline is not None and not allow_missing_baseline:
+        refuse_malformed_audit(baseline, "baseline")  # before any fresh run
     ignored_plugins: tuple[str, ...] = ()
     run_config: SweepConfig | None = None
     fresh, command, extra = None, "sweep", None

@@ -214,6 +214,15 @@ def refuse_malformed(audit: Audit, label: str, cell: Cell, what: str) -> None:
             )
 
 
+def refuse_malformed_audit(audit: Audit, what: str) -> None:
+    """``refuse_malformed`` on every cell of an audit read from a file: the gate checks its baseline so
+    before any fresh run starts."""
+    keyed = audit.keyed(key_columns(audit.header))
+    short, _ = labels([key for key, _ in keyed], key_columns(audit.header))
+    for label, (_, cell) in zip(short, keyed, strict=True):
+        refuse_malformed(audit, label, cell, what)
+
+
 def _same(before: float, now: float) -> bool:
     return before == now or (math.isnan(before) and math.isnan(now))
 
