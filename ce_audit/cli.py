@@ -17,6 +17,7 @@ from rich.console import Console
 
 from ce_audit.cli_options import option_overrides, with_loss_options
 from ce_audit.errors import AuditError
+from ce_audit.printable import printable
 from ce_audit.run.interruption import stop_on_signals
 
 try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itself.
@@ -35,7 +36,7 @@ def _user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except AuditError as error:
-            typer.echo(f"ce-audit: error: {error}", err=True)
+            typer.echo(f"ce-audit: error: {printable(str(error))}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -846,7 +847,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)  # returns typer.Exit's code outside standalone mode
     except AuditError as error:
-        print(f"ce-audit: error: {error}", file=sys.stderr)
+        print(f"ce-audit: error: {printable(str(error))}", file=sys.stderr)
         sys.exit(2)
     except click_exceptions.UsageError as error:
         if type(error).__name__ in ("NoArgsIsHelp", "NoArgsIsHelpError"):

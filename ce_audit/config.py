@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.budgets import parse_budget
-from ce_audit.plan.cases import DISTRIBUTIONS
 from ce_audit.dtypes import DTYPE_ALIASES, DTYPE_NAMES, FORMATS, canonical_dtype
 from ce_audit.errors import AuditError
-from ce_audit.run.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
 from ce_audit.metrics import Tolerance
 from ce_audit.options import DEFAULT_IGNORE_INDEX, OPTION_SPECS, LossOptions, validate_options
+from ce_audit.plan.cases import DISTRIBUTIONS
+from ce_audit.run.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
 
 DEFAULT_CONFIG_NAME = "default.toml"
 _KINDS: dict[str, Any] = {"str": str, "int": int, "float": float, "optional float": "optional float"}
@@ -253,11 +253,40 @@ _OPTION_KEYS = tuple(spec.config_key for spec in OPTION_SPECS if spec.grid)
 _NARROWING_KEYS = frozenset({"distributions", "scales", "offsets", "vocabs", "batches", *_OPTION_KEYS})
 
 
-def _read_toml(text: str, origin: str) -> dict[str, Any]:
+MAX_NESTING = 16  # arrays and tables inside one another; a config needs 3 ([[grids]] of tables of lists)
+
+
+def _nesting(value: Any) -> int:
+    """How deep arrays and tables lie inside one another in ``value`` (counted without recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _refuse_deep(data: Any, origin: str) -> None:
+    if _nesting(data) > MAX_NESTING:
+        raise AuditError(f"{origin}: arrays or tables nested too deeply (at most {MAX_NESTING})")
+
+
+def _read_toml(text: str, origin: str, *, whole: bool = True) -> dict[str, Any]:
+    """The TOML document; invalid TOML, or arrays and tables nested deeper than MAX_NESTING (which would
+    exhaust Python's recursion while parsing or validating), raise AuditError. ``whole=False``: the
+    caller checks the nesting of the part it uses (a pyproject.toml's other tools' tables are theirs)."""
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise AuditError(f"{origin}: invalid TOML: {error}") from None
+    except RecursionError:
+        raise AuditError(f"{origin}: arrays or tables nested too deeply (at most {MAX_NESTING})") from None
+    if whole:
+        _refuse_deep(data, origin)
+    return data
 
 
 def default_config_text() -> str:
@@ -281,10 +310,11 @@ def find_project_config(start: str | Path) -> tuple[Path, dict[str, Any]] | None
             text = candidate.read_text(encoding="utf-8")
         except OSError:
             continue
-        table = _read_toml(text, str(candidate)).get("tool", {}).get(PROJECT_TABLE)
+        table = _read_toml(text, str(candidate), whole=False).get("tool", {}).get(PROJECT_TABLE)
         if table is not None:
             if not isinstance(table, dict):
                 raise AuditError(f"{candidate}: [tool.{PROJECT_TABLE}] must be a table")
+            _refuse_deep(table, f"{candidate} [tool.{PROJECT_TABLE}]")
             return candidate, table
     return None
 
@@ -341,4 +371,5 @@ def load_config(
 def config_from_dict(data: dict[str, Any]) -> SweepConfig:
     """Rebuild a config from SweepConfig.to_dict() output (as stored in report.json)."""
     known = {f.name for f in fields(SweepConfig)}
+    _refuse_deep(data, "config")
     return _from_mapping({k: v for k, v in data.items() if k in known}, SweepConfig())

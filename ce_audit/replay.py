@@ -8,7 +8,6 @@ are drawn from the seed as in a sweep. A reduction is computed over all rows in 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -17,17 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from ce_audit.plan.cases import random_class_weights
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
-from ce_audit.run.interruption import UnitCount, received_signal, signal_name
-from ce_audit.run.isolation import session
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
+from ce_audit.plan.cases import random_class_weights
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult
+from ce_audit.run.interruption import UnitCount, received_signal, signal_name
+from ce_audit.run.isolation import session
+from ce_audit.safetensors_file import read_safetensors
 from ce_audit.scoring import CaseLabel
 from ce_audit.statuses import message_line
 
@@ -37,24 +37,6 @@ SUFFIXES = ".npy, .pt or .safetensors"
 _SCAN_BYTES = 64 << 20  # rows read at a time when scanning the logits for NaN, +inf and their range
 REPLAY_BLOCK_MIB = 32  # rows per block: 32 MiB in working precision; the audit of a block takes ~10x that
 
-# safetensors dtype codes (the format's header, https://github.com/huggingface/safetensors)
-_SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": FORMATS["bfloat16"].numpy_dtype,
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "U16": np.dtype(np.uint16),
-    "U32": np.dtype(np.uint32),
-    "U64": np.dtype(np.uint64),
-    "BOOL": np.dtype(np.bool_),
-}
-
-
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
     """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes.bfloat16), sharing its memory map."""
     import torch
@@ -63,36 +45,6 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(FORMATS["bfloat16"].numpy_dtype)
     return tensor.numpy()
-
-
-def _safetensors_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a .safetensors file as a read-only memory map: the header is JSON, nothing runs."""
-    with open(path, "rb") as stream:
-        head = stream.read(8)
-        if len(head) < 8:
-            raise ValueError("file too short for a safetensors header")
-        size = int.from_bytes(head, "little")
-        if size > min(100 << 20, path.stat().st_size - 8):
-            raise ValueError("header length past the end of the file")
-        header = json.loads(stream.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    arrays = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-        shape = tuple(int(n) for n in entry["shape"])
-        begin, stop = (int(n) for n in entry["data_offsets"])
-        if stop - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: its byte range does not match its shape")
-        if stop == begin:
-            arrays[name] = np.zeros(shape, dtype=dtype)
-        else:
-            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=shape)
-    return arrays
 
 
 def _pt_contents(path: Path) -> Any:
@@ -117,7 +69,7 @@ def _tensors(path: Path, what: str) -> np.ndarray | dict[str, np.ndarray]:
     if suffix == ".npy":
         return np.load(path, mmap_mode="r", allow_pickle=False)
     if suffix == ".safetensors":
-        return _safetensors_arrays(path)
+        return read_safetensors(path)
     if suffix in (".pt", ".pth"):
         import torch
 

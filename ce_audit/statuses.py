@@ -11,6 +11,8 @@ from enum import StrEnum
 
 import numpy as np
 
+from ce_audit.printable import printable
+
 
 class Status(StrEnum):
     """A cell's verdict; compares equal to its text (``Status.OK == "ok"``)."""
@@ -41,15 +43,17 @@ def worst_status(statuses: Iterable[str]) -> str:
 
 
 def first_line(error: BaseException) -> str:
-    """``TypeName: first line of the message`` — how a failure is recorded in a cell's ``error``."""
+    """``TypeName: first line of the message`` — how a failure is recorded in a cell's ``error`` (control
+    characters shown as escapes: the text may come from a plugin)."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+    return printable(f"{type(error).__name__}: {text[0] if text else ''}".strip().rstrip(":"))
 
 
 def message_line(error: BaseException) -> str:
-    """The first line of the error's message, or its type name when it has none (for one-line errors)."""
+    """The first line of the error's message, or its type name when it has none (for one-line errors),
+    control characters shown as escapes."""
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return printable(text[0]) if text else type(error).__name__
 
 
 def relative_error(diff: np.ndarray, size: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import pickle
 import warnings
 from dataclasses import replace
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 from cli_helpers import TINY, clean_registry, run_cli  # noqa: F401
 
-from ce_audit.plan.capacity import block_working_set, check_capacity
 from ce_audit.config import load_config
 from ce_audit.errors import AuditError
+from ce_audit.plan.capacity import block_working_set, check_capacity
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 SWEEP = ["sweep", *TINY, "--impl", "shifted", "--dtype", "float32", "--scale", "1", "-q"]
@@ -153,3 +154,96 @@ def test_nothing_else_is_left_in_the_out_directory(tmp_path, capsys):
     code, _, err = run_cli([*SWEEP, "--out", out], capsys)
     assert code == 0, err
     assert not [path for path in Path(out).iterdir() if path.name.startswith(".")]
+
+
+# --- the gate's baseline fails closed on every malformed number or word -------------------------------
+
+
+def _summary(path: Path, edits: dict[str, str] | None = None, **values: object) -> Path:
+    """A one-cell summary.csv (tests/helpers.cell changed by ``values``), its ``edits`` written as text."""
+    from helpers import cell
+
+    from ce_audit.reports.csv import write_summary_csv
+
+    write_summary_csv([cell(**values)], path)
+    with open(path, newline="", encoding="utf-8") as stream:
+        rows = list(csv.reader(stream))
+    for column, text in (edits or {}).items():
+        rows[1][rows[0].index(column)] = text
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        csv.writer(stream, lineterminator="\n").writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("text", ["inf", "1e999", "-0.5", "nan"])
+def test_a_baseline_max_ulp_that_bounds_nothing_is_refused(tmp_path, capsys, text):
+    """Against a baseline of inf (or 1e999) a 100× growth passed; now the number is refused in one line."""
+    base = _summary(tmp_path / "base.csv", {"max_ulp": text}, rows=8)
+    current = _summary(tmp_path / "now.csv", max_ulp=70.0, rows=8)
+    code, out, err = run_cli(["gate", base, "--current", current], capsys)
+    line = one_line_error(code, err, str(base), "'max_ulp'", "fused float16")
+    assert "PASSED" not in out and (text.lstrip("-") in line.lower() or "past a double" in line)
+
+
+def test_the_audit_s_own_infinite_max_ulp_still_compares(tmp_path, capsys):
+    """An error with no finite measure in ULPs (0 vs −1e-7 in float64) is inf on both sides: compared."""
+    base = _summary(tmp_path / "base.csv", max_ulp=math.inf, rows=8)
+    code, _, err = run_cli(["gate", base, "--current", base, "-q"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("column", ["grad_status", "status"])
+def test_a_bogus_status_word_in_the_baseline_is_refused(tmp_path, capsys, column):
+    """A bogus grad_status let an all-nonfinite gradient pass; any unknown word is refused in one line."""
+    base = _summary(tmp_path / "base.csv", {column: "bogus"}, rows=8, grad_nan=8)
+    current = _summary(
+        tmp_path / "now.csv", rows=8, grad_status="nonfinite", grad_nan=8, grad_max_rel_err=math.inf
+    )
+    code, out, err = run_cli(["gate", base, "--current", current], capsys)
+    one_line_error(code, err, str(base), f"column {column!r} holds 'bogus'", "fused float16")
+    assert "PASSED" not in out
+    code, _, err = run_cli(["gate", base], capsys)  # refused before a fresh run would start
+    one_line_error(code, err, f"column {column!r} holds 'bogus'")
+
+
+def test_a_config_nested_500_deep_is_one_line(tmp_path, capsys):
+    config = tmp_path / "deep.toml"
+    config.write_text("scales = " + "[" * 500 + "]" * 500 + "\n")
+    assert config.stat().st_size < 1100
+    code, _, err = run_cli([*SWEEP, "--config", config, "--out", tmp_path / "out"], capsys)
+    one_line_error(code, err, str(config), "nested too deeply")
+    assert not (tmp_path / "out").exists()
+
+
+# --- .safetensors offsets are checked before anything is mapped -----------------------------------------
+
+
+def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int], list[int]]], data: bytes) -> Path:
+    header = {name: {"dtype": d, "shape": s, "data_offsets": o} for name, (d, s, o) in tensors.items()}
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def test_safetensors_offsets_into_the_header_or_overlapping_are_refused(tmp_path, capsys):
+    logits = np.arange(32, dtype=np.float32).reshape(4, 8)
+    targets = np.zeros(4, dtype=np.int64)
+    data = logits.tobytes() + targets.tobytes()
+    good = {"logits": ("F32", [4, 8], [0, 128]), "targets": ("I64", [4], [128, 160])}
+    path = _safetensors(tmp_path / "good.safetensors", good, data)
+    code, _, err = run_cli(
+        ["replay", path, "--impl", "fused", "--device", "cpu", "--out", tmp_path / "ok"], capsys
+    )
+    assert code == 0, err
+    cases = {  # the logits 64 bytes into the JSON header; the targets inside the logits; past the end
+        "header": {**good, "logits": ("F32", [4, 8], [-64, 64])},
+        "overlap": {**good, "targets": ("I64", [4], [96, 128])},
+        "past the end": {**good, "targets": ("I64", [4], [160, 192])},
+    }
+    for name, tensors in cases.items():
+        path = _safetensors(tmp_path / f"{name}.safetensors", tensors, data)
+        code, _, err = run_cli(["replay", path, "--impl", "fused", "--device", "cpu",
+                                "--out", tmp_path / name, "-q"], capsys)  # fmt: skip
+        line = one_line_error(code, err, "cannot read logits file", str(path))
+        assert ("overlap" if name == "overlap" else "outside the file") in line, (name, line)
+        assert not (tmp_path / name).exists()

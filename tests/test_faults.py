@@ -3,6 +3,7 @@ state cost only their own cells; Ctrl-C and SIGTERM keep the completed cells as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,9 +17,9 @@ import pytest
 from cli_helpers import PLUGINS, read_rows, run_cli
 
 import ce_audit
-from ce_audit.run import isolation
 from ce_audit.backends import BlockCall
 from ce_audit.dtypes import float_format
+from ce_audit.run import isolation
 
 torch = pytest.importorskip("torch")
 
@@ -207,6 +208,141 @@ def test_run_in_process_outside_a_session_restores_state():
 def test_bad_isolation_settings_exit_2(tmp_path, capsys, args, message):
     code, _, err = run_cli(["sweep", *args, "--impl", "fused", *SMALL, "--out", tmp_path], capsys)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+# --- merge verifies its shards; text from plugins and files is printed with its escapes shown ---------
+
+PLUGIN_CODE = """
+import torch
+import ce_audit
+
+
+@ce_audit.register("copied_ce")
+def copied_ce(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none").to(logits.dtype)
+"""
+
+
+def _shard(tmp_path: Path, capsys, name: str, index: int, *extra: object) -> Path:
+    out = tmp_path / name
+    code, _, err = run_cli(
+        ["sweep", *SMALL, "--impl", "fused", *extra, "--shard", f"{index}/2", "--out", out], capsys
+    )
+    assert code == 0, err
+    return out
+
+
+def _merge_error(capsys, out: Path, *shards: Path) -> str:
+    code, _, err = run_cli(["merge", *shards, "--out", out], capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("ce-audit: error: "), err
+    assert not out.exists()
+    return err
+
+
+def test_merge_refuses_an_edited_shard(tmp_path, capsys):
+    """An edited shard came out of merge with fresh digests the gate accepted; now merge refuses it."""
+    first, second = _shard(tmp_path, capsys, "a", 1), _shard(tmp_path, capsys, "b", 2)
+    summary = second / "summary.csv"
+    lines = summary.read_text().splitlines()
+    header, row = lines[0].split(","), lines[1].split(",")
+    row[header.index("max_ulp")] = "0.0"
+    summary.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+    code, _, err = run_cli(["gate", second, "--current", second], capsys)
+    assert code == 2 and "not the one report.json beside it describes" in err  # as the gate does
+    err = _merge_error(capsys, tmp_path / "merged", first, second)
+    assert f"{summary} is not the one its report.json describes" in err
+    (second / "report.html").unlink()  # a listed file gone is refused too
+    summary.write_text("\n".join(lines) + "\n")
+    assert "report.html is missing" in _merge_error(capsys, tmp_path / "merged", first, second)
+
+
+def test_merge_refuses_shards_of_different_plugin_code(tmp_path, capsys):
+    plugin = tmp_path / "copied.py"
+    plugin.write_text(PLUGIN_CODE)
+    specs = ("--plugin", plugin, "--impl", "copied_ce")
+    first = _shard(tmp_path, capsys, "a", 1, *specs)
+    document = json.loads((first / "report.json").read_text())
+    assert document["plugin_sha256"] == {str(plugin): hashlib.sha256(PLUGIN_CODE.encode()).hexdigest()}
+    plugin.write_text(PLUGIN_CODE.replace(".to(logits.dtype)", ""))  # the same name, other code
+    second = _shard(tmp_path, capsys, "b", 2, *specs)
+    err = _merge_error(capsys, tmp_path / "merged", first, second)
+    assert f"ran different code for plugin {plugin}" in err
+    plugin.write_text(PLUGIN_CODE)
+    second = _shard(tmp_path, capsys, "c", 2, *specs)  # the same code again: merged
+    code, _, err = run_cli(["merge", first, second, "--out", tmp_path / "merged", "-q"], capsys)
+    assert code == 0, err
+    merged = json.loads((tmp_path / "merged" / "report.json").read_text())
+    assert merged["plugin_sha256"] == document["plugin_sha256"]
+
+
+def test_plugin_digests_cover_plugin_files_and_impl_modules(tmp_path, monkeypatch):
+    """report.json's plugin_sha256: each --plugin file and the module of each --impl module:attr."""
+    from ce_audit.reports.json import plugin_digests
+
+    monkeypatch.chdir(tmp_path)
+    Path("one.py").write_text("A = 1\n")
+    Path("two.py").write_text("B = 2\n")
+    digests = plugin_digests(["one.py"], ["two.py:f,backend=numpy", "fused", "json:dumps", "absent.py:f"])
+    sha = {name: hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in ("one.py", "two.py")}
+    assert digests == {**sha, "json": hashlib.sha256(Path(json.__file__).read_bytes()).hexdigest()}
+
+
+ESCAPES = "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[1A\\x9b2K\\r"
+ESCAPING_PLUGIN = f'''
+import os, sys
+import ce_audit
+
+
+@ce_audit.register("raises_escapes")
+def raises_escapes(logits, targets):
+    raise RuntimeError("{ESCAPES}gone")
+
+
+@ce_audit.register("prints_escapes")
+def prints_escapes(logits, targets):
+    print("{ESCAPES}tail", flush=True)
+    os._exit(3)
+'''
+RAW = ("\x1b", "\x07", "\x9b", "\r")
+
+
+def test_escape_sequences_from_plugins_reach_no_terminal(tmp_path, capsys):
+    """A plugin's error text and output (title, clear screen, cursor moves) are shown as escapes."""
+    plugin = tmp_path / "escaping.py"
+    plugin.write_text(ESCAPING_PLUGIN)
+    args = ["sweep", *SMALL[:-1], "--plugin", plugin, "--impl", "raises_escapes", "--impl", "prints_escapes"]
+    code, out, err = run_cli([*args, "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert not [c for c in RAW if c in out + err], (out, err)
+    assert "\\x1b]0;pwned" in out  # the terminal report names what was there
+    errors = {row["impl"]: row["error"] for row in read_rows(tmp_path / "out" / "summary.csv")}
+    assert errors["raises_escapes"].startswith("RuntimeError: \\x1b]0;pwned\\x07\\x1b[2J")
+    assert "(last output: \\x1b]0;pwned" in errors["prints_escapes"]
+    plugin.write_text(f'raise RuntimeError("{ESCAPES}at import")\n')  # an import error: one line
+    code, _, err = run_cli([*args, "--out", tmp_path / "again"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "\\x1b[2J" in err
+    assert not [c for c in RAW if c in err], err
+
+
+def test_escape_sequences_in_a_baseline_report_reach_no_terminal(tmp_path, capsys):
+    """A baseline report.json's versions (and a summary.csv's text) are printed with escapes shown."""
+    runs = {}
+    for name in ("base", "now"):
+        runs[name] = tmp_path / name
+        code, _, err = run_cli(["sweep", *SMALL, "--impl", "fused", "--out", runs[name]], capsys)
+        assert code == 0, err
+    report = runs["base"] / "report.json"
+    document = json.loads(report.read_text())
+    document["versions"]["numpy"] = "0.1\x1b]0;owned\x07\x1b[2J"
+    report.write_text(json.dumps(document))
+    outputs = ["--markdown", tmp_path / "gate.md", "--junit", tmp_path / "gate.xml"]
+    code, out, err = run_cli(["gate", runs["base"], "--current", runs["now"], *outputs], capsys)
+    assert code == 0, err
+    assert "versions differ" in out and "\\x1b]0;owned\\x07\\x1b[2J" in out
+    written = (tmp_path / "gate.md").read_text() + (tmp_path / "gate.xml").read_text()
+    assert not [c for c in RAW if c in out + err + written]
+    assert "\\x1b]0;owned" in (tmp_path / "gate.md").read_text()
 
 
 # --- interruption: a subprocess, stopped after its first cells ------------------------------------------

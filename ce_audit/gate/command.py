@@ -16,15 +16,16 @@ from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig, config_from_dict, load_config
 from ce_audit.errors import AuditError
 from ce_audit.gate.checks import default_checks
-from ce_audit.gate.compare import Audit, GateResult, compare
+from ce_audit.gate.compare import Audit, GateResult, compare, refuse_malformed_audit
+from ce_audit.printable import printable
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory, ReportFile, check_member
 from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
 from ce_audit.reports.files import write_atomically
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.results import AuditResult
-from ce_audit.statuses import message_line
 from ce_audit.run.sweep import run_sweep
+from ce_audit.statuses import message_line
 
 
 def summary_path(path: str | Path) -> Path:
@@ -126,6 +127,8 @@ def run_gate(
             baseline = read_audit(path, "baseline")
     if baseline is not None and not baseline.cells and not allow_missing_baseline:
         raise AuditError(f"baseline {baseline.source} has no cells, so nothing can be compared")
+    if baseline is not None and not allow_missing_baseline:
+        refuse_malformed_audit(baseline, "baseline")  # before any fresh run
     ignored_plugins: tuple[str, ...] = ()
     run_config: SweepConfig | None = None
     fresh, command, extra = None, "sweep", None
@@ -198,8 +201,10 @@ def _version_notes(baseline: Audit | None, current: Audit) -> list[str]:
         return []
     before = baseline.report.get("versions") or {}
     now = current.report.get("versions") or {}
-    changed = [
-        f"{name} {before[name]} → {now[name]}" for name in before if name in now and before[name] != now[name]
+    changed = [  # a report.json is a file anyone may edit: its text is printed with escapes shown
+        printable(f"{name} {before[name]} → {now[name]}")
+        for name in before
+        if name in now and before[name] != now[name]
     ]
     return [f"versions differ from the baseline's: {', '.join(changed)}"] if changed else []
 

@@ -17,7 +17,7 @@ from ce_audit.errors import AuditError
 from ce_audit.gate.checks import PRESENT, Check, default_checks, gradient_measured, measured
 from ce_audit.reports.csv import column_text
 from ce_audit.results import CELL_COLUMNS, KEY_COLUMNS, MEASUREMENT_COLUMNS, Cell, measurements
-from ce_audit.statuses import Status
+from ce_audit.statuses import GRAD_NOT_AVAILABLE, GRAD_OFF, Status
 
 Key = tuple[Any, ...]
 GATED = frozenset(m for kind in ("status", "count", "growth", "kind") for m in measurements(gate=kind))
@@ -185,14 +185,55 @@ def _refuse_unusable_baseline(baseline: Audit, current: Audit) -> None:
         )
 
 
-def _refuse_nan_baseline(baseline: Audit, label: str, before: Cell, now: Cell, checks: list[Check]) -> None:
-    """Fail closed: a compared measurement that is NaN in the baseline where the current cell has a number
-    (both measured) is bad input, never a silent pass; so is a status that is none of the statuses."""
-    if before.status not in set(Status):
-        raise AuditError(
-            f"baseline {baseline.source}: column 'status' holds {before.status!r} for {label}, "
-            f"not one of {', '.join(Status)}"
-        )
+# The words a status column may hold, and the compared numbers that are never negative (counts, errors).
+STATUS_WORDS: dict[str, tuple[str, ...]] = {
+    "status": tuple(Status),
+    "grad_status": (*Status, GRAD_OFF, GRAD_NOT_AVAILABLE),
+}
+NEVER_NEGATIVE = tuple(
+    m for m in MEASUREMENT_COLUMNS if m in measurements(gate="count") + measurements(gate="growth")
+)
+
+
+def refuse_malformed(audit: Audit, label: str, cell: Cell, what: str) -> None:
+    """Fail closed: a status or grad_status that is none of the known words, or a negative count or
+    error in a compared column, is bad input naming the file, the cell and the column (never a pass)."""
+    for column, words in STATUS_WORDS.items():
+        value = getattr(cell, column)
+        if column not in audit.missing and value not in words:
+            raise AuditError(
+                f"{what} {audit.source}: column {column!r} holds {value!r} for {label}, "
+                f"not one of {', '.join(words)}"
+            )
+    for column in NEVER_NEGATIVE:
+        value = getattr(cell, column)
+        if column not in audit.missing and value < 0:
+            raise AuditError(
+                f"{what} {audit.source}: column {column!r} holds {shown(value)} for {label}, "
+                "a count or an error is never negative"
+            )
+
+
+def refuse_malformed_audit(audit: Audit, what: str) -> None:
+    """``refuse_malformed`` on every cell of an audit read from a file: the gate checks its baseline so
+    before any fresh run starts."""
+    keyed = audit.keyed(key_columns(audit.header))
+    short, _ = labels([key for key, _ in keyed], key_columns(audit.header))
+    for label, (_, cell) in zip(short, keyed, strict=True):
+        refuse_malformed(audit, label, cell, what)
+
+
+def _same(before: float, now: float) -> bool:
+    return before == now or (math.isnan(before) and math.isnan(now))
+
+
+def _refuse_unbounded_baseline(
+    baseline: Audit, label: str, before: Cell, now: Cell, checks: list[Check]
+) -> None:
+    """Fail closed: a compared measurement that is NaN or ±inf in the baseline bounds nothing (any growth
+    would pass against inf), so where the current cell holds another value (both measured) it is bad
+    input, never a silent pass. The same non-finite value on both sides is a cell the audit itself
+    records so (an error with no finite measure in ULPs) and is compared as usual."""
     if not (measured(before) and measured(now)):
         return
     for check in checks:
@@ -202,11 +243,13 @@ def _refuse_nan_baseline(baseline: Audit, label: str, before: Cell, now: Cell, c
         if getattr(check, "relative", False) and not (gradient_measured(before) and gradient_measured(now)):
             continue
         value_before, value_now = getattr(before, metric), getattr(now, metric)
-        if math.isnan(value_before) and not math.isnan(value_now):
-            raise AuditError(
-                f"baseline {baseline.source}: column {metric!r} is NaN for {label}, where the current audit "
-                f"has {shown(value_now)}; rewrite the baseline with --update"
-            )
+        if math.isfinite(value_before) or _same(value_before, value_now):
+            continue
+        held = "NaN" if math.isnan(value_before) else shown(value_before)
+        raise AuditError(
+            f"baseline {baseline.source}: column {metric!r} is {held} for {label}, where the current audit "
+            f"has {shown(value_now)}; a non-finite baseline bounds nothing: rewrite it with --update"
+        )
 
 
 def compare(
@@ -242,8 +285,12 @@ def compare(
         cell = now if now is not None else before
         assert cell is not None
         cell_failures = []
+        if baseline is not None and before is not None:
+            refuse_malformed(baseline, label, before, "baseline")
+        if now is not None:
+            refuse_malformed(current, label, now, "current audit")
         if baseline is not None and before is not None and now is not None:
-            _refuse_nan_baseline(baseline, label, before, now, applied)
+            _refuse_unbounded_baseline(baseline, label, before, now, applied)
             compared += measured(before) and measured(now)
         if baseline is not None:
             for check in applied:

@@ -6,8 +6,9 @@ same from one machine to the next, so a committed baseline diffs only where resu
 dtype keep every digit); the gate rounds a fresh run's cells the same way before comparing, so its verdict
 is the one on the written file. Reading a
 summary back gives typed ``Cell``s: each column is parsed by its field's type (floats with float(), so
-'inf' and 'nan' parse). A column the file lacks (written by an older version) reads as the field's
-default; a column this version does not know (written by a later one) is kept as text beside the cell.
+'inf' and 'nan' parse; text with its control characters shown as escapes, ce_audit.printable). A column
+the file lacks (written by an older version) reads as the field's default; a column this version does not
+know (written by a later one) is kept as text beside the cell.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
+from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
 from ce_audit.results import CELL_COLUMNS, MEASUREMENT_COLUMNS, ROW_RESULT_COLUMNS, Cell, RowResult
 
@@ -113,7 +115,9 @@ def _parser(hint: Any) -> Callable[[str], Any]:
         return lambda text: None if text == "" else parse(text)
     if hint is bool:
         return _boolean
-    if hint in (int, float, str):
+    if hint is str:
+        return printable  # text from a file: control characters shown as escapes, never printed raw
+    if hint in (int, float):
         return typing.cast(Callable[[str], Any], hint)
     raise TypeError(f"summary.csv cannot read a field of type {hint!r}")
 
@@ -128,10 +132,13 @@ def _typed_cell(values: dict[str, str], where: str) -> tuple[Cell, dict[str, str
     known, unknown = {}, {}
     for column, text in values.items():
         if column not in PARSERS:
-            unknown[column] = text
+            unknown[column] = printable(text)
             continue
         try:
             known[column] = PARSERS[column](text)
+            if isinstance(known[column], float) and math.isinf(known[column]) and "inf" not in text.lower():
+                name = printable(" ".join(values.get(key, "") for key in ("impl", "dtype")))
+                raise AuditError(f"{where}: column {column!r} holds {text!r} for {name}, past a double")
         except ValueError:
             hint = _FIELD_TYPES[column]
             kind = _TYPE_NAMES.get(hint, "a number or empty")

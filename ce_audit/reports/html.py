@@ -23,6 +23,7 @@ from typing import Any
 from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import options_label
+from ce_audit.printable import printable
 from ce_audit.reports import plots
 from ce_audit.reports.csv import read_cells, rounded_cells
 from ce_audit.reports.files import write_atomically, write_bytes_atomically
@@ -57,7 +58,7 @@ figcaption { color: #555; font-size: 12px; max-width: 1000px; }
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _number(value: float) -> str:

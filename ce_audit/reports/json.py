@@ -1,5 +1,6 @@
 """report.json: what was audited (command, resolved config, seed, versions, reference precision, what each
-implementation was) — the results themselves are in summary.csv, listed with a digest in ``files`` by the
+implementation was, the SHA-256 of each plugin's source in ``plugin_sha256``) — the results themselves
+are in summary.csv, listed with a digest in ``files`` by the
 report bundle. run.json: what differs between two runs of one audit (timestamp, seconds, host, devices).
 
 Both are small and stable: no timestamp or absolute path in report.json (plugin origins under the working
@@ -9,10 +10,13 @@ directory are written relative to it), so a committed baseline diffs only where 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import platform
+import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -83,6 +87,29 @@ def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
     return described
 
 
+def _source_file(spec: str) -> Path | None:
+    """The Python file a plugin spec (a path or a dotted module) was loaded from, where there is one."""
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec)
+    else:
+        module = sys.modules.get(spec)
+        path = Path(module.__file__) if module is not None and getattr(module, "__file__", None) else None
+    return path if path is not None and path.is_file() else None
+
+
+def plugin_digests(plugins: Sequence[str], impls: Sequence[str]) -> dict[str, str]:
+    """The SHA-256 of the content of each plugin file or module (``--plugin``) and of the module of each
+    ``--impl module:attr`` (where it is a source file), by spec: two runs of different plugin code differ
+    here, so ``ce-audit merge`` refuses to join their shards."""
+    specs = [*plugins, *(impl.split(",")[0].rpartition(":")[0] for impl in impls if ":" in impl)]
+    digests = {}
+    for spec in dict.fromkeys(spec.strip() for spec in specs if spec.strip()):
+        path = _source_file(spec)
+        if path is not None:
+            digests[_portable(spec)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
 def report_document(result: AuditResult, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     document = {
         "format": REPORT_FORMAT,
@@ -97,6 +124,9 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "implementations": implementations(result.cells),
         "cells": len(result.cells),
     }
+    plugins = plugin_digests(result.config.plugins, result.config.impls)
+    if plugins:  # only where plugins ran: a report of built-ins alone stays as it was
+        document["plugin_sha256"] = plugins
     if result.shard is not None:
         document["shard"] = result.shard
     document.update(extra or {})

@@ -13,14 +13,16 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ce_audit.gate.compare import GateResult
+from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
 
 _NOT_XML = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def _clean(text: str) -> str:
-    """XML 1.0 forbids most control characters: drop them (plugin error messages may hold any)."""
-    return _NOT_XML.sub("", text)
+    """Control characters shown as escapes (plugin error messages may hold any; XML 1.0 forbids most),
+    then anything else XML cannot hold dropped."""
+    return _NOT_XML.sub("", printable(text))
 
 
 def gate_junit(result: GateResult) -> str:

@@ -14,6 +14,7 @@ from rich.text import Text
 from ce_audit.devices import resolve_devices
 from ce_audit.dtypes import DTYPE_NAMES
 from ce_audit.implementations import REGISTRY
+from ce_audit.printable import printable
 
 STACKED_BELOW = 140  # narrower consoles get one block per implementation instead of a table
 COLUMNS = ("name", "backend", "what it computes", "origin", "dtypes", "loss", "options")
@@ -24,9 +25,8 @@ def _rows() -> list[tuple[str, ...]]:
     for entry in REGISTRY.values():
         dtypes = "all" if entry.dtypes == DTYPE_NAMES else ", ".join(entry.dtypes)
         supports = ", ".join(sorted(entry.supports)) or "—"
-        rows.append(
-            (entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family, supports)
-        )
+        described = (entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family)
+        rows.append(tuple(printable(text) for text in (*described, supports)))  # a docstring may hold any
     return rows
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ce_audit.gate.compare import GateResult
+from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
 
 MAX_LISTED = 50
 
 
 def _escape(text: str) -> str:
-    """Table-safe: pipes escaped, newlines flattened."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Table-safe: pipes escaped, newlines flattened, control characters shown as escapes."""
+    return printable(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def gate_markdown(result: GateResult) -> str:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ce_audit.backends import BlockCall, Outcome, get_backend
+from ce_audit.printable import printable
 from ce_audit.statuses import first_line
 
 ISOLATION_MODES = ("process", "none")  # process: non-built-ins in a worker; none: everything in-process
@@ -327,7 +328,7 @@ class Worker:
             text = Path(self.log_path).read_text(encoding="utf-8", errors="replace")
         except OSError:
             return ""
-        lines = [line.strip() for line in text.splitlines() if line.strip()][-TAIL_LINES:]
+        lines = [printable(line.strip()) for line in text.splitlines() if line.strip()][-TAIL_LINES:]
         quoted = " | ".join(lines)
         return quoted if len(quoted) <= 300 else "…" + quoted[-299:]
 

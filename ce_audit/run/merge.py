@@ -4,8 +4,10 @@ The merged summary.csv is byte for byte the one a single run writes: each shard'
 the sweep's unit order (report.json records, per shard, which units it ran and how many cells each gave).
 The merged report.json equals a single run's apart from ``config.out``; run.json holds the earliest
 shard's timestamp and the shards' summed seconds. report.html and its plots are drawn from the merged
-cells, and the set is written as one unit (ce_audit.reports.bundle). Shards of different configs, seeds
-or package versions, the same shard twice, overlapping units and missing shards are refused with one line.
+cells, and the set is written as one unit (ce_audit.reports.bundle). Each shard is verified first, as the
+gate verifies a baseline: every file its report.json lists must have the recorded digest. Shards of
+different configs, seeds, package versions or plugin code (``plugin_sha256``), the same shard twice,
+overlapping units and missing shards are refused with one line.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
-from ce_audit.reports.bundle import RUN_NAME, ReportDirectory, ReportFile
+from ce_audit.reports.bundle import RUN_NAME, ReportDirectory, ReportFile, digest, run_id
 from ce_audit.reports.csv import read_cells
 from ce_audit.reports.html import html_files
+from ce_audit.statuses import message_line
 
 # report.json keys that may differ between the shards of one sweep
 _PER_RUN_KEYS = frozenset({"shard", "implementations", "cells", "files", "run_id", "units"})
@@ -34,10 +37,13 @@ def _read_shard(directory: Path) -> tuple[dict[str, Any], list[str], list[list[s
     try:
         report = json.loads(report_path.read_text(encoding="utf-8"))
         lines = list(csv.reader(io.StringIO(summary_path.read_text(encoding="utf-8"))))
+    except RecursionError:
+        raise AuditError(f"{report_path} is not a ce-audit report.json (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
-        raise AuditError(f"cannot read the report in {directory}: {error}") from None
+        raise AuditError(f"cannot read the report in {directory}: {message_line(error)}") from None
     if not isinstance(report, dict) or not isinstance(report.get("shard"), dict):
         raise AuditError(f"{directory} holds no shard of a sweep (run `ce-audit sweep --shard K/N`)")
+    _verify_files(directory, report)
     if report.get("partial"):
         raise AuditError(f"{directory} is a partial report (an interrupted shard): run that shard again")
     shard = report["shard"]
@@ -50,6 +56,44 @@ def _read_shard(directory: Path) -> tuple[dict[str, Any], list[str], list[list[s
     if not lines:
         raise AuditError(f"{directory}/summary.csv is empty")
     return report, lines[0], [line for line in lines[1:] if line]
+
+
+def _verify_files(directory: Path, report: dict[str, Any]) -> None:
+    """Fail closed, as the gate does: every file a shard's report.json lists (summary.csv among them) must
+    have the digest it records, and the set its run_id; an edited or swapped file is refused."""
+    listed = report.get("files")
+    if not isinstance(listed, dict) or not isinstance(listed.get("summary.csv"), str):
+        raise AuditError(f"{directory}/report.json records no digest of summary.csv: run that shard again")
+    if report.get("run_id") != run_id(listed):
+        raise AuditError(f"{directory}/report.json: its run_id is not that of the files it lists (edited)")
+    for name, recorded in listed.items():
+        if recorded is None:
+            continue  # a directory (plots/): not digested
+        path = directory / str(name)
+        if "/" in str(name) or "\\" in str(name) or str(name) in (".", ".."):
+            raise AuditError(f"{directory}/report.json lists {name!r}, which is not a file of the directory")
+        try:
+            found = digest(path) if path.exists() else None
+        except OSError as error:
+            raise AuditError(f"cannot read {path}: {error.strerror or error}") from None
+        if found != recorded:
+            why = "is missing" if found is None else "is not the one its report.json describes (edited?)"
+            raise AuditError(f"{path} {why}: run that shard again")
+
+
+def _refuse_other_plugin_code(
+    directory: Path, report: dict[str, Any], first_dir: Path, first: dict[str, Any]
+) -> None:
+    """Shards of one sweep ran the same plugin code: the SHA-256 of each plugin's source must agree."""
+    mine, theirs = report.get("plugin_sha256") or {}, first.get("plugin_sha256") or {}
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        raise AuditError(f"{directory}/report.json has a malformed plugin_sha256 record")
+    for spec in sorted(set(mine) | set(theirs)):
+        if mine.get(spec) != theirs.get(spec):
+            raise AuditError(
+                f"{directory} and {first_dir} ran different code for plugin {spec} (its SHA-256 differs): "
+                "run every shard with the same plugin files"
+            )
 
 
 def _comparable(report: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +129,7 @@ def merge_reports(directories: list[Path], out: Path) -> list[str]:
                 f"{directory} was run with seed {report.get('seed')}, "
                 f"{first_dir} with {first_report.get('seed')}"
             )
+        _refuse_other_plugin_code(directory, report, first_dir, first_report)
         if _comparable(report) != _comparable(first_report):
             differ = _first_difference(_comparable(first_report), _comparable(report))
             raise AuditError(f"{directory} and {first_dir} are not shards of one sweep ({differ} differs)")
