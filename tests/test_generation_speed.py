@@ -160,7 +160,7 @@ def test_torch_logits_buffer_is_reused_and_private_per_call():
     block = np.arange(12, dtype=np.float64).reshape(3, 4)
     targets = np.zeros(3, dtype=np.int64)
     backend = get_backend("torch")
-    call = BlockCall(block, targets, FORMATS["float64"], "cpu", {}, False, {}, None, (3,))
+    call = BlockCall(block, targets, FORMATS["float64"], "cpu", {}, False, LossOptions(), None, (3,))
     first = backend.run(impl, call)
     buffer = backend._logits_buffer
     second = backend.run(impl, call)

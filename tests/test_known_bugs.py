@@ -45,10 +45,10 @@ def _is_core(grid: SweepConfig) -> bool:
 
 GRIDS = {  # each [[grids]] entry of the default sweep, recognised by what it is for
     "core": _is_core,
-    "masks": lambda grid: grid.mask_fractions == (0.1,) and grid.vocabs == (1000,),
+    "masks": lambda grid: grid.values("mask_fraction") == (0.1,) and grid.vocabs == (1000,),
     "llm-vocab": lambda grid: any(v > 10_000 for v in grid.vocabs),
-    "softcap": lambda grid: any(grid.softcaps),
-    "fp16-sum": lambda grid: "mean" in grid.reductions,
+    "softcap": lambda grid: any(grid.values("softcap")),
+    "fp16-sum": lambda grid: "mean" in grid.values("reduction"),
 }
 
 # the confidence ramp in the 16-bit dtypes, at the scales and offset where its rows keep their confidence

@@ -22,7 +22,8 @@ from ce_audit.run.executors import (
     available_cores,
 )
 from ce_audit.run.shards import Shard, assign
-from ce_audit.run.sweep import plan_units, run_sweep
+from ce_audit.plan.units import plan_units
+from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 

@@ -31,7 +31,7 @@ from ce_audit.errors import AuditError
 
 if TYPE_CHECKING:
     from ce_audit.results import Cell
-    from ce_audit.run.sweep import Unit
+    from ce_audit.plan.units import Unit
 
 Progress = Callable[[float], None]
 UnitFunction = Callable[..., "list[Cell]"]  # function(unit, progress=None) -> the unit's cells

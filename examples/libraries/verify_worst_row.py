@@ -72,7 +72,7 @@ def main() -> int:
     logits, targets = generate_inputs(case, options, 0, args.batch)
     block = quantize(logits, fmt)
     impl = REGISTRY[args.impl]
-    call = BlockCall(block, targets, fmt, "cpu", {}, False, options.call_options(), None, (args.batch,))
+    call = BlockCall(block, targets, fmt, "cpu", {}, False, options, None, (args.batch,))
     outcome = get_backend(impl.backend).run(impl, call)
     valid = [i for i in range(args.batch) if targets[i] != options.ignore_index]
     if outcome.mean:
