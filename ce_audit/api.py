@@ -225,9 +225,7 @@ def check(
             config, {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
         )
         resolved = replace(
-            resolved,
-            plugins=tuple(dict.fromkeys([*resolved.plugins, *plugins])),
-            budgets=tuple(dict.fromkeys([*resolved.budgets, *budgets])),
+            resolved.with_plugins(plugins), budgets=tuple(dict.fromkeys([*resolved.budgets, *budgets]))
         )
         for text in resolved.budgets:
             parse_budget(text)  # a bad budget is an AuditError before the sweep, not after

@@ -62,6 +62,24 @@ class SweepConfig:
         """The grids a sweep runs: this config alone, or its ``[[grids]]`` (parsed once, at load)."""
         return list(self.grids) or [self]
 
+    def updated(self, **keys: Any) -> SweepConfig:
+        """This config with ``keys`` changed, named as in a TOML config (``reductions=("mean",)``,
+        ``ignore_index=-1``, ``dtypes=…``), in every one of its [[grids]] too; values already typed, not
+        validated (``dataclasses.replace`` with the config's names)."""
+        option_grid = dict(self.option_grid)
+        fields_only = dict(keys)
+        for key in [key for key in keys if key in _SPECS_BY_KEY]:
+            spec, value = _SPECS_BY_KEY[key], fields_only.pop(key)
+            option_grid[spec.name] = tuple(value) if spec.grid else (value,)
+        grids = tuple(grid.updated(**keys) for grid in self.grids)
+        return replace(self, **fields_only, option_grid=option_grid, grids=grids)
+
+    def with_plugins(self, plugins: Iterable[str]) -> SweepConfig:
+        """This config with ``plugins`` loaded after its own, in each of its [[grids]] too."""
+        plugins = tuple(plugins)
+        grids = tuple(grid.with_plugins(plugins) for grid in self.grids)
+        return replace(self, plugins=tuple(dict.fromkeys([*self.plugins, *plugins])), grids=grids)
+
     def values(self, option: str) -> tuple[Any, ...]:
         """The values an option or input dimension takes in this grid (by its name)."""
         return self.option_grid[option]

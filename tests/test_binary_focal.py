@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import ml_dtypes
 import numpy as np
@@ -75,7 +74,7 @@ def _sweep(**overrides) -> list:
     config = SweepConfig(
         dtypes=("float32",), devices=("cpu",), distributions=("normal",), vocabs=(64,), batches=(8,)
     )
-    return run_sweep(replace(config, **overrides)).cells
+    return run_sweep(config.updated(**overrides)).cells
 
 
 def test_bce_naive_gives_inf_for_large_logits_and_with_logits_is_finite():

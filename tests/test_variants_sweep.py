@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ def sweep(**overrides) -> list[Cell]:
     config = SweepConfig(
         dtypes=("float32",), devices=("cpu",), distributions=("normal",), vocabs=(64,), batches=(8,)
     )
-    return run_sweep(replace(config, **overrides)).cells
+    return run_sweep(config.updated(**overrides)).cells
 
 
 def run_cli(argv: list[str]) -> int:
