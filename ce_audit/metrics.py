@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 

@@ -28,8 +28,8 @@ from ce_audit.options import (
     LossOptions,
     call_keywords,
 )
-from ce_audit.reports.table import LABEL_MEANINGS
 from ce_audit.reports.csv import SUMMARY_COLUMNS
+from ce_audit.reports.table import LABEL_MEANINGS
 from ce_audit.results import (
     CELL_COLUMNS,
     KEY,
@@ -69,7 +69,7 @@ def test_supportable_names_and_the_legend_come_from_the_specs():
     assert SUPPORTABLE == (
         "reduction", "weight", "ignore_index", "label_smoothing", "probs", "softcap", "z_loss",
     )  # fmt: skip
-    assert GENERIC_SUPPORTS == {"reduction", "softcap", "z_loss"}
+    assert {"reduction", "softcap", "z_loss"} == GENERIC_SUPPORTS
     legend = ["w=", "ignore=", "ls=", "cap=", "z=", "mask=", "M=", "y=", "mean", "sum"]
     assert list(LABEL_MEANINGS) == ["s=", "+", "-", *legend]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
-from ce_audit.reports.files import write_atomically
 from ce_audit.options import LossOptions
+from ce_audit.reports.files import write_atomically
 from ce_audit.results import (
     CELL_COLUMNS,
     MEASUREMENT_COLUMNS,
