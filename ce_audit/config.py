@@ -56,7 +56,7 @@ class SweepConfig:
     )
     # [[grids]]: the sub-grids, parsed at load over this config (each with no grids of its own); a sweep
     # runs them in turn
-    grids: tuple[SweepConfig, ...] = ()
+    grids: tuple[Grid, ...] = ()
 
     def expanded(self) -> list[SweepConfig]:
         """The grids a sweep runs: this config alone, or its ``[[grids]]`` (parsed once, at load)."""
@@ -105,9 +105,10 @@ class SweepConfig:
                     values = self.option_grid[spec.name]
                     data[spec.config_key] = values if spec.grid else values[0]
             elif f.name == "grids":
-                mine = {**data, "grids": [], "out": self.out}
+                own = [grid.to_dict() for grid in self.grids]
                 data["grids"] = [
-                    {k: v for k, v in grid.to_dict().items() if v != mine.get(k)} for grid in self.grids
+                    {k: v for k, v in table.items() if k not in ("grids", "out") and v != data.get(k)}
+                    for table in own
                 ]
             elif f.name == "tolerances":
                 data["tolerances"] = {name: asdict(tol) for name, tol in self.tolerances.items()}
@@ -115,6 +116,11 @@ class SweepConfig:
                 value = getattr(self, f.name)
                 data[f.name] = value
         return data
+
+
+Grid = SweepConfig
+"""One grid a sweep runs: a [[grids]] table parsed over its config (any key may differ from one grid to the
+next, so a grid is a config without grids of its own), or the config itself when it has none."""
 
 
 _LIST_KEYS: dict[str, Any] = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, replace
 
-from ce_audit.config import SweepConfig
+from ce_audit.config import Grid, SweepConfig
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import implementations_and_devices
 from ce_audit.plan.cases import Case, build_cases
@@ -19,7 +19,7 @@ class Unit:
     names of the implementations and the devices it runs on."""
 
     index: int
-    grid: SweepConfig
+    grid: Grid
     case: Case
     dtype: str
     impls: tuple[str, ...]
@@ -37,7 +37,7 @@ class Unit:
         return self.case.batch * self.case.vocab * (len(self.impls) + 1) * len(self.devices)
 
 
-def grid_cases(grid: SweepConfig) -> list[Case]:
+def grid_cases(grid: Grid) -> list[Case]:
     """The cases of one grid in report order: each generated case × input dimension × loss options."""
     cases = build_cases(grid.distributions, grid.scales, grid.offsets, grid.vocabs, grid.batches, grid.seed)
     return [
