@@ -97,12 +97,12 @@ def default_grid(name: str) -> SweepConfig:
 def run_subset(stem: str) -> list[Cell]:
     grid_name, restrictions = CASES[stem]
     grid = default_grid(grid_name)
+    keys = grid.to_dict()  # the grid under its config keys
     for key, values in restrictions.items():
-        assert set(values) <= set(getattr(grid, key)), (
+        assert set(values) <= set(keys[key]), (
             f"{stem}: {key}={values} is not in the {grid_name} grid"
         )
-    config = replace(
-        grid,
+    config = grid.updated(
         impls=(f"bug_{stem}", f"fix_{stem}"),
         plugins=(str(GALLERY / f"{stem}.py"),),
         devices=("cpu",),
