@@ -45,16 +45,17 @@ def per_call(plugin: str, calls: int = 200) -> None:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from ce_audit.run import isolation
     from ce_audit.backends import BlockCall
     from ce_audit.dtypes import float_format
+    from ce_audit.options import LossOptions
     from ce_audit.plugins import prepare
+    from ce_audit.run import isolation
 
     impl = next(impl for impl in prepare((), (plugin,)) if not impl.builtin and impl.backend == "torch")
     rng = np.random.default_rng(0)
     block = rng.normal(size=(64, 1000)).astype(np.float32)
     targets = rng.integers(0, 1000, 64)
-    call = BlockCall(block, targets, float_format("float32"), "cpu", {}, True, {}, None, (64,))
+    call = BlockCall(block, targets, float_format("float32"), "cpu", {}, True, LossOptions(), None, (64,))
     for mode in ("none", "process"):
         with isolation.session(mode, 60):
             isolation.run_implementation(impl, call)  # the worker's start is not a call's cost

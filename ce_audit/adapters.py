@@ -37,10 +37,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ce_audit.errors import AuditError
+from ce_audit.options import DEFAULT_IGNORE_INDEX
 
 INPUT_ORDERS = ("logits-targets", "targets-logits")
 RETURN_FORMS = ("auto", "rows", "mean")
-DEFAULT_IGNORE_INDEX = -100
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], Any]:

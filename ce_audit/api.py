@@ -27,8 +27,8 @@ from ce_audit.options import SPECS_BY_NAME, options_label
 from ce_audit.plugins import ATTRIBUTE, add_function
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
-from ce_audit.statuses import FAILING, Status
 from ce_audit.run.sweep import run_sweep
+from ce_audit.statuses import FAILING, Status
 
 Target = str | Callable[..., Any]
 
@@ -225,9 +225,7 @@ def check(
             config, {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
         )
         resolved = replace(
-            resolved,
-            plugins=tuple(dict.fromkeys([*resolved.plugins, *plugins])),
-            budgets=tuple(dict.fromkeys([*resolved.budgets, *budgets])),
+            resolved.with_plugins(plugins), budgets=tuple(dict.fromkeys([*resolved.budgets, *budgets]))
         )
         for text in resolved.budgets:
             parse_budget(text)  # a bad budget is an AuditError before the sweep, not after

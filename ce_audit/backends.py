@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ce_audit.dtypes import FORMATS, FloatFormat
+from ce_audit.options import LossOptions
 from ce_audit.statuses import first_line
 
 
@@ -43,7 +44,7 @@ class BlockCall:
     device: str
     settings: dict[str, Any]
     want_grad: bool
-    options: dict[str, Any]  # loss-option keyword arguments (LossOptions.call_options())
+    options: LossOptions  # the implementation receives them as keyword arguments (options.call_keywords)
     weight: np.ndarray | None  # per-class weights in the audited dtype
     shape: tuple[int, ...]  # what a per-row (or per-element) result must be shaped like
 
@@ -160,12 +161,10 @@ class TorchBackend(Backend):
             target_tensor = self.tensor(targets, fmt, device)
         else:
             target_tensor = torch.from_numpy(targets).to(device=device, copy=True)
-        options = dict(call.options)
-        if weight is not None:
-            options["weight"] = self.tensor(weight, fmt, device)
+        weight_tensor = None if weight is None else self.tensor(weight, fmt, device)
         logits.requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
-            losses = impl(logits, target_tensor, settings, options)
+            losses = impl(logits, target_tensor, settings, call.options, weight_tensor)
         if isinstance(losses, (float, np.floating)) and not impl.builtin:  # a Python or NumPy scalar
             losses = torch.from_numpy(np.asarray(losses)).to(logits.device)
         if not isinstance(losses, torch.Tensor):
@@ -207,7 +206,7 @@ class NumpyBackend(Backend):
         # overflow in an audited implementation is a finding, not a warning (nor is the mean of nothing)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            losses = impl(logits, target_copy, call.settings, call.options)
+            losses = impl(logits, target_copy, call.settings, call.options)  # (no class weights, as before)
         if isinstance(losses, (np.generic, float)):  # a NumPy scalar (np.mean) or a Python float
             losses = np.asarray(losses)
         if not isinstance(losses, np.ndarray):
@@ -283,12 +282,10 @@ class JaxBackend(Backend):
         if targets.dtype.kind == "i":
             targets = targets.astype(np.int64 if wide else np.int32)
         target_array = jax.device_put(targets, where)
-        options = dict(call.options)
-        if call.weight is not None:
-            options["weight"] = jax.device_put(call.weight, where)
+        weight = None if call.weight is None else jax.device_put(call.weight, where)
 
         def loss(z: Any) -> Any:
-            return impl(z, target_array, call.settings, options)
+            return impl(z, target_array, call.settings, call.options, weight)
 
         grad, grad_error = None, None
         if call.want_grad:

@@ -834,12 +834,9 @@ def _exit_on(cells: list[Any], level: str | None) -> None:
 
 
 def _with_plugins(config: Any, plugins: list[str] | None) -> Any:
-    """The config's plugins followed by those of the command line (--plugin adds, it does not replace)."""
-    from dataclasses import replace
-
-    if not plugins:
-        return config
-    return replace(config, plugins=tuple(dict.fromkeys([*config.plugins, *plugins])))
+    """The config's plugins followed by those of the command line (--plugin adds, it does not replace), in
+    each of its [[grids]] too."""
+    return config.with_plugins(plugins) if plugins else config
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import tomllib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,7 @@ from ce_audit.budgets import parse_budget
 from ce_audit.dtypes import DTYPE_ALIASES, DTYPE_NAMES, FORMATS, canonical_dtype
 from ce_audit.errors import AuditError
 from ce_audit.metrics import Tolerance
-from ce_audit.options import DEFAULT_IGNORE_INDEX, OPTION_SPECS, LossOptions, validate_options
+from ce_audit.options import INPUT_SPECS, LOSS_OPTION_SPECS, OPTION_SPECS, LossOptions, validate_options
 from ce_audit.plan.cases import DISTRIBUTIONS
 from ce_audit.run.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
 
@@ -48,39 +49,47 @@ class SweepConfig:
     tolerances: dict[str, Tolerance] = field(
         default_factory=lambda: {name: Tolerance(f.rtol, f.atol) for name, f in FORMATS.items()}
     )
-    # loss options (ce_audit.options) and the input dimensions they bring; each list is a grid dimension
-    losses: tuple[str, ...] = ("ce",)
-    reductions: tuple[str, ...] = ("none",)
-    weights: tuple[str, ...] = ("none",)
-    ignore_fractions: tuple[float, ...] = (0.0,)
-    ignore_index: int = DEFAULT_IGNORE_INDEX
-    label_smoothings: tuple[float, ...] = (0.0,)
-    targets: tuple[str, ...] = ("index",)
-    softcaps: tuple[float, ...] = (0.0,)
-    z_losses: tuple[float, ...] = (0.0,)
-    mask_fractions: tuple[float, ...] = (0.0,)
-    focal_gammas: tuple[float | None, ...] = (None,)
-    focal_alpha: float = 1.0
-    margins: tuple[float | None, ...] = (None,)
-    target_positions: tuple[str, ...] = ("random",)
-    # [[grids]]: sub-grids, each the keys above over this config; a sweep runs them in turn
-    grids: tuple[dict[str, Any], ...] = ()
+    # the values of every loss option and input dimension (ce_audit.options.OPTION_SPECS), by option name:
+    # a grid dimension's list, or the one value of a single option (ignore_index, focal_alpha) alone
+    option_grid: dict[str, tuple[Any, ...]] = field(
+        default_factory=lambda: {spec.name: (spec.default,) for spec in OPTION_SPECS}
+    )
+    # [[grids]]: the sub-grids, parsed at load over this config (each with no grids of its own); a sweep
+    # runs them in turn
+    grids: tuple[Grid, ...] = ()
 
     def expanded(self) -> list[SweepConfig]:
-        """The grids a sweep runs: this config alone, or one config per ``[[grids]]`` table."""
-        if not self.grids:
-            return [self]
-        base = replace(self, grids=())
-        return [_from_mapping(dict(grid), base) for grid in self.grids]
+        """The grids a sweep runs: this config alone, or its ``[[grids]]`` (parsed once, at load)."""
+        return list(self.grids) or [self]
+
+    def updated(self, **keys: Any) -> SweepConfig:
+        """This config with ``keys`` changed, named as in a TOML config (``reductions=("mean",)``,
+        ``ignore_index=-1``, ``dtypes=…``), in every one of its [[grids]] too; values already typed, not
+        validated (``dataclasses.replace`` with the config's names)."""
+        option_grid = dict(self.option_grid)
+        fields_only = dict(keys)
+        for key in [key for key in keys if key in _SPECS_BY_KEY]:
+            spec, value = _SPECS_BY_KEY[key], fields_only.pop(key)
+            option_grid[spec.name] = tuple(value) if spec.grid else (value,)
+        grids = tuple(grid.updated(**keys) for grid in self.grids)
+        return replace(self, **fields_only, option_grid=option_grid, grids=grids)
+
+    def with_plugins(self, plugins: Iterable[str]) -> SweepConfig:
+        """This config with ``plugins`` loaded after its own, in each of its [[grids]] too."""
+        plugins = tuple(plugins)
+        grids = tuple(grid.with_plugins(plugins) for grid in self.grids)
+        return replace(self, plugins=tuple(dict.fromkeys([*self.plugins, *plugins])), grids=grids)
+
+    def values(self, option: str) -> tuple[Any, ...]:
+        """The values an option or input dimension takes in this grid (by its name)."""
+        return self.option_grid[option]
 
     def loss_options(self) -> list[LossOptions]:
-        """The option grid, in a fixed order (the option table's, grid options only)."""
-        owned = [spec for spec in OPTION_SPECS if spec.owned]
-        single = {spec.name: getattr(self, spec.config_key) for spec in owned if not spec.grid}
-        grid = [spec for spec in owned if spec.grid]
+        """The option grid, in a fixed order (the option table's)."""
+        names = [spec.name for spec in LOSS_OPTION_SPECS]
         return [
-            LossOptions(**single, **dict(zip((spec.name for spec in grid), combination, strict=True)))
-            for combination in itertools.product(*(getattr(self, spec.config_key) for spec in grid))
+            LossOptions(**dict(zip(names, combination, strict=True)))
+            for combination in itertools.product(*(self.option_grid[name] for name in names))
         ]
 
     def implementation_settings(self) -> dict[str, Any]:
@@ -88,9 +97,30 @@ class SweepConfig:
         return {"chunk_size": self.chunk_size, "block_size": self.block_size}
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["tolerances"] = {name: asdict(tol) for name, tol in self.tolerances.items()}
+        """The config under its TOML keys (a [[grids]] table: the keys where it differs from this config)."""
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "option_grid":
+                for spec in (*LOSS_OPTION_SPECS, *INPUT_SPECS):  # report.json's order of old
+                    values = self.option_grid[spec.name]
+                    data[spec.config_key] = values if spec.grid else values[0]
+            elif f.name == "grids":
+                own = [grid.to_dict() for grid in self.grids]
+                data["grids"] = [
+                    {k: v for k, v in table.items() if k not in ("grids", "out") and v != data.get(k)}
+                    for table in own
+                ]
+            elif f.name == "tolerances":
+                data["tolerances"] = {name: asdict(tol) for name, tol in self.tolerances.items()}
+            else:
+                value = getattr(self, f.name)
+                data[f.name] = value
         return data
+
+
+Grid = SweepConfig
+"""One grid a sweep runs: a [[grids]] table parsed over its config (any key may differ from one grid to the
+next, so a grid is a config without grids of its own), or the config itself when it has none."""
 
 
 _LIST_KEYS: dict[str, Any] = {
@@ -104,7 +134,6 @@ _LIST_KEYS: dict[str, Any] = {
     "batches": int,
     "plugins": str,
     "budgets": str,
-    **{spec.config_key: _KINDS[spec.kind] for spec in OPTION_SPECS if spec.grid},
 }
 _SCALAR_KEYS: dict[str, Any] = {
     "seed": int,
@@ -117,7 +146,6 @@ _SCALAR_KEYS: dict[str, Any] = {
     "timeout": float,
     "ulp_growth": float,
     "rel_growth": float,
-    **{spec.config_key: _KINDS[spec.kind] for spec in OPTION_SPECS if not spec.grid},
 }
 
 
@@ -144,10 +172,18 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     return kind(value)
 
 
+_SPECS_BY_KEY = {spec.config_key: spec for spec in OPTION_SPECS}
+
+
 def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
     values: dict[str, Any] = {}
+    option_grid = dict(base.option_grid)
     for key, raw in data.items():
-        if key in _LIST_KEYS:
+        if key in _SPECS_BY_KEY:
+            spec = _SPECS_BY_KEY[key]
+            items = raw if spec.grid and isinstance(raw, (list, tuple)) else [raw]
+            option_grid[spec.name] = tuple(_coerce(key, item, _KINDS[spec.kind]) for item in items)
+        elif key in _LIST_KEYS:
             items = raw if isinstance(raw, (list, tuple)) else [raw]
             values[key] = tuple(_coerce(key, item, _LIST_KEYS[key]) for item in items)
             if key == "dtypes":  # aliases (fp16, bf16, double, …) become the canonical names
@@ -174,11 +210,27 @@ def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
             for grid in raw:
                 if "grids" in grid or "out" in grid:
                     raise AuditError("a [[grids]] table cannot set 'grids' or 'out'")
-            values["grids"] = tuple(dict(grid) for grid in raw)
+            values["grids"] = tuple(dict(grid) for grid in raw)  # parsed below, over this config
         else:
-            known = ", ".join([*_LIST_KEYS, *_SCALAR_KEYS, "tolerances", "grids"])
+            known = ", ".join([*_LIST_KEYS, *_SCALAR_KEYS, *_SPECS_BY_KEY, "tolerances", "grids"])
             raise AuditError(f"unknown config key {key!r}; known keys: {known}")
-    return validate(replace(base, **values))
+    tables = values.pop("grids", None)
+    config = validate(replace(base, **values, option_grid=option_grid))
+    if tables is not None:
+        config = replace(config, grids=_parse_grids(tables, config))
+    return config
+
+
+def _parse_grids(tables: Iterable[dict[str, Any]], base: SweepConfig) -> tuple[SweepConfig, ...]:
+    """Each [[grids]] table parsed over ``base`` (the config it belongs to, without its grids)."""
+    base = replace(base, grids=())
+    grids = []
+    for index, table in enumerate(tables):
+        try:
+            grids.append(_from_mapping(dict(table), base))
+        except AuditError as error:
+            raise AuditError(f"grids[{index}]: {error}") from None
+    return tuple(grids)
 
 
 def validate(config: SweepConfig) -> SweepConfig:
@@ -201,13 +253,14 @@ def validate(config: SweepConfig) -> SweepConfig:
         "offsets",
         "vocabs",
         "batches",
-        *_OPTION_KEYS,
     ):
         if not getattr(config, key):
             raise AuditError(f"{key} must not be empty")
     for spec in OPTION_SPECS:
-        if spec.grid and not spec.owned:  # input dimensions; loss options are checked as LossOptions below
-            for value in getattr(config, spec.config_key):
+        if not config.values(spec.name):
+            raise AuditError(f"{spec.config_key} must not be empty")
+        if not spec.owned:  # input dimensions; loss options are checked as LossOptions below
+            for value in config.values(spec.name):
                 problem = spec.validate(value)
                 if problem:
                     raise AuditError(problem)
@@ -216,11 +269,6 @@ def validate(config: SweepConfig) -> SweepConfig:
             validate_options(options)
         except ValueError as error:
             raise AuditError(str(error)) from None
-    for index, grid in enumerate(config.grids):
-        try:
-            _from_mapping(dict(grid), replace(config, grids=()))
-        except AuditError as error:
-            raise AuditError(f"grids[{index}]: {error}") from None
     if any(v < 1 for v in config.vocabs):
         raise AuditError("every vocab size must be at least 1")
     if any(b < 0 for b in config.batches):
@@ -364,12 +412,13 @@ def load_config(
         config = _from_mapping(given, config)
         grid_keys = {k: v for k, v in given.items() if k != "out"}
         if config.grids and grid_keys:  # the command line has the last word in every grid too
-            config = validate(replace(config, grids=tuple({**grid, **grid_keys} for grid in config.grids)))
+            grids = tuple(_from_mapping(grid_keys, grid) for grid in config.grids)
+            config = validate(replace(config, grids=grids))
     return config
 
 
 def config_from_dict(data: dict[str, Any]) -> SweepConfig:
     """Rebuild a config from SweepConfig.to_dict() output (as stored in report.json)."""
-    known = {f.name for f in fields(SweepConfig)}
+    known = {f.name for f in fields(SweepConfig)} - {"option_grid"} | set(_SPECS_BY_KEY)
     _refuse_deep(data, "config")
     return _from_mapping({k: v for k, v in data.items() if k in known}, SweepConfig())

@@ -40,14 +40,14 @@ def _where(row: Cell) -> str:
     label = options_label(row)
     if label:
         text += f", {label}"
-    if row.reduction != "none":
+    if row.options.reduction != "none":
         text += f" (batch {row.batch})"
     return f"{text} ({row.distribution})"
 
 
 def cause(row: Cell) -> str:
     """A likely cause for a row's status, from the case's extremes and the dtype's thresholds."""
-    fmt = float_format(row.dtype)
+    fmt, options = float_format(row.dtype), row.options
     if row.status == "error":
         return row.error
     if row.status == "nonfinite":
@@ -55,15 +55,16 @@ def cause(row: Cell) -> str:
         reduced = _reduction_cause(row, fmt)
         if reduced:
             return f"{kind}: {reduced}"
-        if row.label_smoothing and row.vocab * math.log(max(row.vocab, 2)) > fmt.max:
+        if options.label_smoothing and row.vocab * math.log(max(row.vocab, 2)) > fmt.max:
             return f"{kind}: the label-smoothing sum Σ_k −log p_k over {row.vocab} classes passes {fmt.max:g}"
-        if row.targets == "probs" and row.mask_fraction and row.nan_rows:
+        if options.targets == "probs" and options.mask_fraction and row.nan_rows:
             return (
                 f"{kind}: 0 · log p = 0 · (−inf) where a zero target probability meets a −inf (masked) logit"
             )
-        if row.weights == "zero-on-target" and row.label_smoothing and row.mask_fraction and row.nan_rows:
+        zero_weights = options.weights == "zero-on-target" and options.label_smoothing
+        if zero_weights and options.mask_fraction and row.nan_rows:
             return f"{kind}: w_k · log p_k = 0 · (−inf) where a zero class weight meets a −inf (masked) logit"
-        if row.loss == "binary":
+        if options.loss == "binary":
             return f"{kind}: σ(z) rounds to 0 or 1 in {row.dtype}, then log(0) = −inf and 0 · log(0) = NaN"
         overflow = row.max_logit > fmt.exp_overflow
         underflow = row.max_reference > -fmt.exp_underflow  # p_y = exp(−loss) below the smallest subnormal
@@ -86,21 +87,22 @@ def cause(row: Cell) -> str:
                 f"the errors are its size (max {row.max_ulp:.3g} ULP of {row.dtype})"
             )
         if row.finite_where_infinite:
-            if row.softcap and row.mask_fraction:
-                return f"finite: softcap turns −inf masks into −{row.softcap:g} where the exact loss is +inf"
+            if options.softcap and options.mask_fraction:
+                cap = options.softcap
+                return f"finite: softcap turns −inf masks into −{cap:g} where the exact loss is +inf"
             return f"finite in {row.finite_where_infinite} rows where the exact loss is +inf"
         if not math.isnan(row.capped_at):
             return cap_text(row.capped_at, row.max_reference)
         reduced = _reduction_cause(row, fmt)
         if reduced:
             return reduced
-        if row.softcap and row.mask_fraction:
-            return f"softcap turns −inf masks into −{row.softcap:g}: masked classes get probability again"
-        if row.loss == "binary" and abs(row.max_value - 100) < 0.5 and row.max_reference > 100.5:
+        if options.softcap and options.mask_fraction:
+            return f"softcap turns −inf masks into −{options.softcap:g}: masked classes get probability again"
+        if options.loss == "binary" and abs(row.max_value - 100) < 0.5 and row.max_reference > 100.5:
             return (
                 f"log clamped at −100 (nn.BCELoss): loss capped at 100 (exact up to {row.max_reference:.3g})"
             )
-        if row.margin is not None and row.margin > 0 and row.loss == "ce":
+        if row.margin is not None and row.margin > 0 and options.loss == "ce":
             return (
                 f"lse − z_y cancels in confident rows (target {row.margin:g} above the rest: "
                 f"the loss is below the spacing of z_y; max {row.max_ulp:.3g} ULP)"
@@ -117,14 +119,15 @@ def cause(row: Cell) -> str:
 
 def _reduction_cause(row: Cell, fmt: FloatFormat) -> str | None:
     """A sum (or the sum inside a mean) past the dtype's largest finite value, or an accumulation drift."""
-    mean_of_rows = row.reduction == "none" and row.value_kind == "mean"  # a 0-d mean returned by choice
-    if row.reduction == "none" and not mean_of_rows:
+    options = row.options
+    mean_of_rows = options.reduction == "none" and row.value_kind == "mean"  # a 0-d mean returned by choice
+    if options.reduction == "none" and not mean_of_rows:
         return None
-    total = row.max_reference * (row.batch if row.reduction == "mean" or mean_of_rows else 1)
+    total = row.max_reference * (row.batch if options.reduction == "mean" or mean_of_rows else 1)
     if total > fmt.max:
         what = (
             "sum"
-            if row.reduction == "sum"
+            if options.reduction == "sum"
             else (
                 f"sum inside the {'0-d ' if mean_of_rows else ''}mean "
                 f"(≈ {row.batch} × {row.max_reference:.3g})"
@@ -132,7 +135,7 @@ def _reduction_cause(row: Cell, fmt: FloatFormat) -> str | None:
         )
         return f"the {row.dtype} {what} passes {fmt.max:g}"
     if row.status == "inaccurate":
-        what = "0-d mean" if mean_of_rows else row.reduction
+        what = "0-d mean" if mean_of_rows else options.reduction
         return f"the {what} is {row.max_ulp:.3g} ULP off the exact {what.removeprefix('0-d ')}"
     return None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -230,6 +231,18 @@ class LossTally:
             return 0.0
         return math.fsum(self.bits_sum) / self.rows
 
+    def columns(self) -> dict[str, Any]:
+        """What it measured, under the names of summary.csv's columns (ce_audit.results.Cell)."""
+        return {
+            "nan_rows": self.nan_rows,
+            "inf_rows": self.inf_rows,
+            "max_abs_err": self.max_abs_err,
+            "max_rel_err": self.max_rel_err,
+            "max_ulp": self.max_ulp,
+            "mean_bits": self.mean_bits,
+            "finite_where_infinite": self.finite_where_infinite,
+        }
+
 
 def exact_sum_terms(carried: list[float], values: np.ndarray) -> list[float]:
     """A few floats whose exact sum is the exact sum of ``carried`` and ``values`` (finite floats):
@@ -374,6 +387,17 @@ class GradTally:
             return Status.NONFINITE
         return Status.INACCURATE if self.failures else Status.OK
 
+    def columns(self) -> dict[str, Any]:
+        """What it measured, under the names of summary.csv's columns (ce_audit.results.Cell)."""
+        return {
+            "grad_nan": self.nan_rows,
+            "grad_inf": self.inf_rows,
+            "grad_max_abs_err": self.max_abs_err,
+            "grad_max_rel_err": self.max_rel_err,
+            "grad_max_ulp": self.max_ulp,
+            "grad_norm_rel_err": self.norm_rel_err,
+        }
+
 
 @dataclass
 class GradChecks:
@@ -430,3 +454,10 @@ class GradChecks:
                 spacing = ulp(finite_reference[suspect].astype(np.float64), fmt)
                 allowed = tolerance.atol + tolerance.rtol * norm[suspect] + 0.5 * spacing.sum(axis=1)
                 self.rowsum_failures += int((error[suspect] > allowed).sum())
+
+    def columns(self) -> dict[str, Any]:
+        """What it measured, under the names of summary.csv's columns (ce_audit.results.Cell)."""
+        return {
+            "grad_true_max_rel_err": self.true_max_rel_err,
+            "grad_rowsum_max": self.rowsum_max if self.rowsum_checked else float("nan"),
+        }

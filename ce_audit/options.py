@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 LOSSES = ("ce", "binary")
@@ -45,87 +45,60 @@ BLOCK_EDGES = (32768, 65536)
 DEFAULT_IGNORE_INDEX = -100
 FAMILIES = ("ce", "focal", "binary")
 
-# Names an implementation lists in ``supports`` (what it accepts as keyword arguments, "probs" excepted).
-SUPPORTABLE = ("reduction", "weight", "ignore_index", "label_smoothing", "probs", "softcap", "z_loss")
-
 EXPECTED_NAN_NOTE = "expected NaN (PyTorch semantics: empty/fully-ignored mean)"
 ZERO_WEIGHT_NOTE = "expected NaN (PyTorch semantics: mean over zero total class weight)"
 
 
 @dataclass(frozen=True)
-class LossOptions:
-    """One combination of loss options (the defaults are plain per-row cross-entropy).
+class OptionSpec:
+    """Everything about one loss option or input dimension, declared once.
 
-    Its fields are declared, with everything else about them, in ``OPTION_SPECS`` below; a test keeps the
-    two (and ``results.Cell``'s option columns) in step.
+    ``name`` is the LossOptions field (``owned``) or Case field (margin, target_position), the summary.csv
+    column and, with ``-`` for ``_``, the CLI flag. ``config_key`` is its key in a TOML config: a list of
+    values (a grid dimension) when ``grid``, a single value otherwise. ``kind`` is str, int, float or
+    "optional float" (a number or none). ``choices`` / ``check`` validate a value (``check`` returns a
+    message). ``support`` is the name an implementation lists in ``supports`` to be audited while the option
+    is ``active``; ``keyword`` the keyword argument that then carries the value; ``generic``: every torch
+    built-in supports it (applied around the formula, ce_audit.implementations.torch_variants). ``label``
+    renders the value in findings (in ``label_order``); ``legend`` the label prefixes the report's legend
+    explains with ``meaning``; ``replay`` says whether `ce-audit replay` takes it (one value).
     """
 
-    loss: str = "ce"
-    reduction: str = "none"
-    weights: str = "none"
-    ignore_fraction: float = 0.0
-    ignore_index: int = DEFAULT_IGNORE_INDEX
-    label_smoothing: float = 0.0
-    targets: str = "index"
-    softcap: float = 0.0
-    z_loss: float = 0.0
-    mask_fraction: float = 0.0
-    focal_gamma: float | None = None
-    focal_alpha: float = 1.0
+    name: str
+    kind: str
+    default: Any
+    help: str
+    config_key: str
+    grid: bool = True
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    active: Callable[[Any], bool] = lambda options: False
+    support: str | None = None
+    keyword: str | None = None
+    generic: bool = False
+    label: Callable[[Any], str] = lambda value: ""
+    label_order: int = 0
+    legend: tuple[str, ...] = ()
+    meaning: str = ""
+    replay: bool = True
+    replay_help: str = ""
+    owned: bool = True  # a LossOptions field (False: a Case field that shapes the inputs)
 
     @property
-    def family(self) -> str:
-        """Which implementations compute this loss: ``ce``, ``focal`` or ``binary``."""
-        if self.loss == "binary":
-            return "binary"
-        return "focal" if self.focal_gamma is not None else "ce"
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
-    @property
-    def probs(self) -> bool:
-        return self.targets == "probs"
+    def validate(self, value: Any) -> str | None:
+        """A one-line message when ``value`` is outside the option's domain, else None."""
+        if self.choices and value not in self.choices:
+            return f"unknown {self.name} {value!r}; choose from {', '.join(self.choices)}"
+        return self.check(value) if self.check else None
 
-    def required(self) -> frozenset[str]:
-        """The option names an implementation must support to be audited with these options."""
-        return frozenset(
-            spec.support for spec in OPTION_SPECS if spec.support and spec.owned and spec.active(self)
-        )
 
-    def invalid_reason(self) -> str | None:
-        """Why no loss is defined for this combination (every cell is then skipped), or None."""
-        if self.family == "binary":
-            extra = [
-                name
-                for name, active in (
-                    ("ignore_index", self.ignore_fraction > 0),
-                    ("label smoothing", bool(self.label_smoothing)),
-                    ("softcap", bool(self.softcap)),
-                    ("z-loss", bool(self.z_loss)),
-                    ("masks", self.mask_fraction > 0),
-                    ("focal loss", self.focal_gamma is not None),
-                    ("zero-on-target weights", self.weights == "zero-on-target"),
-                )
-                if active
-            ]
-            if extra:
-                return f"binary cross-entropy is audited without {', '.join(extra)}"
-            return None
-        if self.probs and self.ignore_fraction > 0:
-            return "ignore_index applies to class-index targets only (PyTorch)"
-        if self.family == "focal" and (
-            self.weights != "none" or self.label_smoothing or self.probs or self.z_loss
-        ):
-            return (
-                "focal loss is audited with class-index targets, without weights, label smoothing or z-loss"
-            )
-        return None
-
-    def call_options(self) -> dict[str, object]:
-        """Keyword arguments for an implementation (the weight tensor is added by the caller)."""
-        return {
-            spec.keyword: getattr(self, spec.name)
-            for spec in OPTION_SPECS
-            if spec.keyword and spec.owned and spec.active(self)
-        }
+def option(default: Any, kind: str, help: str, config_key: str, **about: Any) -> Any:
+    """A LossOptions field and its OptionSpec (name and default taken from the field), declared together."""
+    spec = OptionSpec("", kind, default, help, config_key, **about)
+    return field(default=default, metadata={"spec": spec})
 
 
 def _fraction(name: str) -> Callable[[Any], str | None]:
@@ -170,136 +143,210 @@ def _margin_check(value: Any) -> str | None:
 
 
 @dataclass(frozen=True)
-class OptionSpec:
-    """Everything about one loss option or input dimension, declared once.
+class LossOptions:
+    """One combination of loss options (the defaults are plain per-row cross-entropy).
 
-    ``name`` is the LossOptions field (``owned``) or Case field (margin, target_position), the summary.csv
-    column and, with ``-`` for ``_``, the CLI flag. ``config_key`` is its key in a TOML config: a list of
-    values (a grid dimension) when ``grid``, a single value otherwise. ``kind`` is str, int, float or
-    "optional float" (a number or none). ``choices`` / ``check`` validate a value (``check`` returns a
-    message). ``support`` is the name an implementation lists in ``supports`` to be audited while the option
-    is ``active``; ``keyword`` the keyword argument that then carries the value. ``label`` renders the value
-    in findings (in ``label_order``); ``replay`` says whether `ce-audit replay` takes it (one value).
+    Each field is the one declaration of its option: its ``OptionSpec`` (flag, config key, validation,
+    keyword, label …) rides in the field's metadata, and ``OPTION_SPECS`` is read from the fields.
     """
 
-    name: str
-    kind: str
-    default: Any
-    help: str
-    config_key: str
-    grid: bool = True
-    choices: tuple[str, ...] = ()
-    check: Callable[[Any], str | None] | None = None
-    active: Callable[[Any], bool] = lambda options: False
-    support: str | None = None
-    keyword: str | None = None
-    label: Callable[[Any], str] = lambda value: ""
-    label_order: int = 0
-    replay: bool = True
-    replay_help: str = ""
-    owned: bool = True  # a LossOptions field (False: a Case field that shapes the inputs)
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def validate(self, value: Any) -> str | None:
-        """A one-line message when ``value`` is outside the option's domain, else None."""
-        if self.choices and value not in self.choices:
-            return f"unknown {self.name} {value!r}; choose from {', '.join(self.choices)}"
-        return self.check(value) if self.check else None
-
-
-OPTION_SPECS: tuple[OptionSpec, ...] = (
-    OptionSpec(
-        "loss", "str", "ce", "ce or binary (binary cross-entropy).", "losses", choices=LOSSES,
+    loss: str = option(
+        "ce", "str", "ce or binary (binary cross-entropy).", "losses", choices=LOSSES,
         label=lambda v: v if v != "ce" else "", label_order=0, replay=False,
-    ),
-    OptionSpec(
-        "reduction", "str", "none", "none, mean or sum.", "reductions", choices=REDUCTIONS,
-        active=lambda o: o.reduction != "none", support="reduction", keyword="reduction",
+    )
+    reduction: str = option(
+        "none", "str", "none, mean or sum.", "reductions", choices=REDUCTIONS,
+        active=lambda o: o.reduction != "none", support="reduction", keyword="reduction", generic=True,
         label=lambda v: v if v != "none" else "", label_order=3,
-    ),
-    OptionSpec(
-        "weights", "str", "none", "Class weights: none, random, zero-on-target.", "weights", choices=WEIGHTS,
+        legend=("mean", "sum"), meaning="mean/sum = the batch's reduction",
+    )
+    weights: str = option(
+        "none", "str", "Class weights: none, random, zero-on-target.", "weights", choices=WEIGHTS,
         active=lambda o: o.weights != "none", support="weight",
         label=lambda v: f"w={v}" if v != "none" else "", label_order=4,
-    ),
-    OptionSpec(
-        "ignore_fraction", "float", 0.0, "Fraction of rows whose target is ignore_index.", "ignore_fractions",
+        legend=("w=",), meaning="w= class weights",
+    )
+    ignore_fraction: float = option(
+        0.0, "float", "Fraction of rows whose target is ignore_index.", "ignore_fractions",
         check=_fraction("ignore_fraction"), active=lambda o: o.ignore_fraction > 0, support="ignore_index",
         label=lambda v: f"ignore={v:g}" if v else "", label_order=5,
+        legend=("ignore=",), meaning="ignore= ignored fraction",
         replay_help="Fraction of rows to ignore besides the file's own.",
-    ),
-    OptionSpec(
-        "ignore_index", "int", DEFAULT_IGNORE_INDEX, "The ignored target (default -100).", "ignore_index",
+    )
+    ignore_index: int = option(
+        DEFAULT_IGNORE_INDEX, "int", "The ignored target (default -100).", "ignore_index",
         grid=False, active=lambda o: o.ignore_fraction > 0, keyword="ignore_index",
         check=_int64("ignore_index"),
-    ),
-    OptionSpec(
-        "label_smoothing", "float", 0.0, "Label smoothing ε.", "label_smoothings",
+    )
+    label_smoothing: float = option(
+        0.0, "float", "Label smoothing ε.", "label_smoothings",
         check=_fraction("label_smoothing"), active=lambda o: bool(o.label_smoothing),
         support="label_smoothing", keyword="label_smoothing",
         label=lambda v: f"ls={v:g}" if v else "", label_order=6,
-    ),
-    OptionSpec(
-        "targets", "str", "index", "index (class indices) or probs (soft).", "targets", choices=TARGETS,
+        legend=("ls=",), meaning="ls= label smoothing",
+    )
+    targets: str = option(
+        "index", "str", "index (class indices) or probs (soft).", "targets", choices=TARGETS,
         active=lambda o: o.targets == "probs", support="probs",
         label=lambda v: v if v != "index" else "", label_order=7, replay=False,
-    ),
-    OptionSpec(
-        "softcap", "float", 0.0, "Logit softcap C: C·tanh(z/C); 0 = off.", "softcaps",
+    )
+    softcap: float = option(
+        0.0, "float", "Logit softcap C: C·tanh(z/C); 0 = off.", "softcaps",
         check=_off_or_positive("softcap"), active=lambda o: bool(o.softcap), support="softcap",
-        keyword="softcap", label=lambda v: f"cap={v:g}" if v else "", label_order=8,
-    ),
-    OptionSpec(
-        "z_loss", "float", 0.0, "z-loss λ: λ·lse² per row; 0 = off.", "z_losses",
+        keyword="softcap", generic=True, label=lambda v: f"cap={v:g}" if v else "", label_order=8,
+        legend=("cap=",), meaning="cap= softcap",
+    )
+    z_loss: float = option(
+        0.0, "float", "z-loss λ: λ·lse² per row; 0 = off.", "z_losses",
         check=_off_or_positive("z_loss"), active=lambda o: bool(o.z_loss), support="z_loss",
-        keyword="z_loss", label=lambda v: f"z={v:g}" if v else "", label_order=9,
-    ),
-    OptionSpec(
-        "mask_fraction", "float", 0.0, "Fraction of logits set to −inf (never the target).", "mask_fractions",
+        keyword="z_loss", generic=True, label=lambda v: f"z={v:g}" if v else "", label_order=9,
+        legend=("z=",), meaning="z= z-loss",
+    )
+    mask_fraction: float = option(
+        0.0, "float", "Fraction of logits set to −inf (never the target).", "mask_fractions",
         check=_fraction("mask_fraction"), label=lambda v: f"mask={v:g}" if v else "", label_order=10,
-    ),
+        legend=("mask=",), meaning="mask= fraction of −inf logits",
+    )
+    focal_gamma: float | None = option(
+        None, "optional float", "Focal loss γ, or none (off).", "focal_gammas",
+        check=_focal_gamma_check, active=lambda o: o.focal_gamma is not None, keyword="focal_gamma",
+        label_order=1,
+    )
+    focal_alpha: float = option(
+        1.0, "float", "Focal loss α (default 1).", "focal_alpha", grid=False,
+        check=_focal_alpha_check, active=lambda o: o.focal_gamma is not None, keyword="focal_alpha",
+    )  # fmt: skip
+
+    @property
+    def family(self) -> str:
+        """Which implementations compute this loss: ``ce``, ``focal`` or ``binary``."""
+        if self.loss == "binary":
+            return "binary"
+        return "focal" if self.focal_gamma is not None else "ce"
+
+    @property
+    def probs(self) -> bool:
+        return self.targets == "probs"
+
+    def required(self) -> frozenset[str]:
+        """The option names an implementation must support to be audited with these options."""
+        return frozenset(
+            spec.support for spec in LOSS_OPTION_SPECS if spec.support and spec.active(self)
+        )
+
+    def invalid_reason(self) -> str | None:
+        """Why no loss is defined for this combination (every cell is then skipped), or None."""
+        if self.family == "binary":
+            extra = [
+                name
+                for name, active in (
+                    ("ignore_index", self.ignore_fraction > 0),
+                    ("label smoothing", bool(self.label_smoothing)),
+                    ("softcap", bool(self.softcap)),
+                    ("z-loss", bool(self.z_loss)),
+                    ("masks", self.mask_fraction > 0),
+                    ("focal loss", self.focal_gamma is not None),
+                    ("zero-on-target weights", self.weights == "zero-on-target"),
+                )
+                if active
+            ]
+            if extra:
+                return f"binary cross-entropy is audited without {', '.join(extra)}"
+            return None
+        if self.probs and self.ignore_fraction > 0:
+            return "ignore_index applies to class-index targets only (PyTorch)"
+        if self.family == "focal" and (
+            self.weights != "none" or self.label_smoothing or self.probs or self.z_loss
+        ):
+            return (
+                "focal loss is audited with class-index targets, without weights, label smoothing or z-loss"
+            )
+        return None
+
+
+def call_keywords(options: LossOptions) -> dict[str, Any]:
+    """The keyword arguments an implementation receives for ``options``: each active option's ``keyword``
+    with its value (the weight tensor is added by the backend, from the per-class weights)."""
+    return {
+        spec.keyword: getattr(options, spec.name)
+        for spec in LOSS_OPTION_SPECS
+        if spec.keyword and spec.active(options)
+    }
+
+
+# The input dimensions: Case fields (ce_audit.plan.cases) with a flag, a config key and a column like the
+# loss options; every implementation sees them in its inputs, none has to support them.
+INPUT_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "margin", "optional float", None,
         "Target logit set M above (M < 0: below) the row's other max, or none.", "margins",
         check=_margin_check, label=lambda v: f"M={v:g}" if v is not None else "", label_order=11,
-        replay=False, owned=False,
+        legend=("M=",), meaning="M= target margin", replay=False, owned=False,
     ),
     OptionSpec(
         "target_position", "str", "random", "random, first, last or block-edge.", "target_positions",
         choices=TARGET_POSITIONS, label=lambda v: f"y={v}" if v != "random" else "", label_order=12,
-        replay=False, owned=False,
-    ),
-    OptionSpec(
-        "focal_gamma", "optional float", None, "Focal loss γ, or none (off).", "focal_gammas",
-        check=_focal_gamma_check, active=lambda o: o.focal_gamma is not None, keyword="focal_gamma",
-        label_order=1,
-    ),
-    OptionSpec(
-        "focal_alpha", "float", 1.0, "Focal loss α (default 1).", "focal_alpha", grid=False,
-        check=_focal_alpha_check, active=lambda o: o.focal_gamma is not None, keyword="focal_alpha",
+        legend=("y=",), meaning="y= target position", replay=False, owned=False,
     ),
 )  # fmt: skip
+INPUTS_AFTER = "mask_fraction"  # where the input dimensions stand among the option columns
 
+LOSS_OPTION_SPECS: tuple[OptionSpec, ...] = tuple(
+    replace(f.metadata["spec"], name=f.name) for f in fields(LossOptions)
+)
+
+
+def _column_order() -> tuple[OptionSpec, ...]:
+    specs: list[OptionSpec] = []
+    for spec in LOSS_OPTION_SPECS:
+        specs.append(spec)
+        if spec.name == INPUTS_AFTER:
+            specs += INPUT_SPECS
+    return tuple(specs)
+
+
+OPTION_SPECS: tuple[OptionSpec, ...] = _column_order()  # every option and input dimension, in column order
 SPECS_BY_NAME = {spec.name: spec for spec in OPTION_SPECS}
 OPTION_COLUMNS = tuple(spec.name for spec in OPTION_SPECS)
-assert {spec.name for spec in OPTION_SPECS if spec.owned} == {f.name for f in fields(LossOptions)}
+INPUT_COLUMNS = tuple(spec.name for spec in INPUT_SPECS)
+
+# Names an implementation lists in ``supports`` (what it accepts as keyword arguments, "probs" excepted).
+SUPPORTABLE: tuple[str, ...] = tuple(spec.support for spec in LOSS_OPTION_SPECS if spec.support)
+GENERIC_SUPPORTS = frozenset(spec.support for spec in LOSS_OPTION_SPECS if spec.generic and spec.support)
 
 
-def options_label(cell: Any) -> str:
-    """The cell's loss options and input dimensions that differ from plain cross-entropy, in short."""
+def option_value(holder: Any, spec: OptionSpec) -> Any:
+    """The value of ``spec`` in what carries ``options`` and the input dimensions (a Case, a Cell)."""
+    return getattr(holder.options if spec.owned else holder, spec.name)
+
+
+def option_values(holder: Any) -> dict[str, Any]:
+    """Every option and input dimension of ``holder``, by column, in column order."""
+    return {spec.name: option_value(holder, spec) for spec in OPTION_SPECS}
+
+
+def options_label(holder: Any) -> str:
+    """The loss options and input dimensions of a cell (or case) that differ from plain cross-entropy."""
+    options = holder.options
     parts = []
     for spec in sorted(OPTION_SPECS, key=lambda spec: spec.label_order):
-        if spec.name == "loss":
-            parts.append(spec.label(cell.loss))
-        elif spec.name == "focal_gamma" and cell.focal_gamma is not None:
-            alpha = f" α={cell.focal_alpha:g}" if cell.focal_alpha != 1 else ""
-            parts.append(f"focal γ={cell.focal_gamma:g}{alpha}")
+        if spec.name == "focal_gamma" and options.focal_gamma is not None:
+            alpha = f" α={options.focal_alpha:g}" if options.focal_alpha != 1 else ""
+            parts.append(f"focal γ={options.focal_gamma:g}{alpha}")
         else:
-            parts.append(spec.label(getattr(cell, spec.name)))
+            parts.append(spec.label(option_value(holder, spec)))
     return " ".join(part for part in parts if part)
+
+
+def label_meanings() -> dict[str, str]:
+    """What the option labels' prefixes stand for, for the report's legend: ``key=`` labels in label order,
+    then the bare words (mean, sum)."""
+    entries = [
+        (prefix, spec.meaning)
+        for spec in sorted(OPTION_SPECS, key=lambda spec: spec.label_order)
+        for prefix in spec.legend
+    ]
+    return dict(sorted(entries, key=lambda entry: not entry[0].endswith("=")))
 
 
 def skip_reason(name: str, family: str, supports: frozenset[str], options: LossOptions) -> str | None:
@@ -315,8 +362,7 @@ def skip_reason(name: str, family: str, supports: frozenset[str], options: LossO
 
 def validate_options(options: LossOptions) -> None:
     """Raise ValueError with a one-line message on a value outside its domain."""
-    for spec in OPTION_SPECS:
-        if spec.owned:
-            problem = spec.validate(getattr(options, spec.name))
-            if problem:
-                raise ValueError(problem)
+    for spec in LOSS_OPTION_SPECS:
+        problem = spec.validate(getattr(options, spec.name))
+        if problem:
+            raise ValueError(problem)

@@ -19,16 +19,17 @@ from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, uses_acce
 from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
-from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
-from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
 from ce_audit.options import LossOptions, skip_reason
+from ce_audit.plan.cases import Case
 from ce_audit.plugins import prepare
 from ce_audit.reference.device import block_reference, reference_device
 from ce_audit.reference.variants import reference_loss
 from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
-from ce_audit.scoring import CaseLabel, CellTally
+from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
+from ce_audit.run.isolation import failure_reason, run_implementation
+from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
 from ce_audit.verdict import BASELINES, Side
 
@@ -39,8 +40,10 @@ Block = tuple[int, np.ndarray, np.ndarray]  # (first row, quantized logits, targ
 class BlockSource(Protocol):
     """An input adapter: the inputs of one case, per dtype."""
 
-    label: CaseLabel
-    options: LossOptions
+    case: Case  # what the inputs are and the options they are audited with (its key columns)
+
+    @property
+    def options(self) -> LossOptions: ...
 
     def skip_reason(self, fmt: FloatFormat) -> str | None:
         """Why this dtype cannot be audited on these inputs (every cell skipped), or None."""
@@ -136,7 +139,7 @@ def _call(
     """Run one implementation on one block; a failure marks the cell `error` and returns None."""
     try:
         call = BlockCall(
-            block, targets, fmt, tally.device, settings, grad, options.call_options(), weight,
+            block, targets, fmt, tally.device, settings, grad, options, weight,
             _expected_shape(options, block),
         )  # fmt: skip
         outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.run.isolation)
@@ -224,7 +227,7 @@ def audit_blocks(
     blocks it is called once more on ``source.whole_batch``. With ``reproducers``, each cell's worst rows
     are tracked and a failing cell's are handed to it.
     """
-    options, label = source.options, source.label
+    options, case = source.options, source.case
     weight = source.weight(fmt)
     tallies = [CellTally(impl, device) for impl in impls for device in devices]
     dropping = {id(t) for t in tallies if drops_ignored_rows(source, t.impl)}
@@ -310,7 +313,7 @@ def audit_blocks(
         finite_reference = reference.loss[np.isfinite(reference.loss)]
         if finite_reference.size:
             max_reference = max(max_reference, float(finite_reference.max()))
-        whole = first_row == 0 and block.shape[0] == label.batch
+        whole = first_row == 0 and block.shape[0] == case.batch
         if any(tally.status is None for tally in tallies):
             floor_loss = max(floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
@@ -343,26 +346,26 @@ def audit_blocks(
             run_on(tally, 0, view, True)
     floor = Side(floor_loss, False, floor_grad if grad else float("nan"))
     cells = [
-        tally.to_cell(fmt, label, grad, max_logit, max_reference, floor, baselines.get(tally.device))
+        tally.to_cell(fmt, case, grad, max_logit, max_reference, floor, baselines.get(tally.device))
         for tally in tallies
     ]
     cells = [replace(cell, device_name=device_name(cell.device)) for cell in cells]
     if reproducers is not None:
         for tally, cell in zip(tallies, cells, strict=True):
             own = without_ignored(options) if id(tally) in dropping else options
-            reproducers.add(cell, worst[id(tally)], tally.impl, own, label.seed)
+            reproducers.add(cell, worst[id(tally)], tally.impl, own, case.seed)
     return cells, row_results
 
 
 def skipped_cells(
-    impls: list[Implementation], devices: list[str], fmt: FloatFormat, label: CaseLabel, reason: str
+    impls: list[Implementation], devices: list[str], fmt: FloatFormat, case: Case, reason: str
 ) -> list[Cell]:
     """Every cell of a (case, dtype) that cannot be audited, with the reason."""
     cells = []
     for impl in impls:
         for device in devices:
             tally = CellTally(impl, device, status=Status.SKIPPED, error=reason)
-            cell = tally.to_cell(fmt, label, False, float("nan"), float("nan"))
+            cell = tally.to_cell(fmt, case, False, float("nan"), float("nan"))
             cells.append(replace(cell, device_name=device_name(device)))
     return cells
 
@@ -393,7 +396,7 @@ def audit_source(
             break
         reason = source.skip_reason(fmt)
         if reason:
-            cells += skipped_cells(impls, devices, fmt, source.label, reason)
+            cells += skipped_cells(impls, devices, fmt, source.case, reason)
             if progress:
                 progress(1.0)
             if units:

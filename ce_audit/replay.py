@@ -22,13 +22,12 @@ from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
-from ce_audit.plan.cases import random_class_weights
+from ce_audit.plan.cases import Case, random_class_weights
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult
 from ce_audit.run.interruption import UnitCount, received_signal, signal_name
 from ce_audit.run.isolation import session
 from ce_audit.safetensors_file import read_safetensors
-from ce_audit.scoring import CaseLabel
 from ce_audit.statuses import message_line
 
 DEFAULT_LOGITS_KEY = "logits"
@@ -254,14 +253,17 @@ class FileSource:
 
     logits: np.ndarray  # (N, V) in the file's dtype, a memory map where the format allows
     targets: np.ndarray
-    options: LossOptions
-    label: CaseLabel
+    case: Case  # Case.of_files: the file's rows with the replay's options
     class_weight: np.ndarray | None
     budget_bytes: int
     peak: float  # the largest finite |logit|
     seed: int = 0
     drop_ignored_rows: bool = True
     row_multiple: int = 1  # blocks are multiples of this many rows (sequence adapters)
+
+    @property
+    def options(self) -> LossOptions:
+        return self.case.options
 
     def weight(self, fmt: FloatFormat) -> np.ndarray | None:
         return None if self.class_weight is None else fmt.quantize(self.class_weight)
@@ -361,10 +363,10 @@ def run_replay(
         options = replace(options, ignore_fraction=float((targets == options.ignore_index).mean()))
     audited = list(dtypes or [_file_format_name(logits)])
     config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
-    label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
+    case = Case.of_files(logits.shape[0], logits.shape[1], config.seed, options)
     budget = min(config.block_mib, REPLAY_BLOCK_MIB) << 20
     source = FileSource(
-        logits, targets, options, label, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
+        logits, targets, case, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
     )
     units = UnitCount(len(audited))  # one unit per dtype
     with session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins):

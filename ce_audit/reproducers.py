@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ce_audit.dtypes import FORMATS
-from ce_audit.options import OPTION_SPECS, LossOptions
+from ce_audit.options import LOSS_OPTION_SPECS, LossOptions
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, Status
 
@@ -126,8 +126,8 @@ def option_flags(options: LossOptions, seed: int) -> list[str]:
     already applied are in the saved files; weights are drawn again from the seed)."""
     flags: list[str] = []
     defaults = LossOptions()
-    for spec in OPTION_SPECS:
-        if not spec.owned or not spec.replay or spec.name in ("ignore_fraction", "mask_fraction"):
+    for spec in LOSS_OPTION_SPECS:
+        if not spec.replay or spec.name in ("ignore_fraction", "mask_fraction"):
             continue
         value = getattr(options, spec.name)
         if value != getattr(defaults, spec.name):

@@ -15,8 +15,11 @@ change; None: informative only).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
+
+from ce_audit.options import INPUT_COLUMNS, LOSS_OPTION_SPECS, OPTION_COLUMNS, SPECS_BY_NAME, LossOptions
 
 if TYPE_CHECKING:
     from ce_audit.config import SweepConfig
@@ -72,20 +75,10 @@ class Cell:
     max_value: float = measurement(float("nan"))
     grad_true_max_rel_err: float = measurement(0.0, budget="grad")
     grad_rowsum_max: float = measurement(0.0, budget="grad")
-    loss: str = key("ce", has_default=True)
-    reduction: str = key("none", has_default=True)
-    weights: str = key("none", has_default=True)
-    ignore_fraction: float = key(0.0, has_default=True)
-    ignore_index: int = key(-100, has_default=True)
-    label_smoothing: float = key(0.0, has_default=True)
-    targets: str = key("index", has_default=True)
-    softcap: float = key(0.0, has_default=True)
-    z_loss: float = key(0.0, has_default=True)
-    mask_fraction: float = key(0.0, has_default=True)
-    margin: float | None = key(None, has_default=True)
-    target_position: str = key("random", has_default=True)
-    focal_gamma: float | None = key(None, has_default=True)
-    focal_alpha: float = key(1.0, has_default=True)
+    # the loss options, and the input dimensions among their columns (ce_audit.options.OPTION_COLUMNS)
+    options: LossOptions = key(LossOptions(), has_default=True)
+    margin: float | None = key(SPECS_BY_NAME["margin"].default, has_default=True)
+    target_position: str = key(SPECS_BY_NAME["target_position"].default, has_default=True)
     notes: str = measurement("")
     value_kind: str = measurement(
         "", gate="kind"
@@ -152,12 +145,41 @@ class AuditResult:
         return self.units_done < self.units_total
 
 
-CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell))
-KEY_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell) if f.metadata["role"] == KEY)
+def _flat(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Field names as columns: ``options`` becomes the option columns (input dimensions among them)."""
+    columns: list[str] = []
+    for name in names:
+        if name == "options":
+            columns += OPTION_COLUMNS
+        elif name not in INPUT_COLUMNS:
+            columns.append(name)
+    return tuple(columns)
+
+
+CELL_COLUMNS: tuple[str, ...] = _flat(tuple(f.name for f in fields(Cell)))
+KEY_COLUMNS: tuple[str, ...] = _flat(tuple(f.name for f in fields(Cell) if f.metadata["role"] == KEY))
 MEASUREMENT_COLUMNS: tuple[str, ...] = tuple(
     f.name for f in fields(Cell) if f.metadata["role"] == MEASUREMENT
 )
 ROW_RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(RowResult))
+_OPTION_FIELDS = frozenset(spec.name for spec in LOSS_OPTION_SPECS)
+
+
+def column_value(cell: Cell, column: str) -> Any:
+    """One summary.csv column of a cell (a loss option is read from ``cell.options``)."""
+    return getattr(cell.options if column in _OPTION_FIELDS else cell, column)
+
+
+def cell_columns(cell: Cell) -> dict[str, Any]:
+    """The cell as summary.csv's columns, in order: the one place ``options`` is flattened."""
+    return {column: column_value(cell, column) for column in CELL_COLUMNS}
+
+
+def cell_from_columns(values: Mapping[str, Any]) -> Cell:
+    """A cell from its columns (``cell_columns``' inverse; a missing option column takes its default)."""
+    options = {name: values[name] for name in _OPTION_FIELDS if name in values}
+    rest = {name: value for name, value in values.items() if name not in _OPTION_FIELDS}
+    return Cell(**rest, options=LossOptions(**options))
 
 
 def measurements(*, budget: str | None = None, gate: str | None = None) -> tuple[str, ...]:

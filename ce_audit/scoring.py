@@ -30,25 +30,10 @@ from ce_audit.metrics import (
     machine_epsilon,
     max_ulp_error,
 )
-from ce_audit.options import OPTION_SPECS, LossOptions
+from ce_audit.plan.cases import Case
 from ce_audit.results import Cell
 from ce_audit.statuses import GRAD_NOT_AVAILABLE, GRAD_OFF, UNMEASURED, Status
 from ce_audit.verdict import Side, relative
-
-
-@dataclass(frozen=True)
-class CaseLabel:
-    """The key columns of a case: what the sweep or replay calls it, and its options."""
-
-    distribution: str
-    scale: float
-    offset: float
-    batch: int
-    vocab: int
-    seed: int
-    options: LossOptions = LossOptions()
-    margin: float | None = None
-    target_position: str = "random"
 
 
 @dataclass
@@ -138,10 +123,10 @@ class CellTally:
         grad_floor = floor_norm_error(mean_grad, fmt) if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
 
-    def _overflow_note(self, fmt: FloatFormat, label: CaseLabel) -> str:
+    def _overflow_note(self, fmt: FloatFormat, case: Case) -> str:
         if not self.loss.overflow_rows:
             return ""
-        what = "sum" if label.options.reduction == "sum" else "value"
+        what = "sum" if case.options.reduction == "sum" else "value"
         return (
             f"the exact {what} passes {fmt.max:g}, {fmt.name}'s largest finite value: "
             "±inf is its correct rounding (not a failure)"
@@ -160,106 +145,97 @@ class CellTally:
             self.grad.mismatches > 0,
         )
 
+    def _statuses(self, grad: bool) -> tuple[str, str]:
+        """The loss and gradient statuses, before the check for a narrower computation."""
+        if self.status in UNMEASURED:
+            return self.status, self.status
+        if self.grad_status:
+            grad_status = self.grad_status
+        elif not takes_gradients(self.impl.backend):
+            grad_status = GRAD_NOT_AVAILABLE
+        elif not grad:
+            grad_status = GRAD_OFF
+        else:
+            grad_status = self.grad.status
+            if grad_status == Status.OK and self.checks.rowsum_failures:
+                grad_status = Status.INACCURATE
+        return self.loss.status, grad_status
+
     def to_cell(
         self,
         fmt: FloatFormat,
-        label: CaseLabel,
+        case: Case,
         grad: bool,
         max_logit: float,
         max_reference: float,
         floor: Side | None = None,
         pytorch: CellTally | None = None,
     ) -> Cell:
-        """The tallies as one ``Cell`` (its key from the label and the option table), judged against the
-        ``floor`` (the exact values rounded once) and PyTorch's kernel on the same inputs."""
-        if self.status in UNMEASURED:
-            status, grad_status = self.status, self.status
-        else:
-            status = self.loss.status
-            if self.grad_status:
-                grad_status = self.grad_status
-            elif not takes_gradients(self.impl.backend):
-                grad_status = GRAD_NOT_AVAILABLE
-            elif not grad:
-                grad_status = GRAD_OFF
-            else:
-                grad_status = self.grad.status
-                if grad_status == Status.OK and self.checks.rowsum_failures:
-                    grad_status = Status.INACCURATE
-        measured = self.status is None
-        mean = measured and self.value_kind == "mean"
-        lower = self.loss.lower_precision(fmt) if measured else ""
-        if lower and status == Status.OK:
-            status = Status.INACCURATE
+        """The tallies as one ``Cell`` (its key: the case), judged against the ``floor`` (the exact values
+        rounded once) and PyTorch's kernel on the same inputs. A cell not measured (error, skipped) keeps
+        the Cell's defaults for what only a measurement gives."""
+        status, grad_status = self._statuses(grad)
+        columns: dict[str, Any] = {
+            **self.loss.columns(),
+            **self.grad.columns(),
+            **self.checks.columns(),
+            "rows": self.loss.rows,
+            "error": self.error,
+            "wrote_input": self.wrote_input,
+        }
+        if self.status is None:
+            lower = self.loss.lower_precision(fmt)
+            if lower and status == Status.OK:
+                status = Status.INACCURATE
+            columns.update(self._measured(fmt, case, status, grad_status, floor, pytorch))
+            columns["lower_precision"] = lower
+        return Cell(
+            impl=self.impl.name, dtype=fmt.name, device=self.device,
+            distribution=case.distribution, scale=case.scale, offset=case.offset, batch=case.batch,
+            vocab=case.vocab, seed=case.seed, options=case.options, margin=case.margin,
+            target_position=case.target_position, status=status, grad_status=grad_status,
+            max_logit=max_logit, max_reference=max_reference, **columns,
+        )  # fmt: skip
+
+    def _measured(
+        self,
+        fmt: FloatFormat,
+        case: Case,
+        status: str,
+        grad_status: str,
+        floor: Side | None,
+        pytorch: CellTally | None,
+    ) -> dict[str, Any]:
+        """The columns only a measured cell has: what it returned, and the verdict beside the absolute one."""
         nan = float("nan")
+        mean = self.value_kind == "mean"
         floor = (self.mean_floor if mean else floor) or Side(nan, False, nan)
         baseline = pytorch.side(fmt) if pytorch is not None and pytorch.status is None else None
-        judged = None
-        if measured:
-            flagged = status != Status.OK or grad_status in (Status.INACCURATE, Status.NONFINITE)
-            judged = relative(self.side(fmt), floor, baseline, flagged)
-        convention = ""
-        if measured and self.loss.convention_rows:
-            convention = (
+        flagged = status != Status.OK or grad_status in (Status.INACCURATE, Status.NONFINITE)
+        judged = relative(self.side(fmt), floor, baseline, flagged)
+        eps = machine_epsilon(fmt)
+        columns: dict[str, Any] = {
+            "max_value": self.max_value,
+            "notes": self.notes or self._overflow_note(fmt, case),
+            "value_kind": self.value_kind or "",
+            "value_dtype": self.value_dtype,
+            "worst_row": -1 if mean else self.worst_row,
+            "max_ulp_returned": self.max_ulp_returned,
+            "capped_at": self.loss.capped_at,
+            "best_max_ulp": floor.loss_ulp,
+            "pytorch_max_ulp": baseline.loss_ulp if baseline else nan,
+            "loss_vs_pytorch": judged.loss_vs_pytorch,
+            "grad_vs_pytorch": judged.grad_vs_pytorch,
+            "flag": judged.flag,
+        }
+        if mean:
+            columns["rows"] = self.batch_rows
+        if self.grad_measured:
+            columns["best_grad_norm_rel_err"] = floor.grad_ulp * eps
+            columns["pytorch_grad_norm_rel_err"] = baseline.grad_ulp * eps if baseline else nan
+        if self.loss.convention_rows:
+            columns["convention"] = (
                 f"returns {self.loss.convention_value:g} where PyTorch returns NaN "
                 f"({self.loss.convention_rows} of {self.loss.rows} values: mean over no rows or no weight)"
             )
-        option_values = {
-            spec.name: getattr(label.options if spec.owned else label, spec.name) for spec in OPTION_SPECS
-        }
-        return Cell(
-            impl=self.impl.name,
-            dtype=fmt.name,
-            device=self.device,
-            distribution=label.distribution,
-            scale=label.scale,
-            offset=label.offset,
-            batch=label.batch,
-            vocab=label.vocab,
-            seed=label.seed,
-            status=status,
-            rows=self.batch_rows if mean else self.loss.rows,
-            nan_rows=self.loss.nan_rows,
-            inf_rows=self.loss.inf_rows,
-            max_abs_err=self.loss.max_abs_err,
-            max_rel_err=self.loss.max_rel_err,
-            max_ulp=self.loss.max_ulp,
-            mean_bits=self.loss.mean_bits,
-            grad_status=grad_status,
-            grad_nan=self.grad.nan_rows,
-            grad_inf=self.grad.inf_rows,
-            grad_max_abs_err=self.grad.max_abs_err,
-            grad_max_rel_err=self.grad.max_rel_err,
-            error=self.error,
-            max_logit=max_logit,
-            max_reference=max_reference,
-            max_value=self.max_value if measured else float("nan"),
-            grad_true_max_rel_err=self.checks.true_max_rel_err,
-            grad_rowsum_max=self.checks.rowsum_max if self.checks.rowsum_checked else float("nan"),
-            notes=(self.notes or self._overflow_note(fmt, label)) if measured else "",
-            value_kind=(self.value_kind or "") if measured else "",
-            value_dtype=self.value_dtype if measured else "",
-            worst_row=self.worst_row if measured and not mean else -1,
-            max_ulp_returned=self.max_ulp_returned if measured else nan,
-            wrote_input=self.wrote_input,
-            finite_where_infinite=self.loss.finite_where_infinite,
-            convention=convention,
-            lower_precision=lower,
-            capped_at=self.loss.capped_at if measured else nan,
-            grad_max_ulp=self.grad.max_ulp,
-            grad_norm_rel_err=self.grad.norm_rel_err,
-            best_max_ulp=floor.loss_ulp if measured else nan,
-            best_grad_norm_rel_err=floor.grad_ulp * machine_epsilon(fmt)
-            if measured and self.grad_measured
-            else nan,
-            pytorch_max_ulp=baseline.loss_ulp if measured and baseline else nan,
-            pytorch_grad_norm_rel_err=(
-                baseline.grad_ulp * machine_epsilon(fmt)
-                if measured and baseline and self.grad_measured
-                else nan
-            ),
-            loss_vs_pytorch=judged.loss_vs_pytorch if judged else nan,
-            grad_vs_pytorch=judged.grad_vs_pytorch if judged else nan,
-            flag=judged.flag if judged else "",
-            **option_values,
-        )
+        return columns

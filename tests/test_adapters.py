@@ -58,7 +58,7 @@ def test_an_option_not_declared_skips_the_cell_with_the_reason():
         return F.cross_entropy(logits, targets, reduction="none")
 
     report = ce_audit.check("plain_ce", dtypes="float32", label_smoothing=[0.0, 0.1], **SMALL)
-    by_ls = {cell.label_smoothing: cell for cell in report.cells}
+    by_ls = {cell.options.label_smoothing: cell for cell in report.cells}
     assert by_ls[0.0].status == "ok"
     assert by_ls[0.1].status == "skipped" and by_ls[0.1].error == "plain_ce does not support label_smoothing"
     assert REGISTRY["plain_ce"].supports == frozenset()

@@ -101,7 +101,9 @@ def test_check_takes_every_loss_option_by_its_table_name():
         "fused", dtypes="float32", distributions="normal", scales=1, offsets=0,
         label_smoothing=[0.0, 0.1], reduction="mean", ignore_fraction=0.25,
     )  # fmt: skip
-    assert sorted((c.label_smoothing, c.reduction, c.ignore_fraction) for c in report.cells) == [
+    assert sorted(
+        (c.options.label_smoothing, c.options.reduction, c.options.ignore_fraction) for c in report.cells
+    ) == [
         (0.0, "mean", 0.25),
         (0.1, "mean", 0.25),
     ]

@@ -1,7 +1,7 @@
 """The structure the code relies on: each extension point declared once, and kept in step.
 
-- the loss-option table (ce_audit.options.OPTION_SPECS) names every LossOptions field, every option column
-  of a Cell and every option key of a config, and the CLI flags are generated from it;
+- a loss option is declared once, as a LossOptions field carrying its OptionSpec: the option table, the
+  summary.csv columns, the config keys, the CLI flags, SUPPORTABLE and the report's legend derive from it;
 - every Cell field is marked key or measurement, and the summary.csv columns follow the Cell's fields;
 - no module imports another in a cycle; no module outside ce_audit/backends.py branches on a backend name.
 """
@@ -20,8 +20,16 @@ from ce_audit.backends import BACKEND_CLASSES, BACKEND_NAMES, backend_skip_reaso
 from ce_audit.cli import app
 from ce_audit.config import SweepConfig, load_config
 from ce_audit.dtypes import float_format
-from ce_audit.options import OPTION_SPECS, SPECS_BY_NAME, LossOptions
+from ce_audit.options import (
+    GENERIC_SUPPORTS,
+    OPTION_SPECS,
+    SPECS_BY_NAME,
+    SUPPORTABLE,
+    LossOptions,
+    call_keywords,
+)
 from ce_audit.reports.csv import SUMMARY_COLUMNS
+from ce_audit.reports.table import LABEL_MEANINGS
 from ce_audit.results import (
     CELL_COLUMNS,
     KEY,
@@ -29,6 +37,8 @@ from ce_audit.results import (
     MEASUREMENT,
     MEASUREMENT_COLUMNS,
     Cell,
+    cell_from_columns,
+    column_value,
     measurements,
     unit_of,
 )
@@ -36,25 +46,32 @@ from ce_audit.results import (
 PACKAGE = Path(__file__).resolve().parents[1] / "ce_audit"
 
 
-def test_option_table_matches_loss_options_cell_and_config():
-    owned = [spec.name for spec in OPTION_SPECS if spec.owned]
-    assert sorted(owned) == sorted(f.name for f in fields(LossOptions))
+def test_the_option_columns_are_the_cell_keys_in_the_tables_order():
     cell_keys = [name for name in KEY_COLUMNS if name in SPECS_BY_NAME]
-    assert cell_keys == [spec.name for spec in OPTION_SPECS]  # same columns, in the table's order
-    config_fields = {f.name for f in fields(SweepConfig)}
-    assert all(spec.config_key in config_fields for spec in OPTION_SPECS)
+    assert cell_keys == [spec.name for spec in OPTION_SPECS]
+    assert [spec.name for spec in OPTION_SPECS if spec.owned] == [f.name for f in fields(LossOptions)]
 
 
-def test_option_defaults_agree_everywhere():
-    defaults = LossOptions()
+def test_option_defaults_reach_the_config_and_the_cell():
     config = SweepConfig()
-    cell_defaults = {f.name: f.default for f in fields(Cell) if f.name in SPECS_BY_NAME}
+    cell = cell_from_columns(
+        {"impl": "fused", "dtype": "float32", "device": "cpu", "distribution": "normal", "scale": 1.0,
+         "offset": 0.0, "batch": 1, "vocab": 1, "seed": 0}
+    )  # fmt: skip
+    assert config.loss_options() == [LossOptions()]
     for spec in OPTION_SPECS:
-        if spec.owned:
-            assert getattr(defaults, spec.name) == spec.default, spec.name
-        assert cell_defaults[spec.name] == spec.default, spec.name
-        configured = getattr(config, spec.config_key)
-        assert (configured == (spec.default,)) if spec.grid else (configured == spec.default), spec.name
+        assert config.values(spec.name) == (spec.default,), spec.name
+        assert column_value(cell, spec.name) == spec.default, spec.name
+    assert config.to_dict()["reductions"] == ("none",) and config.to_dict()["ignore_index"] == -100
+
+
+def test_supportable_names_and_the_legend_come_from_the_specs():
+    assert SUPPORTABLE == (
+        "reduction", "weight", "ignore_index", "label_smoothing", "probs", "softcap", "z_loss",
+    )  # fmt: skip
+    assert {"reduction", "softcap", "z_loss"} == GENERIC_SUPPORTS
+    legend = ["w=", "ignore=", "ls=", "cap=", "z=", "mask=", "M=", "y=", "mean", "sum"]
+    assert list(LABEL_MEANINGS) == ["s=", "+", "-", *legend]
 
 
 def test_every_cell_field_is_key_or_measurement():
@@ -83,14 +100,14 @@ def test_gate_and_budget_groups_come_from_the_fields():
 
 def test_loss_options_reach_implementations_through_the_table():
     options = LossOptions(reduction="mean", ignore_fraction=0.1, label_smoothing=0.1, softcap=30.0)
-    assert options.call_options() == {
+    assert call_keywords(options) == {
         "reduction": "mean",
         "ignore_index": -100,
         "label_smoothing": 0.1,
         "softcap": 30.0,
     }
     assert options.required() == {"reduction", "ignore_index", "label_smoothing", "softcap"}
-    assert LossOptions().call_options() == {} and LossOptions().required() == frozenset()
+    assert call_keywords(LossOptions()) == {} and LossOptions().required() == frozenset()
 
 
 @pytest.mark.parametrize("spec", OPTION_SPECS, ids=lambda spec: spec.name)
@@ -102,7 +119,8 @@ def test_every_option_has_its_flag_and_config_key(spec):
     flag = re.compile(re.escape(spec.flag) + r"(?![\w-])")  # --targets, not --targets-key
     assert bool(flag.search(replay_help)) == spec.replay
     config = load_config(None, {spec.config_key: [spec.default] if spec.grid else spec.default})
-    assert getattr(config, spec.config_key) == ((spec.default,) if spec.grid else spec.default)
+    assert config.values(spec.name) == (spec.default,)
+    assert config.to_dict()[spec.config_key] == ((spec.default,) if spec.grid else spec.default)
 
 
 @pytest.mark.parametrize(

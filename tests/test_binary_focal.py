@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import ml_dtypes
 import numpy as np
 import pytest
 from oracle_variants import binary_oracle, softmax_oracle, ulp_error
 
-from ce_audit.reference.binary import binary_reference
 from ce_audit.config import SweepConfig
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
+from ce_audit.reference.binary import binary_reference
 from ce_audit.reference.variants import reference_loss
 from ce_audit.run.sweep import run_sweep
 
@@ -75,7 +73,7 @@ def _sweep(**overrides) -> list:
     config = SweepConfig(
         dtypes=("float32",), devices=("cpu",), distributions=("normal",), vocabs=(64,), batches=(8,)
     )
-    return run_sweep(replace(config, **overrides)).cells
+    return run_sweep(config.updated(**overrides)).cells
 
 
 def test_bce_naive_gives_inf_for_large_logits_and_with_logits_is_finite():

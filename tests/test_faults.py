@@ -19,6 +19,7 @@ from cli_helpers import PLUGINS, read_rows, run_cli
 import ce_audit
 from ce_audit.backends import BlockCall
 from ce_audit.dtypes import float_format
+from ce_audit.options import LossOptions
 from ce_audit.run import isolation
 
 torch = pytest.importorskip("torch")
@@ -191,7 +192,8 @@ def test_run_in_process_outside_a_session_restores_state():
 
     impl = Implementation("changes_cwd", "numpy", changes_cwd, "test", "tests", builtin=False)
     block = np.zeros((2, 3), dtype=np.float32)
-    call = BlockCall(block, np.array([0, 1]), float_format("float32"), "cpu", {}, False, {}, None, (2,))
+    fmt = float_format("float32")
+    call = BlockCall(block, np.array([0, 1]), fmt, "cpu", {}, False, LossOptions(), None, (2,))
     cwd = os.getcwd()
     outcome = isolation.run_implementation(impl, call)
     assert os.getcwd() == cwd and outcome.value.shape == (2,)

@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 
 from ce_audit import threads
-
-from ce_audit.plan import cases
-
-from ce_audit.reference import cross_entropy as reference
 from ce_audit.backends import raw_bytes, same_bytes
-from ce_audit.plan.cases import Case, generate_inputs, generate_quantized, quantize
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
+from ce_audit.plan import cases
+from ce_audit.plan.cases import Case, generate_inputs, generate_quantized, quantize
+from ce_audit.reference import cross_entropy as reference
 from ce_audit.reference.cross_entropy import reference_cross_entropy
 
 OPTIONS = {
@@ -160,7 +158,7 @@ def test_torch_logits_buffer_is_reused_and_private_per_call():
     block = np.arange(12, dtype=np.float64).reshape(3, 4)
     targets = np.zeros(3, dtype=np.int64)
     backend = get_backend("torch")
-    call = BlockCall(block, targets, FORMATS["float64"], "cpu", {}, False, {}, None, (3,))
+    call = BlockCall(block, targets, FORMATS["float64"], "cpu", {}, False, LossOptions(), None, (3,))
     first = backend.run(impl, call)
     buffer = backend._logits_buffer
     second = backend.run(impl, call)

@@ -11,6 +11,7 @@ from helpers import tiny_overrides
 from ce_audit import backends
 from ce_audit.config import load_config
 from ce_audit.dtypes import float_format
+from ce_audit.options import LossOptions
 from ce_audit.plugins import load_plugin
 from ce_audit.run.sweep import run_sweep
 
@@ -101,7 +102,7 @@ def test_the_vjp_gradient_is_softmax_minus_onehot(jax):
     rng = np.random.default_rng(0)
     block = (4.0 * rng.standard_normal((6, 33))).astype(np.float32)
     targets = rng.integers(0, 33, size=6)
-    call = BlockCall(block, targets, float_format("float32"), "cpu", {}, True, {}, None, (6,))
+    call = BlockCall(block, targets, float_format("float32"), "cpu", {}, True, LossOptions(), None, (6,))
     outcome = get_backend("jax").run(REGISTRY["jax_shifted"], call)
     z = block.astype(np.float64)
     softmax = np.exp(z - z.max(1, keepdims=True))

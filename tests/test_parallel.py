@@ -13,6 +13,7 @@ from cli_helpers import PLUGINS, TINY, clean_registry, run_cli  # noqa: F401
 from ce_audit.config import load_config
 from ce_audit.devices import device_description
 from ce_audit.errors import AuditError
+from ce_audit.plan.units import plan_units
 from ce_audit.run.executors import (
     SMALL_SWEEP_COST,
     Execution,
@@ -22,7 +23,7 @@ from ce_audit.run.executors import (
     available_cores,
 )
 from ce_audit.run.shards import Shard, assign
-from ce_audit.run.sweep import plan_units, run_sweep
+from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 

@@ -142,10 +142,10 @@ def run_gate(
             command = str(baseline.report.get("command", "sweep")) if baseline.report else "sweep"
             if not baseline_plugins:
                 ignored_plugins = tuple(p for p in run_config.plugins if p not in plugins)
-                run_config = replace(run_config, plugins=())
+                run_config = run_config.updated(plugins=())
         else:
             raise AuditError("nothing to audit: give a BASELINE with its report.json, --current or --config")
-        run_config = replace(run_config, plugins=_dedupe([*run_config.plugins, *plugins]))
+        run_config = run_config.with_plugins(plugins)
         try:
             if command == "replay":
                 fresh, extra = _rerun_replay(run_config, baseline)

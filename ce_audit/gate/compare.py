@@ -16,7 +16,14 @@ from ce_audit.budgets import Budget
 from ce_audit.errors import AuditError
 from ce_audit.gate.checks import PRESENT, Check, default_checks, gradient_measured, measured
 from ce_audit.reports.csv import column_text
-from ce_audit.results import CELL_COLUMNS, KEY_COLUMNS, MEASUREMENT_COLUMNS, Cell, measurements
+from ce_audit.results import (
+    CELL_COLUMNS,
+    KEY_COLUMNS,
+    MEASUREMENT_COLUMNS,
+    Cell,
+    column_value,
+    measurements,
+)
 from ce_audit.statuses import GRAD_NOT_AVAILABLE, GRAD_OFF, Status
 
 Key = tuple[Any, ...]
@@ -44,7 +51,7 @@ class Audit:
         keyed = []
         for i, cell in enumerate(self.cells):
             extra = self.unknown[i] if i < len(self.unknown) else {}
-            key = tuple(getattr(cell, c) if c in CELL_COLUMNS else extra.get(c, "") for c in columns)
+            key = tuple(column_value(cell, c) if c in CELL_COLUMNS else extra.get(c, "") for c in columns)
             keyed.append((key, cell))
         return keyed
 

@@ -5,15 +5,17 @@ the loss options they support in torch_variants.py and numpy_variants.py.
 from __future__ import annotations
 
 from ce_audit.implementations.registry import Implementation, add
+from ce_audit.options import GENERIC_SUPPORTS
 
 _TORCH = "ce_audit.implementations.torch_variants"
 _NUMPY = "ce_audit.implementations.numpy_variants"
 _MODULES = {"torch": _TORCH, "numpy": _NUMPY}  # where each backend's built-ins live
 _OWN_MODULES = {"rounded": "ce_audit.implementations.rounded"}  # built-ins with a module of their own
 
-# What each built-in supports: its PyTorch counterpart's options; softcap and z-loss applied around any
-# torch formula as training code does; a reduction of per-row formulas as .sum() / .mean().
-_GENERIC = frozenset({"reduction", "softcap", "z_loss"})
+# What each built-in supports: its PyTorch counterpart's options; the generic ones (ce_audit.options: softcap
+# and z-loss applied around any torch formula as training code does, a reduction of per-row formulas as
+# .sum() / .mean()).
+_GENERIC = GENERIC_SUPPORTS
 _SUPPORTS = {
     "log_softmax_nll": _GENERIC | {"weight", "ignore_index"},
     "fused": _GENERIC | {"weight", "ignore_index", "label_smoothing", "probs"},
@@ -100,6 +102,7 @@ def register_builtins() -> None:
                 origin=origin,
                 tunables=tunables,
                 supports=_SUPPORTS.get(name, _GENERIC),
+                takes_options=name == "rounded",
             )
         )
     for name, description, origin, family in _FAMILY_BUILTINS:

@@ -10,6 +10,7 @@ from typing import Any
 from ce_audit.backends import BACKEND_NAMES
 from ce_audit.dtypes import DTYPE_NAMES
 from ce_audit.errors import AuditError
+from ce_audit.options import LossOptions, call_keywords
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class Implementation:
     ``target`` is the function itself or a ``"module:attribute"`` string resolved on first call, so
     that listing the registry never imports a framework. ``family`` is the loss it computes (``ce``,
     ``focal`` or ``binary``); ``supports`` names the options (ce_audit.options.SUPPORTABLE) it accepts as
-    keyword arguments — ``reduction``, ``weight``, ``ignore_index``, ... — or, for ``probs``, as targets.
+    keyword arguments (``call_keywords``) — ``reduction``, ``weight``, ``ignore_index``, ... — or, for
+    ``probs``, as targets.
     ``adapter`` (user implementations) says how it is called and what it returns (ce_audit.adapters).
     """
 
@@ -35,6 +37,7 @@ class Implementation:
     supports: frozenset[str] = frozenset()
     family: str = "ce"
     adapter: Any = None  # ce_audit.adapters.Adapter: how a user implementation is called (None: directly)
+    takes_options: bool = False  # receives the LossOptions as ``options`` (the built-in ``rounded``)
 
     def function(self) -> Callable[..., Any]:
         """The callable, importing its module if it was registered by name."""
@@ -48,11 +51,18 @@ class Implementation:
         logits: Any,
         targets: Any,
         settings: Mapping[str, Any] | None = None,
-        options: Mapping[str, Any] | None = None,
+        options: LossOptions | None = None,
+        weight: Any = None,
     ) -> Any:
+        """Call with the tunables it declares, then the loss options as keyword arguments
+        (``call_keywords``) and the class weights as ``weight``; ``takes_options``: the LossOptions
+        itself as ``options`` instead of its keywords."""
         settings = settings or {}
         kwargs = {name: settings[name] for name in self.tunables if name in settings}
-        kwargs.update(options or {})
+        options = options or LossOptions()
+        kwargs.update({"options": options} if self.takes_options else call_keywords(options))
+        if weight is not None:
+            kwargs["weight"] = weight
         if self.adapter is not None:
             return self.adapter.call(self.function(), logits, targets, kwargs)
         return self.function()(logits, targets, **kwargs)

@@ -15,7 +15,7 @@ import torch
 
 from ce_audit.dtypes import FORMATS, FloatFormat
 from ce_audit.metrics import rounded_once
-from ce_audit.options import DEFAULT_IGNORE_INDEX, LossOptions
+from ce_audit.options import LossOptions
 from ce_audit.reference.variants import reference_loss
 
 _FORMATS_BY_TORCH = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -62,24 +62,10 @@ class _Rounded(torch.autograd.Function):
 def rounded(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    reduction: str = "none",
+    *,
+    options: LossOptions,
     weight: torch.Tensor | None = None,
-    ignore_index: int = DEFAULT_IGNORE_INDEX,
-    label_smoothing: float = 0.0,
-    softcap: float = 0.0,
-    z_loss: float = 0.0,
 ) -> torch.Tensor:
-    """The exact cross-entropy (with PyTorch's options, softcap and z-loss), rounded once to the dtype."""
-    probs = targets.is_floating_point()
-    ignored = 0.0 if probs else float((targets == ignore_index).float().mean()) if targets.numel() else 0.0
-    options = LossOptions(
-        reduction=reduction,
-        weights="none" if weight is None else "random",  # the reference weighs by ``weight`` when it is set
-        ignore_fraction=ignored,  # rows whose target is ignore_index are left out
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        targets="probs" if probs else "index",
-        softcap=softcap,
-        z_loss=z_loss,
-    )
+    """The exact loss with ``options`` (PyTorch's options, softcap and z-loss), rounded once to the dtype;
+    the reference weighs by ``weight`` when it is given."""
     return _Rounded.apply(logits, targets, options, weight)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ce_audit.implementations import torch_backend as base
+from ce_audit.options import DEFAULT_IGNORE_INDEX
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = DEFAULT_IGNORE_INDEX
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float) -> torch.Tensor:

@@ -38,7 +38,7 @@ import numpy as np
 
 from ce_audit.dtypes import FloatFormat
 from ce_audit.errors import AuditError
-from ce_audit.options import BLOCK_EDGES, LossOptions
+from ce_audit.options import BLOCK_EDGES, SPECS_BY_NAME, LossOptions
 from ce_audit.threads import map_ranges
 
 DISTRIBUTIONS = {
@@ -60,9 +60,13 @@ GENERATION_ELEMENTS = 1 << 16
 GROUP_ELEMENTS = 1 << 18  # generate_quantized works on this many float64 elements at a time (2 MiB)
 
 
+REPLAY = "replay"  # the distribution a case read from files is named by (summary.csv's column)
+
+
 @dataclass(frozen=True)
 class Case:
-    """One point of the grid."""
+    """One point of the grid: the inputs (drawn by the generators below, or read from files: a replay)
+    and the loss options they are audited with; its fields are summary.csv's key columns."""
 
     distribution: str
     scale: float
@@ -70,8 +74,19 @@ class Case:
     vocab: int
     batch: int
     seed: int
-    margin: float | None = None
-    target_position: str = "random"
+    margin: float | None = SPECS_BY_NAME["margin"].default
+    target_position: str = SPECS_BY_NAME["target_position"].default
+    options: LossOptions = LossOptions()
+
+    @classmethod
+    def of_files(cls, batch: int, vocab: int, seed: int, options: LossOptions) -> Case:
+        """A replay's case: rows read from files, not generated (distribution ``replay``, scale 1,
+        offset 0)."""
+        return cls(REPLAY, 1.0, 0.0, vocab, batch, seed, options=options)
+
+    @property
+    def from_files(self) -> bool:
+        return self.distribution == REPLAY
 
     @property
     def chunk_rows(self) -> int:

@@ -23,9 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
+from ce_audit.options import LossOptions
 from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
-from ce_audit.results import CELL_COLUMNS, MEASUREMENT_COLUMNS, ROW_RESULT_COLUMNS, Cell, RowResult
+from ce_audit.results import (
+    CELL_COLUMNS,
+    MEASUREMENT_COLUMNS,
+    ROW_RESULT_COLUMNS,
+    Cell,
+    RowResult,
+    cell_columns,
+    cell_from_columns,
+)
 
 SUMMARY_COLUMNS = CELL_COLUMNS
 ROW_COLUMNS = ROW_RESULT_COLUMNS
@@ -70,17 +79,17 @@ def column_text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _csv_text(columns: tuple[str, ...], rows: list[Any]) -> str:
+def _csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([column_text(getattr(row, name)) for name in columns])  # fields are scalars
+        writer.writerow([column_text(row[name]) for name in columns])  # the columns are scalars
     return buffer.getvalue()
 
 
 def summary_text(rows: list[Cell]) -> str:
-    return _csv_text(SUMMARY_COLUMNS, rounded_cells(rows))
+    return _csv_text(SUMMARY_COLUMNS, [cell_columns(cell) for cell in rounded_cells(rows)])
 
 
 def write_summary_csv(rows: list[Cell], path: str | Path) -> Path:
@@ -88,7 +97,8 @@ def write_summary_csv(rows: list[Cell], path: str | Path) -> Path:
 
 
 def write_rows_csv(records: list[RowResult], path: str | Path) -> Path:
-    return write_atomically(path, _csv_text(ROW_COLUMNS, records))
+    rows = [{name: getattr(record, name) for name in ROW_COLUMNS} for record in records]
+    return write_atomically(path, _csv_text(ROW_COLUMNS, rows))
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ def _parser(hint: Any) -> Callable[[str], Any]:
     raise TypeError(f"summary.csv cannot read a field of type {hint!r}")
 
 
-_FIELD_TYPES = typing.get_type_hints(Cell)
+_FIELD_TYPES = {**typing.get_type_hints(Cell), **typing.get_type_hints(LossOptions)}
 PARSERS: dict[str, Callable[[str], Any]] = {name: _parser(_FIELD_TYPES[name]) for name in CELL_COLUMNS}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
 
@@ -143,7 +153,7 @@ def _typed_cell(values: dict[str, str], where: str) -> tuple[Cell, dict[str, str
             hint = _FIELD_TYPES[column]
             kind = _TYPE_NAMES.get(hint, "a number or empty")
             raise AuditError(f"{where}: column {column!r} holds {text!r}, not {kind}") from None
-    return Cell(**known), unknown
+    return cell_from_columns(known), unknown
 
 
 def read_cells(path: str | Path, what: str = "summary") -> SummaryFile:

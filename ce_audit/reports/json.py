@@ -135,11 +135,10 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
 
 def stdout_document(result: AuditResult, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``--format json``: the report.json document plus ``rows``, every cell as summary.csv holds it."""
-    from dataclasses import asdict
-
     from ce_audit.reports.csv import rounded_cells
+    from ce_audit.results import cell_columns
 
-    rows = _plain([asdict(cell) for cell in rounded_cells(result.cells)])
+    rows = _plain([cell_columns(cell) for cell in rounded_cells(result.cells)])
     return {**report_document(result, command, extra), "rows": rows}
 
 

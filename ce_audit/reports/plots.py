@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ce_audit.dtypes import float_format
-from ce_audit.results import KEY_COLUMNS, Cell
+from ce_audit.results import KEY_COLUMNS, Cell, column_value
 from ce_audit.statuses import RANKED, worst_status
 
 # What a heatmap may run along, in order of preference when several matter equally.
@@ -132,7 +132,7 @@ def swept_dimension(cells: list[Cell]) -> str | None:
         held = [name for name in KEY_COLUMNS if name not in (dimension, "seed")]
         verdicts: dict[tuple[Any, ...], set[str]] = defaultdict(set)
         for cell in cells:
-            verdicts[tuple(getattr(cell, name) for name in held)].add(overall_status(cell))
+            verdicts[tuple(column_value(cell, name) for name in held)].add(overall_status(cell))
         changes = sum(1 for statuses in verdicts.values() if len(statuses) > 1)
         return (changes, len(dimension_values(cells, dimension)), -DIMENSIONS.index(dimension))
 

@@ -22,7 +22,7 @@ from rich.text import Text
 from ce_audit.dtypes import LIMITED_FLOAT64_REFERENCE, reference_precision
 from ce_audit.findings import findings, relative_to_pytorch, worst_finding
 from ce_audit.gate.compare import GateResult
-from ce_audit.options import options_label
+from ce_audit.options import label_meanings, options_label
 from ce_audit.results import Cell
 from ce_audit.statuses import UNMEASURED, worst_status
 from ce_audit.verdict import cell_status
@@ -42,16 +42,7 @@ LABEL_MEANINGS = {
     "s=": "s=S logit scale",
     "+": "+O/-O common offset added to every logit",
     "-": "+O/-O common offset added to every logit",
-    "w=": "w= class weights",
-    "ignore=": "ignore= ignored fraction",
-    "ls=": "ls= label smoothing",
-    "cap=": "cap= softcap",
-    "z=": "z= z-loss",
-    "mask=": "mask= fraction of −inf logits",
-    "M=": "M= target margin",
-    "y=": "y= target position",
-    "mean": "mean/sum = the batch's reduction",
-    "sum": "mean/sum = the batch's reduction",
+    **label_meanings(),
 }
 
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from ce_audit.errors import AuditError
 
 if TYPE_CHECKING:
+    from ce_audit.plan.units import Unit
     from ce_audit.results import Cell
-    from ce_audit.run.sweep import Unit
 
 Progress = Callable[[float], None]
 UnitFunction = Callable[..., "list[Cell]"]  # function(unit, progress=None) -> the unit's cells

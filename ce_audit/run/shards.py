@@ -1,6 +1,6 @@
 """CI shards: ``--shard K/N`` runs a deterministic, balanced part of a sweep's units.
 
-The units (ce_audit.run.sweep.Unit, in report order) are dealt to N shards by their estimated cost, largest
+The units (ce_audit.plan.units.Unit, in report order) are dealt to N shards by their estimated cost, largest
 first, each to the shard with the least cost so far (ties: the lower unit index, the lower shard), so
 every shard of the same config and package gets the same units on any machine. A shard runs its units in
 report order and records in report.json which units it ran and how many cells each gave;
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ce_audit.errors import AuditError
 
 if TYPE_CHECKING:
-    from ce_audit.run.sweep import Unit
+    from ce_audit.plan.units import Unit
 
 _SHARD_PATTERN = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 

@@ -10,41 +10,38 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
+from ce_audit.config import SweepConfig
+from ce_audit.devices import device_description
+from ce_audit.dtypes import FloatFormat, float_format, working_dtype
+from ce_audit.options import LossOptions
+from ce_audit.pipeline import (
+    Block,
+    Progress,
+    audit_source,
+    overflow_peak,
+    row_multiple,
+)
 from ce_audit.plan.cases import (
     Case,
-    build_cases,
     class_weights,
     generate_inputs,
     generate_quantized,
     quantize,
     row_blocks,
 )
-from ce_audit.config import SweepConfig
-from ce_audit.devices import device_description
-from ce_audit.dtypes import FloatFormat, float_format, working_dtype
-from ce_audit.run.executors import Execution
-from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
-from ce_audit.run.isolation import in_session, session
-from ce_audit.options import LossOptions
-from ce_audit.pipeline import (
-    Block,
-    Progress,
-    audit_source,
-    implementations_and_devices,
-    overflow_peak,
-    row_multiple,
-)
+from ce_audit.plan.units import Unit, plan_units
 from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
-from ce_audit.scoring import CaseLabel
+from ce_audit.run.executors import Execution
+from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
+from ce_audit.run.isolation import in_session, session
 from ce_audit.run.shards import Shard
 
 
@@ -53,10 +50,12 @@ class CaseSource:
     """The inputs of one generated case with one set of loss options."""
 
     case: Case
-    options: LossOptions
-    label: CaseLabel
     budget_bytes: int
     row_multiple: int = 1  # blocks are multiples of this many rows (sequence adapters)
+
+    @property
+    def options(self) -> LossOptions:
+        return self.case.options
 
     def __post_init__(self) -> None:
         self.invalid = self.options.invalid_reason()
@@ -120,65 +119,6 @@ class CaseSource:
         return None
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One independent piece of a sweep: one (case, loss options, dtype) of one grid, with the names of
-    the implementations and the devices it runs on. Units are numbered in the order a sweep reports them."""
-
-    index: int
-    grid: SweepConfig
-    case: Case
-    options: LossOptions
-    dtype: str
-    impls: tuple[str, ...]
-    devices: tuple[str, ...]
-
-    @property
-    def cost(self) -> int:
-        """An estimate of the work: rows × vocabulary × (implementations + the reference) × devices."""
-        if not self.impls:
-            return 0
-        return self.case.batch * self.case.vocab * (len(self.impls) + 1) * len(self.devices)
-
-    def label(self) -> CaseLabel:
-        case = self.case
-        return CaseLabel(
-            case.distribution, case.scale, case.offset, case.batch, case.vocab, case.seed,
-            self.options, case.margin, case.target_position,
-        )  # fmt: skip
-
-
-def plan_units(config: SweepConfig, devices_here: bool = True) -> tuple[list[Unit], list[str]]:
-    """Every unit of the sweep, in report order, and the devices of all its grids.
-
-    Plugins are loaded here to know each implementation's loss family. ``devices_here`` False: a named
-    accelerator (cuda, cuda:N) need not be present on this machine (a cluster's nodes have their own).
-    """
-    units: list[Unit] = []
-    all_devices: list[str] = []
-    for grid in config.expanded():
-        impls, grid_devices = implementations_and_devices(
-            grid.impls, grid.plugins, grid.devices, present_only=devices_here
-        )
-        all_devices += [device for device in grid_devices if device not in all_devices]
-        cases = build_cases(
-            grid.distributions, grid.scales, grid.offsets, grid.vocabs, grid.batches, grid.seed
-        )
-        for base_case in cases:
-            for margin, position in itertools.product(grid.margins, grid.target_positions):
-                case = replace(base_case, margin=margin, target_position=position)
-                for options in grid.loss_options():
-                    family = impls if grid.impls else [i for i in impls if i.family == options.family]
-                    for dtype in grid.dtypes:
-                        units.append(
-                            Unit(
-                                len(units), grid, case, options, dtype,
-                                tuple(impl.name for impl in family), tuple(grid_devices),
-                            )
-                        )  # fmt: skip
-    return units, all_devices
-
-
 def run_unit(
     unit: Unit, progress: Progress | None = None, reproducers: ReproducerSink | None = None
 ) -> list[Cell] | None:
@@ -193,7 +133,7 @@ def run_unit(
         return []
     grid = unit.grid
     impls = prepare(unit.impls, grid.plugins)
-    source = CaseSource(unit.case, unit.options, unit.label(), grid.block_mib << 20, row_multiple(impls))
+    source = CaseSource(unit.case, grid.block_mib << 20, row_multiple(impls))
     count = UnitCount(1)
     isolated = (
         contextlib.nullcontext()
@@ -276,6 +216,7 @@ def sweep_size(config: SweepConfig, shard: Shard | None = None, devices_here: bo
         return len(shard.select(plan_units(config, devices_here)[0]))
     return sum(
         len(grid.distributions) * len(grid.scales) * len(grid.offsets) * len(grid.vocabs) * len(grid.batches)
-        * len(grid.dtypes) * len(grid.margins) * len(grid.target_positions) * len(grid.loss_options())
+        * len(grid.dtypes) * len(grid.values("margin")) * len(grid.values("target_position"))
+        * len(grid.loss_options())
         for grid in config.expanded()
     )  # fmt: skip

@@ -20,10 +20,10 @@ import numpy as np
 
 import ce_audit
 from ce_audit.backends import BlockCall, get_backend
-from ce_audit.plan.cases import build_cases, generate_inputs, quantize
 from ce_audit.dtypes import float_format
 from ce_audit.implementations import REGISTRY
 from ce_audit.options import LossOptions
+from ce_audit.plan.cases import build_cases, generate_inputs, quantize
 
 mpmath.mp.dps = 60
 
@@ -72,7 +72,7 @@ def main() -> int:
     logits, targets = generate_inputs(case, options, 0, args.batch)
     block = quantize(logits, fmt)
     impl = REGISTRY[args.impl]
-    call = BlockCall(block, targets, fmt, "cpu", {}, False, options.call_options(), None, (args.batch,))
+    call = BlockCall(block, targets, fmt, "cpu", {}, False, options, None, (args.batch,))
     outcome = get_backend(impl.backend).run(impl, call)
     valid = [i for i in range(args.batch) if targets[i] != options.ignore_index]
     if outcome.mean:

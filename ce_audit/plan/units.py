@@ -1,0 +1,71 @@
+"""A sweep's units: one (case, dtype) of one grid each, with the implementations and devices it runs on,
+numbered in the order a sweep reports them. Executors (ce_audit.run.executors) and shards
+(ce_audit.run.shards) deal them out; ce_audit.run.sweep runs them."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from ce_audit.config import Grid, SweepConfig
+from ce_audit.options import LossOptions
+from ce_audit.pipeline import implementations_and_devices
+from ce_audit.plan.cases import Case, build_cases
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of a sweep: one case (with its loss options) and dtype of one grid, with the
+    names of the implementations and the devices it runs on."""
+
+    index: int
+    grid: Grid
+    case: Case
+    dtype: str
+    impls: tuple[str, ...]
+    devices: tuple[str, ...]
+
+    @property
+    def options(self) -> LossOptions:
+        return self.case.options
+
+    @property
+    def cost(self) -> int:
+        """An estimate of the work: rows × vocabulary × (implementations + the reference) × devices."""
+        if not self.impls:
+            return 0
+        return self.case.batch * self.case.vocab * (len(self.impls) + 1) * len(self.devices)
+
+
+def grid_cases(grid: Grid) -> list[Case]:
+    """The cases of one grid in report order: each generated case × input dimension × loss options."""
+    cases = build_cases(grid.distributions, grid.scales, grid.offsets, grid.vocabs, grid.batches, grid.seed)
+    return [
+        replace(case, margin=margin, target_position=position, options=options)
+        for case in cases
+        for margin, position in itertools.product(grid.values("margin"), grid.values("target_position"))
+        for options in grid.loss_options()
+    ]
+
+
+def plan_units(config: SweepConfig, devices_here: bool = True) -> tuple[list[Unit], list[str]]:
+    """Every unit of the sweep, in report order, and the devices of all its grids.
+
+    Plugins are loaded here to know each implementation's loss family. ``devices_here`` False: a named
+    accelerator (cuda, cuda:N) need not be present on this machine (a cluster's nodes have their own).
+    """
+    units: list[Unit] = []
+    all_devices: list[str] = []
+    for grid in config.expanded():
+        impls, grid_devices = implementations_and_devices(
+            grid.impls, grid.plugins, grid.devices, present_only=devices_here
+        )
+        all_devices += [device for device in grid_devices if device not in all_devices]
+        for case in grid_cases(grid):
+            family = impls if grid.impls else [i for i in impls if i.family == case.options.family]
+            names = tuple(impl.name for impl in family)
+            units += [
+                Unit(len(units) + i, grid, case, dtype, names, tuple(grid_devices))
+                for i, dtype in enumerate(grid.dtypes)
+            ]
+    return units, all_devices
