@@ -452,3 +452,29 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path, capsys, monkeypatch, is
                 os.kill(int(pid), signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(int(pid), 0)  # this process's own child (isolation none): no zombie left
+
+
+# --- --save-failures: reproducer folders written whole, never through a link ---------------------------
+
+FAILING_SWEEP = [
+    "sweep", "--impl", "naive", "--dtype", "float16", "--vocab", "64", "--batch", "8",
+    "--distribution", "normal", "--scale", "100", "--offset", "0", "--device", "cpu", "-q",
+]  # fmt: skip
+FOLDER = "000-naive-float16-cpu-normal-scale100"  # the one failing cell's reproducer folder
+
+
+def test_save_failures_writes_nothing_through_a_link_in_a_reproducer_folder(tmp_path, capsys):
+    saved, elsewhere = tmp_path / "failures", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (saved / FOLDER).mkdir(parents=True)
+    for name in ("logits.npy", "targets.npy", "logits.pt", "command.txt"):
+        (elsewhere / name).write_text(f"the user's {name}")
+        (saved / FOLDER / name).symlink_to(elsewhere / name)  # an earlier folder, links planted in it
+    code, _, err = run_cli([*FAILING_SWEEP, "--out", tmp_path / "out", "--save-failures", saved], capsys)
+    assert code == 0, err
+    for name in ("logits.npy", "targets.npy", "logits.pt", "command.txt"):
+        assert (elsewhere / name).read_text() == f"the user's {name}"
+        assert not (saved / FOLDER / name).is_symlink()
+    assert np.load(saved / FOLDER / "logits.npy").shape[1] == 64
+    assert f"replay {saved / FOLDER / 'logits.npy'}" in (saved / FOLDER / "command.txt").read_text()
+    assert [path.name for path in saved.iterdir()] == [FOLDER]  # no staging left
