@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,8 @@ def check_destination(directory: str | Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise AuditError(f"{where}: {existing} is not writable")
     if existing == directory:
-        entries = os.scandir(directory)
-        links = sorted(e.name for e in entries if FOLDER_NAME.fullmatch(e.name) and e.is_symlink())
+        with os.scandir(directory) as entries:
+            links = sorted(e.name for e in entries if FOLDER_NAME.fullmatch(e.name) and e.is_symlink())
         if links:
             raise AuditError(
                 f"{where}: {links[0]} there is a symbolic link (reproducers are written only inside "
@@ -220,11 +220,9 @@ def check_destination(directory: str | Path) -> None:
 def _write_folder(folder: Path, reproducer: Reproducer) -> None:
     """Write the reproducer in a staging directory beside ``folder``, then move it in: renamed whole, or
     into an earlier run's real folder file by file (its other files left as they are)."""
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder.parent))
+    staging = folder.parent / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    staging.mkdir()  # a new name (never an existing one), with the umask's mode: an ordinary folder
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700; the folder is an ordinary one
         _save_arrays(staging, reproducer)
         _write_command(staging, folder, reproducer)
         if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
