@@ -478,3 +478,16 @@ def test_save_failures_writes_nothing_through_a_link_in_a_reproducer_folder(tmp_
     assert np.load(saved / FOLDER / "logits.npy").shape[1] == 64
     assert f"replay {saved / FOLDER / 'logits.npy'}" in (saved / FOLDER / "command.txt").read_text()
     assert [path.name for path in saved.iterdir()] == [FOLDER]  # no staging left
+
+
+def test_report_markdown_lists_only_the_sets_figures(tmp_path, capsys):
+    out = tmp_path / "out"
+    _sweep_ok(capsys, "--out", out)
+    (out / "plots").mkdir()
+    (out / "plots" / "my-chart.png").write_bytes(b"the user's figure")
+    (out / "plots" / "heatmap-float32.png").write_bytes(b"\x89PNG")
+    code, _, err = run_cli(["report", out, "--markdown", tmp_path / "plots.md"], capsys)
+    assert code == 0, err
+    text = (tmp_path / "plots.md").read_text()
+    assert "my-chart.png" not in text and "No plots in" in text  # a one-case set has no figures
+    assert not (out / "plots" / "heatmap-float32.png").exists()  # an older set's figure, removed

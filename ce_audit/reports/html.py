@@ -278,11 +278,11 @@ def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[Any]:
 
 
 def plots_markdown(directory: str | Path, inline: bool = False) -> str:
-    """A Markdown section on DIR/plots/*.png for a CI job summary: the images inline as data: URIs
-    (``inline``; for platforms whose Markdown shows them: GitHub's job summary strips data: images), or
-    their names, to be found in the uploaded report directory."""
+    """A Markdown section on the figures in DIR/plots/ (other files there aside) for a CI job summary: the
+    images inline as data: URIs (``inline``; for platforms whose Markdown shows them: GitHub's job summary
+    strips data: images), or their names, to be found in the uploaded report directory."""
     folder = Path(directory) / PLOTS_DIR
-    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    pngs = sorted(p for p in folder.glob("*.png") if plots.is_figure_name(p.name)) if folder.is_dir() else []
     lines = ["### ce-audit plots", ""]
     if not pngs:
         return "\n".join([*lines, f"No plots in {folder} (they need matplotlib: `{EXTRA_HINT}`).", ""])
