@@ -25,7 +25,7 @@ from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, remove
 from ce_audit.options import SPECS_BY_NAME, options_label
 from ce_audit.plugins import ATTRIBUTE, add_function
-from ce_audit.reproducers import ReproducerSink
+from ce_audit.reproducers import ReproducerSink, check_destination
 from ce_audit.results import Cell
 from ce_audit.run.sweep import run_sweep
 from ce_audit.statuses import FAILING, Status
@@ -229,6 +229,8 @@ def check(
         )
         for text in resolved.budgets:
             parse_budget(text)  # a bad budget is an AuditError before the sweep, not after
+        if save_failures is not None:
+            check_destination(save_failures)  # before the sweep, not after it
         sink = ReproducerSink() if save_failures is not None else None
         result = run_sweep(resolved, reproducers=sink)
     finally:

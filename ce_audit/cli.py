@@ -248,8 +248,9 @@ def _report_directory(out: Path) -> Any:
 def _reproducer_sink(directory: Path | None) -> Any:
     if directory is None:
         return None
-    from ce_audit.reproducers import ReproducerSink
+    from ce_audit.reproducers import ReproducerSink, check_destination
 
+    check_destination(directory)  # before the sweep, not after it
     return ReproducerSink()
 
 

@@ -9,12 +9,20 @@ puts each failing cell's rows in a folder of their own:
     logits.npy, targets.npy   the rows in the audited dtype (bfloat16 as float32, which holds it exactly)
     logits.pt, targets.pt     the same as tensors of the audited dtype (when torch is installed)
     command.txt               the `ce-audit replay` command that shows the failure again, and the rows
+
+``check_destination`` refuses, before the sweep, a destination that is a file, cannot be written, or holds a
+symbolic link in place of a reproducer folder. Each folder is written into a staging directory beside it and
+renamed into place, so a failed write (a full disk) leaves no half folder; an earlier run's folder of the same
+name has its files replaced as files (a link among them is replaced, never written through).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +30,17 @@ from typing import Any
 import numpy as np
 
 from ce_audit.dtypes import FORMATS
+from ce_audit.errors import AuditError
 from ce_audit.options import LOSS_OPTION_SPECS, LossOptions
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, Status
 
 DEFAULT_ROWS = 8
 WHOLE_BATCH_LIMIT = 1 << 24  # values (logits) of a reduction's batch saved whole
+# What a reproducer folder holds: the only names a later run replaces there.
+REPRODUCER_FILES = ("logits.npy", "targets.npy", "logits.pt", "targets.pt", "command.txt")
+FOLDER_NAME = re.compile(r"\d{3,}-[A-Za-z0-9_.+\-]+")  # _folder_name's
+STAGING_PREFIX = ".ce-audit-staging-"
 
 
 def row_badness(errors: Any, grad: np.ndarray | None = None) -> np.ndarray:
@@ -166,16 +179,66 @@ class ReproducerSink:
             self.found.append(Reproducer(cell, rows, implementation, options, seed))
 
     def write(self, directory: str | Path) -> dict[Cell, Path]:
-        """One folder per failing cell under ``directory``; the folder of each cell."""
+        """One folder per failing cell under ``directory``; the folder of each cell. A folder is written
+        whole or not at all; a failed write raises AuditError."""
         directory = Path(directory)
+        check_destination(directory)
         written: dict[Cell, Path] = {}
-        for index, reproducer in enumerate(self.found):
-            folder = directory / _folder_name(index, reproducer.cell)
-            folder.mkdir(parents=True, exist_ok=True)
-            _save_arrays(folder, reproducer)
-            _write_command(folder, reproducer)
-            written[reproducer.cell] = folder
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for index, reproducer in enumerate(self.found):
+                folder = directory / _folder_name(index, reproducer.cell)
+                _write_folder(folder, reproducer)
+                written[reproducer.cell] = folder
+        except OSError as error:
+            raise AuditError(f"cannot save reproducers to {directory}: {error.strerror or error}") from None
         return written
+
+
+def check_destination(directory: str | Path) -> None:
+    """``--save-failures DIR`` before any work: a directory (or one that can be made) this user can write
+    in, holding no symbolic link where a reproducer folder goes; AuditError otherwise."""
+    directory = Path(directory)
+    where = f"cannot save reproducers to {directory}"
+    if directory.exists() and not directory.is_dir():
+        raise AuditError(f"{where}: it is a file, not a directory")
+    existing = next((path for path in (directory, *directory.parents) if path.exists()), directory)
+    if not existing.is_dir():
+        raise AuditError(f"{where}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AuditError(f"{where}: {existing} is not writable")
+    if existing == directory:
+        with os.scandir(directory) as entries:
+            links = sorted(e.name for e in entries if FOLDER_NAME.fullmatch(e.name) and e.is_symlink())
+        if links:
+            raise AuditError(
+                f"{where}: {links[0]} there is a symbolic link (reproducers are written only inside "
+                f"{directory}); remove it or give another directory"
+            )
+
+
+def _write_folder(folder: Path, reproducer: Reproducer) -> None:
+    """Write the reproducer in a staging directory beside ``folder``, then move it in: renamed whole, or
+    into an earlier run's real folder file by file (its other files left as they are)."""
+    staging = folder.parent / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+    staging.mkdir()  # a new name (never an existing one), with the umask's mode: an ordinary folder
+    try:
+        _save_arrays(staging, reproducer)
+        _write_command(staging, folder, reproducer)
+        if folder.is_symlink() or (os.path.lexists(folder) and not folder.is_dir()):
+            kind = "a symbolic link" if folder.is_symlink() else "a file"
+            raise AuditError(f"cannot save reproducers to {folder}: it is {kind}")
+        if not os.path.lexists(folder):
+            os.replace(staging, folder)
+            return
+        staged = os.listdir(staging)
+        for name in REPRODUCER_FILES:
+            if name not in staged and not (folder / name).is_dir():
+                (folder / name).unlink(missing_ok=True)  # a link as a link
+        for name in staged:
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_arrays(folder: Path, reproducer: Reproducer) -> None:
@@ -196,7 +259,8 @@ def _save_arrays(folder: Path, reproducer: Reproducer) -> None:
     torch.save(torch.from_numpy(np.ascontiguousarray(targets)), folder / "targets.pt")
 
 
-def _write_command(folder: Path, reproducer: Reproducer) -> None:
+def _write_command(staging: Path, folder: Path, reproducer: Reproducer) -> None:
+    """command.txt in ``staging``, naming the files where they will be: in ``folder``."""
     cell, rows = reproducer.cell, reproducer.rows
     command = shlex.join(replay_command(folder, reproducer))
     what = "the whole batch (a reduction)" if rows.whole else f"its {rows.rows.size} worst rows"
@@ -209,4 +273,4 @@ def _write_command(folder: Path, reproducer: Reproducer) -> None:
         "# row (in the audited batch), error in ULPs (inf: non-finite where the exact value is finite):",
         *(f"# {row} {bad:.6g}" for row, bad in zip(rows.rows.tolist(), rows.badness.tolist(), strict=True)),
     ]
-    (folder / "command.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (staging / "command.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -247,3 +247,88 @@ def test_safetensors_offsets_into_the_header_or_overlapping_are_refused(tmp_path
         line = one_line_error(code, err, "cannot read logits file", str(path))
         assert ("overlap" if name == "overlap" else "outside the file") in line, (name, line)
         assert not (tmp_path / name).exists()
+
+
+# --- bad destinations and files of the report set: one line, before the sweep where they can be seen ---
+
+FAILING = [
+    "sweep", *TINY, "--impl", "naive", "--dtype", "float16", "--scale", "100", "-q",
+]  # fmt: skip
+FOLDER = "000-naive-float16-cpu-normal-scale100"  # the one failing cell's reproducer folder
+
+
+@pytest.fixture
+def no_sweep(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of the sweep: a check made before it leaves this empty."""
+    import ce_audit.run.sweep
+
+    ran: list[int] = []
+    real = ce_audit.run.sweep.run_sweep
+    monkeypatch.setattr(ce_audit.run.sweep, "run_sweep", lambda *a, **k: ran.append(1) or real(*a, **k))
+    return ran
+
+
+def test_save_failures_naming_a_file_stops_before_the_sweep(tmp_path, capsys, no_sweep):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for target in (blocker, blocker / "below"):
+        code, _, err = run_cli([*FAILING, "--out", tmp_path / "out", "--save-failures", target], capsys)
+        one_line_error(code, err, f"cannot save reproducers to {target}", "is a file, not a directory")
+    assert not no_sweep and blocker.read_text() == "x"
+
+
+def test_save_failures_refuses_a_linked_reproducer_folder_before_the_sweep(tmp_path, capsys, no_sweep):
+    saved, elsewhere = tmp_path / "failures", tmp_path / "elsewhere"
+    saved.mkdir()
+    elsewhere.mkdir()
+    (saved / FOLDER).symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = run_cli([*FAILING, "--out", tmp_path / "out", "--save-failures", saved], capsys)
+    one_line_error(code, err, f"{FOLDER} there is a symbolic link")
+    assert not no_sweep and list(elsewhere.iterdir()) == []
+
+
+def test_save_failures_on_a_full_disk_leaves_no_half_folder(tmp_path, capsys, monkeypatch):
+    import ce_audit.reproducers
+
+    real = np.save
+
+    def full_disk(path, array, *args, **kwargs):
+        if Path(path).name == "targets.npy":  # logits.npy is written, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(path, array, *args, **kwargs)
+
+    monkeypatch.setattr(ce_audit.reproducers.np, "save", full_disk)
+    saved = tmp_path / "failures"
+    code, _, err = run_cli([*FAILING, "--out", tmp_path / "out", "--save-failures", saved], capsys)
+    monkeypatch.setattr(ce_audit.reproducers.np, "save", real)
+    one_line_error(code, err, f"cannot save reproducers to {saved}: No space left on device")
+    assert list(saved.iterdir()) == []  # neither a half folder nor its staging
+
+
+@pytest.mark.parametrize("value", ["-5.0", "-inf", "-1.0"])
+def test_report_refuses_a_negative_error_measurement(tmp_path, capsys, value):
+    out = tmp_path / "out"
+    code, _, err = run_cli([*SWEEP, "--out", out], capsys)
+    assert code == 0, err
+    with open(out / "summary.csv", newline="", encoding="utf-8") as stream:
+        rows = list(csv.reader(stream))
+    rows[1][rows[0].index("max_ulp")] = value
+    with open(out / "summary.csv", "w", newline="", encoding="utf-8") as stream:
+        csv.writer(stream, lineterminator="\n").writerows(rows)
+    page = (out / "report.html").read_bytes()
+    code, _, err = run_cli(["report", out], capsys)
+    one_line_error(code, err, "line 2: column 'max_ulp' holds", "not an error ≥ 0")
+    assert (out / "report.html").read_bytes() == page
+
+
+def test_report_refuses_a_measurement_that_is_not_a_number(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli([*SWEEP, "--out", out], capsys)
+    assert code == 0, err
+    text = (out / "summary.csv").read_text(encoding="utf-8").splitlines()
+    header = text[0].split(",")
+    values = text[1].split(",")
+    values[header.index("max_ulp")] = "lots"
+    (out / "summary.csv").write_text("\n".join([text[0], ",".join(values), *text[2:]]) + "\n")
+    code, _, err = run_cli(["report", out], capsys)
+    one_line_error(code, err, "column 'max_ulp' holds 'lots', not a number")

@@ -3,13 +3,16 @@ state cost only their own cells; Ctrl-C and SIGTERM keep the completed cells as 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,8 @@ import ce_audit
 from ce_audit.backends import BlockCall
 from ce_audit.dtypes import float_format
 from ce_audit.options import LossOptions
+from ce_audit.reports.bundle import ReportDirectory
+from ce_audit.reports.plots import plotting_available
 from ce_audit.run import isolation
 
 torch = pytest.importorskip("torch")
@@ -426,3 +431,201 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert process.returncode == 130
     assert "SIGINT again: stopped at once" in err
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+# --- the report set touches only what ce-audit writes, inside its directory ----------------------------
+
+TINY_SWEEP = [
+    "sweep", "--impl", "shifted", "--dtype", "float32", "--vocab", "64", "--batch", "8",
+    "--distribution", "normal", "--scale", "1", "--offset", "0", "--device", "cpu", "-q",
+]  # fmt: skip
+FOREIGN_LIST = {"files": {"notes.txt": "0", "src": None, ".git": None}, "run_id": "0"}
+
+
+def _sweep_ok(capsys, *args: object) -> None:
+    code, _, err = run_cli([*TINY_SWEEP, *args], capsys)
+    assert code == 0, err
+
+
+def _users_files(out: Path) -> dict[str, str]:
+    """A user's files beside a report.json (from an artifact, a pull request) whose `files` names them."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "src").mkdir()
+    (out / ".git").mkdir()
+    files = {"notes.txt": "my notes", "src/main.py": "print(1)", ".git/HEAD": "ref: refs/heads/main"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    (out / "report.json").write_text(json.dumps(FOREIGN_LIST))
+    return files
+
+
+def _write_a_set(command: str, out: Path, tmp_path: Path, capsys) -> None:
+    if command == "sweep":
+        _sweep_ok(capsys, "--out", out)
+    elif command == "replay":
+        np.save(tmp_path / "logits.npy", np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32))
+        np.save(tmp_path / "targets.npy", np.arange(4))
+        args = ["replay", tmp_path / "logits.npy", tmp_path / "targets.npy", "--impl", "shifted"]
+        code, _, err = run_cli([*args, "--device", "cpu", "-q", "--out", out], capsys)
+        assert code == 0, err
+    elif command == "merge":
+        for k in (1, 2):
+            _sweep_ok(capsys, "--scale", "2", "--shard", f"{k}/2", "--jobs", "1", "--out", tmp_path / f"s{k}")
+        code, _, err = run_cli(["merge", tmp_path / "s1", tmp_path / "s2", "--out", out, "-q"], capsys)
+        assert code == 0, err
+    else:  # gate --update: the current run's summary becomes the baseline in `out`
+        _sweep_ok(capsys, "--out", tmp_path / "current")
+        args = ["gate", out, "--current", tmp_path / "current" / "summary.csv", "--update"]
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, err
+
+
+@pytest.mark.parametrize("command", ["sweep", "replay", "merge", "gate --update"])
+def test_a_report_json_of_elsewhere_deletes_nothing(tmp_path, capsys, command):
+    """The names a set removes are this version's own, never those a report.json in --out lists."""
+    out = tmp_path / "out"
+    files = _users_files(out)
+    _write_a_set(command, out, tmp_path, capsys)
+    assert {name: (out / name).read_text() for name in files} == files
+    assert json.loads((out / "report.json").read_text())["files"].keys() >= {"summary.csv"}
+
+
+def test_report_keeps_what_it_did_not_write_and_writes_nothing_through_a_link(tmp_path, capsys):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    _sweep_ok(capsys, "--out", out)
+    (out / "plots").mkdir()
+    (out / "plots" / "my-chart.png").write_bytes(b"the user's figure")  # not a name ce-audit writes
+    code, _, err = run_cli(["report", out], capsys)
+    assert code == 0, err
+    assert (out / "plots" / "my-chart.png").read_bytes() == b"the user's figure"
+    _sweep_ok(capsys, "--out", out)  # a new set without figures: the folder and the user's file stay
+    assert (out / "plots" / "my-chart.png").read_bytes() == b"the user's figure"
+    elsewhere.mkdir()
+    (elsewhere / "heatmap-float32.png").write_bytes(b"outside")
+    (elsewhere / "photo.png").write_bytes(b"outside too")
+    shutil.rmtree(out / "plots")
+    (out / "plots").symlink_to(elsewhere, target_is_directory=True)
+    for args in (["report", out], [*TINY_SWEEP, "--out", out]):
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "is a symbolic link" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["heatmap-float32.png", "photo.png"]
+    assert (elsewhere / "heatmap-float32.png").read_bytes() == b"outside"
+
+
+@pytest.mark.skipif(not plotting_available(), reason="matplotlib (the html extra)")
+def test_report_without_matplotlib_keeps_the_sets_figures(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    _sweep_ok(capsys, "--scale", "10", "--out", out)  # two scales: figures
+    before = {path.name: path.read_bytes() for path in (out / "plots").iterdir()}
+    page = (out / "report.html").read_bytes()
+    assert before and b"data:image/png;base64," in page
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, _, err = run_cli(["report", out], capsys)
+    assert code == 2 and "matplotlib is not installed" in err and len(err.strip().splitlines()) == 1
+    assert {path.name: path.read_bytes() for path in (out / "plots").iterdir()} == before
+    assert (out / "report.html").read_bytes() == page
+
+
+def test_report_rewrites_the_set_in_place_with_the_same_digests(tmp_path, capsys):
+    out = tmp_path / "out"
+    _sweep_ok(capsys, "--out", out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    code, _, err = run_cli(["report", out], capsys)
+    assert code == 0, err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_report_takes_the_lock(tmp_path, capsys):
+    """`ce-audit report` beside a run writing the same directory waits for nothing and mixes nothing."""
+    out = tmp_path / "out"
+    _sweep_ok(capsys, "--out", out)
+    before = (out / "report.html").read_bytes()
+    with ReportDirectory(out):  # a run holding the directory
+        code, _, err = run_cli(["report", out], capsys)
+    assert code == 2 and "another ce-audit run is writing to" in err and len(err.strip().splitlines()) == 1
+    assert (out / "report.html").read_bytes() == before
+    code, _, err = run_cli(["report", out], capsys)  # released
+    assert code == 0, err
+
+
+FORKING_PLUGIN = """
+import os
+import time
+
+import numpy as np
+
+import ce_audit
+
+
+@ce_audit.register("forks_a_child", backend="numpy")
+def forks_a_child(logits, targets):
+    pid = os.fork()
+    if pid == 0:  # a child that outlives the run
+        time.sleep(120)
+        os._exit(0)
+    with open(os.environ["CE_AUDIT_TEST_CHILDREN"], "a") as stream:
+        stream.write(f"{pid}\\n")
+    row_max = logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(logits - row_max).sum(axis=1)) + row_max[:, 0]
+    return (lse - logits[np.arange(logits.shape[0]), targets]).astype(logits.dtype)
+"""
+
+
+@pytest.mark.parametrize("isolation_mode", ["process", "none"])
+def test_a_forked_child_does_not_keep_the_lock(tmp_path, capsys, monkeypatch, isolation_mode):
+    plugin, children, out = tmp_path / "forking.py", tmp_path / "children.txt", tmp_path / "out"
+    plugin.write_text(FORKING_PLUGIN)
+    monkeypatch.setenv("CE_AUDIT_TEST_CHILDREN", str(children))
+    args = ["--plugin", plugin, "--impl", "forks_a_child", "--isolation", isolation_mode, "--out", out]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a multi-threaded process
+            _sweep_ok(capsys, *args)
+            assert children.read_text().split()  # a child lives on
+            code, _, err = run_cli([*TINY_SWEEP, "--out", out], capsys)
+        assert code == 0, err  # not "another ce-audit run is writing"
+    finally:
+        for pid in children.read_text().split() if children.exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(pid), 0)  # this process's own child (isolation none): no zombie left
+
+
+# --- --save-failures: reproducer folders written whole, never through a link ---------------------------
+
+FAILING_SWEEP = [
+    "sweep", "--impl", "naive", "--dtype", "float16", "--vocab", "64", "--batch", "8",
+    "--distribution", "normal", "--scale", "100", "--offset", "0", "--device", "cpu", "-q",
+]  # fmt: skip
+FOLDER = "000-naive-float16-cpu-normal-scale100"  # the one failing cell's reproducer folder
+
+
+def test_save_failures_writes_nothing_through_a_link_in_a_reproducer_folder(tmp_path, capsys):
+    saved, elsewhere = tmp_path / "failures", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (saved / FOLDER).mkdir(parents=True)
+    for name in ("logits.npy", "targets.npy", "logits.pt", "command.txt"):
+        (elsewhere / name).write_text(f"the user's {name}")
+        (saved / FOLDER / name).symlink_to(elsewhere / name)  # an earlier folder, links planted in it
+    code, _, err = run_cli([*FAILING_SWEEP, "--out", tmp_path / "out", "--save-failures", saved], capsys)
+    assert code == 0, err
+    for name in ("logits.npy", "targets.npy", "logits.pt", "command.txt"):
+        assert (elsewhere / name).read_text() == f"the user's {name}"
+        assert not (saved / FOLDER / name).is_symlink()
+    assert np.load(saved / FOLDER / "logits.npy").shape[1] == 64
+    assert f"replay {saved / FOLDER / 'logits.npy'}" in (saved / FOLDER / "command.txt").read_text()
+    assert [path.name for path in saved.iterdir()] == [FOLDER]  # no staging left
+
+
+def test_report_markdown_lists_only_the_sets_figures(tmp_path, capsys):
+    out = tmp_path / "out"
+    _sweep_ok(capsys, "--out", out)
+    (out / "plots").mkdir()
+    (out / "plots" / "my-chart.png").write_bytes(b"the user's figure")
+    (out / "plots" / "heatmap-float32.png").write_bytes(b"\x89PNG")
+    code, _, err = run_cli(["report", out, "--markdown", tmp_path / "plots.md"], capsys)
+    assert code == 0, err
+    text = (tmp_path / "plots.md").read_text()
+    assert "my-chart.png" not in text and "No plots in" in text  # a one-case set has no figures
+    assert not (out / "plots" / "heatmap-float32.png").exists()  # an older set's figure, removed

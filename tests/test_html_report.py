@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ce_audit.cli import main
+from ce_audit.errors import AuditError
 from ce_audit.plugins import isolated
 from ce_audit.reports import plots
 from ce_audit.reports.csv import read_cells
@@ -120,14 +121,19 @@ def test_report_command_rebuilds_the_same_page_without_torch(report_dir, tmp_pat
 def test_page_without_matplotlib_keeps_tables_and_findings(report_dir, tmp_path, monkeypatch):
     copy = _copy_without_page(report_dir, tmp_path / "copy")
     (copy / "plots").mkdir()
-    (copy / "plots" / "heatmap-float16.png").write_bytes(b"an earlier audit's figure")
+    (copy / "plots" / "heatmap-float16.png").write_bytes(b"the sweep's figure")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert not plots.plotting_available()
+    with pytest.raises(AuditError, match="cannot redraw the figures in .*: matplotlib is not installed"):
+        rebuild_report(copy)  # figures it cannot draw again are not thrown away
+    assert (copy / "plots" / "heatmap-float16.png").read_bytes() == b"the sweep's figure"
+    assert not (copy / "report.html").exists()
+    shutil.rmtree(copy / "plots")  # a set without figures: the page is written, with the note
     written = rebuild_report(copy)
     assert written == [copy / "report.html"]
     page = written[0].read_text(encoding="utf-8")
     assert "The plots need matplotlib" in page and "ce-audit[html]" in page
-    assert "<img" not in page and list((copy / "plots").iterdir()) == []  # no stale figure beside it
+    assert "<img" not in page and not (copy / "plots").exists()  # no stale figure beside it
     assert '<tr id="cell-0"' in page and "naive: float16" in page
 
 

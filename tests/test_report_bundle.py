@@ -121,7 +121,7 @@ def test_another_writer_plugs_in_and_its_file_goes_with_its_set(tmp_path, capsys
 
     def plots(path: Path) -> None:
         path.mkdir()
-        (path / "error.png").write_bytes(b"png")
+        (path / "error-scale-float32.png").write_bytes(b"png")  # a name declared in MEMBER_FOLDERS
 
     files = [
         *csv_files(result),

@@ -53,10 +53,10 @@ def rounded(value: float) -> float:
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
 
 
-# Values of the audited dtype (the largest logit, reference and value, the constant a loss is capped at)
-# keep every digit: they are exact inputs or outputs, not errors.
+# Error measurements (≥ 0, or NaN where not measured) are rounded; values of the audited dtype (the largest
+# logit, reference and value, the constant a loss is capped at) keep every digit: exact inputs or outputs.
 EXACT_VALUES = ("max_logit", "max_reference", "max_value", "capped_at")
-_ROUNDED_FIELDS = tuple(
+ERROR_MEASUREMENTS = tuple(
     f.name
     for f in fields(Cell)
     if f.name in MEASUREMENT_COLUMNS and f.type == "float" and f.name not in EXACT_VALUES
@@ -66,7 +66,7 @@ _ROUNDED_FIELDS = tuple(
 def rounded_cells(cells: list[Cell]) -> list[Cell]:
     """The cells with every float measurement rounded as summary.csv writes it."""
     return [
-        replace(cell, **{name: rounded(getattr(cell, name)) for name in _ROUNDED_FIELDS}) for cell in cells
+        replace(cell, **{name: rounded(getattr(cell, name)) for name in ERROR_MEASUREMENTS}) for cell in cells
     ]
 
 
@@ -187,3 +187,16 @@ def read_cells(path: str | Path, what: str = "summary") -> SummaryFile:
     except csv.Error as error:
         raise AuditError(f"{what} {path} is not valid CSV: {error}") from None
     return SummaryFile(tuple(header), cells, unknown)
+
+
+def checked_errors(summary: SummaryFile, path: str | Path, what: str = "summary") -> SummaryFile:
+    """``summary`` if every error measurement is ≥ 0 or NaN (not measured); AuditError naming the first
+    that is not (a summary.csv this version did not write: the figures take logarithms of them)."""
+    for number, cell in enumerate(summary.cells, start=2):
+        for name in ERROR_MEASUREMENTS:
+            value = getattr(cell, name)
+            if value < 0:
+                raise AuditError(
+                    f"{what} {path}, line {number}: column {name!r} holds {value!r}, not an error ≥ 0"
+                )
+    return summary

@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -25,8 +26,7 @@ from ce_audit.findings import findings
 from ce_audit.options import options_label
 from ce_audit.printable import printable
 from ce_audit.reports import plots
-from ce_audit.reports.csv import read_cells, rounded_cells
-from ce_audit.reports.files import write_atomically, write_bytes_atomically
+from ce_audit.reports.csv import checked_errors, read_cells, rounded_cells
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, worst_status
 
@@ -258,21 +258,6 @@ def _figures(cells: list[Cell], document: dict[str, Any] | None) -> tuple[Any, l
     return figures, [figure for group in (figures or {}).values() for figure in group]
 
 
-def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: str | Path) -> list[Path]:
-    """Write OUT/report.html and, when matplotlib is installed, OUT/plots/*.png (other PNGs there, an
-    earlier audit's, are removed); the paths written, report.html first. (`ce-audit report`; an audit
-    writes them as members of its report set: ``html_files``.)"""
-    out = Path(out)
-    figures, drawn = _figures(cells, document)
-    folder = out / PLOTS_DIR
-    written = [write_bytes_atomically(folder / f"{figure.name}.png", figure.png) for figure in drawn]
-    names = {path.name for path in written}
-    for stale in folder.glob("*.png"):  # an earlier audit's figures in the same directory
-        if stale.name not in names:
-            stale.unlink(missing_ok=True)
-    return [write_atomically(out / HTML_NAME, html_report(cells, document, figures)), *written]
-
-
 def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[Any]:
     """report.html and (when there are figures) the plots/ folder as members of the report set
     (``reports.bundle.ReportFile``); the figures are drawn once, for both."""
@@ -294,11 +279,11 @@ def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[Any]:
 
 
 def plots_markdown(directory: str | Path, inline: bool = False) -> str:
-    """A Markdown section on DIR/plots/*.png for a CI job summary: the images inline as data: URIs
-    (``inline``; for platforms whose Markdown shows them: GitHub's job summary strips data: images), or
-    their names, to be found in the uploaded report directory."""
+    """A Markdown section on the figures in DIR/plots/ (other files there aside) for a CI job summary: the
+    images inline as data: URIs (``inline``; for platforms whose Markdown shows them: GitHub's job summary
+    strips data: images), or their names, to be found in the uploaded report directory."""
     folder = Path(directory) / PLOTS_DIR
-    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    pngs = sorted(p for p in folder.glob("*.png") if plots.is_figure_name(p.name)) if folder.is_dir() else []
     lines = ["### ce-audit plots", ""]
     if not pngs:
         return "\n".join([*lines, f"No plots in {folder} (they need matplotlib: `{EXTRA_HINT}`).", ""])
@@ -312,18 +297,42 @@ def plots_markdown(directory: str | Path, inline: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _has_figures(directory: Path) -> bool:
+    """Whether the set in ``directory`` holds figures: a figure file under plots/, or one in report.html."""
+    folder = directory / PLOTS_DIR
+    if folder.is_dir() and not folder.is_symlink() and any(map(plots.is_figure_name, os.listdir(folder))):
+        return True
+    try:
+        return b'src="data:image/png;base64,' in (directory / HTML_NAME).read_bytes()
+    except OSError:
+        return False
+
+
 def rebuild_report(directory: str | Path) -> list[Path]:
-    """Redraw DIR/report.html and DIR/plots/ from DIR/summary.csv (and DIR/report.json when present)."""
+    """Redraw DIR/report.html and DIR/plots/ from DIR/summary.csv (and DIR/report.json when present), in
+    place and holding DIR's lock (as a run does: never beside a run writing a new set); report.json's
+    digests follow. Without matplotlib a set that has figures is left as it was (AuditError): they would
+    be lost. The paths written, report.html first."""
+    from ce_audit.reports.bundle import ReportDirectory
+
     directory = Path(directory)
     summary = directory / "summary.csv" if directory.suffix.lower() != ".csv" else directory
-    cells = read_cells(summary).cells
-    report = summary.with_name("report.json")
-    document = None
-    if report.is_file():
-        try:
-            document = json.loads(report.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise AuditError(f"cannot read {report}: {error}") from None
-        if not isinstance(document, dict):
-            raise AuditError(f"{report} is not a ce-audit report.json")
-    return write_html_report(cells, document, summary.parent)
+    if not summary.parent.is_dir():
+        read_cells(summary)  # "summary … does not exist"
+    with ReportDirectory(summary.parent, create=False) as target:
+        cells = checked_errors(read_cells(summary), summary).cells
+        report = summary.with_name("report.json")
+        document = None
+        if report.is_file():
+            try:
+                document = json.loads(report.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+                raise AuditError(f"cannot read {report}: {error}") from None
+            if not isinstance(document, dict):
+                raise AuditError(f"{report} is not a ce-audit report.json")
+        if not plots.plotting_available() and _has_figures(summary.parent):
+            raise AuditError(
+                f"cannot redraw the figures in {summary.parent}: matplotlib is not installed ({EXTRA_HINT}); "
+                f"{HTML_NAME} and {PLOTS_DIR}/ are left as they were"
+            )
+        return target.rewrite_members(html_files(cells, document), document)

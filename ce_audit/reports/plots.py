@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ce_audit.dtypes import float_format
+from ce_audit.dtypes import FORMATS, float_format
 from ce_audit.results import KEY_COLUMNS, Cell, column_value
 from ce_audit.statuses import RANKED, worst_status
 
@@ -45,6 +45,16 @@ STATUS_COLOURS: dict[str, str] = {
     "skipped": "#BBBBBB",
 }
 NOT_MEASURED = ("off", "n/a", "skipped", "")
+# The names of the figures this version writes under plots/ (``file_stem`` of ``_heatmap`` and ``_curves``):
+# what a report set may replace or remove there, and nothing else.
+FIGURE_NAME = re.compile(
+    rf"(?:heatmap|error-(?:{'|'.join(CURVE_DIMENSIONS)}))-(?:{'|'.join(map(re.escape, FORMATS))})\.png"
+)
+
+
+def is_figure_name(name: str) -> bool:
+    """Whether ``name`` is the file name of a figure this version draws (heatmap-float16.png, …)."""
+    return FIGURE_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

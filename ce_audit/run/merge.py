@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
-from ce_audit.reports.bundle import RUN_NAME, ReportDirectory, ReportFile, digest, run_id
+from ce_audit.reports.bundle import RUN_NAME, STAGING_PREFIX, ReportDirectory, ReportFile, digest, run_id
 from ce_audit.reports.csv import read_cells
 from ce_audit.reports.html import html_files
 from ce_audit.statuses import message_line
@@ -218,7 +218,7 @@ def _write_merged(
         }
 
     with ReportDirectory(out) as target:
-        staged = target.out / ".ce-audit-merged-summary.csv"
+        staged = target.out / f"{STAGING_PREFIX}merged-summary.csv"  # a killed run's is cleaned
         staged.write_text(text, encoding="utf-8")
         try:
             cells = read_cells(staged).cells
