@@ -9,7 +9,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ce_audit.options import OPTION_SPECS, SPECS_BY_NAME
+from ce_audit.options import OPTION_SPECS
+from ce_audit.overrides import loss_option_overrides
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,11 +75,6 @@ def _default_text(value: Any) -> str:
 
 
 def option_overrides(values: dict[str, Any], grid: bool) -> dict[str, Any]:
-    """Config keys of the loss options given on the command line (None where not given)."""
-    overrides: dict[str, Any] = {}
-    for name, value in values.items():
-        spec = SPECS_BY_NAME[name]
-        if spec.grid:
-            value = (value or None) if grid else (None if value is None else [value])
-        overrides[spec.config_key] = value
-    return overrides
+    """Config keys of the loss options given on the command line (None where not given): one value or a
+    list of them, as `sweep` (``grid``) and `replay` take them (ce_audit.overrides.loss_option_overrides)."""
+    return loss_option_overrides(values, front_door="the command line")
