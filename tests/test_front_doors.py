@@ -4,6 +4,7 @@ plugin merge; the policies a command exits by (--fail-on, a signal) are the libr
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from ce_audit.verdict import check_fail_level, fail_on_verdict
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 
+PACKAGE = Path(__file__).resolve().parents[1] / "ce_audit"
 SHARED = ["--dtype", "--device", "--impl", "--grad", "--plugin", "--isolation", "--timeout", "--out"]
 SHARED += ["--quiet", "--detail", "--format", "--fail-on", "--save-failures"]
 
@@ -160,3 +162,18 @@ def test_the_gate_checks_its_arguments_before_any_work(tmp_path):
     with pytest.raises(AuditError, match="--ulp-growth must be a finite number"):
         gate_to_files(tmp_path / "baseline", ulp_growth=float("inf"), out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("name", ["cli.py", "cli_options.py", "cli_gate.py"])
+def test_the_command_line_stays_thin(name):
+    """Under 450 lines, and the package's own modules imported at the top, none inside a function."""
+    source = (PACKAGE / name).read_text(encoding="utf-8")
+    assert len(source.splitlines()) < 450
+    nested = [
+        f"{name}:{node.lineno}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset > 0
+        for module in [getattr(node, "module", None) or "", *(alias.name for alias in node.names)]
+        if module.startswith("ce_audit")
+    ]
+    assert not nested
