@@ -1,7 +1,7 @@
 """ce-audit: a numerical-stability auditor for cross-entropy loss implementations.
 
 ``ce_audit.register`` (plugins) and ``ce_audit.check`` (the Python API for test suites) are loaded on
-first use, so that ``import ce_audit`` and ``ce-audit --help`` import neither NumPy nor torch.
+first use, so that ``import ce_audit`` imports neither NumPy nor torch (``ce-audit --help`` no torch).
 """
 
 from __future__ import annotations

@@ -14,16 +14,17 @@ not fail. The sweep starts from the built-in default config (or ``config``), upd
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ce_audit.adapters import make_adapter
 from ce_audit.budgets import parse_budget
-from ce_audit.config import SweepConfig, load_config
+from ce_audit.config import SweepConfig
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, remove
-from ce_audit.options import SPECS_BY_NAME, options_label
+from ce_audit.options import options_label
+from ce_audit.overrides import config_overrides, front_door_config
 from ce_audit.plugins import ATTRIBUTE, add_function
 from ce_audit.reproducers import ReproducerSink, check_destination
 from ce_audit.results import Cell
@@ -105,14 +106,6 @@ def failing_cells(
     return lines
 
 
-def _as_tuple(value: Any) -> tuple[Any, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, int, float)):
-        return (value,)
-    return tuple(value)
-
-
 def _register_callable(
     function: Callable[..., Any], backend: str, supports: Sequence[str], adapter: Mapping[str, Any] | None
 ) -> tuple[str, bool]:
@@ -135,20 +128,6 @@ def _register_callable(
         adapter=make_adapter(**(adapter or {})),
     )  # fmt: skip
     return name, True
-
-
-def _option_overrides(options: dict[str, Any]) -> dict[str, Any]:
-    """Config keys of the loss options given to check() by name (ce_audit.options.OPTION_SPECS)."""
-    overrides: dict[str, Any] = {}
-    for name, value in options.items():
-        spec = SPECS_BY_NAME.get(name)
-        if spec is None:
-            known = ", ".join(SPECS_BY_NAME)
-            raise AuditError(f"check() got an unknown loss option {name!r}; choose from {known}")
-        if spec.grid and value is not None and not isinstance(value, (list, tuple)):
-            value = [value]
-        overrides[spec.config_key] = value
-    return overrides
 
 
 def check(
@@ -191,7 +170,11 @@ def check(
     ``isolation`` ("process", the default, or "none") and ``timeout``: how implementations that are not
     built in run (ce_audit.run.isolation); "none" lets a test see what its function recorded in this process.
     """
-    option_overrides = _option_overrides(options)
+    overrides = config_overrides(
+        dtypes=dtypes, scales=scales, offsets=offsets, distributions=distributions, vocabs=vocabs,
+        batches=batches, devices=devices, seed=seed, grad=grad, tolerances=tolerances, isolation=isolation,
+        timeout=timeout, options=options,
+    )  # fmt: skip
     targets = [impl] if isinstance(impl, str) or callable(impl) else list(impl)
     if not targets:
         raise AuditError("check() needs at least one implementation")
@@ -205,28 +188,8 @@ def check(
                 names.append(name)
                 if added:
                     temporary.append(name)
-        overrides = {
-            "impls": names,
-            "dtypes": _as_tuple(dtypes),
-            "scales": _as_tuple(scales),
-            "offsets": _as_tuple(offsets),
-            "distributions": _as_tuple(distributions),
-            "vocabs": _as_tuple(vocabs),
-            "batches": _as_tuple(batches),
-            "devices": _as_tuple(devices),
-            "seed": seed,
-            "grad": grad,
-            "tolerances": tolerances,
-            "isolation": isolation,
-            "timeout": timeout,
-            **option_overrides,
-        }
-        resolved = load_config(
-            config, {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
-        )
-        resolved = replace(
-            resolved.with_plugins(plugins), budgets=tuple(dict.fromkeys([*resolved.budgets, *budgets]))
-        )
+        overrides["impls"] = names
+        resolved = front_door_config(config, overrides, plugins=plugins, budgets=budgets)
         for text in resolved.budgets:
             parse_budget(text)  # a bad budget is an AuditError before the sweep, not after
         if save_failures is not None:

@@ -1,15 +1,27 @@
-"""The loss options on the command line: one Typer option per entry of the option table
-(ce_audit.options.OPTION_SPECS), added to a command's signature, and their values as config keys."""
+"""Options more than one command takes, each declared once with its help text.
+
+The loss options: one Typer option per entry of the option table (ce_audit.options.OPTION_SPECS), added
+to a command's signature (``with_loss_options``), and their values as config keys. The 13 options
+`sweep` and `replay` share (``with_run_options``), handed to the command as one ``RunOptions``; and the
+ones other commands reuse (``OutOption``, ``QuietOption``, ``PluginOption``, ``LoadPluginOption``).
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ce_audit.options import OPTION_SPECS, SPECS_BY_NAME
+from ce_audit.errors import AuditError
+from ce_audit.options import OPTION_SPECS
+from ce_audit.overrides import config_overrides, loss_option_overrides
+from ce_audit.reports.stdout import OUTPUT_FORMATS
+from ce_audit.verdict import check_fail_level
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,11 +86,199 @@ def _default_text(value: Any) -> str:
 
 
 def option_overrides(values: dict[str, Any], grid: bool) -> dict[str, Any]:
-    """Config keys of the loss options given on the command line (None where not given)."""
-    overrides: dict[str, Any] = {}
-    for name, value in values.items():
-        spec = SPECS_BY_NAME[name]
-        if spec.grid:
-            value = (value or None) if grid else (None if value is None else [value])
-        overrides[spec.config_key] = value
-    return overrides
+    """Config keys of the loss options given on the command line (None where not given): one value or a
+    list of them, as `sweep` (``grid``) and `replay` take them (ce_audit.overrides.loss_option_overrides)."""
+    return loss_option_overrides(values, front_door="the command line")
+
+
+DTYPE_HELP = (
+    "float16 (fp16, half), bfloat16 (bf16), float32 (fp32, float), float64 (fp64, double); repeatable."
+)
+DeviceOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N, mps, auto (cpu + first accelerator), all; repeatable. Default: auto.",
+    ),
+]
+ImplOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--impl",
+        metavar="NAME",
+        help="Implementation name (ce-audit list), or module:attr to audit an undecorated function, loss "
+        "class or module, with optional ,key=value settings (backend=numpy, supports=reduction+weight, "
+        "arg.NAME=VALUE, returns=mean, ...; docs/adapters.md); repeatable. Default: every one.",
+    ),
+]
+GradOption = Annotated[
+    bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too. Default: on.")
+]
+PluginOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plugin",
+        metavar="FILE.py|MODULE",
+        help="Load user implementations from a .py file or a dotted module; repeatable, adds to the "
+        "config's plugins.",
+    ),
+]
+LoadPluginOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--plugin",
+        metavar="FILE.py|MODULE",
+        help="Load user implementations from a .py file or a dotted module; repeatable.",
+    ),
+]
+IsolationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--isolation",
+        metavar="process|none",
+        help="process (default): implementations that are not built in run in a worker process, so a crash, "
+        "exit or hang costs only their cells; none: in-process (for debugging).",
+    ),
+]
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help="Seconds one call of an isolated implementation may take before its cell is an error "
+        "(default 120; 0: no limit).",
+    ),
+]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", metavar="DIR", help="Report directory. Default: ce-audit-report.")
+]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only the paths written and errors; no progress.")
+]
+DetailOption = Annotated[
+    bool,
+    typer.Option(
+        "--detail",
+        help="Show the per-case grid of each dtype and every finding (shown anyway where the terminal is "
+        "wide enough for it).",
+    ),
+]
+FormatOption = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        metavar="table|json|csv",
+        show_default=False,
+        help="The summary on stdout: the terminal report (table), or machine-readable: the report.json "
+        "document (json) or summary.csv (csv), with nothing else on stdout. Default: table.",
+    ),
+]
+FailOnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--fail-on",
+        metavar="LEVEL",
+        help="Exit 1 when a cell reaches this level: inaccurate, nonfinite, error (the worse of loss and "
+        "gradient), or worse-than-pytorch. A CI check without a baseline. Default: off.",
+    ),
+]
+SaveFailuresOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-failures",
+        metavar="DIR",
+        help="Save each failing cell's worst rows (.npy, .pt) and the `ce-audit replay` command that shows "
+        "the failure again, one folder per cell under this directory.",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options `sweep` and `replay` share, as given (None: not given); a bad --fail-on or --format
+    is an AuditError (in that order, before anything else is read)."""
+
+    dtype: list[str] | None = None
+    device: list[str] | None = None
+    impl: list[str] | None = None
+    grad: bool | None = None
+    plugin: list[str] | None = None
+    isolation: str | None = None
+    timeout: float | None = None
+    out: Path | None = None
+    quiet: bool = False
+    detail: bool = False
+    output_format: str = "table"
+    fail_on: str | None = None
+    save_failures: Path | None = None
+
+    def __post_init__(self) -> None:
+        check_fail_level(self.fail_on)
+        if self.output_format not in OUTPUT_FORMATS:
+            formats = ", ".join(OUTPUT_FORMATS)
+            raise AuditError(f"--format takes one of {formats}, got {self.output_format!r}")
+
+    def overrides(self, **values: Any) -> dict[str, Any]:
+        """The config overrides of these options and of the command's own ``values``
+        (ce_audit.overrides.config_overrides)."""
+        return config_overrides(
+            dtypes=self.dtype, devices=self.device, impls=self.impl, grad=self.grad, isolation=self.isolation,
+            timeout=self.timeout, out=self.out, front_door="the command line", **values,
+        )  # fmt: skip
+
+
+def _parameters(group: dict[str, tuple[Any, Any]]) -> list[inspect.Parameter]:
+    """Keyword parameters from ``{name: (Annotated option, default)}``, in order."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return [inspect.Parameter(name, keyword, default=default, annotation=annotation)
+            for name, (annotation, default) in group.items()]  # fmt: skip
+
+
+def _run_parameters(dtype_help: str, plugin: Any) -> tuple[list[inspect.Parameter], list[inspect.Parameter]]:
+    """The shared options as parameters, in the order --help lists them: what runs (--dtype, --device,
+    --impl), then how it runs and what is written (--grad … --save-failures)."""
+    dtype = Annotated[list[str] | None, typer.Option("--dtype", metavar="DTYPE", help=dtype_help)]
+    which = {"dtype": (dtype, None), "device": (DeviceOption, None), "impl": (ImplOption, None)}
+    how = {
+        "grad": (GradOption, None),
+        "plugin": (plugin, None),
+        "isolation": (IsolationOption, None),
+        "timeout": (TimeoutOption, None),
+        "out": (OutOption, None),
+        "quiet": (QuietOption, False),
+        "detail": (DetailOption, False),
+        "output_format": (FormatOption, "table"),
+        "fail_on": (FailOnOption, None),
+        "save_failures": (SaveFailuresOption, None),
+    }
+    return _parameters(which), _parameters(how)
+
+
+def with_run_options(*, dtype_help: str, plugin: Any, after: str, before: str) -> Callable[[F], F]:
+    """Add the options `sweep` and `replay` share to a command: --dtype (with ``dtype_help``), --device
+    and --impl after its parameter ``after``; --grad … --save-failures (--plugin declared by ``plugin``)
+    before its parameter ``before``. The command receives them as one ``RunOptions``, ``run=``."""
+
+    def decorate(command: F) -> F:
+        own = [
+            parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for parameter in inspect.signature(command, eval_str=True).parameters.values()
+            if parameter.name != "run" and parameter.kind != inspect.Parameter.VAR_KEYWORD
+        ]
+        names = [parameter.name for parameter in own]
+        which, how = _run_parameters(dtype_help, plugin)
+        first, second = names.index(after) + 1, names.index(before)
+        params = [*own[:first], *which, *own[first:second], *how, *own[second:]]
+        shared = [parameter.name for parameter in (*which, *how)]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            run = RunOptions(**{name: values.pop(name) for name in shared})
+            return command(**values, run=run)
+
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in params}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -342,6 +342,14 @@ def default_config_text() -> str:
     return resources.files("ce_audit").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
 
 
+def default_help_text(key: str) -> str:
+    """A top-level key of the built-in default sweep as --help gives it: its values joined by ", "
+    (floats as %g: "1, 10, 100, 1000", "0, 10000"); empty where the default does not set it."""
+    value = _read_toml(default_config_text(), "built-in default").get(key, [])
+    values = value if isinstance(value, list) else [value]
+    return ", ".join(f"{item:g}" if isinstance(item, float) else str(item) for item in values)
+
+
 PROJECT_FILE = "pyproject.toml"
 PROJECT_TABLE = "ce-audit"  # [tool.ce-audit]
 

@@ -22,9 +22,11 @@ worse-than-pytorch`` fails on it); any other unflagged cell has no flag.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ce_audit.errors import AuditError
 from ce_audit.statuses import status_rank, worst_status
 
 BASELINES = {"ce": "fused", "binary": "bce_logits"}  # PyTorch's kernel for each loss family
@@ -105,3 +107,24 @@ def reaches(cell: Any, level: str) -> bool:
         return cell.flag == "worse"
     rank = status_rank(cell_status(cell.status, cell.grad_status))
     return rank is not None and rank >= (status_rank(level) or 0)
+
+
+def check_fail_level(level: str | None) -> None:
+    """A ``--fail-on`` level must be one of FAIL_LEVELS (None: off); anything else is an AuditError."""
+    if level is not None and level not in FAIL_LEVELS:
+        raise AuditError(f"--fail-on takes one of {', '.join(FAIL_LEVELS)}, got {level!r}")
+
+
+def fail_on_verdict(cells: Sequence[Any], level: str | None) -> str | None:
+    """The ``--fail-on`` policy: None when no cell reaches ``level`` (or there is none), else one line
+    saying how many cells do and naming the first; the command then exits 1."""
+    if level is None:
+        return None
+    failing = [cell for cell in cells if reaches(cell, level)]
+    if not failing:
+        return None
+    first = failing[0]
+    return (
+        f"{len(failing)} of {len(cells)} cells reach --fail-on {level} "
+        f"(first: {first.impl} {first.dtype} {first.device} {first.distribution} scale {first.scale:g})"
+    )

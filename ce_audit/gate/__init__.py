@@ -2,7 +2,9 @@
 
 ``checks`` holds the regression rules, ``compare`` matches typed cells by key and collects every failure
 into a GateResult, ``command`` reads the audits, re-runs the recorded sweep or replay and rewrites the
-baseline. The caller exits once: 0 held, 1 regressed, 2 bad input (AuditError).
+baseline. ``workflow`` (imported on its own: it brings the Markdown and JUnit writers) is `ce-audit gate`
+from its arguments to the files written, with the report directories locked. The caller exits once:
+0 held, 1 regressed, 2 bad input (AuditError).
 """
 
 from ce_audit.gate.checks import (

@@ -17,6 +17,7 @@ from ce_audit.config import SweepConfig, config_from_dict, load_config
 from ce_audit.errors import AuditError
 from ce_audit.gate.checks import default_checks
 from ce_audit.gate.compare import Audit, GateResult, compare, refuse_malformed_audit
+from ce_audit.overrides import merged
 from ce_audit.printable import printable
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory, ReportFile, check_member
@@ -93,10 +94,6 @@ class GateRun:
     extra: dict[str, Any] | None = None
 
 
-def _dedupe(items: Sequence[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(item for item in items if item))
-
-
 def run_gate(
     baseline_path: str | Path | None,
     *,
@@ -145,7 +142,8 @@ def run_gate(
                 run_config = run_config.updated(plugins=())
         else:
             raise AuditError("nothing to audit: give a BASELINE with its report.json, --current or --config")
-        run_config = run_config.with_plugins(plugins)
+        # --plugin adds to the plugins (its [[grids]] too); a blank one (an unset CI variable) is left out
+        run_config = run_config.with_plugins(merged(plugins, skip_blank=True))
         try:
             if command == "replay":
                 fresh, extra = _rerun_replay(run_config, baseline)
@@ -165,7 +163,7 @@ def run_gate(
         configs.append(_recorded_config(baseline.report, baseline.source))
     if current_path is not None and current.report is not None:
         configs.append(_recorded_config(current.report, current.source))
-    budget_texts = _dedupe([*budgets, *(text for config in configs for text in config.budgets)])
+    budget_texts = merged(budgets, *(config.budgets for config in configs), skip_blank=True)
     parsed = [parse_budget(text) for text in budget_texts]
     reference = configs[0] if configs else SweepConfig()
     checks = default_checks(

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -77,3 +78,29 @@ def stop_on_signals() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _received.clear()  # the run has recorded it in its result (AuditResult.interrupted)
+
+
+@dataclass(frozen=True)
+class Interruption:
+    """How a run stopped by SIGINT / SIGTERM ends: a status line on the report (left out when quiet), one
+    line for stderr, and the exit code (130 / 143)."""
+
+    status: str
+    message: str
+    code: int
+
+
+def interruption_of(result: Any, out: Path) -> Interruption | None:
+    """After SIGINT / SIGTERM, during the run (``result.interrupted``) or while its reports were written
+    (called within ``stop_on_signals()``): what the report in ``out`` holds; None when no signal came."""
+    late = received_signal()
+    name = result.interrupted or (signal_name(late) if late else "")
+    if not name:
+        return None
+    done, total = result.units_done, result.units_total
+    status = f"partial report: {done} of {total} units completed (interrupted by {name})"
+    if not result.partial:
+        status = f"interrupted by {name} after the last unit: the report is complete"
+    what = "the partial report" if result.partial else "the report"
+    message = f"interrupted by {name}: {what} of {done} of {total} units is in {out}"
+    return Interruption(status, message, exit_code(signal.Signals[name].value))
