@@ -1,5 +1,5 @@
-"""The result records: one ``Cell`` per implementation × dtype × device × case, one ``RowResult`` per
-input row of a replay, and the ``AuditResult`` a sweep or replay returns.
+"""The result records: one ``Cell`` per implementation × dtype × device × case and one ``RowResult`` per
+input row of a replay (``ce_audit.audit_result.AuditResult`` holds them with what produced them).
 
 Every field of a ``Cell`` is marked in its metadata as part of the cell's **key** (what was audited) or
 as a **measurement** (what was found). The summary.csv column order, the gate's cell key and compared
@@ -16,10 +16,7 @@ change; None: informative only).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ce_audit.config import SweepConfig
+from typing import Any
 
 KEY = "key"
 MEASUREMENT = "measurement"
@@ -129,27 +126,6 @@ class RowResult:
     abs_err: float
     rel_err: float
     ulp: float
-
-
-@dataclass(frozen=True)
-class AuditResult:
-    """What a sweep or replay returns: its cells (and per-row results of a replay), and what produced them."""
-
-    config: SweepConfig
-    cells: list[Cell]
-    row_results: list[RowResult]
-    devices: dict[str, str]
-    started: float
-    seconds: float
-    shard: dict[str, Any] | None = None  # a --shard run: which part of the units (ce_audit.run.shards)
-    units_done: int = 0  # (case, dtype) units completed …
-    units_total: int = 0  # … of those planned
-    interrupted: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), "" when it ran to its end
-
-    @property
-    def partial(self) -> bool:
-        """The run was stopped before its last unit: the cells are those of the completed units."""
-        return self.units_done < self.units_total
 
 
 CELL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Cell))

@@ -191,9 +191,9 @@ def test_the_gate_imports_no_report_renderer():
 def test_the_gate_decides_on_the_rounded_values_a_fresh_run_and_its_file_share(tmp_path):
     """Rounding cannot flip a decision between a fresh run and its written summary.csv: the gate rounds a
     fresh run's cells as the file does (10.0004 → 10, 11.00049 → 11: 11 is not past 10 + 10 %)."""
+    from ce_audit.audit_result import AuditResult
     from ce_audit.config import SweepConfig
     from ce_audit.gate.command import audit_from_result
-    from ce_audit.results import AuditResult
 
     base = write_summary_csv([cell(max_ulp=10.0004)], tmp_path / "base.csv")
     now = [cell(max_ulp=11.00049)]

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import BUILTIN_NAMES, registered_implementations, tiny_overrides
 
-from ce_audit.plan.cases import Case, generate_rows, quantize
 from ce_audit.config import load_config
 from ce_audit.dtypes import FORMATS, float_format
 from ce_audit.findings import cause
 from ce_audit.implementations import REGISTRY
+from ce_audit.plan.cases import Case, generate_rows, quantize
 from ce_audit.reference.cross_entropy import reference_cross_entropy
 from ce_audit.results import Cell
 from ce_audit.run.sweep import run_sweep

@@ -21,6 +21,7 @@ import pytest
 from helpers import tiny_overrides
 from rich.console import Console
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.config import config_from_dict, load_config
 from ce_audit.errors import AuditError
 from ce_audit.reports import files
@@ -28,7 +29,7 @@ from ce_audit.reports.bundle import digest, run_id, write_reports
 from ce_audit.reports.csv import EXACT_VALUES, SUMMARY_COLUMNS, rounded, write_summary_csv
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.reports.table import cell_text, print_report
-from ce_audit.results import MEASUREMENT_COLUMNS, AuditResult, Cell
+from ce_audit.results import MEASUREMENT_COLUMNS, Cell
 from ce_audit.run.sweep import run_sweep
 from ce_audit.verdict import cell_status
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig, config_from_dict, load_config
 from ce_audit.errors import AuditError
@@ -22,9 +23,8 @@ from ce_audit.reports.bundle import ReportDirectory, ReportFile, check_member
 from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
 from ce_audit.reports.files import write_atomically
 from ce_audit.reports.json import report_document, write_report_json
-from ce_audit.results import AuditResult
-from ce_audit.statuses import message_line
 from ce_audit.run.sweep import run_sweep
+from ce_audit.statuses import message_line
 
 
 def summary_path(path: str | Path) -> Path:

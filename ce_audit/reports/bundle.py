@@ -23,12 +23,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.errors import AuditError
-from ce_audit.results import AuditResult
+from ce_audit.reports.files import ReportFile
 
 STAGING_PREFIX = ".ce-audit-staging-"
 REPORT_NAME = "report.json"
@@ -36,14 +36,6 @@ RUN_NAME = "run.json"
 # Files an older version wrote without listing them in report.json's "files", and run.json (never listed):
 # removed when this run does not rewrite them.
 LEGACY_NAMES = ("summary.csv", "rows.csv", RUN_NAME)
-
-
-@dataclass(frozen=True)
-class ReportFile:
-    """One member of the report set: its name in the directory and the function that writes it there."""
-
-    name: str
-    write: Callable[[Path], Any]
 
 
 def report_files(result: AuditResult, document: dict[str, Any] | None = None) -> list[ReportFile]:

@@ -25,7 +25,7 @@ from ce_audit.findings import findings
 from ce_audit.options import options_label
 from ce_audit.reports import plots
 from ce_audit.reports.csv import read_cells, rounded_cells
-from ce_audit.reports.files import write_atomically, write_bytes_atomically
+from ce_audit.reports.files import ReportFile, write_atomically, write_bytes_atomically
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, worst_status
 
@@ -272,11 +272,9 @@ def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: s
     return [write_atomically(out / HTML_NAME, html_report(cells, document, figures)), *written]
 
 
-def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[Any]:
+def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[ReportFile]:
     """report.html and (when there are figures) the plots/ folder as members of the report set
-    (``reports.bundle.ReportFile``); the figures are drawn once, for both."""
-    from ce_audit.reports.bundle import ReportFile
-
+    (``ReportFile``s); the figures are drawn once, for both."""
     cells = rounded_cells(cells)  # as summary.csv keeps them, so `ce-audit report` draws the same page
     figures, drawn = _figures(cells, document)
 

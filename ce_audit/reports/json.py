@@ -17,10 +17,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.dtypes import reference_precision
 from ce_audit.implementations import REGISTRY
 from ce_audit.reports.files import write_atomically
-from ce_audit.results import AuditResult
 
 REPORT_FORMAT = 2  # 2: the rows left to summary.csv; timing and host moved to run.json
 

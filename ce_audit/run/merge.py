@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
-from ce_audit.reports.bundle import RUN_NAME, ReportDirectory, ReportFile
+from ce_audit.reports.bundle import RUN_NAME, ReportDirectory
 from ce_audit.reports.csv import read_cells
+from ce_audit.reports.files import ReportFile
 from ce_audit.reports.html import html_files
 
 # report.json keys that may differ between the shards of one sweep
