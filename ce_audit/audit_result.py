@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ce_audit.config import SweepConfig
+from ce_audit.implementations import Implementation
 from ce_audit.results import Cell, RowResult
 
 
@@ -23,6 +24,7 @@ class AuditResult:
     units_done: int = 0  # (case, dtype) units completed …
     units_total: int = 0  # … of those planned
     interrupted: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), "" when it ran to its end
+    implementations: tuple[Implementation, ...] = ()  # what each audited name was (report.json describes it)
 
     @property
     def partial(self) -> bool:

@@ -22,6 +22,7 @@ from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
+from ce_audit.implementations import registered
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
 from ce_audit.plan.cases import random_class_weights
@@ -425,6 +426,7 @@ def run_replay(
     return AuditResult(
         config=config,
         cells=cells,
+        implementations=registered(cell.impl for cell in cells),
         row_results=row_results,
         devices={device: device_description(device) for device in devices},
         started=started,

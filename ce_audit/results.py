@@ -15,7 +15,8 @@ change; None: informative only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 KEY = "key"
@@ -159,3 +160,26 @@ def what_of(column: str) -> str:
 def unit_of(column: str) -> str:
     """The unit a growth-compared measurement is allowed to grow in: ``ulp`` or ``eps`` (machine epsilon)."""
     return {f.name: f.metadata.get("unit", "") for f in fields(Cell)}[column]
+
+
+SIGNIFICANT_DIGITS = 4
+# Values of the audited dtype (the largest logit, reference and value, the constant a loss is capped at)
+# keep every digit: they are exact inputs or outputs, not errors.
+EXACT_VALUES = ("max_logit", "max_reference", "max_value", "capped_at")
+_ERROR_FIELDS = tuple(
+    f.name
+    for f in fields(Cell)
+    if f.metadata["role"] == MEASUREMENT and f.type == "float" and f.name not in EXACT_VALUES
+)
+
+
+def significant(value: float) -> float:
+    """An error measurement to ``SIGNIFICANT_DIGITS`` significant digits (inf and nan as they are): what
+    matters, and what stays the same from one machine to the next."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
+
+
+def with_significant_digits(cell: Cell) -> Cell:
+    """The cell with every float error measurement kept to ``SIGNIFICANT_DIGITS`` digits, as the pipeline
+    makes it and summary.csv holds it (applying it again changes nothing)."""
+    return replace(cell, **{name: significant(getattr(cell, name)) for name in _ERROR_FIELDS})

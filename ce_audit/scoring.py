@@ -130,7 +130,7 @@ class CellTally:
         self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool
     ) -> None:
         """A 0-d result against ``reference``: the exact batch mean with PyTorch's denominator (the rows
-        not ignored, Σ w_y with class weights; pipeline._mean_reference), and its gradient."""
+        not ignored, Σ w_y with class weights; row_views._mean_reference), and its gradient."""
         self.batch_rows = reference.per_row.shape[0]
         mean = np.asarray(reference.loss).reshape(1)
         mean_grad = reference.grad if grad else None
@@ -169,9 +169,11 @@ class CellTally:
         max_reference: float,
         floor: Side | None = None,
         pytorch: CellTally | None = None,
+        device_name: str = "",
     ) -> Cell:
         """The tallies as one ``Cell`` (its key from the label and the option table), judged against the
-        ``floor`` (the exact values rounded once) and PyTorch's kernel on the same inputs."""
+        ``floor`` (the error of the exact values rounded once) and PyTorch's kernel on the same inputs;
+        ``device_name``: what the device is (devices.device_name)."""
         if self.status in UNMEASURED:
             status, grad_status = self.status, self.status
         else:
@@ -193,11 +195,11 @@ class CellTally:
             status = Status.INACCURATE
         nan = float("nan")
         floor = (self.mean_floor if mean else floor) or Side(nan, False, nan)
-        baseline = pytorch.side(fmt) if pytorch is not None and pytorch.status is None else None
+        kernel = pytorch.side(fmt) if pytorch is not None and pytorch.status is None else None
         judged = None
         if measured:
             flagged = status != Status.OK or grad_status in (Status.INACCURATE, Status.NONFINITE)
-            judged = relative(self.side(fmt), floor, baseline, flagged)
+            judged = relative(self.side(fmt), floor, kernel, flagged)
         convention = ""
         if measured and self.loss.convention_rows:
             convention = (
@@ -211,6 +213,7 @@ class CellTally:
             impl=self.impl.name,
             dtype=fmt.name,
             device=self.device,
+            device_name=device_name,
             distribution=label.distribution,
             scale=label.scale,
             offset=label.offset,
@@ -252,10 +255,10 @@ class CellTally:
             best_grad_norm_rel_err=floor.grad_ulp * machine_epsilon(fmt)
             if measured and self.grad_measured
             else nan,
-            pytorch_max_ulp=baseline.loss_ulp if measured and baseline else nan,
+            pytorch_max_ulp=kernel.loss_ulp if measured and kernel else nan,
             pytorch_grad_norm_rel_err=(
-                baseline.grad_ulp * machine_epsilon(fmt)
-                if measured and baseline and self.grad_measured
+                kernel.grad_ulp * machine_epsilon(fmt)
+                if measured and kernel and self.grad_measured
                 else nan
             ),
             loss_vs_pytorch=judged.loss_vs_pytorch if judged else nan,

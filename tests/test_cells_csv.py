@@ -19,8 +19,8 @@ from helpers import cell
 from ce_audit.budgets import parse_budget
 from ce_audit.errors import AuditError
 from ce_audit.gate import Audit, compare, read_audit
-from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
-from ce_audit.results import KEY_COLUMNS, Cell
+from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, write_summary_csv
+from ce_audit.results import KEY_COLUMNS, Cell, with_significant_digits
 
 
 def same(a: Any, b: Any) -> bool:
@@ -79,7 +79,7 @@ def test_every_column_type_round_trips(tmp_path):
     summary = read_cells(path)
     assert summary.header == SUMMARY_COLUMNS
     assert summary.unknown == [{}, {}]
-    assert_same_cells(summary.cells, rounded_cells(cells))
+    assert_same_cells(summary.cells, [with_significant_digits(cell) for cell in cells])
     assert summary.cells[0].mean_bits == 0.3 and summary.cells[0].scale == 0.1 + 0.2
     assert summary.cells[0].margin is None and summary.cells[1].focal_gamma is None
     assert summary.cells[0].wrote_input is True and summary.cells[1].wrote_input is False

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
 from ce_audit.reports.files import write_atomically
-from ce_audit.results import CELL_COLUMNS, MEASUREMENT_COLUMNS, ROW_RESULT_COLUMNS, Cell, RowResult
+from ce_audit.results import CELL_COLUMNS, ROW_RESULT_COLUMNS, Cell, RowResult, with_significant_digits
 
 SUMMARY_COLUMNS = CELL_COLUMNS
 ROW_COLUMNS = ROW_RESULT_COLUMNS
@@ -32,31 +31,6 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     *(f.name for f in fields(Cell) if f.default is MISSING and f.default_factory is MISSING),
     "status",
 )
-
-
-SIGNIFICANT_DIGITS = 4
-
-
-def rounded(value: float) -> float:
-    """A measurement as summary.csv keeps it: 4 significant digits (inf and nan as they are)."""
-    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
-
-
-# Values of the audited dtype (the largest logit, reference and value, the constant a loss is capped at)
-# keep every digit: they are exact inputs or outputs, not errors.
-EXACT_VALUES = ("max_logit", "max_reference", "max_value", "capped_at")
-_ROUNDED_FIELDS = tuple(
-    f.name
-    for f in fields(Cell)
-    if f.name in MEASUREMENT_COLUMNS and f.type == "float" and f.name not in EXACT_VALUES
-)
-
-
-def rounded_cells(cells: list[Cell]) -> list[Cell]:
-    """The cells with every float measurement rounded as summary.csv writes it."""
-    return [
-        replace(cell, **{name: rounded(getattr(cell, name)) for name in _ROUNDED_FIELDS}) for cell in cells
-    ]
 
 
 def column_text(value: Any) -> str:
@@ -78,7 +52,9 @@ def _csv_text(columns: tuple[str, ...], rows: list[Any]) -> str:
 
 
 def summary_text(rows: list[Cell]) -> str:
-    return _csv_text(SUMMARY_COLUMNS, rounded_cells(rows))
+    """summary.csv's text: error measurements to ``results.SIGNIFICANT_DIGITS`` significant digits (as the
+    pipeline makes its cells; this holds cells made elsewhere to the file's format)."""
+    return _csv_text(SUMMARY_COLUMNS, [with_significant_digits(cell) for cell in rows])
 
 
 def write_summary_csv(rows: list[Cell], path: str | Path) -> Path:

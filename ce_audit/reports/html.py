@@ -24,7 +24,7 @@ from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import options_label
 from ce_audit.reports import plots
-from ce_audit.reports.csv import read_cells, rounded_cells
+from ce_audit.reports.csv import read_cells
 from ce_audit.reports.files import ReportFile, write_atomically, write_bytes_atomically
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, worst_status
@@ -274,8 +274,8 @@ def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: s
 
 def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[ReportFile]:
     """report.html and (when there are figures) the plots/ folder as members of the report set
-    (``ReportFile``s); the figures are drawn once, for both."""
-    cells = rounded_cells(cells)  # as summary.csv keeps them, so `ce-audit report` draws the same page
+    (``ReportFile``s); the figures are drawn once, for both. The cells are the pipeline's (measurements to
+    summary.csv's digits), so `ce-audit report` draws the same page from summary.csv."""
     figures, drawn = _figures(cells, document)
 
     def write_page(path: Path) -> None:

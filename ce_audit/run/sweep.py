@@ -21,6 +21,7 @@ from ce_audit.audit_result import AuditResult
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
+from ce_audit.implementations import registered
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
     Block,
@@ -260,6 +261,7 @@ def run_sweep(
     return AuditResult(
         config=config,
         cells=cells,
+        implementations=registered(cell.impl for cell in cells),
         row_results=[],
         devices={device: device_description(device) for device in devices},
         started=started,
