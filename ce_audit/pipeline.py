@@ -28,7 +28,7 @@ from ce_audit.results import Cell, RowResult, with_significant_digits
 from ce_audit.row_views import DROPPED_NOTE, BlockViews, RowsView, without_ignored
 from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
 from ce_audit.run.isolation import failure_reason, run_implementation
-from ce_audit.scoring import CaseLabel, CellTally
+from ce_audit.scoring import CaseKey, CellTally
 from ce_audit.statuses import Status
 from ce_audit.verdict import PYTORCH_KERNELS, Side
 
@@ -39,7 +39,7 @@ Block = tuple[int, np.ndarray, np.ndarray]  # (first row, quantized logits, targ
 class BlockSource(Protocol):
     """An input adapter: the inputs of one case, per dtype."""
 
-    label: CaseLabel
+    key: CaseKey
     options: LossOptions
 
     def skip_reason(self, fmt: FloatFormat) -> str | None:
@@ -249,7 +249,7 @@ class DtypeAudit:
         finite_reference = reference.loss[np.isfinite(reference.loss)]
         if finite_reference.size:
             self.max_reference = max(self.max_reference, float(finite_reference.max()))
-        whole = first_row == 0 and block.shape[0] == self.source.label.batch
+        whole = first_row == 0 and block.shape[0] == self.source.key.batch
         if any(run.tally.status is None for run in self.runs):
             self.floor_loss = max(self.floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
@@ -334,17 +334,17 @@ class DtypeAudit:
     def cells(self) -> list[Cell]:
         """One cell per reported run, judged against the floor and PyTorch's kernel on its device; a
         failing cell's worst rows go to the reproducers."""
-        grad, label = self.grad, self.source.label
+        grad, key = self.grad, self.source.key
         floor = Side(self.floor_loss, False, self.floor_grad if grad else float("nan"))
         cells = []
         for run in self.runs:
             kernel = self.kernels.get(run.tally.device)
             cell = make_cell(
-                run.tally, self.fmt, label, grad, self.max_logit, self.max_reference, floor,
+                run.tally, self.fmt, key, grad, self.max_logit, self.max_reference, floor,
                 kernel.tally if kernel else None,
             )  # fmt: skip
             if self.reproducers is not None and run.worst is not None:
-                self.reproducers.add(cell, run.worst, run.tally.impl, run.options, label.seed)
+                self.reproducers.add(cell, run.worst, run.tally.impl, run.options, key.seed)
             cells.append(cell)
         return cells
 
@@ -352,7 +352,7 @@ class DtypeAudit:
 def make_cell(
     tally: CellTally,
     fmt: FloatFormat,
-    label: CaseLabel,
+    key: CaseKey,
     grad: bool,
     max_logit: float,
     max_reference: float,
@@ -363,7 +363,7 @@ def make_cell(
     the significant digits summary.csv holds (``results.with_significant_digits``), so every report and
     the gate read the same values."""
     cell = tally.to_cell(
-        fmt, label, grad, max_logit, max_reference, floor, pytorch, device_name=device_name(tally.device)
+        fmt, key, grad, max_logit, max_reference, floor, pytorch, device_name=device_name(tally.device)
     )
     return with_significant_digits(cell)
 
@@ -400,12 +400,12 @@ def audit_blocks(
 
 
 def skipped_cells(
-    impls: list[Implementation], devices: list[str], fmt: FloatFormat, label: CaseLabel, reason: str
+    impls: list[Implementation], devices: list[str], fmt: FloatFormat, key: CaseKey, reason: str
 ) -> list[Cell]:
     """Every cell of a (case, dtype) that cannot be audited, with the reason."""
     nan = float("nan")
     return [
-        make_cell(CellTally(impl, device, status=Status.SKIPPED, error=reason), fmt, label, False, nan, nan)
+        make_cell(CellTally(impl, device, status=Status.SKIPPED, error=reason), fmt, key, False, nan, nan)
         for impl in impls
         for device in devices
     ]
@@ -437,7 +437,7 @@ def audit_source(
             break
         reason = source.skip_reason(fmt)
         if reason:
-            cells += skipped_cells(impls, devices, fmt, source.label, reason)
+            cells += skipped_cells(impls, devices, fmt, source.key, reason)
             if progress:
                 progress(1.0)
             if units:

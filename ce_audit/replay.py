@@ -29,7 +29,7 @@ from ce_audit.plan.cases import random_class_weights
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.run.interruption import UnitCount, received_signal, signal_name
 from ce_audit.run.isolation import session
-from ce_audit.scoring import CaseLabel
+from ce_audit.scoring import CaseKey
 from ce_audit.statuses import message_line
 
 DEFAULT_LOGITS_KEY = "logits"
@@ -304,7 +304,7 @@ class FileSource:
     logits: np.ndarray  # (N, V) in the file's dtype, a memory map where the format allows
     targets: np.ndarray
     options: LossOptions
-    label: CaseLabel
+    key: CaseKey
     class_weight: np.ndarray | None
     budget_bytes: int
     peak: float  # the largest finite |logit|
@@ -410,10 +410,10 @@ def run_replay(
         options = replace(options, ignore_fraction=float((targets == options.ignore_index).mean()))
     audited = list(dtypes or [_file_format_name(logits)])
     config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
-    label = CaseLabel("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
+    key = CaseKey("replay", 1.0, 0.0, logits.shape[0], logits.shape[1], config.seed, options)
     budget = min(config.block_mib, REPLAY_BLOCK_MIB) << 20
     source = FileSource(
-        logits, targets, options, label, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
+        logits, targets, options, key, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
     )
     units = UnitCount(len(audited))  # one unit per dtype
     with session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins):

@@ -37,7 +37,7 @@ from ce_audit.verdict import Side, relative
 
 
 @dataclass(frozen=True)
-class CaseLabel:
+class CaseKey:
     """The key columns of a case: what the sweep or replay calls it, and its options."""
 
     distribution: str
@@ -138,7 +138,7 @@ class CellTally:
         grad_floor = floor_norm_error(mean_grad, fmt) if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
 
-    def _overflow_note(self, fmt: FloatFormat, label: CaseLabel) -> str:
+    def _overflow_note(self, fmt: FloatFormat, label: CaseKey) -> str:
         if not self.loss.overflow_rows:
             return ""
         what = "sum" if label.options.reduction == "sum" else "value"
@@ -163,7 +163,7 @@ class CellTally:
     def to_cell(
         self,
         fmt: FloatFormat,
-        label: CaseLabel,
+        label: CaseKey,
         grad: bool,
         max_logit: float,
         max_reference: float,

@@ -47,7 +47,7 @@ from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, session
 from ce_audit.run.shards import Shard
-from ce_audit.scoring import CaseLabel
+from ce_audit.scoring import CaseKey
 
 
 @dataclass
@@ -56,7 +56,7 @@ class CaseSource:
 
     case: Case
     options: LossOptions
-    label: CaseLabel
+    key: CaseKey
     budget_bytes: int
     row_multiple: int = 1  # blocks are multiples of this many rows (sequence adapters)
 
@@ -142,9 +142,9 @@ class Unit:
             return 0
         return self.case.batch * self.case.vocab * (len(self.impls) + 1) * len(self.devices)
 
-    def label(self) -> CaseLabel:
+    def key(self) -> CaseKey:
         case = self.case
-        return CaseLabel(
+        return CaseKey(
             case.distribution, case.scale, case.offset, case.batch, case.vocab, case.seed,
             self.options, case.margin, case.target_position,
         )  # fmt: skip
@@ -195,7 +195,7 @@ def run_unit(
         return []
     grid = unit.grid
     impls = prepare(unit.impls, grid.plugins)
-    source = CaseSource(unit.case, unit.options, unit.label(), grid.block_mib << 20, row_multiple(impls))
+    source = CaseSource(unit.case, unit.options, unit.key(), grid.block_mib << 20, row_multiple(impls))
     count = UnitCount(1)
     isolated = (
         contextlib.nullcontext()
