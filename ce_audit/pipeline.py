@@ -228,8 +228,8 @@ class DtypeAudit:
         self.weight = source.weight(fmt)
         self.runs = _impl_runs(source, fmt, impls, devices, reproducers)
         self.kernels = _pytorch_kernels(self.runs, devices, fmt, source.options)
-        hidden = {id(run): run for run in self.kernels.values() if not run.reported}
-        self.every_run = [*self.runs, *hidden.values()]  # the reported ones first
+        hidden = [run for run in self.kernels.values() if not run.reported]  # one per device at most
+        self.every_run = [*self.runs, *hidden]  # the reported ones first
         self.on_device = reference_device(devices)
         # one progress unit per (case, dtype), in steps of one run on one block
         self.step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(self.runs), 1))
