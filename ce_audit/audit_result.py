@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from ce_audit.config import SweepConfig
 from ce_audit.implementations import Implementation
-from ce_audit.results import Cell, RowResult
+from ce_audit.results import Cell, RowResult, with_significant_digits
 
 
 @dataclass(frozen=True)
@@ -30,3 +31,10 @@ class AuditResult:
     def partial(self) -> bool:
         """The run was stopped before its last unit: the cells are those of the completed units."""
         return self.units_done < self.units_total
+
+    @cached_property
+    def summary_cells(self) -> list[Cell]:
+        """The cells as summary.csv holds them, every error measurement to ``results.SIGNIFICANT_DIGITS``
+        significant digits: rounded once, here, for every report and the gate, so that they all read the
+        same values (``cells`` keep full precision for the Python API and the terminal)."""
+        return [with_significant_digits(cell) for cell in self.cells]

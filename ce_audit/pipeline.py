@@ -24,7 +24,7 @@ from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
 from ce_audit.reference.device import block_reference, reference_device
 from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
-from ce_audit.results import Cell, RowResult, with_significant_digits
+from ce_audit.results import Cell, RowResult
 from ce_audit.row_views import DROPPED_NOTE, BlockViews, RowsView, without_ignored
 from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
 from ce_audit.run.isolation import failure_reason, run_implementation
@@ -359,13 +359,11 @@ def make_cell(
     floor: Side | None = None,
     pytorch: CellTally | None = None,
 ) -> Cell:
-    """The one place a cell is made: the tally's ``Cell`` with its device's name, its measurements kept to
-    the significant digits summary.csv holds (``results.with_significant_digits``), so every report and
-    the gate read the same values."""
-    cell = tally.to_cell(
+    """The one place a cell is made: the tally's ``Cell``, with the name of its device (its measurements in
+    full precision; ``AuditResult.summary_cells`` keeps them to summary.csv's digits for the reports)."""
+    return tally.to_cell(
         fmt, key, grad, max_logit, max_reference, floor, pytorch, device_name=device_name(tally.device)
     )
-    return with_significant_digits(cell)
 
 
 def audit_blocks(

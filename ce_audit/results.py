@@ -180,6 +180,6 @@ def significant(value: float) -> float:
 
 
 def with_significant_digits(cell: Cell) -> Cell:
-    """The cell with every float error measurement kept to ``SIGNIFICANT_DIGITS`` digits, as the pipeline
-    makes it and summary.csv holds it (applying it again changes nothing)."""
+    """The cell with every float error measurement kept to ``SIGNIFICANT_DIGITS`` digits, as summary.csv
+    holds it (``AuditResult.summary_cells``; applying it again changes nothing)."""
     return replace(cell, **{name: significant(getattr(cell, name)) for name in _ERROR_FIELDS})

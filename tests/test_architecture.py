@@ -3,7 +3,8 @@
 - the loss-option table (ce_audit.options.OPTION_SPECS) names every LossOptions field, every option column
   of a Cell and every option key of a config, and the CLI flags are generated from it;
 - every Cell field is marked key or measurement, and the summary.csv columns follow the Cell's fields;
-- no module imports another in a cycle; no module outside ce_audit/backends.py branches on a backend name.
+- no module imports another in a cycle, counting every import (at the top, inside functions, under
+  TYPE_CHECKING, relative); no module outside ce_audit/backends.py branches on a backend name.
 """
 
 from __future__ import annotations

@@ -61,10 +61,10 @@ def read_audit(path: str | Path, what: str) -> Audit:
 def audit_from_result(
     result: AuditResult, source: str, command: str = "sweep", extra: dict[str, Any] | None = None
 ) -> Audit:
-    """A fresh AuditResult as the gate sees it: its cells, as summary.csv holds them (the pipeline keeps
-    their measurements to summary.csv's digits, so the verdict on a fresh run is the verdict on its written
-    report), and the report.json it would write."""
-    return Audit(SUMMARY_COLUMNS, result.cells, source, report_document(result, command, extra))
+    """A fresh AuditResult as the gate sees it: its cells as summary.csv holds them (``summary_cells``: the
+    measurements rounded the same way, so the verdict on a fresh run is the verdict on its written report),
+    and the report.json it would write."""
+    return Audit(SUMMARY_COLUMNS, result.summary_cells, source, report_document(result, command, extra))
 
 
 def _recorded_config(report: dict[str, Any] | None, source: str) -> SweepConfig:

@@ -52,8 +52,8 @@ def _csv_text(columns: tuple[str, ...], rows: list[Any]) -> str:
 
 
 def summary_text(rows: list[Cell]) -> str:
-    """summary.csv's text: error measurements to ``results.SIGNIFICANT_DIGITS`` significant digits (as the
-    pipeline makes its cells; this holds cells made elsewhere to the file's format)."""
+    """summary.csv's text: error measurements to ``results.SIGNIFICANT_DIGITS`` significant digits (as
+    ``AuditResult.summary_cells`` has them already; this holds any other cells to the file's format)."""
     return _csv_text(SUMMARY_COLUMNS, [with_significant_digits(cell) for cell in rows])
 
 

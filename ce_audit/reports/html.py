@@ -274,8 +274,8 @@ def write_html_report(cells: list[Cell], document: dict[str, Any] | None, out: s
 
 def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[ReportFile]:
     """report.html and (when there are figures) the plots/ folder as members of the report set
-    (``ReportFile``s); the figures are drawn once, for both. The cells are the pipeline's (measurements to
-    summary.csv's digits), so `ce-audit report` draws the same page from summary.csv."""
+    (``ReportFile``s); the figures are drawn once, for both. The cells are as summary.csv holds them
+    (``AuditResult.summary_cells``), so `ce-audit report` draws the same page from summary.csv."""
     figures, drawn = _figures(cells, document)
 
     def write_page(path: Path) -> None:

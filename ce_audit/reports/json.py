@@ -106,7 +106,7 @@ def stdout_document(result: AuditResult, command: str, extra: dict[str, Any] | N
     """``--format json``: the report.json document plus ``rows``, every cell as summary.csv holds it."""
     from dataclasses import asdict
 
-    rows = _plain([asdict(cell) for cell in result.cells])
+    rows = _plain([asdict(cell) for cell in result.summary_cells])
     return {**report_document(result, command, extra), "rows": rows}
 
 
