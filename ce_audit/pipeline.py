@@ -69,16 +69,6 @@ def drops_ignored_rows(source: BlockSource, impl: Implementation) -> bool:
     )
 
 
-def overflow_peak(values: np.ndarray, fmt: FloatFormat) -> float | None:
-    """The largest finite |value| when some finite value rounds to ±inf in ``fmt`` (the inputs cannot be
-    represented there), else None."""
-    finite = values[np.isfinite(values)]
-    with np.errstate(over="ignore"):
-        if finite.size and np.isinf(fmt.quantize(finite)).any():
-            return float(np.abs(finite).max())
-    return None
-
-
 def implementations_and_devices(
     names: Iterable[str], plugins: Iterable[str], devices: Iterable[str], *, present_only: bool = True
 ) -> tuple[list[Implementation], list[str]]:

@@ -62,8 +62,7 @@ def _ulp_text(value: float) -> str:
 
 
 def cell_text(rows: list[Cell]) -> Text:
-    """Worst status of the rows in one entry of a case table, as its mark with max ULPs or the NaN/Inf row
-    counts."""
+    """Worst status of the rows in one case-table entry: its mark with max ULPs, or the NaN/Inf row counts."""
     status = worst_status([row.status for row in rows])
     measured = [row for row in rows if row.status not in ("error", "skipped")]
     if status == "nonfinite":

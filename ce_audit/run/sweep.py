@@ -20,7 +20,7 @@ import numpy as np
 from ce_audit.audit_result import AuditResult
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
-from ce_audit.dtypes import FloatFormat, float_format, working_dtype
+from ce_audit.dtypes import FloatFormat, float_format, overflow_peak, working_dtype
 from ce_audit.implementations import registered
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
@@ -28,7 +28,6 @@ from ce_audit.pipeline import (
     Progress,
     audit_source,
     implementations_and_devices,
-    overflow_peak,
     row_multiple,
 )
 from ce_audit.plan.cases import (
