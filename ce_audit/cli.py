@@ -31,8 +31,9 @@ from ce_audit.errors import AuditError
 from ce_audit.plugins import prepare
 from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
-from ce_audit.reports.html import plots_markdown, rebuild_report
+from ce_audit.reports.html import plots_markdown
 from ce_audit.reports.listing import print_implementations
+from ce_audit.reports.rebuild import rebuild_report
 from ce_audit.reports.stdout import print_summary, status_console, terminal_console
 from ce_audit.run.audit import ReportedRun, replay_to_report, sweep_to_report
 from ce_audit.run.executors import Execution

@@ -160,7 +160,7 @@ DetailOption = Annotated[
     bool,
     typer.Option(
         "--detail",
-        help="Show the per-case grid of each dtype and every finding (shown anyway where the terminal is "
+        help="Show the per-case table of each dtype and every finding (shown anyway where the terminal is "
         "wide enough for it).",
     ),
 ]

@@ -177,3 +177,13 @@ def round_to_format(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
         rounded = np.where(np.abs(rounded) > fmt.max, np.copysign(np.inf, x), rounded)
         exact = np.where(finite, rounded, x)
         return exact.astype(fmt.numpy_dtype)
+
+
+def overflow_peak(values: np.ndarray, fmt: FloatFormat) -> float | None:
+    """The largest finite |value| when some finite value rounds to ±inf in ``fmt`` (the inputs cannot be
+    represented there), else None."""
+    finite = values[np.isfinite(values)]
+    with np.errstate(over="ignore"):
+        if finite.size and np.isinf(fmt.quantize(finite)).any():
+            return float(np.abs(finite).max())
+    return None

@@ -10,7 +10,7 @@ from ce_audit.dtypes import FORMATS, FloatFormat, float_format
 from ce_audit.options import options_label
 from ce_audit.results import Cell
 from ce_audit.statuses import worst_status
-from ce_audit.verdict import BASELINES
+from ce_audit.verdict import PYTORCH_KERNELS
 
 EPSILON_CAP = -math.log(1e-7)
 # Constants a loss is commonly clipped at: −log(c) for an epsilon c inside the log or a clamp of p.
@@ -232,7 +232,7 @@ def relative_to_pytorch(rows: list[Cell]) -> dict[str, str]:
         own = [
             r
             for r in rows
-            if r.impl == impl and impl in BASELINES.values() and r.flag in ("pytorch", "floor")
+            if r.impl == impl and impl in PYTORCH_KERNELS.values() and r.flag in ("pytorch", "floor")
         ]
         if worse:
             top = max(worse, key=_factor)

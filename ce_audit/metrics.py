@@ -128,7 +128,8 @@ class LossTally:
     top_error: float = 0.0
     below_error: float = 0.0  # … and the largest error of every row below it, and a few values below it
     below_values: set[float] = field(default_factory=set)
-    on_grid: dict[str, bool] = field(default_factory=dict)  # every finite value lies on a narrower format
+    # per narrower format: every finite value so far is one of its values
+    representable: dict[str, bool] = field(default_factory=dict)
     max_significant_bits: int = 0  # the most significant bits any finite value uses
 
     def add(
@@ -155,9 +156,10 @@ class LossTally:
         if finite.size:
             self.max_significant_bits = max(self.max_significant_bits, int(significant_bits_of(finite).max()))
         for narrower in FORMATS.values():
-            if narrower.precision < fmt.precision and self.on_grid.get(narrower.name, True):
+            if narrower.precision < fmt.precision and self.representable.get(narrower.name, True):
                 with np.errstate(over="ignore"):
-                    self.on_grid[narrower.name] = bool((finite.astype(narrower.numpy_dtype) == finite).all())
+                    exact = finite.astype(narrower.numpy_dtype) == finite
+                    self.representable[narrower.name] = bool(exact.all())
         return errors
 
     def _track_cap(self, value: np.ndarray, reference: np.ndarray, errors: RowErrors, tol: Tolerance) -> None:
@@ -208,7 +210,7 @@ class LossTally:
         of cancellation land on coarse grids with few) and the errors are q's size (at least 2^(p − q − 3)
         ULPs of the audited format): the loss was computed in q bits."""
         candidates = [
-            f for f in FORMATS.values() if f.precision <= fmt.precision - 8 and self.on_grid.get(f.name)
+            f for f in FORMATS.values() if f.precision <= fmt.precision - 8 and self.representable.get(f.name)
         ]
         for narrower in sorted(candidates, key=lambda f: -f.precision):
             sized = self.max_ulp >= 2.0 ** (fmt.precision - narrower.precision - 3)

@@ -59,7 +59,7 @@ class OptionSpec:
     "optional float" (a number or none). ``choices`` / ``check`` validate a value (``check`` returns a
     message). ``support`` is the name an implementation lists in ``supports`` to be audited while the option
     is ``active``; ``keyword`` the keyword argument that then carries the value; ``generic``: every torch
-    built-in supports it (applied around the formula, ce_audit.implementations.torch_variants). ``label``
+    built-in supports it (applied around the formula, ce_audit.implementations.torch_builtins). ``label``
     renders the value in findings (in ``label_order``); ``legend`` the label prefixes the report's legend
     explains with ``meaning``; ``replay`` says whether `ce-audit replay` takes it (one value).
     """

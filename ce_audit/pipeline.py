@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,14 +24,14 @@ from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plan.cases import Case
 from ce_audit.plugins import prepare
 from ce_audit.reference.device import block_reference, reference_device
-from ce_audit.reference.variants import reference_loss
 from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
+from ce_audit.row_views import DROPPED_NOTE, BlockViews, RowsView, without_ignored
 from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
 from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
-from ce_audit.verdict import BASELINES, Side
+from ce_audit.verdict import PYTORCH_KERNELS, Side
 
 Progress = Callable[[float], None]
 Block = tuple[int, np.ndarray, np.ndarray]  # (first row, quantized logits, targets)
@@ -60,9 +60,6 @@ class BlockSource(Protocol):
         """Per-class weights in ``fmt``, or None."""
 
 
-DROPPED_NOTE = "ignored rows left out of its call and of its reference (it does not support ignore_index)"
-
-
 def drops_ignored_rows(source: BlockSource, impl: Implementation) -> bool:
     """Whether ``impl`` is audited on the rows that are not ignored: the source asks for it
     (``drop_ignored_rows``, a replay) and the implementation cannot ignore rows itself."""
@@ -73,27 +70,6 @@ def drops_ignored_rows(source: BlockSource, impl: Implementation) -> bool:
         and not options.probs
         and "ignore_index" not in impl.supports
     )
-
-
-def without_ignored(options: LossOptions) -> LossOptions:
-    """The options of a call on the rows that are not ignored: nothing left to ignore."""
-    return replace(options, ignore_fraction=0.0)
-
-
-def _kept(block: np.ndarray, targets: np.ndarray, options: LossOptions) -> np.ndarray | None:
-    """Indices of the rows not ignored (None: every row is kept)."""
-    ignored = targets == options.ignore_index
-    return None if not ignored.any() else np.flatnonzero(~ignored)
-
-
-def overflow_peak(values: np.ndarray, fmt: FloatFormat) -> float | None:
-    """The largest finite |value| when some finite value rounds to ±inf in ``fmt`` (the inputs cannot be
-    represented there), else None."""
-    finite = values[np.isfinite(values)]
-    with np.errstate(over="ignore"):
-        if finite.size and np.isinf(fmt.quantize(finite)).any():
-            return float(np.abs(finite).max())
-    return None
 
 
 def implementations_and_devices(
@@ -128,19 +104,17 @@ def _expected_shape(options: LossOptions, block: np.ndarray) -> tuple[int, ...]:
 
 def _call(
     tally: CellTally,
-    block: np.ndarray,
-    targets: np.ndarray,
+    view: RowsView,
     fmt: FloatFormat,
     settings: dict[str, Any],
     grad: bool,
-    options: LossOptions,
     weight: np.ndarray | None,
 ) -> Outcome | None:
     """Run one implementation on one block; a failure marks the cell `error` and returns None."""
     try:
         call = BlockCall(
-            block, targets, fmt, tally.device, settings, grad, options, weight,
-            _expected_shape(options, block),
+            view.logits, view.targets, fmt, tally.device, settings, grad, view.options, weight,
+            _expected_shape(view.options, view.logits),
         )  # fmt: skip
         outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.run.isolation)
     except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
@@ -160,50 +134,229 @@ def _call(
     return outcome
 
 
-def _mean_reference(
-    block: np.ndarray, targets: np.ndarray, options: LossOptions, weight: np.ndarray | None, grad: bool
-) -> Any:
-    """The exact batch mean a 0-d result stands for: PyTorch's ``mean`` with these options, over the rows
-    not ignored (Σ w_y ℓ / Σ w_y with class weights), and its gradient."""
-    return reference_loss(block, targets, replace(options, reduction="mean"), weight=weight, grad=grad)
+@dataclass
+class ImplRun:
+    """One implementation on one device over the blocks of one (case, dtype): its tally, whether it is
+    called on the rows not ignored only, whether its cell is reported (PyTorch's kernel may run only to be
+    compared with), and its worst rows (``--save-failures``)."""
+
+    tally: CellTally
+    options: LossOptions  # the options of its calls
+    drops_ignored: bool = False
+    reported: bool = True
+    worst: WorstRows | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Still to be called on the next block (not failed, skipped, or deferred to the whole batch)."""
+        return self.tally.status is None and not self.tally.deferred
 
 
-def _baselines(
-    tallies: list[CellTally], devices: list[str], fmt: FloatFormat, options: LossOptions
-) -> tuple[dict[str, CellTally], list[CellTally]]:
-    """PyTorch's kernel for the loss family on each device: the audited tally when it is one of them,
-    otherwise a hidden one that is run and scored but not reported."""
-    name = BASELINES.get(options.family)
-    if name not in REGISTRY:
-        return {}, []
-    by_device, hidden = {}, []
-    for device in devices:
-        found = next((t for t in tallies if t.impl.name == name and t.device == device), None)
-        if found is None:
-            found = CellTally(REGISTRY[name], device)
-            reason = _skip(found.impl, fmt, device, options)
+def _impl_runs(
+    source: BlockSource,
+    fmt: FloatFormat,
+    impls: list[Implementation],
+    devices: list[str],
+    reproducers: ReproducerSink | None,
+) -> list[ImplRun]:
+    """Every implementation on every device, skipped with the reason where it cannot run."""
+    runs = []
+    for impl in impls:
+        for device in devices:
+            drops = drops_ignored_rows(source, impl)
+            run = ImplRun(
+                CellTally(impl, device),
+                without_ignored(source.options) if drops else source.options,
+                drops,
+                worst=reproducers.tracker() if reproducers else None,
+            )
+            reason = _skip(impl, fmt, device, run.options)
             if reason:
-                found.fail(Status.SKIPPED, reason)
-            hidden.append(found)
+                run.tally.fail(Status.SKIPPED, reason)
+            runs.append(run)
+    return runs
+
+
+def _pytorch_kernels(
+    runs: list[ImplRun], devices: list[str], fmt: FloatFormat, options: LossOptions
+) -> dict[str, ImplRun]:
+    """PyTorch's kernel for the loss family on each device: the audited run when it is one of them,
+    otherwise one that is run and scored but not reported."""
+    name = PYTORCH_KERNELS.get(options.family)
+    if name not in REGISTRY:
+        return {}
+    by_device = {}
+    for device in devices:
+        found = next((r for r in runs if r.tally.impl.name == name and r.tally.device == device), None)
+        if found is None:
+            found = ImplRun(CellTally(REGISTRY[name], device), options, reported=False)
+            reason = _skip(found.tally.impl, fmt, device, options)
+            if reason:
+                found.tally.fail(Status.SKIPPED, reason)
         by_device[device] = found
-    return by_device, hidden
+    return by_device
 
 
-# (row indices in the block or None for all, logits, targets, their reference, the options of the call)
-RowsView = tuple[np.ndarray | None, np.ndarray, np.ndarray, Any, LossOptions]
+class DtypeAudit:
+    """Every implementation on every device over the row blocks of one (case, dtype), and the cells they
+    become. The reference of each block is computed once and shared by every call on it."""
+
+    def __init__(
+        self,
+        source: BlockSource,
+        fmt: FloatFormat,
+        impls: list[Implementation],
+        devices: list[str],
+        *,
+        settings: dict[str, Any],
+        tolerance: Tolerance,
+        grad: bool,
+        keep_rows: bool,
+        progress: Progress | None,
+        reproducers: ReproducerSink | None,
+    ) -> None:
+        self.source, self.fmt, self.grad = source, fmt, grad
+        self.settings, self.tolerance = settings, tolerance
+        self.keep_rows, self.progress, self.reproducers = keep_rows, progress, reproducers
+        self.weight = source.weight(fmt)
+        self.runs = _impl_runs(source, fmt, impls, devices, reproducers)
+        self.kernels = _pytorch_kernels(self.runs, devices, fmt, source.options)
+        hidden = [run for run in self.kernels.values() if not run.reported]  # one per device at most
+        self.every_run = [*self.runs, *hidden]  # the reported ones first
+        self.on_device = reference_device(devices)
+        # one progress unit per (case, dtype), in steps of one run on one block
+        self.step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(self.runs), 1))
+        self.row_results: list[RowResult] = []
+        self.max_logit = self.max_reference = float("-inf")
+        self.floor_loss = self.floor_grad = 0.0
+
+    def audit_block(self, first_row: int, block: np.ndarray, targets: np.ndarray) -> None:
+        """Compute the block's reference (and the floor: the error of the exact values rounded once), then
+        call every pending implementation on it."""
+        fmt, grad = self.fmt, self.grad
+        if block.size:
+            with np.errstate(invalid="ignore"):
+                self.max_logit = max(self.max_logit, float(np.nanmax(block)))  # in the block's dtype: no copy
+        options, weight = self.source.options, self.weight
+        reference = block_reference(block, targets, options, weight=weight, grad=grad, device=self.on_device)
+        finite_reference = reference.loss[np.isfinite(reference.loss)]
+        if finite_reference.size:
+            self.max_reference = max(self.max_reference, float(finite_reference.max()))
+        whole = first_row == 0 and block.shape[0] == self.source.case.batch
+        if any(run.tally.status is None for run in self.runs):
+            self.floor_loss = max(self.floor_loss, floor_ulp_error(reference.loss, fmt))
+            if grad and reference.grad is not None:
+                self.floor_grad = max(self.floor_grad, floor_norm_error(reference.grad, fmt))
+        views = BlockViews(RowsView(None, block, targets, reference, options), self.weight, grad)
+        for run in self.every_run:
+            if run.pending:
+                self.run_on(run, first_row, views.view_for(run.drops_ignored), whole)
+            if self.progress and run.reported:
+                self.progress(self.step)
+
+    def audit_deferred(self) -> None:
+        """Call the implementations that returned a mean on a partial block once more, on the whole batch,
+        scored against the exact mean alone (no per-row reference of the whole batch is needed)."""
+        deferred = [run for run in self.every_run if run.tally.deferred and run.tally.status is None]
+        if not deferred:
+            return
+        block, targets = self.source.whole_batch(self.fmt)
+        full = RowsView(None, block, targets, None, self.source.options)
+        views = BlockViews(full, self.weight, self.grad, per_row=False)
+        for run in deferred:
+            self.run_on(run, 0, views.view_for(run.drops_ignored), True)
+
+    def run_on(self, run: ImplRun, first_row: int, view: RowsView, whole: bool) -> None:
+        """Call one implementation on the rows of ``view`` and score it against their reference (a mean:
+        only on the ``whole`` batch, else deferred)."""
+        if view.rows is not None and not view.rows.size:
+            return  # every row of this block is ignored: nothing to call it on
+        tally, reduced = run.tally, view.options.reduction != "none"
+        outcome = _call(tally, view, self.fmt, self.settings, self.grad, self.weight)
+        if outcome is None:
+            if run.worst is not None and tally.status == Status.ERROR:
+                run.worst.offer_error(first_row, view.logits, view.targets, reduced)
+            return
+        if run.drops_ignored:
+            tally.notes = tally.notes or DROPPED_NOTE
+        if not outcome.mean:
+            self._score_rows(run, outcome, first_row, view)
+        elif whole:
+            mean = view.mean_reference(self.weight, self.grad)
+            tally.score_mean(outcome, mean, self.fmt, self.tolerance, self.grad)
+            if run.worst is not None:
+                run.worst.offer_batch(view.logits, view.targets, np.inf)
+        else:
+            tally.deferred = True
+
+    def _score_rows(self, run: ImplRun, outcome: Outcome, first_row: int, view: RowsView) -> None:
+        """Score per-row (or reduced) values against the view's reference; track the worst rows and keep
+        the per-row results where asked."""
+        reduced = view.options.reduction != "none"
+        value = outcome.value.reshape(-1)
+        per_row = not reduced and view.options.family != "binary" and view.rows is None
+        reference = view.reference
+        errors = run.tally.score(
+            outcome, value, reference, reference.loss, reference.grad, self.fmt, self.tolerance,
+            first_row if per_row else None,
+        )  # fmt: skip
+        index = np.arange(value.shape[0]) if view.rows is None else view.rows
+        if run.worst is not None:
+            badness = row_badness(errors, outcome.grad)
+            if reduced:
+                run.worst.offer_batch(view.logits, view.targets, float(badness[0]))
+            else:
+                run.worst.offer(first_row + index, badness, view.logits, view.targets)
+        if self.keep_rows and run.reported:
+            self.row_results.extend(
+                RowResult(
+                    run.tally.impl.name,
+                    self.fmt.name,
+                    run.tally.device,
+                    -1 if reduced else first_row + int(index[i]),
+                    -1 if reduced or view.targets.ndim != 1 else int(view.targets[i]),
+                    float(reference.loss[i]),
+                    float(value[i]),
+                    float(errors.abs_err[i]),
+                    float(errors.rel_err[i]),
+                    float(errors.ulp_err[i]),
+                )
+                for i in range(value.shape[0])
+            )
+
+    def cells(self) -> list[Cell]:
+        """One cell per reported run, judged against the floor and PyTorch's kernel on its device; a
+        failing cell's worst rows go to the reproducers."""
+        grad, case = self.grad, self.source.case
+        floor = Side(self.floor_loss, False, self.floor_grad if grad else float("nan"))
+        cells = []
+        for run in self.runs:
+            kernel = self.kernels.get(run.tally.device)
+            cell = make_cell(
+                run.tally, self.fmt, case, grad, self.max_logit, self.max_reference, floor,
+                kernel.tally if kernel else None,
+            )  # fmt: skip
+            if self.reproducers is not None and run.worst is not None:
+                self.reproducers.add(cell, run.worst, run.tally.impl, run.options, case.seed)
+            cells.append(cell)
+        return cells
 
 
-def _kept_view(full: RowsView, weight: np.ndarray | None, grad: bool, per_row: bool = True) -> RowsView:
-    """The rows of a block that are not ignored, with their own reference (options without ignoring);
-    ``per_row`` False: no per-row reference (only a mean will be scored on them)."""
-    _, block, targets, reference, options = full
-    rows = _kept(block, targets, options)
-    own = without_ignored(options)
-    if rows is None:
-        return (None, block, targets, reference, own)
-    block, targets = block[rows], targets[rows]
-    kept = reference_loss(block, targets, own, weight=weight, grad=grad) if per_row else None
-    return (rows, block, targets, kept, own)
+def make_cell(
+    tally: CellTally,
+    fmt: FloatFormat,
+    case: Case,
+    grad: bool,
+    max_logit: float,
+    max_reference: float,
+    floor: Side | None = None,
+    pytorch: CellTally | None = None,
+) -> Cell:
+    """The one place a cell is made: the tally's ``Cell``, with the name of its device (its measurements in
+    full precision; ``AuditResult.summary_cells`` keeps them to summary.csv's digits for the reports)."""
+    return tally.to_cell(
+        fmt, case, grad, max_logit, max_reference, floor, pytorch, device_name=device_name(tally.device)
+    )
 
 
 def audit_blocks(
@@ -227,147 +380,26 @@ def audit_blocks(
     blocks it is called once more on ``source.whole_batch``. With ``reproducers``, each cell's worst rows
     are tracked and a failing cell's are handed to it.
     """
-    options, case = source.options, source.case
-    weight = source.weight(fmt)
-    tallies = [CellTally(impl, device) for impl in impls for device in devices]
-    dropping = {id(t) for t in tallies if drops_ignored_rows(source, t.impl)}
-    for tally in tallies:
-        own = without_ignored(options) if id(tally) in dropping else options
-        reason = _skip(tally.impl, fmt, tally.device, own)
-        if reason:
-            tally.fail(Status.SKIPPED, reason)
-    baselines, hidden = _baselines(tallies, devices, fmt, options)
-    row_results: list[RowResult] = []
-    max_logit, max_reference = float("-inf"), float("-inf")
-    floor_loss = floor_grad = 0.0
-    step = 1.0 / (max(source.n_blocks(fmt), 1) * max(len(tallies), 1))  # one unit per (case, dtype)
-    on_device = reference_device(devices)
-    worst: dict[int, WorstRows] = {id(t): reproducers.tracker() for t in tallies} if reproducers else {}
-
-    means: dict[int, Any] = {}  # the exact batch mean of a view (for 0-d results), by id(view)
-
-    def mean_reference(view: RowsView) -> Any:
-        if id(view) not in means:
-            _, block, targets, _, call_options = view
-            means[id(view)] = _mean_reference(block, targets, call_options, weight, grad)
-        return means[id(view)]
-
-    def run_on(tally: CellTally, first_row: int, view: RowsView, whole: bool) -> None:
-        """Call one implementation on the rows of ``view`` and score it against their reference."""
-        rows, block, targets, reference, call_options = view
-        if rows is not None and not rows.size:
-            return  # every row of this block is ignored: nothing to call it on
-        tracker = worst.get(id(tally))
-        reduced = call_options.reduction != "none"
-        outcome = _call(tally, block, targets, fmt, settings, grad, call_options, weight)
-        if outcome is None:
-            if tracker is not None and tally.status == Status.ERROR:
-                tracker.offer_error(first_row, block, targets, reduced)
-            return
-        if id(tally) in dropping:
-            tally.notes = tally.notes or DROPPED_NOTE
-        if outcome.mean:
-            if whole:
-                tally.score_mean(outcome, mean_reference(view), fmt, tolerance, grad)
-                if tracker is not None:
-                    tracker.offer_batch(block, targets, np.inf)
-            else:
-                tally.deferred = True
-            return
-        value = outcome.value.reshape(-1)
-        per_row = not reduced and call_options.family != "binary" and rows is None
-        errors = tally.score(
-            outcome, value, reference, reference.loss, reference.grad, fmt, tolerance,
-            first_row if per_row else None,
-        )  # fmt: skip
-        if tracker is not None:
-            badness = row_badness(errors, outcome.grad)
-            if reduced:
-                tracker.offer_batch(block, targets, float(badness[0]))
-            else:
-                index = np.arange(value.shape[0]) if rows is None else rows
-                tracker.offer(first_row + index, badness, block, targets)
-        if keep_rows and tally not in hidden:
-            index = np.arange(value.shape[0]) if rows is None else rows
-            row_results.extend(
-                RowResult(
-                    tally.impl.name,
-                    fmt.name,
-                    tally.device,
-                    -1 if reduced else first_row + int(index[i]),
-                    -1 if reduced or targets.ndim != 1 else int(targets[i]),
-                    float(reference.loss[i]),
-                    float(value[i]),
-                    float(errors.abs_err[i]),
-                    float(errors.rel_err[i]),
-                    float(errors.ulp_err[i]),
-                )
-                for i in range(value.shape[0])
-            )
-
+    audit = DtypeAudit(
+        source, fmt, impls, devices, settings=settings, tolerance=tolerance, grad=grad, keep_rows=keep_rows,
+        progress=progress, reproducers=reproducers,
+    )  # fmt: skip
     for first_row, block, targets in source.blocks(fmt):
-        if block.size:
-            with np.errstate(invalid="ignore"):
-                max_logit = max(max_logit, float(np.nanmax(block)))  # in the block's dtype: no copy
-        reference = block_reference(block, targets, options, weight=weight, grad=grad, device=on_device)
-        finite_reference = reference.loss[np.isfinite(reference.loss)]
-        if finite_reference.size:
-            max_reference = max(max_reference, float(finite_reference.max()))
-        whole = first_row == 0 and block.shape[0] == case.batch
-        if any(tally.status is None for tally in tallies):
-            floor_loss = max(floor_loss, floor_ulp_error(reference.loss, fmt))
-            if grad and reference.grad is not None:
-                floor_grad = max(floor_grad, floor_norm_error(reference.grad, fmt))
-        means.clear()
-        full: RowsView = (None, block, targets, reference, options)
-        kept: RowsView | None = None
-        for tally in [*tallies, *hidden]:
-            if tally.status is None and not tally.deferred:
-                view = full
-                if id(tally) in dropping:
-                    kept = kept or _kept_view(full, weight, grad)
-                    view = kept
-                run_on(tally, first_row, view, whole)
-            if progress and tally not in hidden:
-                progress(step)
-    deferred = [tally for tally in [*tallies, *hidden] if tally.deferred and tally.status is None]
-    if deferred:
-        block, targets = source.whole_batch(fmt)
-        # the whole batch now; a deferred implementation returns a mean, scored against mean_reference
-        # alone: no per-row reference of the whole batch is needed
-        full = (None, block, targets, None, options)
-        kept = None
-        means.clear()
-        for tally in deferred:
-            view = full
-            if id(tally) in dropping:
-                kept = kept or _kept_view(full, weight, grad, per_row=False)
-                view = kept
-            run_on(tally, 0, view, True)
-    floor = Side(floor_loss, False, floor_grad if grad else float("nan"))
-    cells = [
-        tally.to_cell(fmt, case, grad, max_logit, max_reference, floor, baselines.get(tally.device))
-        for tally in tallies
-    ]
-    cells = [replace(cell, device_name=device_name(cell.device)) for cell in cells]
-    if reproducers is not None:
-        for tally, cell in zip(tallies, cells, strict=True):
-            own = without_ignored(options) if id(tally) in dropping else options
-            reproducers.add(cell, worst[id(tally)], tally.impl, own, case.seed)
-    return cells, row_results
+        audit.audit_block(first_row, block, targets)
+    audit.audit_deferred()
+    return audit.cells(), audit.row_results
 
 
 def skipped_cells(
     impls: list[Implementation], devices: list[str], fmt: FloatFormat, case: Case, reason: str
 ) -> list[Cell]:
     """Every cell of a (case, dtype) that cannot be audited, with the reason."""
-    cells = []
-    for impl in impls:
-        for device in devices:
-            tally = CellTally(impl, device, status=Status.SKIPPED, error=reason)
-            cell = tally.to_cell(fmt, case, False, float("nan"), float("nan"))
-            cells.append(replace(cell, device_name=device_name(device)))
-    return cells
+    nan = float("nan")
+    return [
+        make_cell(CellTally(impl, device, status=Status.SKIPPED, error=reason), fmt, case, False, nan, nan)
+        for impl in impls
+        for device in devices
+    ]
 
 
 def audit_source(

@@ -1,5 +1,5 @@
-"""The result records: one ``Cell`` per implementation × dtype × device × case, one ``RowResult`` per
-input row of a replay, and the ``AuditResult`` a sweep or replay returns.
+"""The result records: one ``Cell`` per implementation × dtype × device × case and one ``RowResult`` per
+input row of a replay (``ce_audit.audit_result.AuditResult`` holds them with what produced them).
 
 Every field of a ``Cell`` is marked in its metadata as part of the cell's **key** (what was audited) or
 as a **measurement** (what was found). The summary.csv column order, the gate's cell key and compared
@@ -15,14 +15,12 @@ change; None: informative only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from ce_audit.options import INPUT_COLUMNS, LOSS_OPTION_SPECS, OPTION_COLUMNS, SPECS_BY_NAME, LossOptions
-
-if TYPE_CHECKING:
-    from ce_audit.config import SweepConfig
 
 KEY = "key"
 MEASUREMENT = "measurement"
@@ -124,27 +122,6 @@ class RowResult:
     ulp: float
 
 
-@dataclass(frozen=True)
-class AuditResult:
-    """What a sweep or replay returns: its cells (and per-row results of a replay), and what produced them."""
-
-    config: SweepConfig
-    cells: list[Cell]
-    row_results: list[RowResult]
-    devices: dict[str, str]
-    started: float
-    seconds: float
-    shard: dict[str, Any] | None = None  # a --shard run: which part of the units (ce_audit.run.shards)
-    units_done: int = 0  # (case, dtype) units completed …
-    units_total: int = 0  # … of those planned
-    interrupted: str = ""  # the signal that stopped the run (SIGINT, SIGTERM), "" when it ran to its end
-
-    @property
-    def partial(self) -> bool:
-        """The run was stopped before its last unit: the cells are those of the completed units."""
-        return self.units_done < self.units_total
-
-
 def _flat(names: tuple[str, ...]) -> tuple[str, ...]:
     """Field names as columns: ``options`` becomes the option columns (input dimensions among them)."""
     columns: list[str] = []
@@ -205,3 +182,26 @@ def what_of(column: str) -> str:
 def unit_of(column: str) -> str:
     """The unit a growth-compared measurement is allowed to grow in: ``ulp`` or ``eps`` (machine epsilon)."""
     return {f.name: f.metadata.get("unit", "") for f in fields(Cell)}[column]
+
+
+SIGNIFICANT_DIGITS = 4
+# Values of the audited dtype (the largest logit, reference and value, the constant a loss is capped at)
+# keep every digit: they are exact inputs or outputs, not errors.
+EXACT_VALUES = ("max_logit", "max_reference", "max_value", "capped_at")
+_ERROR_FIELDS = tuple(
+    f.name
+    for f in fields(Cell)
+    if f.metadata["role"] == MEASUREMENT and f.type == "float" and f.name not in EXACT_VALUES
+)
+
+
+def significant(value: float) -> float:
+    """An error measurement to ``SIGNIFICANT_DIGITS`` significant digits (inf and nan as they are): what
+    matters, and what stays the same from one machine to the next."""
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
+
+
+def with_significant_digits(cell: Cell) -> Cell:
+    """The cell with every float error measurement kept to ``SIGNIFICANT_DIGITS`` digits, as summary.csv
+    holds it (``AuditResult.summary_cells``; applying it again changes nothing)."""
+    return replace(cell, **{name: significant(getattr(cell, name)) for name in _ERROR_FIELDS})

@@ -115,7 +115,7 @@ class CellTally:
         self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool
     ) -> None:
         """A 0-d result against ``reference``: the exact batch mean with PyTorch's denominator (the rows
-        not ignored, Σ w_y with class weights; pipeline._mean_reference), and its gradient."""
+        not ignored, Σ w_y with class weights; row_views._mean_reference), and its gradient."""
         self.batch_rows = reference.per_row.shape[0]
         mean = np.asarray(reference.loss).reshape(1)
         mean_grad = reference.grad if grad else None
@@ -170,10 +170,12 @@ class CellTally:
         max_reference: float,
         floor: Side | None = None,
         pytorch: CellTally | None = None,
+        device_name: str = "",
     ) -> Cell:
-        """The tallies as one ``Cell`` (its key: the case), judged against the ``floor`` (the exact values
-        rounded once) and PyTorch's kernel on the same inputs. A cell not measured (error, skipped) keeps
-        the Cell's defaults for what only a measurement gives."""
+        """The tallies as one ``Cell`` (its key: the case), judged against the ``floor`` (the error of the
+        exact values rounded once) and PyTorch's kernel on the same inputs; ``device_name``: what the device
+        is (devices.device_name). A cell not measured (error, skipped) keeps the Cell's defaults for what only
+        a measurement gives."""
         status, grad_status = self._statuses(grad)
         columns: dict[str, Any] = {
             **self.loss.columns(),
@@ -190,7 +192,7 @@ class CellTally:
             columns.update(self._measured(fmt, case, status, grad_status, floor, pytorch))
             columns["lower_precision"] = lower
         return Cell(
-            impl=self.impl.name, dtype=fmt.name, device=self.device,
+            impl=self.impl.name, dtype=fmt.name, device=self.device, device_name=device_name,
             distribution=case.distribution, scale=case.scale, offset=case.offset, batch=case.batch,
             vocab=case.vocab, seed=case.seed, options=case.options, margin=case.margin,
             target_position=case.target_position, status=status, grad_status=grad_status,
@@ -210,9 +212,9 @@ class CellTally:
         nan = float("nan")
         mean = self.value_kind == "mean"
         floor = (self.mean_floor if mean else floor) or Side(nan, False, nan)
-        baseline = pytorch.side(fmt) if pytorch is not None and pytorch.status is None else None
+        kernel = pytorch.side(fmt) if pytorch is not None and pytorch.status is None else None
         flagged = status != Status.OK or grad_status in (Status.INACCURATE, Status.NONFINITE)
-        judged = relative(self.side(fmt), floor, baseline, flagged)
+        judged = relative(self.side(fmt), floor, kernel, flagged)
         eps = machine_epsilon(fmt)
         columns: dict[str, Any] = {
             "max_value": self.max_value,
@@ -223,7 +225,7 @@ class CellTally:
             "max_ulp_returned": self.max_ulp_returned,
             "capped_at": self.loss.capped_at,
             "best_max_ulp": floor.loss_ulp,
-            "pytorch_max_ulp": baseline.loss_ulp if baseline else nan,
+            "pytorch_max_ulp": kernel.loss_ulp if kernel else nan,
             "loss_vs_pytorch": judged.loss_vs_pytorch,
             "grad_vs_pytorch": judged.grad_vs_pytorch,
             "flag": judged.flag,
@@ -232,7 +234,7 @@ class CellTally:
             columns["rows"] = self.batch_rows
         if self.grad_measured:
             columns["best_grad_norm_rel_err"] = floor.grad_ulp * eps
-            columns["pytorch_grad_norm_rel_err"] = baseline.grad_ulp * eps if baseline else nan
+            columns["pytorch_grad_norm_rel_err"] = kernel.grad_ulp * eps if kernel else nan
         if self.loss.convention_rows:
             columns["convention"] = (
                 f"returns {self.loss.convention_value:g} where PyTorch returns NaN "

@@ -1,5 +1,6 @@
-"""The verdict beside the absolute one: each cell against the best any implementation can do in its dtype
-(the exact value rounded once) and against PyTorch's own kernel on the same inputs.
+"""The verdict beside the absolute one: each cell against the floor, the error of the correctly rounded
+result (the exact value rounded once: what the dtype allows), and against PyTorch's own kernel on the same
+inputs.
 
 In the manner of cut-cross-entropy's "no worse than PyTorch's same-dtype error" and torch._dynamo's
 ``same()``: for a cell with error e (loss: max_ulp, in ULPs of the audited dtype; gradient: the normwise
@@ -29,7 +30,7 @@ from typing import Any
 from ce_audit.errors import AuditError
 from ce_audit.statuses import status_rank, worst_status
 
-BASELINES = {"ce": "fused", "binary": "bce_logits"}  # PyTorch's kernel for each loss family
+PYTORCH_KERNELS = {"ce": "fused", "binary": "bce_logits"}  # PyTorch's kernel for each loss family
 WORSE_FACTOR = 2.0
 WORSE_SLACK_ULP = 2.0
 FLOOR_FACTOR = 2.0
@@ -69,7 +70,7 @@ def _worse(ratio: float, error: float, pytorch_error: float) -> bool:
     return ratio == math.inf or (ratio > WORSE_FACTOR and error - pytorch_error > WORSE_SLACK_ULP)
 
 
-def relative(cell: Side, best: Side, pytorch: Side | None, flagged: bool) -> Relative:
+def relative(cell: Side, floor: Side, pytorch: Side | None, flagged: bool) -> Relative:
     """Ratios to PyTorch and the flag's explanation (see the module docstring)."""
     loss_ratio = grad_ratio = math.nan
     worse = False
@@ -84,8 +85,8 @@ def relative(cell: Side, best: Side, pytorch: Side | None, flagged: bool) -> Rel
     if not flagged:
         return Relative(loss_ratio, grad_ratio, "")
     at_floor = not (cell.loss_nonfinite or cell.grad_nonfinite) and all(
-        math.isnan(error) or error <= FLOOR_FACTOR * max(floor, HALF_ULP)
-        for error, floor in ((cell.loss_ulp, best.loss_ulp), (cell.grad_ulp, best.grad_ulp))
+        math.isnan(error) or error <= FLOOR_FACTOR * max(allowed, HALF_ULP)
+        for error, allowed in ((cell.loss_ulp, floor.loss_ulp), (cell.grad_ulp, floor.grad_ulp))
     )
     if at_floor:
         return Relative(loss_ratio, grad_ratio, "floor")

@@ -3,7 +3,8 @@
 - a loss option is declared once, as a LossOptions field carrying its OptionSpec: the option table, the
   summary.csv columns, the config keys, the CLI flags, SUPPORTABLE and the report's legend derive from it;
 - every Cell field is marked key or measurement, and the summary.csv columns follow the Cell's fields;
-- no module imports another in a cycle; no module outside ce_audit/backends.py branches on a backend name.
+- no module imports another in a cycle, counting every import (at the top, inside functions, under
+  TYPE_CHECKING, relative); no module outside ce_audit/backends.py branches on a backend name.
 """
 
 from __future__ import annotations
@@ -139,46 +140,115 @@ def test_the_table_validates_config_values(option, value, message):
         load_config(None, {option: value})
 
 
-def _module_imports() -> dict[str, set[str]]:
-    """Module-level imports of project modules (TYPE_CHECKING and function-level imports left out)."""
+def _module_names() -> dict[str, Path]:
+    """Every module of the package by its dotted name (a package by its own name, not ``__init__``)."""
     names = {}
     for path in PACKAGE.rglob("*.py"):
         name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
         names[name] = path
+    return names
+
+
+def _imported(node: ast.Import | ast.ImportFrom, package: str) -> list[str]:
+    """The dotted names an import statement may load: ``from a.b import c`` loads a.b and, where c is a
+    module, a.b.c; a relative import is resolved against ``package``."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    module = node.module or ""
+    if node.level:
+        parts = package.split(".")
+        base = ".".join(parts[: len(parts) - node.level + 1])
+        module = f"{base}.{module}" if module else base
+    return [module, *(f"{module}.{alias.name}" for alias in node.names)]
+
+
+def _import_graph() -> dict[str, dict[str, int]]:
+    """For each module, the package modules it imports and the line of the first such import: every
+    import counts, at the top, inside a function or under ``TYPE_CHECKING``."""
+    names = _module_names()
     graph = {}
     for name, path in names.items():
-        deps = set()
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ImportFrom) and node.module:
-                candidates = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            elif isinstance(node, ast.Import):
-                candidates = [alias.name for alias in node.names]
-            else:
-                continue
-            deps |= {candidate for candidate in candidates if candidate in names and candidate != name}
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: dict[str, int] = {}
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                for dep in _imported(node, package):
+                    if dep in names and dep != name:
+                        deps.setdefault(dep, node.lineno)
         graph[name] = deps
     return graph
 
 
-def test_no_import_cycles():
-    graph = _module_imports()
-    assert len(graph) > 20  # the walk found the package
-    state: dict[str, int] = {}
+def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """One cycle through each strongly connected group of modules (Tarjan's algorithm), as a path that
+    returns to its first module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def connect(name: str) -> None:
+        index[name] = low[name] = len(index)
+        stack.append(name)
+        for dep in sorted(graph[name]):
+            if dep not in index:
+                connect(dep)
+                low[name] = min(low[name], low[dep])
+            elif dep in stack:
+                low[name] = min(low[name], index[dep])
+        if low[name] == index[name]:
+            group = set()
+            while True:
+                member = stack.pop()
+                group.add(member)
+                if member == name:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for name in sorted(graph):
+        if name not in index:
+            connect(name)
     cycles = []
+    for group in groups:
+        start = min(group)
+        path, seen = [start], {start}
+        while True:  # walk inside the group until a module repeats
+            nxt = min(dep for dep in graph[path[-1]] if dep in group)
+            if nxt in seen:
+                cycles.append([*path[path.index(nxt) :], nxt])
+                break
+            path.append(nxt)
+            seen.add(nxt)
+    return cycles
 
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for dep in graph[name]:
-            if state.get(dep) == 1:
-                cycles.append([*path[path.index(dep) :], dep] if dep in path else [name, dep])
-            elif dep not in state:
-                visit(dep, [*path, dep])
-        state[name] = 2
 
-    for name in graph:
-        if name not in state:
-            visit(name, [name])
-    assert not cycles
+def _shown(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
+    steps = [f"{a} (line {graph[a][b]})" for a, b in zip(cycle, cycle[1:], strict=False)]
+    return " -> ".join([*steps, cycle[-1]])
+
+
+def test_the_import_graph_counts_every_kind_of_import():
+    graph = _import_graph()
+    assert len(graph) > 20  # the walk found the package
+    assert "ce_audit.errors" in graph["ce_audit.config"]  # a top-level import
+    assert _imported(ast.parse("from . import csv").body[0], "ce_audit.reports") == [
+        "ce_audit.reports",
+        "ce_audit.reports.csv",
+    ]
+    assert _imported(ast.parse("from ..results import Cell").body[0], "ce_audit.reports") == [
+        "ce_audit.results",
+        "ce_audit.results.Cell",
+    ]
+    inner = {"a": {"b": 1}, "b": {"c": 2}, "c": {"a": 3}, "d": {"a": 4}}
+    assert _cycles(inner) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b": 1}, "b": {}}) == []
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(_shown(cycle, graph) for cycle in cycles)
 
 
 def test_only_the_backend_registry_branches_on_backend_names():

@@ -19,8 +19,8 @@ from helpers import cell
 from ce_audit.budgets import parse_budget
 from ce_audit.errors import AuditError
 from ce_audit.gate import Audit, compare, read_audit
-from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
-from ce_audit.results import CELL_COLUMNS, KEY_COLUMNS, Cell, column_value
+from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, write_summary_csv
+from ce_audit.results import CELL_COLUMNS, KEY_COLUMNS, Cell, column_value, with_significant_digits
 
 
 def same(a: Any, b: Any) -> bool:
@@ -80,7 +80,7 @@ def test_every_column_type_round_trips(tmp_path):
     summary = read_cells(path)
     assert summary.header == SUMMARY_COLUMNS
     assert summary.unknown == [{}, {}]
-    assert_same_cells(summary.cells, rounded_cells(cells))
+    assert_same_cells(summary.cells, [with_significant_digits(cell) for cell in cells])
     assert summary.cells[0].mean_bits == 0.3 and summary.cells[0].scale == 0.1 + 0.2
     assert summary.cells[0].margin is None and summary.cells[1].options.focal_gamma is None
     assert summary.cells[0].wrote_input is True and summary.cells[1].wrote_input is False
@@ -192,9 +192,9 @@ def test_the_gate_imports_no_report_renderer():
 def test_the_gate_decides_on_the_rounded_values_a_fresh_run_and_its_file_share(tmp_path):
     """Rounding cannot flip a decision between a fresh run and its written summary.csv: the gate rounds a
     fresh run's cells as the file does (10.0004 → 10, 11.00049 → 11: 11 is not past 10 + 10 %)."""
+    from ce_audit.audit_result import AuditResult
     from ce_audit.config import SweepConfig
     from ce_audit.gate.command import audit_from_result
-    from ce_audit.results import AuditResult
 
     base = write_summary_csv([cell(max_ulp=10.0004)], tmp_path / "base.csv")
     now = [cell(max_ulp=11.00049)]

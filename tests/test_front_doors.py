@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import typer.main
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.cli import app
 from ce_audit.cli_options import RunOptions
 from ce_audit.config import SweepConfig, default_help_text, load_config
 from ce_audit.errors import AuditError
 from ce_audit.gate.workflow import gate_to_files
 from ce_audit.overrides import config_overrides, front_door_config, merged, with_added
-from ce_audit.results import AuditResult, Cell
+from ce_audit.results import Cell
 from ce_audit.run.audit import sweep_to_report
 from ce_audit.run.interruption import interruption_of
 from ce_audit.verdict import check_fail_level, fail_on_verdict
@@ -63,7 +64,8 @@ def test_the_command_line_and_check_load_the_same_config():
     )  # fmt: skip
     assert from_cli == from_check
     assert from_cli.dtypes == ("float16",) and from_cli.scales == (1.0, 100.0) and not from_cli.grids
-    assert from_cli.values("reduction") == ("mean",) and from_cli.plugins == ("p.py",) and from_cli.out == "somewhere"
+    assert from_cli.values("reduction") == ("mean",)
+    assert from_cli.plugins == ("p.py",) and from_cli.out == "somewhere"
 
 
 def test_plugins_and_budgets_add_to_the_configs_once_in_order():

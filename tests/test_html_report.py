@@ -19,7 +19,8 @@ from ce_audit.errors import AuditError
 from ce_audit.plugins import isolated
 from ce_audit.reports import plots
 from ce_audit.reports.csv import read_cells
-from ce_audit.reports.html import finding_cells, rebuild_report
+from ce_audit.reports.html import finding_cells
+from ce_audit.reports.rebuild import rebuild_report
 from ce_audit.results import Cell
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from cli_helpers import TINY, clean_registry, run_cli  # noqa: F401
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.errors import AuditError
 from ce_audit.reports.bundle import ReportDirectory, ReportFile, report_files, write_reports
-from ce_audit.results import AuditResult
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 SWEEP = ["sweep", *TINY, "--impl", "shifted", "--dtype", "float32", "--scale", "1", "-q"]

@@ -20,14 +20,15 @@ import pytest
 from helpers import tiny_overrides
 from rich.console import Console
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.config import config_from_dict, load_config
 from ce_audit.errors import AuditError
 from ce_audit.reports import files
 from ce_audit.reports.bundle import digest, run_id, write_reports
-from ce_audit.reports.csv import EXACT_VALUES, SUMMARY_COLUMNS, rounded, write_summary_csv
+from ce_audit.reports.csv import SUMMARY_COLUMNS, write_summary_csv
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.reports.table import cell_text, print_report
-from ce_audit.results import CELL_COLUMNS, MEASUREMENT_COLUMNS, AuditResult, column_value
+from ce_audit.results import CELL_COLUMNS, EXACT_VALUES, MEASUREMENT_COLUMNS, column_value, significant
 from ce_audit.run.sweep import run_sweep
 from ce_audit.verdict import cell_status
 
@@ -141,7 +142,8 @@ def test_summary_csv_floats_round_trip_exactly(result, written):
             kind = type(value)
             parsed = parse(text_row[name], kind)
             if kind is float:
-                value = rounded(value) if name in MEASUREMENT_COLUMNS and name not in EXACT_VALUES else value
+                if name in MEASUREMENT_COLUMNS and name not in EXACT_VALUES:
+                    value = significant(value)
                 assert text_row[name] == repr(value), name
                 if math.isnan(value):
                     assert math.isnan(parsed)
@@ -159,7 +161,7 @@ def test_summary_csv_measurements_keep_four_significant_digits(result, written):
     the unrounded errors needed more, so the rounding is real."""
     _, rows = read_csv(written[0])
     assert all(float(row["max_abs_err"]) == float(f"{float(row['max_abs_err']):.4g}") for row in rows)
-    assert any(repr(cell.max_abs_err) != repr(rounded(cell.max_abs_err)) for cell in result.cells)
+    assert any(repr(cell.max_abs_err) != repr(significant(cell.max_abs_err)) for cell in result.cells)
 
 
 # --------------------------------------------------------------------------------------------------

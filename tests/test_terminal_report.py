@@ -69,7 +69,7 @@ def test_the_compact_default_has_a_verdict_per_implementation_and_dtype(cells):
     rounded = next(line for line in text.splitlines() if line.startswith("rounded "))
     assert rounded.split()[1:] == ["✓", "ok"] * 4
     assert "max ULP of the loss" not in text  # the grid is behind --detail at 80 columns
-    assert "Next: --detail for the per-case grid" in text
+    assert "Next: --detail for the per-case tables" in text
     assert "ce-audit-report/summary.csv for every cell" in text
     assert len(text.splitlines()) < 60
 
@@ -93,7 +93,7 @@ def test_at_200_columns_the_grid_is_shown_without_asking(cells):
     text = render(cells, 200)
     assert "float16: max ULP of the loss" in text
     assert "What broke where" in text
-    assert "grid: s=S logit scale, +O/-O common offset added to every logit" in " ".join(text.split())
+    assert "columns: s=S logit scale, +O/-O common offset added to every logit" in " ".join(text.split())
     assert "Next: --detail" not in text
 
 

@@ -66,16 +66,16 @@ def test_pytorchs_kernel_is_never_worse_than_itself_and_rounded_never_worse_than
 
 
 def test_relative_verdict_rules():
-    best = Side(0.5, False, 0.5)
+    floor = Side(0.5, False, 0.5)
     pytorch = Side(1.0, False, 2.0)
-    assert relative(Side(1.0, False, 2.0), best, pytorch, flagged=True).flag == "pytorch"
-    assert relative(Side(0.4, False, 0.5), best, pytorch, flagged=True).flag == "floor"
-    worse = relative(Side(10.0, False, 2.0), best, pytorch, flagged=False)
+    assert relative(Side(1.0, False, 2.0), floor, pytorch, flagged=True).flag == "pytorch"
+    assert relative(Side(0.4, False, 0.5), floor, pytorch, flagged=True).flag == "floor"
+    worse = relative(Side(10.0, False, 2.0), floor, pytorch, flagged=False)
     assert worse.flag == "worse" and worse.loss_vs_pytorch == pytest.approx(10.0)
-    assert relative(Side(2.9, False, 2.0), best, pytorch, flagged=False).flag == ""  # within the slack
-    nonfinite = relative(Side(0.0, True, 2.0), best, pytorch, flagged=True)
+    assert relative(Side(2.9, False, 2.0), floor, pytorch, flagged=False).flag == ""  # within the slack
+    nonfinite = relative(Side(0.0, True, 2.0), floor, pytorch, flagged=True)
     assert nonfinite.flag == "worse" and nonfinite.loss_vs_pytorch == math.inf
-    assert relative(Side(5.0, False, 2.0), best, None, flagged=True).flag == ""  # no kernel to compare
+    assert relative(Side(5.0, False, 2.0), floor, None, flagged=True).flag == ""  # no kernel to compare
 
 
 def _register(name, function, supports=frozenset(), dtypes=("float16", "bfloat16", "float32", "float64")):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig, config_from_dict, load_config
 from ce_audit.errors import AuditError
@@ -21,10 +22,9 @@ from ce_audit.overrides import merged
 from ce_audit.printable import printable
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory, ReportFile, check_member
-from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, write_summary_csv
+from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, write_summary_csv
 from ce_audit.reports.files import write_atomically
 from ce_audit.reports.json import report_document, write_report_json
-from ce_audit.results import AuditResult
 from ce_audit.run.sweep import run_sweep
 from ce_audit.statuses import message_line
 
@@ -63,11 +63,10 @@ def read_audit(path: str | Path, what: str) -> Audit:
 def audit_from_result(
     result: AuditResult, source: str, command: str = "sweep", extra: dict[str, Any] | None = None
 ) -> Audit:
-    """A fresh AuditResult as the gate sees it: its cells as summary.csv would hold them (measurements
-    rounded the same way, so the verdict on a fresh run is the verdict on its written report), and the
-    report.json it would write."""
-    cells = rounded_cells(result.cells)
-    return Audit(SUMMARY_COLUMNS, cells, source, report_document(result, command, extra))
+    """A fresh AuditResult as the gate sees it: its cells as summary.csv holds them (``summary_cells``: the
+    measurements rounded the same way, so the verdict on a fresh run is the verdict on its written report),
+    and the report.json it would write."""
+    return Audit(SUMMARY_COLUMNS, result.summary_cells, source, report_document(result, command, extra))
 
 
 def _recorded_config(report: dict[str, Any] | None, source: str) -> SweepConfig:

@@ -1,5 +1,6 @@
-"""Registry entries of the built-ins; their code lives in torch_backend.py and numpy_backend.py, wrapped with
-the loss options they support in torch_variants.py and numpy_variants.py.
+"""Registry entries of the built-ins; their formulas live in torch_formulas.py and numpy_formulas.py, and the
+callables registered (the formulas with the loss options they support) in torch_builtins.py and
+numpy_builtins.py.
 """
 
 from __future__ import annotations
@@ -7,8 +8,8 @@ from __future__ import annotations
 from ce_audit.implementations.registry import Implementation, add
 from ce_audit.options import GENERIC_SUPPORTS
 
-_TORCH = "ce_audit.implementations.torch_variants"
-_NUMPY = "ce_audit.implementations.numpy_variants"
+_TORCH = "ce_audit.implementations.torch_builtins"
+_NUMPY = "ce_audit.implementations.numpy_builtins"
 _MODULES = {"torch": _TORCH, "numpy": _NUMPY}  # where each backend's built-ins live
 _OWN_MODULES = {"rounded": "ce_audit.implementations.rounded"}  # built-ins with a module of their own
 
@@ -82,7 +83,7 @@ _BUILTINS = [
     (
         "rounded",
         "torch",
-        "the exact loss and gradient rounded once to the dtype: the best any implementation can do",
+        "the exact loss and gradient rounded once to the dtype: the correctly rounded result",
         "ce-audit's reference, rounded to nearest",
         (),
     ),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,11 @@ def add(implementation: Implementation, *, replace: bool = False) -> Implementat
 def remove(name: str) -> None:
     """Drop an entry (no error when absent)."""
     REGISTRY.pop(name, None)
+
+
+def registered(names: Iterable[str]) -> tuple[Implementation, ...]:
+    """The entries of these names, once each in the order first named (names not registered left out)."""
+    return tuple(REGISTRY[name] for name in dict.fromkeys(names) if name in REGISTRY)
 
 
 def resolve(names: list[str] | tuple[str, ...] | None) -> list[Implementation]:

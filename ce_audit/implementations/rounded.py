@@ -1,6 +1,6 @@
 """``rounded``: the exact loss and gradient, each rounded once to the audited dtype.
 
-The best any implementation can do in a dtype: the reference (ce_audit.reference.variants, ≤ 0.01 ULP of
+The correctly rounded result, what the dtype allows: the reference (ce_audit.reference.variants, ≤ 0.01 ULP of
 the dtype by its oracle tests) rounded to nearest once. Every check of the auditor must pass it, in every
 dtype, vocabulary and option; a check that flags it is miscalibrated. Forward returns round(loss*);
 backward returns round(g* · upstream) with the upstream gradient applied in the reference's precision.

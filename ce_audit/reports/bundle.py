@@ -32,13 +32,13 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.errors import AuditError
+from ce_audit.reports.files import ReportFile
 from ce_audit.reports.plots import is_figure_name
-from ce_audit.results import AuditResult
 
 STAGING_PREFIX = ".ce-audit-staging-"
 REPORT_NAME = "report.json"
@@ -64,24 +64,16 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
-@dataclass(frozen=True)
-class ReportFile:
-    """One member of the report set: its name in the directory and the function that writes it there."""
-
-    name: str
-    write: Callable[[Path], Any]
-
-
 def report_files(result: AuditResult, document: dict[str, Any] | None = None) -> list[ReportFile]:
     """The files every audit writes beside report.json (the extension point for new report formats);
     ``document`` is the report.json content that the HTML page shows."""
     from ce_audit.reports.csv import write_rows_csv, write_summary_csv
     from ce_audit.reports.html import html_files
 
-    files = [ReportFile("summary.csv", lambda path: write_summary_csv(result.cells, path))]
+    files = [ReportFile("summary.csv", lambda path: write_summary_csv(result.summary_cells, path))]
     if result.row_results or (document or {}).get("command") == "replay":  # a replay's always
         files.append(ReportFile("rows.csv", lambda path: write_rows_csv(result.row_results, path)))
-    return [*files, *html_files(result.cells, document)]
+    return [*files, *html_files(result.summary_cells, document)]
 
 
 def digest(path: Path) -> str | None:

@@ -18,7 +18,7 @@ import io
 import math
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,14 @@ from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
 from ce_audit.results import (
     CELL_COLUMNS,
+    EXACT_VALUES,
     MEASUREMENT_COLUMNS,
     ROW_RESULT_COLUMNS,
     Cell,
     RowResult,
     cell_columns,
     cell_from_columns,
+    with_significant_digits,
 )
 
 SUMMARY_COLUMNS = CELL_COLUMNS
@@ -45,29 +47,13 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 
 
-SIGNIFICANT_DIGITS = 4
-
-
-def rounded(value: float) -> float:
-    """A measurement as summary.csv keeps it: 4 significant digits (inf and nan as they are)."""
-    return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
-
-
-# Error measurements (≥ 0, or NaN where not measured) are rounded; values of the audited dtype (the largest
-# logit, reference and value, the constant a loss is capped at) keep every digit: exact inputs or outputs.
-EXACT_VALUES = ("max_logit", "max_reference", "max_value", "capped_at")
+# Error measurements (≥ 0, or NaN where not measured): rounded to results.SIGNIFICANT_DIGITS, and checked
+# when read back; values of the audited dtype (results.EXACT_VALUES) keep every digit.
 ERROR_MEASUREMENTS = tuple(
     f.name
     for f in fields(Cell)
     if f.name in MEASUREMENT_COLUMNS and f.type == "float" and f.name not in EXACT_VALUES
 )
-
-
-def rounded_cells(cells: list[Cell]) -> list[Cell]:
-    """The cells with every float measurement rounded as summary.csv writes it."""
-    return [
-        replace(cell, **{name: rounded(getattr(cell, name)) for name in ERROR_MEASUREMENTS}) for cell in cells
-    ]
 
 
 def column_text(value: Any) -> str:
@@ -89,7 +75,9 @@ def _csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
 
 
 def summary_text(rows: list[Cell]) -> str:
-    return _csv_text(SUMMARY_COLUMNS, [cell_columns(cell) for cell in rounded_cells(rows)])
+    """summary.csv's text: error measurements to ``results.SIGNIFICANT_DIGITS`` significant digits (as
+    ``AuditResult.summary_cells`` has them already; this holds any other cells to the file's format)."""
+    return _csv_text(SUMMARY_COLUMNS, [cell_columns(with_significant_digits(cell)) for cell in rows])
 
 
 def write_summary_csv(rows: list[Cell], path: str | Path) -> Path:

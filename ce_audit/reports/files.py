@@ -1,12 +1,24 @@
-"""Atomic file writes: a report file is complete or absent, never half-written."""
+"""Report files: each written atomically (complete or absent, never half-written), and ``ReportFile``, one
+member of the report set (ce_audit.reports.bundle writes the set)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ce_audit.errors import AuditError
+
+
+@dataclass(frozen=True)
+class ReportFile:
+    """One member of the report set: its name in the directory and the function that writes it there."""
+
+    name: str
+    write: Callable[[Path], Any]
 
 
 def _umask() -> int:

@@ -6,27 +6,24 @@ words each linked to its cells, per dtype the figures of ``plots.py``, and a tab
 ``#cell-N``). Without matplotlib the page is still written, with the tables and findings and a line saying
 that the plots need the ``html`` extra. Torch is never imported.
 
-``rebuild_report(DIR)`` redraws both from DIR/summary.csv and DIR/report.json (``ce-audit report DIR``).
+``reports/rebuild.py`` redraws both from DIR/summary.csv and DIR/report.json (``ce-audit report DIR``).
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import math
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import options_label
 from ce_audit.printable import printable
 from ce_audit.reports import plots
-from ce_audit.reports.csv import checked_errors, read_cells, rounded_cells
+from ce_audit.reports.files import ReportFile
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, worst_status
 
@@ -258,12 +255,10 @@ def _figures(cells: list[Cell], document: dict[str, Any] | None) -> tuple[Any, l
     return figures, [figure for group in (figures or {}).values() for figure in group]
 
 
-def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[Any]:
+def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[ReportFile]:
     """report.html and (when there are figures) the plots/ folder as members of the report set
-    (``reports.bundle.ReportFile``); the figures are drawn once, for both."""
-    from ce_audit.reports.bundle import ReportFile
-
-    cells = rounded_cells(cells)  # as summary.csv keeps them, so `ce-audit report` draws the same page
+    (``ReportFile``s); the figures are drawn once, for both. The cells are as summary.csv holds them
+    (``AuditResult.summary_cells``), so `ce-audit report` draws the same page from summary.csv."""
     figures, drawn = _figures(cells, document)
 
     def write_page(path: Path) -> None:
@@ -295,44 +290,3 @@ def plots_markdown(directory: str | Path, inline: bool = False) -> str:
     lines.append(f"In the uploaded report directory, beside {HTML_NAME} (which shows them all):")
     lines += ["", *(f"- `{PLOTS_DIR}/{png.name}`" for png in pngs), ""]
     return "\n".join(lines)
-
-
-def _has_figures(directory: Path) -> bool:
-    """Whether the set in ``directory`` holds figures: a figure file under plots/, or one in report.html."""
-    folder = directory / PLOTS_DIR
-    if folder.is_dir() and not folder.is_symlink() and any(map(plots.is_figure_name, os.listdir(folder))):
-        return True
-    try:
-        return b'src="data:image/png;base64,' in (directory / HTML_NAME).read_bytes()
-    except OSError:
-        return False
-
-
-def rebuild_report(directory: str | Path) -> list[Path]:
-    """Redraw DIR/report.html and DIR/plots/ from DIR/summary.csv (and DIR/report.json when present), in
-    place and holding DIR's lock (as a run does: never beside a run writing a new set); report.json's
-    digests follow. Without matplotlib a set that has figures is left as it was (AuditError): they would
-    be lost. The paths written, report.html first."""
-    from ce_audit.reports.bundle import ReportDirectory
-
-    directory = Path(directory)
-    summary = directory / "summary.csv" if directory.suffix.lower() != ".csv" else directory
-    if not summary.parent.is_dir():
-        read_cells(summary)  # "summary … does not exist"
-    with ReportDirectory(summary.parent, create=False) as target:
-        cells = checked_errors(read_cells(summary), summary).cells
-        report = summary.with_name("report.json")
-        document = None
-        if report.is_file():
-            try:
-                document = json.loads(report.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
-                raise AuditError(f"cannot read {report}: {error}") from None
-            if not isinstance(document, dict):
-                raise AuditError(f"{report} is not a ce-audit report.json")
-        if not plots.plotting_available() and _has_figures(summary.parent):
-            raise AuditError(
-                f"cannot redraw the figures in {summary.parent}: matplotlib is not installed ({EXTRA_HINT}); "
-                f"{HTML_NAME} and {PLOTS_DIR}/ are left as they were"
-            )
-        return target.rewrite_members(html_files(cells, document), document)

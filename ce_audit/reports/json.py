@@ -16,15 +16,15 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.dtypes import reference_precision
-from ce_audit.implementations import REGISTRY
+from ce_audit.implementations import Implementation
 from ce_audit.reports.files import write_atomically
-from ce_audit.results import AuditResult
 
 REPORT_FORMAT = 2  # 2: the rows left to summary.csv; timing and host moved to run.json
 
@@ -69,22 +69,20 @@ def _portable_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def implementations(rows: list[Any]) -> dict[str, dict[str, Any]]:
+def implementations(entries: Iterable[Implementation]) -> dict[str, dict[str, Any]]:
     """What each audited name was: backend, built-in or not, origin, the options it supports and (for
     plugins) its source and the adapter settings that differ from the defaults."""
-    described = {}
-    for name in dict.fromkeys(row.impl for row in rows):
-        entry = REGISTRY.get(name)
-        if entry is not None:
-            described[name] = {
-                "backend": entry.backend,
-                "builtin": entry.builtin,
-                "origin": _portable(entry.origin),
-                "supports": sorted(entry.supports),
-                **({"source": _portable(entry.extra["source"])} if "source" in entry.extra else {}),
-                **({"adapter": entry.adapter.declared()} if entry.adapter is not None else {}),
-            }
-    return described
+    return {
+        entry.name: {
+            "backend": entry.backend,
+            "builtin": entry.builtin,
+            "origin": _portable(entry.origin),
+            "supports": sorted(entry.supports),
+            **({"source": _portable(entry.extra["source"])} if "source" in entry.extra else {}),
+            **({"adapter": entry.adapter.declared()} if entry.adapter is not None else {}),
+        }
+        for entry in entries
+    }
 
 
 def _source_file(spec: str) -> Path | None:
@@ -121,7 +119,7 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         "partial": result.partial,  # stopped early (interrupted): the rows are the completed units'
         "units": {"completed": result.units_done, "total": result.units_total},
         **({"interrupted": result.interrupted} if result.interrupted else {}),
-        "implementations": implementations(result.cells),
+        "implementations": implementations(result.implementations),
         "cells": len(result.cells),
     }
     plugins = plugin_digests(result.config.plugins, result.config.impls)
@@ -135,10 +133,9 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
 
 def stdout_document(result: AuditResult, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``--format json``: the report.json document plus ``rows``, every cell as summary.csv holds it."""
-    from ce_audit.reports.csv import rounded_cells
     from ce_audit.results import cell_columns
 
-    rows = _plain([cell_columns(cell) for cell in rounded_cells(result.cells)])
+    rows = _plain([cell_columns(cell) for cell in result.summary_cells])
     return {**report_document(result, command, extra), "rows": rows}
 
 

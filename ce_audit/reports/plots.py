@@ -176,15 +176,15 @@ def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
 
     impls = list(dict.fromkeys(impl_label(cell) for cell in cells))
     values = dimension_values(cells, dimension) if dimension else [None]
-    status_grid: dict[tuple[str, Any], list[str]] = defaultdict(list)
-    bits_grid: dict[tuple[str, Any], list[float]] = defaultdict(list)
+    status_at: dict[tuple[str, Any], list[str]] = defaultdict(list)
+    bits_at: dict[tuple[str, Any], list[float]] = defaultdict(list)
     for cell in cells:
         where = (impl_label(cell), getattr(cell, dimension) if dimension else None)
-        status_grid[where].append(overall_status(cell))
-        bits_grid[where].append(loss_bits(cell))
+        status_at[where].append(overall_status(cell))
+        bits_at[where].append(loss_bits(cell))
     names = list(STATUS_COLOURS)
-    verdict = [[names.index(worst_status(status_grid[(i, v)])) for v in values] for i in impls]
-    bits = [[max((b for b in bits_grid[(i, v)] if not math.isnan(b)), default=math.nan) for v in values]
+    verdict = [[names.index(worst_status(status_at[(i, v)])) for v in values] for i in impls]
+    bits = [[max((b for b in bits_at[(i, v)] if not math.isnan(b)), default=math.nan) for v in values]
             for i in impls]  # fmt: skip
     columns = [value_label(v) for v in values] if dimension else ["(one case)"]
     width = max(3.0, 0.55 * len(columns) + 1.2)

@@ -14,10 +14,10 @@ from typing import Any
 
 from rich.console import Console
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.reports.csv import summary_text
 from ce_audit.reports.json import stdout_document
 from ce_audit.reports.table import print_report
-from ce_audit.results import AuditResult
 
 OUTPUT_FORMATS = ("table", "json", "csv")
 

@@ -2,8 +2,8 @@
 
 By default it is compact: one verdict per implementation × dtype, the worst finding of each implementation
 in one paragraph, the tally, a one-line legend and where to look next. With ``detail`` (``--detail``), or
-where the terminal is wide enough to show each dtype's grid in one table, the per-dtype grid of cases ×
-implementations and every finding come first. Numbers and names are never cut: the grid is split into
+where the terminal is wide enough to show each dtype's case table whole, the per-dtype table of cases ×
+implementations and every finding come first. Numbers and names are never cut: a case table is split into
 bands of implementations that fit the width; text wraps on word boundaries with a hanging indent. Every
 status carries a mark or a word, so it reads without colour (``NO_COLOR``)."""
 
@@ -37,7 +37,7 @@ STYLES = {
 MARKS = {"ok": "✓", "inaccurate": "✗", "nonfinite": "✗", "error": "!", "skipped": "-"}
 """Each status's mark: the report reads the same without colour."""
 
-# what the short labels of the grid's rows and columns stand for (ce_audit.options.options_label)
+# what the short labels of a case table's rows and columns stand for (ce_audit.options.options_label)
 LABEL_MEANINGS = {
     "s=": "s=S logit scale",
     "+": "+O/-O common offset added to every logit",
@@ -53,7 +53,7 @@ def _ulp_text(value: float) -> str:
 
 
 def cell_text(rows: list[Cell]) -> Text:
-    """Worst status of the rows in one grid cell, as its mark with max ULPs or the NaN/Inf row counts."""
+    """Worst status of the rows in one case-table entry: its mark with max ULPs, or the NaN/Inf row counts."""
     status = worst_status([row.status for row in rows])
     measured = [row for row in rows if row.status not in ("error", "skipped")]
     if status == "nonfinite":
@@ -154,12 +154,12 @@ WIDE_LIMIT = 12  # more (offset, scale, options) columns than this: one row per 
 
 
 def _column_label(key: tuple[float, float, str], offsets: int, scales: int, sep: str) -> str:
-    offset, scale, variant = key
-    parts = [f"s={scale:g}"] if scales > 1 or not variant else []
-    if offset and (offsets > 1 or not variant):
+    offset, scale, options_text = key
+    parts = [f"s={scale:g}"] if scales > 1 or not options_text else []
+    if offset and (offsets > 1 or not options_text):
         parts.append(f"{offset:+g}")
-    if variant:
-        parts += variant.split(" ") if sep == "\n" else [variant]
+    if options_text:
+        parts += options_text.split(" ") if sep == "\n" else [options_text]
     return sep.join(parts) or "plain"
 
 
@@ -170,13 +170,13 @@ def _fits(table: Table, console: Console | None, width: int | None) -> bool:
     return Measurement.get(console, console.options.update_width(10_000), table).maximum <= width
 
 
-def _wide_table(title: str, names: list[str], used: list, grid: dict, offsets: int, scales: int) -> Table:
+def _wide_table(title: str, names: list[str], used: list, at: dict, offsets: int, scales: int) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column("impl", style="bold", no_wrap=True)
     for key in used:
         table.add_column(_column_label(key, offsets, scales, "\n"), justify="right", no_wrap=True)
     for name in names:
-        table.add_row(Text(name), *(cell_text(grid[(name, *c)]) if grid[(name, *c)] else "" for c in used))
+        table.add_row(Text(name), *(cell_text(at[(name, *c)]) if at[(name, *c)] else "" for c in used))
     return table
 
 
@@ -198,12 +198,12 @@ def _column_widths(columns: list[list[str]], room: int | None) -> list[int] | No
 
 
 def _turned_table(
-    title: str, band: list[str], keys: list, grid: dict, sizes: tuple[int, int], width: int | None
+    title: str, band: list[str], keys: list, at: dict, sizes: tuple[int, int], width: int | None
 ) -> Table | None:
     """Option combinations down, the implementations of ``band`` across, within ``width`` (None when the
     band does not fit)."""
     labels = [_column_label(key, *sizes, " ") for key in keys]
-    body = [[cell_text(grid[(n, *key)]) if grid[(n, *key)] else Text("") for n in band] for key in keys]
+    body = [[cell_text(at[(n, *key)]) if at[(n, *key)] else Text("") for n in band] for key in keys]
     texts = [["options", *labels]] + [[name, *(row[i].plain for row in body)] for i, name in enumerate(band)]
     room = None if width is None else width - 1 - 3 * len(texts)  # a border and a padded separator each
     widths = _column_widths(texts, room)
@@ -221,8 +221,8 @@ def _turned_table(
 def summary_tables(
     rows: list[Cell], console: Console | None = None, width: int | None = None
 ) -> list[list[Table]]:
-    """Per dtype, its grid: implementations down and (offset, scale, loss options) across, the worst over
-    distributions, vocabs and batches. Where that does not fit ``width`` columns, or has more than
+    """Per dtype, its case table: implementations down and (offset, scale, loss options) across, the worst
+    over distributions, vocabs and batches. Where that does not fit ``width`` columns, or has more than
     WIDE_LIMIT columns, the table turns: option combinations down (only those where some implementation is
     not ok), implementations across, in bands of implementations that each fit ``width`` (one table per
     band; no number is cut). Returns the tables of each dtype."""
@@ -230,43 +230,43 @@ def summary_tables(
     dtypes = list(dict.fromkeys(row.dtype for row in rows))
     offsets = sorted({row.offset for row in rows}, key=abs)
     scales = sorted({row.scale for row in rows}, key=abs)
-    variants = list(dict.fromkeys(options_label(row) for row in rows))
-    columns = [(offset, scale, variant) for variant in variants for offset in offsets for scale in scales]
+    option_texts = list(dict.fromkeys(options_label(row) for row in rows))
+    columns = [(offset, scale, text) for text in option_texts for offset in offsets for scale in scales]
     sizes = (len(offsets), len(scales))
     for dtype in dtypes:
-        grid: dict[tuple[str, float, float, str], list[Cell]] = defaultdict(list)
+        at: dict[tuple[str, float, float, str], list[Cell]] = defaultdict(list)  # the cells of each entry
         names: list[str] = []
         for row in rows:
             if row.dtype != dtype:
                 continue
             if _name(row) not in names:
                 names.append(_name(row))
-            grid[(_name(row), row.offset, row.scale, options_label(row))].append(row)
-        used = [c for c in columns if any(grid[(name, *c)] for name in names)]
+            at[(_name(row), row.offset, row.scale, options_label(row))].append(row)
+        used = [c for c in columns if any(at[(name, *c)] for name in names)]
         title = f"{dtype}: max ULP of the loss (NaN/Inf: rows)"
         if len(used) <= WIDE_LIMIT:
-            table = _wide_table(title, names, used, grid, *sizes)
+            table = _wide_table(title, names, used, at, *sizes)
             if _fits(table, console, width):
                 out.append([table])
                 continue
         failing = [
             c
             for c in used
-            if any(r.status not in ("ok", "skipped") for name in names for r in grid[(name, *c)])
+            if any(r.status not in ("ok", "skipped") for name in names for r in at[(name, *c)])
         ]
         hidden = len(used) - len(failing)
         if hidden:
             title += f"; {hidden} of {len(used)} option combinations all ok or skipped, not shown"
         bands: list[list[str]] = []
         for name in names:
-            if not (bands and _turned_table(title, [*bands[-1], name], failing, grid, sizes, width)):
+            if not (bands and _turned_table(title, [*bands[-1], name], failing, at, sizes, width)):
                 bands.append([])
             bands[-1].append(name)
         tables = []
         for index, band in enumerate(bands, 1):
             part = f" (implementations {index} of {len(bands)})" if len(bands) > 1 else ""
-            table = _turned_table(title + part, band, failing, grid, sizes, width)
-            tables.append(table or _turned_table(title + part, band, failing, grid, sizes, None))
+            table = _turned_table(title + part, band, failing, at, sizes, width)
+            tables.append(table or _turned_table(title + part, band, failing, at, sizes, None))
         out.append(tables)
     return out
 
@@ -291,17 +291,17 @@ def _paragraph(
         console.print(text_line, soft_wrap=True)
 
 
-def _legend(rows: list[Cell], grid_shown: bool) -> str:
+def _legend(rows: list[Cell], case_tables_shown: bool) -> str:
     parts = [
         "✓ within tolerance; ✗ N = past it, the loss off by up to N ULPs of the dtype",
         "N NaN/Inf = N cases with a NaN or Inf loss",
         "g! = the gradient is past tolerance too",
     ]
-    if grid_shown:
+    if case_tables_shown:
         keys = {(row.offset, row.scale, options_label(row)) for row in rows}
         labels = " " + " ".join(_column_label(key, 2, 2, " ") for key in keys)
         shown = list(dict.fromkeys(m for prefix, m in LABEL_MEANINGS.items() if f" {prefix}" in labels))
-        parts.append("grid: " + ", ".join(shown) if shown else "grid: cases")
+        parts.append("columns: " + ", ".join(shown) if shown else "columns: cases")
         parts.append(
             "×N pt = worse than PyTorch's kernel by N, =pt = flagged as PyTorch is, floor = the dtype's floor"
         )
@@ -317,13 +317,13 @@ def _legend(rows: list[Cell], grid_shown: bool) -> str:
 def print_report(
     rows: list[Cell], console: Console, paths: list[str], seconds: float, detail: bool | None = None
 ) -> None:
-    """The report: (with ``detail``, or where each dtype's grid fits the width in one table) the grids and
-    every finding; then the verdicts, each implementation's worst finding, the tally, the legend, where to
-    look next and the files written. ``detail=False`` never shows the grids."""
-    grids = summary_tables(rows, console, console.width)
-    show_grid = detail if detail is not None else all(len(tables) == 1 for tables in grids)
-    if show_grid:
-        for tables in grids:
+    """The report: (with ``detail``, or where each dtype's case table fits the width whole) the case tables
+    and every finding; then the verdicts, each implementation's worst finding, the tally, the legend, where
+    to look next and the files written. ``detail=False`` never shows the case tables."""
+    per_dtype = summary_tables(rows, console, console.width)
+    show_case_tables = detail if detail is not None else all(len(tables) == 1 for tables in per_dtype)
+    if show_case_tables:
+        for tables in per_dtype:
             for table in tables:
                 title, table.title = str(table.title or ""), None  # wrapped to the width, not the table
                 _paragraph(console, title, style="italic")
@@ -332,7 +332,7 @@ def print_report(
         "float64:"
     ):
         _paragraph(console, f"warning: {LIMITED_FLOAT64_REFERENCE}", style="yellow")
-    if show_grid:
+    if show_case_tables:
         lines = findings(rows)
         if lines:
             console.print(Text("What broke where", style="bold"))
@@ -344,7 +344,7 @@ def print_report(
     console.print()
     overall = [cell_status(row.status, row.grad_status) for row in rows]
     measured_all = bool(rows) and all(status not in UNMEASURED for status in overall)
-    if not show_grid:
+    if not show_case_tables:
         worst = _worst_lines(rows)
         if worst:
             console.print(Text("Worst finding of each implementation", style="bold"))
@@ -353,8 +353,8 @@ def print_report(
     if measured_all and all(status == "ok" for status in overall):
         console.print(Text("Every cell is within tolerance.", style="green"))
     _paragraph(console, closing_line(rows, seconds))
-    _paragraph(console, _legend(rows, show_grid), style="dim")
-    _paragraph(console, _next_steps(paths, show_grid), style="dim")
+    _paragraph(console, _legend(rows, show_case_tables), style="dim")
+    _paragraph(console, _next_steps(paths, show_case_tables), style="dim")
     for path in paths:
         console.print(Text(f"wrote {path}"), soft_wrap=True)
 
@@ -372,8 +372,8 @@ def _worst_lines(rows: list[Cell]) -> list[str]:
     return lines
 
 
-def _next_steps(paths: list[str], grid_shown: bool) -> str:
-    steps = [] if grid_shown else ["--detail for the per-case grid and every finding"]
+def _next_steps(paths: list[str], case_tables_shown: bool) -> str:
+    steps = [] if case_tables_shown else ["--detail for the per-case tables and every finding"]
     names = {path.replace("\\", "/").rsplit("/", 1)[-1]: path for path in paths}
     if "report.html" in names:
         steps.append(f"{names['report.html']} for plots")

@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.dtypes import canonical_dtype
 from ce_audit.overrides import front_door_config
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory
 from ce_audit.reproducers import ReproducerSink, check_destination
-from ce_audit.results import AuditResult
 from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interruption, interruption_of, stop_on_signals
 from ce_audit.run.progress import progress_reporter

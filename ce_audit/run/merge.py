@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
-from ce_audit.reports.bundle import RUN_NAME, STAGING_PREFIX, ReportDirectory, ReportFile, digest, run_id
+from ce_audit.reports.bundle import RUN_NAME, STAGING_PREFIX, ReportDirectory, digest, run_id
 from ce_audit.reports.csv import read_cells
+from ce_audit.reports.files import ReportFile
 from ce_audit.reports.html import html_files
 from ce_audit.statuses import message_line
 

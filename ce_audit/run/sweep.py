@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ce_audit.audit_result import AuditResult
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
-from ce_audit.dtypes import FloatFormat, float_format, working_dtype
+from ce_audit.dtypes import FloatFormat, float_format, overflow_peak, working_dtype
+from ce_audit.implementations import registered
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
     Block,
     Progress,
     audit_source,
-    overflow_peak,
     row_multiple,
 )
 from ce_audit.plan.cases import (
@@ -38,7 +39,7 @@ from ce_audit.plan.cases import (
 from ce_audit.plan.units import Unit, plan_units
 from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
-from ce_audit.results import AuditResult, Cell
+from ce_audit.results import Cell
 from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, session
@@ -199,6 +200,7 @@ def run_sweep(
     return AuditResult(
         config=config,
         cells=cells,
+        implementations=registered(cell.impl for cell in cells),
         row_results=[],
         devices={device: device_description(device) for device in devices},
         started=started,

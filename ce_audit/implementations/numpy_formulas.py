@@ -1,4 +1,5 @@
-"""Built-in NumPy implementations (no gradient). bfloat16 arrays come as ml_dtypes.bfloat16."""
+"""The formulas of the NumPy built-ins (no gradient; numpy_builtins.py adds the reduction). bfloat16
+arrays come as ml_dtypes.bfloat16."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Built-in PyTorch implementations. Each maps (logits (N, V), targets (N,)) to per-row losses (N,).
+"""The formulas of the PyTorch built-ins (torch_builtins.py adds the loss options). Each maps
+(logits (N, V), targets (N,)) to per-row losses (N,).
 
 All arithmetic stays in the audited dtype, as the formulation is written; PyTorch's own kernels
 (F.cross_entropy, logsumexp, sum) may accumulate internally in a wider type, which is part of what

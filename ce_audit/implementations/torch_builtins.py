@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ce_audit.implementations import torch_backend as base
+from ce_audit.implementations import torch_formulas as formulas
 from ce_audit.options import DEFAULT_IGNORE_INDEX
 
 IGNORE_INDEX = DEFAULT_IGNORE_INDEX
@@ -85,13 +85,13 @@ def _with_options(per_row: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     return wrapped
 
 
-naive = _with_options(base.naive)
-softmax_log = _with_options(base.softmax_log)
-shifted = _with_options(base.shifted)
-logsumexp = _with_options(base.logsumexp)
-chunked = _with_options(base.chunked)
-online = _with_options(base.online)
-accurate = _with_options(base.accurate)
+naive = _with_options(formulas.naive)
+softmax_log = _with_options(formulas.softmax_log)
+shifted = _with_options(formulas.shifted)
+logsumexp = _with_options(formulas.logsumexp)
+chunked = _with_options(formulas.chunked)
+online = _with_options(formulas.online)
+accurate = _with_options(formulas.accurate)
 
 
 def log_softmax_nll(
@@ -200,7 +200,7 @@ def focal_accurate(
 ) -> torch.Tensor:
     """ce by the `accurate` formula (log1p when y is the max); 1 − p_t = −expm1(−ce); α (1 − p_t)^γ · ce."""
     logits = softcap_logits(logits, softcap)
-    ce = base.accurate(logits, targets.clamp(min=0))
+    ce = formulas.accurate(logits, targets.clamp(min=0))
     one_minus_pt = -torch.expm1(-ce)
     return _focal_reduce(focal_alpha * one_minus_pt**focal_gamma * ce, targets, reduction, ignore_index)
 

@@ -11,7 +11,7 @@ from functools import wraps
 
 import numpy as np
 
-from ce_audit.implementations import numpy_backend as base
+from ce_audit.implementations import numpy_formulas as formulas
 
 
 def _with_reduction(per_row: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
@@ -27,6 +27,6 @@ def _with_reduction(per_row: Callable[..., np.ndarray]) -> Callable[..., np.ndar
     return wrapped
 
 
-numpy_naive = _with_reduction(base.numpy_naive)
-numpy_shifted = _with_reduction(base.numpy_shifted)
-numpy_eps = _with_reduction(base.numpy_eps)
+numpy_naive = _with_reduction(formulas.numpy_naive)
+numpy_shifted = _with_reduction(formulas.numpy_shifted)
+numpy_eps = _with_reduction(formulas.numpy_eps)

@@ -1,0 +1,82 @@
+"""The rows of a block an implementation is called on: every row, or (an implementation that cannot ignore
+rows, in a replay that asks for it) the rows not ignored, each with its reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ce_audit.options import LossOptions
+from ce_audit.reference.variants import reference_loss
+
+DROPPED_NOTE = "ignored rows left out of its call and of its reference (it does not support ignore_index)"
+
+
+def without_ignored(options: LossOptions) -> LossOptions:
+    """The options of a call on the rows that are not ignored: nothing left to ignore."""
+    return replace(options, ignore_fraction=0.0)
+
+
+def _kept(block: np.ndarray, targets: np.ndarray, options: LossOptions) -> np.ndarray | None:
+    """Indices of the rows not ignored (None: every row is kept)."""
+    ignored = targets == options.ignore_index
+    return None if not ignored.any() else np.flatnonzero(~ignored)
+
+
+def _mean_reference(
+    block: np.ndarray, targets: np.ndarray, options: LossOptions, weight: np.ndarray | None, grad: bool
+) -> Any:
+    """The exact batch mean a 0-d result stands for: PyTorch's ``mean`` with these options, over the rows
+    not ignored (Σ w_y ℓ / Σ w_y with class weights), and its gradient."""
+    return reference_loss(block, targets, replace(options, reduction="mean"), weight=weight, grad=grad)
+
+
+@dataclass
+class RowsView:
+    """The rows of a block an implementation is called on, with their reference."""
+
+    rows: np.ndarray | None  # indices in the block (None: every row)
+    logits: np.ndarray
+    targets: np.ndarray
+    reference: Any  # per-row reference (None where only a mean is scored)
+    options: LossOptions  # the options of the call
+    mean: Any = None  # the exact batch mean, computed on first use (for 0-d results)
+
+    def mean_reference(self, weight: np.ndarray | None, grad: bool) -> Any:
+        """The exact mean of these rows (``_mean_reference``), computed once."""
+        if self.mean is None:
+            self.mean = _mean_reference(self.logits, self.targets, self.options, weight, grad)
+        return self.mean
+
+
+def _kept_view(full: RowsView, weight: np.ndarray | None, grad: bool, per_row: bool = True) -> RowsView:
+    """The rows of a block that are not ignored, with their own reference (options without ignoring);
+    ``per_row`` False: no per-row reference (only a mean will be scored on them)."""
+    rows = _kept(full.logits, full.targets, full.options)
+    own = without_ignored(full.options)
+    if rows is None:
+        return RowsView(None, full.logits, full.targets, full.reference, own)
+    block, targets = full.logits[rows], full.targets[rows]
+    kept = reference_loss(block, targets, own, weight=weight, grad=grad) if per_row else None
+    return RowsView(rows, block, targets, kept, own)
+
+
+@dataclass
+class BlockViews:
+    """One block as each implementation sees it: every row, or the rows not ignored (made on first use)."""
+
+    full: RowsView
+    weight: np.ndarray | None
+    grad: bool
+    per_row: bool = True
+    kept: RowsView | None = None
+
+    def view_for(self, drops_ignored: bool) -> RowsView:
+        """The rows an implementation is called on: those not ignored (``drops_ignored``), or all."""
+        if not drops_ignored:
+            return self.full
+        if self.kept is None:
+            self.kept = _kept_view(self.full, self.weight, self.grad, self.per_row)
+        return self.kept
