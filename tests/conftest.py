@@ -11,7 +11,6 @@ from ce_audit.config import SweepConfig, load_config
 from ce_audit.implementations import Implementation
 from ce_audit.plugins import isolated
 
-
 # The width every test's console sees unless the test sets its own: the CLI's width when stdout is not a
 # terminal. Rich and the CLI read $COLUMNS (and Rich the terminal's size), so an inherited COLUMNS=80 or
 # a wide terminal would otherwise rewrap the output that tests read.

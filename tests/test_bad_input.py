@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from cli_helpers import TINY, clean_registry, run_cli  # noqa: F401
 
-from ce_audit.plan.capacity import block_working_set, check_capacity
 from ce_audit.config import load_config
 from ce_audit.errors import AuditError
+from ce_audit.plan.capacity import block_working_set, check_capacity
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 SWEEP = ["sweep", *TINY, "--impl", "shifted", "--dtype", "float32", "--scale", "1", "-q"]

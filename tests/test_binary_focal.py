@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from oracle_variants import binary_oracle, softmax_oracle, ulp_error
 
-from ce_audit.reference.binary import binary_reference
 from ce_audit.config import SweepConfig
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
+from ce_audit.reference.binary import binary_reference
 from ce_audit.reference.variants import reference_loss
 from ce_audit.run.sweep import run_sweep
 

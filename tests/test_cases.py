@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import row_differences, tiny_overrides
 
+from ce_audit.config import load_config
+from ce_audit.errors import AuditError
 from ce_audit.plan.cases import (
     DISTRIBUTIONS,
     RAMP_ROWS,
@@ -22,8 +24,6 @@ from ce_audit.plan.cases import (
     ramp_gap,
     row_blocks,
 )
-from ce_audit.config import load_config
-from ce_audit.errors import AuditError
 from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from helpers import BUILTIN_NAMES, tiny_overrides
 
-from ce_audit.plan.cases import Case, generate_rows
 from ce_audit.config import SweepConfig, config_from_dict, default_config_text, load_config
 from ce_audit.dtypes import FORMATS, ulp
 from ce_audit.errors import AuditError
 from ce_audit.implementations import resolve
+from ce_audit.plan.cases import Case, generate_rows
 from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")

@@ -16,9 +16,9 @@ import pytest
 from cli_helpers import PLUGINS, read_rows, run_cli
 
 import ce_audit
-from ce_audit.run import isolation
 from ce_audit.backends import BlockCall
 from ce_audit.dtypes import float_format
+from ce_audit.run import isolation
 
 torch = pytest.importorskip("torch")
 

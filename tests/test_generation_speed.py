@@ -7,14 +7,12 @@ import numpy as np
 import pytest
 
 from ce_audit import threads
-
-from ce_audit.plan import cases
-
-from ce_audit.reference import cross_entropy as reference
 from ce_audit.backends import raw_bytes, same_bytes
-from ce_audit.plan.cases import Case, generate_inputs, generate_quantized, quantize
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
+from ce_audit.plan import cases
+from ce_audit.plan.cases import Case, generate_inputs, generate_quantized, quantize
+from ce_audit.reference import cross_entropy as reference
 from ce_audit.reference.cross_entropy import reference_cross_entropy
 
 OPTIONS = {

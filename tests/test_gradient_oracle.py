@@ -16,8 +16,8 @@ import pytest
 from oracle_variants import binary_oracle, softmax_oracle, to_mpf, ulp_error
 
 from ce_audit.dtypes import FORMATS
-from ce_audit.reference.exact import dw_exp, dw_expm1
 from ce_audit.options import LossOptions
+from ce_audit.reference.exact import dw_exp, dw_expm1
 from ce_audit.reference.variants import reference_loss
 
 ULP_BOUND = 0.01

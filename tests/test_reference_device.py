@@ -12,10 +12,10 @@ from test_gradient_oracle import _seed
 from test_reference_oracle import ENGINES
 
 from ce_audit import pipeline
-from ce_audit.plan.cases import Case, generate_rows, quantize
 from ce_audit.config import load_config
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
+from ce_audit.plan.cases import Case, generate_rows, quantize
 from ce_audit.reference.device import block_reference, device_reason, reference_device
 from ce_audit.reference.variants import reference_loss
 from ce_audit.run.sweep import run_sweep

@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ce_audit.plan.cases import quantize
 from ce_audit.cli import main
 from ce_audit.dtypes import FORMATS, round_to_format
+from ce_audit.plan.cases import quantize
 from ce_audit.plugins import isolated
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ce_audit.plan.cases import Case, class_weights, draw_targets, generate_inputs, generate_rows
 from ce_audit.cli import main
 from ce_audit.config import SweepConfig, load_config
 from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
+from ce_audit.plan.cases import Case, class_weights, draw_targets, generate_inputs, generate_rows
 from ce_audit.results import Cell
 from ce_audit.run.sweep import run_sweep
 
