@@ -132,7 +132,13 @@ def _equal(value: Any, expected: Any) -> bool:
 
 
 def _matches(cell: Cell, key: dict[str, Any]) -> bool:
-    return all(_equal(key_value(cell, name), value) for name, value in key.items())
+    """Whether each key of ``cell`` has the value given, or one of the values of a set given."""
+    return all(
+        key_value(cell, name) in value
+        if isinstance(value, set | frozenset)
+        else _equal(key_value(cell, name), value)
+        for name, value in key.items()
+    )
 
 
 def describe(cell: Cell) -> str:
@@ -178,7 +184,7 @@ class AuditedCells(Sequence[Cell]):
         return len(self.cells)
 
     def where(self, **key: Any) -> list[Cell]:
-        """Every cell whose key has these values."""
+        """Every cell whose key has these values (a set: any of its values)."""
         return [cell for cell in self.cells if _matches(cell, key)]
 
     def one(self, **key: Any) -> Cell:

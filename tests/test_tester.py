@@ -19,6 +19,7 @@ CELLS = AuditedCells(
 def test_cells_are_found_by_key_with_numbers_compared_as_values():
     assert CELLS.one(impl="fused", scale=10).inf_rows == 3  # 10 finds scale 10.0
     assert [c.impl for c in CELLS.where(scale=10.0)] == ["fused", "naive"]
+    assert [c.scale for c in CELLS.where(impl={"fused", "accurate"}, scale={1.0, 3.0})] == [1.0]  # any of
     assert CELLS.one(reduction="sum").impl == "naive"  # a loss option is a key like the others
     assert set(CELLS.by("impl", "scale")) == {("fused", 1.0), ("fused", 10.0), ("naive", 10.0)}
     assert CELLS.values("impl") == {"fused", "naive"} and len(CELLS) == 3 and CELLS[0].scale == 1.0
