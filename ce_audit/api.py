@@ -27,8 +27,8 @@ from ce_audit.options import SPECS_BY_NAME, options_label
 from ce_audit.plugins import ATTRIBUTE, add_function
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
-from ce_audit.statuses import FAILING, Status
 from ce_audit.run.sweep import run_sweep
+from ce_audit.statuses import FAILING, Status
 
 Target = str | Callable[..., Any]
 

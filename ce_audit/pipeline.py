@@ -19,8 +19,6 @@ from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, uses_acce
 from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
-from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
-from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
 from ce_audit.options import LossOptions, skip_reason
 from ce_audit.plugins import prepare
@@ -28,6 +26,8 @@ from ce_audit.reference.device import block_reference, reference_device
 from ce_audit.reference.variants import reference_loss
 from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
+from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
+from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.scoring import CaseLabel, CellTally
 from ce_audit.statuses import Status
 from ce_audit.verdict import BASELINES, Side

@@ -23,8 +23,8 @@ from ce_audit.reports.csv import SUMMARY_COLUMNS, read_cells, rounded_cells, wri
 from ce_audit.reports.files import write_atomically
 from ce_audit.reports.json import report_document, write_report_json
 from ce_audit.results import AuditResult
-from ce_audit.statuses import message_line
 from ce_audit.run.sweep import run_sweep
+from ce_audit.statuses import message_line
 
 
 def summary_path(path: str | Path) -> Path:

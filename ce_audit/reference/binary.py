@@ -23,9 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
-from ce_audit.reference.exact import accurate_sum, dw_add, dw_div, dw_exp, fast_two_sum, two_sum, ulp_floor
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
 from ce_audit.reference.cross_entropy import VariantReference
+from ce_audit.reference.exact import accurate_sum, dw_add, dw_div, dw_exp, fast_two_sum, two_sum, ulp_floor
 
 
 def softplus(x: np.ndarray) -> np.ndarray:

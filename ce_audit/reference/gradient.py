@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, working_dtype
+from ce_audit.options import LossOptions
 from ce_audit.reference.exact import (
     dw_add,
     dw_div,
@@ -19,7 +20,6 @@ from ce_audit.reference.exact import (
     two_product,
     two_sum,
 )
-from ce_audit.options import LossOptions
 from ce_audit.reference.parts import ROW_CHUNK_ELEMENTS, Softmax, mp_softcap
 
 

@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ce_audit.reference.binary import binary_reference
 from ce_audit.dtypes import FloatFormat, format_of_array, working_dtype
+from ce_audit.options import EXPECTED_NAN_NOTE, ZERO_WEIGHT_NOTE, LossOptions
+from ce_audit.reference.binary import binary_reference
+from ce_audit.reference.cross_entropy import VariantReference, reference_cross_entropy
 from ce_audit.reference.exact import (
     accurate_sum,
 )
-from ce_audit.options import EXPECTED_NAN_NOTE, ZERO_WEIGHT_NOTE, LossOptions
-from ce_audit.reference.cross_entropy import VariantReference, reference_cross_entropy
 from ce_audit.reference.gradient import dw_gradient, rows_to_refine
 from ce_audit.reference.parts import (
     INF_SMOOTHING_NOTE,

@@ -20,10 +20,10 @@ import numpy as np
 
 import ce_audit
 from ce_audit.backends import BlockCall, get_backend
-from ce_audit.plan.cases import build_cases, generate_inputs, quantize
 from ce_audit.dtypes import float_format
 from ce_audit.implementations import REGISTRY
 from ce_audit.options import LossOptions
+from ce_audit.plan.cases import build_cases, generate_inputs, quantize
 
 mpmath.mp.dps = 60
 
