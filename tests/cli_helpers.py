@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,16 @@ def by_impl(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
 def clean_registry() -> Iterator[None]:
     with isolated():
         yield
+
+
+def run_cli_captured(args: list[object]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `ce-audit ARGS` as ``run_cli``, captured without capsys, so that a
+    module-scoped fixture can run it once for several tests."""
+    out, err = io.StringIO(), io.StringIO()
+    with isolated(), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+    return code, out.getvalue(), err.getvalue()

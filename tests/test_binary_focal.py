@@ -5,14 +5,13 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import assert_cell, audit
 from oracle_variants import binary_oracle, softmax_oracle, ulp_error
 
-from ce_audit.config import SweepConfig
 from ce_audit.dtypes import FORMATS
 from ce_audit.options import LossOptions
 from ce_audit.reference.binary import binary_reference
 from ce_audit.reference.variants import reference_loss
-from ce_audit.run.sweep import run_sweep
 
 ULP_BOUND = 0.01
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "float64": np.float64}
@@ -69,22 +68,14 @@ def test_binary_empty_mean_is_expected_nan():
     assert np.isnan(reference.loss[0]) and reference.note.startswith("expected NaN")
 
 
-def _sweep(**overrides) -> list:
-    config = SweepConfig(
-        dtypes=("float32",), devices=("cpu",), distributions=("normal",), vocabs=(64,), batches=(8,)
-    )
-    return run_sweep(config.updated(**overrides)).cells
-
-
 def test_bce_naive_gives_inf_for_large_logits_and_with_logits_is_finite():
-    rows = {r.impl: r for r in _sweep(losses=("binary",), scales=(200.0,))}
+    rows = audit(losses=["binary"], scales=[200.0], vocabs=[64]).by("impl")  # every binary implementation
     assert set(rows) == {"bce_sigmoid", "bce_logits", "bce_naive", "bce_softplus"}
-    assert rows["bce_naive"].status == "nonfinite" and rows["bce_naive"].inf_rows > 0
-    assert (
-        rows["bce_logits"].status == "ok" and rows["bce_logits"].nan_rows == rows["bce_logits"].inf_rows == 0
-    )
+    assert_cell(rows["bce_naive"], status="nonfinite")
+    assert rows["bce_naive"].inf_rows > 0
+    assert_cell(rows["bce_logits"], status="ok", nan_rows=0, inf_rows=0)
     # nn.BCELoss clamps its log at −100: losses up to ~800 are capped at 100
-    assert rows["bce_sigmoid"].status == "inaccurate" and rows["bce_sigmoid"].max_value == 100.0
+    assert_cell(rows["bce_sigmoid"], status="inaccurate", max_value=100.0)
     assert rows["bce_sigmoid"].max_reference > 400
 
 
@@ -107,13 +98,13 @@ def test_focal_reference_in_the_confident_region(dtype):
 
 
 def test_focal_one_minus_pt_loses_everything_where_accurate_form_does_not():
-    rows = _sweep(focal_gammas=(2.0,), margins=(30.0,))
-    by_name = {r.impl: r for r in rows}
+    by_name = audit(focal_gammas=[2.0], margins=[30.0], vocabs=[64]).by("impl")  # every focal implementation
     assert set(by_name) == {"focal", "focal_softmax", "focal_accurate"}
     # seed 002: 1 − exp(−ce) is 0 in float32 once p_t rounds to 1: every bit of the loss is lost
     assert by_name["focal"].max_rel_err == pytest.approx(1.0)
     assert by_name["focal_softmax"].max_rel_err == pytest.approx(1.0)
     assert by_name["focal_accurate"].max_ulp < 16
     # γ < 1: d/dp (1 − p)^γ is infinite at p = 1, the gradient of the seed form is NaN
-    half = {r.impl: r for r in _sweep(focal_gammas=(0.5,), margins=(30.0,))}
-    assert half["focal"].grad_status == "nonfinite" and half["focal_accurate"].grad_status == "ok"
+    half = audit(focal_gammas=[0.5], margins=[30.0], vocabs=[64]).by("impl")
+    assert_cell(half["focal"], grad_status="nonfinite")
+    assert_cell(half["focal_accurate"], grad_status="ok")

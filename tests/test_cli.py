@@ -235,7 +235,7 @@ def test_out_that_is_a_file_exits_2_with_one_line(tmp_path):
 
 
 def test_list_shows_every_builtin():
-    result = runner.invoke(app, ["list"])
+    result = runner.invoke(app, ["list"], env={"COLUMNS": "100"})  # narrower than a table: one block each
     assert result.exit_code == 0, result.output
     names = {line.split()[0] for line in result.stdout.splitlines() if line and not line.startswith(" ")}
     assert set(BUILTIN_NAMES) <= names  # one block per implementation, its name first

@@ -10,16 +10,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import BUILTIN_NAMES, registered_implementations, tiny_overrides
+from helpers import BUILTIN_NAMES, AuditedCells, assert_cell, audit, describe, registered_implementations
 
-from ce_audit.config import load_config
 from ce_audit.dtypes import FORMATS, float_format
 from ce_audit.findings import cause
 from ce_audit.implementations import REGISTRY
 from ce_audit.plan.cases import Case, generate_rows, quantize
 from ce_audit.reference.cross_entropy import reference_cross_entropy
 from ce_audit.results import Cell
-from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
 
@@ -59,16 +57,6 @@ def easy_rows(dtype: str, vocab: int = 200, batch: int = 32, seed: int = 5):
     return quantized, targets, reference_cross_entropy(quantized, targets)
 
 
-def by_key(rows: list[Cell], *keys: str) -> dict:
-    """Rows by the value of one key, or by a tuple of several."""
-    table = {
-        (getattr(row, keys[0]) if len(keys) == 1 else tuple(getattr(row, key) for key in keys)): row
-        for row in rows
-    }
-    assert len(table) == len(rows), "the keys do not identify the rows"
-    return table
-
-
 # --------------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------------
@@ -90,15 +78,9 @@ def test_registry_holds_every_contract_builtin():
 
 @pytest.fixture(scope="module")
 def easy_sweep() -> dict[tuple, Cell]:
-    config = load_config(
-        None,
-        tiny_overrides(
-            dtypes=list(FORMATS), impls=list(BUILTIN_NAMES), vocabs=[100, 300], batches=[32], seed=3
-        ),
-    )
-    rows = run_sweep(config).cells
-    assert len(rows) == len(BUILTIN_NAMES) * 4 * 2
-    return by_key(rows, "impl", "dtype", "vocab")
+    cells = audit(BUILTIN_NAMES, dtypes=list(FORMATS), vocabs=[100, 300], batches=[32], seed=3)
+    assert len(cells) == len(BUILTIN_NAMES) * 4 * 2
+    return cells.by("impl", "dtype", "vocab")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -106,16 +88,14 @@ def easy_sweep() -> dict[tuple, Cell]:
 @pytest.mark.parametrize("name", [n for n in BUILTIN_NAMES if n != "numpy_eps"])
 def test_easy_cases_are_ok_in_float32_and_float64(easy_sweep, name, dtype, vocab):
     row = easy_sweep[(name, dtype, vocab)]
-    assert row.rows == 32
-    assert (row.status, row.nan_rows, row.inf_rows, row.error) == ("ok", 0, 0, "")
-    assert row.max_ulp <= 4.0
-    assert row.max_rel_err <= FORMATS[dtype].rtol
+    assert_cell(row, rows=32, status="ok", nan_rows=0, inf_rows=0, error="")
+    assert row.max_ulp <= 4.0, describe(row)
+    assert row.max_rel_err <= FORMATS[dtype].rtol, describe(row)
     if REGISTRY[name].backend == "torch":
-        assert row.grad_status == "ok"
-        assert (row.grad_nan, row.grad_inf) == (0, 0)
-        assert row.grad_max_rel_err <= FORMATS[dtype].rtol
+        assert_cell(row, grad_status="ok", grad_nan=0, grad_inf=0)
+        assert row.grad_max_rel_err <= FORMATS[dtype].rtol, describe(row)
     else:
-        assert row.grad_status == "n/a"
+        assert_cell(row, grad_status="n/a")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -229,17 +209,14 @@ def test_naive_float16_is_finite_just_below_11_09_and_not_just_above(name):
 
 @pytest.fixture(scope="module")
 def float16_scales() -> dict[tuple, Cell]:
-    config = load_config(
-        None,
-        tiny_overrides(
-            dtypes=["float16"],
-            impls=["naive", "numpy_naive", "shifted", "accurate"],
-            scales=[1.0, 10.0],
-            vocabs=[200],
-            batches=[32],
-        ),
+    cells = audit(
+        ["naive", "numpy_naive", "shifted", "accurate"],
+        dtypes=["float16"],
+        scales=[1.0, 10.0],
+        vocabs=[200],
+        batches=[32],
     )
-    return by_key(run_sweep(config).cells, "impl", "scale")
+    return cells.by("impl", "scale")
 
 
 @pytest.mark.parametrize("name", ["naive", "numpy_naive"])
@@ -257,9 +234,7 @@ def test_naive_float16_sweep_is_nonfinite_at_scale_10_and_finite_at_scale_1(floa
 
 @pytest.mark.parametrize("name", ["shifted", "accurate"])
 def test_stable_forms_stay_finite_where_naive_overflows(float16_scales, name):
-    row = float16_scales[(name, 10.0)]
-    assert row.status == "ok"
-    assert (row.nan_rows, row.inf_rows) == (0, 0)
+    assert_cell(float16_scales[(name, 10.0)], status="ok", nan_rows=0, inf_rows=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,18 +260,14 @@ def test_numpy_eps_is_capped_near_16_118_on_adversarial_rows():
 
 
 def test_numpy_eps_cap_through_the_engine():
-    config = load_config(
-        None,
-        tiny_overrides(
-            dtypes=["float64"],
-            impls=["numpy_eps", "numpy_shifted", "accurate"],
-            distributions=["adversarial"],
-            scales=[10.0],
-            vocabs=[200],
-            batches=[32],
-        ),
-    )
-    rows = by_key(run_sweep(config).cells, "impl")
+    rows = audit(
+        ["numpy_eps", "numpy_shifted", "accurate"],
+        dtypes=["float64"],
+        distributions=["adversarial"],
+        scales=[10.0],
+        vocabs=[200],
+        batches=[32],
+    ).by("impl")
     capped = rows["numpy_eps"]
     assert capped.status == "inaccurate"
     assert capped.max_value == pytest.approx(EPSILON_CAP, abs=1e-6)
@@ -312,16 +283,9 @@ def test_numpy_eps_cap_through_the_engine():
 
 
 def test_logsumexp_loses_accuracy_under_offset_1e4_in_float32():
-    config = load_config(
-        None,
-        tiny_overrides(
-            impls=["logsumexp", "shifted", "fused", "accurate"],
-            offsets=[0.0, 1e4],
-            vocabs=[200],
-            batches=[32],
-        ),
-    )
-    rows = by_key(run_sweep(config).cells, "impl", "offset")
+    rows = audit(
+        ["logsumexp", "shifted", "fused", "accurate"], offsets=[0.0, 1e4], vocabs=[200], batches=[32]
+    ).by("impl", "offset")
     cancelled = rows[("logsumexp", 1e4)]
     assert rows[("logsumexp", 0.0)].status == "ok"
     assert cancelled.status == "inaccurate"
@@ -331,26 +295,22 @@ def test_logsumexp_loses_accuracy_under_offset_1e4_in_float32():
     assert "cancellation" in cause(cancelled)
     for name in ("shifted", "fused", "accurate"):
         row = rows[(name, 1e4)]
-        assert (row.status, row.grad_status) == ("ok", "ok"), name
-        assert row.max_ulp <= 4
+        assert_cell(row, status="ok", grad_status="ok")
+        assert row.max_ulp <= 4, describe(row)
 
 
 def test_accurate_keeps_relative_accuracy_on_confident_rows():
     """Spike rows: loss ≈ 1e-17. Everything else returns 0 (100% relative error); `accurate` does not."""
     names = ["accurate", "shifted", "logsumexp", "log_softmax_nll", "fused", "naive", "numpy_shifted"]
-    config = load_config(
-        None,
-        tiny_overrides(
-            dtypes=["float32", "float64"],
-            impls=names,
-            distributions=["spike"],
-            scales=[10.0],
-            vocabs=[200],
-            batches=[32],
-            tolerances={"float64": {"rtol": 1e-7, "atol": 0.0}},  # a purely relative verdict
-        ),
-    )
-    rows = by_key(run_sweep(config).cells, "impl", "dtype")
+    rows = audit(
+        names,
+        dtypes=["float32", "float64"],
+        distributions=["spike"],
+        scales=[10.0],
+        vocabs=[200],
+        batches=[32],
+        tolerances={"float64": {"rtol": 1e-7, "atol": 0.0}},  # a purely relative verdict
+    ).by("impl", "dtype")
     assert 0 < rows[("accurate", "float64")].max_reference < 1e-10
     assert rows[("accurate", "float64")].status == "ok"
     assert rows[("accurate", "float64")].max_rel_err < 1e-13
@@ -367,16 +327,13 @@ def test_accurate_keeps_relative_accuracy_on_confident_rows():
 
 
 def test_cases_beyond_the_dtype_range_are_skipped():
-    config = load_config(
-        None, tiny_overrides(dtypes=["float16", "float32"], impls=["shifted", "numpy_shifted"], offsets=[7e4])
-    )
-    rows = run_sweep(config).cells
-    skipped = [row for row in rows if row.dtype == "float16"]
+    rows = audit(["shifted", "numpy_shifted"], dtypes=["float16", "float32"], offsets=[7e4])
+    skipped = rows.where(dtype="float16")
     assert len(skipped) == 2
     for row in skipped:
-        assert (row.status, row.grad_status, row.rows) == ("skipped", "skipped", 0)
+        assert_cell(row, status="skipped", grad_status="skipped", rows=0)
         assert "largest finite" in row.error and "float16" in row.error
-    assert all(row.status != "skipped" for row in rows if row.dtype == "float32")
+    assert all(row.status != "skipped" for row in rows.where(dtype="float32"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,29 +362,24 @@ def _no_grad(logits, targets):
     return torch.logsumexp(detached, dim=1) - detached.gather(1, targets[:, None]).squeeze(1)
 
 
-def _failing_sweep(names: list[str]) -> list[Cell]:
-    config = load_config(
-        None,
-        tiny_overrides(
-            dtypes=["float32", "float64"], impls=[*names, "shifted", "numpy_shifted"], scales=[1.0, 10.0]
-        ),
-    )
-    return run_sweep(config).cells
+def _failing_sweep(names: list[str]) -> AuditedCells:
+    return audit([*names, "shifted", "numpy_shifted"], dtypes=["float32", "float64"], scales=[1.0, 10.0])
 
 
 def test_an_implementation_that_raises_gives_error_rows_and_the_sweep_goes_on(temporary_impl):
     temporary_impl("test_raises", _raises)
     rows = _failing_sweep(["test_raises"])
     assert len(rows) == 3 * 2 * 2  # impls × dtypes × scales: nothing is lost
-    failing = [row for row in rows if row.impl == "test_raises"]
+    failing = rows.where(impl="test_raises")
     assert len(failing) == 4
     for row in failing:
-        assert (row.status, row.grad_status) == ("error", "error")
-        assert row.error == "RuntimeError: boom from the test implementation"
+        assert_cell(
+            row, status="error", grad_status="error", error="RuntimeError: boom from the test implementation"
+        )
         assert cause(row) == row.error
     for row in rows:
         if row.impl != "test_raises":
-            assert (row.status, row.error, row.rows) == ("ok", "", 8), row.impl
+            assert_cell(row, status="ok", error="", rows=8)
 
 
 @pytest.mark.parametrize(
@@ -441,7 +393,7 @@ def test_an_implementation_that_raises_gives_error_rows_and_the_sweep_goes_on(te
 def test_a_wrong_result_gives_error_rows_and_the_sweep_goes_on(temporary_impl, function, backend, fragments):
     temporary_impl("test_wrong", function, backend=backend)
     rows = _failing_sweep(["test_wrong"])
-    failing = [row for row in rows if row.impl == "test_wrong"]
+    failing = rows.where(impl="test_wrong")
     assert len(failing) == 4
     assert {row.status for row in failing} == {"error"}
     assert len({row.error for row in failing}) == 1
@@ -452,12 +404,10 @@ def test_a_wrong_result_gives_error_rows_and_the_sweep_goes_on(temporary_impl, f
 
 def test_a_loss_without_gradient_gives_a_gradient_error_only(temporary_impl):
     temporary_impl("test_no_grad", _no_grad)
-    rows = [row for row in _failing_sweep(["test_no_grad"]) if row.impl == "test_no_grad"]
+    rows = _failing_sweep(["test_no_grad"]).where(impl="test_no_grad")
     assert len(rows) == 4
     for row in rows:
-        assert row.status == "ok"  # the loss itself is measured and fine
-        assert row.rows == 8
-        assert row.grad_status == "error"
+        assert_cell(row, status="ok", rows=8, grad_status="error")  # the loss itself is measured and fine
         assert "does not require grad" in row.error
 
 
@@ -466,7 +416,7 @@ def test_temporary_implementations_leave_the_registry_even_when_the_test_fails()
     with pytest.raises(RuntimeError, match="test body failed"), registered_implementations() as register:
         register("test_transient", _raises)
         assert REGISTRY["test_transient"].builtin is False
-        assert [row.status for row in _failing_sweep(["test_transient"]) if row.impl == "test_transient"]
+        assert [row.status for row in _failing_sweep(["test_transient"]).where(impl="test_transient")]
         raise RuntimeError("test body failed")
     assert "test_transient" not in REGISTRY
     assert before == REGISTRY

@@ -6,14 +6,12 @@ import importlib.util
 
 import pytest
 from cli_helpers import PLUGINS, TINY, by_impl, clean_registry, read_rows, run_cli  # noqa: F401
-from helpers import tiny_overrides
+from helpers import assert_cell, audit
 
 from ce_audit import backends
-from ce_audit.config import load_config
 from ce_audit.dtypes import float_format
 from ce_audit.options import LossOptions
 from ce_audit.plugins import load_plugin
-from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 JAX_PLUGIN = PLUGINS / "jax_plugin.py"
@@ -27,16 +25,14 @@ def jax():
 
 
 def _cells(impls, dtypes, scales=(1.0,), **changes):
-    overrides = tiny_overrides(impls=list(impls), dtypes=list(dtypes), scales=list(scales), **changes)
-    config = load_config(None, overrides)
-    return {(cell.impl, cell.dtype, cell.scale): cell for cell in run_sweep(config).cells}
+    return audit(impls, dtypes=list(dtypes), scales=list(scales), **changes).by("impl", "dtype", "scale")
 
 
 def test_a_max_shifted_jax_loss_and_its_vjp_gradient_match_the_reference(jax):
     cells = _cells(["jax_shifted"], ["float32", "bfloat16"], scales=(1.0, 10.0))
     assert len(cells) == 4
     for cell in cells.values():
-        assert cell.status == "ok" and cell.grad_status == "ok", cell
+        assert_cell(cell, status="ok", grad_status="ok")
         assert cell.max_ulp < 4
     assert cells["jax_shifted", "float32", 10.0].grad_max_rel_err < 1e-6  # a gradient was measured
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import PLUGINS, TINY, clean_registry, run_cli  # noqa: F401
+from cli_helpers import PLUGINS, TINY, clean_registry, run_cli, run_cli_captured  # noqa: F401
 
 from ce_audit.config import load_config
 from ce_audit.devices import device_description
@@ -36,9 +37,10 @@ GRID = [
 TIMING_KEYS = {"timestamp", "seconds"}
 
 
-def sweep(tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str], *extra: str) -> Path:
-    out = tmp_path / name
-    code, _, err = run_cli(["sweep", *GRID, "--out", out, "-q", *extra], capsys)
+def sweep(folder: Path, name: str, *extra: str) -> Path:
+    """The report directory ``folder/name`` of a quiet sweep of GRID with ``extra`` arguments."""
+    out = folder / name
+    code, _, err = run_cli_captured(["sweep", *GRID, "--out", out, "-q", *extra])
     assert code == 0, err
     return out
 
@@ -49,15 +51,16 @@ def without_timings(report: Path) -> dict[str, object]:
     return {key: value for key, value in document.items() if key not in TIMING_KEYS}
 
 
-@pytest.fixture
-def single(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
-    return sweep(tmp_path, "single", capsys, "--jobs", "1")
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GRID in one process, run once for the module (its tests only read it)."""
+    return sweep(tmp_path_factory.mktemp("single"), "single", "--jobs", "1")
 
 
 def test_jobs_2_gives_the_summary_of_jobs_1(
     tmp_path: Path, single: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    two = sweep(tmp_path, "two", capsys, "--jobs", "2")
+    two = sweep(tmp_path, "two", "--jobs", "2")
     expected = (single / "summary.csv").read_bytes()
     assert (
         expected.count(b"\n") == 1 + 4 * 2 * 2 * 2 * 2
@@ -81,9 +84,9 @@ def test_workers_load_plugins_from_the_same_specs(tmp_path: Path, capsys: pytest
 
 
 def test_merged_shards_give_the_report_of_one_run(
-    tmp_path: Path, single: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, shards: list[Path], single: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    shards = [sweep(tmp_path, f"shard{k}", capsys, "--shard", f"{k}/3", "--jobs", "1") for k in (3, 1, 2)]
+    shards = [shards[k - 1] for k in (3, 1, 2)]  # merged in any order
     sizes = [(shard / "summary.csv").read_text().count("\n") - 1 for shard in shards]
     assert all(size > 0 for size in sizes) and sum(sizes) == 64
     merged = tmp_path / "merged"
@@ -105,9 +108,11 @@ def test_bad_shard_values_exit_2_with_one_line(text: str, capsys: pytest.Capture
     assert err.strip().count("\n") == 0 and "--shard takes K/N" in err
 
 
-@pytest.fixture
-def shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> list[Path]:
-    return [sweep(tmp_path, f"part{k}", capsys, "--shard", f"{k}/3", "--jobs", "1") for k in (1, 2, 3)]
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Shards 1/3, 2/3 and 3/3 of GRID, run once for the module (a test that edits one edits a copy)."""
+    folder = tmp_path_factory.mktemp("shards")
+    return [sweep(folder, f"part{k}", "--shard", f"{k}/3", "--jobs", "1") for k in (1, 2, 3)]
 
 
 def _merge_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], *directories: Path) -> str:
@@ -125,17 +130,18 @@ def test_merge_refuses_missing_repeated_and_foreign_shards(
     assert "given twice" in _merge_error(tmp_path, capsys, shards[0], shards[1], shards[1], shards[2])
     assert "holds no shard" in _merge_error(tmp_path, capsys, shards[0], single)
     assert "not a report directory" in _merge_error(tmp_path, capsys, shards[0], tmp_path / "nowhere")
-    other_seed = sweep(tmp_path, "seed", capsys, "--shard", "2/3", "--seed", "7")
+    other_seed = sweep(tmp_path, "seed", "--shard", "2/3", "--seed", "7")
     assert "seed 7" in _merge_error(tmp_path, capsys, shards[0], other_seed, shards[2])
-    other_grid = sweep(tmp_path, "grid", capsys, "--shard", "2/3", "--scale", "3")
+    other_grid = sweep(tmp_path, "grid", "--shard", "2/3", "--scale", "3")
     assert "not shards of one sweep" in _merge_error(tmp_path, capsys, shards[0], other_grid, shards[2])
-    halves = sweep(tmp_path, "halves", capsys, "--shard", "1/2")
+    halves = sweep(tmp_path, "halves", "--shard", "1/2")
     assert "split the sweep differently" in _merge_error(tmp_path, capsys, halves, shards[1], shards[2])
 
 
 def test_merge_refuses_overlapping_units(
     tmp_path: Path, shards: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
+    shards = [Path(shutil.copytree(shard, tmp_path / shard.name)) for shard in shards]  # edited below
     report = shards[1] / "report.json"
     document = json.loads(report.read_text())
     stolen = json.loads((shards[0] / "report.json").read_text())["shard"]["units"][0]
@@ -239,7 +245,7 @@ def test_local_ray_gives_the_summary_of_jobs_1(
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        on_ray = sweep(tmp_path, "ray", capsys, "--executor", "ray")
+        on_ray = sweep(tmp_path, "ray", "--executor", "ray")
     finally:
         ray.shutdown()
     assert (on_ray / "summary.csv").read_bytes() == (single / "summary.csv").read_bytes()

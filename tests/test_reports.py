@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_overrides
+from helpers import assert_cell, audit, tiny_overrides
 from rich.console import Console
 
 from ce_audit.audit_result import AuditResult
@@ -383,14 +383,11 @@ def test_the_findings_name_the_naive_float16_overflow_in_words(rendered):
 
 
 def test_the_findings_name_the_epsilon_cap():
-    config = load_config(
-        None,
-        tiny_overrides(
-            dtypes=["float64"], impls=["numpy_eps"], distributions=["adversarial"], scales=[10.0], vocabs=[64]
-        ),
+    cells = audit(
+        ["numpy_eps"], dtypes=["float64"], distributions=["adversarial"], scales=[10.0], vocabs=[64]
     )
     console = Console(record=True, width=400)
-    print_report(run_sweep(config).cells, console, [], 0.1, detail=True)
+    print_report(list(cells), console, [], 0.1, detail=True)
     lines = [line.strip() for line in console.export_text().splitlines() if "numpy_eps:" in line]
     assert len(lines) == 1
     assert lines[0].startswith("numpy_eps: float64 inaccurate from scale 10")
@@ -398,21 +395,14 @@ def test_the_findings_name_the_epsilon_cap():
 
 
 def test_the_findings_explain_a_float64_underflow():
-    config = load_config(
-        None,
-        tiny_overrides(
-            dtypes=["float64"],
-            impls=["softmax_log"],
-            distributions=["adversarial"],
-            scales=[100.0],
-            vocabs=[64],
-        ),
+    rows = audit(
+        ["softmax_log"], dtypes=["float64"], distributions=["adversarial"], scales=[100.0], vocabs=[64]
     )
-    rows = run_sweep(config).cells
-    assert [row.status for row in rows] == ["nonfinite"]  # log(0) once p_y = exp(−loss) underflows
+    assert len(rows) == 1
+    assert_cell(rows[0], status="nonfinite")  # log(0) once p_y = exp(−loss) underflows
     assert rows[0].max_logit < 709.78 < rows[0].max_reference
     console = Console(record=True, width=400)
-    print_report(rows, console, [], 0.1, detail=True)
+    print_report(list(rows), console, [], 0.1, detail=True)
     lines = [line.strip() for line in console.export_text().splitlines() if "softmax_log:" in line]
     assert len(lines) == 1 and "float64 Inf" in lines[0] and "underflows" in lines[0]
 

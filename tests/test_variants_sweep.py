@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import AuditedCells
 
 from ce_audit.cli import main
 from ce_audit.config import SweepConfig, load_config
@@ -16,7 +17,7 @@ from ce_audit.errors import AuditError
 from ce_audit.findings import findings
 from ce_audit.options import EXPECTED_NAN_NOTE, LossOptions
 from ce_audit.plan.cases import Case, class_weights, draw_targets, generate_inputs, generate_rows
-from ce_audit.results import CELL_COLUMNS, Cell
+from ce_audit.results import CELL_COLUMNS
 from ce_audit.run.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +28,12 @@ CORE_COLUMNS = [
 ]
 
 
-def sweep(**overrides) -> list[Cell]:
+def sweep(**overrides) -> AuditedCells:
+    """The cells of a float32 CPU sweep of normal logits, V = 64, 8 rows, changed by ``overrides``."""
     config = SweepConfig(
         dtypes=("float32",), devices=("cpu",), distributions=("normal",), vocabs=(64,), batches=(8,)
     )
-    return run_sweep(config.updated(**overrides)).cells
+    return AuditedCells(tuple(run_sweep(config.updated(**overrides)).cells))
 
 
 def run_cli(argv: list[str]) -> int:
@@ -43,25 +45,19 @@ def run_cli(argv: list[str]) -> int:
     return 0
 
 
-def by_impl(rows: list[Cell]) -> dict[str, Cell]:
-    return {row.impl: row for row in rows}
-
-
 # ----------------------------------------------------------------------------------------------------
 # the known failures
 # ----------------------------------------------------------------------------------------------------
 
 
 def test_float16_sum_past_65504_is_caught():
-    rows = by_impl(
-        sweep(
-            dtypes=("float16",),
-            batches=(8192,),
-            scales=(4.0,),
-            reductions=("sum",),
-            impls=("fused", "accurate", "numpy_shifted"),
-        )
-    )
+    rows = sweep(
+        dtypes=("float16",),
+        batches=(8192,),
+        scales=(4.0,),
+        reductions=("sum",),
+        impls=("fused", "accurate", "numpy_shifted"),
+    ).by("impl")
     for name in ("fused", "accurate", "numpy_shifted"):  # PyTorch and NumPy both return inf
         # inf is the exact sum rounded once to float16: the dtype's limit, noted, not a failure
         assert rows[name].status == "ok" and rows[name].inf_rows == 1
@@ -72,39 +68,36 @@ def test_float16_sum_past_65504_is_caught():
 
 
 def test_float16_mean_whose_internal_sum_overflows_is_caught():
-    rows = by_impl(
-        sweep(
-            dtypes=("float16",),
-            batches=(8192,),
-            scales=(4.0,),
-            reductions=("mean",),
-            impls=("fused", "accurate"),
-        )
-    )
+    rows = sweep(
+        dtypes=("float16",),
+        batches=(8192,),
+        scales=(4.0,),
+        reductions=("mean",),
+        impls=("fused", "accurate"),
+    ).by("impl")
     assert rows["fused"].status == "nonfinite"  # F.cross_entropy on the CPU sums the mean in float16
     assert rows["accurate"].status == "ok"  # losses.mean() accumulates in float32
     assert rows["fused"].max_reference == pytest.approx(rows["accurate"].max_value, rel=1e-3)
 
 
 def test_bfloat16_numpy_sum_drifts():
-    rows = by_impl(
-        sweep(dtypes=("bfloat16",), batches=(4096,), reductions=("sum",), impls=("numpy_shifted",))
-    )
+    cells = sweep(dtypes=("bfloat16",), batches=(4096,), reductions=("sum",), impls=("numpy_shifted",))
+    rows = cells.by("impl")
     assert rows["numpy_shifted"].status == "inaccurate" and rows["numpy_shifted"].max_rel_err > 0.5
 
 
 def test_probability_targets_on_masked_logits_nan_is_caught():
-    rows = by_impl(sweep(targets=("probs",), mask_fractions=(0.5,), impls=("fused",)))
+    rows = sweep(targets=("probs",), mask_fractions=(0.5,), impls=("fused",)).by("impl")
     fused = rows["fused"]
     assert fused.status == "nonfinite" and fused.nan_rows > 0 and fused.max_reference < 1e3
     assert "0 · (−inf)" in " ".join(findings([fused]))
     # without masks the same targets are fine
-    assert by_impl(sweep(targets=("probs",), impls=("fused",)))["fused"].status == "ok"
+    assert sweep(targets=("probs",), impls=("fused",)).by("impl")["fused"].status == "ok"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_fully_ignored_batch_mean_is_pytorchs_expected_nan(dtype):
-    rows = by_impl(sweep(dtypes=(dtype,), reductions=("mean",), ignore_fractions=(1.0,)))
+    rows = sweep(dtypes=(dtype,), reductions=("mean",), ignore_fractions=(1.0,)).by("impl")
     fused = rows["fused"]
     assert fused.status == "ok" and fused.nan_rows == 1 and fused.grad_status == "ok"
     assert fused.notes == EXPECTED_NAN_NOTE
@@ -122,21 +115,20 @@ def test_empty_batch_mean_is_nan_and_sum_is_zero():
 
 
 def test_zero_total_weight_mean_is_expected_nan():
-    rows = by_impl(
-        sweep(reductions=("mean",), weights=("zero-on-target",), impls=("fused", "log_softmax_nll"))
-    )
+    cells = sweep(reductions=("mean",), weights=("zero-on-target",), impls=("fused", "log_softmax_nll"))
+    rows = cells.by("impl")
     for row in rows.values():
         assert row.status == "ok" and row.grad_status == "ok" and "zero total class weight" in row.notes
 
 
 def test_softcap_on_masked_logits_leaks_probability():
-    rows = by_impl(sweep(softcaps=(5.0,), mask_fractions=(0.5,), impls=("fused",)))
+    rows = sweep(softcaps=(5.0,), mask_fractions=(0.5,), impls=("fused",)).by("impl")
     assert rows["fused"].status == "inaccurate"
     assert "masks" in " ".join(findings(list(rows.values())))
 
 
 def test_true_class_gradient_and_row_sums_in_confident_bfloat16_rows():
-    rows = by_impl(sweep(dtypes=("bfloat16",), margins=(8.0,), impls=("logsumexp", "accurate")))
+    rows = sweep(dtypes=("bfloat16",), margins=(8.0,), impls=("logsumexp", "accurate")).by("impl")
     # autograd of logsumexp − z_y forms p_y − 1 in bfloat16: the true-class entry loses its bits
     assert rows["logsumexp"].grad_true_max_rel_err > 0.1
     assert rows["accurate"].grad_true_max_rel_err < 0.02
@@ -150,7 +142,7 @@ def test_true_class_gradient_and_row_sums_in_confident_bfloat16_rows():
 
 
 def test_unsupported_options_are_skipped_with_the_reason():
-    rows = by_impl(sweep(weights=("random",), label_smoothings=(0.1,)))
+    rows = sweep(weights=("random",), label_smoothings=(0.1,)).by("impl")
     assert rows["fused"].status == "ok"
     assert rows["log_softmax_nll"].status == "skipped"
     assert rows["log_softmax_nll"].error == "log_softmax_nll does not support label_smoothing"
@@ -159,7 +151,7 @@ def test_unsupported_options_are_skipped_with_the_reason():
 
 
 def test_named_implementation_of_another_family_is_skipped():
-    rows = by_impl(sweep(losses=("binary",), impls=("fused", "bce_logits")))
+    rows = sweep(losses=("binary",), impls=("fused", "bce_logits")).by("impl")
     assert rows["fused"].status == "skipped" and "not binary cross-entropy" in rows["fused"].error
     assert rows["bce_logits"].status == "ok"
 
@@ -243,19 +235,17 @@ def test_zero_on_target_weights_vanish_on_every_target():
 
 
 def test_llm_vocabulary_smoke():
-    rows = by_impl(
-        sweep(
-            dtypes=("bfloat16",),
-            vocabs=(65537,),
-            batches=(4,),
-            target_positions=("block-edge",),
-            ignore_fractions=(0.5,),
-            label_smoothings=(0.1,),
-            reductions=("mean",),
-            impls=("fused", "chunked"),
-            chunk_size=32768,
-        )
-    )
+    rows = sweep(
+        dtypes=("bfloat16",),
+        vocabs=(65537,),
+        batches=(4,),
+        target_positions=("block-edge",),
+        ignore_fractions=(0.5,),
+        label_smoothings=(0.1,),
+        reductions=("mean",),
+        impls=("fused", "chunked"),
+        chunk_size=32768,
+    ).by("impl")
     assert rows["fused"].status == "ok" and rows["chunked"].status == "skipped"
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import clean_registry, run_cli  # noqa: F401
+from helpers import AuditedCells
 
 from ce_audit.config import load_config
 from ce_audit.findings import findings
@@ -38,8 +39,16 @@ def _assert_rounded_passes(cells):
     assert all(c.max_ulp <= 0.51 for c in measured)  # ½ ULP, and the reference's 0.01
 
 
-def test_rounded_passes_every_cell_of_the_default_sweep():
-    cells = run_sweep(load_config(None, {"impls": ["rounded"]})).cells
+@pytest.fixture(scope="module")
+def default_sweep() -> AuditedCells:
+    """The built-in default sweep of `fused`, `rounded` and `numpy_naive`, run once for the tests that read
+    it (a cell does not depend on which other implementations its sweep runs)."""
+    config = load_config(None, {"impls": ["fused", "rounded", "numpy_naive"]})
+    return AuditedCells(tuple(run_sweep(config).cells))
+
+
+def test_rounded_passes_every_cell_of_the_default_sweep(default_sweep):
+    cells = default_sweep.where(impl="rounded")
     assert {c.dtype for c in cells} == {"float16", "bfloat16", "float32", "float64"}
     _assert_rounded_passes(cells)
 
@@ -51,10 +60,8 @@ def test_rounded_passes_every_cell_of_the_named_configs(name):
     _assert_rounded_passes(cells)
 
 
-def test_pytorchs_kernel_is_never_worse_than_itself_and_rounded_never_worse_than_pytorch():
-    cells = run_sweep(
-        load_config(None, {"impls": ["fused", "rounded"], "dtypes": ["float16", "bfloat16"]})
-    ).cells
+def test_pytorchs_kernel_is_never_worse_than_itself_and_rounded_never_worse_than_pytorch(default_sweep):
+    cells = default_sweep.where(impl={"fused", "rounded"}, dtype={"float16", "bfloat16"})
     for cell in cells:
         if cell.status == "skipped":
             continue
@@ -182,14 +189,12 @@ def test_fail_on_exits_1_only_at_its_level(tmp_path, capsys):
     assert code == 2 and "--fail-on takes one of" in err
 
 
-def test_the_summary_counts_the_worse_of_loss_and_gradient_and_skips_as_not_measured():
+def test_the_summary_counts_the_worse_of_loss_and_gradient_and_skips_as_not_measured(default_sweep):
     from rich.console import Console
 
     from ce_audit.reports.table import print_report
 
-    cells = run_sweep(
-        load_config(None, {"impls": ["fused", "numpy_naive"], "dtypes": ["float16"], "devices": ["cpu"]})
-    ).cells
+    cells = default_sweep.where(impl={"fused", "numpy_naive"}, dtype="float16", device="cpu")
     console = Console(record=True, width=200)
     print_report(cells, console, [], 1.0)
     text = console.export_text()
