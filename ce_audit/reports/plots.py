@@ -22,6 +22,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from ce_audit.dtypes import FORMATS, float_format
@@ -149,11 +150,14 @@ def swept_dimension(cells: list[Cell]) -> str | None:
     if not varying:
         return None
 
+    keyed = [(tuple(column_value(cell, name) for name in KEY_COLUMNS), overall_status(cell))
+             for cell in cells]  # fmt: skip
+
     def score(dimension: str) -> tuple[int, int, int]:
-        held = [name for name in KEY_COLUMNS if name not in (dimension, "seed")]
+        held = itemgetter(*(i for i, name in enumerate(KEY_COLUMNS) if name not in (dimension, "seed")))
         verdicts: dict[tuple[Any, ...], set[str]] = defaultdict(set)
-        for cell in cells:
-            verdicts[tuple(column_value(cell, name) for name in held)].add(overall_status(cell))
+        for key, status in keyed:
+            verdicts[held(key)].add(status)
         changes = sum(1 for statuses in verdicts.values() if len(statuses) > 1)
         return (changes, len(dimension_values(cells, dimension)), -DIMENSIONS.index(dimension))
 
