@@ -303,23 +303,29 @@ def _curve_panel(
     axis.axhspan(low, band, color="#009E73", alpha=0.12, label="tolerance band (rtol)")
     axis.axhline(band, color="#009E73", linewidth=1)
     floors: dict[Any, float] = {}
+    # Every point's marker in one collection (filled 5 points wide past tolerance, else white and 4), and
+    # every × in another: two artists a panel rather than three a curve.
+    dots: list[tuple[Any, float, Any, Any, float]] = []
+    crosses: list[tuple[Any, Any]] = []
     for index, (name, points) in enumerate(series.items()):
         xs = [x for x, p in points.items() if not math.isnan(p.error)]
         ys = [max(min(points[x].error, high), low) for x in xs]
         colour = colours(index % 20)
         axis.plot(xs, ys, "-", color=colour, linewidth=1.2, label=name)
-        failing = [(x, y) for x, y in zip(xs, ys, strict=True) if points[x].failing]
-        passing = [(x, y) for x, y in zip(xs, ys, strict=True) if not points[x].failing]
-        if failing:
-            axis.plot(*zip(*failing, strict=True), "o", color=colour, markersize=5)
-        if passing:
-            axis.plot(*zip(*passing, strict=True), "o", markerfacecolor="white", color=colour, markersize=4)
-        broken = [x for x in xs if math.isinf(points[x].error)]
-        if broken:
-            axis.plot(broken, [high] * len(broken), "x", color=colour, markersize=7, markeredgewidth=2)
+        for x, y in zip(xs, ys, strict=True):
+            filled = points[x].failing
+            dots.append((x, y, colour if filled else "white", colour, 25.0 if filled else 16.0))
+            if math.isinf(points[x].error):
+                crosses.append((x, colour))
         for x, point in points.items():
             if not math.isnan(point.floor):
                 floors[x] = max(floors.get(x, 0.0), point.floor)
+    if dots:
+        x, y, face, edge, area = zip(*dots, strict=True)
+        axis.scatter(x, y, s=area, c=face, edgecolors=edge, linewidths=1.0, marker="o", zorder=2.5)
+    if crosses:
+        x, edge = zip(*crosses, strict=True)
+        axis.scatter(x, [high] * len(x), s=49.0, c=edge, linewidths=2.0, marker="x", zorder=2.5)
     if floors:
         xs = sorted(floors)
         axis.plot(xs, [max(floors[x], low) for x in xs], "--", color="#444444", linewidth=1,
