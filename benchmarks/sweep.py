@@ -66,7 +66,8 @@ def main() -> None:
                 out = str(Path(scratch) / f"{index}-{repeat}")
                 command = [sys.executable, "-m", "ce_audit", "sweep", *extra, "--quiet", "--out", out]
                 times[name].append(timed(command))
-            print(f"run {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()), flush=True)
+            latest = ", ".join(f"{name} {seconds[-1]:.1f} s" for name, seconds in times.items())
+            print(f"run {repeat + 1}: {latest}", flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{os.cpu_count()} cores; load average {load:.1f} at the end; medians of {args.repeats} runs")
     plain = statistics.median(times["plain script"])
