@@ -22,9 +22,20 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from ce_audit.dtypes import FORMATS, float_format
+from ce_audit.reports.figure_layout import (
+    LINE,
+    PAD,
+    TICK,
+    Margins,
+    log_tick_labels,
+    text_points,
+    tick_labels_height,
+    widest,
+)
 from ce_audit.results import KEY_COLUMNS, Cell, column_value
 from ce_audit.statuses import RANKED, worst_status
 
@@ -45,6 +56,7 @@ STATUS_COLOURS: dict[str, str] = {
     "skipped": "#BBBBBB",
 }
 NOT_MEASURED = ("off", "n/a", "skipped", "")
+DPI = 96
 # The names of the figures this version writes under plots/ (``file_stem`` of ``_heatmap`` and ``_curves``):
 # what a report set may replace or remove there, and nothing else.
 FIGURE_NAME = re.compile(
@@ -138,11 +150,14 @@ def swept_dimension(cells: list[Cell]) -> str | None:
     if not varying:
         return None
 
+    keyed = [(tuple(column_value(cell, name) for name in KEY_COLUMNS), overall_status(cell))
+             for cell in cells]  # fmt: skip
+
     def score(dimension: str) -> tuple[int, int, int]:
-        held = [name for name in KEY_COLUMNS if name not in (dimension, "seed")]
+        held = itemgetter(*(i for i, name in enumerate(KEY_COLUMNS) if name not in (dimension, "seed")))
         verdicts: dict[tuple[Any, ...], set[str]] = defaultdict(set)
-        for cell in cells:
-            verdicts[tuple(column_value(cell, name) for name in held)].add(overall_status(cell))
+        for key, status in keyed:
+            verdicts[held(key)].add(status)
         changes = sum(1 for statuses in verdicts.values() if len(statuses) > 1)
         return (changes, len(dimension_values(cells, dimension)), -DIMENSIONS.index(dimension))
 
@@ -165,9 +180,45 @@ def file_stem(*parts: str) -> str:
 
 
 def _png(figure: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=96, metadata={"Software": None})  # laid out already
+    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})  # margins set already
     return buffer.getvalue()
+
+
+def _heatmap_margins(impls: list[str], columns: list[str], rotation: float, top: float) -> Margins:
+    """Left: the implementations' names; bottom: the rotated column labels and the axis label; top: the
+    figure's and the panels' titles; right: the colour bar with its tick labels and label."""
+    bar_text = TICK + widest([f"{top:.1f}"], 10) + PAD + LINE * 10
+    return Margins(
+        left=PAD + widest(impls, 8) + TICK,
+        right=12 + 14 + bar_text + PAD,
+        bottom=PAD + LINE * 10 + PAD + tick_labels_height(columns, 8, rotation) + TICK,
+        top=PAD + LINE * 11 + PAD + LINE * 9 + 6,
+        gap=12,
+        bar_gap=12,
+        bar=14,
+    )
+
+
+# A legend's width beside its text, in font sizes: two border pads, the handle, the pad after it.
+LEGEND_PADS = 2 * 0.4 + 2.0 + 0.8
+
+
+def _curves_margins(labels: list[str], low: float, high: float, x_labels: list[str]) -> Margins:
+    """Left and between the panels: each panel's axis label and log tick labels; bottom: the x tick labels
+    and axis label; top: the titles; right: the legend (``labels`` at 7 points, after a 2-em handle)."""
+    y_ticks = log_tick_labels(low, high)
+    y_text = PAD + LINE * 10 + PAD + widest(y_ticks, 10, math_text=True) + TICK
+    x_ticks = max([LINE * 10, *(text_points(label, 10, "$" in label)[1] for label in x_labels)])
+    return Margins(
+        left=y_text,
+        right=3 * PAD + LEGEND_PADS * 7 + widest(labels, 7) + PAD,  # 3 PAD from the panel
+        bottom=PAD + LINE * 10 + PAD + x_ticks + TICK,
+        top=PAD + LINE * 11 + PAD + LINE * 9 + 6,
+        gap=y_text + 2 * PAD,
+    )
 
 
 def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
@@ -188,12 +239,15 @@ def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
             for i in impls]  # fmt: skip
     columns = [value_label(v) for v in values] if dimension else ["(one case)"]
     width = max(3.0, 0.55 * len(columns) + 1.2)
-    figure = MplFigure(figsize=(2 * width + 2.2, 0.32 * len(impls) + 1.6), layout="constrained")
-    left, right = figure.subplots(1, 2, sharey=True)
-    left.imshow(verdict, cmap=ListedColormap(list(STATUS_COLOURS.values())), vmin=0, vmax=len(names) - 1,
-                aspect="auto", interpolation="nearest")  # fmt: skip
     finite = [b for row in bits for b in row if math.isfinite(b)]
     top = max([*finite, float(float_format(dtype).precision)])  # all p bits of the format wrong
+    rotation = 45 if len(columns) > 6 else 0
+    size = (2 * width + 2.2, 0.32 * len(impls) + 1.6)
+    figure = MplFigure(figsize=size, dpi=DPI)
+    margins = _heatmap_margins(impls, columns, rotation, top)
+    left, right = figure.subplots(1, 2, sharey=True, gridspec_kw=margins.grid(size, panels=2))
+    left.imshow(verdict, cmap=ListedColormap(list(STATUS_COLOURS.values())), vmin=0, vmax=len(names) - 1,
+                aspect="auto", interpolation="nearest")  # fmt: skip
     shown = [[min(b, top) if not math.isnan(b) else math.nan for b in row] for row in bits]
     image = right.imshow(shown, cmap="viridis", vmin=0, vmax=top, aspect="auto", interpolation="nearest")
     for row, impl_bits in enumerate(bits):
@@ -203,12 +257,12 @@ def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
             right.text(column, row, text, ha="center", va="center", fontsize=7, color=colour)
             left.text(column, row, names[verdict[row][column]][:4], ha="center", va="center", fontsize=7)
     for axis, title in ((left, "verdict (worse of loss and gradient)"), (right, "loss error, bits")):
-        axis.set_xticks(range(len(columns)), columns, rotation=45 if len(columns) > 6 else 0, fontsize=8)
+        axis.set_xticks(range(len(columns)), columns, rotation=rotation, fontsize=8)
         axis.set_xlabel(dimension or "")
         axis.set_title(title, fontsize=9)
     left.set_yticks(range(len(impls)), impls, fontsize=8)
-    figure.colorbar(image, ax=right, label="log2(1 + max ULP)", shrink=0.8)
-    figure.suptitle(f"{dtype}: implementations × {dimension or 'case'}", fontsize=11)
+    figure.colorbar(image, cax=figure.add_axes(margins.colorbar(size)), label="log2(1 + max ULP)")
+    figure.suptitle(f"{dtype}: implementations × {dimension or 'case'}", fontsize=11, y=margins.title_y(size))
     caption = (
         f"{dtype}: the worst cell of each implementation at each {dimension or 'case'} "
         "(over every other dimension): its verdict (ok; inac: inaccurate; nonf: NaN or ±inf; erro: error; "
@@ -249,23 +303,29 @@ def _curve_panel(
     axis.axhspan(low, band, color="#009E73", alpha=0.12, label="tolerance band (rtol)")
     axis.axhline(band, color="#009E73", linewidth=1)
     floors: dict[Any, float] = {}
+    # Every point's marker in one collection (filled 5 points wide past tolerance, else white and 4), and
+    # every × in another: two artists a panel rather than three a curve.
+    dots: list[tuple[Any, float, Any, Any, float]] = []
+    crosses: list[tuple[Any, Any]] = []
     for index, (name, points) in enumerate(series.items()):
         xs = [x for x, p in points.items() if not math.isnan(p.error)]
         ys = [max(min(points[x].error, high), low) for x in xs]
         colour = colours(index % 20)
         axis.plot(xs, ys, "-", color=colour, linewidth=1.2, label=name)
-        failing = [(x, y) for x, y in zip(xs, ys, strict=True) if points[x].failing]
-        passing = [(x, y) for x, y in zip(xs, ys, strict=True) if not points[x].failing]
-        if failing:
-            axis.plot(*zip(*failing, strict=True), "o", color=colour, markersize=5)
-        if passing:
-            axis.plot(*zip(*passing, strict=True), "o", markerfacecolor="white", color=colour, markersize=4)
-        broken = [x for x in xs if math.isinf(points[x].error)]
-        if broken:
-            axis.plot(broken, [high] * len(broken), "x", color=colour, markersize=7, markeredgewidth=2)
+        for x, y in zip(xs, ys, strict=True):
+            filled = points[x].failing
+            dots.append((x, y, colour if filled else "white", colour, 25.0 if filled else 16.0))
+            if math.isinf(points[x].error):
+                crosses.append((x, colour))
         for x, point in points.items():
             if not math.isnan(point.floor):
                 floors[x] = max(floors.get(x, 0.0), point.floor)
+    if dots:
+        x, y, face, edge, area = zip(*dots, strict=True)
+        axis.scatter(x, y, s=area, c=face, edgecolors=edge, linewidths=1.0, marker="o", zorder=2.5)
+    if crosses:
+        x, edge = zip(*crosses, strict=True)
+        axis.scatter(x, [high] * len(x), s=49.0, c=edge, linewidths=2.0, marker="x", zorder=2.5)
     if floors:
         xs = sorted(floors)
         axis.plot(xs, [max(floors[x], low) for x in xs], "--", color="#444444", linewidth=1,
@@ -307,16 +367,18 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
     from matplotlib.figure import Figure as MplFigure
     from matplotlib.ticker import NullLocator
 
-    figure = MplFigure(figsize=(12, 4.6), layout="constrained")
+    size = (12, 4.6)
+    figure = MplFigure(figsize=size, dpi=DPI)
     loss_axis, grad_axis = figure.subplots(1, 2, sharex=True)
     band = tolerance_in_ulps(dtype, rtol)
     loss = _series(cells, dimension, loss_error, lambda c: c.status, lambda c: c.best_max_ulp)
     grad = _series(cells, dimension, grad_error, lambda c: c.grad_status, _grad_floor)
     precision = float_format(dtype).precision
-    _curve_panel(loss_axis, loss, band, "loss", "max error, ULPs", precision)
+    has_loss = _curve_panel(loss_axis, loss, band, "loss", "max error, ULPs", precision)
     grad_unit = "max ‖g − g*‖ / ‖g*‖, machine epsilons"
     has_grad = _curve_panel(grad_axis, grad, band, "gradient", grad_unit, precision)
     values = [v for v in dimension_values(cells, dimension) if v is not None]
+    x_labels = [value_label(v) for v in values] if len(values) <= 10 else [r"$\mathdefault{-10^{0}}$"]
     for axis in (loss_axis, grad_axis):
         if dimension == "scale" and min(values) > 0:
             axis.set_xscale("log")
@@ -324,11 +386,18 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
             axis.set_xscale("symlog", linthresh=1)
         axis.xaxis.set_minor_locator(NullLocator())
         if len(values) <= 10:
-            axis.set_xticks(values, [value_label(v) for v in values])  # the swept values themselves
+            axis.set_xticks(values, x_labels)  # the swept values themselves
         axis.set_xlabel(CURVE_DIMENSIONS[dimension])
     handles, labels = loss_axis.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside right upper", fontsize=7, frameon=False)
-    figure.suptitle(f"{dtype}: error against {CURVE_DIMENSIONS[dimension].split(' (')[0]}", fontsize=11)
+    drawn = [axis.get_ylim() for axis, shown in ((loss_axis, has_loss), (grad_axis, has_grad)) if shown]
+    low, high = min([1.0, *(y[0] for y in drawn)]), max([1.0, *(y[1] for y in drawn)])
+    margins = _curves_margins(labels, low, high, x_labels)
+    figure.subplots_adjust(**margins.grid(size, panels=2))
+    top = 1 - margins.top / (size[1] * 72)
+    figure.legend(handles, labels, loc="upper right", bbox_to_anchor=(1 - PAD / (size[0] * 72), top),
+                  borderaxespad=0, fontsize=7, frameon=False)  # fmt: skip
+    title = f"{dtype}: error against {CURVE_DIMENSIONS[dimension].split(' (')[0]}"
+    figure.suptitle(title, fontsize=11, y=margins.title_y(size))
     caption = (
         f"{dtype}: each implementation's largest loss error in ULPs"
         + (" and normwise gradient error in machine epsilons" if has_grad else "")
