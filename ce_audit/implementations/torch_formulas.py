@@ -78,13 +78,17 @@ def online(logits: torch.Tensor, targets: torch.Tensor, block_size: int = DEFAUL
 
 
 def accurate(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log1p(Σ_{k≠y} exp(z_k − z_y)) if z_y is the max, else (a − z_y) + log Σ exp(z − a)."""
+    """log1p(Σ_{k≠y} exp(z_k − z_y)) if z_y = max z (by value, so a tie counts), else
+    (a − z_y) + log Σ exp(z − a) with a = max z detached: the loss does not depend on a, so its
+    gradient comes only from the terms in z (softmax − onehot, never 1 − Σp̂ rounded in the dtype).
+    """
     index = targets[:, None]
-    row_max = logits.max(dim=1, keepdim=True).values
     target_logit = logits.gather(1, index)
-    weights = torch.exp(logits - row_max)
+    row_max = logits.max(dim=1, keepdim=True).values.detach()
+    at_max = target_logit == row_max
+    shift = torch.where(at_max, target_logit, row_max)  # z_y (equal to a in value) when y is a maximum
+    weights = torch.exp(logits - shift)
     other_sum = weights.scatter(1, index, 0).sum(dim=1)
     target_weight = weights.gather(1, index).squeeze(1)
-    at_max = (target_logit == row_max).squeeze(1)
     gap = (row_max - target_logit).squeeze(1)
-    return torch.where(at_max, torch.log1p(other_sum), gap + torch.log(other_sum + target_weight))
+    return torch.where(at_max.squeeze(1), torch.log1p(other_sum), gap + torch.log(other_sum + target_weight))
