@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from mpmath import mpf
 
-from ce_audit.implementations import torch_backend, torch_variants
+from ce_audit.implementations import torch_builtins, torch_formulas
 
 DIGITS = 50
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -227,21 +227,21 @@ def per_row_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row.name)
 def test_accurate_is_within_the_floor(row: Row, dtype: torch.dtype) -> None:
-    measured = measure(torch_backend.accurate, row, dtype)
+    measured = measure(torch_formulas.accurate, row, dtype)
     assert measured.loss_ulps <= measured.loss_bound, measured.loss_ulps
     assert measured.grad_error <= measured.grad_bound, (measured.grad_error, measured.grad_bound)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_accurate_with_options_is_the_same_formula(dtype: torch.dtype) -> None:
-    """torch_variants.accurate (reduction='none', no softcap or z-loss) on the tie."""
-    assert measure(torch_variants.accurate, TIE_ROW, dtype).within_bounds
+    """torch_builtins.accurate (reduction='none', no softcap or z-loss) on the tie."""
+    assert measure(torch_builtins.accurate, TIE_ROW, dtype).within_bounds
 
 
 def test_the_float32_tie_example() -> None:
     """[2, 2, 0, −1], target 1: g = softmax − onehot, so g_1 = p_1 − 1 ≈ −0.56 (it was 0)."""
     logits = torch.tensor([[2.0, 2.0, 0.0, -1.0]], requires_grad=True)
-    loss = torch_backend.accurate(logits, torch.tensor([1]))
+    loss = torch_formulas.accurate(logits, torch.tensor([1]))
     (grad,) = torch.autograd.grad(loss.sum(), logits)
     expected = torch.softmax(logits.detach().double(), dim=1) - F.one_hot(torch.tensor([1]), 4).double()
     assert torch.allclose(grad.double(), expected, rtol=4 * unit_roundoff(torch.float32), atol=0)
@@ -262,7 +262,7 @@ def test_the_argmax_entry_no_longer_carries_one_minus_the_rounded_sum() -> None:
     to the argmax entry's gradient p_max, 44 % of it on this row; detached, that entry is within 4u."""
     argmax = int(np.argmax(FLAT_ROW.logits))
     u = unit_roundoff(torch.bfloat16)
-    for formula, within in ((torch_backend.accurate, True), (accurate_before_fix, False)):
+    for formula, within in ((torch_formulas.accurate, True), (accurate_before_fix, False)):
         measured = measure(formula, FLAT_ROW, torch.bfloat16)
         exact = float(measured.exact.grad[argmax])
         assert (abs(measured.grad[argmax] - exact) <= 4 * u * exact) is within, formula.__name__
