@@ -223,6 +223,15 @@ TimeoutOption = Annotated[
         "(default 120; 0: no limit).",
     ),
 ]
+MaxMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Memory one isolated implementation's worker may hold (512M, 8G; default auto: half of this "
+        "machine's; 0: no limit); an allocation past it makes the cell an error.",
+    ),
+]
 
 
 def _console(width: int = 100) -> Console:
@@ -330,6 +339,7 @@ def sweep(
     plugin: PluginOption = None,
     isolation: IsolationOption = None,
     timeout: TimeoutOption = None,
+    max_memory: MaxMemoryOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
     detail: DetailOption = False,
@@ -404,6 +414,7 @@ def sweep(
         "grad": grad,
         "isolation": isolation,
         "timeout": timeout,
+        "max_memory": max_memory,
         "out": str(out) if out else None,
         **option_overrides(loss_options, grid=True),
     }
@@ -466,6 +477,7 @@ def replay(
     plugin: LoadPluginOption = None,
     isolation: IsolationOption = None,
     timeout: TimeoutOption = None,
+    max_memory: MaxMemoryOption = None,
     out: OutOption = None,
     quiet: QuietOption = False,
     detail: DetailOption = False,
@@ -499,6 +511,7 @@ def replay(
         "seed": seed,
         "isolation": isolation,
         "timeout": timeout,
+        "max_memory": max_memory,
         **option_overrides(loss_options, grid=False),
     }
     _check_fail_on(fail_on)

@@ -16,9 +16,9 @@ import pytest
 from cli_helpers import PLUGINS, read_rows, run_cli
 
 import ce_audit
-from ce_audit.run import isolation
 from ce_audit.backends import BlockCall
 from ce_audit.dtypes import float_format
+from ce_audit.run import isolation, process_state, worker
 
 torch = pytest.importorskip("torch")
 
@@ -83,7 +83,7 @@ def test_state_changes_are_undone_in_process(tmp_path, capsys):
     assert (tmp_path / "report.json").is_file()  # not in the directory the plugin moved to
     assert os.getcwd() == cwd and np.geterr() == errors and torch.get_default_dtype() == dtype
     assert np.array_equal(np.random.get_state()[1], rng)
-    assert not isolation._flushes_denormals(torch)
+    assert not process_state._flushes_denormals(torch)
     code, _, err = run_cli(
         ["sweep", *_impl_args(["fused", "numpy_shifted"]), *SMALL, "--out", tmp_path / "clean"], capsys
     )
@@ -96,27 +96,27 @@ def test_preserved_state_restores_flush_denormal_threads_and_rng():
     threads = torch.get_num_threads()
     before = torch.rand(3)
     torch.manual_seed(7)
-    with isolation.preserved_state():
+    with process_state.preserved_state():
         torch.set_flush_denormal(True)
         torch.set_num_threads(1)
         torch.rand(5)
-        assert isolation._flushes_denormals(torch) or not torch.set_flush_denormal(True)
-    assert not isolation._flushes_denormals(torch)
+        assert process_state._flushes_denormals(torch) or not torch.set_flush_denormal(True)
+    assert not process_state._flushes_denormals(torch)
     assert torch.get_num_threads() == threads
     after = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(3)) and not torch.equal(before, after)
 
 
-def test_one_worker_serves_the_whole_run(tmp_path, capsys, monkeypatch):
+def test_one_worker_per_implementation_serves_the_whole_run(tmp_path, capsys, monkeypatch):
     starts = []
-    original = isolation.Worker._start
+    original = worker.Worker._start
 
-    def counting_start(self: isolation.Worker) -> None:
-        starts.append(self.method)
+    def counting_start(self: worker.Worker) -> None:
+        starts.append(self.log_path)
         original(self)
 
-    monkeypatch.setattr(isolation.Worker, "_start", counting_start)
+    monkeypatch.setattr(worker.Worker, "_start", counting_start)
     code, _, err = run_cli(
         ["sweep", "--plugin", PLUGINS / "good_plugin.py", "--impl", "good_ce", "--impl", "good_np_ce",
          *SMALL, "--scale", "10", "--out", tmp_path],
@@ -124,7 +124,7 @@ def test_one_worker_serves_the_whole_run(tmp_path, capsys, monkeypatch):
     )  # fmt: skip
     assert code == 0, err
     assert "error" not in {row["status"] for row in read_rows(tmp_path / "summary.csv")}
-    assert len(starts) == 1  # 8 cells, several calls each, one worker
+    assert len(starts) == len(set(starts)) == 2  # 8 cells, several calls each, one worker per implementation
 
 
 def test_a_live_function_is_isolated_in_a_forked_worker():
@@ -147,7 +147,7 @@ def test_a_live_function_is_isolated_in_a_forked_worker():
 def test_spawned_worker_loads_the_plugins_again(tmp_path, capsys, monkeypatch, temporary_impl):
     """Where fork is unusable (CUDA initialised) the worker is spawned and runs plugins.prepare itself;
     a function registered from a live object is pickled by reference, a local one cannot be."""
-    monkeypatch.setattr(isolation, "start_method", lambda: "spawn")
+    monkeypatch.setattr(worker, "start_method", lambda: "spawn")
     temporary_impl("live_module_level", torch.nn.functional.cross_entropy)
     temporary_impl("live_local", lambda logits, targets: logits[:, 0])
     code, _, err = run_cli(

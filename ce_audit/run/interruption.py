@@ -1,11 +1,13 @@
-"""Ctrl-C and SIGTERM during a sweep or replay: stop between units, keep the work done.
+"""Ctrl-C, SIGTERM and SIGHUP during a sweep or replay: stop between units, keep the work done.
 
-While ``stop_on_signals()`` is active (the CLI's sweep and replay), the first SIGINT or SIGTERM only
-records the request. A run checks ``stop_requested()`` at the boundary between its (case, dtype) units
-and stops there; an isolated call in flight is dropped with its unit (``Interrupted``). The run returns
-what it completed, marked partial, and the CLI writes it and exits 130 (SIGINT) or 143 (SIGTERM).
-A second signal exits at once. Outside ``stop_on_signals()`` nothing changes: ``stop_requested()`` is
-False and signals keep their usual meaning.
+While ``stop_on_signals()`` is active (the CLI's sweep and replay), the first SIGINT, SIGTERM or SIGHUP
+(a terminal closed) only records the request, whether it was sent to the process or to its group. A run
+checks ``stop_requested()`` at the boundary between its (case, dtype) units and stops there; an isolated
+call in flight is dropped with its unit (``Interrupted``). The run returns what it completed, marked
+partial, and the CLI writes it and exits 130 (SIGINT), 143 (SIGTERM) or 129 (SIGHUP). Worker processes
+leave the run's process group as they start (``held_signals`` keeps the signals from them until then),
+so a signal to the group is the run's alone to handle. A second signal exits at once. Outside
+``stop_on_signals()`` nothing changes: ``stop_requested()`` is False and signals keep their usual meaning.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _received: list[int] = []  # the signals received while stop_on_signals() is active
 
 
@@ -36,17 +38,18 @@ class UnitCount:
 
 
 def stop_requested() -> bool:
-    """True once SIGINT or SIGTERM arrived during ``stop_on_signals()``: finish the unit, start no other."""
+    """True once SIGINT, SIGTERM or SIGHUP arrived during ``stop_on_signals()``: finish the unit, start
+    no other."""
     return bool(_received)
 
 
 def received_signal() -> int | None:
-    """The first signal received (``signal.SIGINT`` or ``signal.SIGTERM``), or None."""
+    """The first signal received (``signal.SIGINT``, ``signal.SIGTERM`` or ``signal.SIGHUP``), or None."""
     return _received[0] if _received else None
 
 
 def exit_code(signum: int) -> int:
-    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143)."""
+    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
     return 128 + signum
 
 
@@ -63,7 +66,7 @@ def _handle(signum: int, frame: Any) -> None:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM ask the run to stop at the next unit boundary."""
+    """Within the block, SIGINT, SIGTERM and SIGHUP ask the run to stop at the next unit boundary."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
         yield
         return
@@ -77,3 +80,14 @@ def stop_on_signals() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _received.clear()  # the run has recorded it in its result (AuditResult.interrupted)
+
+
+@contextmanager
+def held_signals(signals: Iterable[int] = HANDLED) -> Iterator[None]:
+    """Within the block, ``signals`` wait (blocked in this thread) and arrive after it: a process started
+    here inherits the block, and lets them through once it has left the run's process group."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -17,21 +17,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ce_audit.plan.cases import (
-    Case,
-    build_cases,
-    class_weights,
-    generate_inputs,
-    generate_quantized,
-    quantize,
-    row_blocks,
-)
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, working_dtype
-from ce_audit.run.executors import Execution
-from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
-from ce_audit.run.isolation import in_session, session
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
     Block,
@@ -41,11 +29,23 @@ from ce_audit.pipeline import (
     overflow_peak,
     row_multiple,
 )
+from ce_audit.plan.cases import (
+    Case,
+    build_cases,
+    class_weights,
+    generate_inputs,
+    generate_quantized,
+    quantize,
+    row_blocks,
+)
 from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
-from ce_audit.scoring import CaseLabel
+from ce_audit.run.executors import Execution
+from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
+from ce_audit.run.isolation import in_session, session
 from ce_audit.run.shards import Shard
+from ce_audit.scoring import CaseLabel
 
 
 @dataclass
@@ -198,7 +198,9 @@ def run_unit(
     isolated = (
         contextlib.nullcontext()
         if in_session()
-        else session(grid.isolation, grid.timeout, impls=grid.impls, plugins=grid.plugins)
+        else session(
+            grid.isolation, grid.timeout, impls=grid.impls, plugins=grid.plugins, max_memory=grid.max_memory
+        )
     )
     with isolated:
         cells, _ = audit_source(
@@ -238,7 +240,10 @@ def run_sweep(
     grids = config.expanded()
     impls = [name for grid in grids for name in grid.impls]
     plugins = [spec for grid in grids for spec in grid.plugins]
-    with session(config.isolation, config.timeout, impls=impls, plugins=plugins):  # one worker per run
+    isolated = session(
+        config.isolation, config.timeout, impls=impls, plugins=plugins, max_memory=config.max_memory
+    )
+    with isolated:  # one worker per implementation, for the whole run
         results = execution.run(run, chosen, progress)
         try:
             for unit, unit_cells in zip(chosen, results, strict=False):
