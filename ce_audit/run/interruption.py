@@ -62,6 +62,22 @@ def _handle(signum: int, frame: Any) -> None:
         os.write(2, f"ce-audit: {signal_name(signum)} again: stopped at once, nothing written\n".encode())
         os._exit(exit_code(_received[0]))
     _received.append(signum)
+    if signum == signal.SIGHUP:
+        _leave_the_terminal()
+
+
+def _leave_the_terminal() -> None:
+    """After SIGHUP (the terminal closed): output meant for the terminal goes nowhere, so that writing the
+    partial report and its closing lines does not fail on it (a pipe or a file is kept)."""
+    for fd in (1, 2):
+        try:
+            if not os.isatty(fd):
+                continue
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except OSError:
+            continue
 
 
 @contextmanager

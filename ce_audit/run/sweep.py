@@ -42,7 +42,7 @@ from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
 from ce_audit.run.executors import Execution
-from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
+from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name
 from ce_audit.run.isolation import in_session, session
 from ce_audit.run.shards import Shard
 from ce_audit.scoring import CaseLabel
@@ -251,9 +251,7 @@ def run_sweep(
                     break
                 cells += unit_cells
                 cell_counts.append((unit.index, len(unit_cells)))
-                count.done += 1
-                if stop_requested():  # interrupted: the completed units are the result
-                    break
+                count.done += 1  # once the run is asked to stop, the executor starts no other unit
         except (Interrupted, KeyboardInterrupt):  # a worker process stopped by the same Ctrl-C
             pass
         finally:
