@@ -133,10 +133,14 @@ class ProcessExecutor:
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         workers = max(1, min(self.jobs, len(units)))
         threads = max(1, available_cores() // workers)
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+        _start_resource_tracker()
+        with held_signals():  # the forkserver keeps them held; the workers (started in submit) let them
+            # through once they have left the run's process group
+            pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+            )
+            futures = [pool.submit(function, unit) for unit in units]
         try:
-            with held_signals():  # the workers start (in submit) with the run's signals held
-                futures = [pool.submit(function, unit) for unit in units]
             yield from _in_order(futures, progress)
         except BrokenProcessPool as error:
             if not _interrupted_soon():  # a worker stopped by the signal the run received is not a failure
@@ -145,6 +149,15 @@ class ProcessExecutor:
             if stop_requested():
                 _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started with SIGHUP held (it ignores SIGINT and SIGTERM but
+    not SIGHUP); started here, since starting it unblocks SIGINT and SIGTERM in the starting thread."""
+    from multiprocessing import resource_tracker
+
+    with held_signals():
+        resource_tracker.ensure_running()
 
 
 def _interrupted_soon(grace: float = 1.0) -> bool:
