@@ -1,5 +1,6 @@
 """Fault injection: implementations that crash, exit, hang, raise a BaseException or change process-wide
-state cost only their own cells; Ctrl-C and SIGTERM keep the completed cells as a partial report."""
+state cost only their own cells; SIGINT, SIGTERM and SIGHUP, to the run or to its process group, with or
+without --jobs, at any moment, keep the completed cells as a partial report."""
 
 from __future__ import annotations
 
@@ -223,7 +224,8 @@ batches = [8]
 """
 
 
-def _start_sweep(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+def _start_sweep(tmp_path: Path, *extra: str, group: bool = False) -> tuple[subprocess.Popen[str], Path]:
+    """The sweep of MANY_UNITS as a subprocess (``group``: the leader of a process group of its own)."""
     config = tmp_path / "many.toml"
     config.write_text(MANY_UNITS.format(scales=", ".join(str(s) for s in range(1, 41))), encoding="utf-8")
     marker = tmp_path / "calls.txt"
@@ -232,7 +234,9 @@ def _start_sweep(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], Pa
         sys.executable, "-m", "ce_audit", "sweep", "--config", str(config), "--plugin", str(FAULTS),
         "--out", str(tmp_path / "out"), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     return process, marker
 
 
@@ -245,24 +249,66 @@ def _wait_for_calls(process: subprocess.Popen[str], marker: Path, calls: int) ->
     pytest.fail(f"the sweep made fewer than {calls} calls (exit {process.poll()})")
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interruption_writes_the_completed_units_as_a_partial_report(tmp_path, signum, code):
-    process, marker = _start_sweep(tmp_path)
-    _wait_for_calls(process, marker, 3)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=60)
+def _check_partial_report(tmp_path: Path, process: subprocess.Popen[str], signum: int, at_least: int) -> None:
+    """The run exited 128 + signum, with a partial report of the units it completed, in order."""
+    out, err = process.communicate(timeout=120)
     name = signal.Signals(signum).name
-    assert process.returncode == code, err
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and "died" not in err, err
     assert f"ce-audit: interrupted by {name}: the partial report of" in err and str(tmp_path / "out") in err
     assert "partial report: " in out and f"(interrupted by {name})" in out
     document = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     completed, total = document["units"]["completed"], document["units"]["total"]
     assert document["partial"] is True and document["interrupted"] == name
-    assert total == 40 and 3 <= completed < total
+    assert total == 40 and at_least <= completed < total
     rows = read_rows(tmp_path / "out" / "summary.csv")
     assert len(rows) == document["cells"] == 2 * completed  # fused and marked_slow per unit
-    assert {row["status"] for row in rows} == {"ok"}
+    assert all(row["status"] == "ok" for row in rows)
     assert sorted({float(row["scale"]) for row in rows}) == [float(s) for s in range(1, completed + 1)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_interruption_writes_the_completed_units_as_a_partial_report(tmp_path, signum):
+    process, marker = _start_sweep(tmp_path)
+    _wait_for_calls(process, marker, 3)
+    process.send_signal(signum)
+    _check_partial_report(tmp_path, process, signum, at_least=3)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_the_process_group_with_jobs_keeps_the_completed_units(tmp_path, signum):
+    """What `timeout`, `kill -TERM -PGID` and a CI runner's cancel do: the whole group gets the signal.
+    The --jobs workers have left the group; the run stops them and keeps what they completed."""
+    process, marker = _start_sweep(tmp_path, "--jobs", "2", group=True)
+    _wait_for_calls(process, marker, 6)
+    os.killpg(process.pid, signum)
+    _check_partial_report(tmp_path, process, signum, at_least=1)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_ctrl_c_while_the_jobs_workers_start(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) as soon as the first --jobs worker exists."""
+    process, _ = _start_sweep(tmp_path, "--jobs", "2", group=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(_children(child) for child in _children(process.pid)):  # forkserver → a worker
+            break
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _check_partial_report(tmp_path, process, signal.SIGINT, at_least=0)
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
