@@ -187,7 +187,7 @@ def worker_main(
         finally:
             state.restore()
         changed = watched.changes()
-        if reply[0] == "error" and out_of_memory(reply[1]):
+        if reply[0] == "error" and out_of_memory(str(reply[1])):
             changed.append("memory (an allocation was refused)")
         sys.stdout.flush()
         sys.stderr.flush()
