@@ -3,8 +3,9 @@
 A size with a binary unit (``512M``, ``8G``, ``1.5GiB``), ``auto`` (the default: half of this machine's
 memory, or of its cgroup's limit where that is lower) or ``0`` / ``none`` (no cap). A worker process
 caps its data segment (``RLIMIT_DATA``: the private writable memory, where every allocation of NumPy,
-PyTorch's CPU allocator and Python lands) at that size; the address space is not capped, since CUDA and
-JAX reserve far more of it than they use.
+PyTorch's CPU allocator and Python lands) at that size beyond what it starts with (a forked worker
+starts with the run's own); the address space is not capped, since CUDA and JAX reserve far more of it
+than they use.
 """
 
 from __future__ import annotations

@@ -74,10 +74,20 @@ def _close_inherited_locks() -> None:
                     os.close(fd)
 
 
+def _data_size() -> int:
+    """This process's data segment in bytes (what RLIMIT_DATA counts; Linux), else 0."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def set_apart(memory_limit: int) -> None:
     """The worker's first steps, before any signal is let through (the run holds them while it starts
     the worker): its own process group, no reaction to the run's signals, death with the run, the
-    reaper of its orphans, no inherited lock, and at most ``memory_limit`` bytes of data (0: no cap)."""
+    reaper of its orphans, no inherited lock, and at most ``memory_limit`` bytes of data (0: no cap)
+    beyond what it starts with (a forked worker shares the run's, whatever their size)."""
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)
     for signum in RUN_SIGNALS:
@@ -89,7 +99,8 @@ def set_apart(memory_limit: int) -> None:
     _close_inherited_locks()
     if memory_limit:
         _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        cap = memory_limit if hard == resource.RLIM_INFINITY else min(memory_limit, hard)
+        cap = memory_limit + _data_size()
+        cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
 
 
