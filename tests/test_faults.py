@@ -224,10 +224,13 @@ batches = [8]
 """
 
 
-def _start_sweep(tmp_path: Path, *extra: str, group: bool = False) -> tuple[subprocess.Popen[str], Path]:
+def _start_sweep(
+    tmp_path: Path, *extra: str, group: bool = False, units: int = 40
+) -> tuple[subprocess.Popen[str], Path]:
     """The sweep of MANY_UNITS as a subprocess (``group``: the leader of a process group of its own)."""
     config = tmp_path / "many.toml"
-    config.write_text(MANY_UNITS.format(scales=", ".join(str(s) for s in range(1, 41))), encoding="utf-8")
+    scales = ", ".join(str(s) for s in range(1, units + 1))
+    config.write_text(MANY_UNITS.format(scales=scales), encoding="utf-8")
     marker = tmp_path / "calls.txt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "CE_AUDIT_TEST_MARKER": str(marker)}
     command = [
@@ -249,7 +252,9 @@ def _wait_for_calls(process: subprocess.Popen[str], marker: Path, calls: int) ->
     pytest.fail(f"the sweep made fewer than {calls} calls (exit {process.poll()})")
 
 
-def _check_partial_report(tmp_path: Path, process: subprocess.Popen[str], signum: int, at_least: int) -> None:
+def _check_partial_report(
+    tmp_path: Path, process: subprocess.Popen[str], signum: int, at_least: int, units: int = 40
+) -> None:
     """The run exited 128 + signum, with a partial report of the units it completed, in order."""
     out, err = process.communicate(timeout=120)
     name = signal.Signals(signum).name
@@ -260,7 +265,7 @@ def _check_partial_report(tmp_path: Path, process: subprocess.Popen[str], signum
     document = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     completed, total = document["units"]["completed"], document["units"]["total"]
     assert document["partial"] is True and document["interrupted"] == name
-    assert total == 40 and at_least <= completed < total
+    assert total == units and at_least <= completed < total
     rows = read_rows(tmp_path / "out" / "summary.csv")
     assert len(rows) == document["cells"] == 2 * completed  # fused and marked_slow per unit
     assert all(row["status"] == "ok" for row in rows)
@@ -279,10 +284,10 @@ def test_interruption_writes_the_completed_units_as_a_partial_report(tmp_path, s
 def test_a_signal_to_the_process_group_with_jobs_keeps_the_completed_units(tmp_path, signum):
     """What `timeout`, `kill -TERM -PGID` and a CI runner's cancel do: the whole group gets the signal.
     The --jobs workers have left the group; the run stops them and keeps what they completed."""
-    process, marker = _start_sweep(tmp_path, "--jobs", "2", group=True)
+    process, marker = _start_sweep(tmp_path, "--jobs", "2", group=True, units=400)
     _wait_for_calls(process, marker, 6)
     os.killpg(process.pid, signum)
-    _check_partial_report(tmp_path, process, signum, at_least=1)
+    _check_partial_report(tmp_path, process, signum, at_least=1, units=400)
 
 
 def _children(pid: int) -> list[int]:
@@ -301,14 +306,14 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
 def test_ctrl_c_while_the_jobs_workers_start(tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) as soon as the first --jobs worker exists."""
-    process, _ = _start_sweep(tmp_path, "--jobs", "2", group=True)
+    process, _ = _start_sweep(tmp_path, "--jobs", "2", group=True, units=400)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
         if any(_children(child) for child in _children(process.pid)):  # forkserver → a worker
             break
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGINT)
-    _check_partial_report(tmp_path, process, signal.SIGINT, at_least=0)
+    _check_partial_report(tmp_path, process, signal.SIGINT, at_least=0, units=400)
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):

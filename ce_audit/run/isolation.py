@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.util
 import shutil
 import sys
 import tempfile
@@ -142,6 +143,34 @@ def session(
         _SESSION.reset(token)
         _OPEN.remove(current)
         current.close()
+
+
+_LASTING: dict[tuple[Any, ...], Session] = {}  # this process's lasting sessions, by their settings
+
+
+@contextlib.contextmanager
+def lasting_session(
+    mode: str,
+    timeout: float,
+    *,
+    impls: tuple[str, ...] | list[str] = (),
+    plugins: tuple[str, ...] | list[str] = (),
+    max_memory: str | int = DEFAULT_MAX_MEMORY,
+) -> Iterator[Session]:
+    """As ``session``, but the session and its workers last until this process exits (or is stopped):
+    a ``--jobs`` worker process runs many units, and starts each implementation's worker once."""
+    key = (mode, timeout, tuple(impls), tuple(plugins), str(max_memory))
+    current = _LASTING.get(key)
+    if current is None:
+        specs = WorkerSpec(tuple(dict.fromkeys(impls)), tuple(dict.fromkeys(plugins)))
+        current = _LASTING[key] = Session(mode, timeout, specs, parse_memory(max_memory))
+        _OPEN.append(current)
+        multiprocessing.util.Finalize(None, current.close, exitpriority=10)
+    token = _SESSION.set(current)
+    try:
+        yield current
+    finally:
+        _SESSION.reset(token)
 
 
 def in_session() -> bool:

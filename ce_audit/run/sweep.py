@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import multiprocessing
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -43,7 +44,7 @@ from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult, Cell
 from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name
-from ce_audit.run.isolation import in_session, session
+from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
 from ce_audit.scoring import CaseLabel
 
@@ -184,9 +185,10 @@ def run_unit(
 ) -> list[Cell] | None:
     """The cells of one unit (none when no implementation audits its loss family); the same in any
     process: plugins are loaded again from the grid's specs where this process has not loaded them, and
-    run isolated (ce_audit.run.isolation) in the run's session, or in one of the unit's own in a worker
-    process. ``reproducers`` (in this process only) collects the worst rows of every failing cell.
-    None: the run was interrupted inside the unit (it is dropped whole)."""
+    run isolated (ce_audit.run.isolation) in the run's session, or, in a --jobs worker process, in that
+    process's lasting session (each implementation's worker started once per process). ``reproducers``
+    (in this process only) collects the worst rows of every failing cell. None: the run was interrupted
+    inside the unit (it is dropped whole)."""
     if not unit.impls:
         if progress:
             progress(1.0)
@@ -195,10 +197,11 @@ def run_unit(
     impls = prepare(unit.impls, grid.plugins)
     source = CaseSource(unit.case, unit.options, unit.label(), grid.block_mib << 20, row_multiple(impls))
     count = UnitCount(1)
+    opened = lasting_session if multiprocessing.parent_process() is not None else session
     isolated = (
         contextlib.nullcontext()
         if in_session()
-        else session(
+        else opened(
             grid.isolation, grid.timeout, impls=grid.impls, plugins=grid.plugins, max_memory=grid.max_memory
         )
     )

@@ -166,9 +166,6 @@ class Worker:
 
         deadline = time.monotonic() + limit
         while True:
-            if stop_requested():  # the run is being interrupted: drop the call in flight
-                self.stop()
-                raise Interrupted
             try:
                 if self.conn.poll(_POLL_S):
                     answered, kind, value, changed = self.conn.recv()
@@ -177,7 +174,13 @@ class Worker:
                     continue  # a stale answer (to a call given up on): not this one's
             except (EOFError, OSError):
                 self.process.join(timeout=5.0)
+                if stop_requested():  # it died of the signal the run received: an interruption
+                    self.stop()
+                    raise Interrupted from None
                 raise self._fail(exit_description(self.stop())) from None
+            if stop_requested():  # the run is being interrupted: drop the call in flight
+                self.stop()
+                raise Interrupted
             if not self.process.is_alive() and not self.conn.poll(0):
                 raise self._fail(exit_description(self.stop()))
             if limit and time.monotonic() >= deadline:
