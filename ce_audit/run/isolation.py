@@ -51,7 +51,7 @@ __all__ = ["CallFailed", "failure_reason", "run_implementation", "session", "sta
 
 ISOLATION_MODES = ("process", "none")  # process: non-built-ins in a worker; none: everything in-process
 DEFAULT_TIMEOUT_S = 120.0  # per call of an isolated implementation; 0 means no limit
-_REPORTED: set[tuple[str, str]] = set()  # (implementation, change) already reported in this process
+_REPORTED: set[tuple[str, str]] = set()  # (implementation, change) already reported in this run
 
 
 def run_in_process(impl: Any, call: BlockCall) -> Outcome:
@@ -135,6 +135,7 @@ def session(
     ``max_memory`` caps each worker's memory (ce_audit.run.memory_limit)."""
     specs = WorkerSpec(tuple(dict.fromkeys(impls)), tuple(dict.fromkeys(plugins)))
     current = Session(mode, timeout, specs, parse_memory(max_memory))
+    _REPORTED.clear()
     token = _SESSION.set(current)
     _OPEN.append(current)
     try:
