@@ -131,7 +131,7 @@ class GlobalState:
         """What differs now from when this was captured, in words (empty: nothing)."""
         found = []
         now = dict(os.environ)
-        names = self.environ.keys() | now.keys()
+        names = self.environ.keys() | now.keys() if now != self.environ else set()
         keys = sorted(key for key in names if self.environ.get(key) != now.get(key))
         if keys:
             found.append(f"os.environ ({', '.join(keys[:3])}{', …' if len(keys) > 3 else ''})")
@@ -140,6 +140,8 @@ class GlobalState:
             if before is None or namespace is None:
                 continue
             current = vars(namespace)
+            if len(current) == len(before) and current == before:  # the common case, compared in C
+                continue
             changed = [key for key, value in before.items() if current.get(key, _MISSING) is not value]
             if additions:
                 changed += [key for key in current if key not in before]
