@@ -45,10 +45,10 @@ def per_call(plugin: str, calls: int = 200) -> None:
     sys.path.insert(0, str(REPO))
     import numpy as np
 
-    from ce_audit.run import isolation
     from ce_audit.backends import BlockCall
     from ce_audit.dtypes import float_format
     from ce_audit.plugins import prepare
+    from ce_audit.run import isolation
 
     impl = next(impl for impl in prepare((), (plugin,)) if not impl.builtin and impl.backend == "torch")
     rng = np.random.default_rng(0)

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.budgets import parse_budget
-from ce_audit.plan.cases import DISTRIBUTIONS
 from ce_audit.dtypes import DTYPE_ALIASES, DTYPE_NAMES, FORMATS, canonical_dtype
 from ce_audit.errors import AuditError
-from ce_audit.run.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
-from ce_audit.run.memory_limit import DEFAULT_MAX_MEMORY, parse_memory
 from ce_audit.metrics import Tolerance
 from ce_audit.options import DEFAULT_IGNORE_INDEX, OPTION_SPECS, LossOptions, validate_options
+from ce_audit.plan.cases import DISTRIBUTIONS
+from ce_audit.run.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
+from ce_audit.run.memory_limit import DEFAULT_MAX_MEMORY, parse_memory
 
 DEFAULT_CONFIG_NAME = "default.toml"
 _KINDS: dict[str, Any] = {"str": str, "int": int, "float": float, "optional float": "optional float"}

@@ -17,17 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from ce_audit.plan.cases import random_class_weights
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format, working_dtype
 from ce_audit.errors import AuditError
-from ce_audit.run.interruption import UnitCount, received_signal, signal_name
-from ce_audit.run.isolation import session
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
+from ce_audit.plan.cases import random_class_weights
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import AuditResult
+from ce_audit.run.interruption import UnitCount, received_signal, signal_name
+from ce_audit.run.isolation import session
 from ce_audit.scoring import CaseLabel
 from ce_audit.statuses import message_line
 
