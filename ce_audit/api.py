@@ -153,6 +153,7 @@ def check(
     save_failures: str | Path | None = None,
     isolation: str | None = None,
     timeout: float | None = None,
+    max_memory: str | None = None,
     **options: Any,
 ) -> CheckReport:
     """Audit one or more implementations (functions or registered names) and return a CheckReport.
@@ -167,13 +168,14 @@ def check(
     ``label_smoothing=[0.0, 0.1]``, ``softcap=30``, ``margin=4``, ``ignore_index=-1``, …); a single value or
     a list for the grid options, as on the command line. ``save_failures``: a directory where each failing
     cell's worst rows and its `ce-audit replay` command are saved; its failure line names the file.
-    ``isolation`` ("process", the default, or "none") and ``timeout``: how implementations that are not
-    built in run (ce_audit.run.isolation); "none" lets a test see what its function recorded in this process.
+    ``isolation`` ("process", the default, or "none"), ``timeout`` and ``max_memory`` ("8G"; "auto": half
+    the machine's): how implementations that are not built in run (ce_audit.run.isolation); "none" lets a
+    test see what its function recorded in this process.
     """
     overrides = config_overrides(
         dtypes=dtypes, scales=scales, offsets=offsets, distributions=distributions, vocabs=vocabs,
         batches=batches, devices=devices, seed=seed, grad=grad, tolerances=tolerances, isolation=isolation,
-        timeout=timeout, options=options,
+        timeout=timeout, max_memory=max_memory, options=options,
     )  # fmt: skip
     targets = [impl] if isinstance(impl, str) or callable(impl) else list(impl)
     if not targets:

@@ -150,6 +150,15 @@ TimeoutOption = Annotated[
         "(default 120; 0: no limit).",
     ),
 ]
+MaxMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Memory one isolated implementation's worker may hold (512M, 8G; default auto: half of this "
+        "machine's; 0: no limit); an allocation past it makes the cell an error.",
+    ),
+]
 OutOption = Annotated[
     Path | None, typer.Option("--out", metavar="DIR", help="Report directory. Default: ce-audit-report.")
 ]
@@ -206,6 +215,7 @@ class RunOptions:
     plugin: list[str] | None = None
     isolation: str | None = None
     timeout: float | None = None
+    max_memory: str | None = None
     out: Path | None = None
     quiet: bool = False
     detail: bool = False
@@ -224,7 +234,8 @@ class RunOptions:
         (ce_audit.overrides.config_overrides)."""
         return config_overrides(
             dtypes=self.dtype, devices=self.device, impls=self.impl, grad=self.grad, isolation=self.isolation,
-            timeout=self.timeout, out=self.out, front_door="the command line", **values,
+            timeout=self.timeout, max_memory=self.max_memory, out=self.out,
+            front_door="the command line", **values,
         )  # fmt: skip
 
 
@@ -245,6 +256,7 @@ def _run_parameters(dtype_help: str, plugin: Any) -> tuple[list[inspect.Paramete
         "plugin": (plugin, None),
         "isolation": (IsolationOption, None),
         "timeout": (TimeoutOption, None),
+        "max_memory": (MaxMemoryOption, None),
         "out": (OutOption, None),
         "quiet": (QuietOption, False),
         "detail": (DetailOption, False),

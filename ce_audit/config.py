@@ -17,6 +17,7 @@ from ce_audit.metrics import Tolerance
 from ce_audit.options import INPUT_SPECS, LOSS_OPTION_SPECS, OPTION_SPECS, LossOptions, validate_options
 from ce_audit.plan.cases import DISTRIBUTIONS
 from ce_audit.run.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
+from ce_audit.run.memory_limit import DEFAULT_MAX_MEMORY, parse_memory
 
 DEFAULT_CONFIG_NAME = "default.toml"
 _KINDS: dict[str, Any] = {"str": str, "int": int, "float": float, "optional float": "optional float"}
@@ -42,6 +43,7 @@ class SweepConfig:
     block_mib: int = 256
     isolation: str = "process"  # non-built-in implementations run in a worker process ("none": in-process)
     timeout: float = DEFAULT_TIMEOUT_S  # seconds an isolated implementation's call may take (0: no limit)
+    max_memory: str = DEFAULT_MAX_MEMORY  # memory cap of an isolated implementation's worker ("8G"; 0: none)
     plugins: tuple[str, ...] = ()  # plugin files / modules loaded before the implementations resolve
     budgets: tuple[str, ...] = ()  # "impl:dtype:metric<=value", checked by `ce-audit gate`
     ulp_growth: float = 1.0  # gate: max_ulp regresses when it grows by more than this many ULPs …
@@ -144,6 +146,7 @@ _SCALAR_KEYS: dict[str, Any] = {
     "block_mib": int,
     "isolation": str,
     "timeout": float,
+    "max_memory": str,
     "ulp_growth": float,
     "rel_growth": float,
 }
@@ -189,6 +192,8 @@ def _from_mapping(data: dict[str, Any], base: SweepConfig) -> SweepConfig:
             if key == "dtypes":  # aliases (fp16, bf16, double, …) become the canonical names
                 values[key] = tuple(canonical_dtype(name) for name in values[key])
         elif key in _SCALAR_KEYS:
+            if key == "max_memory" and isinstance(raw, int) and not isinstance(raw, bool):
+                raw = str(raw)  # max_memory = 0: no cap
             values[key] = _coerce(key, raw, _SCALAR_KEYS[key])
         elif key == "tolerances":
             if not isinstance(raw, dict):
@@ -283,6 +288,7 @@ def validate(config: SweepConfig) -> SweepConfig:
         raise AuditError(f"isolation must be {choices}, got {config.isolation!r}")
     if not (config.timeout >= 0 and config.timeout != float("inf")):
         raise AuditError(f"timeout must be a finite number of seconds ≥ 0 (0: none), got {config.timeout!r}")
+    parse_memory(config.max_memory)
     for key in ("ulp_growth", "rel_growth"):
         value = getattr(config, key)
         if not (value >= 0 and value != float("inf")):

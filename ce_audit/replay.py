@@ -370,7 +370,8 @@ def run_replay(
         logits, targets, case, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
     )
     units = UnitCount(len(audited))  # one unit per dtype
-    with session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins):
+    limits = {"max_memory": config.max_memory}
+    with session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins, **limits):
         cells, row_results = audit_source(
             source, [float_format(name) for name in audited], impls, devices,
             settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,

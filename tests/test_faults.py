@@ -1,5 +1,6 @@
 """Fault injection: implementations that crash, exit, hang, raise a BaseException or change process-wide
-state cost only their own cells; Ctrl-C and SIGTERM keep the completed cells as a partial report."""
+state cost only their own cells; SIGINT, SIGTERM and SIGHUP, to the run or to its process group, with or
+without --jobs, at any moment, keep the completed cells as a partial report."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ce_audit.dtypes import float_format
 from ce_audit.options import LossOptions
 from ce_audit.reports.bundle import ReportDirectory
 from ce_audit.reports.plots import plotting_available
-from ce_audit.run import isolation
+from ce_audit.run import isolation, process_state, worker
 
 torch = pytest.importorskip("torch")
 
@@ -90,7 +91,7 @@ def test_state_changes_are_undone_in_process(tmp_path, capsys):
     assert (tmp_path / "report.json").is_file()  # not in the directory the plugin moved to
     assert os.getcwd() == cwd and np.geterr() == errors and torch.get_default_dtype() == dtype
     assert np.array_equal(np.random.get_state()[1], rng)
-    assert not isolation._flushes_denormals(torch)
+    assert not process_state._flushes_denormals(torch)
     code, _, err = run_cli(
         ["sweep", *_impl_args(["fused", "numpy_shifted"]), *SMALL, "--out", tmp_path / "clean"], capsys
     )
@@ -103,27 +104,27 @@ def test_preserved_state_restores_flush_denormal_threads_and_rng():
     threads = torch.get_num_threads()
     before = torch.rand(3)
     torch.manual_seed(7)
-    with isolation.preserved_state():
+    with process_state.preserved_state():
         torch.set_flush_denormal(True)
         torch.set_num_threads(1)
         torch.rand(5)
-        assert isolation._flushes_denormals(torch) or not torch.set_flush_denormal(True)
-    assert not isolation._flushes_denormals(torch)
+        assert process_state._flushes_denormals(torch) or not torch.set_flush_denormal(True)
+    assert not process_state._flushes_denormals(torch)
     assert torch.get_num_threads() == threads
     after = torch.rand(3)
     torch.manual_seed(7)
     assert torch.equal(after, torch.rand(3)) and not torch.equal(before, after)
 
 
-def test_one_worker_serves_the_whole_run(tmp_path, capsys, monkeypatch):
+def test_one_worker_per_implementation_serves_the_whole_run(tmp_path, capsys, monkeypatch):
     starts = []
-    original = isolation.Worker._start
+    original = worker.Worker._start
 
-    def counting_start(self: isolation.Worker) -> None:
-        starts.append(self.method)
+    def counting_start(self: worker.Worker) -> None:
+        starts.append(self.log_path)
         original(self)
 
-    monkeypatch.setattr(isolation.Worker, "_start", counting_start)
+    monkeypatch.setattr(worker.Worker, "_start", counting_start)
     code, _, err = run_cli(
         ["sweep", "--plugin", PLUGINS / "good_plugin.py", "--impl", "good_ce", "--impl", "good_np_ce",
          *SMALL, "--scale", "10", "--out", tmp_path],
@@ -131,7 +132,7 @@ def test_one_worker_serves_the_whole_run(tmp_path, capsys, monkeypatch):
     )  # fmt: skip
     assert code == 0, err
     assert "error" not in {row["status"] for row in read_rows(tmp_path / "summary.csv")}
-    assert len(starts) == 1  # 8 cells, several calls each, one worker
+    assert len(starts) == len(set(starts)) == 2  # 8 cells, several calls each, one worker per implementation
 
 
 def test_a_live_function_is_isolated_in_a_forked_worker():
@@ -154,7 +155,7 @@ def test_a_live_function_is_isolated_in_a_forked_worker():
 def test_spawned_worker_loads_the_plugins_again(tmp_path, capsys, monkeypatch, temporary_impl):
     """Where fork is unusable (CUDA initialised) the worker is spawned and runs plugins.prepare itself;
     a function registered from a live object is pickled by reference, a local one cannot be."""
-    monkeypatch.setattr(isolation, "start_method", lambda: "spawn")
+    monkeypatch.setattr(worker, "start_method", lambda: "spawn")
     temporary_impl("live_module_level", torch.nn.functional.cross_entropy)
     temporary_impl("live_local", lambda logits, targets: logits[:, 0])
     code, _, err = run_cli(
@@ -366,16 +367,22 @@ batches = [8]
 """
 
 
-def _start_sweep(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], Path]:
+def _start_sweep(
+    tmp_path: Path, *extra: str, group: bool = False, units: int = 40
+) -> tuple[subprocess.Popen[str], Path]:
+    """The sweep of MANY_UNITS as a subprocess (``group``: the leader of a process group of its own)."""
     config = tmp_path / "many.toml"
-    config.write_text(MANY_UNITS.format(scales=", ".join(str(s) for s in range(1, 41))), encoding="utf-8")
+    scales = ", ".join(str(s) for s in range(1, units + 1))
+    config.write_text(MANY_UNITS.format(scales=scales), encoding="utf-8")
     marker = tmp_path / "calls.txt"
     env = {**os.environ, "PYTHONPATH": str(REPO), "CE_AUDIT_TEST_MARKER": str(marker)}
     command = [
         sys.executable, "-m", "ce_audit", "sweep", "--config", str(config), "--plugin", str(FAULTS),
         "--out", str(tmp_path / "out"), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     return process, marker
 
 
@@ -388,24 +395,68 @@ def _wait_for_calls(process: subprocess.Popen[str], marker: Path, calls: int) ->
     pytest.fail(f"the sweep made fewer than {calls} calls (exit {process.poll()})")
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interruption_writes_the_completed_units_as_a_partial_report(tmp_path, signum, code):
-    process, marker = _start_sweep(tmp_path)
-    _wait_for_calls(process, marker, 3)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=60)
+def _check_partial_report(
+    tmp_path: Path, process: subprocess.Popen[str], signum: int, at_least: int, units: int = 40
+) -> None:
+    """The run exited 128 + signum, with a partial report of the units it completed, in order."""
+    out, err = process.communicate(timeout=120)
     name = signal.Signals(signum).name
-    assert process.returncode == code, err
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and "died" not in err, err
     assert f"ce-audit: interrupted by {name}: the partial report of" in err and str(tmp_path / "out") in err
     assert "partial report: " in out and f"(interrupted by {name})" in out
     document = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     completed, total = document["units"]["completed"], document["units"]["total"]
     assert document["partial"] is True and document["interrupted"] == name
-    assert total == 40 and 3 <= completed < total
+    assert total == units and at_least <= completed < total
     rows = read_rows(tmp_path / "out" / "summary.csv")
     assert len(rows) == document["cells"] == 2 * completed  # fused and marked_slow per unit
-    assert {row["status"] for row in rows} == {"ok"}
+    assert all(row["status"] == "ok" for row in rows)
     assert sorted({float(row["scale"]) for row in rows}) == [float(s) for s in range(1, completed + 1)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_interruption_writes_the_completed_units_as_a_partial_report(tmp_path, signum):
+    process, marker = _start_sweep(tmp_path)
+    _wait_for_calls(process, marker, 3)
+    process.send_signal(signum)
+    _check_partial_report(tmp_path, process, signum, at_least=3)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_the_process_group_with_jobs_keeps_the_completed_units(tmp_path, signum):
+    """What `timeout`, `kill -TERM -PGID` and a CI runner's cancel do: the whole group gets the signal.
+    The --jobs workers have left the group; the run stops them and keeps what they completed."""
+    process, marker = _start_sweep(tmp_path, "--jobs", "2", group=True, units=400)
+    _wait_for_calls(process, marker, 6)
+    os.killpg(process.pid, signum)
+    _check_partial_report(tmp_path, process, signum, at_least=1, units=400)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+def test_ctrl_c_while_the_jobs_workers_start(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) as soon as the first --jobs worker exists."""
+    process, _ = _start_sweep(tmp_path, "--jobs", "2", group=True, units=400)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if any(_children(child) for child in _children(process.pid)):  # forkserver → a worker
+            break
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _check_partial_report(tmp_path, process, signal.SIGINT, at_least=0, units=400)
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):

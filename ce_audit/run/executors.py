@@ -13,14 +13,22 @@ and the row, and the reference is computed from those inputs alone.
 | `ray`       | as a Ray task (``num_cpus=1``; ``num_gpus`` = the unit's CUDA devices, and the          |
 |             | ``accelerator_type`` asked for); a local Ray is started for the run without an address |
 
+Every executor stops starting units once the run is asked to stop (ce_audit.run.interruption) and yields
+the units completed in order before it. ``processes`` starts its workers with the run's signals held;
+each leaves the run's process group as it starts, so SIGINT, SIGTERM or SIGHUP sent to the group reach
+the run alone, which stops them (``STOP_SIGNAL``: each ends its isolated workers and exits).
+
 Adding one: a class with ``name`` and ``map(function, units, progress)`` in ``EXECUTORS``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ce_audit.errors import AuditError
+from ce_audit.run.interruption import HANDLED, held_signals, stop_requested
 
 if TYPE_CHECKING:
     from ce_audit.plan.units import Unit
@@ -41,6 +50,9 @@ UnitFunction = Callable[..., "list[Cell]"]  # function(unit, progress=None) -> t
 # about a second) would cost more than it saves.
 SMALL_SWEEP_COST = 50_000_000
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+STOP_SIGNAL = signal.SIGUSR1  # the run's request to a unit's worker process: end your workers and exit
+_POLL_S = 0.1  # the wait for units is sliced, so that an interruption is seen in time
+_GRACE_S = 5.0  # how long stopped worker processes get before they are killed
 
 
 def available_cores() -> int:
@@ -71,11 +83,34 @@ class LocalExecutor:
         self, function: UnitFunction, units: Sequence[Unit], progress: Progress | None
     ) -> Iterator[list[Cell]]:
         for unit in units:
+            if stop_requested():
+                return
             yield function(unit, progress)
 
 
+def _stop_unit_process(signum: int, frame: Any) -> None:
+    """``STOP_SIGNAL`` in a unit's worker process: end the isolated workers it started, and exit."""
+    from ce_audit.run.isolation import end_all_workers
+
+    end_all_workers()
+    os._exit(128 + signum)
+
+
 def _init_worker(threads: int) -> None:
-    """A worker's start: ``threads`` threads for torch and BLAS (set before either is imported)."""
+    """A worker's start: out of the run's process group (the run's signals are the run's to handle; they
+    were held from it until now, and one that arrived meanwhile is dropped), stopped by ``STOP_SIGNAL``
+    (also when its parent dies), ``threads`` threads for torch and BLAS (set before either is imported)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+    for signum in HANDLED:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, _stop_unit_process)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, STOP_SIGNAL)  # PR_SET_PDEATHSIG
     for variable in THREAD_VARIABLES:
         os.environ[variable] = str(threads)
     if "torch" in sys.modules:  # pragma: no cover - a start method that copies the parent's modules
@@ -98,28 +133,72 @@ class ProcessExecutor:
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         workers = max(1, min(self.jobs, len(units)))
         threads = max(1, available_cores() // workers)
-        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
-        try:
+        _start_resource_tracker()
+        with held_signals():  # the forkserver keeps them held; the workers (started in submit) let them
+            # through once they have left the run's process group
+            pool = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+            )
             futures = [pool.submit(function, unit) for unit in units]
+        try:
             yield from _in_order(futures, progress)
         except BrokenProcessPool as error:
-            raise AuditError(f"a worker process died ({error}); run with --jobs 1 to see why") from None
+            if not _interrupted_soon():  # a worker stopped by the signal the run received is not a failure
+                raise AuditError(f"a worker process died ({error}); run with --jobs 1 to see why") from None
         finally:
+            if stop_requested():
+                _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _start_resource_tracker() -> None:
+    """multiprocessing's resource tracker, started with SIGHUP held (it ignores SIGINT and SIGTERM but
+    not SIGHUP); started here, since starting it unblocks SIGINT and SIGTERM in the starting thread."""
+    from multiprocessing import resource_tracker
+
+    with held_signals():
+        resource_tracker.ensure_running()
+
+
+def _interrupted_soon(grace: float = 1.0) -> bool:
+    """Whether the run is asked to stop within ``grace`` seconds (the signal that ended a worker may
+    reach the run a moment later)."""
+    deadline = time.monotonic() + grace
+    while not stop_requested() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return stop_requested()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool's worker processes now: ``STOP_SIGNAL`` to each, then SIGKILL after ``_GRACE_S``."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    for process in processes:
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, STOP_SIGNAL)
+    deadline = time.monotonic() + _GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def _in_order(futures: list[Future[list[Cell]]], progress: Progress | None) -> Iterator[list[Cell]]:
-    """Each future's result in list order, advancing ``progress`` by one as each finishes."""
+    """Each future's result in list order, advancing ``progress`` by one as each finishes; once the run
+    is asked to stop, only those already completed in order."""
     pending = set(futures)
     position = 0
     while position < len(futures):
-        if pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            if progress:
+        stopping = stop_requested()
+        if pending and not stopping:
+            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            if progress and done:
                 progress(float(len(done)))
         while position < len(futures) and futures[position].done():
             yield futures[position].result()  # a worker's AuditError is raised here, as it was there
             position += 1
+        if stopping:
+            return
 
 
 @dataclass
@@ -158,7 +237,7 @@ class RayExecutor:
             pending = list(references)
             finished: set[Any] = set()
             position = 0
-            while position < len(references):
+            while position < len(references) and not stop_requested():
                 if pending:
                     done, pending = ray.wait(pending, num_returns=1)
                     finished.update(done)

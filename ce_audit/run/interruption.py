@@ -1,11 +1,13 @@
-"""Ctrl-C and SIGTERM during a sweep or replay: stop between units, keep the work done.
+"""Ctrl-C, SIGTERM and SIGHUP during a sweep or replay: stop between units, keep the work done.
 
-While ``stop_on_signals()`` is active (the CLI's sweep and replay), the first SIGINT or SIGTERM only
-records the request. A run checks ``stop_requested()`` at the boundary between its (case, dtype) units
-and stops there; an isolated call in flight is dropped with its unit (``Interrupted``). The run returns
-what it completed, marked partial, and the CLI writes it and exits 130 (SIGINT) or 143 (SIGTERM).
-A second signal exits at once. Outside ``stop_on_signals()`` nothing changes: ``stop_requested()`` is
-False and signals keep their usual meaning.
+While ``stop_on_signals()`` is active (the CLI's sweep and replay), the first SIGINT, SIGTERM or SIGHUP
+(a terminal closed) only records the request, whether it was sent to the process or to its group. A run
+checks ``stop_requested()`` at the boundary between its (case, dtype) units and stops there; an isolated
+call in flight is dropped with its unit (``Interrupted``). The run returns what it completed, marked
+partial, and the CLI writes it and exits 130 (SIGINT), 143 (SIGTERM) or 129 (SIGHUP). Worker processes
+leave the run's process group as they start (``held_signals`` keeps the signals from them until then),
+so a signal to the group is the run's alone to handle. A second signal exits at once. Outside
+``stop_on_signals()`` nothing changes: ``stop_requested()`` is False and signals keep their usual meaning.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _received: list[int] = []  # the signals received while stop_on_signals() is active
 
 
@@ -37,17 +39,18 @@ class UnitCount:
 
 
 def stop_requested() -> bool:
-    """True once SIGINT or SIGTERM arrived during ``stop_on_signals()``: finish the unit, start no other."""
+    """True once SIGINT, SIGTERM or SIGHUP arrived during ``stop_on_signals()``: finish the unit, start
+    no other."""
     return bool(_received)
 
 
 def received_signal() -> int | None:
-    """The first signal received (``signal.SIGINT`` or ``signal.SIGTERM``), or None."""
+    """The first signal received (``signal.SIGINT``, ``signal.SIGTERM`` or ``signal.SIGHUP``), or None."""
     return _received[0] if _received else None
 
 
 def exit_code(signum: int) -> int:
-    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143)."""
+    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
     return 128 + signum
 
 
@@ -60,11 +63,27 @@ def _handle(signum: int, frame: Any) -> None:
         os.write(2, f"ce-audit: {signal_name(signum)} again: stopped at once, nothing written\n".encode())
         os._exit(exit_code(_received[0]))
     _received.append(signum)
+    if signum == signal.SIGHUP:
+        _leave_the_terminal()
+
+
+def _leave_the_terminal() -> None:
+    """After SIGHUP (the terminal closed): output meant for the terminal goes nowhere, so that writing the
+    partial report and its closing lines does not fail on it (a pipe or a file is kept)."""
+    for fd in (1, 2):
+        try:
+            if not os.isatty(fd):
+                continue
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except OSError:
+            continue
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGINT and SIGTERM ask the run to stop at the next unit boundary."""
+    """Within the block, SIGINT, SIGTERM and SIGHUP ask the run to stop at the next unit boundary."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
         yield
         return
@@ -104,3 +123,14 @@ def interruption_of(result: Any, out: Path) -> Interruption | None:
     what = "the partial report" if result.partial else "the report"
     message = f"interrupted by {name}: {what} of {done} of {total} units is in {out}"
     return Interruption(status, message, exit_code(signal.Signals[name].value))
+
+
+@contextmanager
+def held_signals(signals: Iterable[int] = HANDLED) -> Iterator[None]:
+    """Within the block, ``signals`` wait (blocked in this thread) and arrive after it: a process started
+    here inherits the block, and lets them through once it has left the run's process group."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
 from ce_audit.run.executors import Execution
-from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
-from ce_audit.run.isolation import in_session, session
+from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name
+from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
 
 
@@ -125,9 +126,10 @@ def run_unit(
 ) -> list[Cell] | None:
     """The cells of one unit (none when no implementation audits its loss family); the same in any
     process: plugins are loaded again from the grid's specs where this process has not loaded them, and
-    run isolated (ce_audit.run.isolation) in the run's session, or in one of the unit's own in a worker
-    process. ``reproducers`` (in this process only) collects the worst rows of every failing cell.
-    None: the run was interrupted inside the unit (it is dropped whole)."""
+    run isolated (ce_audit.run.isolation) in the run's session, or, in a --jobs worker process, in that
+    process's lasting session (each implementation's worker started once per process). ``reproducers``
+    (in this process only) collects the worst rows of every failing cell. None: the run was interrupted
+    inside the unit (it is dropped whole)."""
     if not unit.impls:
         if progress:
             progress(1.0)
@@ -136,10 +138,13 @@ def run_unit(
     impls = prepare(unit.impls, grid.plugins)
     source = CaseSource(unit.case, grid.block_mib << 20, row_multiple(impls))
     count = UnitCount(1)
+    opened = lasting_session if multiprocessing.parent_process() is not None else session
     isolated = (
         contextlib.nullcontext()
         if in_session()
-        else session(grid.isolation, grid.timeout, impls=grid.impls, plugins=grid.plugins)
+        else opened(
+            grid.isolation, grid.timeout, impls=grid.impls, plugins=grid.plugins, max_memory=grid.max_memory
+        )
     )
     with isolated:
         cells, _ = audit_source(
@@ -179,7 +184,10 @@ def run_sweep(
     grids = config.expanded()
     impls = [name for grid in grids for name in grid.impls]
     plugins = [spec for grid in grids for spec in grid.plugins]
-    with session(config.isolation, config.timeout, impls=impls, plugins=plugins):  # one worker per run
+    isolated = session(
+        config.isolation, config.timeout, impls=impls, plugins=plugins, max_memory=config.max_memory
+    )
+    with isolated:  # one worker per implementation, for the whole run
         results = execution.run(run, chosen, progress)
         try:
             for unit, unit_cells in zip(chosen, results, strict=False):
@@ -187,9 +195,7 @@ def run_sweep(
                     break
                 cells += unit_cells
                 cell_counts.append((unit.index, len(unit_cells)))
-                count.done += 1
-                if stop_requested():  # interrupted: the completed units are the result
-                    break
+                count.done += 1  # once the run is asked to stop, the executor starts no other unit
         except (Interrupted, KeyboardInterrupt):  # a worker process stopped by the same Ctrl-C
             pass
         finally:
