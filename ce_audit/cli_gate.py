@@ -12,8 +12,8 @@ import typer
 
 from ce_audit.cli_options import PluginOption, QuietOption
 from ce_audit.gate.workflow import gate_to_files
+from ce_audit.reports.gate_table import print_gate
 from ce_audit.reports.stdout import terminal_console
-from ce_audit.reports.table import print_gate
 
 
 def gate(

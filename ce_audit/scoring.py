@@ -18,10 +18,9 @@ import numpy as np
 
 from ce_audit.backends import Outcome, takes_gradients
 from ce_audit.dtypes import FORMATS, FloatFormat
+from ce_audit.grad_metrics import GradChecks, GradTally
 from ce_audit.implementations import Implementation
 from ce_audit.metrics import (
-    GradChecks,
-    GradTally,
     LossTally,
     RowErrors,
     Tolerance,

@@ -439,7 +439,7 @@ def test_the_per_cell_detail_is_capped_with_a_count(capsys):
     from rich.console import Console
 
     from ce_audit.gate.summary import MAX_DETAIL
-    from ce_audit.reports.table import print_gate
+    from ce_audit.reports.gate_table import print_gate
 
     before = [cell(scale=float(s), max_ulp=0.5) for s in range(MAX_DETAIL + 5)]
     now = [cell(scale=float(s), max_ulp=50.0) for s in range(MAX_DETAIL + 5)]

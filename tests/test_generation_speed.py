@@ -170,8 +170,9 @@ def test_torch_logits_buffer_is_reused_and_private_per_call():
 
 
 def test_gradient_tally_by_row_groups_equals_one_pass(monkeypatch):
-    from ce_audit import metrics
-    from ce_audit.metrics import GradTally, Tolerance
+    from ce_audit import grad_metrics
+    from ce_audit.grad_metrics import GradTally
+    from ce_audit.metrics import Tolerance
 
     fmt = FORMATS["bfloat16"]
     logits, targets = cases.generate_rows(Case("normal", 5.0, 0.0, 300, 40, 2), 0, 40)
@@ -183,7 +184,7 @@ def test_gradient_tally_by_row_groups_equals_one_pass(monkeypatch):
     tolerance = Tolerance(fmt.rtol, fmt.atol)
     whole = GradTally()
     whole.add(grad, exact, tolerance, fmt)
-    monkeypatch.setattr(metrics, "ROW_GROUP_ELEMENTS", 900)  # three rows at a time
+    monkeypatch.setattr(grad_metrics, "ROW_GROUP_ELEMENTS", 900)  # three rows at a time
     grouped = GradTally()
     grouped.add(grad, exact, tolerance, fmt)
     assert grouped == whole

@@ -1,0 +1,157 @@
+"""The running gradient tallies of a cell: the gradient against the exact one, entry by entry and row by
+row (‖g − g*‖∞ / ‖g*‖∞, and the normwise ‖g − g*‖₂ / ‖g*‖₂ in units of the dtype's u), and the checks a
+gradient of cross-entropy must pass (rows summing to 0, the true class's entry p_y − 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ce_audit.dtypes import FloatFormat, ulp
+from ce_audit.metrics import Tolerance
+from ce_audit.statuses import Status, relative_error
+
+ROW_GROUP_ELEMENTS = 1 << 16  # GradTally works on this many gradient entries at a time
+
+
+@dataclass
+class GradTally:
+    """Running gradient metrics of one cell: elementwise checks, ULPs, per-row ‖g − g*‖∞ / ‖g*‖∞ and
+    the normwise ‖g − g*‖₂ / ‖g*‖₂. A NaN/±inf entry where the exact entry differs is a mismatch; a finite
+    entry where the exact one is ±inf fails; a finite entry where the exact one is NaN (convention) passes."""
+
+    nan_rows: int = 0
+    inf_rows: int = 0
+    mismatches: int = 0
+    failures: int = 0
+    max_abs_err: float = 0.0
+    max_rel_err: float = 0.0
+    max_ulp: float = 0.0
+    norm_rel_err: float = 0.0
+    measured: bool = False
+
+    def add(self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat) -> None:
+        """Tally a block, ROW_GROUP_ELEMENTS at a time: every quantity is per row or a maximum, so the
+        totals are those of one pass, and the temporaries stay in cache."""
+        self.measured = True
+        if not grad.size:
+            return
+        step = max(1, ROW_GROUP_ELEMENTS // max(grad.shape[1], 1))
+        for first in range(0, grad.shape[0], step):
+            self._add_rows(grad[first : first + step], reference[first : first + step], tolerance, fmt)
+
+    def _add_rows(
+        self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat
+    ) -> None:
+        with np.errstate(all="ignore"):
+            grad_finite, reference_finite = np.isfinite(grad), np.isfinite(reference)
+            if grad_finite.all() and reference_finite.all():  # the usual case: one pass per quantity
+                delta = grad - reference
+                size = np.abs(reference)
+                mismatch = wrong = None
+            else:
+                self.nan_rows += int(np.isnan(grad).any(axis=1).sum())
+                self.inf_rows += int(np.isinf(grad).any(axis=1).sum())
+                mismatch = ~grad_finite & ~(np.isnan(reference) & np.isnan(grad)) & (grad != reference)
+                self.mismatches += int(mismatch.any(axis=1).sum())
+                wrong = grad_finite & np.isinf(reference)
+                both = reference_finite & grad_finite
+                delta = np.where(both, grad - reference, 0)
+                size = np.abs(np.where(reference_finite, reference, 0))
+            diff = np.abs(delta)
+            failing = diff > tolerance.atol + tolerance.rtol * size
+            if mismatch is not None:
+                failing |= mismatch | wrong
+            self.failures += int(failing.any(axis=1).sum())
+            spacing = ulp(size.astype(np.float64), fmt)  # float64 spacing: a metric, not a reference
+            self.max_ulp = max(self.max_ulp, float((diff.astype(np.float64) / spacing).max()))
+            row_abs, row_norm = diff.max(axis=1), size.max(axis=1)
+            row_rel = np.where(row_norm > 0, relative_error(row_abs, row_norm), 0)
+            norms = np.sqrt(np.einsum("ij,ij->i", size, size))
+            norm_rel = relative_error(np.sqrt(np.einsum("ij,ij->i", delta, delta)), norms)
+        self.max_abs_err = max(self.max_abs_err, float(row_abs.max()))
+        self.max_rel_err = max(self.max_rel_err, float(row_rel.max()))
+        self.norm_rel_err = max(self.norm_rel_err, float(norm_rel.max()))
+
+    @property
+    def status(self) -> str:
+        if self.mismatches:
+            return Status.NONFINITE
+        return Status.INACCURATE if self.failures else Status.OK
+
+    def columns(self) -> dict[str, Any]:
+        """What it measured, under the names of summary.csv's columns (ce_audit.results.Cell)."""
+        return {
+            "grad_nan": self.nan_rows,
+            "grad_inf": self.inf_rows,
+            "grad_max_abs_err": self.max_abs_err,
+            "grad_max_rel_err": self.max_rel_err,
+            "grad_max_ulp": self.max_ulp,
+            "grad_norm_rel_err": self.norm_rel_err,
+        }
+
+
+@dataclass
+class GradChecks:
+    """Running true-class and row-sum checks of one cell's gradient.
+
+    true class: max_i |g_iy − g*_iy| / |g*_iy| over the rows with a true class y (where p_y − 1 loses
+    everything as p_y → 1); binary: over every element. Row sum: max_i |Σ_k g_ik − Σ_k g*_ik| / Σ_k |g*_ik|
+    (the exact row sum Σ_k g*_ik is 0 for cross-entropy, focal, label smoothing and soft targets; z-loss and
+    softcap move it); a row fails when |Σ_k g_ik − Σ_k g*_ik| > atol + rtol · Σ_k |g*_ik| + Σ_k ½ ulp(g*_ik):
+    the last term is what rounding every entry correctly to the audited dtype may move the sum by, so the
+    exact gradient rounded once always passes. Rows with a non-finite entry on either side are left to the
+    NaN/Inf counts.
+    """
+
+    true_max_rel_err: float = 0.0
+    rowsum_max: float = 0.0
+    rowsum_failures: int = 0
+    rowsum_checked: bool = False
+
+    def add(
+        self,
+        grad: np.ndarray,
+        reference: np.ndarray,
+        true_index: np.ndarray | None,
+        rowsum: np.ndarray | None,
+        tolerance: Tolerance,
+        fmt: FloatFormat,
+    ) -> None:
+        with np.errstate(all="ignore"):
+            if true_index is None:
+                got, want = grad.ravel(), reference.ravel()
+            else:
+                keep = true_index >= 0
+                rows = np.flatnonzero(keep)
+                got, want = grad[rows, true_index[keep]], reference[rows, true_index[keep]]
+            finite = np.isfinite(got) & np.isfinite(want)
+            rel = relative_error(np.abs(got - want)[finite], np.abs(want)[finite])
+            if rel.size:
+                self.true_max_rel_err = max(self.true_max_rel_err, float(rel.max()))
+            if rowsum is None or grad.shape[0] == 0:
+                return
+            self.rowsum_checked = True
+            finite_rows = (
+                np.isfinite(grad).all(axis=1) & np.isfinite(reference).all(axis=1) & np.isfinite(rowsum)
+            )
+            error = np.abs(grad.sum(axis=1) - rowsum)[finite_rows]
+            finite_reference = reference[finite_rows]
+            norm = np.abs(finite_reference).sum(axis=1)
+            rel = relative_error(error, norm)
+            if rel.size:
+                self.rowsum_max = max(self.rowsum_max, float(rel.max()))
+            suspect = np.flatnonzero(error > tolerance.atol + tolerance.rtol * norm)
+            if suspect.size:  # only these rows need the rounding allowance Σ_k ½ ulp(g*_k)
+                spacing = ulp(finite_reference[suspect].astype(np.float64), fmt)
+                allowed = tolerance.atol + tolerance.rtol * norm[suspect] + 0.5 * spacing.sum(axis=1)
+                self.rowsum_failures += int((error[suspect] > allowed).sum())
+
+    def columns(self) -> dict[str, Any]:
+        """What it measured, under the names of summary.csv's columns (ce_audit.results.Cell)."""
+        return {
+            "grad_true_max_rel_err": self.true_max_rel_err,
+            "grad_rowsum_max": self.rowsum_max if self.rowsum_checked else float("nan"),
+        }
