@@ -30,7 +30,8 @@ RUN: dict[str, bool] = {
 }
 # commands not run here, and why
 NOT_RUN: dict[str, str] = {
-    'python -m pytest -m "not slow"': "the test suite itself",
+    "python -m pytest": "the test suite itself",
+    "python -m pytest -m slow": "the slow tests of the suite itself",
     "pip install -c constraints.txt . && ce-audit sweep": "installs packages; `ce-audit sweep` is run above",
     'pip install -c constraints.txt ".[dev]" && python -m pytest': "installs packages; the suite itself",
     "python3 -m venv .venv && . .venv/bin/activate": "creates an environment (checked by hand)",

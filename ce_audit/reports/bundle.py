@@ -261,10 +261,7 @@ class ReportDirectory:
             raise RuntimeError("ReportDirectory.write outside its with block")
         names = [member.name for member in members]
         _check_names(names)
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
-        except OSError as error:
-            raise AuditError(f"cannot write to report directory {self.out}: {_reason(error)}") from None
+        staging = self._staging()
         try:
             for member in members:
                 _stage(member, staging)
@@ -283,6 +280,13 @@ class ReportDirectory:
         files = [name for name in names if recorded[name] is not None]  # directories (plots/) aside
         return [str(self.out / name) for name in [*files, REPORT_NAME]]
 
+    def _staging(self) -> Path:
+        """A fresh staging folder inside the directory (removed by the caller)."""
+        try:
+            return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
+        except OSError as error:
+            raise AuditError(f"cannot write to report directory {self.out}: {_reason(error)}") from None
+
     def rewrite_members(self, members: Sequence[ReportFile], document: dict[str, Any] | None) -> list[Path]:
         """Replace some members of the set in place (``ce-audit report``: the page and its figures) and
         leave the others; a member folder not among them loses its figures. ``document`` is the set's
@@ -293,10 +297,7 @@ class ReportDirectory:
         names = [member.name for member in members]
         _check_names(names)
         dropped = [name for name in MEMBER_FOLDERS if name not in names]
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
-        except OSError as error:
-            raise AuditError(f"cannot write to report directory {self.out}: {_reason(error)}") from None
+        staging = self._staging()
         try:
             for member in members:
                 _stage(member, staging)
