@@ -89,10 +89,14 @@ class LocalExecutor:
 
 
 def _stop_unit_process(signum: int, frame: Any) -> None:
-    """``STOP_SIGNAL`` in a unit's worker process: end the isolated workers it started, and exit."""
-    from ce_audit.run.isolation import end_all_workers
-
-    end_all_workers()
+    """``STOP_SIGNAL`` in a unit's worker process: end the isolated workers it started, and exit. The
+    signal may come while the process is still importing the package: no import here (a module half
+    imported cannot be imported again), and no workers to end unless isolation is loaded whole."""
+    isolation = sys.modules.get("ce_audit.run.isolation")
+    end_all_workers = getattr(isolation, "end_all_workers", None)
+    if end_all_workers is not None:
+        with contextlib.suppress(Exception):
+            end_all_workers()
     os._exit(128 + signum)
 
 
