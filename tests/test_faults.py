@@ -669,6 +669,7 @@ def test_save_failures_writes_nothing_through_a_link_in_a_reproducer_folder(tmp_
     assert [path.name for path in saved.iterdir()] == [FOLDER]  # no staging left
 
 
+@pytest.mark.skipif(not plotting_available(), reason="matplotlib (the html extra): report redraws the set")
 def test_report_markdown_lists_only_the_sets_figures(tmp_path, capsys):
     out = tmp_path / "out"
     _sweep_ok(capsys, "--out", out)
