@@ -36,7 +36,7 @@ import multiprocessing.util
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +121,14 @@ def end_all_workers() -> None:
             current.close()
 
 
+def _new_session(
+    mode: str, timeout: float, impls: Sequence[str], plugins: Sequence[str], max_memory: str | int
+) -> Session:
+    """A session for the run's specs (each once), its workers capped at ``max_memory``."""
+    specs = WorkerSpec(tuple(dict.fromkeys(impls)), tuple(dict.fromkeys(plugins)))
+    return Session(mode, timeout, specs, parse_memory(max_memory))
+
+
 @contextlib.contextmanager
 def session(
     mode: str,
@@ -133,8 +141,7 @@ def session(
     """The isolation of one run: calls made inside go through ``run_implementation`` to their workers;
     ``impls`` and ``plugins`` are the run's specs, for a spawned worker to load them again;
     ``max_memory`` caps each worker's memory (ce_audit.run.memory_limit)."""
-    specs = WorkerSpec(tuple(dict.fromkeys(impls)), tuple(dict.fromkeys(plugins)))
-    current = Session(mode, timeout, specs, parse_memory(max_memory))
+    current = _new_session(mode, timeout, impls, plugins, max_memory)
     _REPORTED.clear()
     token = _SESSION.set(current)
     _OPEN.append(current)
@@ -163,8 +170,7 @@ def lasting_session(
     key = (mode, timeout, tuple(impls), tuple(plugins), str(max_memory))
     current = _LASTING.get(key)
     if current is None:
-        specs = WorkerSpec(tuple(dict.fromkeys(impls)), tuple(dict.fromkeys(plugins)))
-        current = _LASTING[key] = Session(mode, timeout, specs, parse_memory(max_memory))
+        current = _LASTING[key] = _new_session(mode, timeout, impls, plugins, max_memory)
         _OPEN.append(current)
         multiprocessing.util.Finalize(None, current.close, exitpriority=10)
     token = _SESSION.set(current)
