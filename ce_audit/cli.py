@@ -31,9 +31,8 @@ from ce_audit.errors import AuditError
 from ce_audit.plugins import prepare
 from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
-from ce_audit.reports.html import plots_markdown
 from ce_audit.reports.listing import print_implementations
-from ce_audit.reports.rebuild import rebuild_report
+from ce_audit.reports.rebuild import rebuild_report, report_markdown
 from ce_audit.reports.stdout import print_summary, status_console, terminal_console
 from ce_audit.run.audit import ReportedRun, replay_to_report, sweep_to_report
 from ce_audit.run.executors import Execution
@@ -189,7 +188,8 @@ def sweep(
     jobs: Annotated[
         int | None,
         typer.Option(
-            "--jobs", "-j",
+            "--jobs",
+            "-j",
             metavar="N",
             help="Worker processes for the (case, dtype) units (default: this machine's cores; a small "
             "sweep stays in this process). 1: in this process. Results are the same for any value.",
@@ -208,7 +208,7 @@ def sweep(
         typer.Option(
             "--shard",
             metavar="K/N",
-            help="Run part K of N of the units (e.g. 2/4), for CI; `ce-audit merge` joins them."
+            help="Run part K of N of the units (e.g. 2/4), for CI; `ce-audit merge` joins them.",
         ),
     ] = None,
     ray_address: Annotated[
@@ -216,7 +216,7 @@ def sweep(
         typer.Option(
             "--ray-address",
             metavar="ADDRESS",
-            help="Ray cluster to run on (default: a local Ray started for the run)."
+            help="Ray cluster to run on (default: a local Ray started for the run).",
         ),
     ] = None,
     ray_accelerator_type: Annotated[
@@ -224,7 +224,7 @@ def sweep(
         typer.Option(
             "--ray-accelerator-type",
             metavar="TYPE",
-            help="Ray accelerator type the CUDA units ask for (e.g. H100, A100)."
+            help="Ray accelerator type the CUDA units ask for (e.g. H100, A100).",
         ),
     ] = None,
     *,
@@ -360,7 +360,10 @@ def report(
     ],
     markdown: Annotated[
         Path | None,
-        typer.Option("--markdown", help="Also write a Markdown section on the plots (for a CI job summary)."),
+        typer.Option(
+            "--markdown",
+            help="Also write the verdict and a section on the plots as Markdown (for a CI job summary).",
+        ),
     ] = None,
     inline_images: Annotated[
         bool,
@@ -374,7 +377,7 @@ def report(
     """Rebuild report.html and the PNGs in plots/ from a summary.csv and the report.json beside it."""
     written = rebuild_report(directory)
     if markdown is not None:
-        written.append(write_atomically(markdown, plots_markdown(written[0].parent, inline_images)))
+        written.append(write_atomically(markdown, report_markdown(written[0].parent, inline_images)))
     for path in written:
         typer.echo(f"wrote {path}")
 

@@ -114,5 +114,3 @@ def gate(
             count = len(outcome.result.failures)
             print(f"ce-audit gate: FAILED ({count} failure{'s' if count != 1 else ''})", file=sys.stderr)
         raise typer.Exit(1)
-
-

@@ -33,7 +33,8 @@ def cap_text(level: float, exact: float) -> str:
     return f"loss capped near {what} ≈ {level:.1f} (at {level:.4g}; exact up to {exact:.3g})"
 
 
-def _where(row: Cell) -> str:
+def where(row: Cell) -> str:
+    """Where a cell is, in words: "scale 10, offset 100, ls=0.1 (normal)"."""
     text = f"scale {row.scale:g}"
     if row.offset:
         text += f", offset {row.offset:g}"
@@ -153,7 +154,7 @@ def _part(dtype: str, status: str, row: Cell) -> str:
     if status == "nonfinite":
         kind, _, reason = reason.partition(": ")
         label = f"{kind} "
-    return f"{dtype} {label}from {_where(row)} — {reason}"
+    return f"{dtype} {label}from {where(row)} — {reason}"
 
 
 def _cause_key(row: Cell) -> str:
@@ -239,7 +240,7 @@ def relative_to_pytorch(rows: list[Cell]) -> dict[str, str]:
             by = "non-finite where PyTorch is finite" if _factor(top) == math.inf else f"×{_factor(top):.3g}"
             which = "gradient" if top.grad_vs_pytorch >= top.loss_vs_pytorch else "loss"
             notes[impl] = (
-                f"worse than PyTorch in {len(worse)} cells, most at {top.dtype} {_where(top)}: {which} {by}"
+                f"worse than PyTorch in {len(worse)} cells, most at {top.dtype} {where(top)}: {which} {by}"
             )
         elif own:
             dtypes = ", ".join(dict.fromkeys(r.dtype for r in own))
@@ -311,4 +312,4 @@ def worst_finding(rows: list[Cell]) -> str:
     row = _first([row for row in bad_grad if row.grad_status == grad])
     dtypes = ", ".join(dict.fromkeys(r.dtype for r in bad_grad))
     word = "non-finite" if grad == "nonfinite" else "past tolerance"
-    return f"gradient {word} in {len(bad_grad)} cells ({dtypes}), from {row.dtype} {_where(row)}"
+    return f"gradient {word} in {len(bad_grad)} cells ({dtypes}), from {row.dtype} {where(row)}"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, ulp
-from ce_audit.metrics import Tolerance
+from ce_audit.metrics import Tolerance, machine_epsilon
 from ce_audit.statuses import Status, relative_error
 
 ROW_GROUP_ELEMENTS = 1 << 16  # GradTally works on this many gradient entries at a time
@@ -32,19 +32,33 @@ class GradTally:
     norm_rel_err: float = 0.0
     measured: bool = False
 
-    def add(self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat) -> None:
+    def add(
+        self,
+        grad: np.ndarray,
+        reference: np.ndarray,
+        tolerance: Tolerance,
+        fmt: FloatFormat,
+        unit: float = 1.0,
+    ) -> np.ndarray:
         """Tally a block, ROW_GROUP_ELEMENTS at a time: every quantity is per row or a maximum, so the
-        totals are those of one pass, and the temporaries stay in cache."""
+        totals are those of one pass, and the temporaries stay in cache. Returns each row's error
+        ‖g_i − g*_i‖₂ / (ε · max(‖g*_i‖₂, ``unit``)) (ce_audit.row_verdict; inf for a non-finite mismatch)."""
         self.measured = True
         if not grad.size:
-            return
+            return np.zeros(grad.shape[0] if grad.ndim else 0)
         step = max(1, ROW_GROUP_ELEMENTS // max(grad.shape[1], 1))
+        scale, row_errors = machine_epsilon(fmt), []
         for first in range(0, grad.shape[0], step):
-            self._add_rows(grad[first : first + step], reference[first : first + step], tolerance, fmt)
+            distance, norms = self._add_rows(
+                grad[first : first + step], reference[first : first + step], tolerance, fmt
+            )
+            row_errors.append(distance / (scale * np.maximum(norms, unit)))
+        return np.concatenate(row_errors)
 
     def _add_rows(
         self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat
-    ) -> None:
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tally a group of rows; returns ‖g_i − g*_i‖₂ (inf for a non-finite mismatch) and ‖g*_i‖₂ by row."""
         with np.errstate(all="ignore"):
             grad_finite, reference_finite = np.isfinite(grad), np.isfinite(reference)
             if grad_finite.all() and reference_finite.all():  # the usual case: one pass per quantity
@@ -70,10 +84,14 @@ class GradTally:
             row_abs, row_norm = diff.max(axis=1), size.max(axis=1)
             row_rel = np.where(row_norm > 0, relative_error(row_abs, row_norm), 0)
             norms = np.sqrt(np.einsum("ij,ij->i", size, size))
-            norm_rel = relative_error(np.sqrt(np.einsum("ij,ij->i", delta, delta)), norms)
+            distance = np.sqrt(np.einsum("ij,ij->i", delta, delta))
+            norm_rel = relative_error(distance, norms)
+            if mismatch is not None:
+                distance[(mismatch | wrong).any(axis=1)] = np.inf
         self.max_abs_err = max(self.max_abs_err, float(row_abs.max()))
         self.max_rel_err = max(self.max_rel_err, float(row_rel.max()))
         self.norm_rel_err = max(self.norm_rel_err, float(norm_rel.max()))
+        return distance, norms
 
     @property
     def status(self) -> str:

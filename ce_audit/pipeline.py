@@ -26,6 +26,7 @@ from ce_audit.plugins import prepare
 from ce_audit.reference.device import block_reference, reference_device
 from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
 from ce_audit.results import Cell, RowResult
+from ce_audit.row_verdict import RowErrorsScaled, floor_row_errors
 from ce_audit.row_views import DROPPED_NOTE, BlockViews, RowsView, without_ignored
 from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
 from ce_audit.run.isolation import failure_reason, run_implementation
@@ -145,6 +146,7 @@ class ImplRun:
     drops_ignored: bool = False
     reported: bool = True
     worst: WorstRows | None = None
+    rows: np.ndarray | None = None  # the block's rows its last call saw (None: every row), for the verdict
 
     @property
     def pending(self) -> bool:
@@ -247,12 +249,34 @@ class DtypeAudit:
             self.floor_loss = max(self.floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
                 self.floor_grad = max(self.floor_grad, floor_norm_error(reference.grad, fmt))
-        views = BlockViews(RowsView(None, block, targets, reference, options), self.weight, grad)
+        full = RowsView(None, block, targets, reference, options)
+        views = BlockViews(full, self.weight, grad)
         for run in self.every_run:
+            run.tally.last_block = None
             if run.pending:
                 self.run_on(run, first_row, views.view_for(run.drops_ignored), whole)
             if self.progress and run.reported:
                 self.progress(self.step)
+        self._compare_rows(first_row, block.shape[0], full)
+
+    def _compare_rows(self, first_row: int, rows: int, full: RowsView) -> None:
+        """Each reported run's errors on this block against PyTorch's kernel's and the floor's on the same
+        rows (ce_audit.row_verdict)."""
+        scored = [run for run in self.runs if run.tally.last_block is not None]
+        if not scored:
+            return
+        reference = full.reference
+        grad = reference.grad if self.grad else None
+        floor = floor_row_errors(reference.loss, grad, self.fmt, full.gradient_unit())
+        numbers = first_row + np.arange(rows)
+        for run in scored:
+            kernel = self.kernels.get(run.tally.device)
+            pytorch = kernel.tally.last_block if kernel is not None and kernel.rows is None else None
+            picked = run.rows
+            run.tally.row_verdict.add(
+                run.tally.last_block, _on_rows(floor, picked, rows), _on_rows(pytorch, picked, rows),
+                numbers if picked is None else numbers[picked],
+            )  # fmt: skip
 
     def audit_deferred(self) -> None:
         """Call the implementations that returned a mean on a partial block once more, on the whole batch,
@@ -279,11 +303,15 @@ class DtypeAudit:
             return
         if run.drops_ignored:
             tally.notes = tally.notes or DROPPED_NOTE
+        run.rows = view.rows
         if not outcome.mean:
             self._score_rows(run, outcome, first_row, view)
         elif whole:
             mean = view.mean_reference(self.weight, self.grad)
-            tally.score_mean(outcome, mean, self.fmt, self.tolerance, self.grad)
+            tally.score_mean(
+                outcome, mean, self.fmt, self.tolerance, self.grad, view.gradient_unit(mean=True)
+            )
+            tally.last_block = None  # judged against the mean's floor alone (CellTally.score_mean)
             if run.worst is not None:
                 run.worst.offer_batch(view.logits, view.targets, np.inf)
         else:
@@ -294,11 +322,10 @@ class DtypeAudit:
         the per-row results where asked."""
         reduced = view.options.reduction != "none"
         value = outcome.value.reshape(-1)
-        per_row = not reduced and view.options.family != "binary" and view.rows is None
         reference = view.reference
         errors = run.tally.score(
             outcome, value, reference, reference.loss, reference.grad, self.fmt, self.tolerance,
-            first_row if per_row else None,
+            view.gradient_unit(),
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
         if run.worst is not None:
@@ -340,6 +367,15 @@ class DtypeAudit:
                 self.reproducers.add(cell, run.worst, run.tally.impl, run.options, case.seed)
             cells.append(cell)
         return cells
+
+
+def _on_rows(errors: RowErrorsScaled | None, picked: np.ndarray | None, rows: int) -> RowErrorsScaled | None:
+    """Errors over a block's rows, on the ``picked`` rows (None: all); a reduced value stays as it is."""
+    if errors is None or picked is None:
+        return errors
+    loss = errors.loss[picked] if errors.loss.size == rows else errors.loss
+    grad = errors.grad[picked] if errors.grad is not None and errors.grad.shape[0] == rows else errors.grad
+    return RowErrorsScaled(loss, grad)
 
 
 def make_cell(

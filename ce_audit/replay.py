@@ -37,6 +37,7 @@ SUFFIXES = ".npy, .pt or .safetensors"
 _SCAN_BYTES = 64 << 20  # rows read at a time when scanning the logits for NaN, +inf and their range
 REPLAY_BLOCK_MIB = 32  # rows per block: 32 MiB in working precision; the audit of a block takes ~10x that
 
+
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
     """A NumPy view of a CPU tensor (bfloat16 as ml_dtypes.bfloat16), sharing its memory map."""
     import torch

@@ -91,7 +91,9 @@ class Cell:
     convention: str = measurement("")  # a finite value where PyTorch's convention is NaN: not a failure
     lower_precision: str = measurement("")  # the narrower format the loss was computed in, if any
     capped_at: float = measurement(float("nan"))  # the constant the loss is clipped at, if it is
-    worst_row: int = measurement(-1)  # the input row with the largest loss error (-1: a reduced value)
+    # the input row worst against PyTorch's (the largest ratio among the worse rows), else the row with the
+    # largest loss_err (-1: a reduced value)
+    worst_row: int = measurement(-1)
     # the loss error in ULPs of value_dtype where it is wider than the audited dtype (NaN otherwise)
     max_ulp_returned: float = measurement(float("nan"), budget="loss")
     grad_max_ulp: float = measurement(0.0, budget="grad")  # elementwise, ULPs of the gradient's dtype
@@ -100,9 +102,16 @@ class Cell:
     best_grad_norm_rel_err: float = measurement(float("nan"))  # the exact gradient rounded once
     pytorch_max_ulp: float = measurement(float("nan"))  # PyTorch's kernel on the same inputs and options
     pytorch_grad_norm_rel_err: float = measurement(float("nan"))
-    loss_vs_pytorch: float = measurement(float("nan"))  # max_ulp / max(pytorch_max_ulp, ½)
-    grad_vs_pytorch: float = measurement(float("nan"))  # the same for grad_norm_rel_err, in units of eps
+    # row by row (ce_audit.row_verdict): the largest loss_err / max(PyTorch's on the same row, ½) over
+    # the rows worse than PyTorch's, or over every row when none is
+    loss_vs_pytorch: float = measurement(float("nan"))
+    grad_vs_pytorch: float = measurement(float("nan"))  # the same for the gradient's row errors
     flag: str = measurement("")  # floor, pytorch (no worse than PyTorch) or worse (than PyTorch); "" ok
+    worse_rows: int = measurement(0, budget="count", gate="count", what="rows worse than PyTorch's")
+    # max over rows of |v − ℓ| / (ε · max(|ℓ|, 1)), ε = 2^(1−p) of the dtype: the loss error that ranks
+    loss_err: float = measurement(0.0, budget="loss", gate="growth", unit="eps")
+    # max over rows of ‖g − g*‖₂ / (ε · max(‖g*‖₂, u)), u = 1 (1/n for a mean over n rows)
+    grad_err: float = measurement(float("nan"), budget="grad", gate="growth", unit="eps")
     device_name: str = measurement("")  # what the device is where the cell ran: the CPU model, the GPU's name
 
 

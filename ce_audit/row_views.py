@@ -44,6 +44,17 @@ class RowsView:
     options: LossOptions  # the options of the call
     mean: Any = None  # the exact batch mean, computed on first use (for 0-d results)
 
+    def gradient_unit(self, mean: bool = False) -> float:
+        """u of the row verdict's gradient measure (ce_audit.row_verdict): 1, or for a mean (``mean`` or the
+        options' reduction) 1/n, n the loss terms it averages (the rows not ignored; binary: the elements)."""
+        if not mean and self.options.reduction != "mean":
+            return 1.0
+        if self.options.family == "binary" or self.targets.ndim != 1:
+            terms = self.targets.size if self.options.family == "binary" else self.targets.shape[0]
+        else:
+            terms = int((self.targets != self.options.ignore_index).sum())
+        return 1.0 / max(terms, 1)
+
     def mean_reference(self, weight: np.ndarray | None, grad: bool) -> Any:
         """The exact mean of these rows (``_mean_reference``), computed once."""
         if self.mean is None:

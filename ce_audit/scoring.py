@@ -11,6 +11,7 @@ A result of a wider dtype than the audited one is also measured in ULPs of its o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,9 @@ from ce_audit.metrics import (
 )
 from ce_audit.plan.cases import Case
 from ce_audit.results import Cell
+from ce_audit.row_verdict import RowErrorsScaled, RowVerdictTally, floor_row_errors, scaled_loss_errors
 from ce_audit.statuses import GRAD_NOT_AVAILABLE, GRAD_OFF, UNMEASURED, Status
-from ce_audit.verdict import Side, relative
+from ce_audit.verdict import Relative, Side, relative
 
 
 @dataclass
@@ -55,8 +57,8 @@ class CellTally:
     batch_rows: int = 0
     mean_floor: Side | None = None  # a 0-d mean: the exact mean rounded once (the floor of its own)
     value_dtype: str = ""  # the dtype the implementation returned
-    worst_row: int = -1  # the row of the first non-finite mismatch, else of the largest ULP error
-    worst_nonfinite: bool = False
+    row_verdict: RowVerdictTally = field(default_factory=RowVerdictTally)
+    last_block: RowErrorsScaled | None = None  # the errors of the block just scored, in the row measure
     max_ulp_returned: float = float("nan")  # ULPs of value_dtype, when it is wider than the audited dtype
 
     def fail(self, status: str, message: str) -> None:
@@ -71,16 +73,16 @@ class CellTally:
         reference_grad: np.ndarray | None,
         fmt: FloatFormat,
         tolerance: Tolerance,
-        first_row: int | None = None,
+        grad_unit: float = 1.0,
     ) -> RowErrors:
-        """Add one result to the tallies; returns the per-row errors. ``first_row``: the block's first
-        row in the batch (None: a reduced value, no row of its own)."""
+        """Add one result to the tallies; returns the per-row errors and leaves the block's errors in the
+        row verdict's measure in ``last_block`` (ce_audit.row_verdict; ``grad_unit``: u there)."""
         work = reference_loss.dtype
         value = value.reshape(-1)
-        before = self.loss.max_ulp
         errors = self.loss.add(value.astype(work), reference_loss, fmt, tolerance)
-        if first_row is not None:
-            self._track_worst(errors, before, first_row)
+        wrong = errors.nonfinite_mismatch | errors.finite_where_infinite
+        scaled_loss = scaled_loss_errors(errors.abs_err, reference_loss, wrong, machine_epsilon(fmt))
+        scaled_grad = None
         returned = FORMATS.get(outcome.value_dtype)
         if returned is not None and returned.precision > fmt.precision:
             ulps = max_ulp_error(value.astype(work), reference_loss, returned)
@@ -94,33 +96,33 @@ class CellTally:
             self.grad_status, self.error = Status.ERROR, outcome.grad_error
         elif outcome.grad is not None and reference_grad is not None and self.grad_status is None:
             gradient = outcome.grad.astype(work)
-            self.grad.add(gradient, reference_grad, tolerance, fmt)
+            scaled_grad = self.grad.add(gradient, reference_grad, tolerance, fmt, grad_unit)
             rowsum = reference.rowsum
             if reference_grad is not reference.grad and rowsum is not None:
                 rowsum = rowsum / max(reference.loss.shape[0], 1)
             self.checks.add(gradient, reference_grad, reference.true_index, rowsum, tolerance, fmt)
+        self.last_block = RowErrorsScaled(scaled_loss, scaled_grad)
         return errors
 
-    def _track_worst(self, errors: RowErrors, before: float, first_row: int) -> None:
-        bad = errors.nonfinite_mismatch | errors.finite_where_infinite
-        if bad.any():
-            if not self.worst_nonfinite:
-                self.worst_row, self.worst_nonfinite = first_row + int(np.flatnonzero(bad)[0]), True
-        elif not self.worst_nonfinite and self.loss.max_ulp > before and errors.ulp_err.size:
-            with np.errstate(invalid="ignore"):
-                self.worst_row = first_row + int(np.nanargmax(errors.ulp_err))
-
     def score_mean(
-        self, outcome: Outcome, reference: Any, fmt: FloatFormat, tolerance: Tolerance, grad: bool
+        self,
+        outcome: Outcome,
+        reference: Any,
+        fmt: FloatFormat,
+        tolerance: Tolerance,
+        grad: bool,
+        unit: float = 1.0,
     ) -> None:
         """A 0-d result against ``reference``: the exact batch mean with PyTorch's denominator (the rows
         not ignored, Σ w_y with class weights; row_views._mean_reference), and its gradient."""
         self.batch_rows = reference.per_row.shape[0]
         mean = np.asarray(reference.loss).reshape(1)
         mean_grad = reference.grad if grad else None
-        self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance)
+        self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance, unit)
         grad_floor = floor_norm_error(mean_grad, fmt) if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
+        if self.last_block is not None:
+            self.row_verdict.add(self.last_block, floor_row_errors(mean, mean_grad, fmt, unit), None, None)
 
     def _overflow_note(self, fmt: FloatFormat, case: Case) -> str:
         if not self.loss.overflow_rows:
@@ -143,6 +145,22 @@ class CellTally:
             self.grad.norm_rel_err / machine_epsilon(fmt) if self.grad_measured else np.nan,
             self.grad.mismatches > 0,
         )
+
+    def _judged(self, floor: Side, flagged: bool, fmt: FloatFormat) -> Relative:
+        """The relative verdict: row by row where PyTorch's kernel ran on the same rows
+        (ce_audit.row_verdict), else the cell's largest errors against the floor's (verdict.relative)."""
+        rows = self.row_verdict
+        if not rows.compared:
+            judged = relative(self.side(fmt), floor, None, flagged)
+            at_floor = judged.flag == "floor" or (flagged and rows.at_floor)
+            return Relative(math.nan, math.nan, "floor" if at_floor else judged.flag)
+        if rows.worse:
+            flag = "worse"
+        elif not flagged:
+            flag = ""
+        else:
+            flag = "floor" if rows.at_floor else "pytorch"
+        return Relative(rows.loss_ratio.value, rows.grad_ratio.value, flag)
 
     def _statuses(self, grad: bool) -> tuple[str, str]:
         """The loss and gradient statuses, before the check for a narrower computation."""
@@ -213,14 +231,18 @@ class CellTally:
         floor = (self.mean_floor if mean else floor) or Side(nan, False, nan)
         kernel = pytorch.side(fmt) if pytorch is not None and pytorch.status is None else None
         flagged = status != Status.OK or grad_status in (Status.INACCURATE, Status.NONFINITE)
-        judged = relative(self.side(fmt), floor, kernel, flagged)
+        judged = self._judged(floor, flagged, fmt)
+        rows = self.row_verdict
         eps = machine_epsilon(fmt)
         columns: dict[str, Any] = {
             "max_value": self.max_value,
             "notes": self.notes or self._overflow_note(fmt, case),
             "value_kind": self.value_kind or "",
             "value_dtype": self.value_dtype,
-            "worst_row": -1 if mean else self.worst_row,
+            "worst_row": -1 if mean else rows.worst_row,
+            "worse_rows": rows.worse,
+            "loss_err": rows.loss_err,
+            "grad_err": rows.grad_err if self.grad_measured else float("nan"),
             "max_ulp_returned": self.max_ulp_returned,
             "capped_at": self.loss.capped_at,
             "best_max_ulp": floor.loss_ulp,

@@ -65,9 +65,9 @@ def test_pytorchs_kernel_is_never_worse_than_itself_and_rounded_never_worse_than
     for cell in cells:
         if cell.status == "skipped":
             continue
-        assert cell.flag != "worse", cell
-        if cell.impl == "fused" and cell.status != "nonfinite":
-            assert cell.loss_vs_pytorch == pytest.approx(cell.max_ulp / max(cell.pytorch_max_ulp, 0.5))
+        assert cell.flag != "worse" and cell.worse_rows == 0, cell
+        if cell.impl == "fused":  # row by row against itself: e_i / max(e_i, ½) ≤ 1
+            assert not cell.loss_vs_pytorch > 1.0 and not cell.grad_vs_pytorch > 1.0, cell
         if cell.impl == "rounded":
             assert cell.best_max_ulp == pytest.approx(cell.max_ulp, abs=0.02)
 

@@ -22,10 +22,13 @@ from typing import Any
 from ce_audit.findings import findings
 from ce_audit.options import options_label
 from ce_audit.printable import printable
+from ce_audit.ranking import CELL_VERDICTS, cell_verdict, factor, implementation_name, ranked
 from ce_audit.reports import plots
 from ce_audit.reports.files import ReportFile
+from ce_audit.reports.table import closing_line, legend, verdict_text
 from ce_audit.results import Cell
-from ce_audit.statuses import FAILING, worst_status
+from ce_audit.statuses import FAILING
+from ce_audit.verdict_story import story
 
 HTML_NAME = "report.html"
 PLOTS_DIR = "plots"
@@ -44,6 +47,8 @@ table { border-collapse: collapse; font-size: 12px; }
 th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: left; white-space: nowrap; }
 th { background: #f0f0f0; position: sticky; top: 0; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.v-worse, .v-past { background: #f8cfb9; font-weight: bold; } .v-error { background: #f2d4e6; }
+.v-pytorch, .v-floor { background: #d8eef5; } .v-ok { background: #d9f2e6; } .v-skipped { color: #666; }
 .s-ok { background: #d9f2e6; } .s-inaccurate { background: #fde9bf; } .s-nonfinite { background: #f8cfb9; }
 .s-error { background: #f2d4e6; } .s-skipped, .s-off, .s-na { background: #eee; color: #666; }
 tr:target { outline: 3px solid #0072B2; } tr:target td { background: #d6eaf8; }
@@ -132,27 +137,38 @@ def _findings_html(cells: list[Cell]) -> str:
 
 
 def _overview_html(cells: list[Cell]) -> str:
-    """A verdict per implementation × dtype, linked to the worst cell of each."""
+    """The verdict table of the terminal (the same marks, ce_audit.ranking's order: worse than it has to be,
+    the dtype's limits, fine), each entry linked to the cell that decides it; then the story's lines."""
     dtypes = list(dict.fromkeys(cell.dtype for cell in cells))
-    worst: dict[tuple[str, str], list[int]] = defaultdict(list)
+    at: dict[tuple[str, str], list[int]] = defaultdict(list)
     for index, cell in enumerate(cells):
-        worst[(plots.impl_label(cell), cell.dtype)].append(index)
+        at[(implementation_name(cell), cell.dtype)].append(index)
     rows = ["<tr><th>implementation</th>" + "".join(f"<th>{_e(d)}</th>" for d in dtypes) + "</tr>"]
-    for impl in dict.fromkeys(plots.impl_label(cell) for cell in cells):
-        row = f"<tr><td>{_e(impl)}</td>"
+    for verdict in ranked(cells):
+        row = f'<tr class="g-{verdict.group}"><td>{_e(verdict.name)}</td>'
         for dtype in dtypes:
-            indices = worst.get((impl, dtype), [])
+            indices = at.get((verdict.name, dtype), [])
             if not indices:
                 row += "<td></td>"
                 continue
-            statuses = [plots.overall_status(cells[i]) for i in indices]
-            status = worst_status(statuses)
-            first = next(i for i, s in zip(indices, statuses, strict=True) if s == status)
-            failing = sum(1 for s in statuses if s not in ("ok", "skipped"))
-            count = f" ({failing}/{len(indices)})" if failing else ""
-            row += f'<td class="{_status_class(status)}"><a href="#cell-{first}">{_e(status)}</a>{count}</td>'
+            own = [cells[i] for i in indices]
+            verdicts = [cell_verdict(cell) for cell in own]
+            top = next(v for v in CELL_VERDICTS if v in verdicts)
+            first = indices[verdicts.index(top)]
+            if top == "worse":
+                first = max(
+                    (i for i in indices if cell_verdict(cells[i]) == "worse"), key=lambda i: factor(cells[i])
+                )
+            mark = verdict_text(own).plain
+            row += f'<td class="v-{top}"><a href="#cell-{first}">{_e(mark)}</a></td>'
         rows.append(row + "</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    told = story(cells)
+    parts = ["<table>" + "".join(rows) + "</table>"]
+    for title, lines in told.sections:
+        parts.append(
+            f"<h3>{_e(title)}</h3><ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul>"
+        )
+    return "".join(parts)
 
 
 def _cells_html(cells: list[Cell]) -> str:
@@ -221,8 +237,6 @@ def html_report(
 ) -> str:
     """The page: run details, verdicts, figures (None: matplotlib is missing), findings linked to their
     cells, and the cells."""
-    dimension = plots.swept_dimension(cells)
-    swept = f" along <b>{_e(dimension)}</b>" if dimension else ""
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -231,15 +245,16 @@ def html_report(
             f"<title>ce-audit report: {len(cells)} cells</title><style>{STYLE}</style></head><body>",
             "<h1>ce-audit report</h1>",
             _meta_html(document),
-            '<p><a href="#figures">Figures</a> · <a href="#findings">What broke where</a> · '
+            '<p><a href="#figures">Figures</a> · <a href="#findings">Every finding</a> · '
             '<a href="#cells">Cells</a></p>',
-            f"<h2>Verdict per implementation and dtype</h2><p>{len(cells)} cells{swept}; "
-            "each entry is the worse of the loss and gradient verdicts over the implementation's cells "
-            "(failing / all), linked to its worst cell.</p>",
+            "<h2>Verdict per implementation and dtype (most severe first)</h2>"
+            f"<p>{_e(closing_line(cells, None))}. Each entry is the most severe verdict over the "
+            "implementation's cells in that dtype, linked to the cell that decides it.</p>",
             _overview_html(cells),
+            f'<p class="legend">{_e(legend(cells, False))}</p>',
             '<h2 id="figures">Figures</h2>',
             _figures_html(figures),
-            '<h2 id="findings">What broke where</h2>',
+            '<h2 id="findings">Every finding</h2>',
             _findings_html(cells),
             '<h2 id="cells">Cells</h2>',
             _cells_html(cells),

@@ -25,6 +25,7 @@ from ce_audit.audit_result import AuditResult
 from ce_audit.dtypes import reference_precision
 from ce_audit.implementations import Implementation
 from ce_audit.reports.files import write_atomically
+from ce_audit.verdict_story import verdict_document
 
 REPORT_FORMAT = 2  # 2: the rows left to summary.csv; timing and host moved to run.json
 
@@ -121,6 +122,7 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
         **({"interrupted": result.interrupted} if result.interrupted else {}),
         "implementations": implementations(result.implementations),
         "cells": len(result.cells),
+        "verdict": verdict_document(result.summary_cells),
     }
     plugins = plugin_digests(result.config.plugins, result.config.impls)
     if plugins:  # only where plugins ran: a report of built-ins alone stays as it was

@@ -11,7 +11,8 @@ from ce_audit.errors import AuditError
 from ce_audit.reports import plots
 from ce_audit.reports.bundle import ReportDirectory
 from ce_audit.reports.csv import checked_errors, read_cells
-from ce_audit.reports.html import EXTRA_HINT, HTML_NAME, PLOTS_DIR, html_files
+from ce_audit.reports.html import EXTRA_HINT, HTML_NAME, PLOTS_DIR, html_files, plots_markdown
+from ce_audit.verdict_story import verdict_markdown
 
 
 def _has_figures(directory: Path) -> bool:
@@ -51,3 +52,12 @@ def rebuild_report(directory: str | Path) -> list[Path]:
                 f"{HTML_NAME} and {PLOTS_DIR}/ are left as they were"
             )
         return target.rewrite_members(html_files(cells, document), document)
+
+
+def report_markdown(directory: str | Path, inline_images: bool = False) -> str:
+    """A report set as Markdown for a CI job summary: the verdict (ce_audit.verdict_story, the same lines and
+    counts as the terminal and report.html), then the section on the figures (html.plots_markdown)."""
+    folder = Path(directory)
+    folder = folder.parent if folder.suffix.lower() == ".csv" else folder
+    cells = checked_errors(read_cells(folder / "summary.csv"), folder / "summary.csv").cells
+    return verdict_markdown(cells) + "\n" + plots_markdown(folder, inline_images)

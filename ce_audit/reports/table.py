@@ -20,21 +20,25 @@ from rich.table import Table
 from rich.text import Text
 
 from ce_audit.dtypes import LIMITED_FLOAT64_REFERENCE, reference_precision
-from ce_audit.findings import findings, relative_to_pytorch, worst_finding
+from ce_audit.findings import findings
 from ce_audit.options import label_meanings, options_label
+from ce_audit.ranking import CELL_VERDICTS, cell_verdict, factor, factor_text, implementation_name, ranked
 from ce_audit.results import Cell
-from ce_audit.statuses import UNMEASURED, worst_status
+from ce_audit.statuses import UNMEASURED
 from ce_audit.verdict import cell_status
+from ce_audit.verdict_story import counts_text, plural, story
 
 STYLES = {
-    "ok": "green",
-    "inaccurate": "yellow",
-    "nonfinite": "bold red",
+    "worse": "bold red",
     "error": "magenta",
+    "past": "red",
+    "pytorch": "cyan",
+    "floor": "cyan",
+    "ok": "green",
     "skipped": "dim",
 }
-MARKS = {"ok": "✓", "inaccurate": "✗", "nonfinite": "✗", "error": "!", "skipped": "-"}
-"""Each status's mark: the report reads the same without colour."""
+"""Each cell verdict's colour (ce_audit.ranking.CELL_VERDICTS): red only for what is worse than it has to
+be; the dtype's limits (PyTorch's kernel included) in cyan, never red."""
 
 # what the short labels of a case table's rows and columns stand for (ce_audit.options.options_label)
 LABEL_MEANINGS = {
@@ -45,106 +49,61 @@ LABEL_MEANINGS = {
 }
 
 
-def _ulp_text(value: float) -> str:
-    if value < 10:
-        return f"{value:.2g}"
-    return f"{value:.0f}" if value < 1e5 else f"{value:.1e}"
-
-
-def cell_text(rows: list[Cell]) -> Text:
-    """Worst status of the rows in one case-table entry: its mark with max ULPs, or the NaN/Inf row counts."""
-    status = worst_status([row.status for row in rows])
-    measured = [row for row in rows if row.status not in ("error", "skipped")]
-    if status == "nonfinite":
-        nan = sum(row.nan_rows for row in measured)
-        inf = sum(row.inf_rows for row in measured)
-        text = "/".join(part for part in (f"NaN {nan}" if nan else "", f"Inf {inf}" if inf else "") if part)
-        text = text or "finite≠"  # finite where the exact value is ±inf or NaN
-    elif status in ("ok", "inaccurate"):
-        text = f"{MARKS[status]} {_ulp_text(max(row.max_ulp for row in measured))}"
+def verdict_text(rows: list[Cell]) -> Text:
+    """The most severe verdict (ce_audit.ranking) of some cells as a mark and a number or word:
+    ``✗ ×3.3e3`` (worse than PyTorch on the same rows, by up to that factor), ``✗ NaN/Inf`` (non-finite
+    where PyTorch is finite), ``! 3 error``, ``✗ 12ε`` (past the tolerance, no PyTorch result to compare;
+    the loss error in ε at max(|exact|, 1)), ``=pt`` (past the tolerance as PyTorch is), ``floor`` (within
+    2× the correctly rounded result), ``✓``, ``- skipped``. Every mark reads the same without colour."""
+    verdicts = [cell_verdict(row) for row in rows]
+    top = next((v for v in CELL_VERDICTS if v in verdicts), "skipped")
+    chosen = [row for row, verdict in zip(rows, verdicts, strict=True) if verdict == top]
+    if top == "worse":
+        text = "✗ " + factor_text(max(factor(row) for row in chosen))
+    elif top == "error":
+        text = f"! {len(chosen)} error"
+    elif top == "past":
+        text = f"✗ {_eps_text(max(row.loss_err for row in chosen))}"
     else:
-        text = status
-    grad = worst_status(
-        [row.grad_status for row in rows if row.grad_status in ("ok", "inaccurate", "nonfinite")]
-    )
-    if grad in ("inaccurate", "nonfinite") and status in ("ok", "inaccurate"):
-        text += " g!"
-    if any(row.value_kind == "mean" for row in measured):
+        text = {"pytorch": "=pt", "floor": "floor", "ok": "✓", "skipped": "- skipped"}[top]
+    if any(row.value_kind == "mean" for row in chosen):
         text += " μ"
     if any(row.wrote_input for row in rows):
         text += " w!"
-    if any(row.convention for row in measured):
-        text += " c"
-    text += _flag_text(measured)
-    return Text(text, style=STYLES[status])
+    return Text(text, style=STYLES[top])
 
 
-def _flag_text(measured: list[Cell]) -> str:
-    """The relative verdict of the worst-flagged row: ×N pt (worse than PyTorch by N), =pt (as PyTorch),
-    floor (the dtype's floor: correct rounding is flagged too)."""
-    worse = [row for row in measured if row.flag == "worse"]
-    if worse:
-        factors = [
-            v for row in worse for v in (row.loss_vs_pytorch, row.grad_vs_pytorch) if not math.isnan(v)
-        ]
-        top = max(factors, default=math.nan)
-        return " ✗pt" if top == math.inf else f" ×{top:.2g}pt".replace("e+0", "e").replace("e+", "e")
-    if any(row.flag == "pytorch" for row in measured):
-        return " =pt"
-    return " floor" if any(row.flag == "floor" for row in measured) else ""
+def _eps_text(value: float) -> str:
+    if math.isinf(value):
+        return "NaN/Inf"
+    return (f"{value:.2g}" if value < 1e5 else f"{value:.1e}").replace("e+0", "e").replace("e+", "e") + "ε"
 
 
-def verdict_text(rows: list[Cell]) -> Text:
-    """One implementation × dtype in one short cell: the worst overall status (loss and gradient) as a
-    mark and a word or number: ``✓ ok``; ``✗ 2047`` (the largest loss error, in ULPs, of the cases past
-    tolerance); ``✗ 40 NaN/Inf`` (cases with a NaN or Inf loss); ``✗ gradient`` (the loss holds, the
-    gradient does not); ``! 3 error``; ``- skipped``."""
-    overall = worst_status(cell_status(row.status, row.grad_status) for row in rows)
-    if overall == "skipped":
-        return Text("- skipped", style=STYLES["skipped"])
-    if overall == "error":
-        count = sum(1 for row in rows if "error" in (row.status, row.grad_status))
-        return Text(f"! {count} error", style=STYLES["error"])
-    nonfinite = sum(1 for row in rows if row.status == "nonfinite")
-    inaccurate = [row.max_ulp for row in rows if row.status == "inaccurate" and not math.isnan(row.max_ulp)]
-    if nonfinite:
-        text = f"✗ {nonfinite} NaN/Inf"
-    elif inaccurate:
-        text = f"✗ {_ulp_text(max(inaccurate))}"
-    elif overall != "ok":
-        text = "✗ gradient"
-    else:
-        text = "✓ ok"
-    if inaccurate and not nonfinite and any(row.grad_status in ("inaccurate", "nonfinite") for row in rows):
-        text += " g!"
-    return Text(text, style=STYLES[overall])
+cell_text = verdict_text  # a case table's entry: the same verdict over the cells it stands for
 
 
-VERDICT_TITLE = "Verdict per implementation and dtype (its worst case)"
-
-
-def _name(row: Cell) -> str:
-    return row.impl if row.device == "cpu" else f"{row.impl}@{row.device}"
+VERDICT_TITLE = "Verdict per implementation and dtype (most severe first)"
 
 
 def verdict_table(rows: list[Cell]) -> Table:
-    """Implementations down, dtypes across: each implementation's verdict per dtype (``verdict_text``)."""
+    """Implementations down (ce_audit.ranking's order: worse than it has to be, the dtype's limits, fine),
+    dtypes across: each implementation's verdict per dtype (``verdict_text``)."""
     dtypes = list(dict.fromkeys(row.dtype for row in rows))
     by_key: dict[tuple[str, str], list[Cell]] = defaultdict(list)
     for row in rows:
-        by_key[(_name(row), row.dtype)].append(row)
-    names = list(dict.fromkeys(_name(row) for row in rows))
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-    )
+        by_key[(implementation_name(row), row.dtype)].append(row)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("implementation", style="bold", no_wrap=True)
     for dtype in dtypes:
         table.add_column(dtype, no_wrap=True)
-    for name in names:
+    verdicts = ranked(rows)
+    for index, verdict in enumerate(verdicts):
+        last = index + 1 == len(verdicts) or verdicts[index + 1].group != verdict.group
+        name = verdict.name
         table.add_row(
-            Text(name), *(verdict_text(by_key[(name, d)]) if by_key[(name, d)] else Text("") for d in dtypes)
+            Text(name),
+            *(verdict_text(by_key[(name, d)]) if by_key[(name, d)] else Text("") for d in dtypes),
+            end_section=last,
         )
     return table
 
@@ -238,11 +197,11 @@ def summary_tables(
         for row in rows:
             if row.dtype != dtype:
                 continue
-            if _name(row) not in names:
-                names.append(_name(row))
-            at[(_name(row), row.offset, row.scale, options_label(row))].append(row)
+            if implementation_name(row) not in names:
+                names.append(implementation_name(row))
+            at[(implementation_name(row), row.offset, row.scale, options_label(row))].append(row)
         used = [c for c in columns if any(at[(name, *c)] for name in names)]
-        title = f"{dtype}: max ULP of the loss (NaN/Inf: rows)"
+        title = f"{dtype}: the verdict of each case (the legend's marks)"
         if len(used) <= WIDE_LIMIT:
             table = _wide_table(title, names, used, at, *sizes)
             if _fits(table, console, width):
@@ -251,11 +210,11 @@ def summary_tables(
         failing = [
             c
             for c in used
-            if any(r.status not in ("ok", "skipped") for name in names for r in at[(name, *c)])
+            if any(cell_verdict(r) not in ("ok", "skipped") for name in names for r in at[(name, *c)])
         ]
         hidden = len(used) - len(failing)
         if hidden:
-            title += f"; {hidden} of {len(used)} option combinations all ok or skipped, not shown"
+            title += f"; {hidden} of {len(used)} option combinations all fine or skipped, not shown"
         bands: list[list[str]] = []
         for name in names:
             if not (bands and _turned_table(title, [*bands[-1], name], failing, at, sizes, width)):
@@ -290,24 +249,26 @@ def _paragraph(
         console.print(text_line, soft_wrap=True)
 
 
-def _legend(rows: list[Cell], case_tables_shown: bool) -> str:
+def legend(rows: list[Cell], case_tables_shown: bool) -> str:
     parts = [
-        "✓ within tolerance; ✗ N = past it, the loss off by up to N ULPs of the dtype",
-        "N NaN/Inf = N cases with a NaN or Inf loss",
-        "g! = the gradient is past tolerance too",
+        "✗ ×N = worse than PyTorch's kernel on the same rows, by up to N times its error (loss or gradient, "
+        "in ε = 2^(1−p) at max(|exact|, 1); docs/verdicts.md)",
+        "✗ NaN/Inf = NaN or ±inf where PyTorch is finite",
+        "=pt = past the tolerance as PyTorch is on the same rows",
+        "floor = within 2× the error of the exact result rounded once (the dtype allows no better)",
+        "✓ = within the tolerance and no worse than PyTorch",
     ]
+    if any(cell_verdict(row) == "past" for row in rows):
+        parts.append("✗ Nε = past the tolerance, no PyTorch result to compare: the loss error in ε")
+    if any(row.value_kind == "mean" for row in rows):
+        parts.append("μ = a 0-d mean, audited against the exact mean")
+    if any(row.wrote_input for row in rows):
+        parts.append("w! = wrote into its input")
     if case_tables_shown:
         keys = {(row.offset, row.scale, options_label(row)) for row in rows}
         labels = " " + " ".join(_column_label(key, 2, 2, " ") for key in keys)
         shown = list(dict.fromkeys(m for prefix, m in LABEL_MEANINGS.items() if f" {prefix}" in labels))
         parts.append("columns: " + ", ".join(shown) if shown else "columns: cases")
-        parts.append(
-            "×N pt = worse than PyTorch's kernel by N, =pt = flagged as PyTorch is, floor = the dtype's floor"
-        )
-        if any(row.value_kind == "mean" for row in rows):
-            parts.append("μ = a 0-d mean, audited against the exact mean")
-        if any(row.wrote_input for row in rows):
-            parts.append("w! = wrote into its input")
         if any(row.convention for row in rows):
             parts.append("c = 0 where PyTorch gives NaN")
     return "Legend: " + "; ".join(parts) + "."
@@ -316,59 +277,41 @@ def _legend(rows: list[Cell], case_tables_shown: bool) -> str:
 def print_report(
     rows: list[Cell], console: Console, paths: list[str], seconds: float, detail: bool | None = None
 ) -> None:
-    """The report: (with ``detail``, or where each dtype's case table fits the width whole) the case tables
-    and every finding; then the verdicts, each implementation's worst finding, the tally, the legend, where
-    to look next and the files written. ``detail=False`` never shows the case tables."""
-    per_dtype = summary_tables(rows, console, console.width)
-    show_case_tables = detail if detail is not None else all(len(tables) == 1 for tables in per_dtype)
-    if show_case_tables:
-        for tables in per_dtype:
-            for table in tables:
-                title, table.title = str(table.title or ""), None  # wrapped to the width, not the table
-                _paragraph(console, title, style="italic")
-                console.print(table)
+    """The report, the verdict first whatever the number of implementations: the verdict table (most severe
+    first), the story (ce_audit.verdict_story: worse than it has to be, the dtype's limits, fine), the tally,
+    the legend, where to look next; with ``detail`` then the case tables and every finding; the files
+    written last."""
     if any(row.dtype == "float64" for row in rows) and reference_precision()["float64"].startswith(
         "float64:"
     ):
         _paragraph(console, f"warning: {LIMITED_FLOAT64_REFERENCE}", style="yellow")
-    if show_case_tables:
-        lines = findings(rows)
-        if lines:
-            console.print(Text("What broke where", style="bold"))
-        for line in lines:
-            _paragraph(console, line, indent=2, bold=line.find(": ") + 1)
-        console.print()
     console.print(Text(VERDICT_TITLE, style="bold"))
     console.print(verdict_table(rows))
-    console.print()
+    told = story(rows)
+    for title, lines in told.sections:
+        console.print(Text(title, style="bold"))
+        for line in lines:
+            _paragraph(console, line, indent=2, bold=line.find(": ") + 1)
     overall = [cell_status(row.status, row.grad_status) for row in rows]
     measured_all = bool(rows) and all(status not in UNMEASURED for status in overall)
-    if not show_case_tables:
-        worst = _worst_lines(rows)
-        if worst:
-            console.print(Text("Worst finding of each implementation", style="bold"))
-        for line in worst:
-            _paragraph(console, line, indent=2, bold=line.find(": ") + 1)
     if measured_all and all(status == "ok" for status in overall):
         console.print(Text("Every cell is within tolerance.", style="green"))
     _paragraph(console, closing_line(rows, seconds))
-    _paragraph(console, _legend(rows, show_case_tables), style="dim")
-    _paragraph(console, _next_steps(paths, show_case_tables), style="dim")
+    _paragraph(console, legend(rows, bool(detail)), style="dim")
+    if detail:
+        for tables in summary_tables(rows, console, console.width):
+            for table in tables:
+                title, table.title = str(table.title or ""), None  # wrapped to the width, not the table
+                _paragraph(console, title, style="italic")
+                console.print(table)
+        lines = findings(rows)
+        if lines:
+            console.print(Text("Every finding", style="bold"))
+        for line in lines:
+            _paragraph(console, line, indent=2, bold=line.find(": ") + 1)
+    _paragraph(console, _next_steps(paths, bool(detail)), style="dim")
     for path in paths:
         console.print(Text(f"wrote {path}"), soft_wrap=True)
-
-
-def _worst_lines(rows: list[Cell]) -> list[str]:
-    """Per implementation, its worst finding and how it compares with PyTorch's kernel."""
-    relative = relative_to_pytorch(rows)
-    lines = []
-    for name in dict.fromkeys(_name(row) for row in rows):
-        own = [row for row in rows if _name(row) == name]
-        text = worst_finding(own)
-        note = relative.get(name, "")
-        if text or note:
-            lines.append(f"{name}: {text}" + (f" [{note}]" if text and note else note))
-    return lines
 
 
 def _next_steps(paths: list[str], case_tables_shown: bool) -> str:
@@ -382,19 +325,16 @@ def _next_steps(paths: list[str], case_tables_shown: bool) -> str:
     return "Next: " + "; ".join(steps) + "."
 
 
-def closing_line(rows: list[Cell], seconds: float) -> str:
-    """Cells counted by the worse of loss and gradient; skipped cells as not measured; PyTorch comparison."""
+def closing_line(rows: list[Cell], seconds: float | None) -> str:
+    """The cells by verdict (ce_audit.verdict_story.counts_text), then by the tolerance's status (the worse
+    of loss and gradient; skipped cells are counted among the verdicts as not measured)."""
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[cell_status(row.status, row.grad_status)] += 1
-    tally = ", ".join(f"{counts[s]} {s}" for s in STYLES if counts[s] and s != "skipped")
-    text = f"{len(rows)} cells in {seconds:.1f} s: {tally or 'none measured'}"
-    if counts["skipped"]:
-        text += f"; {counts['skipped']} not measured (skipped)"
-    flags = {flag: sum(1 for row in rows if row.flag == flag) for flag in ("worse", "pytorch", "floor")}
-    if any(flags.values()):
-        text += (
-            f"; {flags['worse']} worse than PyTorch, {flags['pytorch']} flagged as PyTorch is, "
-            f"{flags['floor']} at the dtype's floor"
-        )
+    statuses = ("ok", "inaccurate", "nonfinite", "error")
+    tally = ", ".join(f"{counts[s]} {s}" for s in statuses if counts[s])
+    timing = f" in {seconds:.1f} s" if seconds is not None else ""
+    text = f"{plural(len(rows), 'cell')}{timing}: {counts_text(rows)}"
+    if tally:
+        text += f". By the tolerance: {tally}"
     return text

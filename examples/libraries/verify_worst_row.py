@@ -61,7 +61,7 @@ def main() -> int:
         devices="cpu", grad=False, ignore_fraction=args.ignore_fraction,
     )  # fmt: skip
     (cell,) = report.cells
-    print(f"ce-audit: {cell.impl} {cell.dtype}: {cell.status}, max {cell.max_ulp:.6g} ULP, returns "
+    print(f"ce-audit: {cell.impl} {cell.dtype}: {cell.status}, loss_err {cell.loss_err:.6g} ε, returns "
           f"{cell.value_kind} in {cell.value_dtype}, worst row {cell.worst_row}")  # fmt: skip
 
     fmt = float_format(args.dtype)
@@ -83,10 +83,11 @@ def main() -> int:
         exact = exact_loss(block[row], int(targets[row]))
         returned, what = float(outcome.value.reshape(-1)[row]), f"row {row} (target {int(targets[row])})"
     error = mpmath.mpf(returned) - exact
-    measured = ulps(error, exact, fmt.precision, fmt.emin)
+    in_ulps = ulps(error, exact, fmt.precision, fmt.emin)
+    measured = float(abs(error) / (mpmath.mpf(2) ** (1 - fmt.precision) * max(abs(exact), 1)))
     print(f"mpmath:   {what}: returned {returned!r}, exact {mpmath.nstr(exact, 20)}, "
-          f"error {mpmath.nstr(error, 6)} = {measured:.6g} ULP of {fmt.name}")  # fmt: skip
-    agree = abs(measured - cell.max_ulp) <= 1e-3 * max(measured, 1.0)
+          f"error {mpmath.nstr(error, 6)} = {in_ulps:.6g} ULP = {measured:.6g} ε at max(|exact|, 1)")  # fmt: skip
+    agree = abs(measured - cell.loss_err) <= 1e-3 * max(measured, 1.0)
     print("agree" if agree else "DISAGREE")
     return 0 if agree else 1
 
