@@ -109,9 +109,9 @@ class Cell:
     flag: str = measurement("")  # floor, pytorch (no worse than PyTorch) or worse (than PyTorch); "" ok
     worse_rows: int = measurement(0, budget="count", gate="count", what="rows worse than PyTorch's")
     # max over rows of |v − ℓ| / (ε · max(|ℓ|, 1)), ε = 2^(1−p) of the dtype: the loss error that ranks
-    loss_err: float = measurement(0.0, budget="loss", gate="growth", unit="eps")
+    loss_err: float = measurement(0.0, budget="loss")
     # max over rows of ‖g − g*‖₂ / (ε · max(‖g*‖₂, u)), u = 1 (1/n for a mean over n rows)
-    grad_err: float = measurement(float("nan"), budget="grad", gate="growth", unit="eps")
+    grad_err: float = measurement(float("nan"), budget="grad")
     device_name: str = measurement("")  # what the device is where the cell ran: the CPU model, the GPU's name
 
 

@@ -159,7 +159,7 @@ class RowVerdictTally:
     ) -> None:
         """The row with the largest loss error among the rows worse than PyTorch's once there is one, else
         among every row (a non-finite mismatch first)."""
-        if row_numbers is None or not errors.size:
+        if row_numbers is None or not errors.size or row_numbers.size != errors.size:
             return
         is_worse = worse is not None and bool(worse.any())
         if self.worst_is_worse and not is_worse:

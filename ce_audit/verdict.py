@@ -103,9 +103,9 @@ def cell_status(status: str, grad_status: str) -> str:
 
 def reaches(cell: Any, level: str) -> bool:
     """Whether a cell reaches a ``--fail-on`` level: its overall status at or past ``inaccurate``,
-    ``nonfinite`` or ``error``, or (``worse-than-pytorch``) flagged worse than PyTorch's kernel."""
-    if level == "worse-than-pytorch":
-        return cell.flag == "worse"
+    ``nonfinite`` or ``error``, or (``worse-than-pytorch``) flagged worse than PyTorch's kernel or failed."""
+    if level == "worse-than-pytorch":  # a cell that failed to run is worse than PyTorch's, which ran
+        return cell.flag == "worse" or "error" in (cell.status, cell.grad_status)
     rank = status_rank(cell_status(cell.status, cell.grad_status))
     return rank is not None and rank >= (status_rank(level) or 0)
 

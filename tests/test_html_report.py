@@ -67,7 +67,8 @@ def test_sweep_writes_a_self_contained_page(report_dir):
     assert ids == [str(i) for i in range(len(cells))]
     for target in re.findall(r'href="#cell-(\d+)"', page):
         assert int(target) < len(cells)
-    assert "What broke where" in page and "naive: float16" in page
+    assert "Every finding" in page and "naive: float16" in page
+    assert page.index("Verdict per implementation") < page.index("Worse than it has to be") < page.index("id=\"figures\"")
 
 
 @needs_matplotlib
@@ -211,7 +212,7 @@ def test_report_markdown_lists_or_inlines_the_plots(report_dir, tmp_path):
     assert _cli(["report", copy, "--markdown", inline, "--inline-images"]) == 0
     pngs = sorted(path.name for path in (copy / "plots").glob("*.png"))
     text, embedded = listed.read_text(encoding="utf-8"), inline.read_text(encoding="utf-8")
-    assert text.startswith("### ce-audit plots")
+    assert text.startswith("### ce-audit verdict") and "\n### ce-audit plots" in text
     if not plots.plotting_available():
         assert pngs == [] and "need matplotlib" in text
         return

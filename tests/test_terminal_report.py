@@ -1,5 +1,5 @@
 """The terminal report at 80, 120 and 200 columns, with and without colour: nothing cut, nothing past the
-width, every status readable as a mark or a word, the legend present; `ce-audit list` at 80 columns; a PNG
+width, the verdict first, every verdict readable as a mark or a word, the legend present; `ce-audit list` at 80 columns; a PNG
 screenshot of the 80-column report rendered by headless Chromium."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from ce_audit.config import load_config
 from ce_audit.implementations import REGISTRY
 from ce_audit.plugins import prepare
 from ce_audit.reports.listing import print_implementations
-from ce_audit.reports.table import MARKS, print_report, verdict_text
+from ce_audit.ranking import CELL_VERDICTS
+from ce_audit.reports.table import STYLES, print_report, verdict_text
 from ce_audit.run.sweep import run_sweep
 
 pytestmark = pytest.mark.usefixtures("isolated_plugins")
@@ -57,27 +58,30 @@ def test_nothing_is_cut_and_no_line_passes_the_width(cells, width, detail):
     for name in IMPLS:
         assert re.search(rf"(^|\s){name}(\s|:|$)", text, re.M), name  # every name whole
     flowing = " ".join(text.split())
-    assert "Legend: ✓ within tolerance" in flowing and "ULPs of the dtype" in flowing
+    assert "Legend: ✗ ×N = worse than PyTorch's kernel on the same rows" in flowing and "✓ = within" in flowing
+    assert text.lstrip().startswith("Verdict per implementation and dtype")  # the verdict first, always
 
 
 def test_the_compact_default_has_a_verdict_per_implementation_and_dtype(cells):
     text = render(cells, 80)
     header = next(line for line in text.splitlines() if line.lstrip().startswith("implementation"))
     assert header.split() == ["implementation", "float16", "bfloat16", "float32", "float64"]
+    rows = [line.split()[0] for line in text.splitlines()[3:] if line.strip() and not line.startswith(" ")]
     naive = next(line for line in text.splitlines() if line.startswith("naive "))
-    assert naive.count("NaN/Inf") == 4  # exp overflows in every dtype at scale 100
+    assert naive.count("✗ NaN/Inf") == 4  # exp overflows in every dtype at scale 100, where PyTorch's does not
     rounded = next(line for line in text.splitlines() if line.startswith("rounded "))
-    assert rounded.split()[1:] == ["✓", "ok"] * 4
-    assert "max ULP of the loss" not in text  # the grid is behind --detail at 80 columns
+    assert rounded.split()[1:] == ["✓"] * 4
+    assert rows.index("naive") < rows.index("fused") < rows.index("rounded")  # worse first, fine last
+    assert "the verdict of each case" not in text  # the grid is behind --detail
     assert "Next: --detail for the per-case tables" in text
     assert "ce-audit-report/summary.csv for every cell" in text
     assert len(text.splitlines()) < 60
 
 
-def test_the_worst_finding_wraps_on_words_with_a_hanging_indent(cells):
+def test_the_story_wraps_on_words_with_a_hanging_indent(cells):
     text = render(cells, 80, no_color=True)
     lines = text.splitlines()
-    start = lines.index("Worst finding of each implementation")
+    start = lines.index("Worse than it has to be (than PyTorch's kernel on the same rows)")
     block = []
     for line in lines[start + 1 :]:
         if not line.startswith("  "):
@@ -87,18 +91,21 @@ def test_the_worst_finding_wraps_on_words_with_a_hanging_indent(cells):
     assert any(line.startswith("      ") for line in block)  # continuation lines hang by four more
     joined = " ".join(line.strip() for line in block)
     assert "exp overflows above 11.09" in joined  # a number never split over two lines
+    assert "non-finite where PyTorch is finite" in joined
 
 
-def test_at_200_columns_the_grid_is_shown_without_asking(cells):
-    text = render(cells, 200)
-    assert "float16: max ULP of the loss" in text
-    assert "What broke where" in text
+def test_the_layout_does_not_change_with_the_width_detail_adds_the_grid_after_the_verdict(cells):
+    wide = render(cells, 200)
+    assert "the verdict of each case" not in wide and "Next: --detail" in wide
+    text = render(cells, 200, detail=True)
+    assert text.index("Verdict per implementation") < text.index("float16: the verdict of each case")
+    assert "Every finding" in text
     assert "columns: s=S logit scale, +O/-O common offset added to every logit" in " ".join(text.split())
     assert "Next: --detail" not in text
 
 
 def test_detail_false_never_shows_the_grid(cells):
-    assert "max ULP of the loss" not in render(cells, 400, detail=False)
+    assert "the verdict of each case" not in render(cells, 400, detail=False)
 
 
 def test_status_reads_without_colour(cells, monkeypatch):
@@ -110,10 +117,10 @@ def test_status_reads_without_colour(cells, monkeypatch):
     assert "\x1b[1m" in written  # styled (bold) …
     assert not re.search(r"\x1b\[(\d+;)*(3[0-8]|9[0-7])[;m]", written)  # … but no foreground colour
     text = console.export_text()
-    assert "✓ ok" in text and "✗ " in text and "NaN/Inf" in text
+    assert "✓" in text and "✗ ×" in text and "NaN/Inf" in text and "=pt" in text
     ok = [c for c in cells if c.impl == "rounded" and c.dtype == "float32"]
     bad = [c for c in cells if c.impl == "numpy_eps" and c.dtype == "float32"]
-    assert verdict_text(ok).plain == "✓ ok"
+    assert verdict_text(ok).plain == "✓"
     assert verdict_text(bad).plain.startswith("✗ ") and verdict_text(bad).plain != verdict_text(ok).plain
 
 
@@ -121,12 +128,14 @@ def test_status_is_coloured_on_a_colour_terminal(cells):
     console = Console(record=True, width=120, file=io.StringIO(), force_terminal=True, color_system="256")
     print_report(cells, console, PATHS, 2.5)
     written = console.file.getvalue()
-    assert "\x1b[32m✓ ok" in written  # green
-    assert re.search(r"\x1b\[1;31m✗ \d+ NaN/Inf", written)  # bold red
+    assert "\x1b[32m✓" in written  # green
+    assert re.search(r"\x1b\[1;31m✗ NaN/Inf", written)  # bold red: worse than PyTorch
+    assert re.search(r"\x1b\[36m(=pt|floor)", written)  # the dtype's limits in cyan, never red
+    assert not re.search(r"\x1b\[[0-9;]*31m(=pt|floor)", written)
 
 
-def test_every_status_has_a_mark():
-    assert set(MARKS) == {"ok", "inaccurate", "nonfinite", "error", "skipped"}
+def test_every_verdict_has_a_colour():
+    assert set(STYLES) == set(CELL_VERDICTS)
 
 
 def test_list_splits_no_word_at_80_columns():

@@ -235,8 +235,9 @@ def _figures_html(figures: dict[str, list[plots.Figure]] | None) -> str:
 def html_report(
     cells: list[Cell], document: dict[str, Any] | None, figures: dict[str, list[plots.Figure]] | None
 ) -> str:
-    """The page: run details, verdicts, figures (None: matplotlib is missing), findings linked to their
-    cells, and the cells."""
+    """The page: run details, the verdict (as the terminal tells it), figures (None: matplotlib is missing),
+    every finding linked to its cells, and the cells."""
+    dimension = plots.swept_dimension(cells)
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -253,6 +254,7 @@ def html_report(
             _overview_html(cells),
             f'<p class="legend">{_e(legend(cells, False))}</p>',
             '<h2 id="figures">Figures</h2>',
+            f"<p>The sweep varies along <b>{_e(dimension)}</b>.</p>" if dimension else "",
             _figures_html(figures),
             '<h2 id="findings">Every finding</h2>',
             _findings_html(cells),
