@@ -91,10 +91,9 @@ def dtype_lines(cells: Sequence[Cell], limited: Sequence[str] = ()) -> list[str]
         if not own:
             continue
         counts = verdict_counts(own)
-        text = (
-            f"{dtype}: {plural(counts['pytorch'], 'cell')} past the tolerance as PyTorch is, "
-            f"{counts['floor']} at the floor"
-        )
+        parts = [f"{counts['pytorch']} past the tolerance as PyTorch is"] if counts["pytorch"] else []
+        parts += [f"{counts['floor']} at the floor"] if counts["floor"] else []
+        text = f"{dtype}: " + ", ".join(parts) + (" (cells)" if len(own) > 1 else " (1 cell)")
         kernel = [cell for cell in own if cell.impl in PYTORCH_KERNELS.values()]
         if kernel:
             first = max(kernel, key=lambda c: status_rank(cell_status(c.status, c.grad_status)) or 0)

@@ -88,7 +88,7 @@ def test_sweep_prints_the_table_and_findings(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Verdict per implementation and dtype")
     flowing = " ".join(result.stdout.split())
-    assert "naive: worse than PyTorch in 1 of 2 cells, non-finite where PyTorch is finite" in flowing
+    assert "naive: worse than PyTorch in 1 of 4 cells, non-finite where PyTorch is finite" in flowing
     assert "float16 scale 10" in flowing and "11.09" in flowing
     assert f"wrote {out / 'summary.csv'}" in result.stdout
 
