@@ -68,7 +68,11 @@ def test_sweep_writes_a_self_contained_page(report_dir):
     for target in re.findall(r'href="#cell-(\d+)"', page):
         assert int(target) < len(cells)
     assert "Every finding" in page and "naive: float16" in page
-    assert page.index("Verdict per implementation") < page.index("Worse than it has to be") < page.index("id=\"figures\"")
+    assert (
+        page.index("Verdict per implementation")
+        < page.index("Worse than it has to be")
+        < page.index('id="figures"')
+    )
 
 
 @needs_matplotlib

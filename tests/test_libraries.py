@@ -50,7 +50,12 @@ def test_scipy_logsumexp_cancels_under_an_offset_and_log_softmax_does_not():
         "scipy_ce.py", ["scipy_logsumexp", "scipy_log_softmax"], dtypes="float32", scales=1, offsets=1e4
     )
     lse, log_softmax = cells["scipy_logsumexp", "float32"], cells["scipy_log_softmax", "float32"]
-    assert lse.status == "inaccurate" and lse.worst_row == 17 and lse.worse_rows == 64 and 1016 < lse.max_ulp < 1018
+    assert (
+        lse.status == "inaccurate"
+        and lse.worst_row == 17
+        and lse.worse_rows == 64
+        and 1016 < lse.max_ulp < 1018
+    )
     assert log_softmax.status == "ok" and log_softmax.max_ulp < 1
     assert lse.value_dtype == log_softmax.value_dtype == "float32"
 

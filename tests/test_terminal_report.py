@@ -1,5 +1,6 @@
 """The terminal report at 80, 120 and 200 columns, with and without colour: nothing cut, nothing past the
-width, the verdict first, every verdict readable as a mark or a word, the legend present; `ce-audit list` at 80 columns; a PNG
+width, the verdict first, every verdict readable as a mark or a word, the legend present; `ce-audit list`
+at 80 columns; a PNG
 screenshot of the 80-column report rendered by headless Chromium."""
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from rich.console import Console
 from ce_audit.config import load_config
 from ce_audit.implementations import REGISTRY
 from ce_audit.plugins import prepare
-from ce_audit.reports.listing import print_implementations
 from ce_audit.ranking import CELL_VERDICTS
+from ce_audit.reports.listing import print_implementations
 from ce_audit.reports.table import STYLES, print_report, verdict_text
 from ce_audit.run.sweep import run_sweep
 
@@ -58,7 +59,9 @@ def test_nothing_is_cut_and_no_line_passes_the_width(cells, width, detail):
     for name in IMPLS:
         assert re.search(rf"(^|\s){name}(\s|:|$)", text, re.M), name  # every name whole
     flowing = " ".join(text.split())
-    assert "Legend: ✗ ×N = worse than PyTorch's kernel on the same rows" in flowing and "✓ = within" in flowing
+    assert (
+        "Legend: ✗ ×N = worse than PyTorch's kernel on the same rows" in flowing and "✓ = within" in flowing
+    )
     assert text.lstrip().startswith("Verdict per implementation and dtype")  # the verdict first, always
 
 
@@ -68,7 +71,9 @@ def test_the_compact_default_has_a_verdict_per_implementation_and_dtype(cells):
     assert header.split() == ["implementation", "float16", "bfloat16", "float32", "float64"]
     rows = [line.split()[0] for line in text.splitlines()[3:] if line.strip() and not line.startswith(" ")]
     naive = next(line for line in text.splitlines() if line.startswith("naive "))
-    assert naive.count("✗ NaN/Inf") == 4  # exp overflows in every dtype at scale 100, where PyTorch's does not
+    assert (
+        naive.count("✗ NaN/Inf") == 4
+    )  # exp overflows in every dtype at scale 100, where PyTorch's does not
     rounded = next(line for line in text.splitlines() if line.startswith("rounded "))
     assert rounded.split()[1:] == ["✓"] * 4
     assert rows.index("naive") < rows.index("fused") < rows.index("rounded")  # worse first, fine last

@@ -7,7 +7,8 @@ Audits one cell (plain cross-entropy, optionally with ignored rows), rebuilds th
 calls the implementation once more, and recomputes at 60 significant digits the exact loss of the
 worst row (or the exact mean over the rows not ignored, for an implementation that returns a mean):
 log Σ_k exp(z_k) − z_y on the exact binary values of the quantized logits. It prints the value returned,
-the exact value, the error in ULPs of the audited dtype by both, and exits 1 when they disagree.
+the exact value, the error in ULPs of the audited dtype and in the row verdict's measure (ε at
+max(|exact|, 1), the cell's ``loss_err``) by both, and exits 1 when they disagree.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def main() -> int:
     error = mpmath.mpf(returned) - exact
     in_ulps = ulps(error, exact, fmt.precision, fmt.emin)
     measured = float(abs(error) / (mpmath.mpf(2) ** (1 - fmt.precision) * max(abs(exact), 1)))
-    print(f"mpmath:   {what}: returned {returned!r}, exact {mpmath.nstr(exact, 20)}, "
-          f"error {mpmath.nstr(error, 6)} = {in_ulps:.6g} ULP = {measured:.6g} ε at max(|exact|, 1)")  # fmt: skip
+    print(
+        f"mpmath:   {what}: returned {returned!r}, exact {mpmath.nstr(exact, 20)}, "
+        f"error {mpmath.nstr(error, 6)} = {in_ulps:.6g} ULP = {measured:.6g} ε at max(|exact|, 1)"
+    )
     agree = abs(measured - cell.loss_err) <= 1e-3 * max(measured, 1.0)
     print("agree" if agree else "DISAGREE")
     return 0 if agree else 1
