@@ -67,14 +67,14 @@ def cut(text: str, width: int) -> str:
 
 def vs_pytorch(cell: Cell) -> str:
     """The side (loss or gradient) furthest from PyTorch's kernel on the same inputs, as a multiple of
-    PyTorch's error ("gradient ×29.8 vs PyTorch"), or "PyTorch's finite" where only PyTorch's is finite;
-    "" when not measured."""
-    sides = [("gradient", cell.grad_vs_pytorch), ("loss", cell.loss_vs_pytorch)]
+    PyTorch's error ("gradient ×29.8 vs PyTorch"), or "PyTorch's loss finite" where only PyTorch's is
+    finite; "" when not measured."""
+    sides = [("loss", cell.loss_vs_pytorch), ("gradient", cell.grad_vs_pytorch)]
     known = [(value, side) for side, value in sides if not math.isnan(value)]
     if not known:
         return ""
-    value, side = max(known, key=lambda pair: pair[0])
-    return "PyTorch's finite" if value == math.inf else f"{side} ×{value:.3g} vs PyTorch"
+    value, side = max(known, key=lambda pair: pair[0])  # the loss where both are as far
+    return f"PyTorch's {side} finite" if value == math.inf else f"{side} ×{value:.3g} vs PyTorch"
 
 
 def cell_line(
@@ -92,10 +92,14 @@ def cell_line(
             loss += f", worst row {cell.worst_row}" if cell.worst_row >= 0 else ", the reduced value"
         statuses.append(loss)
     grad_failing = FAILING if strict_grad else (Status.NONFINITE, Status.ERROR)
+    if cell.grad_status in grad_failing and cell.status != Status.ERROR and not relative:
+        inaccurate = cell.grad_status == Status.INACCURATE
+        detail = f" (max rel err {cell.grad_max_rel_err:.3g})" if inaccurate else ""
+        statuses.append(f"gradient {cell.grad_status}{detail}")
     if relative:
+        if cell.grad_status == Status.NONFINITE and cell.status != Status.NONFINITE:
+            statuses.append("gradient nonfinite")
         statuses.append(vs_pytorch(cell))
-    elif cell.grad_status in grad_failing and cell.status != Status.ERROR:
-        statuses.append(f"gradient {cell.grad_status}")
     head = f"{where(cell, batch)}: {', '.join(status for status in statuses if status)}"
     tail = f"; reproducer: {reproducer / 'command.txt'}" if reproducer is not None else ""
     reason = cause(cell) if loss_fails else cell.error if cell.grad_status == Status.ERROR else ""
