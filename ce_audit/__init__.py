@@ -14,7 +14,7 @@ __all__ = ["AuditError", "CheckReport", "check", "register"]
 _LAZY = {
     "register": "ce_audit.plugins",
     "check": "ce_audit.api",
-    "CheckReport": "ce_audit.api",
+    "CheckReport": "ce_audit.check_report",
     "AuditError": "ce_audit.errors",
 }
 

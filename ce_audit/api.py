@@ -1,109 +1,37 @@
 """The Python API for test suites: ``ce_audit.check(fn_or_name, ...)`` → a report to assert on.
 
     report = ce_audit.check(my_ce, dtypes=["float16", "float32"], scales=[1, 10, 100])
-    report.assert_ok()   # AssertionError listing every failing cell
-    report.cells         # the cells of summary.csv (ce_audit.results.Cell)
+    report.assert_ok()   # AssertionError: a count, then one line per failing cell with its cause
+    report.cells         # the cells of summary.csv (ce_audit.results.Cell); report.failing: those failing
 
-A cell fails when its loss status is inaccurate, nonfinite or error, when its gradient is nonfinite or
-error (also inaccurate with ``strict_grad=True``: the elementwise rtol/atol test of gradients fails even
-PyTorch's own kernel by a few ULPs in float16, so it is opt-in; a budget on grad_max_rel_err is the finer
-tool), or when it breaks a budget. Skipped cells (e.g. a dtype the implementation does not declare) do
-not fail. The sweep starts from the built-in default config (or ``config``), updated by the arguments.
+A cell fails when it reaches ``fail_on``, a ``--fail-on`` level (ce_audit.verdict.FAIL_LEVELS):
+``"inaccurate"`` (the default) fails a loss that is inaccurate, nonfinite or error and a gradient that is
+nonfinite or error (also inaccurate with ``strict_grad=True``: the elementwise rtol/atol test of
+gradients fails even PyTorch's own kernel by a few ULPs in float16, so it is opt-in; a budget on
+grad_max_rel_err is the finer tool); ``"nonfinite"`` and ``"error"`` only from those statuses on;
+``"worse-than-pytorch"`` only the cells flagged worse than PyTorch's kernel on the same inputs (the
+``flag`` column). A broken budget fails at every level. Skipped cells (e.g. a dtype the implementation
+does not declare) never fail. The sweep starts from the built-in default config (or ``config``), updated
+by the arguments. The report is ce_audit.check_report.CheckReport.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ce_audit.adapters import make_adapter
 from ce_audit.budgets import parse_budget
-from ce_audit.config import SweepConfig
+from ce_audit.check_report import DEFAULT_FAIL_ON, CheckReport, check_fail_on, failure_lines, reaching
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, remove
-from ce_audit.options import options_label
 from ce_audit.overrides import config_overrides, front_door_config
 from ce_audit.plugins import ATTRIBUTE, add_function
 from ce_audit.reproducers import ReproducerSink, check_destination
-from ce_audit.results import Cell
 from ce_audit.run.sweep import run_sweep
-from ce_audit.statuses import FAILING, Status
 
 Target = str | Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class CheckReport:
-    """The cells of one check, and a message per failing cell or broken budget."""
-
-    cells: list[Cell]
-    failures: list[str]
-    config: SweepConfig
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def assert_ok(self) -> None:
-        """Raise AssertionError listing every failing cell (one per line); nothing when all held."""
-        if self.failures:
-            lines = "\n".join(f"  {line}" for line in self.failures)
-            raise AssertionError(f"{len(self.failures)} failing cells of {len(self.cells)}:\n{lines}")
-
-    def __str__(self) -> str:
-        head = f"{len(self.cells)} cells, {len(self.failures)} failing"
-        return "\n".join([head, *(f"  {line}" for line in self.failures)])
-
-
-def _where(cell: Cell) -> str:
-    """The cell as a failure line names it: impl, dtype, device, distribution, scale, offset, vocab, batch."""
-    where = f"{cell.impl} {cell.dtype} {cell.device} {cell.distribution} scale={cell.scale:g}"
-    if cell.offset:
-        where += f" offset={cell.offset:g}"
-    label = options_label(cell)
-    return where + f" vocab={cell.vocab} batch={cell.batch}" + (f" {label}" if label else "")
-
-
-def failing_cells(
-    cells: list[Cell],
-    budgets: Sequence[str] = (),
-    strict_grad: bool = False,
-    reproducers: dict[Cell, Path] | None = None,
-) -> list[str]:
-    """One line per failing cell (see the module docstring), then one per broken budget; a cell with a
-    saved reproducer names its folder."""
-    lines = []
-    for cell in cells:
-        problems = []
-        if cell.status in FAILING:
-            detail = cell.error if cell.status == Status.ERROR else f"max {cell.max_ulp:.3g} ULP"
-            if cell.status == Status.NONFINITE:
-                detail = f"NaN rows {cell.nan_rows}, Inf rows {cell.inf_rows}"
-            if cell.status != Status.ERROR:
-                detail += f", worst row {cell.worst_row}" if cell.worst_row >= 0 else ", the reduced value"
-            problems.append(f"loss {cell.status} ({detail})")
-        grad_failing = FAILING if strict_grad else (Status.NONFINITE, Status.ERROR)
-        if cell.grad_status in grad_failing and cell.status != Status.ERROR:
-            detail = (
-                cell.error if cell.grad_status == Status.ERROR else f"max rel err {cell.grad_max_rel_err:.3g}"
-            )
-            problems.append(f"gradient {cell.grad_status} ({detail})")
-        saved = (reproducers or {}).get(cell)
-        if saved is not None:
-            problems.append(f"reproducer: {saved / 'command.txt'}")
-        if problems:
-            lines.append(f"{_where(cell)}: {'; '.join(problems)}")
-    for budget in (parse_budget(text) for text in budgets):
-        for cell in cells:
-            message = budget.fails(None, cell)
-            if message:
-                lines.append(f"{_where(cell)}: {message}")
-        if not any(budget.matches(cell) and cell.status != Status.SKIPPED for cell in cells):
-            lines.append(f"budget {budget.text} matches no measured cell")
-    return lines
 
 
 def _register_callable(
@@ -148,6 +76,7 @@ def check(
     config: str | Path | None = None,
     plugins: Sequence[str] = (),
     strict_grad: bool = False,
+    fail_on: str = DEFAULT_FAIL_ON,
     supports: Sequence[str] = (),
     adapter: Mapping[str, Any] | None = None,
     save_failures: str | Path | None = None,
@@ -170,8 +99,10 @@ def check(
     cell's worst rows and its `ce-audit replay` command are saved; its failure line names the file.
     ``isolation`` ("process", the default, or "none"), ``timeout`` and ``max_memory`` ("8G"; "auto": half
     the machine's): how implementations that are not built in run (ce_audit.run.isolation); "none" lets a
-    test see what its function recorded in this process.
+    test see what its function recorded in this process. ``fail_on``: the level a cell fails at, as
+    ``--fail-on`` takes it (see the module docstring; anything else is an AuditError, before the sweep).
     """
+    check_fail_on(fail_on)
     overrides = config_overrides(
         dtypes=dtypes, scales=scales, offsets=offsets, distributions=distributions, vocabs=vocabs,
         batches=batches, devices=devices, seed=seed, grad=grad, tolerances=tolerances, isolation=isolation,
@@ -202,5 +133,6 @@ def check(
         for name in temporary:
             remove(name)
     saved = sink.write(save_failures) if sink is not None and save_failures is not None else None
-    failures = failing_cells(result.cells, resolved.budgets, strict_grad, saved)
-    return CheckReport(result.cells, failures, resolved, result.seconds)
+    failures = failure_lines(result.cells, fail_on, resolved.budgets, strict_grad, saved)
+    failing = reaching(result.cells, fail_on, strict_grad)
+    return CheckReport(result.cells, failures, resolved, result.seconds, fail_on, failing, strict_grad)

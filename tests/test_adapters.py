@@ -295,7 +295,7 @@ def test_failure_line_names_the_cell_and_the_worst_row():
 
     report = ce_audit.check(bad_row, dtypes="float32", grad=False, **SMALL)
     assert report.cells[0].worst_row == 5
-    assert "bad_row float32 cpu normal scale=4 vocab=64 batch=32: loss inaccurate" in report.failures[0]
+    assert report.failures[0].startswith("bad_row float32 cpu normal scale=4 vocab=64: loss inaccurate")
     assert "worst row 5" in report.failures[0]
 
 
