@@ -249,6 +249,16 @@ def _paragraph(
         console.print(text_line, soft_wrap=True)
 
 
+DISTRIBUTION_WORDS = {
+    "normal": "normal N(0, 1)",
+    "uniform": "uniform U(−1, 1)",
+    "spike": "spike, confident rows (loss near 0)",
+    "adversarial": "adversarial, the target far below the others (p_y underflows)",
+    "ramp": "ramp, 1 − p_y from 0.9 down to 1e-17",
+}
+"""The logit distributions as the legend names them (ce_audit.plan.cases.DISTRIBUTIONS in full)."""
+
+
 def legend(rows: list[Cell], case_tables_shown: bool) -> str:
     parts = [
         "✗ ×N = worse than PyTorch's kernel on the same rows, by up to N times its error (loss or gradient, "
@@ -258,6 +268,15 @@ def legend(rows: list[Cell], case_tables_shown: bool) -> str:
         "floor = within 2× the error of the exact result rounded once (the dtype allows no better)",
         "✓ = within the tolerance and no worse than PyTorch",
     ]
+    present = [name for name in DISTRIBUTION_WORDS if any(row.distribution == name for row in rows)]
+    if present:
+        parts.append(
+            "("
+            + "), (".join(present)
+            + ") = the logits: "
+            + "; ".join(DISTRIBUTION_WORDS[n] for n in present)
+        )
+    parts.append("ULP = the dtype's spacing at the exact value")
     if any(cell_verdict(row) == "past" for row in rows):
         parts.append("✗ Nε = past the tolerance, no PyTorch result to compare: the loss error in ε")
     if any(row.value_kind == "mean" for row in rows):
