@@ -93,7 +93,7 @@ def dtype_lines(cells: Sequence[Cell], limited: Sequence[str] = ()) -> list[str]
         counts = verdict_counts(own)
         parts = [f"{counts['pytorch']} past the tolerance as PyTorch is"] if counts["pytorch"] else []
         parts += [f"{counts['floor']} at the floor"] if counts["floor"] else []
-        text = f"{dtype}: " + ", ".join(parts) + (" (cells)" if len(own) > 1 else " (1 cell)")
+        text = f"{dtype}: {plural(len(own), 'cell')}, " + ", ".join(parts)
         kernel = [cell for cell in own if cell.impl in PYTORCH_KERNELS.values()]
         if kernel:
             first = max(kernel, key=lambda c: status_rank(cell_status(c.status, c.grad_status)) or 0)
