@@ -200,7 +200,13 @@ def findings(rows: list[Cell]) -> list[str]:
         note = relative[impl.split("@")[0]] if impl.split("@")[0] in relative and "@" not in impl else ""
         if parts or note:
             lines.append(f"{impl}: " + "; ".join(parts) + (f" [{note}]" if parts and note else note))
-    return lines + expected_values(rows) + conventions(rows) + _behaviour(rows)
+    return lines + notes(rows)
+
+
+def notes(rows: list[Cell]) -> list[str]:
+    """What is not a failure but a user should know: notes on expected values (PyTorch's NaN conventions,
+    correct overflow), conventions, 0-d means, narrower results, writes into the input."""
+    return expected_values(rows) + conventions(rows) + _behaviour(rows)
 
 
 def expected_values(rows: list[Cell]) -> list[str]:

@@ -117,6 +117,7 @@ class LossTally:
     convention_rows: int = 0
     overflow_rows: int = 0  # ±inf, correctly: the exact value is past the format's range
     failures: int = 0
+    atol_rows: int = 0  # rows within the tolerance only by atol: |v − r| > rtol·|r|
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
     max_ulp: float = 0.0
@@ -143,7 +144,13 @@ class LossTally:
         self.finite_where_infinite += int(errors.finite_where_infinite.sum())
         self.convention_rows += int(errors.convention.sum())
         self.overflow_rows += int(errors.rounds_to_inf.sum())
-        self.failures += int((~within_tolerance(errors, reference, tolerance)).sum())
+        passing = within_tolerance(errors, reference, tolerance)
+        self.failures += int((~passing).sum())
+        with np.errstate(invalid="ignore"):
+            relative_fails = errors.abs_err > tolerance.rtol * np.abs(
+                np.where(errors.both_finite, reference, 0)
+            )
+        self.atol_rows += int((passing & relative_fails).sum())
         self.max_abs_err = max(self.max_abs_err, _max(errors.abs_err))
         self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))
         self.max_ulp = max(self.max_ulp, _max(errors.ulp_err))
@@ -243,6 +250,7 @@ class LossTally:
             "max_ulp": self.max_ulp,
             "mean_bits": self.mean_bits,
             "finite_where_infinite": self.finite_where_infinite,
+            "atol_rows": self.atol_rows,
         }
 
 

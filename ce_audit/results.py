@@ -108,6 +108,9 @@ class Cell:
     grad_vs_pytorch: float = measurement(float("nan"))  # the same for the gradient's row errors
     flag: str = measurement("")  # floor, pytorch (no worse than PyTorch) or worse (than PyTorch); "" ok
     worse_rows: int = measurement(0, budget="count", gate="count", what="rows worse than PyTorch's")
+    # rows within the tolerance only by its absolute part: |v − ℓ| > rtol·|ℓ| (tiny losses, where the
+    # absolute tolerance decides)
+    atol_rows: int = measurement(0)
     # max over rows of |v − ℓ| / (ε · max(|ℓ|, 1)), ε = 2^(1−p) of the dtype: the loss error that ranks
     loss_err: float = measurement(0.0, budget="loss")
     # max over rows of ‖g − g*‖₂ / (ε · max(‖g*‖₂, u)), u = 1 (1/n for a mean over n rows)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ce_audit.findings import cause, where
+from ce_audit.findings import cause, notes, where
 from ce_audit.ranking import (
     GROUP_TITLES,
     VERDICT_WORDS,
@@ -140,7 +140,19 @@ def story(cells: Sequence[Cell]) -> Story:
     if limits:
         sections.append((GROUP_TITLES["dtype"], limits))
     if fine:
-        sections.append((GROUP_TITLES["fine"], [", ".join(fine)]))
+        lines = [", ".join(fine)]
+        by_atol = [cell for cell in cells if cell_verdict(cell) == "ok" and cell.atol_rows]
+        if by_atol:
+            rows = sum(cell.atol_rows for cell in by_atol)
+            lines.append(
+                f"the absolute tolerance (atol) alone decides {plural(rows, 'row')} in "
+                f"{plural(len(by_atol), 'fine cell')}: tiny losses whose relative error is past rtol "
+                "(summary.csv's atol_rows)"
+            )
+        sections.append((GROUP_TITLES["fine"], lines))
+    remarks = notes(list(cells))
+    if remarks:
+        sections.append(("Notes (not failures)", remarks))
     return Story(sections, verdict_counts(cells))
 
 

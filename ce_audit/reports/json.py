@@ -46,14 +46,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN or Infinity: write them as the strings "nan", "inf", "-inf"."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -130,20 +130,20 @@ def report_document(result: AuditResult, command: str, extra: dict[str, Any] | N
     if result.shard is not None:
         document["shard"] = result.shard
     document.update(extra or {})
-    return _plain(document)
+    return json_safe(document)
 
 
 def stdout_document(result: AuditResult, command: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """``--format json``: the report.json document plus ``rows``, every cell as summary.csv holds it."""
     from ce_audit.results import cell_columns
 
-    rows = _plain([cell_columns(cell) for cell in result.summary_cells])
+    rows = json_safe([cell_columns(cell) for cell in result.summary_cells])
     return {**report_document(result, command, extra), "rows": rows}
 
 
 def run_document(result: AuditResult, run_id: str) -> dict[str, Any]:
     """run.json: when, how long, where (host and device names); the run_id of the set it belongs to."""
-    return _plain(
+    return json_safe(
         {
             "run_id": run_id,
             "timestamp": dt.datetime.fromtimestamp(result.started, dt.UTC).isoformat(),

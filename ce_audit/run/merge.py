@@ -23,10 +23,12 @@ from ce_audit.reports.bundle import RUN_NAME, STAGING_PREFIX, ReportDirectory, d
 from ce_audit.reports.csv import read_cells
 from ce_audit.reports.files import ReportFile
 from ce_audit.reports.html import html_files
+from ce_audit.reports.json import json_safe
 from ce_audit.statuses import message_line
+from ce_audit.verdict_story import verdict_document
 
 # report.json keys that may differ between the shards of one sweep
-_PER_RUN_KEYS = frozenset({"shard", "implementations", "cells", "files", "run_id", "units"})
+_PER_RUN_KEYS = frozenset({"shard", "implementations", "cells", "files", "run_id", "units", "verdict"})
 
 
 def _read_shard(directory: Path) -> tuple[dict[str, Any], list[str], list[list[str]]]:
@@ -225,5 +227,6 @@ def _write_merged(
             cells = read_cells(staged).cells
         finally:
             staged.unlink(missing_ok=True)
+        document["verdict"] = json_safe(verdict_document(cells))  # the merged cells', not the first shard's
         members = [ReportFile("summary.csv", write_summary), *html_files(cells, document)]
         return target.write_set(members, document, run_record)
