@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ce_audit.budgets import parse_budget
 from ce_audit.config import SweepConfig
@@ -24,6 +25,7 @@ from ce_audit.options import options_label
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, RANKED, Status
 from ce_audit.verdict import FAIL_LEVELS, cell_status, reaches
+from ce_audit.verdict_story import counts_text, verdict_document
 
 DEFAULT_FAIL_ON = "inaccurate"
 WORSE_THAN_PYTORCH = "worse-than-pytorch"
@@ -175,6 +177,12 @@ class CheckReport:
         order = [*RANKED, Status.SKIPPED]
         return Counter(dict(sorted(counts.items(), key=lambda item: order.index(item[0]))))
 
+    @property
+    def verdict(self) -> dict[str, Any]:
+        """The verdict as every screen tells it (ce_audit.verdict_story.verdict_document): the counts by
+        verdict, the implementations most severe first with their line, the story's sections."""
+        return verdict_document(self.cells)
+
     def __str__(self) -> str:
         return "\n".join([self.headline(), *(f"  {line}" for line in self.failures)])
 
@@ -182,4 +190,7 @@ class CheckReport:
         counts = ", ".join(f"{count} {status}" for status, count in self.statuses().items())
         failing = f"{len(self.failing)} failing{self._budget_text()}"
         cells = f"{len(self.cells)} cell{'s' if len(self.cells) != 1 else ''}"
-        return f"CheckReport({cells}: {counts}; fail_on={self.fail_on!r}: {failing})"
+        return (
+            f"CheckReport({cells}: {counts_text(self.cells)}; by the tolerance {counts}; "
+            f"fail_on={self.fail_on!r}: {failing})"
+        )

@@ -150,7 +150,11 @@ def test_pytorchs_kernel_passes_worse_than_pytorch_and_fails_the_default_level()
     default = ce_audit.check("fused", dtypes="float16", scales=[1, 10, 100], devices="cpu")
     assert default.fail_on == "inaccurate" and len(default.cells) == 30
     assert len(default.failing) == 6 and {cell.distribution for cell in default.failing} == {"ramp"}
-    assert repr(default) == "CheckReport(30 cells: 24 ok, 6 inaccurate; fail_on='inaccurate': 6 failing)"
+    assert repr(default) == (
+        "CheckReport(30 cells: 0 worse than PyTorch, 17 at the dtype's floor, 13 fine; by the tolerance "
+        "24 ok, 6 inaccurate; fail_on='inaccurate': 6 failing)"
+    )
+    assert default.verdict["counts"]["floor"] == 17 and default.verdict["counts"]["worse"] == 0
     with pytest.raises(AssertionError) as raised:
         default.assert_ok()
     first, *lines = str(raised.value).splitlines()
