@@ -35,7 +35,7 @@ def gate(
         typer.Option(
             "--config",
             metavar="FILE.toml",
-            help="Run the fresh sweep with this TOML config, not the baseline's.",
+            help="Run the fresh sweep with this TOML config, not the baseline's recorded one.",
         ),
     ] = None,
     plugin: PluginOption = None,
@@ -78,7 +78,12 @@ def gate(
     ] = None,
     update: Annotated[
         bool,
-        typer.Option("--update", help="Rewrite the baseline from the current audit (atomically), exit 0."),
+        typer.Option(
+            "--update",
+            help="Write the baseline from the current audit (atomically), exit 0: a re-run of the "
+            "baseline's recorded sweep, or for a new baseline of --config, else what `ce-audit sweep` runs "
+            "here; the plugins given are recorded and loaded again by later runs.",
+        ),
     ] = False,
     out: Annotated[
         Path | None,
@@ -89,8 +94,8 @@ def gate(
         bool,
         typer.Option(
             "--baseline-plugins",
-            help="Also import the plugins the baseline's report.json records (off: a baseline cannot run "
-            "code; give --plugin instead).",
+            help="Also import the plugins the baseline's report.json records by module name or from "
+            "outside the working directory (those inside it are imported without it).",
         ),
     ] = False,
 ) -> None:
