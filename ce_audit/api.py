@@ -26,6 +26,7 @@ from ce_audit.implementations import REGISTRY, Implementation, remove
 from ce_audit.options import options_label
 from ce_audit.overrides import config_overrides, front_door_config
 from ce_audit.plugins import ATTRIBUTE, add_function
+from ce_audit.printable import plural
 from ce_audit.reproducers import ReproducerSink, check_destination
 from ce_audit.results import Cell
 from ce_audit.run.sweep import run_sweep
@@ -51,10 +52,11 @@ class CheckReport:
         """Raise AssertionError listing every failing cell (one per line); nothing when all held."""
         if self.failures:
             lines = "\n".join(f"  {line}" for line in self.failures)
-            raise AssertionError(f"{len(self.failures)} failing cells of {len(self.cells)}:\n{lines}")
+            failing = plural(len(self.failures), "failing cell")
+            raise AssertionError(f"{failing} of {len(self.cells)}:\n{lines}")
 
     def __str__(self) -> str:
-        head = f"{len(self.cells)} cells, {len(self.failures)} failing"
+        head = f"{plural(len(self.cells), 'cell')}, {len(self.failures)} failing"
         return "\n".join([head, *(f"  {line}" for line in self.failures)])
 
 

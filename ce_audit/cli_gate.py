@@ -12,6 +12,7 @@ import typer
 
 from ce_audit.cli_options import PluginOption, QuietOption
 from ce_audit.gate.workflow import gate_to_files
+from ce_audit.printable import plural
 from ce_audit.reports.gate_table import print_gate
 from ce_audit.reports.stdout import terminal_console
 
@@ -111,13 +112,13 @@ def gate(
     for path in outcome.written:
         console.print(f"wrote {path}" if not quiet else path, highlight=False, markup=False)
     if outcome.updated is not None:
-        cells = len(outcome.run.current.cells)
-        console.print(f"baseline written: {outcome.updated} ({cells} cells)", highlight=False, markup=False)
+        cells = plural(len(outcome.run.current.cells), "cell")
+        console.print(f"baseline written: {outcome.updated} ({cells})", highlight=False, markup=False)
         return
     if not outcome.result.passed:
         if quiet:
             count = len(outcome.result.failures)
-            print(f"ce-audit gate: FAILED ({count} failure{'s' if count != 1 else ''})", file=sys.stderr)
+            print(f"ce-audit gate: FAILED ({plural(count, 'failure')})", file=sys.stderr)
         raise typer.Exit(1)
 
 

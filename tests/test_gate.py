@@ -151,7 +151,7 @@ def test_a_plugin_file_in_the_working_directory_given_at_update_is_remembered(tm
         'distributions = ["normal"]\nscales = [20]\noffsets = [0]\nvocabs = [64]\nbatches = [8]\n'
     )
     code, out, err = run_cli(["gate", "first", "--update", "--plugin", "variant.py"], capsys)
-    assert code == 0 and "baseline written: first (1 cells)" in out, out + err
+    assert code == 0 and "baseline written: first (1 cell)" in out, out + err
     code, out, err = run_cli(["gate", "first"], capsys)  # recorded as variant.py: loaded again
     assert code == 0 and "PASSED: 1 cell held" in out, out + err
     shutil.copy(PLUGINS / "variant_naive.py", tmp_path / "variant.py")

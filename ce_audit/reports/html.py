@@ -21,7 +21,7 @@ from typing import Any
 
 from ce_audit.findings import findings
 from ce_audit.options import options_label
-from ce_audit.printable import printable
+from ce_audit.printable import plural, printable
 from ce_audit.reports import plots
 from ce_audit.reports.files import ReportFile
 from ce_audit.results import Cell
@@ -120,7 +120,7 @@ def _findings_html(cells: list[Cell]) -> str:
         links = " ".join(f'<a href="#cell-{i}">#{i}</a>' for i in linked[:MAX_LINKS])
         if len(linked) > MAX_LINKS:
             links += f" … and {len(linked) - MAX_LINKS} more"
-        where = f'<div class="links">{len(linked)} cell{"s" if len(linked) != 1 else ""}: {links}</div>'
+        where = f'<div class="links">{plural(len(linked), "cell")}: {links}</div>'
         name, colon, rest = line.partition(": ")
         parts = PART_BOUNDARY.split(rest) if colon else []
         if len(parts) > 1:
@@ -222,19 +222,22 @@ def html_report(
     """The page: run details, verdicts, figures (None: matplotlib is missing), findings linked to their
     cells, and the cells."""
     dimension = plots.swept_dimension(cells)
-    swept = f" along <b>{_e(dimension)}</b>" if dimension else ""
+    swept = ""
+    if dimension:  # what the heatmaps run along
+        swept = f"; the verdict changes most along <b>{_e(dimension)}</b>, the heatmaps' axis"
     return "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>ce-audit report: {len(cells)} cells</title><style>{STYLE}</style></head><body>",
+            f"<title>ce-audit report: {plural(len(cells), 'cell')}</title>",
+            f"<style>{STYLE}</style></head><body>",
             "<h1>ce-audit report</h1>",
             _meta_html(document),
             '<p><a href="#figures">Figures</a> · <a href="#findings">What broke where</a> · '
             '<a href="#cells">Cells</a></p>',
-            f"<h2>Verdict per implementation and dtype</h2><p>{len(cells)} cells{swept}; "
-            "each entry is the worse of the loss and gradient verdicts over the implementation's cells "
+            f"<h2>Verdict per implementation and dtype</h2><p>{plural(len(cells), 'cell')}{swept}. "
+            "Each entry is the worse of the loss and gradient verdicts over the implementation's cells "
             "(failing / all), linked to its worst cell.</p>",
             _overview_html(cells),
             '<h2 id="figures">Figures</h2>',
