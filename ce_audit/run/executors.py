@@ -145,7 +145,7 @@ class ProcessExecutor:
             )
             futures = [pool.submit(function, unit) for unit in units]
         try:
-            yield from _in_order(futures, progress, [unit.cells for unit in units])
+            yield from _in_order(futures, progress, [cells_of(unit) for unit in units])
         except BrokenProcessPool as error:
             if not _interrupted_soon():  # a worker stopped by the signal the run received is not a failure
                 raise AuditError(f"a worker process died ({error}); run with --jobs 1 to see why") from None
@@ -187,12 +187,17 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
             process.join()
 
 
+def cells_of(unit: Any) -> int:
+    """What a finished unit advances progress by: its cells (Unit.cells); one for any other work item."""
+    return int(getattr(unit, "cells", 1))
+
+
 def _in_order(
     futures: list[Future[list[Cell]]], progress: Progress | None, cells: Sequence[int]
 ) -> Iterator[list[Cell]]:
     """Each future's result in list order, advancing ``progress`` by its unit's ``cells`` as each
     finishes; once the run is asked to stop, only those already completed in order."""
-    cells_of = dict(zip(futures, cells, strict=True))
+    counts = dict(zip(futures, cells, strict=True))
     pending = set(futures)
     position = 0
     while position < len(futures):
@@ -200,7 +205,7 @@ def _in_order(
         if pending and not stopping:
             done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
             if progress and done:
-                progress(float(sum(cells_of[future] for future in done)))
+                progress(float(sum(counts[future] for future in done)))
         while position < len(futures) and futures[position].done():
             yield futures[position].result()  # a worker's AuditError is raised here, as it was there
             position += 1
@@ -241,7 +246,7 @@ class RayExecutor:
         try:
             task = ray.remote(function)
             references = [task.options(**self.resources(unit)).remote(unit) for unit in units]
-            cells_of = {reference: unit.cells for reference, unit in zip(references, units, strict=True)}
+            counts = {reference: cells_of(unit) for reference, unit in zip(references, units, strict=True)}
             pending = list(references)
             finished: set[Any] = set()
             position = 0
@@ -250,7 +255,7 @@ class RayExecutor:
                     done, pending = ray.wait(pending, num_returns=1)
                     finished.update(done)
                     if progress:
-                        progress(float(sum(cells_of[reference] for reference in done)))
+                        progress(float(sum(counts[reference] for reference in done)))
                 while position < len(references) and references[position] in finished:
                     yield _ray_result(ray, references[position])
                     position += 1
