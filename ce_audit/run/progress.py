@@ -130,7 +130,7 @@ def time_left_column() -> Any:
 def progress_reporter(
     total: float, *, quiet: bool = False, stream: TextIO | None = None, unit: str = "cells"
 ) -> Iterator[Callable[[float], None]]:
-    """A callback ``advance(units)`` for the audit, showing progress on ``stream`` (stderr) while open."""
+    """A callback ``advance(cells)`` for the audit, showing progress on ``stream`` (stderr) while open."""
     stream = stream if stream is not None else sys.stderr
     if quiet or total <= 0:
         yield lambda units: None
