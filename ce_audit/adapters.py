@@ -38,6 +38,7 @@ from typing import Any
 
 from ce_audit.errors import AuditError
 from ce_audit.options import DEFAULT_IGNORE_INDEX
+from ce_audit.printable import plural
 
 INPUT_ORDERS = ("logits-targets", "targets-logits")
 RETURN_FORMS = ("auto", "rows", "mean")
@@ -176,7 +177,7 @@ class Adapter:
         n_rows, vocab = logits.shape
         length = self.sequence or 1
         if n_rows % length:
-            raise ValueError(f"{n_rows} rows are not a multiple of the sequence length {length}")
+            raise ValueError(f"the row count {n_rows} is not a multiple of the sequence length {length}")
         batch = n_rows // length
         logits = logits.reshape(batch, length, vocab)
         targets = targets.reshape(batch, length, *targets.shape[1:])
@@ -209,7 +210,7 @@ class Adapter:
             return result
         if not shape:
             if self.returns == "rows":
-                raise ValueError(f"returned a 0-d value, declared returns='rows' ({n_rows} values)")
+                raise ValueError(f"returned a 0-d value, declared returns='rows' ({plural(n_rows, 'value')})")
             return result
         if not self.sequence:
             return result  # the backend checks the shape

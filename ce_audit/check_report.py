@@ -22,6 +22,7 @@ from ce_audit.config import SweepConfig
 from ce_audit.errors import AuditError
 from ce_audit.findings import cause
 from ce_audit.options import options_label
+from ce_audit.printable import plural
 from ce_audit.results import Cell
 from ce_audit.statuses import FAILING, RANKED, Status
 from ce_audit.verdict import FAIL_LEVELS, cell_status, reaches
@@ -159,7 +160,9 @@ class CheckReport:
 
     def headline(self) -> str:
         """The first line of the message: "6 of 30 cells reach inaccurate" (and any broken budget lines)."""
-        return f"{len(self.failing)} of {len(self.cells)} cells reach {self.fail_on}{self._budget_text()}"
+        verb = "reaches" if len(self.failing) == 1 else "reach"
+        cells = plural(len(self.cells), "cell")
+        return f"{len(self.failing)} of {cells} {verb} {self.fail_on}{self._budget_text()}"
 
     def assert_ok(self) -> None:
         """Raise AssertionError: the headline, then one line per failing cell or broken budget; nothing

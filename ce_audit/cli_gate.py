@@ -12,6 +12,7 @@ import typer
 
 from ce_audit.cli_options import PluginOption, QuietOption
 from ce_audit.gate.workflow import gate_to_files
+from ce_audit.printable import plural
 from ce_audit.reports.gate_table import print_gate
 from ce_audit.reports.stdout import terminal_console
 
@@ -35,7 +36,7 @@ def gate(
         typer.Option(
             "--config",
             metavar="FILE.toml",
-            help="Run the fresh sweep with this TOML config, not the baseline's.",
+            help="Run the fresh sweep with this TOML config, not the baseline's recorded one.",
         ),
     ] = None,
     plugin: PluginOption = None,
@@ -78,7 +79,12 @@ def gate(
     ] = None,
     update: Annotated[
         bool,
-        typer.Option("--update", help="Rewrite the baseline from the current audit (atomically), exit 0."),
+        typer.Option(
+            "--update",
+            help="Write the baseline from the current audit (atomically), exit 0: a re-run of the "
+            "baseline's recorded sweep, or for a new baseline of --config, else what `ce-audit sweep` runs "
+            "here; the plugins given are recorded and loaded again by later runs.",
+        ),
     ] = False,
     out: Annotated[
         Path | None,
@@ -89,8 +95,8 @@ def gate(
         bool,
         typer.Option(
             "--baseline-plugins",
-            help="Also import the plugins the baseline's report.json records (off: a baseline cannot run "
-            "code; give --plugin instead).",
+            help="Also import the plugins the baseline's report.json records by module name or from "
+            "outside the working directory (those inside it are imported without it).",
         ),
     ] = False,
 ) -> None:
@@ -106,11 +112,11 @@ def gate(
     for path in outcome.written:
         console.print(f"wrote {path}" if not quiet else path, highlight=False, markup=False)
     if outcome.updated is not None:
-        cells = len(outcome.run.current.cells)
-        console.print(f"baseline written: {outcome.updated} ({cells} cells)", highlight=False, markup=False)
+        cells = plural(len(outcome.run.current.cells), "cell")
+        console.print(f"baseline written: {outcome.updated} ({cells})", highlight=False, markup=False)
         return
     if not outcome.result.passed:
         if quiet:
             count = len(outcome.result.failures)
-            print(f"ce-audit gate: FAILED ({count} failure{'s' if count != 1 else ''})", file=sys.stderr)
+            print(f"ce-audit gate: FAILED ({plural(count, 'failure')})", file=sys.stderr)
         raise typer.Exit(1)

@@ -8,6 +8,7 @@ from collections import defaultdict
 
 from ce_audit.dtypes import FORMATS, FloatFormat, float_format
 from ce_audit.options import options_label
+from ce_audit.printable import plural
 from ce_audit.results import Cell
 from ce_audit.statuses import worst_status
 from ce_audit.verdict import PYTORCH_KERNELS
@@ -91,7 +92,7 @@ def cause(row: Cell) -> str:
             if options.softcap and options.mask_fraction:
                 cap = options.softcap
                 return f"finite: softcap turns −inf masks into −{cap:g} where the exact loss is +inf"
-            return f"finite in {row.finite_where_infinite} rows where the exact loss is +inf"
+            return f"finite in {plural(row.finite_where_infinite, 'row')} where the exact loss is +inf"
         if not math.isnan(row.capped_at):
             return cap_text(row.capped_at, row.max_reference)
         reduced = _reduction_cause(row, fmt)
@@ -222,7 +223,8 @@ def expected_values(rows: list[Cell]) -> list[str]:
         labels = list(dict.fromkeys(f"{options_label(r)} (batch {r.batch})" for r in noted))
         where = "; ".join(labels[:3]) + (f"; {len(labels) - 3} more" if len(labels) > 3 else "")
         statuses = ", ".join(sorted({r.status for r in noted}))
-        lines.append(f"{note} — {impls} in {len(noted)} cells ({dtypes}: {where}): status {statuses}")
+        cells = plural(len(noted), "cell")
+        lines.append(f"{note} — {impls} in {cells} ({dtypes}: {where}): status {statuses}")
     return lines
 
 
@@ -246,12 +248,13 @@ def relative_to_pytorch(rows: list[Cell]) -> dict[str, str]:
             by = "non-finite where PyTorch is finite" if _factor(top) == math.inf else f"×{_factor(top):.3g}"
             which = "gradient" if top.grad_vs_pytorch >= top.loss_vs_pytorch else "loss"
             notes[impl] = (
-                f"worse than PyTorch in {len(worse)} cells, most at {top.dtype} {where(top)}: {which} {by}"
+                f"worse than PyTorch in {plural(len(worse), 'cell')}, most at {top.dtype} {where(top)}: "
+                f"{which} {by}"
             )
         elif own:
             dtypes = ", ".join(dict.fromkeys(r.dtype for r in own))
             notes[impl] = (
-                f"this is PyTorch's own kernel, flagged in {len(own)} cells ({dtypes}); "
+                f"this is PyTorch's own kernel, flagged in {plural(len(own), 'cell')} ({dtypes}); "
                 "=pt cells behave the same"
             )
     return notes
@@ -263,7 +266,7 @@ def conventions(rows: list[Cell]) -> list[str]:
     for impl in dict.fromkeys(row.impl for row in rows if row.convention):
         first = next(row for row in rows if row.impl == impl and row.convention)
         count = sum(1 for row in rows if row.impl == impl and row.convention)
-        lines.append(f"{impl}: convention, not a failure — {first.convention} ({count} cells)")
+        lines.append(f"{impl}: convention, not a failure — {first.convention} ({plural(count, 'cell')})")
     return lines
 
 
@@ -318,4 +321,4 @@ def worst_finding(rows: list[Cell]) -> str:
     row = _first([row for row in bad_grad if row.grad_status == grad])
     dtypes = ", ".join(dict.fromkeys(r.dtype for r in bad_grad))
     word = "non-finite" if grad == "nonfinite" else "past tolerance"
-    return f"gradient {word} in {len(bad_grad)} cells ({dtypes}), from {row.dtype} {where(row)}"
+    return f"gradient {word} in {plural(len(bad_grad), 'cell')} ({dtypes}), from {row.dtype} {where(row)}"

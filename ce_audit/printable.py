@@ -1,4 +1,5 @@
-"""Text from outside the run (a plugin's error or output, a file, a report.json) made safe to print.
+"""Text made to print: from outside the run (a plugin's error or output, a file, a report.json) made
+safe (``printable``), and a count with its noun in the right number (``plural``).
 
 A control character reaching a terminal or a CI log is an instruction, not text: ESC starts a sequence
 that sets the window title, clears the screen or moves the cursor; CR overwrites the line; BEL rings. Every
@@ -17,6 +18,11 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def _shown(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}"
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 cell``, ``2 cells``, ``0 cells``: the count and its noun (``many``: an irregular plural)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
 
 
 def printable(text: str) -> str:

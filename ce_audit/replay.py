@@ -25,6 +25,7 @@ from ce_audit.implementations import registered
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
 from ce_audit.plan.cases import Case, random_class_weights
+from ce_audit.printable import plural
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.run.interruption import UnitCount, received_signal, signal_name
 from ce_audit.run.isolation import session
@@ -142,7 +143,8 @@ def validate_inputs(logits: np.ndarray, targets: np.ndarray, ignore_index: int |
     if targets.ndim != 1:
         raise AuditError(f"targets must be a 1-D (N,) array, got shape {targets.shape}")
     if targets.shape[0] != logits.shape[0]:
-        raise AuditError(f"{targets.shape[0]} targets for {logits.shape[0]} rows of logits")
+        targets_for = f"{plural(targets.shape[0], 'target')} for {plural(logits.shape[0], 'row')}"
+        raise AuditError(f"{targets_for} of logits")
     if logits.shape[1] < 1:
         raise AuditError("logits have no classes (V = 0)")
     _file_format_name(logits)

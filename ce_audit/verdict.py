@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ce_audit.errors import AuditError
+from ce_audit.printable import plural
 from ce_audit.statuses import status_rank, worst_status
 
 PYTORCH_KERNELS = {"ce": "fused", "binary": "bce_logits"}  # PyTorch's kernel for each loss family
@@ -126,6 +127,7 @@ def fail_on_verdict(cells: Sequence[Any], level: str | None) -> str | None:
         return None
     first = failing[0]
     return (
-        f"{len(failing)} of {len(cells)} cells reach --fail-on {level} "
+        f"{len(failing)} of {plural(len(cells), 'cell')} {'reaches' if len(failing) == 1 else 'reach'} "
+        f"--fail-on {level} "
         f"(first: {first.impl} {first.dtype} {first.device} {first.distribution} scale {first.scale:g})"
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ce_audit.findings import cause, notes, where
+from ce_audit.printable import plural
 from ce_audit.ranking import (
     GROUP_TITLES,
     VERDICT_WORDS,
@@ -23,11 +24,6 @@ from ce_audit.ranking import (
 from ce_audit.results import Cell
 from ce_audit.statuses import status_rank
 from ce_audit.verdict import PYTORCH_KERNELS, cell_status
-
-
-def plural(count: int, word: str) -> str:
-    """``1 cell``, ``2 cells``."""
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
 def _which(cell: Cell) -> str:

@@ -175,7 +175,7 @@ def test_an_unshifted_float16_sum_is_worse_than_pytorch_and_says_why():
     with pytest.raises(AssertionError) as raised:
         report.assert_ok()
     first, line = str(raised.value).splitlines()
-    assert first == "1 of 2 cells reach worse-than-pytorch"
+    assert first == "1 of 2 cells reaches worse-than-pytorch"
     assert line.startswith(
         "  unshifted_ce float16 cpu normal scale=10 vocab=64: loss nonfinite, worst row 0, "
         "PyTorch's loss finite — Inf: exp overflows above 11.09 (max logit 28.5)"
@@ -253,7 +253,7 @@ def test_assert_ok_hides_its_frames_from_pytest(tmp_path):
     )  # fmt: skip
     assert run.returncode == 1, run.stdout + run.stderr
     assert ">       report.assert_ok()  # the user's line" in run.stdout
-    assert "E       AssertionError: 1 of 1 cells reach inaccurate" in run.stdout
+    assert "E       AssertionError: 1 of 1 cell reaches inaccurate" in run.stdout
     assert "E         naive float16 cpu normal scale=100 vocab=64: loss nonfinite" in run.stdout
     line = test_file.read_text().splitlines().index("    report.assert_ok()  # the user's line") + 1
     assert f"test_user_kernel.py:{line}: AssertionError" in run.stdout

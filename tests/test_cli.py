@@ -247,6 +247,18 @@ def test_list_shows_every_builtin():
         assert REGISTRY[name].origin.split(",")[0] in result.stdout
 
 
+def test_list_says_where_each_implementation_comes_from(monkeypatch):
+    """Built-ins by their formulation in words, a plugin by its file, relative to the working directory."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    result = runner.invoke(app, ["list", "--plugin", "examples/plugin/my_ce.py"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "built-in, the textbook naive form" in result.stdout
+    assert "built-in, Blanchard, Higham & Higham 2021" in result.stdout
+    assert "plugin examples/plugin/my_ce.py" in result.stdout
+    for words in ("seed 00", "seeds 00", "step 4", "step 8"):
+        assert words not in result.stdout
+
+
 def test_list_prints_descriptions_as_text_not_markup():
     """bce_naive's description holds square brackets, which Rich would take for a markup tag."""
     result = runner.invoke(app, ["list"])

@@ -92,7 +92,7 @@ def test_the_fail_on_policy():
     line = "2 of 2 cells reach --fail-on inaccurate (first: fused float16 cpu normal scale 1)"
     assert fail_on_verdict([replace(ok, grad_status="inaccurate"), bad], "inaccurate") == line
     assert fail_on_verdict([ok, bad], "nonfinite") == (
-        "1 of 2 cells reach --fail-on nonfinite (first: naive float16 cpu normal scale 1000)"
+        "1 of 2 cells reaches --fail-on nonfinite (first: naive float16 cpu normal scale 1000)"
     )
     check_fail_level("worse-than-pytorch")
     with pytest.raises(AuditError, match="--fail-on takes one of inaccurate, nonfinite, error, worse"):
@@ -152,7 +152,7 @@ def test_a_sweep_shows_its_report_then_says_how_it_ends(tmp_path):
     assert run.paths[0] == str(tmp_path / "out" / "summary.csv") and Path(run.paths[0]).is_file()
     assert run.interruption is None
     assert run.fail_on == (
-        "1 of 1 cells reach --fail-on nonfinite (first: naive float16 cpu normal scale 1000)"
+        "1 of 1 cell reaches --fail-on nonfinite (first: naive float16 cpu normal scale 1000)"
     )
     assert sweep_to_report(None, overrides, quiet=True).fail_on is None  # no level, no verdict
     assert load_config(None, overrides).grids == ()

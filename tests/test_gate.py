@@ -130,6 +130,43 @@ def test_a_baseline_cannot_run_code(baseline, capsys):
     assert not plugin.with_name("ran").exists()
 
 
+def test_update_of_a_new_baseline_audits_what_sweep_runs_here(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.ce-audit]\nimpls = ["fused", "shifted"]\ndtypes = ["float32"]\ndevices = ["cpu"]\n'
+        'distributions = ["normal"]\nscales = [1]\noffsets = [0]\nvocabs = [16]\nbatches = [4]\n'
+    )
+    code, out, err = run_cli(["gate", "precision/baseline", "--update"], capsys)
+    assert code == 0, out + err
+    assert "baseline written: precision/baseline (2 cells)" in out
+    rows = read_rows(tmp_path / "precision" / "baseline" / "summary.csv")
+    assert [(row["impl"], row["vocab"]) for row in rows] == [("fused", "16"), ("shifted", "16")]
+
+
+def test_a_plugin_file_in_the_working_directory_given_at_update_is_remembered(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PLUGINS / "variant_accurate.py", tmp_path / "variant.py")
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.ce-audit]\nimpls = ["variant_ce"]\ndtypes = ["float16"]\ndevices = ["cpu"]\n'
+        'distributions = ["normal"]\nscales = [20]\noffsets = [0]\nvocabs = [64]\nbatches = [8]\n'
+    )
+    code, out, err = run_cli(["gate", "first", "--update", "--plugin", "variant.py"], capsys)
+    assert code == 0 and "baseline written: first (1 cell)" in out, out + err
+    code, out, err = run_cli(["gate", "first"], capsys)  # recorded as variant.py: loaded again
+    assert code == 0 and "PASSED: 1 cell held" in out, out + err
+    shutil.copy(PLUGINS / "variant_naive.py", tmp_path / "variant.py")
+    code, out, err = run_cli(["gate", "first"], capsys)  # the file as it is now is the one audited
+    assert code == 1 and "status ok → nonfinite" in out, out + err
+    (tmp_path / "variant.py").unlink()
+    code, out, err = run_cli(["gate", "first"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "written with the plugin variant.py, and there is no such file here" in err
+    shutil.copy(PLUGINS / "variant_accurate.py", tmp_path / "moved.py")
+    code, out, err = run_cli(["gate", "first", "--update", "--plugin", "moved.py"], capsys)
+    assert code == 0, out + err  # --plugin gives the plugin instead of the one that is gone
+    assert json.loads((tmp_path / "first" / "report.json").read_text())["config"]["plugins"] == ["moved.py"]
+
+
 def test_update_bootstraps_a_baseline_from_a_config(tmp_path, capsys):
     config = tmp_path / "ci.toml"
     config.write_text(

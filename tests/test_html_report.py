@@ -17,6 +17,7 @@ import pytest
 from ce_audit.cli import main
 from ce_audit.errors import AuditError
 from ce_audit.plugins import isolated
+from ce_audit.printable import plural
 from ce_audit.reports import plots
 from ce_audit.reports.csv import read_cells
 from ce_audit.reports.html import finding_cells
@@ -222,3 +223,16 @@ def test_report_markdown_lists_or_inlines_the_plots(report_dir, tmp_path):
         return
     assert pngs and all(f"`plots/{name}`" in text for name in pngs) and "data:" not in text
     assert embedded.count("](data:image/png;base64,") == len(pngs)
+
+
+def test_the_page_names_what_the_verdict_changes_with_and_counts_in_words(report_dir):
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    cells = read_cells(report_dir / "summary.csv").cells
+    verdicts = "the verdict changes most along <b>scale</b>, the heatmaps' axis."
+    assert f"<p>{len(cells)} cells; {verdicts}" in page
+    assert not re.search(r"\b1 (cells|rows|cases|implementations)\b", page)
+
+
+def test_plural_agrees_with_the_count():
+    assert [plural(n, "cell") for n in (0, 1, 2)] == ["0 cells", "1 cell", "2 cells"]
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,17 @@ def test_progress_advances_once_per_unit_in_workers() -> None:
     advanced: list[float] = []
     results = list(ProcessExecutor(2).map(abs, [-3, 1, -2], advanced.append))  # type: ignore[arg-type]
     assert results == [3, 1, 2] and sum(advanced) == 3
+
+
+def test_progress_counts_the_cells_of_each_unit_in_workers_and_in_this_process(tiny_config: object) -> None:
+    units, _ = plan_units(tiny_config)  # type: ignore[arg-type]
+    cells = len(run_sweep(tiny_config).cells)  # type: ignore[arg-type]
+    assert cells == sum(unit.cells for unit in units) and all(unit.cells == 2 for unit in units)
+    in_workers: list[float] = []
+    list(ProcessExecutor(2).map(attrgetter("index"), units, in_workers.append))
+    here: list[float] = []
+    run_sweep(tiny_config, progress=here.append)  # type: ignore[arg-type]
+    assert sum(in_workers) == cells and abs(sum(here) - cells) < 1e-9
 
 
 def test_default_jobs_keep_a_small_sweep_in_this_process(tiny_config: object) -> None:

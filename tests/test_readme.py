@@ -28,6 +28,13 @@ RUN: dict[str, bool] = {
     "ce-audit sweep -h": False,
     "ruff check ce_audit tests benchmarks examples": False,
 }
+# the "In CI" block, run in order in one directory, and the exit code each is meant to end with (the
+# default audit has NaN cells, so --fail-on nonfinite fails it)
+IN_CI: dict[str, int] = {
+    "ce-audit gate precision/baseline --update": 0,
+    "ce-audit gate precision/baseline --markdown gate.md": 0,
+    "ce-audit sweep --fail-on nonfinite": 1,
+}
 # commands not run here, and why
 NOT_RUN: dict[str, str] = {
     "python -m pytest": "the test suite itself",
@@ -37,9 +44,6 @@ NOT_RUN: dict[str, str] = {
     "python3 -m venv .venv && . .venv/bin/activate": "creates an environment (checked by hand)",
     "pip install torch --index-url https://download.pytorch.org/whl/cpu": "installs packages",
     'pip install ".[dev]"': "installs packages",
-    "ce-audit gate precision/baseline --update": "a full default sweep; tests/test_gate.py runs --update",
-    "ce-audit gate precision/baseline --markdown gate.md": "a full default sweep; tests/test_gate.py runs it",
-    "ce-audit sweep --fail-on nonfinite": "a full default sweep; tests/test_verdicts.py runs --fail-on",
     "python benchmarks/overhead.py": "a benchmark of several minutes",
 }
 
@@ -74,8 +78,10 @@ def shell_commands() -> list[str]:
 def test_every_readme_command_is_run_or_accounted_for():
     commands = shell_commands()
     assert commands, "no bash blocks found"
-    assert set(commands) == set(RUN) | set(NOT_RUN)
-    assert not set(RUN) & set(NOT_RUN)
+    assert set(commands) == set(RUN) | set(IN_CI) | set(NOT_RUN)
+    assert not set(RUN) & set(NOT_RUN) and not set(IN_CI) & (set(RUN) | set(NOT_RUN))
+    in_ci = [c for c in commands if c in IN_CI]
+    assert in_ci == list(IN_CI), "the In CI block runs in the README's order"
 
 
 def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -139,3 +145,87 @@ def test_readme_speaks_no_project_history():
         assert words not in README
     first_screen = "\n".join(README.splitlines()[:30])
     assert "ce-audit sweep" in first_screen and "python -m pytest" in first_screen
+
+
+# A small audit for the fast runs of the "In CI" block: the README's lines as written, in a directory whose
+# pyproject.toml narrows what `ce-audit sweep` (and so a new baseline) audits there.
+SMALL_PROJECT = """\
+[tool.ce-audit]
+dtypes = ["float16"]
+devices = ["cpu"]
+distributions = ["normal"]
+scales = [1, 100]
+offsets = [0]
+vocabs = [32]
+batches = [4]
+"""
+ACCURATE_PLUGIN = """\
+import ce_audit
+import torch
+
+
+@ce_audit.register("my_ce")
+def my_ce(logits, targets):
+    return -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+"""
+NAIVE_PLUGIN = ACCURATE_PLUGIN.replace(
+    "-torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)",
+    "-torch.log(torch.exp(logits).gather(1, targets[:, None]).squeeze(1) / torch.exp(logits).sum(1))",
+)
+
+
+def summary_impls(path: Path) -> list[str]:
+    return [line.split(",")[0] for line in path.read_text().splitlines()[1:]]
+
+
+def run_in_ci_block(cwd: Path, update_with: str = "", lines: int = 3) -> list[subprocess.CompletedProcess]:
+    """The "In CI" block's first ``lines`` in order (``update_with`` appended to the --update line), each
+    checked against the exit code it is meant to end with."""
+    done = []
+    for command, code in list(IN_CI.items())[:lines]:
+        line = f"{command} {update_with}".strip() if command.endswith("--update") else command
+        done.append(run_shell(line, cwd))
+        assert done[-1].returncode == code, (line, done[-1].stdout[-2000:], done[-1].stderr[-2000:])
+    return done
+
+
+def test_readme_ci_block_runs_as_written_on_a_small_project(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(SMALL_PROJECT)
+    update, compare, fail_on = run_in_ci_block(tmp_path)
+    baseline = tmp_path / "precision" / "baseline"
+    impls = summary_impls(baseline / "summary.csv")
+    assert len(impls) == 26 and "naive" in impls  # the 13 ce built-ins × 2 scales: the project's audit
+    assert f"baseline written: precision/baseline ({len(impls)} cells)" in update.stdout
+    assert f"PASSED: {len(impls)} cells held" in compare.stdout
+    assert (tmp_path / "gate.md").read_text().startswith("## ce-audit precision gate: ✅ passed")
+    assert "reach --fail-on nonfinite" in fail_on.stdout + fail_on.stderr
+
+
+def test_readme_ci_block_remembers_the_plugin_given_at_update(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(SMALL_PROJECT)
+    plugin = tmp_path / "my_ce.py"
+    plugin.write_text(ACCURATE_PLUGIN)
+    run_in_ci_block(tmp_path, update_with="--plugin my_ce.py", lines=2)  # --update, then the compare
+    baseline = tmp_path / "precision" / "baseline"
+    assert summary_impls(baseline / "summary.csv").count("my_ce") == 2
+    compare = next(command for command, code in IN_CI.items() if code == 0 and "--update" not in command)
+    plugin.write_text(NAIVE_PLUGIN)  # the compare runs the file as it is now: a regression is seen
+    regressed = run_shell(compare, tmp_path)
+    assert regressed.returncode == 1, regressed.stdout[-2000:] + regressed.stderr[-2000:]
+    assert "my_ce: 1 of 2 cells regressed (float16, scale 100): status ok → nonfinite" in regressed.stdout
+    plugin.unlink()  # a remembered plugin that is gone: one line, exit 2
+    gone = run_shell(compare, tmp_path)
+    assert gone.returncode == 2 and gone.stderr.count("\n") == 1, gone.stderr
+    assert "plugin my_ce.py" in gone.stderr and "Traceback" not in gone.stderr
+
+
+@pytest.mark.slow
+def test_readme_ci_block_runs_as_written(tmp_path):
+    """The block's lines exactly, on the default audit (three full sweeps)."""
+    update, compare, fail_on = run_in_ci_block(tmp_path)
+    cells = len(summary_impls(tmp_path / "precision" / "baseline" / "summary.csv"))
+    assert f"baseline written: precision/baseline ({cells} cells)" in update.stdout
+    assert f"the default audit: {cells} cells" in README
+    assert f"PASSED: {cells} cells held" in compare.stdout
+    assert (tmp_path / "gate.md").read_text().startswith("## ce-audit precision gate: ✅ passed")
+    assert "reach --fail-on nonfinite" in fail_on.stdout + fail_on.stderr

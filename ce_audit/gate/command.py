@@ -81,6 +81,42 @@ def _recorded_config(report: dict[str, Any] | None, source: str) -> SweepConfig:
         raise AuditError(f"config recorded in report.json beside {source}: {error}") from None
 
 
+def checkout_file(spec: str) -> Path | None:
+    """The file a plugin spec names, where it is a path inside the working directory (a module name, or a
+    path outside it or leading out of it by a link: None)."""
+    if not (spec.endswith(".py") or "/" in spec or "\\" in spec):
+        return None
+    here = Path.cwd().resolve()
+    place = (here / spec).resolve()
+    return place if here in place.parents else None
+
+
+def recorded_plugins(
+    recorded: Sequence[str], given: Sequence[str], source: str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Which of the plugins a baseline recorded a re-run imports without --baseline-plugins: (loaded,
+    ignored). A plugin file inside the working directory (the checkout, whose code CI runs anyway) is
+    loaded; a module name or a file outside it is not (a baseline from elsewhere must not make the gate
+    import code from outside the project), unless given again with --plugin. A recorded file that is gone
+    is an error, unless --plugin gives the plugins instead."""
+    loaded, ignored = [], []
+    for spec in recorded:
+        if spec in given:
+            continue  # --plugin adds it anyway
+        place = checkout_file(spec)
+        if place is None:
+            ignored.append(spec)
+        elif place.is_file():
+            loaded.append(spec)
+        elif not any(text.strip() for text in given):
+            raise AuditError(
+                f"the baseline {source} was written with the plugin {printable(spec)}, and there is no such "
+                "file here: run the gate where the baseline was written, restore the file, or give the "
+                "plugin with --plugin"
+            )
+    return tuple(loaded), tuple(ignored)
+
+
 @dataclass(frozen=True)
 class GateRun:
     """A gate evaluation: the verdict, both audits, and the fresh result (None with --current)."""
@@ -110,8 +146,10 @@ def run_gate(
     """Read the baseline, obtain the current audit (``current_path`` or a fresh run), compare.
 
     The fresh run uses ``config_path`` if given, else the config recorded in the baseline's report.json (a
-    recorded replay re-reads its logits files). Plugins are imported from ``plugins`` only, and from the
-    baseline's recorded ones only with ``baseline_plugins`` (a baseline must not be able to run code).
+    recorded replay re-reads its logits files), else (``allow_missing_baseline``, no baseline yet) the
+    config ``ce-audit sweep`` runs here. Plugins are imported from ``plugins``, and of the baseline's
+    recorded ones the files inside the working directory (``recorded_plugins``); all of them with
+    ``baseline_plugins``.
     Budgets come from ``budgets`` and from every config involved; growth tolerances from the arguments,
     else the config, else 1 ULP / 10%. Fails closed: a baseline without cells, or a comparison in which no
     cell was compared and nothing failed, raises AuditError (unless ``allow_missing_baseline``: --update).
@@ -137,8 +175,10 @@ def run_gate(
             run_config = _recorded_config(baseline.report, baseline.source)
             command = str(baseline.report.get("command", "sweep")) if baseline.report else "sweep"
             if not baseline_plugins:
-                ignored_plugins = tuple(p for p in run_config.plugins if p not in plugins)
-                run_config = run_config.updated(plugins=())
+                loaded, ignored_plugins = recorded_plugins(run_config.plugins, plugins, baseline.source)
+                run_config = run_config.updated(plugins=loaded)
+        elif allow_missing_baseline:  # a new baseline: what `ce-audit sweep` runs here
+            run_config = load_config(None, {}, search_from=Path.cwd())
         else:
             raise AuditError("nothing to audit: give a BASELINE with its report.json, --current or --config")
         # --plugin adds to the plugins (its [[grids]] too); a blank one (an unset CI variable) is left out

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from ce_audit.gate.compare import CellOutcome, Failure, GateResult, shown
+from ce_audit.printable import plural
 from ce_audit.results import unit_of
 
 MAX_DETAIL = 40  # per-cell failure lines shown after the summary (the JUnit report has every one)
@@ -29,7 +30,7 @@ class ImplRegression:
     def line(self) -> str:
         where = f" ({self.where})" if self.where else ""
         body = f": {', '.join(self.changes)}" if self.changes else ""
-        return f"{self.impl}: {self.failing} of {self.total} cells regressed{where}{body}"
+        return f"{self.impl}: {self.failing} of {plural(self.total, 'cell')} regressed{where}{body}"
 
 
 def _number(text: str) -> float | None:

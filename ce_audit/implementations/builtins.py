@@ -30,7 +30,12 @@ _BINARY = frozenset({"reduction", "weight", "probs"})
 
 # name, description, origin, family (all torch)
 _FAMILY_BUILTINS = [
-    ("focal", "seed 002: ce = F.cross_entropy; p_t = exp(−ce); α (1 − p_t)^γ · ce", "seed 002", "focal"),
+    (
+        "focal",
+        "ce = F.cross_entropy; p_t = exp(−ce); α (1 − p_t)^γ · ce",
+        "a common focal-loss recipe",
+        "focal",
+    ),
     (
         "focal_softmax",
         "p_t = softmax(z)[y]; −α (1 − p_t)^γ · log p_t",
@@ -40,27 +45,44 @@ _FAMILY_BUILTINS = [
     (
         "focal_accurate",
         "accurate ce; 1 − p_t = −expm1(−ce); α (1 − p_t)^γ · ce",
-        "seed 002 with expm1",
+        "that focal-loss recipe with expm1",
         "focal",
     ),
-    ("bce_sigmoid", "F.binary_cross_entropy(torch.sigmoid(z), y)", "seeds 001/002 (nn.BCELoss)", "binary"),
-    ("bce_logits", "F.binary_cross_entropy_with_logits(z, y)", "seed 002 (nn.BCEWithLogitsLoss)", "binary"),
-    ("bce_naive", "−[y log σ(z) + (1 − y) log(1 − σ(z))] by hand", "seed 001 (BCE formula)", "binary"),
-    ("bce_softplus", "F.softplus(z) − y·z", "softplus form with cancellation", "binary"),
+    ("bce_sigmoid", "F.binary_cross_entropy(torch.sigmoid(z), y)", "nn.BCELoss after a sigmoid", "binary"),
+    ("bce_logits", "F.binary_cross_entropy_with_logits(z, y)", "nn.BCEWithLogitsLoss", "binary"),
+    (
+        "bce_naive",
+        "−[y log σ(z) + (1 − y) log(1 − σ(z))] by hand",
+        "the textbook binary cross-entropy",
+        "binary",
+    ),
+    ("bce_softplus", "F.softplus(z) − y·z", "the softplus form, with its cancellation", "binary"),
 ]
 
 _BUILTINS = [
-    ("naive", "torch", "exp, sum, divide, log: −log(exp(z_y) / Σ exp(z))", "seed 000, step 4", ()),
-    ("softmax_log", "torch", "torch.softmax, then log of the target probability", "seed 000, step 5", ()),
-    ("shifted", "torch", "subtract the row max, exp, sum, log; −(z_y − m − log Σ)", "seed 000, step 8", ()),
-    ("logsumexp", "torch", "torch.logsumexp(z) − z_y", "seed 004 (LogSumExp trick)", ()),
-    ("log_softmax_nll", "torch", "F.nll_loss(F.log_softmax(z))", "seeds 001/002 (NLLLoss route)", ()),
-    ("fused", "torch", "F.cross_entropy (PyTorch's fused kernel)", "seeds 000/001/002", ()),
+    ("naive", "torch", "exp, sum, divide, log: −log(exp(z_y) / Σ exp(z))", "the textbook naive form", ()),
+    (
+        "softmax_log",
+        "torch",
+        "torch.softmax, then log of the target probability",
+        "the softmax-then-log form",
+        (),
+    ),
+    (
+        "shifted",
+        "torch",
+        "subtract the row max, exp, sum, log; −(z_y − m − log Σ)",
+        "the max-shifted textbook form",
+        (),
+    ),
+    ("logsumexp", "torch", "torch.logsumexp(z) − z_y", "the log-sum-exp trick", ()),
+    ("log_softmax_nll", "torch", "F.nll_loss(F.log_softmax(z))", "PyTorch's nn.NLLLoss route", ()),
+    ("fused", "torch", "F.cross_entropy (PyTorch's fused kernel)", "PyTorch's nn.CrossEntropyLoss", ()),
     (
         "chunked",
         "torch",
         "logsumexp per vocabulary chunk, chunks combined by a second logsumexp",
-        "seed 004 (chunked cross entropy)",
+        "chunked cross-entropy for large vocabularies",
         ("chunk_size",),
     ),
     (
@@ -77,9 +99,15 @@ _BUILTINS = [
         "Blanchard, Higham & Higham 2021",
         (),
     ),
-    ("numpy_naive", "numpy", "NumPy exp, sum, divide, log", "seed 000, step 4 in NumPy", ()),
-    ("numpy_shifted", "numpy", "NumPy max-shifted log-sum-exp − z_y", "seed 003 / seed 000 step 8", ()),
-    ("numpy_eps", "numpy", "shifted softmax, then −log(p_y + 1e-7)", "seed 003", ()),
+    ("numpy_naive", "numpy", "NumPy exp, sum, divide, log", "the textbook naive form in NumPy", ()),
+    ("numpy_shifted", "numpy", "NumPy max-shifted log-sum-exp − z_y", "a common NumPy version", ()),
+    (
+        "numpy_eps",
+        "numpy",
+        "shifted softmax, then −log(p_y + 1e-7)",
+        "a common NumPy version with an epsilon",
+        (),
+    ),
     (
         "rounded",
         "torch",

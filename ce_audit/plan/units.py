@@ -30,6 +30,11 @@ class Unit:
         return self.case.options
 
     @property
+    def cells(self) -> int:
+        """The cells it adds to the report: one per implementation and device (what progress counts)."""
+        return len(self.impls) * len(self.devices)
+
+    @property
     def cost(self) -> int:
         """An estimate of the work: rows × vocabulary × (implementations + the reference) × devices."""
         if not self.impls:

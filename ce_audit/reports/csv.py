@@ -24,7 +24,7 @@ from typing import Any
 
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
-from ce_audit.printable import printable
+from ce_audit.printable import plural, printable
 from ce_audit.reports.files import write_atomically
 from ce_audit.results import (
     CELL_COLUMNS,
@@ -167,7 +167,7 @@ def read_cells(path: str | Path, what: str = "summary") -> SummaryFile:
                 continue
             if len(values) != len(header):
                 raise AuditError(
-                    f"{what} {path}, line {number}: {len(values)} fields, expected {len(header)}"
+                    f"{what} {path}, line {number}: {plural(len(values), 'field')}, expected {len(header)}"
                 )
             cell, extra = _typed_cell(dict(zip(header, values, strict=True)), f"{what} {path}, line {number}")
             cells.append(cell)

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from ce_audit.gate.compare import GateResult
 from ce_audit.gate.summary import MAX_DETAIL, summary_lines
+from ce_audit.printable import plural
 
 
 def print_gate(result: GateResult, console: Console) -> None:
@@ -33,7 +34,7 @@ def print_gate(result: GateResult, console: Console) -> None:
         if len(result.failures) > MAX_DETAIL:
             left = len(result.failures) - MAX_DETAIL
             console.print(
-                f"… and {_plural(left, 'more failure')} (--junit or --markdown lists every one)",
+                f"… and {plural(left, 'more failure')} (--junit or --markdown lists every one)",
                 highlight=False,
                 markup=False,
             )
@@ -47,18 +48,14 @@ def print_gate(result: GateResult, console: Console) -> None:
     for note in result.notes:
         console.print(f"note: {note}", style="dim", highlight=False, markup=False)
     failing = sum(1 for cell in result.cells if cell.failures)
-    budgets = f", {_plural(len(result.budgets), 'budget')}" if result.budgets else ""
+    budgets = f", {plural(len(result.budgets), 'budget')}" if result.budgets else ""
     if result.passed:
         console.print(
-            f"[green]PASSED[/green]: {_plural(len(result.cells), 'cell')} held{budgets}.", highlight=False
+            f"[green]PASSED[/green]: {plural(len(result.cells), 'cell')} held{budgets}.", highlight=False
         )
     else:
         console.print(
-            f"[bold red]FAILED[/bold red]: {_plural(len(result.failures), 'failure')} in {failing} of "
-            f"{_plural(len(result.cells), 'cell')}{budgets}.",
+            f"[bold red]FAILED[/bold red]: {plural(len(result.failures), 'failure')} in {failing} of "
+            f"{plural(len(result.cells), 'cell')}{budgets}.",
             highlight=False,
         )
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"

@@ -21,7 +21,7 @@ from typing import Any
 
 from ce_audit.findings import findings
 from ce_audit.options import options_label
-from ce_audit.printable import printable
+from ce_audit.printable import plural, printable
 from ce_audit.ranking import CELL_VERDICTS, cell_verdict, factor, implementation_name, ranked
 from ce_audit.reports import plots
 from ce_audit.reports.files import ReportFile
@@ -125,7 +125,7 @@ def _findings_html(cells: list[Cell]) -> str:
         links = " ".join(f'<a href="#cell-{i}">#{i}</a>' for i in linked[:MAX_LINKS])
         if len(linked) > MAX_LINKS:
             links += f" … and {len(linked) - MAX_LINKS} more"
-        where = f'<div class="links">{len(linked)} cell{"s" if len(linked) != 1 else ""}: {links}</div>'
+        where = f'<div class="links">{plural(len(linked), "cell")}: {links}</div>'
         name, colon, rest = line.partition(": ")
         parts = PART_BOUNDARY.split(rest) if colon else []
         if len(parts) > 1:
@@ -243,7 +243,8 @@ def html_report(
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>ce-audit report: {len(cells)} cells</title><style>{STYLE}</style></head><body>",
+            f"<title>ce-audit report: {plural(len(cells), 'cell')}</title>",
+            f"<style>{STYLE}</style></head><body>",
             "<h1>ce-audit report</h1>",
             _meta_html(document),
             '<p><a href="#figures">Figures</a> · <a href="#findings">Every finding</a> · '
@@ -254,7 +255,9 @@ def html_report(
             _overview_html(cells),
             f'<p class="legend">{_e(legend(cells, False))}</p>',
             '<h2 id="figures">Figures</h2>',
-            f"<p>The sweep varies along <b>{_e(dimension)}</b>.</p>" if dimension else "",
+            f"<p>The verdict changes most along <b>{_e(dimension)}</b>, the heatmaps' axis.</p>"
+            if dimension
+            else "",
             _figures_html(figures),
             '<h2 id="findings">Every finding</h2>',
             _findings_html(cells),

@@ -5,6 +5,7 @@ implementation, its lines wrapped on word boundaries with a hanging indent, so n
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 from rich.console import Console
@@ -13,11 +14,20 @@ from rich.text import Text
 
 from ce_audit.devices import resolve_devices
 from ce_audit.dtypes import DTYPE_NAMES
-from ce_audit.implementations import REGISTRY
+from ce_audit.implementations import REGISTRY, Implementation
 from ce_audit.printable import printable
 
 STACKED_BELOW = 140  # narrower consoles get one block per implementation instead of a table
 COLUMNS = ("name", "backend", "what it computes", "origin", "dtypes", "loss", "options")
+
+
+def origin_words(entry: Implementation) -> str:
+    """Where an implementation comes from, as a user reads it: ``built-in, the textbook naive form``, or
+    ``plugin examples/plugin/my_ce.py`` (a path under the working directory written relative to it)."""
+    if entry.builtin:
+        return f"built-in, {entry.origin}"
+    root = os.getcwd().rstrip(os.sep) + os.sep
+    return entry.origin.replace(root, "") if root != os.sep else entry.origin
 
 
 def _rows() -> list[tuple[str, ...]]:
@@ -25,7 +35,7 @@ def _rows() -> list[tuple[str, ...]]:
     for entry in REGISTRY.values():
         dtypes = "all" if entry.dtypes == DTYPE_NAMES else ", ".join(entry.dtypes)
         supports = ", ".join(sorted(entry.supports)) or "—"
-        described = (entry.name, entry.backend, entry.description, entry.origin, dtypes, entry.family)
+        described = (entry.name, entry.backend, entry.description, origin_words(entry), dtypes, entry.family)
         rows.append(tuple(printable(text) for text in (*described, supports)))  # a docstring may hold any
     return rows
 

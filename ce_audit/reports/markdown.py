@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ce_audit.gate.compare import GateResult
-from ce_audit.printable import printable
+from ce_audit.printable import plural, printable
 from ce_audit.reports.files import write_atomically
 
 MAX_LISTED = 50
@@ -25,13 +25,9 @@ def gate_markdown(result: GateResult) -> str:
     lines = [
         f"## ce-audit precision gate: {verdict}",
         "",
-        f"{len(cells)} cells, baseline {source} against {result.current_source}: "
+        f"{plural(len(cells), 'cell')}, baseline {source} against {result.current_source}: "
         f"{len(failing)} failing, {len(result.new)} new, {len(result.missing)} missing"
-        + (
-            f"; {len(result.budgets)} budget{'s' if len(result.budgets) != 1 else ''}."
-            if result.budgets
-            else "."
-        ),
+        + (f"; {plural(len(result.budgets), 'budget')}." if result.budgets else "."),
         "",
     ]
     if result.failures:

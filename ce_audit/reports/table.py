@@ -22,11 +22,12 @@ from rich.text import Text
 from ce_audit.dtypes import LIMITED_FLOAT64_REFERENCE, reference_precision
 from ce_audit.findings import findings
 from ce_audit.options import label_meanings, options_label
+from ce_audit.printable import plural
 from ce_audit.ranking import CELL_VERDICTS, cell_verdict, factor, factor_text, implementation_name, ranked
 from ce_audit.results import Cell
 from ce_audit.statuses import UNMEASURED
 from ce_audit.verdict import cell_status
-from ce_audit.verdict_story import counts_text, plural, story
+from ce_audit.verdict_story import counts_text, story
 
 STYLES = {
     "worse": "bold red",

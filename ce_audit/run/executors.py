@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ce_audit.plan.units import Unit
     from ce_audit.results import Cell
 
-Progress = Callable[[float], None]
+Progress = Callable[[float], None]  # advance(cells): the cells done since the last call (Unit.cells)
 UnitFunction = Callable[..., "list[Cell]"]  # function(unit, progress=None) -> the unit's cells
 
 # Below this estimated cost (rows × vocabulary × implementations × devices, summed over units) a sweep
@@ -145,7 +145,7 @@ class ProcessExecutor:
             )
             futures = [pool.submit(function, unit) for unit in units]
         try:
-            yield from _in_order(futures, progress)
+            yield from _in_order(futures, progress, [cells_of(unit) for unit in units])
         except BrokenProcessPool as error:
             if not _interrupted_soon():  # a worker stopped by the signal the run received is not a failure
                 raise AuditError(f"a worker process died ({error}); run with --jobs 1 to see why") from None
@@ -187,9 +187,17 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
             process.join()
 
 
-def _in_order(futures: list[Future[list[Cell]]], progress: Progress | None) -> Iterator[list[Cell]]:
-    """Each future's result in list order, advancing ``progress`` by one as each finishes; once the run
-    is asked to stop, only those already completed in order."""
+def cells_of(unit: Any) -> int:
+    """What a finished unit advances progress by: its cells (Unit.cells); one for any other work item."""
+    return int(getattr(unit, "cells", 1))
+
+
+def _in_order(
+    futures: list[Future[list[Cell]]], progress: Progress | None, cells: Sequence[int]
+) -> Iterator[list[Cell]]:
+    """Each future's result in list order, advancing ``progress`` by its unit's ``cells`` as each
+    finishes; once the run is asked to stop, only those already completed in order."""
+    counts = dict(zip(futures, cells, strict=True))
     pending = set(futures)
     position = 0
     while position < len(futures):
@@ -197,7 +205,7 @@ def _in_order(futures: list[Future[list[Cell]]], progress: Progress | None) -> I
         if pending and not stopping:
             done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
             if progress and done:
-                progress(float(len(done)))
+                progress(float(sum(counts[future] for future in done)))
         while position < len(futures) and futures[position].done():
             yield futures[position].result()  # a worker's AuditError is raised here, as it was there
             position += 1
@@ -238,6 +246,7 @@ class RayExecutor:
         try:
             task = ray.remote(function)
             references = [task.options(**self.resources(unit)).remote(unit) for unit in units]
+            counts = {reference: cells_of(unit) for reference, unit in zip(references, units, strict=True)}
             pending = list(references)
             finished: set[Any] = set()
             position = 0
@@ -246,7 +255,7 @@ class RayExecutor:
                     done, pending = ray.wait(pending, num_returns=1)
                     finished.update(done)
                     if progress:
-                        progress(float(len(done)))
+                        progress(float(sum(counts[reference] for reference in done)))
                 while position < len(references) and references[position] in finished:
                     yield _ray_result(ray, references[position])
                     position += 1

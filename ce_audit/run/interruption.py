@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ce_audit.printable import plural
+
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _received: list[int] = []  # the signals received while stop_on_signals() is active
 
@@ -117,11 +119,11 @@ def interruption_of(result: Any, out: Path) -> Interruption | None:
     if not name:
         return None
     done, total = result.units_done, result.units_total
-    status = f"partial report: {done} of {total} units completed (interrupted by {name})"
+    status = f"partial report: {done} of {plural(total, 'unit')} completed (interrupted by {name})"
     if not result.partial:
         status = f"interrupted by {name} after the last unit: the report is complete"
     what = "the partial report" if result.partial else "the report"
-    message = f"interrupted by {name}: {what} of {done} of {total} units is in {out}"
+    message = f"interrupted by {name}: {what} of {done} of {plural(total, 'unit')} is in {out}"
     return Interruption(status, message, exit_code(signal.Signals[name].value))
 
 

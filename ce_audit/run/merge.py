@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ce_audit.errors import AuditError
+from ce_audit.printable import plural
 from ce_audit.reports.bundle import RUN_NAME, STAGING_PREFIX, ReportDirectory, digest, run_id
 from ce_audit.reports.csv import read_cells
 from ce_audit.reports.files import ReportFile
@@ -156,7 +157,8 @@ def merge_reports(directories: list[Path], out: Path) -> list[str]:
             position += cells
         if position != len(lines):
             raise AuditError(
-                f"{directory}: summary.csv has {len(lines)} rows, report.json accounts for {position}"
+                f"{directory}: summary.csv has {plural(len(lines), 'row')}, "
+                f"report.json accounts for {position}"
             )
     missing = [str(k) for k in range(1, count + 1) if k not in seen]
     if missing:
@@ -164,7 +166,7 @@ def merge_reports(directories: list[Path], out: Path) -> list[str]:
             f"shard {', '.join(f'{k}/{count}' for k in missing)} missing: merge needs all {count}"
         )
     if sorted(owner) != list(range(total)):
-        raise AuditError(f"the shards ran {len(owner)} of the sweep's {total} units")
+        raise AuditError(f"the shards ran {len(owner)} of the sweep's {plural(total, 'unit')}")
     return _write_merged(shards, pieces, header, out)
 
 

@@ -121,6 +121,10 @@ class CaseSource:
         return None
 
 
+def _scaled(progress: Progress, cells: int, fraction: float) -> None:
+    progress(fraction * cells)
+
+
 def run_unit(
     unit: Unit, progress: Progress | None = None, reproducers: ReproducerSink | None = None
 ) -> list[Cell] | None:
@@ -131,9 +135,9 @@ def run_unit(
     (in this process only) collects the worst rows of every failing cell. None: the run was interrupted
     inside the unit (it is dropped whole)."""
     if not unit.impls:
-        if progress:
-            progress(1.0)
         return []
+    if progress is not None:  # the pipeline reports fractions of the unit; progress counts cells
+        progress = functools.partial(_scaled, progress, unit.cells)
     grid = unit.grid
     impls = prepare(unit.impls, grid.plugins)
     source = CaseSource(unit.case, grid.block_mib << 20, row_multiple(impls))
@@ -218,13 +222,8 @@ def run_sweep(
     )
 
 
-def sweep_size(config: SweepConfig, shard: Shard | None = None, devices_here: bool = True) -> int:
-    """Number of (case, dtype) units a sweep (or one shard of it) reports progress in."""
-    if shard is not None:
-        return len(shard.select(plan_units(config, devices_here)[0]))
-    return sum(
-        len(grid.distributions) * len(grid.scales) * len(grid.offsets) * len(grid.vocabs) * len(grid.batches)
-        * len(grid.dtypes) * len(grid.values("margin")) * len(grid.values("target_position"))
-        * len(grid.loss_options())
-        for grid in config.expanded()
-    )  # fmt: skip
+def sweep_cells(config: SweepConfig, shard: Shard | None = None, devices_here: bool = True) -> int:
+    """Number of cells a sweep (or one shard of it) reports, implementations × dtypes × devices × cases:
+    what its progress counts, and its summary's closing line."""
+    units = plan_units(config, devices_here)[0]
+    return sum(unit.cells for unit in (units if shard is None else shard.select(units)))
