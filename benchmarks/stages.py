@@ -2,7 +2,9 @@
 
 Each stage is the time spent inside the functions the pipeline calls for it: inputs (generation and
 rounding to the dtype), reference, implementations (the copy to the device, the call, the gradient and
-the check that the input was not written), metrics (errors, tallies, cells), reports (the files).
+the check that the input was not written), metrics (errors, tallies, cells; each row's loss error in the
+row verdict's measure among them), row verdict (the floor row by row and the comparison with PyTorch's
+kernel on the same rows: ce_audit.row_verdict), reports (the files).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ STAGES = [
     ("metrics", "ce_audit.scoring", "CellTally.score"),
     ("metrics", "ce_audit.scoring", "CellTally.score_mean"),
     ("metrics", "ce_audit.scoring", "CellTally.to_cell"),
+    ("row verdict", "ce_audit.pipeline", "DtypeAudit._compare_rows"),
     ("reports", "ce_audit.reports.bundle", "ReportDirectory.write"),
 ]
-LABELS = ["inputs", "reference", "implementations", "metrics", "reports"]
+LABELS = ["inputs", "reference", "implementations", "metrics", "row verdict", "reports"]
 
 
 def _timed(original: Any, label: str, seconds: dict[str, float], synchronize: Any) -> Any:
