@@ -1,4 +1,5 @@
-"""What broke where, in words: one line per implementation that is not ok somewhere."""
+"""Every finding, in words: one line per implementation that is not ok somewhere, with the likely cause;
+and the notes that are not failures."""
 
 from __future__ import annotations
 
