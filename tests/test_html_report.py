@@ -228,8 +228,8 @@ def test_report_markdown_lists_or_inlines_the_plots(report_dir, tmp_path):
 def test_the_page_names_what_the_verdict_changes_with_and_counts_in_words(report_dir):
     page = (report_dir / "report.html").read_text(encoding="utf-8")
     cells = read_cells(report_dir / "summary.csv").cells
-    verdicts = "the verdict changes most along <b>scale</b>, the heatmaps' axis."
-    assert f"<p>{len(cells)} cells; {verdicts}" in page
+    assert "<p>The verdict changes most along <b>scale</b>, the heatmaps' axis.</p>" in page
+    assert f"<p>{len(cells)} cells: " in page  # the closing line's counts by verdict
     assert not re.search(r"\b1 (cells|rows|cases|implementations)\b", page)
 
 

@@ -182,7 +182,7 @@ def test_fail_on_exits_1_only_at_its_level(tmp_path, capsys):
     common = ["sweep", "--impl", "naive", "--dtype", "float16", "--scale", "10", "--distribution", "normal"]
     common += ["--offset", "0", "--batch", "16", "--vocab", "100", "-q", "--out", str(tmp_path)]
     code, _, err = run_cli([*common, "--fail-on", "nonfinite"], capsys)
-    assert code == 1 and "reach --fail-on nonfinite" in err
+    assert code == 1 and "1 of 1 cell reaches --fail-on nonfinite" in err
     assert run_cli([*common, "--fail-on", "error"], capsys)[0] == 0
     assert run_cli([*common, "--fail-on", "worse-than-pytorch"], capsys)[0] == 1
     code, _, err = run_cli([*common, "--fail-on", "sometimes"], capsys)
