@@ -146,13 +146,16 @@ class RowVerdictTally:
         loss_ratio = ratios(mine.loss, pytorch.loss)
         self.loss_ratio.add(loss_ratio, loss_worse)
         worse, reduced_worse = _per_row(loss_worse, rows)
+        grad_worse = None
         if grad is not None and pytorch.grad is not None and pytorch.grad.shape == grad.shape:
             grad_worse = worse_rows(grad, pytorch.grad)
-            grad_ratio = ratios(grad, pytorch.grad)
-            self.grad_ratio.add(grad_ratio, grad_worse)
+            self.grad_ratio.add(ratios(grad, pytorch.grad), grad_worse)
             worse = worse | grad_worse
         self.worse += int(worse.sum()) or int(reduced_worse)
-        self._track_worst(mine.loss, loss_rows, loss_worse)
+        if grad is not None and grad_worse is not None and grad_worse.any() and not loss_worse.any():
+            self._track_worst(grad, row_numbers, grad_worse)  # only the gradient is worse: its worst row
+        else:
+            self._track_worst(mine.loss, loss_rows, loss_worse)
 
     def _track_worst(
         self, errors: np.ndarray, row_numbers: np.ndarray | None, worse: np.ndarray | None = None

@@ -5,6 +5,7 @@ verdict a user expects."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,13 @@ def test_the_readme_plugin_example_carries_no_failure_mark(tmp_path):
     assert code == 0, error
     line = next(line for line in output.splitlines() if line.startswith("my_ce "))
     assert "✗" not in line and "!" not in line, line
+
+
+def test_the_worst_row_is_the_gradients_when_only_the_gradient_is_worse():
+    tally = RowVerdictTally()
+    floor = RowErrorsScaled(np.full(3, 0.25), np.full(3, 0.25))
+    pytorch = RowErrorsScaled(np.full(3, 0.2), np.full(3, 0.3))
+    mine = RowErrorsScaled(np.array([0.4, 0.2, 0.2]), np.array([0.3, 0.3, 40.0]))
+    tally.add(mine, floor, pytorch, np.arange(3))
+    assert tally.worse == 1 and tally.worst_row == 2 and tally.grad_ratio.value == pytest.approx(80.0)
+    assert math.isnan(tally.loss_ratio.value) is False and tally.loss_ratio.value < 1
