@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from ce_audit.adapters import Adapter, make_adapter, parse_impl_spec
-from ce_audit.backends import BACKEND_NAMES
+from ce_audit.backends import BACKEND_NAMES, backend_class
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, add, resolve
@@ -242,11 +242,20 @@ def _import_module(name: str, spec: str) -> ModuleType:
         raise AuditError(f"cannot import plugin module {name!r}: {_one_line(error)}") from None
 
 
+def _before_import() -> None:
+    """What must happen before user code imports its frameworks: without a CUDA GPU, Triton kernels run
+    under the interpreter, which triton reads as a kernel is defined (ce_audit.triton_interpreter)."""
+    from ce_audit.triton_interpreter import enable_if_needed
+
+    enable_if_needed()
+
+
 def load_plugin(spec: str) -> ModuleType:
     """Import ``path/to/file.py`` or ``package.module``; its decorated functions join the registry."""
     spec = spec.strip()
     if not spec:
         raise AuditError("empty plugin name")
+    _before_import()
     if _is_path(spec):
         return _load_file(Path(spec), spec)
     if not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$", spec):
@@ -299,6 +308,7 @@ def load_entry_points() -> list[str]:
     loaded = []
     seen = set()
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _before_import()
         if (entry.name, entry.value) in seen:
             continue
         seen.add((entry.name, entry.value))
@@ -338,7 +348,10 @@ def prepare(
     for name in impls:
         if name not in REGISTRY and ":" in name:
             load_function(name)
-    return resolve(tuple(impls))
+    resolved = resolve(tuple(impls))
+    for backend in dict.fromkeys(impl.backend for impl in resolved):
+        backend_class(backend).check_ready()  # e.g. the Triton interpreter's self-test: refused if it fails
+    return resolved
 
 
 @contextmanager
