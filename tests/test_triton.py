@@ -32,7 +32,7 @@ ROOT = Path(__file__).parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_KERNELS = HAS_TRITON and all(importlib.util.find_spec(p) for p in ("liger_kernel", "cut_cross_entropy"))
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: pip install '.[triton]'")
-needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="liger-kernel and cut-cross-entropy are not installed")
+needs_kernels = pytest.mark.skipif(not HAS_KERNELS, reason="liger-kernel or cut-cross-entropy missing")
 
 
 def in_a_fresh_process(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
@@ -84,7 +84,8 @@ def test_the_interpreter_has_its_own_timeout_devices_and_note(monkeypatch):
     monkeypatch.setattr(triton_interpreter, "triton_installed", lambda: True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert call_timeout("triton", DEFAULT_TIMEOUT_S) == TRITON_INTERPRETER_TIMEOUT_S
-    assert call_timeout("triton", 10.0) == 10.0 and call_timeout("torch", DEFAULT_TIMEOUT_S) == DEFAULT_TIMEOUT_S
+    assert call_timeout("triton", 10.0) == 10.0
+    assert call_timeout("torch", DEFAULT_TIMEOUT_S) == DEFAULT_TIMEOUT_S
     assert triton.skip_reason(None, "cpu") is None and "CPU" in triton.skip_reason(None, "cuda")
     assert triton.note().startswith("Triton interpreter on the CPU") and triton.records_time()
     monkeypatch.setenv("TRITON_INTERPRET", "0")

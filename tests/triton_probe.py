@@ -127,11 +127,9 @@ def measure() -> dict[str, object]:
         reduced[(1,)](logits, values, indices, N=8, M=32)
         return [values.tolist(), indices.tolist()]
 
-    for name, function in [
-        ("float_argument", float_argument), ("tanh_log1p", tanh_log1p), ("bfloat16_product", bfloat16_product),
-        ("bfloat16_dot", bfloat16_dot), ("rounding", rounding), ("reduction", reduction),
-    ]:  # fmt: skip
-        results[name] = attempt(function)
+    probes = (float_argument, tanh_log1p, bfloat16_product, bfloat16_dot, rounding, reduction)
+    for function in probes:
+        results[function.__name__] = attempt(function)
     return results
 
 
