@@ -147,7 +147,9 @@ def register(
     """Decorator: ``@ce_audit.register("my_ce", supports=["reduction"])`` adds ``fn(logits, targets)``.
 
     ``backend="torch"`` passes (N, V) tensors of the audited dtype on the audited device and int64 targets;
-    ``backend="numpy"`` passes NumPy arrays (bfloat16 as ml_dtypes.bfloat16). ``supports`` names the loss
+    ``backend="numpy"`` passes NumPy arrays (bfloat16 as ml_dtypes.bfloat16); ``backend="triton"`` passes
+    torch tensors to a function that launches Triton kernels: on a CUDA GPU, or without one on the CPU
+    under Triton's interpreter, fixed and self-tested (docs/triton.md). ``supports`` names the loss
     options the function takes (the names ``ce-audit list`` shows: ``reduction``, ``weight``,
     ``ignore_index``, ``label_smoothing``, ``softcap``, ``z_loss``, ``probs``): they arrive as keyword
     arguments with PyTorch's names and meanings (``probs``: (N, V) probability targets); cells with an
