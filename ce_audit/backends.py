@@ -197,9 +197,8 @@ class TorchBackend(Backend):
         value = losses.detach().to("cpu", torch.float64, copy=True).numpy()  # never a view of the buffer
         grad, grad_error = None, None
         if want_grad:
-            if on_value is not None:  # kept if only the gradient then times out
-                written = not same_bytes(self._bytes(logits), raw_bytes(block))
-                on_value(Outcome(value, None, None, written, mean, value_dtype))
+            if on_value is not None:  # kept if only the gradient then times out (its input not compared)
+                on_value(Outcome(value, None, None, False, mean, value_dtype))
             try:
                 if not losses.requires_grad:
                     raise RuntimeError("the result does not require grad")
