@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ce_audit.dtypes import FORMATS, FloatFormat
+from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
 from ce_audit.statuses import first_line
 
@@ -366,8 +367,10 @@ class TritonBackend(TorchBackend):
         from ce_audit import triton_interpreter
 
         if triton_interpreter.triton_installed() and triton_interpreter.interpreting():
-            from ce_audit.triton_selftest import require_trusted_interpreter
-
+            try:
+                from ce_audit.triton_selftest import require_trusted_interpreter
+            except ImportError as error:
+                raise AuditError(f"Triton's interpreter cannot start: {first_line(error)}") from None
             require_trusted_interpreter()
 
     @classmethod
