@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ce_audit.dtypes import FORMATS, FloatFormat
+from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
 from ce_audit.statuses import first_line
 
@@ -99,8 +100,29 @@ class Backend:
         """Why this backend cannot run ``fmt`` on ``device`` (None: it can); needs no framework import."""
         return None
 
-    def run(self, impl: Any, call: BlockCall) -> Outcome:
-        """Call ``impl`` on a private copy of the block; the value as float64, and the gradient if asked."""
+    @classmethod
+    def check_ready(cls) -> None:
+        """Before a run audits an implementation of this backend: raise AuditError where its results could
+        not be trusted here (the Triton interpreter's self-test)."""
+
+    @classmethod
+    def default_timeout(cls) -> float | None:
+        """Seconds an isolated call may take when the run keeps the default timeout (None: the default)."""
+        return None
+
+    @classmethod
+    def note(cls) -> str:
+        """What every cell of this backend is, in words, where that qualifies its numbers ("" none)."""
+        return ""
+
+    @classmethod
+    def records_time(cls) -> bool:
+        """Whether its cells record the seconds their calls took (a deterministic summary.csv otherwise)."""
+        return False
+
+    def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
+        """Call ``impl`` on a private copy of the block; the value as float64, and the gradient if asked.
+        ``on_value``, where given, receives the Outcome without its gradient once the value is known."""
         raise NotImplementedError
 
 
@@ -152,7 +174,7 @@ class TorchBackend(Backend):
             return np.zeros(0, dtype=np.uint8)
         return tensor.detach().to("cpu").contiguous().view(self.torch.uint8).numpy().reshape(-1)
 
-    def run(self, impl: Any, call: BlockCall) -> Outcome:
+    def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
         settings, want_grad, shape = call.settings, call.want_grad, call.shape
         torch = self.torch
@@ -176,6 +198,8 @@ class TorchBackend(Backend):
         value = losses.detach().to("cpu", torch.float64, copy=True).numpy()  # never a view of the buffer
         grad, grad_error = None, None
         if want_grad:
+            if on_value is not None:  # kept if only the gradient then times out (its input not compared)
+                on_value(Outcome(value, None, None, False, mean, value_dtype))
             try:
                 if not losses.requires_grad:
                     raise RuntimeError("the result does not require grad")
@@ -200,7 +224,7 @@ class NumpyBackend(Backend):
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
         return None if device == "cpu" else "NumPy implementations run on the CPU only"
 
-    def run(self, impl: Any, call: BlockCall) -> Outcome:
+    def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         block, targets = call.block, call.targets
         logits, target_copy = block.copy(), targets.copy()
         # overflow in an audited implementation is a finding, not a warning (nor is the mean of nothing)
@@ -264,7 +288,7 @@ class JaxBackend(Backend):
             return self.jax.devices("cpu")[0]
         return self.jax.devices("gpu")[int(device.partition(":")[2] or 0)]
 
-    def run(self, impl: Any, call: BlockCall) -> Outcome:
+    def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         jax = self.jax
         x64 = bool(jax.config.jax_enable_x64)
         wide = call.fmt.name == "float64" or x64
@@ -308,7 +332,67 @@ class JaxBackend(Backend):
         return Outcome(value, grad, grad_error, False, mean, value_dtype)  # JAX arrays are immutable
 
 
-BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "numpy": NumpyBackend, "jax": JaxBackend}
+TRITON_MISSING = "Triton is not installed: pip install 'ce-audit[triton]'"
+TRITON_INTERPRETER_TIMEOUT_S = 1800.0  # the interpreter runs a kernel ~1e4 times slower than a GPU
+
+
+class TritonBackend(TorchBackend):
+    """Triton kernels behind a PyTorch function: as ``torch``, on a CUDA GPU, or without one on the CPU
+    under Triton's interpreter, which ce-audit enables before the plugin imports triton, fixes and
+    self-tests (ce_audit.triton_interpreter, ce_audit.triton_selftest). Interpreter cells say so."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ce_audit import triton_interpreter
+
+        if triton_interpreter.interpreting():
+            triton_interpreter.apply_fixes()
+
+    @classmethod
+    def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
+        from ce_audit import triton_interpreter
+
+        if not triton_interpreter.triton_installed():
+            return TRITON_MISSING
+        if triton_interpreter.interpreting():
+            return None if device == "cpu" else "under the Triton interpreter, Triton kernels run on the CPU"
+        if device == "cpu":
+            return "Triton kernels run on the CUDA GPU here (without one, under the interpreter)"
+        return "Triton kernels run on a CUDA GPU, not MPS" if device == "mps" else None
+
+    @classmethod
+    def check_ready(cls) -> None:
+        from ce_audit import triton_interpreter
+
+        if triton_interpreter.triton_installed() and triton_interpreter.interpreting():
+            try:
+                from ce_audit.triton_selftest import require_trusted_interpreter
+            except ImportError as error:
+                raise AuditError(f"Triton's interpreter cannot start: {first_line(error)}") from None
+            require_trusted_interpreter()
+
+    @classmethod
+    def default_timeout(cls) -> float | None:
+        from ce_audit.triton_interpreter import interpreting
+
+        return TRITON_INTERPRETER_TIMEOUT_S if interpreting() else None
+
+    @classmethod
+    def note(cls) -> str:
+        from ce_audit.triton_interpreter import INTERPRETER_NOTE, interpreting
+
+        return INTERPRETER_NOTE if interpreting() else ""
+
+    @classmethod
+    def records_time(cls) -> bool:
+        return True
+
+
+BACKEND_CLASSES: dict[str, type[Backend]] = {
+    "torch": TorchBackend, "numpy": NumpyBackend, "jax": JaxBackend, "triton": TritonBackend,
+}  # fmt: skip
 BACKEND_NAMES = tuple(BACKEND_CLASSES)
 _INSTANCES: dict[str, Backend] = {}
 
@@ -332,3 +416,8 @@ def uses_accelerators(name: str) -> bool:
 
 def takes_gradients(name: str) -> bool:
     return BACKEND_CLASSES[name].takes_gradients
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class of that name (its class methods import no framework until asked)."""
+    return BACKEND_CLASSES[name]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ce_audit.backends import BlockCall, Outcome, backend_skip_reason, uses_accelerators
+from ce_audit.backends import BlockCall, Outcome, backend_class, backend_skip_reason, uses_accelerators
 from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
@@ -117,7 +117,8 @@ def _call(
             view.logits, view.targets, fmt, tally.device, settings, grad, view.options, weight,
             _expected_shape(view.options, view.logits),
         )  # fmt: skip
-        outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.run.isolation)
+        with tally.timed():
+            outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.run.isolation)
     except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
         tally.fail(Status.ERROR, failure_reason(error))
         return None
@@ -175,6 +176,8 @@ def _impl_runs(
             reason = _skip(impl, fmt, device, run.options)
             if reason:
                 run.tally.fail(Status.SKIPPED, reason)
+            else:
+                run.tally.notes = backend_class(impl.backend).note()  # e.g. run under Triton's interpreter
             runs.append(run)
     return runs
 

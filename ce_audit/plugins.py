@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from ce_audit.adapters import Adapter, make_adapter, parse_impl_spec
-from ce_audit.backends import BACKEND_NAMES
+from ce_audit.backends import BACKEND_NAMES, backend_class
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, add, resolve
@@ -147,7 +147,9 @@ def register(
     """Decorator: ``@ce_audit.register("my_ce", supports=["reduction"])`` adds ``fn(logits, targets)``.
 
     ``backend="torch"`` passes (N, V) tensors of the audited dtype on the audited device and int64 targets;
-    ``backend="numpy"`` passes NumPy arrays (bfloat16 as ml_dtypes.bfloat16). ``supports`` names the loss
+    ``backend="numpy"`` passes NumPy arrays (bfloat16 as ml_dtypes.bfloat16); ``backend="triton"`` passes
+    torch tensors to a function that launches Triton kernels: on a CUDA GPU, or without one on the CPU
+    under Triton's interpreter, fixed and self-tested (docs/triton.md). ``supports`` names the loss
     options the function takes (the names ``ce-audit list`` shows: ``reduction``, ``weight``,
     ``ignore_index``, ``label_smoothing``, ``softcap``, ``z_loss``, ``probs``): they arrive as keyword
     arguments with PyTorch's names and meanings (``probs``: (N, V) probability targets); cells with an
@@ -242,11 +244,20 @@ def _import_module(name: str, spec: str) -> ModuleType:
         raise AuditError(f"cannot import plugin module {name!r}: {_one_line(error)}") from None
 
 
+def _before_import() -> None:
+    """What must happen before user code imports its frameworks: without a CUDA GPU, Triton kernels run
+    under the interpreter, which triton reads as a kernel is defined (ce_audit.triton_interpreter)."""
+    from ce_audit.triton_interpreter import enable_if_needed
+
+    enable_if_needed()
+
+
 def load_plugin(spec: str) -> ModuleType:
     """Import ``path/to/file.py`` or ``package.module``; its decorated functions join the registry."""
     spec = spec.strip()
     if not spec:
         raise AuditError("empty plugin name")
+    _before_import()
     if _is_path(spec):
         return _load_file(Path(spec), spec)
     if not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$", spec):
@@ -299,6 +310,7 @@ def load_entry_points() -> list[str]:
     loaded = []
     seen = set()
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _before_import()
         if (entry.name, entry.value) in seen:
             continue
         seen.add((entry.name, entry.value))
@@ -338,7 +350,10 @@ def prepare(
     for name in impls:
         if name not in REGISTRY and ":" in name:
             load_function(name)
-    return resolve(tuple(impls))
+    resolved = resolve(tuple(impls))
+    for backend in dict.fromkeys(impl.backend for impl in resolved):
+        backend_class(backend).check_ready()  # e.g. the Triton interpreter's self-test: refused if it fails
+    return resolved
 
 
 @contextmanager

@@ -116,6 +116,9 @@ class Cell:
     # max over rows of ‖g − g*‖₂ / (ε · max(‖g*‖₂, u)), u = 1 (1/n for a mean over n rows)
     grad_err: float = measurement(float("nan"), budget="grad")
     device_name: str = measurement("")  # what the device is where the cell ran: the CPU model, the GPU's name
+    # the seconds the implementation's calls took, where its backend records them (the Triton backend; NaN
+    # elsewhere, so that summary.csv stays the same from one run to the next)
+    seconds: float = measurement(float("nan"))
 
 
 @dataclass(frozen=True)

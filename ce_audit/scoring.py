@@ -11,13 +11,16 @@ A result of a wider dtype than the audited one is also measured in ULPs of its o
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ce_audit.backends import Outcome, takes_gradients
+from ce_audit.backends import Outcome, backend_class, takes_gradients
 from ce_audit.dtypes import FORMATS, FloatFormat
 from ce_audit.grad_metrics import GradChecks, GradTally
 from ce_audit.implementations import Implementation
@@ -58,8 +61,20 @@ class CellTally:
     mean_floor: Side | None = None  # a 0-d mean: the exact mean rounded once (the floor of its own)
     value_dtype: str = ""  # the dtype the implementation returned
     row_verdict: RowVerdictTally = field(default_factory=RowVerdictTally)
+    seconds: float = float("nan")  # the calls' time, where the backend records it
     last_block: RowErrorsScaled | None = None  # the errors of the block just scored, in the row measure
     max_ulp_returned: float = float("nan")  # ULPs of value_dtype, when it is wider than the audited dtype
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Add the time of the calls made inside to ``seconds`` where the backend records it."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if backend_class(self.impl.backend).records_time():
+                spent = time.perf_counter() - started
+                self.seconds = spent if math.isnan(self.seconds) else self.seconds + spent
 
     def fail(self, status: str, message: str) -> None:
         self.status, self.error = status, message
@@ -201,6 +216,7 @@ class CellTally:
             "rows": self.loss.rows,
             "error": self.error,
             "wrote_input": self.wrote_input,
+            "seconds": self.seconds,
         }
         if self.status is None:
             lower = self.loss.lower_precision(fmt)

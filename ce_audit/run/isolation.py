@@ -41,7 +41,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from ce_audit.backends import BlockCall, Outcome, get_backend
+from ce_audit.backends import BlockCall, Outcome, backend_class, get_backend
 from ce_audit.run.memory_limit import DEFAULT_MAX_MEMORY, parse_memory
 from ce_audit.run.process_state import preserved_state
 from ce_audit.run.worker import Worker, start_method
@@ -52,6 +52,14 @@ __all__ = ["CallFailed", "failure_reason", "run_implementation", "session", "sta
 ISOLATION_MODES = ("process", "none")  # process: non-built-ins in a worker; none: everything in-process
 DEFAULT_TIMEOUT_S = 120.0  # per call of an isolated implementation; 0 means no limit
 _REPORTED: set[tuple[str, str]] = set()  # (implementation, change) already reported in this run
+
+
+def call_timeout(backend: str, timeout: float) -> float:
+    """The time limit of one call: the run's, or the backend's own where the run keeps the default (the
+    Triton interpreter is slow)."""
+    if timeout != DEFAULT_TIMEOUT_S:
+        return timeout
+    return backend_class(backend).default_timeout() or timeout
 
 
 def run_in_process(impl: Any, call: BlockCall) -> Outcome:
@@ -90,7 +98,8 @@ class Session:
             if self.directory is None:
                 self.directory = tempfile.mkdtemp(prefix="ce-audit-workers-")
             place = tempfile.mkdtemp(prefix="worker-", dir=self.directory)
-            self.workers[impl.name] = Worker(self.spec, self.timeout, self.memory_limit, place)
+            timeout = call_timeout(impl.backend, self.timeout)
+            self.workers[impl.name] = Worker(self.spec, timeout, self.memory_limit, place)
         return self.workers[impl.name]
 
     def run(self, impl: Any, call: BlockCall) -> Outcome:

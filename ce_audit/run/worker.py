@@ -17,6 +17,7 @@ import pickle
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ class Worker:
         self.conn: Any = None
         self.pickles: dict[str, bytes | None] = {}
         self.calls = 0  # calls sent; each answer carries its call's number
+        self.value: Outcome | None = None  # the call's value sent ahead of its gradient, if it was
         self.starts = 0
 
     def _start(self) -> None:
@@ -166,10 +168,14 @@ class Worker:
         from ce_audit.run.interruption import Interrupted, stop_requested
 
         deadline = time.monotonic() + limit
+        self.value = None
         while True:
             try:
                 if self.conn.poll(_POLL_S):
                     answered, kind, value, changed = self.conn.recv()
+                    if answered == number and kind == "value":
+                        self.value = value  # the loss, before the gradient is taken
+                        continue
                     if answered == number:
                         return kind, value, changed
                     continue  # a stale answer (to a call given up on): not this one's
@@ -200,7 +206,12 @@ class Worker:
             self.conn.send((self.calls, impl.name, pickled, fields))
         except (BrokenPipeError, OSError):
             raise self._fail(exit_description(self.stop())) from None
-        kind, value, changed = self._receive(self.calls, self.timeout, "timed out")
+        try:
+            kind, value, changed = self._receive(self.calls, self.timeout, "timed out")
+        except CallFailed as failed:
+            if self.value is None or not failed.reason.startswith("timed out"):
+                raise
+            return replace(self.value, grad_error=f"the gradient {failed.reason}")  # the loss is kept
         if changed:  # state that cannot be put back: the next call gets a fresh worker
             self.stop()
         if kind == "ok":
