@@ -18,7 +18,7 @@ from typing import Any
 STAGES = [
     ("inputs", "ce_audit.run.sweep", "generate_quantized"),
     ("reference", "ce_audit.pipeline", "block_reference"),
-    ("implementations", "ce_audit.pipeline", "_call"),
+    ("implementations", "ce_audit.pipeline", "call_implementation"),
     ("metrics", "ce_audit.pipeline", "floor_ulp_error"),
     ("metrics", "ce_audit.pipeline", "floor_norm_error"),
     ("metrics", "ce_audit.scoring", "CellTally.score"),

@@ -10,29 +10,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from ce_audit.backends import BlockCall, Outcome, backend_class, backend_skip_reason, uses_accelerators
+from ce_audit.backends import Outcome, backend_class, uses_accelerators
 from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
-from ce_audit.implementations import REGISTRY, Implementation
+from ce_audit.impl_runs import ImplRun, call_implementation, pytorch_kernels, skip_reason_of
+from ce_audit.implementations import Implementation
 from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
-from ce_audit.options import LossOptions, skip_reason
+from ce_audit.options import LossOptions
 from ce_audit.plan.cases import Case
 from ce_audit.plugins import prepare
 from ce_audit.reference.device import block_reference, reference_device
-from ce_audit.reproducers import ReproducerSink, WorstRows, row_badness
+from ce_audit.reproducers import ReproducerSink, row_badness
 from ce_audit.results import Cell, RowResult
 from ce_audit.row_verdict import RowErrorsScaled, floor_row_errors
 from ce_audit.row_views import DROPPED_NOTE, BlockViews, RowsView, without_ignored
 from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
-from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
-from ce_audit.verdict import PYTORCH_KERNELS, Side
+from ce_audit.verdict import Side
 
 Progress = Callable[[float], None]
 Block = tuple[int, np.ndarray, np.ndarray]  # (first row, quantized logits, targets)
@@ -88,73 +87,6 @@ def row_multiple(impls: Iterable[Implementation]) -> int:
     return math.lcm(1, *(getattr(impl.adapter, "row_multiple", 1) for impl in impls))
 
 
-def _skip(impl: Implementation, fmt: FloatFormat, device: str, options: LossOptions) -> str | None:
-    if fmt.name not in impl.dtypes:
-        return f"{impl.name} does not support {fmt.name}"
-    return backend_skip_reason(impl.backend, fmt, device) or skip_reason(
-        impl.name, impl.family, impl.supports, options
-    )
-
-
-def _expected_shape(options: LossOptions, block: np.ndarray) -> tuple[int, ...]:
-    """What an implementation returns: a scalar for mean/sum, else per row (binary: per element)."""
-    if options.reduction != "none":
-        return ()
-    return tuple(block.shape) if options.family == "binary" else (block.shape[0],)
-
-
-def _call(
-    tally: CellTally,
-    view: RowsView,
-    fmt: FloatFormat,
-    settings: dict[str, Any],
-    grad: bool,
-    weight: np.ndarray | None,
-) -> Outcome | None:
-    """Run one implementation on one block; a failure marks the cell `error` and returns None."""
-    try:
-        call = BlockCall(
-            view.logits, view.targets, fmt, tally.device, settings, grad, view.options, weight,
-            _expected_shape(view.options, view.logits),
-        )  # fmt: skip
-        with tally.timed():
-            outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.run.isolation)
-    except Exception as error:  # noqa: BLE001 - one failing implementation never stops the sweep
-        tally.fail(Status.ERROR, failure_reason(error))
-        return None
-    kind = "mean" if outcome.mean else "rows"
-    if tally.value_kind not in (None, kind):
-        tally.fail(Status.ERROR, "returned per-row losses for one block and a mean for another")
-        return None
-    tally.value_kind = kind
-    if tally.value_dtype not in ("", outcome.value_dtype):
-        message = f"returned {tally.value_dtype} for one block and {outcome.value_dtype} for another"
-        tally.fail(Status.ERROR, message)
-        return None
-    tally.value_dtype = outcome.value_dtype
-    tally.wrote_input |= outcome.wrote_input
-    return outcome
-
-
-@dataclass
-class ImplRun:
-    """One implementation on one device over the blocks of one (case, dtype): its tally, whether it is
-    called on the rows not ignored only, whether its cell is reported (PyTorch's kernel may run only to be
-    compared with), and its worst rows (``--save-failures``)."""
-
-    tally: CellTally
-    options: LossOptions  # the options of its calls
-    drops_ignored: bool = False
-    reported: bool = True
-    worst: WorstRows | None = None
-    rows: np.ndarray | None = None  # the block's rows its last call saw (None: every row), for the verdict
-
-    @property
-    def pending(self) -> bool:
-        """Still to be called on the next block (not failed, skipped, or deferred to the whole batch)."""
-        return self.tally.status is None and not self.tally.deferred
-
-
 def _impl_runs(
     source: BlockSource,
     fmt: FloatFormat,
@@ -173,33 +105,13 @@ def _impl_runs(
                 drops,
                 worst=reproducers.tracker() if reproducers else None,
             )
-            reason = _skip(impl, fmt, device, run.options)
+            reason = skip_reason_of(impl, fmt, device, run.options)
             if reason:
                 run.tally.fail(Status.SKIPPED, reason)
             else:
                 run.tally.notes = backend_class(impl.backend).note()  # e.g. run under Triton's interpreter
             runs.append(run)
     return runs
-
-
-def _pytorch_kernels(
-    runs: list[ImplRun], devices: list[str], fmt: FloatFormat, options: LossOptions
-) -> dict[str, ImplRun]:
-    """PyTorch's kernel for the loss family on each device: the audited run when it is one of them,
-    otherwise one that is run and scored but not reported."""
-    name = PYTORCH_KERNELS.get(options.family)
-    if name not in REGISTRY:
-        return {}
-    by_device = {}
-    for device in devices:
-        found = next((r for r in runs if r.tally.impl.name == name and r.tally.device == device), None)
-        if found is None:
-            found = ImplRun(CellTally(REGISTRY[name], device), options, reported=False)
-            reason = _skip(found.tally.impl, fmt, device, options)
-            if reason:
-                found.tally.fail(Status.SKIPPED, reason)
-        by_device[device] = found
-    return by_device
 
 
 class DtypeAudit:
@@ -225,7 +137,7 @@ class DtypeAudit:
         self.keep_rows, self.progress, self.reproducers = keep_rows, progress, reproducers
         self.weight = source.weight(fmt)
         self.runs = _impl_runs(source, fmt, impls, devices, reproducers)
-        self.kernels = _pytorch_kernels(self.runs, devices, fmt, source.options)
+        self.kernels = pytorch_kernels(self.runs, devices, fmt, source.options)
         hidden = [run for run in self.kernels.values() if not run.reported]  # one per device at most
         self.every_run = [*self.runs, *hidden]  # the reported ones first
         self.on_device = reference_device(devices)
@@ -299,7 +211,7 @@ class DtypeAudit:
         if view.rows is not None and not view.rows.size:
             return  # every row of this block is ignored: nothing to call it on
         tally, reduced = run.tally, view.options.reduction != "none"
-        outcome = _call(tally, view, self.fmt, self.settings, self.grad, self.weight)
+        outcome = call_implementation(tally, view, self.fmt, self.settings, self.grad, self.weight)
         if outcome is None:
             if run.worst is not None and tally.status == Status.ERROR:
                 run.worst.offer_error(first_row, view.logits, view.targets, reduced)
