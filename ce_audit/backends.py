@@ -47,6 +47,9 @@ class BlockCall:
     options: LossOptions  # the implementation receives them as keyword arguments (options.call_keywords)
     weight: np.ndarray | None  # per-class weights in the audited dtype
     shape: tuple[int, ...]  # what a per-row (or per-element) result must be shaped like
+    # "loss", "grad" or "loss,grad": trace the call instead and explain those results (``run_call`` returns a
+    # ce_audit.trace Trace); "": an ordinary call
+    trace: str = ""
 
 
 def raw_bytes(array: np.ndarray) -> np.ndarray:
@@ -311,6 +314,16 @@ class JaxBackend(Backend):
 BACKEND_CLASSES: dict[str, type[Backend]] = {"torch": TorchBackend, "numpy": NumpyBackend, "jax": JaxBackend}
 BACKEND_NAMES = tuple(BACKEND_CLASSES)
 _INSTANCES: dict[str, Backend] = {}
+
+
+def run_call(impl: Any, call: BlockCall) -> Any:
+    """One call where the implementation runs: its ``Outcome``, or with ``call.trace`` its op-by-op trace
+    (ce_audit.trace.runner)."""
+    if call.trace:
+        from ce_audit.trace.runner import traced_run
+
+        return traced_run(impl, call)
+    return get_backend(impl.backend).run(impl, call)
 
 
 def get_backend(name: str) -> Backend:

@@ -32,6 +32,8 @@ from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
 from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
+from ce_audit.trace import tracing_on
+from ce_audit.trace.cells import traced
 from ce_audit.verdict import PYTORCH_KERNELS, Side
 
 Progress = Callable[[float], None]
@@ -363,6 +365,10 @@ class DtypeAudit:
                 run.tally, self.fmt, case, grad, self.max_logit, self.max_reference, floor,
                 kernel.tally if kernel else None,
             )  # fmt: skip
+            if tracing_on():  # flagged cells only: their worst rows, where the implementation runs
+                cell = traced(
+                    cell, self.source, self.fmt, run.tally.impl, run.options, self.settings, self.weight, grad
+                )
             if self.reproducers is not None and run.worst is not None:
                 self.reproducers.add(cell, run.worst, run.tally.impl, run.options, case.seed)
             cells.append(cell)

@@ -113,6 +113,11 @@ class Cell:
     # max over rows of ‖g − g*‖₂ / (ε · max(‖g*‖₂, u)), u = 1 (1/n for a mean over n rows)
     grad_err: float = measurement(float("nan"), budget="grad", gate="growth", unit="eps")
     device_name: str = measurement("")  # what the device is where the cell ran: the CPU model, the GPU's name
+    # observed causes of a flagged cell (ce_audit.trace): "<op> <file>:<line>" where a non-finite value was
+    # born and where the error entered ("" untraced or none), and what the trace saw, in words
+    nonfinite_origin: str = measurement("")
+    error_origin: str = measurement("")
+    traced_cause: str = measurement("")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ce_audit.backends import BlockCall, get_backend
+from ce_audit.backends import BlockCall, run_call
 from ce_audit.run.process_state import GlobalState, ProcessState
 from ce_audit.statuses import first_line
 
@@ -188,7 +188,7 @@ def worker_main(
 
             call = BlockCall(**{**fields, "fmt": float_format(fields["fmt"])})
             impl = _lookup(name, pickled)
-            reply = ("ok", get_backend(impl.backend).run(impl, call))
+            reply = ("ok", run_call(impl, call))
         except SystemExit as done:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -1,0 +1,297 @@
+"""The PyTorch tracer: every tensor operation recorded, shadowed in float64, and re-run on its own inputs.
+
+A ``TorchDispatchMode`` sees each aten op of the forward and of autograd's backward. For each op it
+records the name, output dtype, shapes and the user's line (ce_audit.trace.source_line), and runs it
+twice more:
+
+- on the **shadows** of its inputs: each floating tensor has a float64 twin computed by the same ops from
+  the exact inputs (Herbgrind's shadow execution; an in-place op or a view is applied to the twin too, so
+  the twin follows every write). ``carried`` = the output's error against its twin, per row relative to
+  the row's largest magnitude, in ULPs of the audited dtype: what the computation so far has lost.
+- on float64 copies of its **actual inputs** (Herbie's local error): ``local`` = max |v − r| over the ULP of
+  the output dtype at max |r|, per row — ≤ ½ for a correctly rounded op. Data movement (views, indexing,
+  copies, creation) and exact ops are not re-run.
+
+Integer and boolean tensors are their own shadows (the branches the real computation took are followed).
+A tensor the tracer did not see made (the inputs, a saved tensor unpacked in backward under a new object)
+gets its own value as shadow. Float64 cells have no wider shadow: only their non-finite origin is traced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ce_audit.dtypes import FORMATS
+from ce_audit.trace.records import OpRecord
+from ce_audit.trace.source_line import BUILTIN_FILES, METADATA_KEY, excluded_prefixes, user_line
+
+# data movement, creation and exact ops: no local error to measure
+NOT_RERUN = frozenset(
+    [
+        "detach", "alias", "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "unsqueeze",
+        "squeeze", "permute", "transpose", "t", "slice", "select", "index", "gather", "cat", "stack", "clone",
+        "copy_", "_to_copy", "contiguous", "index_put_", "index_put", "index_select", "masked_fill",
+        "masked_fill_", "where", "scatter", "scatter_", "split", "split_with_sizes", "unbind", "narrow",
+        "flip", "roll", "repeat", "as_strided", "lift_fresh", "lift_fresh_copy", "new_zeros", "new_empty",
+        "new_full", "new_ones", "zeros_like", "ones_like", "empty_like", "full_like", "fill_", "zero_",
+        "empty", "zeros", "ones", "full", "arange", "scalar_tensor", "max", "min", "amax", "amin", "argmax",
+        "argmin", "neg", "abs", "eq", "ne", "lt", "gt", "le", "ge", "maximum", "minimum", "clamp",
+        "clamp_min", "clamp_max", "sign", "one_hot", "embedding", "_local_scalar_dense", "constant_pad_nd", "logical_not",
+        "logical_and", "logical_or", "bitwise_not", "isnan", "isinf", "new_empty_strided", "empty_strided",
+        "_softmax_backward_data_out", "set_", "resize_", "as_strided_", "sort", "topk",
+    ]
+)
+REDUCTIONS = frozenset(["sum", "mean", "logsumexp", "nansum", "prod", "norm", "linalg_vector_norm"])
+_FLOATS = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_FLOATS[torch.float64] = "float64"
+
+
+def spacing(magnitude: torch.Tensor, name: str) -> torch.Tensor:
+    """The ULP of dtype ``name`` at each ``magnitude`` (float64): 2^(e − p + 1), at least the subnormal
+    step."""
+    fmt = FORMATS[name]
+    exponent = torch.floor(torch.log2(magnitude.clamp_min(fmt.smallest_subnormal)))
+    exponent = exponent.clamp_min(fmt.emin)
+    return torch.exp2(exponent - fmt.precision + 1)
+
+
+def _by_rows(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, -1) where the leading dimension is the traced rows, else one row."""
+    if values.ndim >= 1 and rows > 1 and values.shape[0] == rows and values.numel():
+        return values.reshape(rows, -1)
+    return values.reshape(1, -1)
+
+
+def row_error(actual: torch.Tensor, reference: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: max |actual − reference| over the elements finite in both, and max |reference| there."""
+    a, r = _by_rows(actual.detach().double(), rows), _by_rows(reference.detach().double(), rows)
+    finite = torch.isfinite(a) & torch.isfinite(r)
+    diff = torch.where(finite, (a - r).abs(), torch.zeros_like(a))
+    scale = torch.where(finite, r.abs(), torch.zeros_like(r))
+    if not a.numel():
+        return torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    return diff.amax(dim=1), scale.amax(dim=1)
+
+
+def local_ulps(actual: torch.Tensor, rerun: torch.Tensor, rows: int) -> float:
+    """max |v − r| / ULP(max |r|) of the output dtype, per row (≤ ½ when the op rounds correctly)."""
+    diff, scale = row_error(actual, rerun, rows)
+    return float((diff / spacing(scale, _FLOATS[actual.dtype])).max())
+
+
+def carried_ulps(actual: torch.Tensor, shadow: torch.Tensor, rows: int, eps: float) -> float:
+    """max |v − v*| / (ε · max |v*|) per row, ε of the audited dtype (≤ ½ for values rounded once)."""
+    diff, scale = row_error(actual, shadow, rows)
+    tiny = torch.full_like(scale, 1e-300)
+    ratio = torch.where(diff > 0, diff / torch.maximum(scale, tiny), torch.zeros_like(diff))
+    return float(ratio.max()) / eps
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if not tensor.is_floating_point():
+        return ""
+    if torch.isnan(tensor).any():
+        return "nan"
+    return "inf" if torch.isinf(tensor).any() else ""
+
+
+def _whole_row(tensor: torch.Tensor, rows: int) -> bool:
+    """Whether some row is non-finite in every element."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return False
+    return bool((~torch.isfinite(_by_rows(tensor.detach(), rows))).all(dim=1).any())
+
+
+def _absorbs(inputs: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """Whether an elementwise op made finite nonzero values of ±inf entries of an input (tanh(−inf) = −1,
+    a clamp): a mask or padding that counts again. (exp(−inf) = 0 keeps the mask.)"""
+    kept = torch.isfinite(out) & (out != 0)
+    return any(t.shape == out.shape and bool((torch.isinf(t) & kept).any()) for t in inputs)
+
+
+class _Tagging(TorchFunctionMode):
+    """Tags each result's autograd node with the user's line, for the ops its backward runs."""
+
+    def __init__(self, tracer: TorchTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.tracer.phase == "forward":
+            line = ""
+            for value in tree_flatten(out)[0]:
+                node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
+                if node is not None and METADATA_KEY not in node.metadata:
+                    line = line or user_line(self.tracer.prefixes, 2)
+                    node.metadata[METADATA_KEY] = line
+        return out
+
+
+class _Recording(TorchDispatchMode):
+    def __init__(self, tracer: TorchTracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.tracer.phase:
+            self.tracer.record(func, args, kwargs, out)
+        else:  # made between phases (the backward's seed): known as itself, never as a stale place
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor):
+                    self.tracer.tensor_id(value, output=True)
+        return out
+
+
+class TorchTracer:
+    """Records the ops run while ``phase`` is set (``with tracer:`` installs the modes)."""
+
+    def __init__(self, audited: str, rows: int) -> None:
+        fmt = FORMATS[audited]
+        self.eps = 2.0 ** (1 - fmt.precision)
+        self.rows = rows
+        self.phase = ""
+        self.prefixes = excluded_prefixes()
+        self.ops: list[OpRecord] = []
+        # per op and floating input: (the op that made it, "nan"/"inf"/"", its carried ULPs)
+        self.inputs: list[list[tuple[int, str, float]]] = []
+        self.ids: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.by_place: dict[tuple[Any, ...], int] = {}  # (data pointer, shape, stride, dtype) → tensor id
+        self.shadows: dict[int, torch.Tensor] = {}
+        self.producer: dict[int, int] = {}
+        self._count = 0
+        self._modes = (_Tagging(self), _Recording(self))
+
+    def __enter__(self) -> TorchTracer:
+        for mode in self._modes:
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+    # tensors: ids, producers, shadows
+
+    @staticmethod
+    def _place(tensor: torch.Tensor) -> tuple[Any, ...]:
+        return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+    def tensor_id(self, tensor: torch.Tensor, *, output: bool = False) -> int:
+        """A tensor's id: by object, else (an input seen under a new object) by place; an output that is
+        not an input written in place gets a new one."""
+        found = self.ids.get(tensor)
+        if found is None and not output:
+            found = self.by_place.get(self._place(tensor))
+        if found is None:
+            self._count += 1
+            found = self._count
+        self.ids[tensor] = found
+        self.by_place[self._place(tensor)] = found
+        return found
+
+    def shadow(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The float64 twin of a floating tensor (its own value where none was computed)."""
+        key = self.tensor_id(tensor)
+        twin = self.shadows.get(key)
+        if twin is None or tuple(twin.shape) != tuple(tensor.shape):
+            twin = self.shadows[key] = tensor.detach().to(torch.float64, copy=True)
+        return twin
+
+    def producer_of(self, tensor: torch.Tensor) -> int:
+        return self.producer.get(self.tensor_id(tensor), -1)
+
+    # one op
+
+    def _line(self) -> str:
+        line = user_line(self.prefixes, 4)
+        if self.phase == "backward" and (not line or line.split(":")[0] in BUILTIN_FILES):
+            node = torch._C._current_autograd_node()
+            tagged = node.metadata.get(METADATA_KEY, "") if node is not None else ""
+            line = tagged or line
+        return line
+
+    def _converted(self, value: Any, mutable: bool, wide: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point():
+                return wide(value)
+            return value.clone() if mutable else value
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return torch.float64
+        return value
+
+    def record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        name = func.overloadpacket.__name__
+        mutable = func._schema.is_mutable
+        flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        float_in = [t for t in flat_in if t.is_floating_point()]
+        flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        inputs = [(self.producer_of(t), _kind(t), self._carried(t)) for t in float_in]
+        carried_in = max((carried for _, _, carried in inputs), default=0.0)
+        in_nan = any(kind == "nan" for _, kind, _ in inputs)
+        in_nonfinite = any(kind for _, kind, _ in inputs)
+        in_whole_row = any(_whole_row(t, self.rows) for t in float_in if _kind(t))
+        shadow_out = self._run_wide(func, args, kwargs, mutable, self.shadow, name)
+        rerun = None
+        if name not in NOT_RERUN and not mutable and float_in:
+            rerun = self._run_wide(func, args, kwargs, False, lambda t: t.detach().to(torch.float64), name)
+        shadow_flat = tree_flatten(shadow_out)[0] if shadow_out is not None else []
+        rerun_flat = tree_flatten(rerun)[0] if rerun is not None else []
+        for position, tensor in enumerate(flat_out):
+            if not tensor.is_floating_point():
+                continue
+            key = self.tensor_id(tensor, output=True)
+            twin = shadow_flat[position] if len(shadow_flat) == len(flat_out) else None
+            if isinstance(twin, torch.Tensor) and twin.is_floating_point() and twin.shape == tensor.shape:
+                self.shadows[key] = twin
+            else:
+                self.shadows[key] = tensor.detach().to(torch.float64, copy=True)
+            local = math.nan
+            again = rerun_flat[position] if len(rerun_flat) == len(flat_out) else None
+            if isinstance(again, torch.Tensor) and again.shape == tensor.shape and again.is_floating_point():
+                local = local_ulps(tensor, again, self.rows)
+            kind = _kind(tensor)
+            born = ""
+            if float_in and ((kind == "nan" and not in_nan) or (kind == "inf" and not in_nonfinite)):
+                from ce_audit.trace.explain import birth
+
+                born = birth(name, float_in, tensor, self.shadows[key])
+            terms = 0
+            if name in REDUCTIONS and float_in and tensor.numel():
+                terms = max(float_in[0].numel() // tensor.numel(), 1)
+            record = OpRecord(
+                index=len(self.ops), name=f"aten.{name}", dtype=_FLOATS.get(tensor.dtype, str(tensor.dtype)),
+                shapes=tuple(tuple(t.shape) for t in flat_in), line=self._line(), phase=self.phase,
+                local=local, carried=self._carried(tensor), carried_in=carried_in, nonfinite=kind,
+                born=born, terms=terms,
+                takes_row=bool(kind and float_in) and not in_whole_row and _whole_row(tensor, self.rows),
+                absorbs=in_nonfinite and _absorbs(float_in, tensor),
+            )  # fmt: skip
+            self.producer[key] = record.index
+            self.ops.append(record)
+            self.inputs.append(inputs)
+
+    def _carried(self, tensor: torch.Tensor) -> float:
+        twin = self.shadows.get(self.tensor_id(tensor))
+        if twin is None or twin.shape != tensor.shape:
+            return 0.0
+        return carried_ulps(tensor, twin, self.rows, self.eps)
+
+    def _run_wide(self, func: Any, args: Any, kwargs: Any, mutable: bool, wide: Any, name: str) -> Any:
+        """``func`` on float64 versions of its floating arguments (and of its dtype arguments)."""
+        try:
+            wide_args, wide_kwargs = tree_map(lambda v: self._converted(v, mutable, wide), (args, kwargs))
+            if name in ("_softmax", "_log_softmax") and len(wide_args) > 2:
+                wide_args = (*wide_args[:2], False, *wide_args[3:])
+            return func(*wide_args, **wide_kwargs)
+        except Exception:  # noqa: BLE001 - an op with no float64 kernel: its twin is its own value
+            return None
