@@ -2,8 +2,8 @@
 
 ``BlockCall(trace="loss,grad")`` asks ``ce_audit.backends.run_call`` for a ``Trace`` instead of an
 ``Outcome``; the isolation session carries it to the implementation's worker like any call, so a plugin
-is traced in its own process, under its time limit, and a built-in here. PyTorch implementations get the op-by-op
-trace (ce_audit.trace.torch_tracer); NumPy ones their first floating-point exception, with its line
+is traced in its own process, under its time limit, and a built-in here. PyTorch implementations get the
+op-by-op trace (ce_audit.trace.torch_tracer); NumPy ones their first floating-point exception, with its line
 (``np.errstate(all="call")`` and a stack walk); JAX ones are not traced.
 """
 

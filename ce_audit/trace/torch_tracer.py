@@ -43,8 +43,9 @@ NOT_RERUN = frozenset(
         "new_full", "new_ones", "zeros_like", "ones_like", "empty_like", "full_like", "fill_", "zero_",
         "empty", "zeros", "ones", "full", "arange", "scalar_tensor", "max", "min", "amax", "amin", "argmax",
         "argmin", "neg", "abs", "eq", "ne", "lt", "gt", "le", "ge", "maximum", "minimum", "clamp",
-        "clamp_min", "clamp_max", "sign", "one_hot", "embedding", "_local_scalar_dense", "constant_pad_nd", "logical_not",
-        "logical_and", "logical_or", "bitwise_not", "isnan", "isinf", "new_empty_strided", "empty_strided",
+        "clamp_min", "clamp_max", "sign", "one_hot", "embedding", "_local_scalar_dense", "constant_pad_nd",
+        "logical_not", "logical_and", "logical_or", "bitwise_not", "isnan", "isinf", "new_empty_strided",
+        "empty_strided",
         "_softmax_backward_data_out", "set_", "resize_", "as_strided_", "sort", "topk",
     ]
 )
