@@ -1,8 +1,9 @@
 """Tracing a flagged cell: which rows, run where the implementation runs, the origins put in the cell.
 
 A cell is traced when it is flagged: ``worse`` than PyTorch's kernel, or its loss or gradient
-``inaccurate`` or ``nonfinite``. Its rows: the block of at most ``TRACE_ROWS`` rows that holds its
-``worst_row`` (a reduction, or a 0-d mean: the whole batch, which is what it was computed on). The call
+``inaccurate`` or ``nonfinite``. Its rows: its ``worst_row`` and the row with the largest gradient error
+(``worst_gradient_row``, tracked while the cell is scored), one or two rows (a reduction, or a 0-d mean:
+the whole batch, which is what it was computed on). The call
 goes through the run's isolation session (a plugin is traced in its own worker, a built-in here). A trace
 that fails leaves the cell as it was: tracing never changes what was measured.
 """
@@ -20,7 +21,6 @@ from ce_audit.results import Cell
 from ce_audit.trace.explain import INTRODUCED
 from ce_audit.trace.records import Trace
 
-TRACE_ROWS = 64
 FLAGGED = ("inaccurate", "nonfinite")
 
 
@@ -39,46 +39,78 @@ def flagged_parts(cell: Cell) -> str:
     return ",".join(part for part, on in (("loss", loss), ("grad", grad)) if on) or "loss"
 
 
-def row_range(cell: Cell) -> tuple[int, int]:
-    """The rows traced: [start, stop)."""
-    batch = cell.batch
-    if cell.options.reduction != "none" or cell.value_kind == "mean" or batch <= TRACE_ROWS:
-        return 0, batch
-    start = (max(cell.worst_row, 0) // TRACE_ROWS) * TRACE_ROWS
-    return start, min(start + TRACE_ROWS, batch)
+def worst_gradient_row(
+    worst: tuple[float, int], errors: np.ndarray | None, numbers: np.ndarray, picked: np.ndarray | None
+) -> tuple[float, int]:
+    """The largest row gradient error so far and its input row, after one more block's row errors
+    (``picked``: the block's rows they belong to; None: every row)."""
+    if errors is None or not errors.size or errors.ndim != 1:
+        return worst
+    rows = numbers if picked is None else numbers[picked]
+    if rows.shape != errors.shape:
+        return worst
+    scores = np.nan_to_num(errors, nan=np.inf)
+    index = int(np.argmax(scores))
+    return (float(scores[index]), int(rows[index])) if scores[index] > worst[0] else worst
 
 
-def row_inputs(source: Any, fmt: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """The quantized logits and targets of rows [start, stop) of a source (its blocks, in order)."""
-    if start == 0 and stop >= source.case.batch:
+def worst_failing_row(
+    worst: tuple[float, int], grad: np.ndarray | None, exact: np.ndarray | None, tolerance: Any,
+    numbers: np.ndarray,
+) -> tuple[float, int]:
+    """The largest max_k |g − g*| / (atol + rtol·|g*|) over the rows so far and its input row, after one
+    more block (``numbers``: the input row of each gradient row)."""
+    if grad is None or exact is None or grad.ndim != 2 or grad.shape != exact.shape:
+        return worst
+    with np.errstate(invalid="ignore", over="ignore"):
+        ratio = np.abs(grad - exact) / (tolerance.atol + tolerance.rtol * np.abs(exact))
+    scores = np.nan_to_num(ratio, nan=0.0).max(axis=1)
+    if not scores.size or scores.shape != numbers.shape:
+        return worst
+    index = int(np.argmax(scores))
+    return (float(scores[index]), int(numbers[index])) if scores[index] > worst[0] else worst
+
+
+def traced_rows(cell: Cell, grad_row: int = -1) -> list[int]:
+    """The rows traced, in order."""
+    if cell.options.reduction != "none" or cell.value_kind == "mean" or cell.worst_row < 0:
+        return list(range(cell.batch))
+    return sorted({row for row in (cell.worst_row, grad_row) if 0 <= row < cell.batch})
+
+
+def row_inputs(source: Any, fmt: Any, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The quantized logits and targets of ``rows`` (sorted) of a source, read from its blocks."""
+    if len(rows) == source.case.batch:
         return source.whole_batch(fmt)
     logits, targets = [], []
     for first, block, block_targets in source.blocks(fmt):
-        lo, hi = max(start, first), min(stop, first + block.shape[0])
-        if lo < hi:
-            logits.append(block[lo - first : hi - first])
-            targets.append(block_targets[lo - first : hi - first])
-        if first + block.shape[0] >= stop:
+        inside = [row - first for row in rows if first <= row < first + block.shape[0]]
+        if inside:
+            logits.append(block[inside])
+            targets.append(block_targets[inside])
+        if first + block.shape[0] > rows[-1]:
             break
     return np.concatenate(logits), np.concatenate(targets)
 
 
 def trace_cell(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, settings: dict[str, Any],
-               weight: np.ndarray | None, grad: bool) -> Trace | None:  # fmt: skip
-    """The trace of a cell's worst rows (None where the call failed)."""
+               weight: np.ndarray | None, grad: bool, parts: str | None = None,
+               grad_row: int = -1, rows: list[int] | None = None) -> Trace | None:  # fmt: skip
+    """The trace of a cell's worst rows, explaining ``parts`` (default: the flagged ones); None where the
+    call failed."""
     from ce_audit.run.isolation import run_implementation
 
-    start, stop = row_range(cell)
+    rows = rows or traced_rows(cell, grad_row)
     try:
-        logits, targets = row_inputs(source, fmt, start, stop)
-        parts = flagged_parts(cell)
+        logits, targets = row_inputs(source, fmt, rows)
+        parts = parts or flagged_parts(cell)
         call = BlockCall(logits, targets, fmt, cell.device, settings, grad, options, weight, (), trace=parts)
         found = run_implementation(impl, call)
     except Exception:  # noqa: BLE001 - a trace that fails leaves the cell as measured
         return None
     if not isinstance(found, Trace):
         return None
-    return replace(found, rows=tuple(range(start, stop)))
+    return replace(found, rows=tuple(rows))
 
 
 def with_origins(cell: Cell, trace: Trace | None) -> Cell:
@@ -110,8 +142,9 @@ def with_origins(cell: Cell, trace: Trace | None) -> Cell:
 
 
 def traced(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, settings: dict[str, Any],
-           weight: np.ndarray | None, grad: bool) -> Cell:  # fmt: skip
+           weight: np.ndarray | None, grad: bool, grad_row: int = -1) -> Cell:  # fmt: skip
     """The cell with its origins when it is flagged (unchanged otherwise)."""
     if not needs_trace(cell):
         return cell
-    return with_origins(cell, trace_cell(cell, source, fmt, impl, options, settings, weight, grad))
+    trace = trace_cell(cell, source, fmt, impl, options, settings, weight, grad, grad_row=grad_row)
+    return with_origins(cell, trace)

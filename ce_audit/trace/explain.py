@@ -64,7 +64,8 @@ def birth(name: str, inputs: list[Any], out: Any, twin: Any) -> str:
         zeros = int((first == 0).sum())
         return "of 0" + (f" ({zeros} zero inputs: values underflowed to 0 before it)" if zeros else "")
     if name in ("mul", "xlogy") and nan:
-        return "multiplied 0 by ±inf (0 · ∞ = NaN)"
+        negative = any(bool((t == float("-inf")).any()) for t in inputs)
+        return "multiplied 0 by an infinity: " + ("0 · (−inf) = NaN" if negative else "0 · inf = NaN")
     if name in ("add", "sub", "rsub") and nan:
         return "added +inf and −inf (∞ − ∞ = NaN)"
     if name == "div":

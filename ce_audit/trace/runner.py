@@ -53,7 +53,7 @@ def _torch_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
     import torch
 
     from ce_audit.backends import get_backend
-    from ce_audit.trace.torch_tracer import TorchTracer, carried_ulps
+    from ce_audit.trace.torch_tracer import TorchTracer
 
     backend = get_backend("torch")
     logits = backend.tensor(call.block, call.fmt, call.device)
@@ -89,8 +89,7 @@ def _torch_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
             errors.append(float("nan"))
             continue
         producer = tracer.producer_of(value)
-        wide = tracer.shadow(value)
-        error = carried_ulps(value, wide, len(rows), tracer.eps) if producer >= 0 else 0.0
+        error = tracer.carried(value) if producer >= 0 else 0.0
         errors.append(error)
         if part not in call.trace.split(","):
             continue  # not the flagged part of the cell
@@ -152,7 +151,11 @@ def _numpy_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
     origin = None
     if seen and not np.isfinite(value).all():
         kind, line, text = seen[0]
-        origin = Origin(_numpy_op(kind, text), line, _NUMPY_KINDS[kind])
+        op = _numpy_op(kind, text)
+        why = _NUMPY_KINDS[kind]
+        if op == "np.exp" and kind == "overflow":
+            why += f": {call.fmt.name}'s exp overflows above {call.fmt.exp_overflow:.2f}"
+        origin = Origin(op, line, why)
     note = "NumPy: the first floating-point exception and its line; no error origin"
     return Trace(impl.name, call.fmt.name, rows, (), origin, (), traced=True, note=note)
 

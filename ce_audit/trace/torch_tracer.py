@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -54,67 +55,67 @@ _FLOATS = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: 
 _FLOATS[torch.float64] = "float64"
 
 
-def spacing(magnitude: torch.Tensor, name: str) -> torch.Tensor:
-    """The ULP of dtype ``name`` at each ``magnitude`` (float64): 2^(e − p + 1), at least the subnormal
-    step."""
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a float64 NumPy array (a copy: the metrics never see the buffer change)."""
+    return tensor.detach().to("cpu", torch.float64, copy=True).numpy()
+
+
+def spacing(magnitude: np.ndarray, name: str) -> np.ndarray:
+    """The ULP of dtype ``name`` at each ``magnitude``: 2^(e − p + 1), at least the subnormal step."""
     fmt = FORMATS[name]
-    exponent = torch.floor(torch.log2(magnitude.clamp_min(fmt.smallest_subnormal)))
-    exponent = exponent.clamp_min(fmt.emin)
-    return torch.exp2(exponent - fmt.precision + 1)
+    _, exponent = np.frexp(np.maximum(magnitude, fmt.smallest_subnormal))  # m · 2^e, m in [½, 1)
+    return np.ldexp(1.0, np.maximum(exponent - 1, fmt.emin) - fmt.precision + 1)
 
 
-def _by_rows(values: torch.Tensor, rows: int) -> torch.Tensor:
+def _by_rows(values: np.ndarray, rows: int) -> np.ndarray:
     """(rows, -1) where the leading dimension is the traced rows, else one row."""
-    if values.ndim >= 1 and rows > 1 and values.shape[0] == rows and values.numel():
+    if values.ndim >= 1 and rows > 1 and values.shape[0] == rows and values.size:
         return values.reshape(rows, -1)
     return values.reshape(1, -1)
 
 
-def row_error(actual: torch.Tensor, reference: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_error(actual: np.ndarray, reference: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row: max |actual − reference| over the elements finite in both, and max |reference| there."""
-    a, r = _by_rows(actual.detach().double(), rows), _by_rows(reference.detach().double(), rows)
-    finite = torch.isfinite(a) & torch.isfinite(r)
-    diff = torch.where(finite, (a - r).abs(), torch.zeros_like(a))
-    scale = torch.where(finite, r.abs(), torch.zeros_like(r))
-    if not a.numel():
-        return torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-    return diff.amax(dim=1), scale.amax(dim=1)
+    if not actual.size:
+        return np.zeros(1), np.zeros(1)
+    a, r = _by_rows(actual, rows), _by_rows(reference, rows)
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(a) & np.isfinite(r)
+        diff = np.where(finite, np.abs(a - r), 0.0)
+    scale = np.where(finite, np.abs(r), 0.0)
+    return diff.max(axis=1), scale.max(axis=1)
 
 
-def local_ulps(actual: torch.Tensor, rerun: torch.Tensor, rows: int) -> float:
+def local_ulps(actual: np.ndarray, rerun: np.ndarray, rows: int, dtype: str) -> float:
     """max |v − r| / ULP(max |r|) of the output dtype, per row (≤ ½ when the op rounds correctly)."""
     diff, scale = row_error(actual, rerun, rows)
-    return float((diff / spacing(scale, _FLOATS[actual.dtype])).max())
+    return float((diff / spacing(scale, dtype)).max())
 
 
-def carried_ulps(actual: torch.Tensor, shadow: torch.Tensor, rows: int, eps: float) -> float:
+def carried_ulps(actual: np.ndarray, shadow: np.ndarray, rows: int, eps: float) -> float:
     """max |v − v*| / (ε · max |v*|) per row, ε of the audited dtype (≤ ½ for values rounded once)."""
     diff, scale = row_error(actual, shadow, rows)
-    tiny = torch.full_like(scale, 1e-300)
-    ratio = torch.where(diff > 0, diff / torch.maximum(scale, tiny), torch.zeros_like(diff))
+    ratio = np.where(diff > 0, diff / np.maximum(scale, 1e-300), 0.0)
     return float(ratio.max()) / eps
 
 
-def _kind(tensor: torch.Tensor) -> str:
-    if not tensor.is_floating_point():
+def kind_of(values: np.ndarray) -> str:
+    """"nan", "inf" or "": what non-finite values an array holds."""
+    if np.isfinite(values).all():
         return ""
-    if torch.isnan(tensor).any():
-        return "nan"
-    return "inf" if torch.isinf(tensor).any() else ""
+    return "nan" if np.isnan(values).any() else "inf"
 
 
-def _whole_row(tensor: torch.Tensor, rows: int) -> bool:
+def _whole_row(values: np.ndarray, rows: int) -> bool:
     """Whether some row is non-finite in every element."""
-    if not tensor.is_floating_point() or not tensor.numel():
-        return False
-    return bool((~torch.isfinite(_by_rows(tensor.detach(), rows))).all(dim=1).any())
+    return bool(values.size) and bool((~np.isfinite(_by_rows(values, rows))).all(axis=1).any())
 
 
-def _absorbs(inputs: list[torch.Tensor], out: torch.Tensor) -> bool:
+def _absorbs(inputs: list[np.ndarray], out: np.ndarray) -> bool:
     """Whether an elementwise op made finite nonzero values of ±inf entries of an input (tanh(−inf) = −1,
     a clamp): a mask or padding that counts again. (exp(−inf) = 0 keeps the mask.)"""
-    kept = torch.isfinite(out) & (out != 0)
-    return any(t.shape == out.shape and bool((torch.isinf(t) & kept).any()) for t in inputs)
+    kept = np.isfinite(out) & (out != 0)
+    return any(t.shape == out.shape and bool((np.isinf(t) & kept).any()) for t in inputs)
 
 
 class _Tagging(TorchFunctionMode):
@@ -170,6 +171,7 @@ class TorchTracer:
         self.shadows: dict[int, torch.Tensor] = {}
         self.producer: dict[int, int] = {}
         self._count = 0
+        self._facts: dict[int, tuple[int, str, float]] = {}  # tensor id → (version, kind, carried)
         self._modes = (_Tagging(self), _Recording(self))
 
     def __enter__(self) -> TorchTracer:
@@ -214,7 +216,7 @@ class TorchTracer:
     # one op
 
     def _line(self) -> str:
-        line = user_line(self.prefixes, 4)
+        line = user_line(self.prefixes, 5)
         if self.phase == "backward" and (not line or line.split(":")[0] in BUILTIN_FILES):
             node = torch._C._current_autograd_node()
             tagged = node.metadata.get(METADATA_KEY, "") if node is not None else ""
@@ -230,23 +232,42 @@ class TorchTracer:
             return torch.float64
         return value
 
+    def facts(self, tensor: torch.Tensor) -> tuple[str, float, np.ndarray | None]:
+        """A floating tensor's non-finite kind and carried ULPs (cached while its version holds), and its
+        values (None when cached)."""
+        key = self.tensor_id(tensor)
+        cached = self._facts.get(key)
+        if cached is not None and cached[0] == tensor._version:
+            return cached[1], cached[2], None
+        values = as_numpy(tensor)
+        twin = self.shadows.get(key)
+        carried = 0.0
+        if twin is not None and twin.shape == tensor.shape:
+            carried = carried_ulps(values, as_numpy(twin), self.rows, self.eps)
+        self._facts[key] = (tensor._version, kind_of(values), carried)
+        return kind_of(values), carried, values
+
     def record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         name = func.overloadpacket.__name__
         mutable = func._schema.is_mutable
         flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         float_in = [t for t in flat_in if t.is_floating_point()]
         flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        inputs = [(self.producer_of(t), _kind(t), self._carried(t)) for t in float_in]
+        known = [self.facts(t) for t in float_in]
+        pairs = zip(float_in, known, strict=True)
+        inputs = [(self.producer_of(t), kind, carried) for t, (kind, carried, _) in pairs]
         carried_in = max((carried for _, _, carried in inputs), default=0.0)
         in_nan = any(kind == "nan" for _, kind, _ in inputs)
         in_nonfinite = any(kind for _, kind, _ in inputs)
-        in_whole_row = any(_whole_row(t, self.rows) for t in float_in if _kind(t))
+        nonfinite_in = [as_numpy(t) for t, (kind, _, _) in zip(float_in, known, strict=True) if kind]
+        in_whole_row = any(_whole_row(values, self.rows) for values in nonfinite_in)
         shadow_out = self._run_wide(func, args, kwargs, mutable, self.shadow, name)
         rerun = None
         if name not in NOT_RERUN and not mutable and float_in:
             rerun = self._run_wide(func, args, kwargs, False, lambda t: t.detach().to(torch.float64), name)
         shadow_flat = tree_flatten(shadow_out)[0] if shadow_out is not None else []
         rerun_flat = tree_flatten(rerun)[0] if rerun is not None else []
+        line = ""
         for position, tensor in enumerate(flat_out):
             if not tensor.is_floating_point():
                 continue
@@ -256,11 +277,14 @@ class TorchTracer:
                 self.shadows[key] = twin
             else:
                 self.shadows[key] = tensor.detach().to(torch.float64, copy=True)
+            values, dtype = as_numpy(tensor), _FLOATS.get(tensor.dtype, str(tensor.dtype))
+            kind = kind_of(values)
+            carried = carried_ulps(values, as_numpy(self.shadows[key]), self.rows, self.eps)
+            self._facts[key] = (tensor._version, kind, carried)
             local = math.nan
             again = rerun_flat[position] if len(rerun_flat) == len(flat_out) else None
-            if isinstance(again, torch.Tensor) and again.shape == tensor.shape and again.is_floating_point():
-                local = local_ulps(tensor, again, self.rows)
-            kind = _kind(tensor)
+            if isinstance(again, torch.Tensor) and again.shape == tensor.shape and dtype in FORMATS:
+                local = local_ulps(values, as_numpy(again), self.rows, dtype)
             born = ""
             if float_in and ((kind == "nan" and not in_nan) or (kind == "inf" and not in_nonfinite)):
                 from ce_audit.trace.explain import birth
@@ -269,23 +293,21 @@ class TorchTracer:
             terms = 0
             if name in REDUCTIONS and float_in and tensor.numel():
                 terms = max(float_in[0].numel() // tensor.numel(), 1)
+            line = line or self._line()
             record = OpRecord(
-                index=len(self.ops), name=f"aten.{name}", dtype=_FLOATS.get(tensor.dtype, str(tensor.dtype)),
-                shapes=tuple(tuple(t.shape) for t in flat_in), line=self._line(), phase=self.phase,
-                local=local, carried=self._carried(tensor), carried_in=carried_in, nonfinite=kind,
-                born=born, terms=terms,
-                takes_row=bool(kind and float_in) and not in_whole_row and _whole_row(tensor, self.rows),
-                absorbs=in_nonfinite and _absorbs(float_in, tensor),
+                index=len(self.ops), name=f"aten.{name}", dtype=dtype,
+                shapes=tuple(tuple(t.shape) for t in flat_in), line=line, phase=self.phase,
+                local=local, carried=carried, carried_in=carried_in, nonfinite=kind, born=born, terms=terms,
+                takes_row=bool(kind and float_in) and not in_whole_row and _whole_row(values, self.rows),
+                absorbs=bool(nonfinite_in) and _absorbs(nonfinite_in, values),
             )  # fmt: skip
             self.producer[key] = record.index
             self.ops.append(record)
             self.inputs.append(inputs)
 
-    def _carried(self, tensor: torch.Tensor) -> float:
-        twin = self.shadows.get(self.tensor_id(tensor))
-        if twin is None or twin.shape != tensor.shape:
-            return 0.0
-        return carried_ulps(tensor, twin, self.rows, self.eps)
+    def carried(self, tensor: torch.Tensor) -> float:
+        """The error a floating tensor carries against its shadow (ULPs of the audited dtype)."""
+        return self.facts(tensor)[1]
 
     def _run_wide(self, func: Any, args: Any, kwargs: Any, mutable: bool, wide: Any, name: str) -> Any:
         """``func`` on float64 versions of its floating arguments (and of its dtype arguments)."""
