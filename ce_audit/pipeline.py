@@ -279,7 +279,8 @@ class DtypeAudit:
             kernel = self.kernels.get(run.tally.device)
             pytorch = kernel.tally.last_block if kernel is not None and kernel.rows is None else None
             picked = run.rows
-            run.worst_grad = worst_gradient_row(run.worst_grad, run.tally.last_block.grad, numbers, picked)
+            if tracing_on():
+                run.worst_grad = worst_gradient_row(run.worst_grad, run.tally.last_block.grad, numbers, picked)
             run.tally.row_verdict.add(
                 run.tally.last_block, _on_rows(floor, picked, rows), _on_rows(pytorch, picked, rows),
                 numbers if picked is None else numbers[picked],
@@ -336,7 +337,7 @@ class DtypeAudit:
             view.gradient_unit(),
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
-        if run.tally.grad.failures > failures and not reduced:  # only where some gradient row fails
+        if run.tally.grad.failures > failures and not reduced and tracing_on():  # a gradient row fails
             run.worst_grad_failing = worst_failing_row(
                 run.worst_grad_failing, outcome.grad, reference.grad, self.tolerance, first_row + index
             )

@@ -16,7 +16,8 @@ magnifies earlier rounding (``lse − z_y`` under an offset, ``p_y − 1`` from 
 to a narrower dtype. Only ops the error came through count (inputs carrying at least ``INTRODUCED``
 ULPs, walked back from the result), and only when the result itself carries that much. A flagged result
 that is accurate to its own formula has no rounding origin; where an op on its way turned ±inf entries
-into finite nonzero values (``tanh`` of −inf padding, a clamp of a −inf mask), that op is named instead.
+into finite nonzero values (``tanh`` of −inf padding, a clamp of a −inf mask) and no later op put ±inf
+back in their place, that op is named instead.
 Otherwise the error is what the dtype allows.
 """
 
@@ -156,7 +157,9 @@ def error_origins(ops: list[OpRecord], inputs: Inputs, finals: list[tuple[int, f
             why = why_error(origin, error)
         else:  # accurate to its own formula: a mask undone on the way makes the formula wrong
             every = sorted(_walk([producer], inputs, nonfinite=None))
-            origin = next((ops[i] for i in every if ops[i].absorbs), None)
+            masking = [i for i in every if ops[i].masks]
+            undone = {i for m in masking for i in _walk([m], inputs, None)}  # a mask put back after it
+            origin = next((ops[i] for i in every if ops[i].absorbs and i not in undone), None)
             why = ABSORBED
         if origin is not None and all(o.index != origin.index for o in found):
             found.append(Origin(origin.name, origin.line, why, origin.index))

@@ -39,6 +39,7 @@ class OpRecord:
     terms: int = 0  # elements reduced into each output value (a sum's length), 0 for an elementwise op
     takes_row: bool = False  # a row of its output is non-finite throughout, none of its inputs' was
     absorbs: bool = False  # it turned ±inf input entries into finite nonzero ones (a mask undone)
+    masks: bool = False  # it put ±inf where a same-shaped input held finite values (a mask applied)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,6 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from ce_audit.dtypes import FORMATS
 from ce_audit.trace.records import OpRecord
@@ -111,6 +109,32 @@ def _whole_row(values: np.ndarray, rows: int) -> bool:
     return bool(values.size) and bool((~np.isfinite(_by_rows(values, rows))).all(axis=1).any())
 
 
+MASKING = frozenset(
+    {"where", "masked_fill", "masked_fill_", "index_put", "index_put_", "scatter", "scatter_"}
+)
+
+
+def _masks(inputs: list[torch.Tensor], out: np.ndarray) -> bool:
+    """Whether a selecting op put ±inf where a same-shaped input held finite values."""
+    infinite = np.isinf(out)
+    return any(t.shape == out.shape and bool((infinite & np.isfinite(as_numpy(t))).any()) for t in inputs)
+
+
+def flat(value: Any) -> list[Any]:
+    """An op's arguments (or results) one level deep: aten takes tensors, lists of them and scalars."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    elif not isinstance(value, (list, tuple)):
+        return [value]
+    out: list[Any] = []
+    for item in value:
+        if isinstance(item, (list, tuple)):
+            out.extend(item)
+        else:
+            out.append(item)
+    return out
+
+
 def _absorbs(inputs: list[np.ndarray], out: np.ndarray) -> bool:
     """Whether an elementwise op made finite nonzero values of ±inf entries of an input (tanh(−inf) = −1,
     a clamp): a mask or padding that counts again. (exp(−inf) = 0 keeps the mask.)"""
@@ -129,7 +153,7 @@ class _Tagging(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if self.tracer.phase == "forward":
             line = ""
-            for value in tree_flatten(out)[0]:
+            for value in flat(out):
                 node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
                 if node is not None and METADATA_KEY not in node.metadata:
                     line = line or user_line(self.tracer.prefixes, 2)
@@ -142,13 +166,17 @@ class _Recording(TorchDispatchMode):
         super().__init__()
         self.tracer = tracer
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # no torch.compile here: spare each op the dynamo-disabling wrapper's cost
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.tracer.phase:
             self.tracer.record(func, args, kwargs, out)
         else:  # made between phases (the backward's seed): known as itself, never as a stale place
-            for value in tree_flatten(out)[0]:
+            for value in flat(out):
                 if isinstance(value, torch.Tensor):
                     self.tracer.tensor_id(value, output=True)
         return out
@@ -166,7 +194,8 @@ class TorchTracer:
         self.ops: list[OpRecord] = []
         # per op and floating input: (the op that made it, "nan"/"inf"/"", its carried ULPs)
         self.inputs: list[list[tuple[int, str, float]]] = []
-        self.ids: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+        self.ids: dict[int, int] = {}  # id(tensor) → tensor id, the tensor kept alive in ``kept``
+        self.kept: dict[int, torch.Tensor] = {}
         self.by_place: dict[tuple[Any, ...], int] = {}  # (data pointer, shape, stride, dtype) → tensor id
         self.shadows: dict[int, torch.Tensor] = {}
         self.producer: dict[int, int] = {}
@@ -192,13 +221,14 @@ class TorchTracer:
     def tensor_id(self, tensor: torch.Tensor, *, output: bool = False) -> int:
         """A tensor's id: by object, else (an input seen under a new object) by place; an output that is
         not an input written in place gets a new one."""
-        found = self.ids.get(tensor)
+        found = self.ids.get(id(tensor))
         if found is None and not output:
             found = self.by_place.get(self._place(tensor))
         if found is None:
             self._count += 1
             found = self._count
-        self.ids[tensor] = found
+        self.ids[id(tensor)] = found
+        self.kept[id(tensor)] = tensor  # alive for the trace: its id() and place are never reused
         self.by_place[self._place(tensor)] = found
         return found
 
@@ -250,9 +280,9 @@ class TorchTracer:
     def record(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
         name = func.overloadpacket.__name__
         mutable = func._schema.is_mutable
-        flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        flat_in = [t for t in [*flat(args), *flat(kwargs)] if isinstance(t, torch.Tensor)]
         float_in = [t for t in flat_in if t.is_floating_point()]
-        flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        flat_out = [t for t in flat(out) if isinstance(t, torch.Tensor)]
         known = [self.facts(t) for t in float_in]
         pairs = zip(float_in, known, strict=True)
         inputs = [(self.producer_of(t), kind, carried) for t, (kind, carried, _) in pairs]
@@ -265,8 +295,8 @@ class TorchTracer:
         rerun = None
         if name not in NOT_RERUN and not mutable and float_in:
             rerun = self._run_wide(func, args, kwargs, False, lambda t: t.detach().to(torch.float64), name)
-        shadow_flat = tree_flatten(shadow_out)[0] if shadow_out is not None else []
-        rerun_flat = tree_flatten(rerun)[0] if rerun is not None else []
+        shadow_flat = flat(shadow_out) if shadow_out is not None else []
+        rerun_flat = flat(rerun) if rerun is not None else []
         line = ""
         for position, tensor in enumerate(flat_out):
             if not tensor.is_floating_point():
@@ -300,6 +330,7 @@ class TorchTracer:
                 local=local, carried=carried, carried_in=carried_in, nonfinite=kind, born=born, terms=terms,
                 takes_row=bool(kind and float_in) and not in_whole_row and _whole_row(values, self.rows),
                 absorbs=bool(nonfinite_in) and _absorbs(nonfinite_in, values),
+                masks=bool(kind) and name in MASKING and _masks(float_in, values),
             )  # fmt: skip
             self.producer[key] = record.index
             self.ops.append(record)
@@ -312,7 +343,14 @@ class TorchTracer:
     def _run_wide(self, func: Any, args: Any, kwargs: Any, mutable: bool, wide: Any, name: str) -> Any:
         """``func`` on float64 versions of its floating arguments (and of its dtype arguments)."""
         try:
-            wide_args, wide_kwargs = tree_map(lambda v: self._converted(v, mutable, wide), (args, kwargs))
+            convert = self._converted
+            wide_args = tuple(
+                [convert(item, mutable, wide) for item in v]
+                if isinstance(v, (list, tuple))
+                else convert(v, mutable, wide)
+                for v in args
+            )
+            wide_kwargs = {k: convert(v, mutable, wide) for k, v in kwargs.items()}
             if name in ("_softmax", "_log_softmax") and len(wide_args) > 2:
                 wide_args = (*wide_args[:2], False, *wide_args[3:])
             return func(*wide_args, **wide_kwargs)
