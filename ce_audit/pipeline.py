@@ -280,7 +280,8 @@ class DtypeAudit:
             pytorch = kernel.tally.last_block if kernel is not None and kernel.rows is None else None
             picked = run.rows
             if tracing_on():
-                run.worst_grad = worst_gradient_row(run.worst_grad, run.tally.last_block.grad, numbers, picked)
+                errors = run.tally.last_block.grad
+                run.worst_grad = worst_gradient_row(run.worst_grad, errors, numbers, picked)
             run.tally.row_verdict.add(
                 run.tally.last_block, _on_rows(floor, picked, rows), _on_rows(pytorch, picked, rows),
                 numbers if picked is None else numbers[picked],

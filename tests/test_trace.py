@@ -283,7 +283,8 @@ def test_a_sweep_fills_the_columns_only_for_flagged_cells_and_no_trace_leaves_th
     traced, plain = _sweep(True), _sweep(False)
     assert {"nonfinite_origin", "error_origin", "traced_cause"} <= set(CELL_COLUMNS)
     bug = [c for c in traced if c.impl == "bug_mlx_offset_lse" and c.dtype == "float32"]
-    assert bug and all(c.error_origin == f"aten.sub {line_of('mlx_offset_lse', 'torch.logsumexp(logits, dim=-1) - score')}" for c in bug)
+    where = line_of("mlx_offset_lse", "torch.logsumexp(logits, dim=-1) - score")
+    assert bug and all(c.error_origin == f"aten.sub {where}" for c in bug)
     assert all(cause(c).startswith("aten.sub at mlx_offset_lse.py:") for c in bug)
     fixed = [c for c in traced if c.impl == "fix_mlx_offset_lse" and c.dtype == "float32"]
     assert fixed and all(not (c.error_origin or c.nonfinite_origin or c.traced_cause) for c in fixed)
