@@ -115,6 +115,8 @@ def trace_lines(cell: Cell, trace: Trace | None) -> list[str]:
     lines.append(f"non-finite origin: {origin.text() if origin else 'none'}")
     if trace.error_origins:
         lines += [f"error origin: {found.text()}" for found in trace.error_origins]
+    elif origin is not None:
+        lines.append("error origin: none found (the result is non-finite)")
     elif trace.traced and trace.ops and cell.dtype != "float64":
         lines.append(
             "error origin: none — no op brings in more than a few ULPs: the error is what the dtype allows"

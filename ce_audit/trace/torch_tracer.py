@@ -152,13 +152,22 @@ class _Tagging(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if self.tracer.phase == "forward":
-            line = ""
-            for value in flat(out):
-                node = getattr(value, "grad_fn", None) if isinstance(value, torch.Tensor) else None
-                if node is not None and METADATA_KEY not in node.metadata:
-                    line = line or user_line(self.tracer.prefixes, 2)
-                    node.metadata[METADATA_KEY] = line
+            nodes = [getattr(v, "grad_fn", None) for v in flat(out) if isinstance(v, torch.Tensor)]
+            untagged = [node for node in nodes if node is not None and METADATA_KEY not in node.metadata]
+            if untagged:
+                _tag(untagged, user_line(self.tracer.prefixes, 2))
         return out
+
+
+def _tag(nodes: list[Any], line: str) -> None:
+    """Tag the nodes and the untagged nodes behind them (a composite's inner ones: F.cross_entropy's
+    log-softmax) with ``line``; a tagged node stops the walk."""
+    while nodes:
+        node = nodes.pop()
+        if node is None or METADATA_KEY in node.metadata or type(node).__name__ == "AccumulateGrad":
+            continue  # (an input's own node: what it accumulates is the caller's)
+        node.metadata[METADATA_KEY] = line
+        nodes += [inner for inner, _ in node.next_functions]
 
 
 class _Recording(TorchDispatchMode):
@@ -303,12 +312,15 @@ class TorchTracer:
                 continue
             key = self.tensor_id(tensor, output=True)
             twin = shadow_flat[position] if len(shadow_flat) == len(flat_out) else None
-            if isinstance(twin, torch.Tensor) and twin.is_floating_point() and twin.shape == tensor.shape:
+            fresh = not name.startswith(("empty", "new_empty"))  # uninitialised memory: no values yet
+            usable = isinstance(twin, torch.Tensor) and twin.is_floating_point()
+            usable = usable and twin.shape == tensor.shape
+            if usable and fresh:
                 self.shadows[key] = twin
             else:
                 self.shadows[key] = tensor.detach().to(torch.float64, copy=True)
             values, dtype = as_numpy(tensor), _FLOATS.get(tensor.dtype, str(tensor.dtype))
-            kind = kind_of(values)
+            kind = kind_of(values) if fresh else ""
             carried = carried_ulps(values, as_numpy(self.shadows[key]), self.rows, self.eps)
             self._facts[key] = (tensor._version, kind, carried)
             local = math.nan
