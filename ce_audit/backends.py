@@ -106,6 +106,12 @@ class Backend:
         """Call ``impl`` on a private copy of the block; the value as float64, and the gradient if asked."""
         raise NotImplementedError
 
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        """The op-by-op trace of one call (ce_audit.trace); this backend's: none."""
+        from ce_audit.trace.runner import untraced
+
+        return untraced(self.name, impl, call)
+
 
 class TorchBackend(Backend):
     """PyTorch: (N, V) tensors of the audited dtype on the audited device, gradients by autograd."""
@@ -155,6 +161,11 @@ class TorchBackend(Backend):
             return np.zeros(0, dtype=np.uint8)
         return tensor.detach().to("cpu").contiguous().view(self.torch.uint8).numpy().reshape(-1)
 
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        from ce_audit.trace.runner import torch_trace
+
+        return torch_trace(self, impl, call)
+
     def run(self, impl: Any, call: BlockCall) -> Outcome:
         block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
         settings, want_grad, shape = call.settings, call.want_grad, call.shape
@@ -202,6 +213,11 @@ class NumpyBackend(Backend):
     @classmethod
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
         return None if device == "cpu" else "NumPy implementations run on the CPU only"
+
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        from ce_audit.trace.runner import numpy_trace
+
+        return numpy_trace(impl, call)
 
     def run(self, impl: Any, call: BlockCall) -> Outcome:
         block, targets = call.block, call.targets
@@ -318,12 +334,9 @@ _INSTANCES: dict[str, Backend] = {}
 
 def run_call(impl: Any, call: BlockCall) -> Any:
     """One call where the implementation runs: its ``Outcome``, or with ``call.trace`` its op-by-op trace
-    (ce_audit.trace.runner)."""
-    if call.trace:
-        from ce_audit.trace.runner import traced_run
-
-        return traced_run(impl, call)
-    return get_backend(impl.backend).run(impl, call)
+    (``Backend.trace``: ce_audit.trace.runner)."""
+    backend = get_backend(impl.backend)
+    return backend.trace(impl, call) if call.trace else backend.run(impl, call)
 
 
 def get_backend(name: str) -> Backend:

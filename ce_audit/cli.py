@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from ce_audit import __version__
+from ce_audit.cli_explain import explain
 from ce_audit.cli_gate import gate
 from ce_audit.cli_options import (
     DTYPE_HELP,
@@ -382,46 +383,11 @@ def report(
         typer.echo(f"wrote {path}")
 
 
-@app.command(
-    epilog=_examples(
-        "ce-audit explain ce-audit-report --impl naive --dtype fp16 --scale 10",
-        "ce-audit explain ce-audit-report --row 12          # the 12th data row of summary.csv",
-    )
+_explain_examples = _examples(
+    "ce-audit explain ce-audit-report --impl naive --dtype fp16 --scale 10",
+    "ce-audit explain ce-audit-report --row 12          # the 12th data row of summary.csv",
 )
-@_user_errors
-def explain(
-    directory: Annotated[
-        Path,
-        typer.Argument(help="A sweep's report directory (summary.csv and report.json) or its summary.csv."),
-    ],
-    impl: Annotated[
-        str | None, typer.Option("--impl", metavar="NAME", help="The cell's implementation.")
-    ] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", metavar="DTYPE", help="The cell's dtype.")] = None,
-    distribution: Annotated[
-        str | None, typer.Option("--distribution", metavar="NAME", help="The cell's distribution.")
-    ] = None,
-    scale: Annotated[float | None, typer.Option("--scale", metavar="S", help="The cell's scale.")] = None,
-    offset: Annotated[float | None, typer.Option("--offset", metavar="O", help="The cell's offset.")] = None,
-    row: Annotated[
-        int | None,
-        typer.Option("--row", metavar="N", help="The cell of summary.csv's N-th data row (1: the first)."),
-    ] = None,
-    plugin: LoadPluginOption = None,
-) -> None:
-    """Trace one cell's worst rows op by op and print every op: its line, local error, the error it
-    carries, and where a value went non-finite or the error entered (the first flagged cell that matches)."""
-    from ce_audit.dtypes import canonical_dtype
-    from ce_audit.trace.report import explain_cell, trace_lines
-
-    chosen = canonical_dtype(dtype) if dtype is not None else None
-    cell, trace = explain_cell(
-        directory, row, tuple(plugin or ()), impl=impl, dtype=chosen, distribution=distribution, scale=scale,
-        offset=offset,
-    )  # fmt: skip
-    for line in trace_lines(cell, trace):
-        typer.echo(line)
-
+app.command(epilog=_explain_examples)(_user_errors(explain))  # declared in ce_audit.cli_explain
 
 _gate_examples = _examples(
     "ce-audit gate precision/baseline --update          # write the baseline",

@@ -63,7 +63,9 @@ def cause(row: Cell) -> str:
         if row.status == "nonfinite" and row.nonfinite_origin:
             return f"{'NaN' if row.nan_rows else 'Inf'}: {row.traced_cause}"
         if row.status == "inaccurate":
-            return row.traced_cause
+            infinite = row.finite_where_infinite
+            where = f"; finite in {infinite} rows where the exact loss is +inf" if infinite else ""
+            return row.traced_cause + where
     inferred = _inferred_cause(row)
     kind, colon, reason = inferred.partition(": ") if row.status == "nonfinite" else ("", "", inferred)
     if _GUESSES.match(reason):

@@ -194,7 +194,7 @@ def test_the_words_say_what_happened() -> None:
         mlx, _ = _mlx()
         hf, _ = _hf()
         optax, _ = _optax()
-    assert "cancels" in mlx.error_origin.why and "bits" in mlx.error_origin.why
+    assert "cancellation" in mlx.error_origin.why and "bits" in mlx.error_origin.why
     assert "passed float16's largest value 65504" in hf.nonfinite_origin.why
     assert "0 · (−inf) = NaN" in optax.nonfinite_origin.why
 

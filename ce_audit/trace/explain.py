@@ -1,33 +1,31 @@
 """From recorded ops to origins: the op where a non-finite value was born, the ops where error entered.
 
 **Non-finite origin.** From the result (or the gradient) that is non-finite, the ops whose non-finite
-outputs led to it are walked back. The origin is the first of them, in the order they ran, that was
-*born* non-finite: NaN from inputs with no NaN (0 · ∞, ∞ − ∞, 0/0, log of a negative number) or ±inf from
-finite inputs (exp past the dtype's overflow threshold, log of 0, a sum past the largest finite value).
-A non-finite value the inputs brought (a −inf mask) that only spreads is not an origin; where no op on
-the way was born non-finite, the origin is the first op that made a whole row non-finite from rows that
-were not (a −inf padding lane picked as the target's logit). Ops that make constants (``torch.full``)
-are inputs, not origins.
+outputs led to it are walked back. The origin is the first of them, in the order they ran, that was *born*
+non-finite: NaN from inputs with no NaN (0 · ∞, ∞ − ∞, 0/0, log of a negative number) or ±inf from finite
+inputs (exp past the dtype's overflow threshold, log of 0, a sum past the largest finite value). A
+non-finite value the inputs brought (a −inf mask) that only spreads is not an origin; where no op on the way
+was born non-finite, the origin is the first op that made a whole row non-finite from rows that were not (a
+−inf padding lane picked as the target's logit). Ops that make constants (``torch.full``) are inputs, not
+origins.
 
-**Error origin.** An op introduced error when its output carries at least ``INTRODUCED`` ULPs of the
-audited dtype against the float64 shadow and at least ``GAIN`` times what its inputs carried (ce_audit.trace
-.torch_tracer): its own arithmetic (a large ``local`` error: a float16 accumulation), a cancellation that
-magnifies earlier rounding (``lse − z_y`` under an offset, ``p_y − 1`` from a rounded ``p_y``) or a rounding
-to a narrower dtype. Only ops the error came through count (inputs carrying at least ``INTRODUCED``
-ULPs, walked back from the result), and only when the result itself carries that much. A flagged result
-that is accurate to its own formula has no rounding origin; where an op on its way turned ±inf entries
-into finite nonzero values (``tanh`` of −inf padding, a clamp of a −inf mask) and no later op put ±inf
-back in their place, that op is named instead.
-Otherwise the error is what the dtype allows.
+**Error origin.** An op introduced error when its output carries at least ``INTRODUCED`` ULPs of the audited
+dtype against the float64 shadow and at least ``GAIN`` times what its inputs carried
+(ce_audit.trace.torch_tracer): its own arithmetic (a large ``local`` error: a float16 accumulation), a
+cancellation that magnifies earlier rounding (``lse − z_y`` under an offset, ``p_y − 1`` from a rounded
+``p_y``) or a rounding to a narrower dtype. Only ops the error came through count (inputs carrying at least
+``INTRODUCED`` ULPs, walked back from the result), and only when the result itself carries that much. A
+flagged result that is accurate to its own formula has no rounding origin; where an op on its way turned
+±inf entries into finite nonzero values (``tanh`` of −inf padding, a clamp of a −inf mask) and no later op
+put ±inf back in their place, that op is named instead. Otherwise the error is what the dtype allows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
 
-from ce_audit.dtypes import FORMATS
+from ce_audit.trace.ops import NOT_RERUN
 from ce_audit.trace.records import OpRecord, Origin
 
 INTRODUCED = 4.0  # ULPs of the audited dtype
@@ -38,43 +36,6 @@ ABSORBED = (
     "(the arithmetic is accurate: the formula is wrong)"
 )
 _CANCELS = frozenset({"aten.sub", "aten.add", "aten.rsub"})
-
-
-def _largest(values: Any) -> float:
-    import torch
-
-    finite = values[torch.isfinite(values)]
-    return float(finite.max()) if finite.numel() else math.nan
-
-
-def birth(name: str, inputs: list[Any], out: Any, twin: Any) -> str:
-    """Why ``name`` made a non-finite value its inputs did not hold, in words."""
-    import torch
-
-    dtype = str(out.dtype).removeprefix("torch.")
-    fmt = FORMATS.get(dtype)
-    first = inputs[0].detach().double()
-    nan = bool(torch.isnan(out).any())
-    if name in ("exp", "exp2", "expm1", "_softmax", "softmax") and not nan and fmt is not None:
-        top = _largest(first)
-        limit = fmt.exp_overflow
-        return f"overflowed: its input reached {top:.4g}, {dtype}'s exp overflows above {limit:.2f}"
-    if name.startswith("log") and name not in ("logsumexp", "log_softmax", "_log_softmax"):
-        if nan:
-            return "of a negative value"
-        zeros = int((first == 0).sum())
-        return "of 0" + (f" ({zeros} zero inputs: values underflowed to 0 before it)" if zeros else "")
-    if name in ("mul", "xlogy") and nan:
-        negative = any(bool((t == float("-inf")).any()) for t in inputs)
-        return "multiplied 0 by an infinity: " + ("0 · (−inf) = NaN" if negative else "0 · inf = NaN")
-    if name in ("add", "sub", "rsub") and nan:
-        return "added +inf and −inf (∞ − ∞ = NaN)"
-    if name == "div":
-        return "divided 0 by 0 or ∞ by ∞" if nan else "divided by 0"
-    if not nan and fmt is not None:
-        exact = _largest(twin.abs())
-        return f"passed {dtype}'s largest value {fmt.max:g} (exact {exact:.4g})"
-    return "made NaN" if nan else "made ±inf"
 
 
 Inputs = list[list[tuple[int, str, float]]]  # per op: (producing op, non-finite kind, carried ULPs)
@@ -127,7 +88,7 @@ def why_error(op: OpRecord, final: float) -> str:
         else:
             what = f"{op.dtype} {short}: local error {op.local:.3g} ULP, {local_bits:.1f} bits"
     elif op.name in _CANCELS:
-        what = f"cancels: earlier rounding magnified ×{gain:.3g}, {bits:.1f} bits"
+        what = f"cancellation: earlier rounding magnified ×{gain:.3g}, {bits:.1f} bits"
     elif op.name == "aten._to_copy":
         what = f"rounds to {op.dtype}: {bits:.1f} bits"
     else:
@@ -138,8 +99,6 @@ def why_error(op: OpRecord, final: float) -> str:
 
 def introduced(op: OpRecord) -> bool:
     """Whether an op brought in error itself (module docstring); data movement never does."""
-    from ce_audit.trace.torch_tracer import NOT_RERUN
-
     moves = op.name.removeprefix("aten.") in NOT_RERUN and op.name != "aten._to_copy"
     return not moves and op.carried >= INTRODUCED and op.carried >= GAIN * max(op.carried_in, 0.5)
 

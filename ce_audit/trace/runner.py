@@ -1,10 +1,11 @@
 """One traced call of an implementation on a few rows: where it runs (a plugin in its isolated worker).
 
-``BlockCall(trace="loss,grad")`` asks ``ce_audit.backends.run_call`` for a ``Trace`` instead of an
-``Outcome``; the isolation session carries it to the implementation's worker like any call, so a plugin
-is traced in its own process, under its time limit, and a built-in here. PyTorch implementations get the
-op-by-op trace (ce_audit.trace.torch_tracer); NumPy ones their first floating-point exception, with its line
-(``np.errstate(all="call")`` and a stack walk); JAX ones are not traced.
+``BlockCall(trace="loss,grad")`` asks ``ce_audit.backends.run_call`` for a ``Trace`` (``Backend.trace``)
+instead of an ``Outcome``; the isolation session carries it to the implementation's worker like any
+call, so a plugin is traced in its own process, under its time limit, and a built-in here. PyTorch
+implementations get the op-by-op trace (ce_audit.trace.torch_tracer); NumPy ones their first
+floating-point exception, with its line (``np.errstate(all="call")`` and a stack walk); JAX ones are not
+traced.
 """
 
 from __future__ import annotations
@@ -28,34 +29,29 @@ _NUMPY_LIKELY = {
 }
 
 
-def _implementation_call(impl: Any, logits: Any, targets: Any, call: Any, weight: Any = None) -> Any:
-    """The implementation itself (the source-line walk stops here: what called it is not the user's)."""
-    if impl.backend == "numpy":
-        return impl(logits, targets, call.settings, call.options)
-    return impl(logits, targets, call.settings, call.options, weight)
+def _implementation_call(impl: Any, logits: Any, targets: Any, call: Any, *weight: Any) -> Any:
+    """The implementation itself (the source-line walk stops here: what called it is not the user's);
+    ``weight``: the class weights of a PyTorch call (a NumPy implementation takes none)."""
+    return impl(logits, targets, call.settings, call.options, *weight)
 
 
 BOUNDARY.add(_implementation_call.__code__)
 
 
-def traced_run(impl: Any, call: Any) -> Trace:
-    """Trace ``impl`` on the rows of ``call`` (forward, and backward when ``call.want_grad``)."""
-    rows = tuple(range(call.block.shape[0]))
-    if impl.backend == "torch":
-        return _torch_trace(impl, call, rows)
-    if impl.backend == "numpy":
-        return _numpy_trace(impl, call, rows)
-    note = f"{impl.backend} implementations are not traced (no op-level hook); the cause shown is a guess"
-    return Trace(impl.name, call.fmt.name, rows, traced=False, note=note)
+def untraced(backend: str, impl: Any, call: Any) -> Trace:
+    """The trace of an implementation whose framework has no op-level hook here (JAX): none."""
+    note = f"{backend} implementations are not traced (no op-level hook); the cause shown is a guess"
+    return Trace(impl.name, call.fmt.name, tuple(range(call.block.shape[0])), traced=False, note=note)
 
 
-def _torch_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
+def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
+    """Trace a PyTorch ``impl`` on the rows of ``call`` (forward, and backward when ``call.want_grad``);
+    ``backend``: the TorchBackend, whose private copies of the inputs it uses."""
     import torch
 
-    from ce_audit.backends import get_backend
     from ce_audit.trace.torch_tracer import TorchTracer
 
-    backend = get_backend("torch")
+    rows = tuple(range(call.block.shape[0]))
     logits = backend.tensor(call.block, call.fmt, call.device)
     if call.targets.dtype.kind == "f" or call.targets.dtype == call.fmt.numpy_dtype:
         targets = backend.tensor(call.targets, call.fmt, call.device)
@@ -106,7 +102,7 @@ def _torch_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
     )  # fmt: skip
 
 
-BOUNDARY.update({_torch_trace.__code__, traced_run.__code__})
+BOUNDARY.add(torch_trace.__code__)
 
 
 def _numpy_op(kind: str, line_text: str) -> str:
@@ -129,7 +125,8 @@ def _line_text(where: str) -> str:
     return ""
 
 
-def _numpy_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
+def numpy_trace(impl: Any, call: Any) -> Trace:
+    """The first floating-point exception of a NumPy ``impl`` on the rows of ``call``, with its line."""
     from ce_audit.trace.source_line import excluded_prefixes
 
     prefixes = [*excluded_prefixes(), np.__file__.rsplit("/", 1)[0] + "/"]
@@ -140,6 +137,7 @@ def _numpy_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
             frame_line = user_line(prefixes, 2)
             seen.append((kind, frame_line, _line_text(frame_line)))
 
+    rows = tuple(range(call.block.shape[0]))
     logits, targets = call.block.copy(), call.targets.copy()
     previous = np.seterrcall(on_error)
     try:
@@ -160,4 +158,4 @@ def _numpy_trace(impl: Any, call: Any, rows: tuple[int, ...]) -> Trace:
     return Trace(impl.name, call.fmt.name, rows, (), origin, (), traced=True, note=note)
 
 
-BOUNDARY.add(_numpy_trace.__code__)
+BOUNDARY.add(numpy_trace.__code__)

@@ -28,27 +28,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ce_audit.dtypes import FORMATS
+from ce_audit.trace.ops import MASKING, NOT_RERUN, REDUCTIONS, birth
 from ce_audit.trace.records import OpRecord
 from ce_audit.trace.source_line import BUILTIN_FILES, METADATA_KEY, excluded_prefixes, user_line
 
-# data movement, creation and exact ops: no local error to measure
-NOT_RERUN = frozenset(
-    [
-        "detach", "alias", "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "unsqueeze",
-        "squeeze", "permute", "transpose", "t", "slice", "select", "index", "gather", "cat", "stack", "clone",
-        "copy_", "_to_copy", "contiguous", "index_put_", "index_put", "index_select", "masked_fill",
-        "masked_fill_", "where", "scatter", "scatter_", "split", "split_with_sizes", "unbind", "narrow",
-        "flip", "roll", "repeat", "as_strided", "lift_fresh", "lift_fresh_copy", "new_zeros", "new_empty",
-        "new_full", "new_ones", "zeros_like", "ones_like", "empty_like", "full_like", "fill_", "zero_",
-        "empty", "zeros", "ones", "full", "arange", "scalar_tensor", "max", "min", "amax", "amin", "argmax",
-        "argmin", "neg", "abs", "eq", "ne", "lt", "gt", "le", "ge", "maximum", "minimum", "clamp",
-        "clamp_min", "clamp_max", "sign", "one_hot", "embedding", "_local_scalar_dense", "constant_pad_nd",
-        "logical_not", "logical_and", "logical_or", "bitwise_not", "isnan", "isinf", "new_empty_strided",
-        "empty_strided",
-        "_softmax_backward_data_out", "set_", "resize_", "as_strided_", "sort", "topk",
-    ]
-)
-REDUCTIONS = frozenset(["sum", "mean", "logsumexp", "nansum", "prod", "norm", "linalg_vector_norm"])
 _FLOATS = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _FLOATS[torch.float64] = "float64"
 
@@ -109,9 +92,6 @@ def _whole_row(values: np.ndarray, rows: int) -> bool:
     return bool(values.size) and bool((~np.isfinite(_by_rows(values, rows))).all(axis=1).any())
 
 
-MASKING = frozenset(
-    {"where", "masked_fill", "masked_fill_", "index_put", "index_put_", "scatter", "scatter_"}
-)
 
 
 def _masks(inputs: list[torch.Tensor], out: np.ndarray) -> bool:
@@ -329,8 +309,6 @@ class TorchTracer:
                 local = local_ulps(values, as_numpy(again), self.rows, dtype)
             born = ""
             if float_in and ((kind == "nan" and not in_nan) or (kind == "inf" and not in_nonfinite)):
-                from ce_audit.trace.explain import birth
-
                 born = birth(name, float_in, tensor, self.shadows[key])
             terms = 0
             if name in REDUCTIONS and float_in and tensor.numel():
