@@ -48,7 +48,7 @@ class BlockCall:
     weight: np.ndarray | None  # per-class weights in the audited dtype
     shape: tuple[int, ...]  # what a per-row (or per-element) result must be shaped like
     # "loss", "grad" or "loss,grad": trace the call instead and explain those results (``run_call`` returns a
-    # ce_audit.trace Trace); "": an ordinary call
+    # ce_audit.trace Trace; "every-op" added: every op's local error, not only the named ones'); "": a call
     trace: str = ""
 
 

@@ -11,6 +11,7 @@ that fails leaves the cell as it was: tracing never changes what was measured.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -78,12 +79,25 @@ def traced_rows(cell: Cell, grad_row: int = -1) -> list[int]:
     return sorted({row for row in (cell.worst_row, grad_row) if 0 <= row < cell.batch})
 
 
+_LAST: list[Any] = [None, "", []]  # (weak reference to a source, dtype, its blocks): the last asked for
+
+
+def _blocks(source: Any, fmt: Any) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """The source's row blocks in ``fmt``, generated once for every cell of a (case, dtype) traced (at
+    most two blocks kept, those of the last source asked for)."""
+    ref, name, blocks = _LAST
+    if ref is None or ref() is not source or name != fmt.name:
+        blocks = list(source.blocks(fmt)) if source.n_blocks(fmt) <= 2 else []
+        _LAST[:] = [weakref.ref(source), fmt.name, blocks]
+    return blocks or list(source.blocks(fmt))
+
+
 def row_inputs(source: Any, fmt: Any, rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """The quantized logits and targets of ``rows`` (sorted) of a source, read from its blocks."""
-    if len(rows) == source.case.batch:
+    if len(rows) == source.case.batch and source.n_blocks(fmt) > 1:
         return source.whole_batch(fmt)
     logits, targets = [], []
-    for first, block, block_targets in source.blocks(fmt):
+    for first, block, block_targets in _blocks(source, fmt):
         inside = [row - first for row in rows if first <= row < first + block.shape[0]]
         if inside:
             logits.append(block[inside])

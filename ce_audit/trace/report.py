@@ -70,8 +70,9 @@ def explain_cell(directory: str | Path, row: int | None = None, plugins: tuple[s
     fmt = float_format(cell.dtype)
     with session(config.isolation, config.timeout, impls=(cell.impl,), plugins=specs):
         rows = list(range(cell.batch)) if cell.batch <= EXPLAIN_ROWS else None  # else the worst row
-        trace = trace_cell(cell, source, fmt, impl, cell.options, config.implementation_settings(),
-                           source.weight(fmt), config.grad, parts="loss,grad", rows=rows)  # fmt: skip
+        settings, weight = config.implementation_settings(), source.weight(fmt)
+        trace = trace_cell(cell, source, fmt, impl, cell.options, settings, weight, config.grad,
+                           parts="loss,grad,every-op", rows=rows)  # fmt: skip
     return cell, trace
 
 

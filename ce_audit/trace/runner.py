@@ -59,7 +59,7 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
         targets = torch.from_numpy(call.targets).to(device=call.device, copy=True)
     weight = None if call.weight is None else backend.tensor(call.weight, call.fmt, call.device)
     logits.requires_grad_(call.want_grad)
-    tracer = TorchTracer(call.fmt.name, len(rows))
+    tracer = TorchTracer(call.fmt.name, len(rows), every_local="every-op" in call.trace.split(","))
     with tracer:
         tracer.phase = "forward"
         try:
@@ -94,10 +94,12 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
             broken.append(producer)
     origin = nonfinite_origin(tracer.ops, tracer.inputs, broken) if broken else None
     shadowed = call.fmt.name != "float64"  # float64 has no wider shadow here
+    found = error_origins(tracer.ops, tracer.inputs, finals) if shadowed else ()
+    if found:  # their local error, for the words (re-run only now: the sweep's cost)
+        tracer.fill_local([origin.index for origin in found])
+        found = error_origins(tracer.ops, tracer.inputs, finals)
     return Trace(
-        impl.name, call.fmt.name, rows, tuple(tracer.ops), origin,
-        error_origins(tracer.ops, tracer.inputs, finals) if shadowed else (),
-        errors[0], errors[1],
+        impl.name, call.fmt.name, rows, tuple(tracer.ops), origin, found, errors[0], errors[1],
         note="" if shadowed else "float64: non-finite origin only (no wider shadow)",
     )  # fmt: skip
 

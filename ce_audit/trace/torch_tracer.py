@@ -20,6 +20,7 @@ gets its own value as shadow. Float64 cells have no wider shadow: only their non
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,10 @@ def _masks(inputs: list[torch.Tensor], out: np.ndarray) -> bool:
     return any(t.shape == out.shape and bool((infinite & np.isfinite(as_numpy(t))).any()) for t in inputs)
 
 
+def _wide_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(torch.float64, copy=True)
+
+
 def flat(value: Any) -> list[Any]:
     """An op's arguments (or results) one level deep: aten takes tensors, lists of them and scalars."""
     if isinstance(value, dict):
@@ -174,7 +179,7 @@ class _Recording(TorchDispatchMode):
 class TorchTracer:
     """Records the ops run while ``phase`` is set (``with tracer:`` installs the modes)."""
 
-    def __init__(self, audited: str, rows: int) -> None:
+    def __init__(self, audited: str, rows: int, every_local: bool = True) -> None:
         fmt = FORMATS[audited]
         self.eps = 2.0 ** (1 - fmt.precision)
         self.rows = rows
@@ -189,6 +194,8 @@ class TorchTracer:
         self.shadows: dict[int, torch.Tensor] = {}
         self.producer: dict[int, int] = {}
         self._count = 0
+        self.every_local = every_local  # False: an op's local error only when it is named (fill_local)
+        self._later: dict[int, tuple[Any, ...]] = {}
         self._facts: dict[int, tuple[int, str, float]] = {}  # tensor id → (version, kind, carried)
         self._modes = (_Tagging(self), _Recording(self))
 
@@ -282,8 +289,9 @@ class TorchTracer:
         in_whole_row = any(_whole_row(values, self.rows) for values in nonfinite_in)
         shadow_out = self._run_wide(func, args, kwargs, mutable, self.shadow, name)
         rerun = None
-        if name not in NOT_RERUN and not mutable and float_in:
-            rerun = self._run_wide(func, args, kwargs, False, lambda t: t.detach().to(torch.float64), name)
+        rerunnable = name not in NOT_RERUN and not mutable and bool(float_in)
+        if rerunnable and self.every_local:
+            rerun = self._run_wide(func, args, kwargs, False, _wide_copy, name)
         shadow_flat = flat(shadow_out) if shadow_out is not None else []
         rerun_flat = flat(rerun) if rerun is not None else []
         line = ""
@@ -325,6 +333,25 @@ class TorchTracer:
             self.producer[key] = record.index
             self.ops.append(record)
             self.inputs.append(inputs)
+            if rerunnable and not self.every_local:  # re-run later, if this op is named
+                versions = tuple(t._version for t in float_in)
+                self._later[record.index] = (func, args, kwargs, name, float_in, versions, position, values)
+
+    def fill_local(self, indices: list[int]) -> None:
+        """The local error of the ops ``indices`` whose re-run was put off (``every_local`` False), where
+        their inputs are as they were (none written in place since)."""
+        for index in indices:
+            later = self._later.pop(index, None)
+            if later is None:
+                continue
+            func, args, kwargs, name, float_in, versions, position, values = later
+            if tuple(t._version for t in float_in) != versions:
+                continue
+            again = flat(self._run_wide(func, args, kwargs, False, _wide_copy, name))
+            op = self.ops[index]
+            if position < len(again) and isinstance(again[position], torch.Tensor) and op.dtype in FORMATS:
+                local = local_ulps(values, as_numpy(again[position]), self.rows, op.dtype)
+                self.ops[index] = replace(op, local=local)
 
     def carried(self, tensor: torch.Tensor) -> float:
         """The error a floating tensor carries against its shadow (ULPs of the audited dtype)."""
