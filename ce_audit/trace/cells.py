@@ -31,13 +31,16 @@ def needs_trace(cell: Cell) -> bool:
 
 
 def flagged_parts(cell: Cell) -> str:
-    """Which results of a flagged cell the trace explains: "loss", "grad" or "loss,grad"."""
+    """Which results of a flagged cell the trace explains: "loss", "grad" or "loss,grad" (and
+    ",nonfinite" where only a non-finite value is to be explained: no shadow execution is needed)."""
     loss, grad = cell.status in FLAGGED, cell.grad_status in FLAGGED
     if cell.flag == "worse" and not (loss or grad):
         by_loss, by_grad = cell.loss_vs_pytorch, cell.grad_vs_pytorch
         loss = not by_grad >= by_loss  # NaN: the one measured
         grad = not by_loss >= by_grad
-    return ",".join(part for part, on in (("loss", loss), ("grad", grad)) if on) or "loss"
+    chosen = ",".join(part for part, on in (("loss", loss), ("grad", grad)) if on) or "loss"
+    accurate = "inaccurate" not in (cell.status, cell.grad_status) and cell.flag != "worse"
+    return chosen + (",nonfinite" if accurate else "")  # only a non-finite value to explain: no shadow
 
 
 def worst_gradient_row(

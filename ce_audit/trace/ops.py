@@ -63,6 +63,6 @@ def birth(name: str, inputs: list[Any], out: Any, twin: Any) -> str:
     if name == "div":
         return "divided 0 by 0 or ∞ by ∞" if nan else "divided by 0"
     if not nan and fmt is not None:
-        exact = _largest(twin.abs())
-        return f"passed {dtype}'s largest value {fmt.max:g} (exact {exact:.4g})"
+        exact = f" (exact {_largest(twin.abs()):.4g})" if twin is not None else ""
+        return f"passed {dtype}'s largest value {fmt.max:g}{exact}"
     return "made NaN" if nan else "made ±inf"

@@ -59,7 +59,9 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
         targets = torch.from_numpy(call.targets).to(device=call.device, copy=True)
     weight = None if call.weight is None else backend.tensor(call.weight, call.fmt, call.device)
     logits.requires_grad_(call.want_grad)
-    tracer = TorchTracer(call.fmt.name, len(rows), every_local="every-op" in call.trace.split(","))
+    parts = call.trace.split(",")
+    every, shadow = "every-op" in parts, "nonfinite" not in parts
+    tracer = TorchTracer(call.fmt.name, len(rows), every_local=every, shadow=shadow)
     with tracer:
         tracer.phase = "forward"
         try:
@@ -69,8 +71,8 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
             tracer.phase = ""
         if not isinstance(losses, torch.Tensor) or not losses.is_floating_point():
             return Trace(impl.name, call.fmt.name, rows, traced=False, note="returned no floating tensor")
-        if call.want_grad and losses.requires_grad:
-            seed = torch.ones_like(losses)
+        if call.want_grad and losses.requires_grad and ("grad" in parts or "every-op" in parts):
+            seed = torch.ones_like(losses)  # (a loss-only trace needs no backward)
             tracer.phase = "backward"
             try:
                 losses.backward(seed)
@@ -87,13 +89,13 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
         producer = tracer.producer_of(value)
         error = tracer.carried(value) if producer >= 0 else 0.0
         errors.append(error)
-        if part not in call.trace.split(","):
+        if part not in parts:
             continue  # not the flagged part of the cell
         finals.append((producer, error))
         if not bool(torch.isfinite(value).all()):
             broken.append(producer)
     origin = nonfinite_origin(tracer.ops, tracer.inputs, broken) if broken else None
-    shadowed = call.fmt.name != "float64"  # float64 has no wider shadow here
+    shadowed = shadow and call.fmt.name != "float64"  # float64 has no wider shadow here
     found = error_origins(tracer.ops, tracer.inputs, finals) if shadowed else ()
     if found:  # their local error, for the words (re-run only now: the sweep's cost)
         tracer.fill_local([origin.index for origin in found])

@@ -179,7 +179,7 @@ class _Recording(TorchDispatchMode):
 class TorchTracer:
     """Records the ops run while ``phase`` is set (``with tracer:`` installs the modes)."""
 
-    def __init__(self, audited: str, rows: int, every_local: bool = True) -> None:
+    def __init__(self, audited: str, rows: int, every_local: bool = True, shadow: bool = True) -> None:
         fmt = FORMATS[audited]
         self.eps = 2.0 ** (1 - fmt.precision)
         self.rows = rows
@@ -195,6 +195,7 @@ class TorchTracer:
         self.producer: dict[int, int] = {}
         self._count = 0
         self.every_local = every_local  # False: an op's local error only when it is named (fill_local)
+        self.shadowing = shadow  # False: no float64 twins (only the non-finite origin is wanted)
         self._later: dict[int, tuple[Any, ...]] = {}
         self._facts: dict[int, tuple[int, str, float]] = {}  # tensor id → (version, kind, carried)
         self._modes = (_Tagging(self), _Recording(self))
@@ -287,7 +288,9 @@ class TorchTracer:
         in_nonfinite = any(kind for _, kind, _ in inputs)
         nonfinite_in = [as_numpy(t) for t, (kind, _, _) in zip(float_in, known, strict=True) if kind]
         in_whole_row = any(_whole_row(values, self.rows) for values in nonfinite_in)
-        shadow_out = self._run_wide(func, args, kwargs, mutable, self.shadow, name)
+        shadow_out = None
+        if self.shadowing:
+            shadow_out = self._run_wide(func, args, kwargs, mutable, self.shadow, name)
         rerun = None
         rerunnable = name not in NOT_RERUN and not mutable and bool(float_in)
         if rerunnable and self.every_local:
@@ -305,11 +308,13 @@ class TorchTracer:
             usable = usable and twin.shape == tensor.shape
             if usable and fresh:
                 self.shadows[key] = twin
-            else:
+            elif self.shadowing:
                 self.shadows[key] = tensor.detach().to(torch.float64, copy=True)
             values, dtype = as_numpy(tensor), _FLOATS.get(tensor.dtype, str(tensor.dtype))
             kind = kind_of(values) if fresh else ""
-            carried = carried_ulps(values, as_numpy(self.shadows[key]), self.rows, self.eps)
+            carried = 0.0
+            if self.shadowing:
+                carried = carried_ulps(values, as_numpy(self.shadows[key]), self.rows, self.eps)
             self._facts[key] = (tensor._version, kind, carried)
             local = math.nan
             again = rerun_flat[position] if len(rerun_flat) == len(flat_out) else None
@@ -317,7 +322,7 @@ class TorchTracer:
                 local = local_ulps(values, as_numpy(again), self.rows, dtype)
             born = ""
             if float_in and ((kind == "nan" and not in_nan) or (kind == "inf" and not in_nonfinite)):
-                born = birth(name, float_in, tensor, self.shadows[key])
+                born = birth(name, float_in, tensor, self.shadows.get(key))
             terms = 0
             if name in REDUCTIONS and float_in and tensor.numel():
                 terms = max(float_in[0].numel() // tensor.numel(), 1)
