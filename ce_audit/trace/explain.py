@@ -103,18 +103,21 @@ def introduced(op: OpRecord) -> bool:
     return not moves and op.carried >= INTRODUCED and op.carried >= GAIN * max(op.carried_in, 0.5)
 
 
-def error_origins(ops: list[OpRecord], inputs: Inputs, finals: list[tuple[int, float]]) -> tuple[Origin, ...]:
-    """The ops that introduced the error of each result ``(producing op, its carried ULPs)`` that carries
-    at least ``INTRODUCED`` ULPs: the first in the order they ran, at most ``MAX_ORIGINS``."""
+def error_origins(
+    ops: list[OpRecord], inputs: Inputs, finals: list[tuple[int, float, bool]]
+) -> tuple[Origin, ...]:
+    """The ops that introduced the error of each result ``(producing op, its carried ULPs, finite)`` that
+    carries at least ``INTRODUCED`` ULPs (a finite one accurate to its own formula: the op that undid a mask),
+    the first in the order they ran, at most ``MAX_ORIGINS``."""
     found: list[Origin] = []
-    for producer, error in finals:
+    for producer, error, finite in finals:
         if producer < 0:
             continue
         chain = sorted(_walk([producer], inputs, nonfinite=False)) if error >= INTRODUCED else []
         origin = next((ops[i] for i in chain if introduced(ops[i])), None)
         if origin is not None:
             why = why_error(origin, error)
-        else:  # accurate to its own formula: a mask undone on the way makes the formula wrong
+        elif finite:  # accurate to its own formula: a mask undone on the way makes the formula wrong
             every = sorted(_walk([producer], inputs, nonfinite=None))
             masking = [i for i in every if ops[i].masks]
             undone = {i for m in masking for i in _walk([m], inputs, None)}  # a mask put back after it

@@ -91,8 +91,9 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
         errors.append(error)
         if part not in parts:
             continue  # not the flagged part of the cell
-        finals.append((producer, error))
-        if not bool(torch.isfinite(value).all()):
+        finite = bool(torch.isfinite(value).all())
+        finals.append((producer, error, finite))
+        if not finite:
             broken.append(producer)
     origin = nonfinite_origin(tracer.ops, tracer.inputs, broken) if broken else None
     shadowed = shadow and call.fmt.name != "float64"  # float64 has no wider shadow here

@@ -121,8 +121,9 @@ def flat(value: Any) -> list[Any]:
 
 
 def _absorbs(inputs: list[np.ndarray], out: np.ndarray) -> bool:
-    """Whether an elementwise op made finite nonzero values of ±inf entries of an input (tanh(−inf) = −1,
-    a clamp): a mask or padding that counts again. (exp(−inf) = 0 keeps the mask.)"""
+    """Whether an elementwise op of one tensor made finite nonzero values of its ±inf entries (tanh(−inf)
+    = −1, a clamp): a mask or padding that counts again. (exp(−inf) = 0 keeps the mask; max(m, −inf) of
+    two tensors only chooses.)"""
     kept = np.isfinite(out) & (out != 0)
     return any(t.shape == out.shape and bool((np.isinf(t) & kept).any()) for t in inputs)
 
@@ -332,7 +333,7 @@ class TorchTracer:
                 shapes=tuple(tuple(t.shape) for t in flat_in), line=line, phase=self.phase,
                 local=local, carried=carried, carried_in=carried_in, nonfinite=kind, born=born, terms=terms,
                 takes_row=bool(kind and float_in) and not in_whole_row and _whole_row(values, self.rows),
-                absorbs=bool(nonfinite_in) and _absorbs(nonfinite_in, values),
+                absorbs=fresh and len(nonfinite_in) == len(float_in) == 1 and _absorbs(nonfinite_in, values),
                 masks=bool(kind) and name in MASKING and _masks(float_in, values),
             )  # fmt: skip
             self.producer[key] = record.index
