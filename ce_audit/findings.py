@@ -339,4 +339,5 @@ def worst_finding(rows: list[Cell]) -> str:
     row = _first([row for row in bad_grad if row.grad_status == grad])
     dtypes = ", ".join(dict.fromkeys(r.dtype for r in bad_grad))
     word = "non-finite" if grad == "nonfinite" else "past tolerance"
-    return f"gradient {word} in {len(bad_grad)} cells ({dtypes}), from {row.dtype} {where(row)}"
+    observed = f" — {row.traced_cause}" if row.traced_cause else ""  # what its trace saw (ce_audit.trace)
+    return f"gradient {word} in {len(bad_grad)} cells ({dtypes}), from {row.dtype} {where(row)}{observed}"
