@@ -40,6 +40,7 @@ def flagged_parts(cell: Cell) -> str:
         grad = not by_loss >= by_grad
     chosen = ",".join(part for part, on in (("loss", loss), ("grad", grad)) if on) or "loss"
     accurate = "inaccurate" not in (cell.status, cell.grad_status) and cell.flag != "worse"
+    accurate = accurate or cell.dtype == "float64"  # no wider shadow: the non-finite origin only
     return chosen + (",nonfinite" if accurate else "")  # only a non-finite value to explain: no shadow
 
 
@@ -160,8 +161,10 @@ def with_origins(cell: Cell, trace: Trace | None) -> Cell:
 
 def traced(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, settings: dict[str, Any],
            weight: np.ndarray | None, grad: bool, grad_row: int = -1) -> Cell:  # fmt: skip
-    """The cell with its origins when it is flagged (unchanged otherwise)."""
-    if not needs_trace(cell):
+    """The cell with its origins when it is flagged (unchanged otherwise; a float64 cell with no
+    non-finite value: nothing to trace, it has no wider shadow)."""
+    wide = cell.dtype == "float64" and "nonfinite" not in (cell.status, cell.grad_status)
+    if not needs_trace(cell) or wide:
         return cell
     trace = trace_cell(cell, source, fmt, impl, options, settings, weight, grad, grad_row=grad_row)
     return with_origins(cell, trace)
