@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +33,7 @@ from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
 from ce_audit.trace import tracing_on
-from ce_audit.trace.cells import traced, worst_failing_row, worst_gradient_row
+from ce_audit.trace.cells import TraceRows, traced
 from ce_audit.verdict import PYTORCH_KERNELS, Side
 
 Progress = Callable[[float], None]
@@ -149,10 +149,7 @@ class ImplRun:
     reported: bool = True
     worst: WorstRows | None = None
     rows: np.ndarray | None = None  # the block's rows its last call saw (None: every row), for the verdict
-    # the rows a trace looks at (ce_audit.trace.cells): the largest row gradient error, and the largest
-    # ratio to the tolerance among the gradient rows that fail it, with their rows
-    worst_grad: tuple[float, int] = (-1.0, -1)
-    worst_grad_failing: tuple[float, int] = (-1.0, -1)
+    trace_rows: TraceRows = field(default_factory=TraceRows)  # the worst gradient rows, for a trace
 
     @property
     def pending(self) -> bool:
@@ -280,8 +277,7 @@ class DtypeAudit:
             pytorch = kernel.tally.last_block if kernel is not None and kernel.rows is None else None
             picked = run.rows
             if tracing_on():
-                errors = run.tally.last_block.grad
-                run.worst_grad = worst_gradient_row(run.worst_grad, errors, numbers, picked)
+                run.trace_rows.add_row_errors(run.tally.last_block.grad, numbers, picked)
             run.tally.row_verdict.add(
                 run.tally.last_block, _on_rows(floor, picked, rows), _on_rows(pytorch, picked, rows),
                 numbers if picked is None else numbers[picked],
@@ -339,9 +335,7 @@ class DtypeAudit:
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
         if run.tally.grad.failures > failures and not reduced and tracing_on():  # a gradient row fails
-            run.worst_grad_failing = worst_failing_row(
-                run.worst_grad_failing, outcome.grad, reference.grad, self.tolerance, first_row + index
-            )
+            run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, first_row + index)
         if run.worst is not None:
             badness = row_badness(errors, outcome.grad)
             if reduced:
@@ -380,7 +374,7 @@ class DtypeAudit:
             if tracing_on():  # flagged cells only: their worst rows, where the implementation runs
                 cell = traced(
                     cell, self.source, self.fmt, run.tally.impl, run.options, self.settings, self.weight,
-                    grad, run.worst_grad_failing[1] if run.worst_grad_failing[1] >= 0 else run.worst_grad[1],
+                    grad, run.trace_rows.row,
                 )  # fmt: skip
             if self.reproducers is not None and run.worst is not None:
                 self.reproducers.add(cell, run.worst, run.tally.impl, run.options, case.seed)

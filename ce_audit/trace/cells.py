@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,26 @@ def worst_gradient_row(
     scores = np.nan_to_num(errors, nan=np.inf)
     index = int(np.argmax(scores))
     return (float(scores[index]), int(rows[index])) if scores[index] > worst[0] else worst
+
+
+@dataclass
+class TraceRows:
+    """While a cell is scored: its gradient row with the largest normwise error (``worst``) and the one
+    past its tolerance by the largest factor (``failing``), as (score, input row)."""
+
+    worst: tuple[float, int] = (-1.0, -1)
+    failing: tuple[float, int] = (-1.0, -1)
+
+    def add_row_errors(self, errors: Any, numbers: np.ndarray, picked: np.ndarray | None) -> None:
+        self.worst = worst_gradient_row(self.worst, errors, numbers, picked)
+
+    def add_failing(self, grad: Any, exact: Any, tolerance: Any, numbers: np.ndarray) -> None:
+        self.failing = worst_failing_row(self.failing, grad, exact, tolerance, numbers)
+
+    @property
+    def row(self) -> int:
+        """The gradient row to trace: the failing one, else the worst (-1: none)."""
+        return self.failing[1] if self.failing[1] >= 0 else self.worst[1]
 
 
 def worst_failing_row(
