@@ -48,6 +48,9 @@ class BlockCall:
     options: LossOptions  # the implementation receives them as keyword arguments (options.call_keywords)
     weight: np.ndarray | None  # per-class weights in the audited dtype
     shape: tuple[int, ...]  # what a per-row (or per-element) result must be shaped like
+    # "loss", "grad" or "loss,grad": trace the call instead and explain those results (``run_call`` returns a
+    # ce_audit.trace Trace; "every-op" added: every op's local error, not only the named ones'); "": a call
+    trace: str = ""
 
 
 def raw_bytes(array: np.ndarray) -> np.ndarray:
@@ -125,6 +128,12 @@ class Backend:
         ``on_value``, where given, receives the Outcome without its gradient once the value is known."""
         raise NotImplementedError
 
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        """The op-by-op trace of one call (ce_audit.trace); this backend's: none."""
+        from ce_audit.trace.runner import untraced
+
+        return untraced(self.name, impl, call)
+
 
 class TorchBackend(Backend):
     """PyTorch: (N, V) tensors of the audited dtype on the audited device, gradients by autograd."""
@@ -173,6 +182,11 @@ class TorchBackend(Backend):
         if tensor.numel() == 0:
             return np.zeros(0, dtype=np.uint8)
         return tensor.detach().to("cpu").contiguous().view(self.torch.uint8).numpy().reshape(-1)
+
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        from ce_audit.trace.runner import torch_trace
+
+        return torch_trace(self, impl, call)
 
     def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
@@ -223,6 +237,11 @@ class NumpyBackend(Backend):
     @classmethod
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
         return None if device == "cpu" else "NumPy implementations run on the CPU only"
+
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        from ce_audit.trace.runner import numpy_trace
+
+        return numpy_trace(impl, call)
 
     def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         block, targets = call.block, call.targets
@@ -395,6 +414,13 @@ BACKEND_CLASSES: dict[str, type[Backend]] = {
 }  # fmt: skip
 BACKEND_NAMES = tuple(BACKEND_CLASSES)
 _INSTANCES: dict[str, Backend] = {}
+
+
+def run_call(impl: Any, call: BlockCall, on_value: Any = None) -> Any:
+    """One call where the implementation runs: its ``Outcome`` (``on_value``: see ``Backend.run``), or with
+    ``call.trace`` its op-by-op trace (``Backend.trace``: ce_audit.trace.runner)."""
+    backend = get_backend(impl.backend)
+    return backend.trace(impl, call) if call.trace else backend.run(impl, call, on_value=on_value)
 
 
 def get_backend(name: str) -> Backend:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from ce_audit import __version__
+from ce_audit.cli_explain import explain
 from ce_audit.cli_gate import gate
 from ce_audit.cli_options import (
     DTYPE_HELP,
@@ -381,6 +382,12 @@ def report(
     for path in written:
         typer.echo(f"wrote {path}")
 
+
+_explain_examples = _examples(
+    "ce-audit explain ce-audit-report --impl naive --dtype fp16 --scale 10",
+    "ce-audit explain ce-audit-report --row 12          # the 12th data row of summary.csv",
+)
+app.command(epilog=_explain_examples)(_user_errors(explain))  # declared in ce_audit.cli_explain
 
 _gate_examples = _examples(
     "ce-audit gate precision/baseline --update          # write the baseline",

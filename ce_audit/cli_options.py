@@ -1,7 +1,7 @@
 """Options more than one command takes, each declared once with its help text.
 
 The loss options: one Typer option per entry of the option table (ce_audit.options.OPTION_SPECS), added
-to a command's signature (``with_loss_options``), and their values as config keys. The 13 options
+to a command's signature (``with_loss_options``), and their values as config keys. The 14 options
 `sweep` and `replay` share (``with_run_options``), handed to the command as one ``RunOptions``; and the
 ones other commands reuse (``OutOption``, ``QuietOption``, ``PluginOption``, ``LoadPluginOption``).
 """
@@ -112,6 +112,14 @@ ImplOption = Annotated[
         "arg.NAME=VALUE, returns=mean, ...; docs/adapters.md); repeatable. Default: every one.",
     ),
 ]
+TraceOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--trace/--no-trace",
+        help="Trace the worst rows of each flagged cell op by op: where a value first went non-finite and "
+        "where the error entered, with the line (docs/trace.md). Default: on.",
+    ),
+]
 GradOption = Annotated[
     bool | None, typer.Option("--grad/--no-grad", help="Audit gradients too. Default: on.")
 ]
@@ -212,6 +220,7 @@ class RunOptions:
     device: list[str] | None = None
     impl: list[str] | None = None
     grad: bool | None = None
+    trace: bool | None = None
     plugin: list[str] | None = None
     isolation: str | None = None
     timeout: float | None = None
@@ -233,7 +242,8 @@ class RunOptions:
         """The config overrides of these options and of the command's own ``values``
         (ce_audit.overrides.config_overrides)."""
         return config_overrides(
-            dtypes=self.dtype, devices=self.device, impls=self.impl, grad=self.grad, isolation=self.isolation,
+            dtypes=self.dtype, devices=self.device, impls=self.impl, grad=self.grad, trace=self.trace,
+            isolation=self.isolation,
             timeout=self.timeout, max_memory=self.max_memory, out=self.out,
             front_door="the command line", **values,
         )  # fmt: skip
@@ -253,6 +263,7 @@ def _run_parameters(dtype_help: str, plugin: Any) -> tuple[list[inspect.Paramete
     which = {"dtype": (dtype, None), "device": (DeviceOption, None), "impl": (ImplOption, None)}
     how = {
         "grad": (GradOption, None),
+        "trace": (TraceOption, None),
         "plugin": (plugin, None),
         "isolation": (IsolationOption, None),
         "timeout": (TimeoutOption, None),

@@ -41,6 +41,7 @@ class SweepConfig:
     chunk_size: int = 4096
     block_size: int = 1024
     block_mib: int = 256
+    trace: bool = True  # trace flagged cells' worst rows: where a value went non-finite, where error entered
     isolation: str = "process"  # non-built-in implementations run in a worker process ("none": in-process)
     timeout: float = DEFAULT_TIMEOUT_S  # seconds an isolated implementation's call may take (0: no limit)
     max_memory: str = DEFAULT_MAX_MEMORY  # memory cap of an isolated implementation's worker ("8G"; 0: none)
@@ -145,6 +146,7 @@ _SCALAR_KEYS: dict[str, Any] = {
     "block_size": int,
     "block_mib": int,
     "isolation": str,
+    "trace": bool,
     "timeout": float,
     "max_memory": str,
     "ulp_growth": float,

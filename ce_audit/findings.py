@@ -48,7 +48,34 @@ def where(row: Cell) -> str:
     return f"{text} ({row.distribution})"
 
 
+# causes inferred from the case's parameters alone (not observed): shown as "likely: …" where no trace
+# (ce_audit.trace) observed the cause
+_GUESSES = re.compile(
+    r"^(exp overflows|p_y underflows|Σ_k exp|the label-smoothing sum|0 · log p|w_k · log p_k|σ\(z\) rounds|"
+    r"softcap turns|log clamped|lse − z_y cancels|cancellation in|the \w+ (sum|.*mean).* passes)"
+)
+
+
 def cause(row: Cell) -> str:
+    """The cause of a row's status: what its trace observed (``traced_cause``: the op and line where a
+    value went non-finite or the error entered, or that the error is what the dtype allows), else one
+    inferred from the case's extremes and the dtype's thresholds, marked "likely: " where it is a guess."""
+    capped = row.status == "inaccurate" and not math.isnan(row.capped_at)
+    if row.traced_cause and not capped:
+        if row.status == "nonfinite" and row.nonfinite_origin:
+            return f"{'NaN' if row.nan_rows else 'Inf'}: {row.traced_cause}"
+        if row.status == "inaccurate":
+            infinite = row.finite_where_infinite
+            where = f"; finite in {infinite} rows where the exact loss is +inf" if infinite else ""
+            return row.traced_cause + where
+    inferred = _inferred_cause(row)
+    kind, colon, reason = inferred.partition(": ") if row.status == "nonfinite" else ("", "", inferred)
+    if _GUESSES.match(reason):
+        return f"{kind}{colon}likely: {reason}"
+    return inferred
+
+
+def _inferred_cause(row: Cell) -> str:
     """A likely cause for a row's status, from the case's extremes and the dtype's thresholds."""
     fmt, options = float_format(row.dtype), row.options
     if row.status == "error":
@@ -322,4 +349,6 @@ def worst_finding(rows: list[Cell]) -> str:
     row = _first([row for row in bad_grad if row.grad_status == grad])
     dtypes = ", ".join(dict.fromkeys(r.dtype for r in bad_grad))
     word = "non-finite" if grad == "nonfinite" else "past tolerance"
-    return f"gradient {word} in {plural(len(bad_grad), 'cell')} ({dtypes}), from {row.dtype} {where(row)}"
+    observed = f" — {row.traced_cause}" if row.traced_cause else ""  # what its trace saw (ce_audit.trace)
+    cells = plural(len(bad_grad), "cell")
+    return f"gradient {word} in {cells} ({dtypes}), from {row.dtype} {where(row)}{observed}"

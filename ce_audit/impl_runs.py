@@ -4,7 +4,7 @@ compared with row by row (run and scored even where it is not reported)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from ce_audit.row_views import RowsView
 from ce_audit.run.isolation import failure_reason, run_implementation
 from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
+from ce_audit.trace.cells import TraceRows
 from ce_audit.verdict import PYTORCH_KERNELS
 
 
@@ -82,6 +83,7 @@ class ImplRun:
     reported: bool = True
     worst: WorstRows | None = None
     rows: np.ndarray | None = None  # the block's rows its last call saw (None: every row), for the verdict
+    trace_rows: TraceRows = field(default_factory=TraceRows)  # the worst gradient rows, for a trace
 
     @property
     def pending(self) -> bool:

@@ -31,6 +31,8 @@ from ce_audit.row_views import DROPPED_NOTE, BlockViews, RowsView, without_ignor
 from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
 from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
+from ce_audit.trace import tracing_on
+from ce_audit.trace.cells import traced
 from ce_audit.verdict import Side
 
 Progress = Callable[[float], None]
@@ -188,6 +190,8 @@ class DtypeAudit:
             kernel = self.kernels.get(run.tally.device)
             pytorch = kernel.tally.last_block if kernel is not None and kernel.rows is None else None
             picked = run.rows
+            if tracing_on():
+                run.trace_rows.add_row_errors(run.tally.last_block.grad, numbers, picked)
             run.tally.row_verdict.add(
                 run.tally.last_block, _on_rows(floor, picked, rows), _on_rows(pytorch, picked, rows),
                 numbers if picked is None else numbers[picked],
@@ -238,11 +242,14 @@ class DtypeAudit:
         reduced = view.options.reduction != "none"
         value = outcome.value.reshape(-1)
         reference = view.reference
+        failures = run.tally.grad.failures
         errors = run.tally.score(
             outcome, value, reference, reference.loss, reference.grad, self.fmt, self.tolerance,
             view.gradient_unit(),
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
+        if run.tally.grad.failures > failures and not reduced and tracing_on():  # a gradient row fails
+            run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, first_row + index)
         if run.worst is not None:
             badness = row_badness(errors, outcome.grad)
             if reduced:
@@ -278,6 +285,11 @@ class DtypeAudit:
                 run.tally, self.fmt, case, grad, self.max_logit, self.max_reference, floor,
                 kernel.tally if kernel else None,
             )  # fmt: skip
+            if tracing_on():  # flagged cells only: their worst rows, where the implementation runs
+                cell = traced(
+                    cell, self.source, self.fmt, run.tally.impl, run.options, self.settings, self.weight,
+                    grad, run.trace_rows.row,
+                )  # fmt: skip
             if self.reproducers is not None and run.worst is not None:
                 self.reproducers.add(cell, run.worst, run.tally.impl, run.options, case.seed)
             cells.append(cell)

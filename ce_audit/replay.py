@@ -31,6 +31,7 @@ from ce_audit.run.interruption import UnitCount, received_signal, signal_name
 from ce_audit.run.isolation import session
 from ce_audit.safetensors_file import read_safetensors
 from ce_audit.statuses import message_line
+from ce_audit.trace import tracing
 
 DEFAULT_LOGITS_KEY = "logits"
 DEFAULT_TARGETS_KEY = "targets"
@@ -374,7 +375,8 @@ def run_replay(
     )
     units = UnitCount(len(audited))  # one unit per dtype
     limits = {"max_memory": config.max_memory}
-    with session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins, **limits):
+    opened = session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins, **limits)
+    with opened, tracing(config.trace):
         cells, row_results = audit_source(
             source, [float_format(name) for name in audited], impls, devices,
             settings=config.implementation_settings(), tolerances=config.tolerances, grad=config.grad,

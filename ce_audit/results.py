@@ -119,6 +119,11 @@ class Cell:
     # the seconds the implementation's calls took, where its backend records them (the Triton backend; NaN
     # elsewhere, so that summary.csv stays the same from one run to the next)
     seconds: float = measurement(float("nan"))
+    # observed causes of a flagged cell (ce_audit.trace): "<op> <file>:<line>" where a non-finite value was
+    # born and where the error entered ("" untraced or none), and what the trace saw, in words
+    nonfinite_origin: str = measurement("")
+    error_origin: str = measurement("")
+    traced_cause: str = measurement("")
 
 
 @dataclass(frozen=True)

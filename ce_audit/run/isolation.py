@@ -41,7 +41,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from ce_audit.backends import BlockCall, Outcome, backend_class, get_backend
+from ce_audit.backends import BlockCall, Outcome, backend_class, run_call
 from ce_audit.run.memory_limit import DEFAULT_MAX_MEMORY, parse_memory
 from ce_audit.run.process_state import preserved_state
 from ce_audit.run.worker import Worker, start_method
@@ -65,11 +65,10 @@ def call_timeout(backend: str, timeout: float) -> float:
 def run_in_process(impl: Any, call: BlockCall) -> Outcome:
     """One call here; a non-built-in's changes to process-wide state are undone afterwards, and one
     that only a fresh process could undo (a thread left running) is reported once on stderr."""
-    backend = get_backend(impl.backend)
     if impl.builtin:
-        return backend.run(impl, call)
+        return run_call(impl, call)
     with preserved_state() as changed:
-        outcome = backend.run(impl, call)
+        outcome = run_call(impl, call)
     for change in changed:
         if (impl.name, change) not in _REPORTED:
             _REPORTED.add((impl.name, change))

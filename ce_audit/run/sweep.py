@@ -45,6 +45,7 @@ from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
+from ce_audit.trace import tracing
 
 
 @dataclass
@@ -150,7 +151,7 @@ def run_unit(
             grid.isolation, grid.timeout, impls=grid.impls, plugins=grid.plugins, max_memory=grid.max_memory
         )
     )
-    with isolated:
+    with isolated, tracing(grid.trace):
         cells, _ = audit_source(
             source, [float_format(unit.dtype)], impls, list(unit.devices),
             settings=grid.implementation_settings(), tolerances=grid.tolerances, grad=grid.grad,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ce_audit.backends import BlockCall, get_backend
+from ce_audit.backends import BlockCall, run_call
 from ce_audit.run.process_state import GlobalState, ProcessState
 from ce_audit.statuses import first_line
 
@@ -192,7 +192,7 @@ def worker_main(
             def send_value(outcome: Any, number: int = number) -> None:  # kept if the gradient times out
                 conn.send((number, "value", outcome, []))
 
-            reply = ("ok", get_backend(impl.backend).run(impl, call, on_value=send_value))
+            reply = ("ok", run_call(impl, call, on_value=send_value))
         except SystemExit as done:
             sys.stdout.flush()
             sys.stderr.flush()
