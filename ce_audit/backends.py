@@ -362,6 +362,13 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        """None: a Triton kernel runs outside PyTorch's dispatcher (its inside is one opaque call), and
+        tracing around it would change the process's torch.compile state for its next calls."""
+        from ce_audit.trace.runner import untraced
+
+        return untraced(self.name, impl, call)
+
     def __init__(self) -> None:
         super().__init__()
         from ce_audit import triton_interpreter

@@ -18,6 +18,7 @@ from ce_audit.options import INPUT_SPECS, LOSS_OPTION_SPECS, OPTION_SPECS, LossO
 from ce_audit.plan.cases import DISTRIBUTIONS
 from ce_audit.run.isolation import DEFAULT_TIMEOUT_S, ISOLATION_MODES
 from ce_audit.run.memory_limit import DEFAULT_MAX_MEMORY, parse_memory
+from ce_audit.trace import TRACE_SCOPES
 
 DEFAULT_CONFIG_NAME = "default.toml"
 _KINDS: dict[str, Any] = {"str": str, "int": int, "float": float, "optional float": "optional float"}
@@ -41,7 +42,9 @@ class SweepConfig:
     chunk_size: int = 4096
     block_size: int = 1024
     block_mib: int = 256
-    trace: bool = True  # trace flagged cells' worst rows: where a value went non-finite, where error entered
+    # whose flagged cells' worst rows are traced (where a value went non-finite, where the error entered):
+    # plugins (not the built-ins), all, none
+    trace: str = "plugins"
     isolation: str = "process"  # non-built-in implementations run in a worker process ("none": in-process)
     timeout: float = DEFAULT_TIMEOUT_S  # seconds an isolated implementation's call may take (0: no limit)
     max_memory: str = DEFAULT_MAX_MEMORY  # memory cap of an isolated implementation's worker ("8G"; 0: none)
@@ -146,7 +149,7 @@ _SCALAR_KEYS: dict[str, Any] = {
     "block_size": int,
     "block_mib": int,
     "isolation": str,
-    "trace": bool,
+    "trace": str,
     "timeout": float,
     "max_memory": str,
     "ulp_growth": float,
@@ -285,6 +288,8 @@ def validate(config: SweepConfig) -> SweepConfig:
     for key in ("chunk_size", "block_size", "block_mib"):
         if getattr(config, key) < 1:
             raise AuditError(f"{key} must be at least 1")
+    if config.trace not in TRACE_SCOPES:
+        raise AuditError(f"trace must be {', '.join(TRACE_SCOPES)}, got {config.trace!r}")
     if config.isolation not in ISOLATION_MODES:
         choices = " or ".join(ISOLATION_MODES)
         raise AuditError(f"isolation must be {choices}, got {config.isolation!r}")

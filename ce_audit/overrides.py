@@ -52,7 +52,7 @@ def config_overrides(
     seed: int | None = None,
     grad: bool | None = None,
     isolation: str | None = None,
-    trace: bool | None = None,
+    trace: str | None = None,
     timeout: float | None = None,
     max_memory: str | None = None,
     out: str | Path | None = None,

@@ -31,7 +31,7 @@ from ce_audit.row_views import DROPPED_NOTE, BlockViews, RowsView, without_ignor
 from ce_audit.run.interruption import Interrupted, UnitCount, stop_requested
 from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
-from ce_audit.trace import tracing_on
+from ce_audit.trace import traces, tracing_on
 from ce_audit.trace.cells import traced
 from ce_audit.verdict import Side
 
@@ -285,7 +285,7 @@ class DtypeAudit:
                 run.tally, self.fmt, case, grad, self.max_logit, self.max_reference, floor,
                 kernel.tally if kernel else None,
             )  # fmt: skip
-            if tracing_on():  # flagged cells only: their worst rows, where the implementation runs
+            if traces(run.tally.impl):  # flagged cells only: their worst rows, where the implementation runs
                 cell = traced(
                     cell, self.source, self.fmt, run.tally.impl, run.options, self.settings, self.weight,
                     grad, run.trace_rows.row,

@@ -73,7 +73,7 @@ def test_an_option_declared_once_reaches_flag_config_column_and_keyword(tmp_path
         f"dtypes = ['float32']\ndevices = ['cpu']\nimpls = ['tempered']\nplugins = [{str(plugin)!r}]\n"
         "distributions = ['normal']\nscales = [1.0]\noffsets = [0.0]\nvocabs = [16]\nbatches = [4]\n"
         "isolation = 'none'\ngrad = false\ntemperatures = [2.0, 0.5]\n"
-        "trace = false\n",  # a trace calls the implementation again: SEEN counts the audit's calls
+        'trace = "none"\n',  # a trace calls the implementation again: SEEN counts the audit's calls
         encoding="utf-8",
     )
 

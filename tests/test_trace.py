@@ -268,19 +268,19 @@ def test_numpy_first_exception_is_named_with_its_line() -> None:
     assert "exp overflows above 11.09" in origin.why
 
 
-def _sweep(trace_on: bool) -> list[Cell]:
+def _sweep(scope: str) -> list[Cell]:
     config = load_config(None, {
         "impls": ["bug_mlx_offset_lse", "fix_mlx_offset_lse", "naive"],
         "plugins": [str(GALLERY / "mlx_offset_lse.py")], "dtypes": ["float16", "float32"], "devices": ["cpu"],
         "distributions": ["normal"], "scales": [1.0, 10.0],
-        "offsets": [1e4], "vocabs": [50], "batches": [8], "trace": trace_on,
+        "offsets": [1e4], "vocabs": [50], "batches": [8], "trace": scope,
     })  # fmt: skip
     with isolated():
         return list(run_sweep(config).cells)
 
 
 def test_a_sweep_fills_the_columns_only_for_flagged_cells_and_no_trace_leaves_them_empty() -> None:
-    traced, plain = _sweep(True), _sweep(False)
+    traced, plain = _sweep("all"), _sweep("none")
     assert {"nonfinite_origin", "error_origin", "traced_cause"} <= set(CELL_COLUMNS)
     bug = [c for c in traced if c.impl == "bug_mlx_offset_lse" and c.dtype == "float32"]
     where = line_of("mlx_offset_lse", "torch.logsumexp(logits, dim=-1) - score")
@@ -326,3 +326,11 @@ def test_explain_prints_every_op_of_a_cell(tmp_path: Path) -> None:
     lines = trace_lines(cell, found)
     assert any("aten.exp" in line and "torch_formulas.py:" in line for line in lines)
     assert any(line.startswith("non-finite origin: aten.exp at torch_formulas.py:") for line in lines)
+
+
+def test_by_default_only_the_implementations_that_are_not_built_in_are_traced() -> None:
+    default = _sweep("plugins")
+    bug = [c for c in default if c.impl == "bug_mlx_offset_lse" and c.dtype == "float32"]
+    assert bug and all(c.error_origin for c in bug)
+    naive = [c for c in default if c.impl == "naive" and c.status != "ok"]
+    assert naive and not any(c.error_origin or c.nonfinite_origin or c.traced_cause for c in naive)

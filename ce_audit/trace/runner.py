@@ -39,7 +39,8 @@ BOUNDARY.add(_implementation_call.__code__)
 
 
 def untraced(backend: str, impl: Any, call: Any) -> Trace:
-    """The trace of an implementation whose framework has no op-level hook here (JAX): none."""
+    """The trace of an implementation whose framework has no op-level hook here (JAX, a Triton kernel's
+    inside): none."""
     note = f"{backend} implementations are not traced (no op-level hook); the cause shown is a guess"
     return Trace(impl.name, call.fmt.name, tuple(range(call.block.shape[0])), traced=False, note=note)
 
