@@ -334,3 +334,12 @@ def test_by_default_only_the_implementations_that_are_not_built_in_are_traced() 
     assert bug and all(c.error_origin for c in bug)
     naive = [c for c in default if c.impl == "naive" and c.status != "ok"]
     assert naive and not any(c.error_origin or c.nonfinite_origin or c.traced_cause for c in naive)
+
+
+def test_report_html_shows_what_the_trace_observed_under_each_finding(tmp_path) -> None:
+    from ce_audit.reports.html import html_report
+
+    cells = _sweep("plugins")
+    page = html_report(cells, None, None)
+    assert "observed by the trace:" in page
+    assert "aten.sub at mlx_offset_lse.py:" in page

@@ -49,6 +49,7 @@ th { background: #f0f0f0; position: sticky; top: 0; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .v-worse, .v-past { background: #f8cfb9; font-weight: bold; } .v-error { background: #f2d4e6; }
 .v-pytorch, .v-floor { background: #d8eef5; } .v-ok { background: #d9f2e6; } .v-skipped { color: #666; }
+.trace { font-size: 90%; color: #333; } .trace code { white-space: normal; }
 .s-ok { background: #d9f2e6; } .s-inaccurate { background: #fde9bf; } .s-nonfinite { background: #f8cfb9; }
 .s-error { background: #f2d4e6; } .s-skipped, .s-off, .s-na { background: #eee; color: #666; }
 tr:target { outline: 3px solid #0072B2; } tr:target td { background: #d6eaf8; }
@@ -132,8 +133,33 @@ def _findings_html(cells: list[Cell]) -> str:
             text = f"<b>{_e(name)}</b>:<ul>" + "".join(f"<li>{_e(part)}</li>" for part in parts) + "</ul>"
         else:
             text = _e(line)
-        items.append(f"<li>{text}{where if linked else ''}</li>")
+        items.append(f"<li>{text}{_traces_html([cells[i] for i in linked])}{where if linked else ''}</li>")
     return '<ul class="findings">' + "".join(items) + "</ul>"
+
+
+MAX_TRACES = 4  # distinct observed causes shown under one finding
+
+
+def _traces_html(cells: list[Cell]) -> str:
+    """What the traces of a finding's cells observed (ce_audit.trace): each distinct op, line and local
+    error once, with how many cells showed it; ``ce-audit explain`` prints every op of one cell."""
+    seen: dict[str, list[str]] = {}  # the cause without its numbers → the causes of its cells
+    for cell in cells:
+        if cell.traced_cause:
+            seen.setdefault(re.sub(r"[-+]?\d[\d.e+×%-]*", "#", cell.traced_cause), []).append(
+                cell.traced_cause
+            )
+    if not seen:
+        return ""
+    shown = sorted(seen.values(), key=lambda causes: -len(causes))[:MAX_TRACES]
+    rows = "".join(
+        f"<li><code>{_e(causes[0])}</code>"
+        + (f" (and {plural(len(causes) - 1, 'more cell')} alike)" if causes[1:] else "")
+        + "</li>"
+        for causes in shown
+    )
+    more = f"<li>… and {len(seen) - MAX_TRACES} more</li>" if len(seen) > MAX_TRACES else ""
+    return f'<div class="trace">observed by the trace:<ul>{rows}{more}</ul></div>'
 
 
 def _overview_html(cells: list[Cell]) -> str:
