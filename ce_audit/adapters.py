@@ -275,20 +275,22 @@ class ImplSpec:
     supports: tuple[str, ...]
     dtypes: tuple[str, ...] | None
     adapter: Adapter
+    family: str | None = None
 
 
-REGISTRATION_KEYS = ("backend", "supports", "dtypes")
+REGISTRATION_KEYS = ("backend", "supports", "dtypes", "family")
 
 
 def parse_impl_spec(spec: str) -> ImplSpec:
     """Split ``module:attr,backend=numpy,supports=reduction+weight,arg.vocab_size=50257,returns=mean``.
 
-    ``backend``, ``supports`` and ``dtypes`` are those of ``ce_audit.register`` (lists joined by ``+``);
-    ``arg.NAME=VALUE`` adds a fixed keyword argument (VALUE read as a Python literal, else as text); every
-    other key is an adapter setting (``ADAPTER_KEYS``).
+    ``backend``, ``family``, ``supports`` and ``dtypes`` are those of ``ce_audit.register`` (lists joined
+    by ``+``); ``arg.NAME=VALUE`` adds a fixed keyword argument (VALUE read as a Python literal, else as
+    text); every other key is an adapter setting (``ADAPTER_KEYS``).
     """
     target, *parts = spec.split(",")
     backend: str | None = None
+    family: str | None = None
     supports: tuple[str, ...] = ()
     dtypes: tuple[str, ...] | None = None
     settings: dict[str, Any] = {}
@@ -302,6 +304,8 @@ def parse_impl_spec(spec: str) -> ImplSpec:
             kwargs[name[4:]] = _literal(text)
         elif name == "backend":
             backend = text
+        elif name == "family":
+            family = text
         elif name == "supports":
             supports = tuple(item for item in text.split("+") if item)
         elif name == "dtypes":
@@ -311,4 +315,5 @@ def parse_impl_spec(spec: str) -> ImplSpec:
         else:
             valid = ", ".join([*REGISTRATION_KEYS, "arg.NAME", *(k for k in KEYS_BY_NAME if k != "kwargs")])
             raise AuditError(f"implementation spec {spec!r}: unknown setting {name!r}; choose from {valid}")
-    return ImplSpec(target.strip(), backend, supports, dtypes, make_adapter(kwargs=kwargs, **settings))
+    adapter = make_adapter(kwargs=kwargs, **settings)
+    return ImplSpec(target.strip(), backend, supports, dtypes, adapter, family)

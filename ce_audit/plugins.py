@@ -26,12 +26,13 @@ from ce_audit.backends import BACKEND_NAMES, backend_class
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, add, resolve
-from ce_audit.options import SUPPORTABLE
+from ce_audit.options import FAMILIES, SUPPORTABLE
 
 ENTRY_POINT_GROUP = "ce_audit.implementations"
 ATTRIBUTE = "__ce_audit_implementation__"  # set on a registered function: its registry entry
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]*$")
 _FILE_MODULE_PREFIX = "ce_audit_plugin_"
+PLANNED_FAMILIES = ("linear_ce",)  # declared by the design, not audited yet
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,11 +60,21 @@ def _origin(function: Callable[..., Any]) -> str:
     return f"plugin {module}" if module else "plugin"
 
 
+def check_family(name: str, family: Any) -> str:
+    """``family`` when ce-audit audits it (ce_audit.options.FAMILIES); AuditError otherwise."""
+    if family in FAMILIES:
+        return str(family)
+    if family in PLANNED_FAMILIES:
+        raise AuditError(f"implementation {name!r}: family {family!r} is not supported yet")
+    raise AuditError(f"implementation {name!r}: unknown family {family!r}; choose {', '.join(FAMILIES)}")
+
+
 def add_function(
     function: Callable[..., Any],
     name: str,
     *,
     backend: str = "torch",
+    family: str = "ce",
     description: str | None = None,
     dtypes: tuple[str, ...] | list[str] = DTYPE_NAMES,
     tunables: tuple[str, ...] | list[str] = (),
@@ -75,6 +86,8 @@ def add_function(
     """Register ``function`` under ``name``; a clash with a built-in or another function raises AuditError.
 
     ``spec``: the name is a ``module:function`` spec (it may hold ':' and '/', which names may not).
+    ``family``: the loss it computes, ``ce``, ``binary`` or ``focal`` (ce_audit.options.FAMILIES); it runs
+    in the sweeps of that loss only.
     ``supports``: option names of ``ce-audit list`` (ce_audit.options.SUPPORTABLE); ``adapter``: how it is
     called (ce_audit.adapters; default: ``fn(logits, targets, **options)``).
     """
@@ -83,6 +96,7 @@ def add_function(
     if backend not in BACKEND_NAMES:
         choices = " or ".join(BACKEND_NAMES)
         raise AuditError(f"implementation {name!r}: unknown backend {backend!r}; choose {choices}")
+    family = check_family(name, family)
     if not dtypes:
         raise AuditError(f"implementation {name!r}: the dtype list is empty")
     unknown = [dtype for dtype in dtypes if dtype not in FORMATS]
@@ -118,6 +132,7 @@ def add_function(
         builtin=False,
         extra={"source": source},
         supports=frozenset(supports),
+        family=family,
         adapter=adapter if adapter is not None else Adapter(),
     )
     add(implementation, replace=existing is not None)
@@ -131,6 +146,7 @@ def register(
     name: str | None = None,
     *,
     backend: str = "torch",
+    family: str = "ce",
     supports: tuple[str, ...] | list[str] = (),
     dtypes: tuple[str, ...] | list[str] = DTYPE_NAMES,
     description: str | None = None,
@@ -154,9 +170,13 @@ def register(
     ``ignore_index``, ``label_smoothing``, ``softcap``, ``z_loss``, ``probs``): they arrive as keyword
     arguments with PyTorch's names and meanings (``probs``: (N, V) probability targets); cells with an
     option not declared are skipped. It returns (N,) per-row losses of any floating dtype, or a 0-d value
-    (the mean over rows not ignored). ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``,
-    ``loss_at``, ``count_keyword`` and ``ignore_index`` describe other call and return forms
-    (ce_audit.adapters.ADAPTER_KEYS). The target (a function, a loss class, a module) is returned unchanged.
+    (the mean over rows not ignored). ``family`` is the loss it computes and the sweeps it runs in:
+    ``"ce"`` (softmax cross-entropy, the default sweep), ``"binary"`` (``fn(logits, targets)`` with (N, V)
+    float targets in [0, 1], per-element losses (N, V): ``--loss binary``) or ``"focal"`` (softmax focal
+    loss, called with ``focal_gamma`` and ``focal_alpha`` keywords: sweeps with ``--focal-gamma``).
+    ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``, ``loss_at``, ``count_keyword`` and
+    ``ignore_index`` describe other call and return forms (ce_audit.adapters.ADAPTER_KEYS). The target (a
+    function, a loss class, a module) is returned unchanged.
     """
     adapter = make_adapter(
         kwargs=kwargs, inputs=inputs, sequence=sequence, shifted=shifted, returns=returns, loss_at=loss_at,
@@ -166,7 +186,7 @@ def register(
     def decorate(function: F) -> F:
         label = name if isinstance(name, str) else getattr(function, "__name__", None)
         add_function(
-            function, label or "", backend=backend, description=description, dtypes=dtypes,
+            function, label or "", backend=backend, family=family, description=description, dtypes=dtypes,
             tunables=tunables, supports=supports, adapter=adapter,
         )  # fmt: skip
         return function
@@ -270,9 +290,9 @@ def load_function(spec: str) -> Implementation:
     entry, registering it if needed.
 
     An undecorated target is registered under the spec itself: a torch function unless the settings say
-    otherwise (``backend=``, ``supports=a+b``, ``dtypes=``, ``arg.NAME=VALUE`` and the adapter settings of
-    ce_audit.adapters.ADAPTER_KEYS; see ``adapters.parse_impl_spec``). A decorated function named without
-    settings is its registered entry.
+    otherwise (``backend=``, ``family=``, ``supports=a+b``, ``dtypes=``, ``arg.NAME=VALUE`` and the adapter
+    settings of ce_audit.adapters.ADAPTER_KEYS; see ``adapters.parse_impl_spec``). A decorated function
+    named without settings is its registered entry.
     """
     if spec in REGISTRY:
         return REGISTRY[spec]
@@ -293,7 +313,8 @@ def load_function(spec: str) -> Implementation:
     if not callable(target):
         raise AuditError(f"implementation spec {spec!r}: {type(target).__name__} is not callable")
     return add_function(
-        target, spec, backend=declared.backend or "torch", dtypes=declared.dtypes or DTYPE_NAMES,
+        target, spec, backend=declared.backend or "torch", family=declared.family or "ce",
+        dtypes=declared.dtypes or DTYPE_NAMES,
         supports=declared.supports, adapter=declared.adapter, origin=f"--impl {declared.target}", spec=True,
     )  # fmt: skip
 
