@@ -37,7 +37,8 @@ PLANNED_FAMILIES = ("linear_ce",)  # declared by the design, not audited yet
 F = TypeVar("F", bound=Callable[..., Any])
 
 # modules: imported as plugins (isolated() forgets them); stamps: (mtime, size) of each plugin file loaded
-_state: dict[str, Any] = {"entry_points_loaded": False, "modules": [], "stamps": {}}
+# names: the registry name of each --impl spec registered under a name=... of its own
+_state: dict[str, Any] = {"entry_points_loaded": False, "modules": [], "stamps": {}, "names": {}}
 
 
 def _source(function: Callable[..., Any]) -> str:
@@ -82,6 +83,7 @@ def add_function(
     spec: bool = False,
     supports: tuple[str, ...] | list[str] = (),
     adapter: Adapter | None = None,
+    source_spec: str | None = None,
 ) -> Implementation:
     """Register ``function`` under ``name``; a clash with a built-in or another function raises AuditError.
 
@@ -89,7 +91,8 @@ def add_function(
     ``family``: the loss it computes, ``ce``, ``binary`` or ``focal`` (ce_audit.options.FAMILIES); it runs
     in the sweeps of that loss only.
     ``supports``: option names of ``ce-audit list`` (ce_audit.options.SUPPORTABLE); ``adapter``: how it is
-    called (ce_audit.adapters; default: ``fn(logits, targets, **options)``).
+    called (ce_audit.adapters; default: ``fn(logits, targets, **options)``); ``source_spec``: the
+    ``--impl`` spec it was registered from (a process that loads that spec again has it).
     """
     if not isinstance(name, str) or not (_NAME_PATTERN.match(name) or (spec and name.strip() == name != "")):
         raise AuditError(f"invalid implementation name {name!r}: use letters, digits, '_', '.', '+' or '-'")
@@ -130,7 +133,7 @@ def add_function(
         dtypes=tuple(dtypes),
         tunables=tuple(tunables),
         builtin=False,
-        extra={"source": source},
+        extra={"source": source, **({"spec": source_spec} if source_spec else {})},
         supports=frozenset(supports),
         family=family,
         adapter=adapter if adapter is not None else Adapter(),
@@ -159,6 +162,8 @@ def register(
     loss_at: int | str | None = None,
     count_keyword: str | None = None,
     ignore_index: int | None = None,
+    rename: dict[str, str] | None = None,
+    positional: tuple[str, ...] | list[str] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: ``@ce_audit.register("my_ce", supports=["reduction"])`` adds ``fn(logits, targets)``.
 
@@ -174,13 +179,14 @@ def register(
     ``"ce"`` (softmax cross-entropy, the default sweep), ``"binary"`` (``fn(logits, targets)`` with (N, V)
     float targets in [0, 1], per-element losses (N, V): ``--loss binary``) or ``"focal"`` (softmax focal
     loss, called with ``focal_gamma`` and ``focal_alpha`` keywords: sweeps with ``--focal-gamma``).
-    ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``, ``loss_at``, ``count_keyword`` and
-    ``ignore_index`` describe other call and return forms (ce_audit.adapters.ADAPTER_KEYS). The target (a
+    ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``, ``loss_at``, ``count_keyword``,
+    ``ignore_index``, ``rename`` and ``positional`` describe other call and return forms
+    (ce_audit.adapters.ADAPTER_KEYS). The target (a
     function, a loss class, a module) is returned unchanged.
     """
     adapter = make_adapter(
         kwargs=kwargs, inputs=inputs, sequence=sequence, shifted=shifted, returns=returns, loss_at=loss_at,
-        count_keyword=count_keyword, ignore_index=ignore_index,
+        count_keyword=count_keyword, ignore_index=ignore_index, rename=rename, positional=positional,
     )  # fmt: skip
 
     def decorate(function: F) -> F:
@@ -296,6 +302,8 @@ def load_function(spec: str) -> Implementation:
     """
     if spec in REGISTRY:
         return REGISTRY[spec]
+    if spec in _state["names"] and _state["names"][spec] in REGISTRY:
+        return REGISTRY[_state["names"][spec]]
     declared = parse_impl_spec(spec)
     module_part, _, attribute = declared.target.rpartition(":")
     if not module_part or not attribute:
@@ -312,11 +320,13 @@ def load_function(spec: str) -> Implementation:
         return registered
     if not callable(target):
         raise AuditError(f"implementation spec {spec!r}: {type(target).__name__} is not callable")
-    return add_function(
-        target, spec, backend=declared.backend or "torch", family=declared.family or "ce",
-        dtypes=declared.dtypes or DTYPE_NAMES,
-        supports=declared.supports, adapter=declared.adapter, origin=f"--impl {declared.target}", spec=True,
+    implementation = add_function(
+        target, declared.name or spec, backend=declared.backend or "torch", family=declared.family or "ce",
+        dtypes=declared.dtypes or DTYPE_NAMES, supports=declared.supports, adapter=declared.adapter,
+        origin=f"--impl {declared.target}", spec=declared.name is None, source_spec=spec,
     )  # fmt: skip
+    _state["names"][spec] = implementation.name
+    return implementation
 
 
 def load_entry_points() -> list[str]:
@@ -362,16 +372,19 @@ def prepare(
     plugins: tuple[str, ...] | list[str] = (),
     *,
     entry_points: bool = True,
+    specs: tuple[str, ...] | list[str] = (),
 ) -> list[Implementation]:
-    """Load entry points and plugins, register ``module:function`` specs, and resolve the names."""
+    """Load entry points and plugins, register ``module:function`` specs (``impls`` and the run's
+    ``specs``, whose entries may go by a ``name=`` of their own), and resolve the names."""
     if entry_points:
         load_entry_points()
     for spec in plugins:
         load_plugin(spec)
-    for name in impls:
-        if name not in REGISTRY and ":" in name:
-            load_function(name)
-    resolved = resolve(tuple(impls))
+    for spec in specs:
+        if ":" in spec:
+            load_function(spec)
+    names = [load_function(name).name if name not in REGISTRY and ":" in name else name for name in impls]
+    resolved = resolve(tuple(names))
     for backend in dict.fromkeys(impl.backend for impl in resolved):
         backend_class(backend).check_ready()  # e.g. the Triton interpreter's self-test: refused if it fails
     return resolved
@@ -385,6 +398,7 @@ def isolated() -> Iterator[None]:
     loaded = len(_state["modules"])
     path = list(sys.path)
     flag = _state["entry_points_loaded"]
+    names = dict(_state["names"])
     _state["entry_points_loaded"] = False
     try:
         yield
@@ -396,3 +410,4 @@ def isolated() -> Iterator[None]:
         del _state["modules"][loaded:]
         sys.path[:] = path
         _state["entry_points_loaded"] = flag
+        _state["names"] = names
