@@ -119,7 +119,7 @@ def check(
     ``--fail-on`` takes it (see the module docstring; anything else is an AuditError, before the sweep).
     """
     check_fail_on(fail_on)
-    family = check_family("check()", family)
+    family = check_family(family, "check()")
     defaults = FAMILY_OPTIONS.get(family, {})
     options = {**{k: v for k, v in defaults.items() if k not in options}, **options}
     overrides = config_overrides(

@@ -61,13 +61,14 @@ def _origin(function: Callable[..., Any]) -> str:
     return f"plugin {module}" if module else "plugin"
 
 
-def check_family(name: str, family: Any) -> str:
-    """``family`` when ce-audit audits it (ce_audit.options.FAMILIES); AuditError otherwise."""
+def check_family(family: Any, where: str) -> str:
+    """``family`` when ce-audit audits it (ce_audit.options.FAMILIES); an AuditError that starts with
+    ``where`` otherwise."""
     if family in FAMILIES:
         return str(family)
     if family in PLANNED_FAMILIES:
-        raise AuditError(f"implementation {name!r}: family {family!r} is not supported yet")
-    raise AuditError(f"implementation {name!r}: unknown family {family!r}; choose {', '.join(FAMILIES)}")
+        raise AuditError(f"{where}: family {family!r} is not supported yet")
+    raise AuditError(f"{where}: unknown family {family!r}; choose {', '.join(FAMILIES)}")
 
 
 def add_function(
@@ -99,7 +100,7 @@ def add_function(
     if backend not in BACKEND_NAMES:
         choices = " or ".join(BACKEND_NAMES)
         raise AuditError(f"implementation {name!r}: unknown backend {backend!r}; choose {choices}")
-    family = check_family(name, family)
+    family = check_family(family, f"implementation {name!r}")
     if not dtypes:
         raise AuditError(f"implementation {name!r}: the dtype list is empty")
     unknown = [dtype for dtype in dtypes if dtype not in FORMATS]

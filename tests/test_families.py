@@ -97,6 +97,8 @@ def test_unsupported_family_is_one_line(tmp_path, capsys, family):
     assert expected in err
     with pytest.raises(AuditError, match="not supported yet" if family == "linear_ce" else "unknown family"):
         ce_audit.register("x_" + family, family=family)(lambda logits, targets: logits.sum(1))
+    with pytest.raises(AuditError, match=f"^check\\(\\): (family|unknown family) '{family}'"):
+        ce_audit.check(lambda logits, targets: logits.sum(1), family=family)
 
 
 def test_check_audits_a_binary_function_under_loss_binary():
@@ -115,10 +117,9 @@ def test_check_audits_a_binary_function_under_loss_binary():
 
 
 def test_check_audits_a_focal_function_at_several_gammas():
-    load_plugin(str(FAMILY_PLUGINS))
     report = ce_audit.check(
         "focal_pow_backward", dtypes="float32", scales=100, distributions="spike", offsets=0, vocabs=32,
-        batches=8, focal_gamma=[0.0, 2.0],
+        batches=8, focal_gamma=[0.0, 2.0], plugins=[str(FAMILY_PLUGINS)],
     )  # fmt: skip
     gammas = {cell.options.focal_gamma: cell.grad_status for cell in report.cells}
     assert gammas == {0.0: "nonfinite", 2.0: "ok"}

@@ -12,7 +12,6 @@ from helpers import audit
 from ce_audit.dtypes import FORMATS
 from ce_audit.findings import cause
 from ce_audit.metrics import returned_precision_lost
-from ce_audit.plugins import load_plugin
 
 pytestmark = pytest.mark.usefixtures("clean_registry")
 
@@ -32,12 +31,12 @@ def test_the_threshold_is_an_eighth_of_the_input_dtypes_epsilon():
 def cells():
     from ce_audit.plugins import isolated
 
-    with isolated():
-        load_plugin(str(PLUGINS / "returned_dtype_plugins.py"))
+    with isolated():  # the plugin named in the config: worker processes load it too
         return audit(
             ["float32_ce", "softcap_then_float", "fused"], dtypes=["bfloat16", "float16", "float32"],
             distributions=["normal", "spike"], scales=[1.0, 100.0], offsets=[0.0, -100.0],
             softcaps=[0.0, 30.0], vocabs=[1000], batches=[64],
+            plugins=[str(PLUGINS / "returned_dtype_plugins.py")],
         )  # fmt: skip
 
 
