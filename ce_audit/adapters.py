@@ -22,7 +22,12 @@ arrays, by backend) and expects (N,) per-row losses or a 0-d mean. Real code has
 * ``loss_at``: where the loss is in a returned tuple (an index) or mapping (a key); without it a tuple or
   mapping is an error;
 * ``count_keyword``: the keyword through which the implementation takes the number of rows not ignored
-  (``num_items_in_batch``) and divides by it (``returns="mean"``).
+  (``num_items_in_batch``) and divides by it (``returns="mean"``);
+* ``rename``: the implementation's names of the option keywords (``{"z_loss": "lse_square_scale"}``);
+* ``positional``: keyword names (after ``rename``) passed positionally after the two inputs, in order,
+  None where a name has no value; a ``torch.autograd.Function`` target is called through ``.apply``,
+  which takes positional arguments (``Fn.apply(logits, targets, weight, ignore_index, ...)``); with
+  ``loss_at`` the loss is read from the tuple it returns.
 
 Reshaping and padding work on NumPy, torch and JAX arrays alike (the array's own namespace).
 """
@@ -32,6 +37,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -95,6 +101,22 @@ def _int(key: str, value: Any) -> int:
         raise AuditError(f"adapter setting {key}={value!r}: expected an integer") from None
 
 
+def _renames(key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.isidentifier() for k, v in value.items()
+    ):
+        raise AuditError(f"adapter setting {key}: expected a mapping of option keywords to keyword names")
+    return dict(value)
+
+
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    items = [item for item in value.split("+") if item] if isinstance(value, str) else value
+    named = isinstance(items, (list, tuple)) and all(isinstance(i, str) and i.isidentifier() for i in items)
+    if not named:
+        raise AuditError(f"adapter setting {key}={value!r}: expected keyword names (joined by '+')")
+    return tuple(items)
+
+
 def _kwargs(key: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
         raise AuditError(f"adapter setting {key}: expected a mapping of keyword names to values")
@@ -119,6 +141,8 @@ ADAPTER_KEYS: tuple[AdapterKey, ...] = (
     AdapterKey("loss_at", _loss_at, "the loss's index in a returned tuple or key in a returned mapping"),
     AdapterKey("count_keyword", _name, "keyword taking the number of rows not ignored (returns=mean)"),
     AdapterKey("ignore_index", _int, "the label the implementation ignores (default -100)"),
+    AdapterKey("rename", _renames, "option keyword → the implementation's (--impl: rename.z_loss=NAME)"),
+    AdapterKey("positional", _names, "keywords passed positionally after the inputs, in order (a+b+c)"),
 )
 KEYS_BY_NAME = {key.name: key for key in ADAPTER_KEYS}
 
@@ -135,6 +159,8 @@ class Adapter:
     loss_at: int | str | None = None
     count_keyword: str | None = None
     ignore_index: int = DEFAULT_IGNORE_INDEX
+    rename: Mapping[str, str] = field(default_factory=dict)
+    positional: tuple[str, ...] = ()
 
     def declared(self) -> dict[str, Any]:
         """The settings that differ from the defaults, JSON-ready (a kwargs value that is not a plain
@@ -160,18 +186,23 @@ class Adapter:
         n_rows = logits.shape[0]
         keywords = {**self.kwargs, **keywords}
         ignore = keywords.get("ignore_index", self.ignore_index)
+        reduced = keywords.get("reduction", "none") != "none"
+        keywords = {self.rename.get(name, name): value for name, value in keywords.items()}
         if self.count_keyword:
             keywords[self.count_keyword] = int((targets != ignore).sum()) if targets.ndim == 1 else n_rows
         if self.sequence:
             logits, targets = self._sequences(logits, targets, ignore)
         loss: Any = function
-        if inspect.isclass(function):
+        if is_autograd_function(function):
+            loss = function.apply
+        elif inspect.isclass(function):
             constructor = {k: v for k, v in keywords.items() if k != self.count_keyword}
             loss = function(**constructor)
             keywords = {k: v for k, v in keywords.items() if k == self.count_keyword}
         arguments = (targets, logits) if self.inputs == "targets-logits" else (logits, targets)
+        arguments += tuple(keywords.pop(name, None) for name in self.positional)
         result = self._pick(loss(*arguments, **keywords))
-        return self._shape(result, n_rows, reduced=keywords.get("reduction", "none") != "none")
+        return self._shape(result, n_rows, reduced=reduced)
 
     def _sequences(self, logits: Any, targets: Any, ignore: int) -> tuple[Any, Any]:
         n_rows, vocab = logits.shape
@@ -220,6 +251,15 @@ class Adapter:
             raise ValueError(f"returned shape {shape}, expected per-token losses ({batch}, {width})")
         result = result.reshape(batch, width)
         return result[:, : self.sequence].reshape(n_rows)
+
+
+def is_autograd_function(target: Any) -> bool:
+    """Whether ``target`` is a ``torch.autograd.Function`` subclass (called through ``.apply``)."""
+    if not inspect.isclass(target) or "torch" not in sys.modules:
+        return False
+    import torch
+
+    return issubclass(target, torch.autograd.Function)
 
 
 def namespace(array: Any) -> Any:
@@ -275,24 +315,31 @@ class ImplSpec:
     supports: tuple[str, ...]
     dtypes: tuple[str, ...] | None
     adapter: Adapter
+    family: str | None = None
+    name: str | None = None  # the registry name (the table's title); None: the spec itself
 
 
-REGISTRATION_KEYS = ("backend", "supports", "dtypes")
+REGISTRATION_KEYS = ("backend", "supports", "dtypes", "family", "name")
+MAPPINGS = ("kwargs", "rename")  # adapter settings given entry by entry: arg.NAME=VALUE, rename.OPTION=NAME
 
 
 def parse_impl_spec(spec: str) -> ImplSpec:
     """Split ``module:attr,backend=numpy,supports=reduction+weight,arg.vocab_size=50257,returns=mean``.
 
-    ``backend``, ``supports`` and ``dtypes`` are those of ``ce_audit.register`` (lists joined by ``+``);
-    ``arg.NAME=VALUE`` adds a fixed keyword argument (VALUE read as a Python literal, else as text); every
-    other key is an adapter setting (``ADAPTER_KEYS``).
+    ``backend``, ``family``, ``supports`` and ``dtypes`` are those of ``ce_audit.register`` (lists joined
+    by ``+``); ``arg.NAME=VALUE`` adds a fixed keyword argument (VALUE read as a Python literal, else as
+    text), ``rename.OPTION=NAME`` renames an option's keyword, ``name=`` is the name the implementation is
+    registered and reported under; every other key is an adapter setting (``ADAPTER_KEYS``).
     """
     target, *parts = spec.split(",")
     backend: str | None = None
+    family: str | None = None
     supports: tuple[str, ...] = ()
     dtypes: tuple[str, ...] | None = None
     settings: dict[str, Any] = {}
     kwargs: dict[str, Any] = {}
+    renames: dict[str, str] = {}
+    registered_name: str | None = None
     for part in parts:
         name, equals, text = part.partition("=")
         name = name.strip()
@@ -300,15 +347,23 @@ def parse_impl_spec(spec: str) -> ImplSpec:
             raise AuditError(f"implementation spec {spec!r}: expected key=value after the target: {part!r}")
         if name.startswith("arg."):
             kwargs[name[4:]] = _literal(text)
+        elif name.startswith("rename."):
+            renames[name[7:]] = text.strip()
+        elif name == "name":
+            registered_name = text.strip()
         elif name == "backend":
             backend = text
+        elif name == "family":
+            family = text
         elif name == "supports":
             supports = tuple(item for item in text.split("+") if item)
         elif name == "dtypes":
             dtypes = tuple(item for item in text.split("+") if item)
-        elif name in KEYS_BY_NAME and name != "kwargs":
+        elif name in KEYS_BY_NAME and name not in MAPPINGS:
             settings[name] = _literal(text) if name in ("sequence", "loss_at", "ignore_index") else text
         else:
-            valid = ", ".join([*REGISTRATION_KEYS, "arg.NAME", *(k for k in KEYS_BY_NAME if k != "kwargs")])
+            adapter_keys = (key for key in KEYS_BY_NAME if key not in MAPPINGS)
+            valid = ", ".join([*REGISTRATION_KEYS, "arg.NAME", "rename.OPTION", *adapter_keys])
             raise AuditError(f"implementation spec {spec!r}: unknown setting {name!r}; choose from {valid}")
-    return ImplSpec(target.strip(), backend, supports, dtypes, make_adapter(kwargs=kwargs, **settings))
+    adapter = make_adapter(kwargs=kwargs, rename=renames or None, **settings)
+    return ImplSpec(target.strip(), backend, supports, dtypes, adapter, family, registered_name)

@@ -27,22 +27,34 @@ from ce_audit.check_report import DEFAULT_FAIL_ON, CheckReport, check_fail_on, f
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, remove
 from ce_audit.overrides import config_overrides, front_door_config
-from ce_audit.plugins import ATTRIBUTE, add_function
+from ce_audit.plugins import ATTRIBUTE, add_function, check_family
 from ce_audit.reproducers import ReproducerSink, check_destination
 from ce_audit.run.sweep import run_sweep
 
 Target = str | Callable[..., Any]
 
 
+# the loss options that make a sweep audit each family, where check() is not given them
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "binary": {"loss": "binary"},
+    "focal": {"focal_gamma": [0.0, 0.5, 2.0]},  # γ = 0 (plain CE's gradient), below 1, the common 2
+}
+
+
 def _register_callable(
-    function: Callable[..., Any], backend: str, supports: Sequence[str], adapter: Mapping[str, Any] | None
+    function: Callable[..., Any],
+    backend: str,
+    supports: Sequence[str],
+    adapter: Mapping[str, Any] | None,
+    family: str = "ce",
 ) -> tuple[str, bool]:
     """The registry name of a callable, registering it for this check if needed (True: remove after)."""
     registered = getattr(function, ATTRIBUTE, None)
     if isinstance(registered, Implementation) and REGISTRY.get(registered.name) is registered:
-        if supports or adapter:
+        if supports or adapter or family != "ce":
             raise AuditError(
-                f"{registered.name} is registered already: declare supports and the adapter in its register()"
+                f"{registered.name} is registered already: declare supports, the family and the adapter "
+                "in its register()"
             )
         return registered.name, False
     name = getattr(function, "__name__", "") or type(function).__name__
@@ -52,7 +64,7 @@ def _register_callable(
     if name in REGISTRY:
         raise AuditError(f"cannot register {function!r}: the name {name!r} is taken; decorate it with a name")
     add_function(
-        function, name, backend=backend, origin="ce_audit.check", supports=tuple(supports),
+        function, name, backend=backend, family=family, origin="ce_audit.check", supports=tuple(supports),
         adapter=make_adapter(**(adapter or {})),
     )  # fmt: skip
     return name, True
@@ -73,6 +85,7 @@ def check(
     budgets: Sequence[str] = (),
     tolerances: dict[str, dict[str, float]] | None = None,
     backend: str = "torch",
+    family: str = "ce",
     config: str | Path | None = None,
     plugins: Sequence[str] = (),
     strict_grad: bool = False,
@@ -91,7 +104,10 @@ def check(
     A function (or loss class, or module) that is not registered is registered for the duration of the
     call, with ``backend``, ``supports`` (the options it takes, as in ``ce_audit.register``) and
     ``adapter``: the adapter settings of ``ce_audit.register`` by name (``{"returns": "mean",
-    "sequence": 128, "shifted": True, "kwargs": {...}}``; ce_audit.adapters.ADAPTER_KEYS). A failing cell's
+    "sequence": 128, "shifted": True, "kwargs": {...}}``; ce_audit.adapters.ADAPTER_KEYS), and ``family``
+    (``"ce"``, ``"binary"`` or ``"focal"``, as in ``ce_audit.register``): a binary or focal function is
+    audited with ``loss="binary"``, or with ``focal_gamma=[0, 0.5, 2]``, unless those options are given
+    (``FAMILY_OPTIONS``). A failing cell's
     line names the cell and its worst row (the first non-finite one, else the largest ULP error).
     ``options``: loss options by their names in the option table (``reduction="mean"``,
     ``label_smoothing=[0.0, 0.1]``, ``softcap=30``, ``margin=4``, ``ignore_index=-1``, …); a single value or
@@ -103,6 +119,9 @@ def check(
     ``--fail-on`` takes it (see the module docstring; anything else is an AuditError, before the sweep).
     """
     check_fail_on(fail_on)
+    family = check_family(family, "check()")
+    defaults = FAMILY_OPTIONS.get(family, {})
+    options = {**{k: v for k, v in defaults.items() if k not in options}, **options}
     overrides = config_overrides(
         dtypes=dtypes, scales=scales, offsets=offsets, distributions=distributions, vocabs=vocabs,
         batches=batches, devices=devices, seed=seed, grad=grad, tolerances=tolerances, isolation=isolation,
@@ -117,7 +136,7 @@ def check(
             if isinstance(target, str):
                 names.append(target)
             else:
-                name, added = _register_callable(target, backend, supports, adapter)
+                name, added = _register_callable(target, backend, supports, adapter, family)
                 names.append(name)
                 if added:
                     temporary.append(name)

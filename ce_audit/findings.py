@@ -111,6 +111,11 @@ def _inferred_cause(row: Cell) -> str:
             return f"{kind}: {underflow_text}"
         return f"{kind}: non-finite where the exact loss is finite"
     if row.status == "inaccurate":
+        if row.lower_precision and row.lower_precision == row.dtype:  # a wider dtype returned
+            return (
+                f"returns {row.value_dtype} with {row.dtype}'s error: max {row.max_ulp_returned:.3g} ULP "
+                f"of {row.value_dtype} (the {row.value_dtype} floor is ½)"
+            )
         if row.lower_precision:
             return (
                 f"computed in {row.lower_precision}: every value lies on the {row.lower_precision} grid and "

@@ -299,6 +299,16 @@ def rounded_once(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     return fmt.quantize(values.astype(np.float64))
 
 
+def returned_precision_lost(error: float, fmt: FloatFormat, returned: FloatFormat | None) -> str:
+    """``fmt``'s name when a result returned in the wider dtype ``returned`` carries ``fmt``'s error: its
+    largest row error e = |v − ℓ| / (ε_r · max(|ℓ|, 1)) in the returned dtype's ε_r (ce_audit.row_verdict's
+    measure, whose floor is ½) reaches 2^(p_r − p − 3), an eighth of the audited p-bit dtype's ε; else "".
+    A correct computation in the returned dtype stays within a few ε_r."""
+    if returned is None or returned.precision <= fmt.precision or math.isnan(error):
+        return ""
+    return fmt.name if error >= 2.0 ** (returned.precision - fmt.precision - 3) else ""
+
+
 def max_ulp_error(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> float:
     """max |v − r| / ulp(r) over the entries where both are finite (0 when there are none)."""
     with np.errstate(all="ignore"):

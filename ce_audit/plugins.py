@@ -26,17 +26,19 @@ from ce_audit.backends import BACKEND_NAMES, backend_class
 from ce_audit.dtypes import DTYPE_NAMES, FORMATS
 from ce_audit.errors import AuditError
 from ce_audit.implementations import REGISTRY, Implementation, add, resolve
-from ce_audit.options import SUPPORTABLE
+from ce_audit.options import FAMILIES, SUPPORTABLE
 
 ENTRY_POINT_GROUP = "ce_audit.implementations"
 ATTRIBUTE = "__ce_audit_implementation__"  # set on a registered function: its registry entry
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]*$")
 _FILE_MODULE_PREFIX = "ce_audit_plugin_"
+PLANNED_FAMILIES = ("linear_ce",)  # declared by the design, not audited yet
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 # modules: imported as plugins (isolated() forgets them); stamps: (mtime, size) of each plugin file loaded
-_state: dict[str, Any] = {"entry_points_loaded": False, "modules": [], "stamps": {}}
+# names: the registry name of each --impl spec registered under a name=... of its own
+_state: dict[str, Any] = {"entry_points_loaded": False, "modules": [], "stamps": {}, "names": {}}
 
 
 def _source(function: Callable[..., Any]) -> str:
@@ -59,11 +61,22 @@ def _origin(function: Callable[..., Any]) -> str:
     return f"plugin {module}" if module else "plugin"
 
 
+def check_family(family: Any, where: str) -> str:
+    """``family`` when ce-audit audits it (ce_audit.options.FAMILIES); an AuditError that starts with
+    ``where`` otherwise."""
+    if family in FAMILIES:
+        return str(family)
+    if family in PLANNED_FAMILIES:
+        raise AuditError(f"{where}: family {family!r} is not supported yet")
+    raise AuditError(f"{where}: unknown family {family!r}; choose {', '.join(FAMILIES)}")
+
+
 def add_function(
     function: Callable[..., Any],
     name: str,
     *,
     backend: str = "torch",
+    family: str = "ce",
     description: str | None = None,
     dtypes: tuple[str, ...] | list[str] = DTYPE_NAMES,
     tunables: tuple[str, ...] | list[str] = (),
@@ -71,18 +84,23 @@ def add_function(
     spec: bool = False,
     supports: tuple[str, ...] | list[str] = (),
     adapter: Adapter | None = None,
+    source_spec: str | None = None,
 ) -> Implementation:
     """Register ``function`` under ``name``; a clash with a built-in or another function raises AuditError.
 
     ``spec``: the name is a ``module:function`` spec (it may hold ':' and '/', which names may not).
+    ``family``: the loss it computes, ``ce``, ``binary`` or ``focal`` (ce_audit.options.FAMILIES); it runs
+    in the sweeps of that loss only.
     ``supports``: option names of ``ce-audit list`` (ce_audit.options.SUPPORTABLE); ``adapter``: how it is
-    called (ce_audit.adapters; default: ``fn(logits, targets, **options)``).
+    called (ce_audit.adapters; default: ``fn(logits, targets, **options)``); ``source_spec``: the
+    ``--impl`` spec it was registered from (a process that loads that spec again has it).
     """
     if not isinstance(name, str) or not (_NAME_PATTERN.match(name) or (spec and name.strip() == name != "")):
         raise AuditError(f"invalid implementation name {name!r}: use letters, digits, '_', '.', '+' or '-'")
     if backend not in BACKEND_NAMES:
         choices = " or ".join(BACKEND_NAMES)
         raise AuditError(f"implementation {name!r}: unknown backend {backend!r}; choose {choices}")
+    family = check_family(family, f"implementation {name!r}")
     if not dtypes:
         raise AuditError(f"implementation {name!r}: the dtype list is empty")
     unknown = [dtype for dtype in dtypes if dtype not in FORMATS]
@@ -116,8 +134,9 @@ def add_function(
         dtypes=tuple(dtypes),
         tunables=tuple(tunables),
         builtin=False,
-        extra={"source": source},
+        extra={"source": source, **({"spec": source_spec} if source_spec else {})},
         supports=frozenset(supports),
+        family=family,
         adapter=adapter if adapter is not None else Adapter(),
     )
     add(implementation, replace=existing is not None)
@@ -131,6 +150,7 @@ def register(
     name: str | None = None,
     *,
     backend: str = "torch",
+    family: str = "ce",
     supports: tuple[str, ...] | list[str] = (),
     dtypes: tuple[str, ...] | list[str] = DTYPE_NAMES,
     description: str | None = None,
@@ -143,6 +163,8 @@ def register(
     loss_at: int | str | None = None,
     count_keyword: str | None = None,
     ignore_index: int | None = None,
+    rename: dict[str, str] | None = None,
+    positional: tuple[str, ...] | list[str] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: ``@ce_audit.register("my_ce", supports=["reduction"])`` adds ``fn(logits, targets)``.
 
@@ -154,19 +176,24 @@ def register(
     ``ignore_index``, ``label_smoothing``, ``softcap``, ``z_loss``, ``probs``): they arrive as keyword
     arguments with PyTorch's names and meanings (``probs``: (N, V) probability targets); cells with an
     option not declared are skipped. It returns (N,) per-row losses of any floating dtype, or a 0-d value
-    (the mean over rows not ignored). ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``,
-    ``loss_at``, ``count_keyword`` and ``ignore_index`` describe other call and return forms
-    (ce_audit.adapters.ADAPTER_KEYS). The target (a function, a loss class, a module) is returned unchanged.
+    (the mean over rows not ignored). ``family`` is the loss it computes and the sweeps it runs in:
+    ``"ce"`` (softmax cross-entropy, the default sweep), ``"binary"`` (``fn(logits, targets)`` with (N, V)
+    float targets in [0, 1], per-element losses (N, V): ``--loss binary``) or ``"focal"`` (softmax focal
+    loss, called with ``focal_gamma`` and ``focal_alpha`` keywords: sweeps with ``--focal-gamma``).
+    ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``, ``loss_at``, ``count_keyword``,
+    ``ignore_index``, ``rename`` and ``positional`` describe other call and return forms
+    (ce_audit.adapters.ADAPTER_KEYS). The target (a
+    function, a loss class, a module) is returned unchanged.
     """
     adapter = make_adapter(
         kwargs=kwargs, inputs=inputs, sequence=sequence, shifted=shifted, returns=returns, loss_at=loss_at,
-        count_keyword=count_keyword, ignore_index=ignore_index,
+        count_keyword=count_keyword, ignore_index=ignore_index, rename=rename, positional=positional,
     )  # fmt: skip
 
     def decorate(function: F) -> F:
         label = name if isinstance(name, str) else getattr(function, "__name__", None)
         add_function(
-            function, label or "", backend=backend, description=description, dtypes=dtypes,
+            function, label or "", backend=backend, family=family, description=description, dtypes=dtypes,
             tunables=tunables, supports=supports, adapter=adapter,
         )  # fmt: skip
         return function
@@ -270,12 +297,14 @@ def load_function(spec: str) -> Implementation:
     entry, registering it if needed.
 
     An undecorated target is registered under the spec itself: a torch function unless the settings say
-    otherwise (``backend=``, ``supports=a+b``, ``dtypes=``, ``arg.NAME=VALUE`` and the adapter settings of
-    ce_audit.adapters.ADAPTER_KEYS; see ``adapters.parse_impl_spec``). A decorated function named without
-    settings is its registered entry.
+    otherwise (``backend=``, ``family=``, ``supports=a+b``, ``dtypes=``, ``arg.NAME=VALUE`` and the adapter
+    settings of ce_audit.adapters.ADAPTER_KEYS; see ``adapters.parse_impl_spec``). A decorated function
+    named without settings is its registered entry.
     """
     if spec in REGISTRY:
         return REGISTRY[spec]
+    if spec in _state["names"] and _state["names"][spec] in REGISTRY:
+        return REGISTRY[_state["names"][spec]]
     declared = parse_impl_spec(spec)
     module_part, _, attribute = declared.target.rpartition(":")
     if not module_part or not attribute:
@@ -292,10 +321,13 @@ def load_function(spec: str) -> Implementation:
         return registered
     if not callable(target):
         raise AuditError(f"implementation spec {spec!r}: {type(target).__name__} is not callable")
-    return add_function(
-        target, spec, backend=declared.backend or "torch", dtypes=declared.dtypes or DTYPE_NAMES,
-        supports=declared.supports, adapter=declared.adapter, origin=f"--impl {declared.target}", spec=True,
+    implementation = add_function(
+        target, declared.name or spec, backend=declared.backend or "torch", family=declared.family or "ce",
+        dtypes=declared.dtypes or DTYPE_NAMES, supports=declared.supports, adapter=declared.adapter,
+        origin=f"--impl {declared.target}", spec=declared.name is None, source_spec=spec,
     )  # fmt: skip
+    _state["names"][spec] = implementation.name
+    return implementation
 
 
 def load_entry_points() -> list[str]:
@@ -341,16 +373,19 @@ def prepare(
     plugins: tuple[str, ...] | list[str] = (),
     *,
     entry_points: bool = True,
+    specs: tuple[str, ...] | list[str] = (),
 ) -> list[Implementation]:
-    """Load entry points and plugins, register ``module:function`` specs, and resolve the names."""
+    """Load entry points and plugins, register ``module:function`` specs (``impls`` and the run's
+    ``specs``, whose entries may go by a ``name=`` of their own), and resolve the names."""
     if entry_points:
         load_entry_points()
     for spec in plugins:
         load_plugin(spec)
-    for name in impls:
-        if name not in REGISTRY and ":" in name:
-            load_function(name)
-    resolved = resolve(tuple(impls))
+    for spec in specs:
+        if ":" in spec:
+            load_function(spec)
+    names = [load_function(name).name if name not in REGISTRY and ":" in name else name for name in impls]
+    resolved = resolve(tuple(names))
     for backend in dict.fromkeys(impl.backend for impl in resolved):
         backend_class(backend).check_ready()  # e.g. the Triton interpreter's self-test: refused if it fails
     return resolved
@@ -364,6 +399,7 @@ def isolated() -> Iterator[None]:
     loaded = len(_state["modules"])
     path = list(sys.path)
     flag = _state["entry_points_loaded"]
+    names = dict(_state["names"])
     _state["entry_points_loaded"] = False
     try:
         yield
@@ -375,3 +411,4 @@ def isolated() -> Iterator[None]:
         del _state["modules"][loaded:]
         sys.path[:] = path
         _state["entry_points_loaded"] = flag
+        _state["names"] = names

@@ -87,9 +87,21 @@ def factor_text(value: float) -> str:
     return f"×{value:.2g}".replace("e+0", "e").replace("e+", "e")
 
 
+def display_name(impl: str) -> str:
+    """A ``--impl path/module:attr,settings`` spec as screens title it: ``attr``, with its settings in
+    brackets (``attr[sequence=8]``); any other name as it is (``name=`` gives a spec a name of its own)."""
+    target, _, settings = impl.partition(",")
+    if ":" not in target:
+        return impl
+    attr = target.rpartition(":")[2]
+    return f"{attr}[{settings}]" if settings else attr
+
+
 def implementation_name(cell: Cell) -> str:
-    """The implementation as every screen names it: ``impl``, or ``impl@device`` off the CPU."""
-    return cell.impl if cell.device == "cpu" else f"{cell.impl}@{cell.device}"
+    """The implementation as every screen names it: ``impl``, or ``impl@device`` off the CPU (a spec by its
+    ``display_name``)."""
+    name = display_name(cell.impl)
+    return name if cell.device == "cpu" else f"{name}@{cell.device}"
 
 
 @dataclass(frozen=True)

@@ -117,13 +117,16 @@ def _plugin_flags(implementation: Any) -> list[str]:
     """What `ce-audit replay` needs to load the implementation again: its plugin file or module (built-ins,
     module:function specs and entry points need nothing)."""
     origin = implementation.origin or ""
-    if implementation.builtin or ":" in implementation.name or not origin.startswith("plugin "):
+    from_spec = ":" in implementation.extra.get("spec", implementation.name)
+    if implementation.builtin or from_spec or not origin.startswith("plugin "):
         return []
     return [] if origin == "plugin file" else ["--plugin", origin.removeprefix("plugin ")]
 
 
 def _impl_spec(implementation: Any) -> str:
     """The --impl value: the registry name, or module:function for a function registered by check()."""
+    if implementation.extra.get("spec"):
+        return implementation.extra["spec"]  # the --impl spec it came from (it may go by a name= of its own)
     if implementation.builtin or ":" in implementation.name or implementation.origin.startswith("plugin "):
         return implementation.name
     function = implementation.target if callable(implementation.target) else None

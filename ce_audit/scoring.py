@@ -6,7 +6,9 @@ per-row losses were asked for is scored against the exact mean PyTorch's ``mean`
 rows not ignored, Σ w_y ℓ_i / Σ w_y with class weights), and its gradient.
 
 A result of a wider dtype than the audited one is also measured in ULPs of its own dtype
-(``max_ulp_returned``), against the reference in working precision.
+(``max_ulp_returned``), against the reference in working precision, and judged against that dtype's
+floor: where a user implementation's error is the audited dtype's size (metrics.returned_precision_lost),
+the cell is inaccurate with ``lower_precision`` naming the audited dtype.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ce_audit.metrics import (
     floor_ulp_error,
     machine_epsilon,
     max_ulp_error,
+    returned_precision_lost,
 )
 from ce_audit.plan.cases import Case
 from ce_audit.results import Cell
@@ -64,6 +67,7 @@ class CellTally:
     seconds: float = float("nan")  # the calls' time, where the backend records it
     last_block: RowErrorsScaled | None = None  # the errors of the block just scored, in the row measure
     max_ulp_returned: float = float("nan")  # ULPs of value_dtype, when it is wider than the audited dtype
+    returned_err: float = float("nan")  # … and the largest finite row error in value_dtype's ε (row_verdict)
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
@@ -103,6 +107,10 @@ class CellTally:
             ulps = max_ulp_error(value.astype(work), reference_loss, returned)
             before = self.max_ulp_returned
             self.max_ulp_returned = ulps if np.isnan(before) else max(before, ulps)
+            in_returned = scaled_loss_errors(errors.abs_err, reference_loss, wrong, machine_epsilon(returned))
+            finite = in_returned[np.isfinite(in_returned)]
+            largest = float(finite.max()) if finite.size else 0.0
+            self.returned_err = largest if np.isnan(self.returned_err) else max(self.returned_err, largest)
         self.notes = reference.note or self.notes
         finite_values = value[np.isfinite(value)]
         if finite_values.size:
@@ -220,6 +228,8 @@ class CellTally:
         }
         if self.status is None:
             lower = self.loss.lower_precision(fmt)
+            if not lower and not self.impl.builtin:  # the built-ins' cells keep their verdicts
+                lower = returned_precision_lost(self.returned_err, fmt, FORMATS.get(self.value_dtype))
             if lower and status == Status.OK:
                 status = Status.INACCURATE
             columns.update(self._measured(fmt, case, status, grad_status, floor, pytorch))

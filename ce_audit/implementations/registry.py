@@ -64,6 +64,8 @@ class Implementation:
         if weight is not None:
             kwargs["weight"] = weight
         if self.adapter is not None:
+            if "reduction" in self.supports:  # explicit: a default of "mean" never makes "none" cells a mean
+                kwargs.setdefault("reduction", options.reduction)
             return self.adapter.call(self.function(), logits, targets, kwargs)
         return self.function()(logits, targets, **kwargs)
 

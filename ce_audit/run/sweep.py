@@ -140,7 +140,7 @@ def run_unit(
     if progress is not None:  # the pipeline reports fractions of the unit; progress counts cells
         progress = functools.partial(_scaled, progress, unit.cells)
     grid = unit.grid
-    impls = prepare(unit.impls, grid.plugins)
+    impls = prepare(unit.impls, grid.plugins, specs=grid.impls)
     source = CaseSource(unit.case, grid.block_mib << 20, row_multiple(impls))
     count = UnitCount(1)
     opened = lasting_session if multiprocessing.parent_process() is not None else session

@@ -226,7 +226,8 @@ class Worker:
         """Whether the worker can call ``impl``: a forked one has every entry; a spawned one rebuilds
         those of the run's specs (``module:attr``, plugin files) and those pickled by reference."""
         method = self.method if self.process is not None and self.process.is_alive() else start_method()
-        from_specs = ":" in impl.name and impl.name in self.spec.impls
+        spec = impl.extra.get("spec", "")  # the --impl spec it was registered from, if any
+        from_specs = ":" in spec and spec in self.spec.impls
         return method == "fork" or from_specs or self._pickled(impl) is not None
 
     def _pickled(self, impl: Any) -> bytes | None:
