@@ -128,17 +128,20 @@ class Backend:
         ``on_value``, where given, receives the Outcome without its gradient once the value is known."""
         raise NotImplementedError
 
-    def trace(self, impl: Any, call: BlockCall) -> Any:
-        """The op-by-op trace of one call (ce_audit.trace); this backend's: none."""
-        from ce_audit.trace.runner import untraced
+    tracer = ""  # how a call is traced (ce_audit.trace.runner.trace_call): "torch", "numpy" or "" (not)
 
-        return untraced(self.name, impl, call)
+    def trace(self, impl: Any, call: BlockCall) -> Any:
+        """The op-by-op trace of one call, by ``tracer`` (ce_audit.trace.runner.trace_call)."""
+        from ce_audit.trace.runner import trace_call
+
+        return trace_call(self, impl, call)
 
 
 class TorchBackend(Backend):
     """PyTorch: (N, V) tensors of the audited dtype on the audited device, gradients by autograd."""
 
     name = "torch"
+    tracer = "torch"
     takes_gradients = True
     uses_accelerators = True
 
@@ -182,11 +185,6 @@ class TorchBackend(Backend):
         if tensor.numel() == 0:
             return np.zeros(0, dtype=np.uint8)
         return tensor.detach().to("cpu").contiguous().view(self.torch.uint8).numpy().reshape(-1)
-
-    def trace(self, impl: Any, call: BlockCall) -> Any:
-        from ce_audit.trace.runner import torch_trace
-
-        return torch_trace(self, impl, call)
 
     def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
@@ -233,15 +231,11 @@ class NumpyBackend(Backend):
     """NumPy: arrays of the audited dtype (bfloat16 as ml_dtypes.bfloat16) on the CPU; no gradients."""
 
     name = "numpy"
+    tracer = "numpy"
 
     @classmethod
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
         return None if device == "cpu" else "NumPy implementations run on the CPU only"
-
-    def trace(self, impl: Any, call: BlockCall) -> Any:
-        from ce_audit.trace.runner import numpy_trace
-
-        return numpy_trace(impl, call)
 
     def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         block, targets = call.block, call.targets
@@ -362,12 +356,9 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
-    def trace(self, impl: Any, call: BlockCall) -> Any:
-        """None: a Triton kernel runs outside PyTorch's dispatcher (its inside is one opaque call), and
-        tracing around it would change the process's torch.compile state for its next calls."""
-        from ce_audit.trace.runner import untraced
-
-        return untraced(self.name, impl, call)
+    # not traced: a Triton kernel runs outside PyTorch's dispatcher (its inside is one opaque call), and
+    # tracing around it would change the process's torch.compile state for its next calls
+    tracer = ""
 
     def __init__(self) -> None:
         super().__init__()

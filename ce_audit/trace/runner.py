@@ -38,6 +38,16 @@ def _implementation_call(impl: Any, logits: Any, targets: Any, call: Any, *weigh
 BOUNDARY.add(_implementation_call.__code__)
 
 
+def trace_call(backend: Any, impl: Any, call: Any) -> Trace:
+    """One call's trace by its backend's ``tracer``: PyTorch's ops, NumPy's first floating-point exception,
+    or none (``untraced``)."""
+    if backend.tracer == "torch":
+        return torch_trace(backend, impl, call)
+    if backend.tracer == "numpy":
+        return numpy_trace(impl, call)
+    return untraced(backend.name, impl, call)
+
+
 def untraced(backend: str, impl: Any, call: Any) -> Trace:
     """The trace of an implementation whose framework has no op-level hook here (JAX, a Triton kernel's
     inside): none."""
