@@ -11,7 +11,8 @@ large against the cap, tanh is close to ±1 and 1 - tanh**2 loses most of its bi
 reaches the logits is wrong by tens of percent.
 
 The fix (PR #326) casts to float32 first and softcaps in float32. nanochat's cap is 15; here the cap is
-the audited one (the default sweep's softcap grid uses Gemma 2's 30).
+the audited one (the default sweep's softcap grid uses Gemma 2's 30), and without one both versions
+are the model's plain loss, F.cross_entropy on the float32 logits.
 
 ce-audit sees it in the softcap grid at offset -100: z / 30 is about -3.3 there, tanh about -0.9974,
 and 1 - tanh**2 = 0.0051 is formed from a tanh with spacing 2**-8 (bfloat16) or 2**-11 (float16): the
@@ -28,6 +29,8 @@ import ce_audit
 
 
 def _nanochat(logits, targets, softcap, reduction, fixed):
+    if not softcap:  # no cap audited: the model's loss without one
+        return F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction=reduction)
     if fixed:  # PR #326: float32 before the softcap
         logits = logits.float()
         logits = softcap * torch.tanh(logits / softcap)
@@ -38,12 +41,12 @@ def _nanochat(logits, targets, softcap, reduction, fixed):
 
 
 @ce_audit.register("bug_nanochat_softcap_bf16", supports=["softcap", "reduction"])
-def bug_nanochat_softcap_bf16(logits, targets, softcap=15.0, reduction="none"):
+def bug_nanochat_softcap_bf16(logits, targets, softcap=0.0, reduction="none"):
     """nanochat GPT.forward before PR #326: softcap in bfloat16, then .float()."""
     return _nanochat(logits, targets, softcap, reduction, False)
 
 
 @ce_audit.register("fix_nanochat_softcap_bf16", supports=["softcap", "reduction"])
-def fix_nanochat_softcap_bf16(logits, targets, softcap=15.0, reduction="none"):
+def fix_nanochat_softcap_bf16(logits, targets, softcap=0.0, reduction="none"):
     """nanochat GPT.forward after PR #326: .float(), then the softcap in float32."""
     return _nanochat(logits, targets, softcap, reduction, True)
