@@ -60,9 +60,11 @@ GRIDS = {  # each [[grids]] entry of the default sweep, recognised by what it is
 SHIPPED_GRIDS = {
     "variants-class-index": (
         "variants.toml",
-        lambda grid: grid.values("targets") == ("index",)
-        and 0.5 in grid.values("ignore_fraction")
-        and "zero-on-target" in grid.values("weights"),
+        lambda grid: (
+            grid.values("targets") == ("index",)
+            and 0.5 in grid.values("ignore_fraction")
+            and "zero-on-target" in grid.values("weights")
+        ),
     ),
 }
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 import ce_audit
 
+DTYPES = ("float16", "bfloat16", "float32")  # the code casts to float32: no float64 audit
+
 CHUNK_LEN = 32  # ChunkedCrossEntropy's default
 
 
@@ -38,7 +40,7 @@ def _compute_cross_entropy(logits, targets, ignore_index, reduction):
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
 
 
-@ce_audit.register("bug_automodel_chunked_mean", supports=["reduction", "ignore_index"])
+@ce_audit.register("bug_automodel_chunked_mean", dtypes=DTYPES, supports=["reduction", "ignore_index"])
 def bug_automodel_chunked_mean(logits, targets, reduction="none", ignore_index=-100):
     """Automodel ChunkedCrossEntropy before PR #3804: loss += each chunk's mean (or vector)."""
     if reduction == "sum":  # the separate chunked-sum kernel: a float32 sum over the chunks
@@ -49,7 +51,7 @@ def bug_automodel_chunked_mean(logits, targets, reduction="none", ignore_index=-
     return loss
 
 
-@ce_audit.register("fix_automodel_chunked_mean", supports=["reduction", "ignore_index"])
+@ce_audit.register("fix_automodel_chunked_mean", dtypes=DTYPES, supports=["reduction", "ignore_index"])
 def fix_automodel_chunked_mean(logits, targets, reduction="none", ignore_index=-100):
     """Automodel ChunkedCrossEntropy after PR #3804: per-row losses summed, divided once by the count."""
     per_row = torch.cat(

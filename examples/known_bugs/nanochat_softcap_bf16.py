@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 import ce_audit
 
+DTYPES = ("float16", "bfloat16", "float32")  # the code casts to float32: no float64 audit
+
 
 def _nanochat(logits, targets, softcap, reduction, fixed):
     if not softcap:  # no cap audited: the model's loss without one
@@ -40,13 +42,13 @@ def _nanochat(logits, targets, softcap, reduction, fixed):
     return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
 
 
-@ce_audit.register("bug_nanochat_softcap_bf16", supports=["softcap", "reduction"])
+@ce_audit.register("bug_nanochat_softcap_bf16", dtypes=DTYPES, supports=["softcap", "reduction"])
 def bug_nanochat_softcap_bf16(logits, targets, softcap=0.0, reduction="none"):
     """nanochat GPT.forward before PR #326: softcap in bfloat16, then .float()."""
     return _nanochat(logits, targets, softcap, reduction, False)
 
 
-@ce_audit.register("fix_nanochat_softcap_bf16", supports=["softcap", "reduction"])
+@ce_audit.register("fix_nanochat_softcap_bf16", dtypes=DTYPES, supports=["softcap", "reduction"])
 def fix_nanochat_softcap_bf16(logits, targets, softcap=0.0, reduction="none"):
     """nanochat GPT.forward after PR #326: .float(), then the softcap in float32."""
     return _nanochat(logits, targets, softcap, reduction, True)

@@ -11,9 +11,10 @@ gradient is softmax - onehot from the same log-softmax. When every logit of a ro
 (and the softmax, exp(+inf), inf in the backward): the PR's script trains on constant logits 0, -1, ...,
 -299 and the loss turns inf, then NaN.
 
-The fix (PR #21165), as its description says, clips the shifted logits x - max (at -64, as Paddle's CPU
-softmax does) instead of the maximum, so the maximum itself is the shift. Both versions compute in the
-audited dtype (the kernel is instantiated for float and double), with Paddle's backward.
+The fix (PR #21165) stops clamping the maximum: the description notes that the max-shifted form needs no
+clip (its test reference clips the shifted logits instead, as Paddle's CPU softmax does; the later
+CUDA kernels compute x - max - log(sum) with no clip at all, as the fix here does). Both versions compute
+in the audited dtype (the kernel is templated on it: float and double), with Paddle's backward.
 
 ce-audit sees it on rows far below zero: `ce-audit sweep --dtypes float32,float64 --distributions normal
 --scales 1 --offsets=-1000` (not in a shipped config: the default sweep's most negative offset, -100,
@@ -27,18 +28,16 @@ import torch
 
 import ce_audit
 
-CLIP = -64.0
+CLIP = -64.0  # max_data < -64 ? -64 : max_data
 
 
 class _SoftmaxWithCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, fixed):
         row_max = logits.max(dim=-1).values
-        if fixed:  # PR #21165: the shifted logits are clipped, not the maximum
-            shifted = torch.clamp(logits - row_max[:, None], min=CLIP)
-        else:
+        if not fixed:  # PR #21165 removes this clamp
             row_max = torch.clamp(row_max, min=CLIP)  # the bug: the row maximum clamped at -64
-            shifted = logits - row_max[:, None]
+        shifted = logits - row_max[:, None]
         log_softmax = shifted - torch.log(torch.exp(shifted).sum(dim=-1))[:, None]
         loss = -log_softmax[torch.arange(logits.shape[0]), labels]
         ctx.save_for_backward(torch.exp(log_softmax), labels)
@@ -60,5 +59,5 @@ def bug_paddle_max_clamp(logits, targets):
 
 @ce_audit.register("fix_paddle_max_clamp")
 def fix_paddle_max_clamp(logits, targets):
-    """Paddle softmax_with_cross_entropy after PR #21165: x - max clipped at -64 instead."""
+    """Paddle softmax_with_cross_entropy after PR #21165: the maximum unclamped."""
     return _SoftmaxWithCrossEntropy.apply(logits, targets, True)
