@@ -187,6 +187,29 @@ def test_every_reproduction_file_is_in_the_test() -> None:
     assert len(files) >= 14
 
 
+# files whose bug line is marked `# the bug:` (the line a reader of the report would name; the tracer's
+# tests look for the op it names there)
+MARKED = (
+    "automodel_chunked_mean",
+    "megatron_ls_log_underflow",
+    "nanochat_softcap_bf16",
+    "olmo_zloss_off",
+    "paddle_max_clamp",
+    "te_ignored_mean",
+)
+BUG_MARKER = "# the bug:"
+
+
+@pytest.mark.parametrize("stem", MARKED)
+def test_the_bug_line_is_marked_once_in_code(stem: str) -> None:
+    source = (GALLERY / f"{stem}.py").read_text(encoding="utf-8")
+    body = source.split('"""', 2)[2]  # after the module docstring
+    marked = [line for line in body.splitlines() if BUG_MARKER in line]
+    assert len(marked) == 1, f"{stem}.py should mark exactly one line with {BUG_MARKER!r}"
+    code = marked[0].split("#", 1)[0].strip()
+    assert code and not code.endswith(":"), f"{stem}.py: the marked line holds no operation: {marked[0]!r}"
+
+
 @pytest.mark.parametrize("stem", sorted(CASES))
 def test_bug_is_flagged_and_fix_is_not(stem: str) -> None:
     rows = run_subset(stem)
