@@ -21,9 +21,9 @@ Megatron's `label_smoothing` puts 1 - a on the target and a / (V - 1) on every o
 both definitions give the same loss.
 
 ce-audit sees it with label smoothing on rows whose logits spread far beyond float32's exp range:
-`ce-audit sweep --dtypes float32,float64 --distributions normal --scales 1000 --label-smoothings 0.1`
-(not in a shipped config: the default sweep's label-smoothing grid is at scale 1). The bug is `nonfinite`
-(inf on every row); the fix is ok.
+`ce-audit sweep --dtype float32 --dtype float64 --distribution normal --scale 1000 --offset 0
+--label-smoothing 0.1` (not in a shipped config: the default sweep's label-smoothing grid is at scale 1).
+The bug is `nonfinite` (inf on every row); the fix is ok.
 """
 
 from __future__ import annotations
