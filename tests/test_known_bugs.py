@@ -1,10 +1,12 @@
 """The gallery of known bugs (examples/known_bugs/): the default sweep flags each bug and not its fix.
 
 Each reproduction file registers ``bug_NAME`` (the implementation as publicly reported) and ``fix_NAME``
-(the fixed version). For each, the test runs one [[grids]] entry of the built-in default sweep, restricted
-to those two implementations and to a subset of that grid's dtypes, offsets, ... (every restriction is
-checked to be a subset of the default grid, so what is asserted here is what `ce-audit sweep` reports).
-Every measured cell of the bug must be flagged; no cell of the fix may be. ``flagged`` is the one rule.
+(the fixed version). For each, the test runs one [[grids]] entry of the built-in default sweep (or of a
+config shipped in configs/, or the one grid a `ce-audit sweep` command line with the flags in
+``FLAG_GRIDS`` gives), restricted to those two implementations and to a subset of that grid's dtypes,
+offsets, ... (every restriction is checked to be a subset of the grid, so what is asserted is what
+`ce-audit sweep` reports). Every measured cell of the bug must be flagged; no cell of the fix may be.
+``flagged`` is the one rule.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from ce_audit.plugins import isolated
 from ce_audit.results import Cell
 from ce_audit.run.sweep import run_sweep
 
-GALLERY = Path(__file__).resolve().parent.parent / "examples" / "known_bugs"
+ROOT = Path(__file__).resolve().parent.parent
+GALLERY = ROOT / "examples" / "known_bugs"
+CONFIGS = ROOT / "configs"
 FLAGGED = ("inaccurate", "nonfinite", "error")
 
 
@@ -50,6 +54,31 @@ GRIDS = {  # each [[grids]] entry of the default sweep, recognised by what it is
     "llm-vocab": lambda grid: any(v > 10_000 for v in grid.vocabs),
     "softcap": lambda grid: any(grid.values("softcap")),
     "fp16-sum": lambda grid: "mean" in grid.values("reduction"),
+}
+
+# [[grids]] entries of the configs shipped in configs/: name → (config file, what recognises the grid)
+SHIPPED_GRIDS = {
+    "variants-class-index": (
+        "variants.toml",
+        lambda grid: (
+            grid.values("targets") == ("index",)
+            and 0.5 in grid.values("ignore_fraction")
+            and "zero-on-target" in grid.values("weights")
+        ),
+    ),
+}
+
+# grids no shipped config has: the one grid `ce-audit sweep` runs with these flags (config keys)
+FLAG_GRIDS: dict[str, dict[str, Any]] = {
+    # label smoothing on rows whose logits spread past float32's and float64's exp range
+    "ls-scale-1000": {
+        "distributions": ["normal"],
+        "scales": [1000.0],
+        "offsets": [0.0],
+        "label_smoothings": [0.1],
+    },
+    # every logit of every row far below zero (the default sweep's most negative offset is -100)
+    "offset-minus-1000": {"distributions": ["normal"], "scales": [1.0], "offsets": [-1000.0]},
 }
 
 # the confidence ramp in the 16-bit dtypes, at the scales and offset where its rows keep their confidence
@@ -85,13 +114,39 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
             "scales": (1.0, 10.0),
         },
     ),
+    "olmo_zloss_off": ("masks", {"z_losses": (0.0,), "offsets": (-100.0,)}),
+    "nanochat_softcap_bf16": ("softcap", {"dtypes": ("float16", "bfloat16"), "offsets": (-100.0,)}),
+    "automodel_chunked_mean": ("fp16-sum", {}),
+    "te_ignored_mean": (
+        "variants-class-index",
+        {
+            "dtypes": ("float32",),
+            "reductions": ("mean",),
+            "ignore_fractions": (0.5,),
+            "weights": ("none",),
+            "label_smoothings": (0.0,),
+            "softcaps": (0.0,),
+            "z_losses": (0.0,),
+        },
+    ),
+    "megatron_ls_log_underflow": ("ls-scale-1000", {"dtypes": ("float32", "float64")}),
+    "paddle_max_clamp": ("offset-minus-1000", {"dtypes": ("float32", "float64")}),
 }
 
 
 def default_grid(name: str) -> SweepConfig:
-    """The one [[grids]] entry of the built-in default sweep that ``GRIDS[name]`` recognises."""
-    matches = [grid for grid in load_config().expanded() if GRIDS[name](grid)]
-    assert len(matches) == 1, f"the default sweep should have exactly one {name!r} grid"
+    """The one grid ``name`` stands for: the [[grids]] entry of the built-in default sweep (or of a shipped
+    config) that ``GRIDS[name]`` (``SHIPPED_GRIDS[name]``) recognises, or the grid of ``FLAG_GRIDS[name]``."""
+    if name in FLAG_GRIDS:
+        (grid,) = load_config(None, FLAG_GRIDS[name]).expanded()
+        return grid
+    if name in SHIPPED_GRIDS:
+        file, recognise = SHIPPED_GRIDS[name]
+        grids, where = load_config(CONFIGS / file).expanded(), file
+    else:
+        recognise, grids, where = GRIDS[name], load_config().expanded(), "the default sweep"
+    matches = [grid for grid in grids if recognise(grid)]
+    assert len(matches) == 1, f"{where} should have exactly one {name!r} grid"
     return matches[0]
 
 
@@ -129,7 +184,30 @@ def _overflagged(row: Cell) -> bool:
 def test_every_reproduction_file_is_in_the_test() -> None:
     files = {path.stem for path in GALLERY.glob("*.py")}
     assert files == set(CASES), "each examples/known_bugs/*.py needs an entry in CASES"
-    assert len(files) >= 8
+    assert len(files) >= 14
+
+
+# files whose bug line is marked `# the bug:` (the line a reader of the report would name; the tracer's
+# tests look for the op it names there)
+MARKED = (
+    "automodel_chunked_mean",
+    "megatron_ls_log_underflow",
+    "nanochat_softcap_bf16",
+    "olmo_zloss_off",
+    "paddle_max_clamp",
+    "te_ignored_mean",
+)
+BUG_MARKER = "# the bug:"
+
+
+@pytest.mark.parametrize("stem", MARKED)
+def test_the_bug_line_is_marked_once_in_code(stem: str) -> None:
+    source = (GALLERY / f"{stem}.py").read_text(encoding="utf-8")
+    body = source.split('"""', 2)[2]  # after the module docstring
+    marked = [line for line in body.splitlines() if BUG_MARKER in line]
+    assert len(marked) == 1, f"{stem}.py should mark exactly one line with {BUG_MARKER!r}"
+    code = marked[0].split("#", 1)[0].strip()
+    assert code and not code.endswith(":"), f"{stem}.py: the marked line holds no operation: {marked[0]!r}"
 
 
 @pytest.mark.parametrize("stem", sorted(CASES))
