@@ -151,6 +151,16 @@ def trace_cell(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, setti
     return replace(found, rows=tuple(rows))
 
 
+FORMULA_GAP = 8.0  # ε (at max(|exact|, 1)) past which an error its float64 shadow shares is the formula's
+
+
+def _error_against_the_exact(cell: Cell) -> float:
+    """The cell's largest row error against the exact loss and gradient, in ε at max(|exact|, 1) (the row
+    verdict's measure): what the float64 shadow, computing the same formula, cannot see."""
+    errors = [cell.loss_err, cell.grad_err if cell.grad_status in FLAGGED else math.nan]
+    return max((e for e in errors if not math.isnan(e)), default=0.0)
+
+
 def with_origins(cell: Cell, trace: Trace | None) -> Cell:
     """The cell with what its trace observed (as it was, where there is no trace)."""
     if trace is None or not trace.traced:
@@ -164,11 +174,19 @@ def with_origins(cell: Cell, trace: Trace | None) -> Cell:
         words = error.text()
     elif trace.ops and not nonfinite and cell.dtype != "float64":
         carried = max((v for v in (trace.loss_error, trace.grad_error) if not math.isnan(v)), default=0.0)
-        words = f"traced: no op brings in more than {INTRODUCED:g} ULP of {cell.dtype} " + (
-            f"(the result is {carried:.3g} ULP from its float64 shadow): the error is what the dtype allows"
-            if carried < INTRODUCED
-            else f"; the result's {carried:.3g} ULP build up over several ops"
-        )
+        exact = _error_against_the_exact(cell)
+        if carried >= INTRODUCED:
+            why = f"; the result's {carried:.3g} ULP build up over several ops"
+        elif exact > FORMULA_GAP:  # the shadow computes the same formula: the difference is the formula's
+            why = (
+                f"and the result is {carried:.3g} ULP from its float64 shadow, yet {exact:.3g} ε from the "
+                "exact value: the formula computes another value (a term, a denominator, a mask), not a "
+                "rounding error"
+            )
+        else:
+            shadow = f"the result is {carried:.3g} ULP from its float64 shadow"
+            why = f"({shadow}): the error is what the dtype allows"
+        words = f"traced: no op brings in more than {INTRODUCED:g} ULP of {cell.dtype} {why}"
     else:
         words = ""
     return replace(
