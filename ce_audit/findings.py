@@ -67,6 +67,10 @@ def cause(row: Cell) -> str:
         if row.status == "inaccurate":
             infinite = row.finite_where_infinite
             where = f"; finite in {infinite} rows where the exact loss is +inf" if infinite else ""
+            if row.lower_precision and row.lower_precision == row.dtype:  # a wider dtype returned
+                returned = f"returns {row.value_dtype} with {row.dtype}'s error"
+                size = f"max {row.max_ulp_returned:.3g} ULP of {row.value_dtype}"
+                return f"{returned} ({size}): {row.traced_cause}"
             return row.traced_cause + where
     inferred = _inferred_cause(row)
     kind, colon, reason = inferred.partition(": ") if row.status == "nonfinite" else ("", "", inferred)
