@@ -9,6 +9,10 @@ script's median. ``--figures DIR/summary.csv`` times, in this process, drawing t
 
     python benchmarks/sweep.py [--repeats 3]
     python benchmarks/sweep.py --figures OUT/summary.csv [--repeats 5]
+    python benchmarks/sweep.py --stages [--repeats 3]     # each stage's share of the default sweep
+
+``--stages`` runs the default sweep in this process under the stage timers of `benchmarks/stages.py` and
+prints each stage's share of its time, median of ``--repeats`` (the row verdict's cost among them).
 """
 
 from __future__ import annotations
@@ -50,11 +54,38 @@ def figures_seconds(summary: str, repeats: int) -> tuple[list[float], list[float
     return wall, cpu
 
 
+def stage_shares(repeats: int) -> list[dict[str, float]]:
+    """The default sweep run in this process ``repeats`` times under the stage timers (benchmarks/stages.py):
+    each stage's seconds and the whole sweep's (``total``)."""
+    from benchmarks.stages import stage_timers
+    from ce_audit.config import load_config
+    from ce_audit.run.sweep import run_sweep
+
+    runs = []
+    for _ in range(repeats):
+        with stage_timers() as seconds:
+            start = time.perf_counter()
+            run_sweep(load_config(None, {}))
+            total = time.perf_counter() - start
+        runs.append({**seconds, "total": total})
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--figures", metavar="SUMMARY", help="time the figures of this summary.csv instead")
+    parser.add_argument(
+        "--stages", action="store_true", help="the default sweep's time by stage, in this process, instead"
+    )
     args = parser.parse_args()
+    if args.stages:
+        runs = stage_shares(args.repeats)
+        for label in sorted({label for run in runs for label in run} - {"total"}):
+            shares = [run.get(label, 0.0) / run["total"] for run in runs]
+            print(f"{label:16s} median {100 * statistics.median(shares):5.1f} % of the sweep "
+                  f"(runs {[round(100 * share, 1) for share in shares]} %)")  # fmt: skip
+        return
     if args.figures:
         wall, cpu = figures_seconds(args.figures, args.repeats)
         print(f"figures: median {statistics.median(wall):.2f} s wall, {statistics.median(cpu):.2f} s CPU; "
