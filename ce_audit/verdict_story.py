@@ -73,6 +73,30 @@ def _kernel_text(cell: Cell) -> str:
     return cause(cell) or f"past the tolerance (loss error up to {cell.loss_err:.3g} ε)"
 
 
+def _kernel_cell(cells: Sequence[Cell]) -> Cell | None:
+    """PyTorch's kernel's cell a dtype's line names: its most severe status among ``cells``."""
+    kernel = [cell for cell in cells if cell.impl in PYTORCH_KERNELS.values()]
+    if not kernel:
+        return None
+    return max(kernel, key=lambda c: status_rank(cell_status(c.status, c.grad_status)) or 0)
+
+
+def _limited(cells: Sequence[Cell], dtype: str) -> list[Cell]:
+    """A dtype's cells that miss the tolerance as PyTorch does or at the floor."""
+    return [cell for cell in cells if cell.dtype == dtype and cell_verdict(cell) in ("pytorch", "floor")]
+
+
+def shown_cells(cells: Sequence[Cell]) -> list[Cell]:
+    """The cells whose causes the story words: each implementation's worst cell where it is worse than it
+    has to be, and PyTorch's kernel's cell on each dtype's line."""
+    shown = [v.worst for v in ranked(cells) if v.group == "mine" and v.worst is not None]
+    for dtype in dict.fromkeys(cell.dtype for cell in cells):
+        kernel = _kernel_cell(_limited(cells, dtype))
+        if kernel is not None:
+            shown.append(kernel)
+    return shown
+
+
 def dtype_lines(cells: Sequence[Cell], limited: Sequence[str] = ()) -> list[str]:
     """The implementations no worse than PyTorch anywhere (``limited``), then per dtype how many cells miss
     the tolerance as PyTorch does or at the floor, and what PyTorch's own kernel shows there."""
@@ -83,16 +107,15 @@ def dtype_lines(cells: Sequence[Cell], limited: Sequence[str] = ()) -> list[str]
             "or at the floor"
         )
     for dtype in dict.fromkeys(cell.dtype for cell in cells):
-        own = [cell for cell in cells if cell.dtype == dtype and cell_verdict(cell) in ("pytorch", "floor")]
+        own = _limited(cells, dtype)
         if not own:
             continue
         counts = verdict_counts(own)
         parts = [f"{counts['pytorch']} past the tolerance as PyTorch is"] if counts["pytorch"] else []
         parts += [f"{counts['floor']} at the floor"] if counts["floor"] else []
         text = f"{dtype}: {plural(len(own), 'cell')}, " + ", ".join(parts)
-        kernel = [cell for cell in own if cell.impl in PYTORCH_KERNELS.values()]
-        if kernel:
-            first = max(kernel, key=lambda c: status_rank(cell_status(c.status, c.grad_status)) or 0)
+        first = _kernel_cell(own)
+        if first is not None:
             text += f"; PyTorch's kernel ({first.impl}) at {where(first)} — {_kernel_text(first)}"
         lines.append(text)
     return lines

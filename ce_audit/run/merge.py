@@ -18,14 +18,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ce_audit.config import config_from_dict
 from ce_audit.errors import AuditError
 from ce_audit.printable import plural
 from ce_audit.reports.bundle import RUN_NAME, STAGING_PREFIX, ReportDirectory, digest, run_id
-from ce_audit.reports.csv import read_cells
+from ce_audit.reports.csv import read_cells, summary_text
 from ce_audit.reports.files import ReportFile
 from ce_audit.reports.html import html_files
 from ce_audit.reports.json import json_safe
+from ce_audit.run.sweep import case_source
 from ce_audit.statuses import message_line
+from ce_audit.trace.shown import trace_shown
 from ce_audit.verdict_story import verdict_document
 
 # report.json keys that may differ between the shards of one sweep
@@ -229,6 +232,10 @@ def _write_merged(
             cells = read_cells(staged).cells
         finally:
             staged.unlink(missing_ok=True)
+        config = config_from_dict(document["config"])
+        shown = trace_shown(cells, config, case_source(config))  # as one run does, on every cell
+        if shown != cells:
+            cells, text = shown, summary_text(shown)
         document["verdict"] = json_safe(verdict_document(cells))  # the merged cells', not the first shard's
         members = [ReportFile("summary.csv", write_summary), *html_files(cells, document)]
         return target.write_set(members, document, run_record)

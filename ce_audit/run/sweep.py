@@ -12,7 +12,7 @@ import contextlib
 import functools
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ from ce_audit.audit_result import AuditResult
 from ce_audit.config import SweepConfig
 from ce_audit.devices import device_description
 from ce_audit.dtypes import FloatFormat, float_format, overflow_peak, working_dtype
-from ce_audit.implementations import registered
+from ce_audit.implementations import Implementation, registered
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import (
     Block,
@@ -42,10 +42,11 @@ from ce_audit.plugins import prepare
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
 from ce_audit.run.executors import Execution
-from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name
+from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
 from ce_audit.trace import tracing
+from ce_audit.trace.shown import trace_shown
 
 
 @dataclass
@@ -160,6 +161,11 @@ def run_unit(
     return cells if count.done == count.total else None
 
 
+def case_source(config: SweepConfig) -> Callable[[Case, Implementation], CaseSource]:
+    """How a case's rows are generated again for one implementation, as ``config`` generated them."""
+    return lambda case, impl: CaseSource(case, config.block_mib << 20, row_multiple([impl]))
+
+
 def run_sweep(
     config: SweepConfig,
     progress: Progress | None = None,
@@ -207,6 +213,8 @@ def run_sweep(
             close = getattr(results, "close", None)
             if close is not None:
                 close()
+        if shard is None and not stop_requested():  # a shard's are traced by the merge, on every cell
+            cells = trace_shown(cells, config, case_source(config))
     signum = received_signal()
     return AuditResult(
         config=config,
