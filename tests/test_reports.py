@@ -413,7 +413,7 @@ def test_the_findings_explain_a_float64_underflow():
     console = Console(record=True, width=400)
     print_report(list(rows), console, [], 0.1, detail=True)
     lines = [line for line in _every_finding(console.export_text()) if "softmax_log:" in line]
-    assert len(lines) == 1 and "float64 Inf" in lines[0] and "underflows" in lines[0]
+    assert len(lines) == 1 and "float64 Inf" in lines[0] and "underflow" in lines[0]
 
 
 def test_an_all_ok_sweep_says_so(tiny_config):
