@@ -3,8 +3,9 @@
 Each stage is the time spent inside the functions the pipeline calls for it: inputs (generation and
 rounding to the dtype), reference, implementations (the copy to the device, the call, the gradient and
 the check that the input was not written), metrics (errors, tallies, cells; each row's loss error in the
-row verdict's measure among them), row verdict (the floor row by row and the comparison with PyTorch's
-kernel on the same rows: ce_audit.row_verdict), reports (the files).
+row verdict's measure among them), row verdict (the floor row by row, whose gradient rounding also gives
+``best_grad_norm_rel_err``, and the comparison with PyTorch's kernel on the same rows: ce_audit.row_verdict),
+reports (the files).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ STAGES = [
     ("reference", "ce_audit.pipeline", "block_reference"),
     ("implementations", "ce_audit.pipeline", "call_implementation"),
     ("metrics", "ce_audit.pipeline", "floor_ulp_error"),
-    ("metrics", "ce_audit.pipeline", "floor_norm_error"),
     ("metrics", "ce_audit.scoring", "CellTally.score"),
     ("metrics", "ce_audit.scoring", "CellTally.score_mean"),
     ("metrics", "ce_audit.scoring", "CellTally.to_cell"),
+    ("row verdict", "ce_audit.pipeline", "floor_row_errors"),
     ("row verdict", "ce_audit.pipeline", "DtypeAudit._compare_rows"),
     ("reports", "ce_audit.reports.bundle", "ReportDirectory.write"),
 ]

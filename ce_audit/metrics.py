@@ -323,17 +323,3 @@ def floor_ulp_error(reference: np.ndarray, fmt: FloatFormat) -> float:
     """The largest error, in ULPs of ``fmt``, of the exact values rounded once: the dtype's floor."""
     return max_ulp_error(rounded_once(reference, fmt).astype(reference.dtype), reference, fmt)
 
-
-def floor_norm_error(reference: np.ndarray | None, fmt: FloatFormat) -> float:
-    """max_i ‖round(g*_i) − g*_i‖₂ / ‖g*_i‖₂ over the finite rows, in units of ``fmt``'s machine epsilon."""
-    if reference is None:
-        return float("nan")
-    with np.errstate(all="ignore"):
-        finite = np.isfinite(reference).all(axis=-1) if reference.ndim > 1 else np.isfinite(reference)
-        rows = reference[finite] if reference.ndim > 1 else reference[finite][None, :]
-        if rows.size == 0:
-            return 0.0
-        delta = rounded_once(rows, fmt).astype(rows.dtype) - rows
-        norms = np.sqrt((rows * rows).sum(axis=-1))
-        errors = relative_error(np.sqrt((delta * delta).sum(axis=-1)), norms)
-        return float(errors.max()) / machine_epsilon(fmt)

@@ -19,7 +19,7 @@ from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
 from ce_audit.impl_runs import ImplRun, call_implementation, pytorch_kernels, skip_reason_of
 from ce_audit.implementations import Implementation
-from ce_audit.metrics import Tolerance, floor_norm_error, floor_ulp_error
+from ce_audit.metrics import Tolerance, floor_ulp_error
 from ce_audit.options import LossOptions
 from ce_audit.plan.cases import Case
 from ce_audit.plugins import prepare
@@ -162,11 +162,14 @@ class DtypeAudit:
         if finite_reference.size:
             self.max_reference = max(self.max_reference, float(finite_reference.max()))
         whole = first_row == 0 and block.shape[0] == self.source.case.batch
+        full = RowsView(None, block, targets, reference, options)
+        floor = None
         if any(run.tally.status is None for run in self.runs):
+            exact_grad = reference.grad if grad else None
+            floor = floor_row_errors(reference.loss, exact_grad, fmt, full.gradient_unit())
             self.floor_loss = max(self.floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
-                self.floor_grad = max(self.floor_grad, floor_norm_error(reference.grad, fmt))
-        full = RowsView(None, block, targets, reference, options)
+                self.floor_grad = max(self.floor_grad, floor.grad_norm_rel)
         views = BlockViews(full, self.weight, grad)
         for run in self.every_run:
             run.tally.last_block = None
@@ -174,17 +177,15 @@ class DtypeAudit:
                 self.run_on(run, first_row, views.view_for(run.drops_ignored), whole)
             if self.progress and run.reported:
                 self.progress(self.step)
-        self._compare_rows(first_row, block.shape[0], full)
+        if floor is not None:
+            self._compare_rows(first_row, block.shape[0], floor.rows)
 
-    def _compare_rows(self, first_row: int, rows: int, full: RowsView) -> None:
+    def _compare_rows(self, first_row: int, rows: int, floor: RowErrorsScaled) -> None:
         """Each reported run's errors on this block against PyTorch's kernel's and the floor's on the same
         rows (ce_audit.row_verdict)."""
         scored = [run for run in self.runs if run.tally.last_block is not None]
         if not scored:
             return
-        reference = full.reference
-        grad = reference.grad if self.grad else None
-        floor = floor_row_errors(reference.loss, grad, self.fmt, full.gradient_unit())
         numbers = first_row + np.arange(rows)
         for run in scored:
             kernel = self.kernels.get(run.tally.device)

@@ -27,6 +27,7 @@ import numpy as np
 
 from ce_audit.dtypes import FloatFormat
 from ce_audit.metrics import machine_epsilon, rounded_once
+from ce_audit.statuses import relative_error
 
 WORSE_FACTOR = 2.0
 WORSE_SLACK = 4.0  # units of ε at max(|exact|, 1)
@@ -194,20 +195,34 @@ def _largest(errors: np.ndarray) -> float:
     return float(errors.max()) if errors.size else 0.0
 
 
+@dataclass(frozen=True)
+class FloorRows:
+    """The floor of one block: its errors row by row (``rows``), and the largest normwise gradient error
+    ‖round(g*_i) − g*_i‖₂ / ‖g*_i‖₂ over the finite rows in units of ε (``grad_norm_rel``; NaN without a
+    gradient): the cell's ``best_grad_norm_rel_err``, from the same rounding."""
+
+    rows: RowErrorsScaled
+    grad_norm_rel: float = math.nan
+
+
 def floor_row_errors(
     loss: np.ndarray, grad: np.ndarray | None, fmt: FloatFormat, unit: float = 1.0
-) -> RowErrorsScaled:
-    """The errors of the exact values rounded once to ``fmt`` (the floor), row by row, in the same measure."""
+) -> FloorRows:
+    """The errors of the exact values rounded once to ``fmt`` (the floor), row by row, in the same measure;
+    the gradient is rounded once for both of FloorRows' figures."""
     eps = machine_epsilon(fmt)
     loss = np.asarray(loss).reshape(-1)
     with np.errstate(all="ignore"):
         loss_err = np.abs(rounded_once(loss, fmt).astype(loss.dtype) - loss)
         scaled_loss = scaled_loss_errors(loss_err, loss, np.zeros(loss.shape, dtype=bool), eps)
         if grad is None:
-            return RowErrorsScaled(scaled_loss)
+            return FloorRows(RowErrorsScaled(scaled_loss))
         delta = rounded_once(grad, fmt).astype(grad.dtype) - grad
         delta[~np.isfinite(delta)] = 0
         finite = np.where(np.isfinite(grad), grad, 0)
-        norms = np.sqrt(np.einsum("ij,ij->i", finite, finite))
-        distance = np.sqrt(np.einsum("ij,ij->i", delta, delta))
-    return RowErrorsScaled(scaled_loss, distance / (eps * np.maximum(norms, unit)))
+        norms = np.sqrt((finite * finite).sum(axis=-1))
+        distance = np.sqrt((delta * delta).sum(axis=-1))
+        whole = np.isfinite(grad).all(axis=-1)
+        normwise = relative_error(distance[whole], norms[whole])
+    grad_norm_rel = float(normwise.max()) / eps if normwise.size else 0.0
+    return FloorRows(RowErrorsScaled(scaled_loss, distance / (eps * np.maximum(norms, unit))), grad_norm_rel)

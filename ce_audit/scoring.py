@@ -30,7 +30,6 @@ from ce_audit.metrics import (
     LossTally,
     RowErrors,
     Tolerance,
-    floor_norm_error,
     floor_ulp_error,
     machine_epsilon,
     max_ulp_error,
@@ -142,10 +141,11 @@ class CellTally:
         mean = np.asarray(reference.loss).reshape(1)
         mean_grad = reference.grad if grad else None
         self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance, unit)
-        grad_floor = floor_norm_error(mean_grad, fmt) if grad else np.nan
+        floor = floor_row_errors(mean, mean_grad, fmt, unit)
+        grad_floor = floor.grad_norm_rel if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
         if self.last_block is not None:
-            self.row_verdict.add(self.last_block, floor_row_errors(mean, mean_grad, fmt, unit), None, None)
+            self.row_verdict.add(self.last_block, floor.rows, None, None)
 
     def _overflow_note(self, fmt: FloatFormat, case: Case) -> str:
         if not self.loss.overflow_rows:
