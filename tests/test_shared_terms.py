@@ -84,3 +84,25 @@ def test_worst_failing_row_with_the_shared_bound_is_the_plain_one():
     plain = worst_failing_row((-1.0, -1), grad, exact.grad, tolerance, numbers)
     assert worst_failing_row((-1.0, -1), grad, exact.grad, tolerance, numbers, bound) == plain
     assert plain[1] >= 100
+
+
+def test_the_last_reference_is_recalled_for_the_same_bytes_only(monkeypatch):
+    from ce_audit.options import LossOptions
+    from ce_audit.reference import variants
+
+    fmt, targets, _ = _block("bfloat16")
+    logits, _ = cases.generate_rows(Case("normal", 5.0, 0.0, 50, 24, 3), 0, 24)
+    block = quantize(logits, fmt)
+    options = LossOptions()
+    first = variants.reference_loss(block, targets, options)
+    assert variants.reference_loss(block.copy(), targets.copy(), options) is first  # same bytes, new arrays
+    assert variants.reference_loss(block, targets, options, grad=False) is not first
+    changed = block.copy()
+    changed[3, 7] = -changed[3, 7]
+    other = variants.reference_loss(changed, targets, options)
+    assert other is not first and not np.array_equal(other.loss, first.loss)
+    assert variants.reference_loss(block, targets, LossOptions(label_smoothing=0.1)) is not other
+    monkeypatch.setattr(variants, "RECALLED_ELEMENTS", block.size - 1)
+    again = variants.reference_loss(block, targets, options)
+    assert variants.reference_loss(block, targets, options) is not again  # too large to keep
+    np.testing.assert_array_equal(again.loss, first.loss)
