@@ -4,12 +4,12 @@ gradient of cross-entropy must pass (rows summing to 0, the true class's entry p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat, ulp
+from ce_audit.dtypes import FloatFormat, to_float64, ulp
 from ce_audit.metrics import Tolerance, machine_epsilon
 from ce_audit.statuses import Status, relative_error
 
@@ -40,7 +40,7 @@ class ExactRows:
                 size = np.abs(np.where(finite, reference, 0))
             return cls(
                 reference, finite, size, tolerance.atol + tolerance.rtol * size,
-                ulp(size.astype(np.float64, copy=False), fmt),  # float64 spacing: a metric, not a reference
+                ulp(to_float64(size), fmt),  # float64 spacing: a metric, not a reference
                 size.max(axis=1), np.sqrt(np.einsum("ij,ij->i", size, size)),
             )  # fmt: skip
 
@@ -54,14 +54,24 @@ class ExactGradient:
         self.values = values
         self._groups: dict[tuple[int, int, str, Tolerance], ExactRows] = {}
         self._row_sums: tuple[np.ndarray, np.ndarray] | None = None
+        self._bounds: dict[tuple[int, int, str, Tolerance], np.ndarray] = {}
 
     def whole_bound(self, tolerance: Tolerance, fmt: FloatFormat) -> np.ndarray | None:
-        """atol + rtol·|g*| over the whole block where it is one row group of finite values, else None."""
+        """atol + rtol·|g*| over the whole block where every entry is finite and the terms are kept (None:
+        not)."""
         values = self.values
-        if values.ndim != 2 or values.shape[0] > max(1, ROW_GROUP_ELEMENTS // max(values.shape[1], 1)):
+        if values.ndim != 2 or not values.size or values.size > SHARED_TERMS_ELEMENTS:
             return None
-        terms = self.rows(0, max(1, ROW_GROUP_ELEMENTS // max(values.shape[1], 1)), tolerance, fmt)
-        return terms.bound if terms.finite is None else None
+        step = max(1, ROW_GROUP_ELEMENTS // max(values.shape[1], 1))
+        groups = [self.rows(first, step, tolerance, fmt) for first in range(0, values.shape[0], step)]
+        if any(group.finite is not None for group in groups):
+            return None
+        if len(groups) == 1:
+            return groups[0].bound
+        key = (-1, step, fmt.name, tolerance)
+        if key not in self._bounds:
+            self._bounds[key] = np.concatenate([group.bound for group in groups])
+        return self._bounds[key]
 
     def finite_rows_and_abs_sums(self) -> tuple[np.ndarray, np.ndarray]:
         """Which rows of g* are finite, and Σ_k |g*_ik| by row (GradChecks' row-sum check)."""
@@ -96,6 +106,15 @@ class GradTally:
     max_ulp: float = 0.0
     norm_rel_err: float = 0.0
     measured: bool = False
+    # |g − g*| of the block just added, by row group (None: a group with a non-finite entry), until taken
+    last_diff: list[np.ndarray | None] | None = field(default=None, compare=False, repr=False)
+
+    def take_diff(self) -> np.ndarray | None:
+        """|g − g*| of the block just added where every entry was finite (else None); not kept after."""
+        groups, self.last_diff = self.last_diff, None
+        if not groups or any(group is None for group in groups):
+            return None
+        return groups[0] if len(groups) == 1 else np.concatenate(groups)  # type: ignore[arg-type]
 
     def add(
         self,
@@ -115,6 +134,7 @@ class GradTally:
         exact = reference if isinstance(reference, ExactGradient) else ExactGradient(reference)
         step = max(1, ROW_GROUP_ELEMENTS // max(grad.shape[1], 1))
         scale, row_errors = machine_epsilon(fmt), []
+        self.last_diff = []
         for first in range(0, grad.shape[0], step):
             terms = exact.rows(first, step, tolerance, fmt)
             distance, norms = self._add_rows(grad[first : first + step], terms)
@@ -126,7 +146,8 @@ class GradTally:
         reference = exact.values
         with np.errstate(all="ignore"):
             grad_finite = np.isfinite(grad)
-            if exact.finite is None and grad_finite.all():  # the usual case: one pass per quantity
+            finite = exact.finite is None and bool(grad_finite.all())
+            if finite:  # the usual case: one pass per quantity
                 delta = grad - reference
                 mismatch = wrong = None
             else:
@@ -137,13 +158,16 @@ class GradTally:
                 self.mismatches += int(mismatch.any(axis=1).sum())
                 wrong = grad_finite & np.isinf(reference)
                 both = reference_finite & grad_finite
-                delta = np.where(both, grad - reference, 0)
+                delta = np.zeros(grad.shape, np.result_type(grad, reference))
+                np.subtract(grad, reference, out=delta, where=both)  # no NaN arithmetic (slow in long double)
             diff = np.abs(delta)
+            if self.last_diff is not None:
+                self.last_diff.append(diff if finite else None)
             failing = diff > exact.bound
             if mismatch is not None:
                 failing |= mismatch | wrong
             self.failures += int(failing.any(axis=1).sum())
-            ulps = diff.astype(np.float64, copy=False) / exact.spacing
+            ulps = to_float64(diff) / exact.spacing
             self.max_ulp = max(self.max_ulp, float(ulps.max()))
             row_abs, row_norm = diff.max(axis=1), exact.row_norm
             row_rel = np.where(row_norm > 0, relative_error(row_abs, row_norm), 0)
@@ -220,14 +244,15 @@ class GradChecks:
             exact = exact if exact is not None and exact.values is reference else ExactGradient(reference)
             reference_rows, abs_sums = exact.finite_rows_and_abs_sums()
             finite_rows = np.isfinite(grad).all(axis=1) & reference_rows & np.isfinite(rowsum)
-            error = np.abs(grad.sum(axis=1) - rowsum)[finite_rows]
-            norm = abs_sums[finite_rows]  # Σ_k |g*_ik| of each row alone: the same whichever rows are kept
+            # Σ_k of each row alone: the same whichever rows are summed (none with a NaN: slow in long double)
+            error = np.abs(grad[finite_rows].sum(axis=1) - rowsum[finite_rows])
+            norm = abs_sums[finite_rows]
             rel = relative_error(error, norm)
             if rel.size:
                 self.rowsum_max = max(self.rowsum_max, float(rel.max()))
             suspect = np.flatnonzero(error > tolerance.atol + tolerance.rtol * norm)
             if suspect.size:  # only these rows need the rounding allowance Σ_k ½ ulp(g*_k)
-                spacing = ulp(reference[np.flatnonzero(finite_rows)[suspect]].astype(np.float64), fmt)
+                spacing = ulp(to_float64(reference[np.flatnonzero(finite_rows)[suspect]]), fmt)
                 allowed = tolerance.atol + tolerance.rtol * norm[suspect] + 0.5 * spacing.sum(axis=1)
                 self.rowsum_failures += int((error[suspect] > allowed).sum())
 

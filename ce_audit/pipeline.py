@@ -249,10 +249,12 @@ class DtypeAudit:
             view.gradient_unit(), view.exact_gradient(),
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
+        diff = run.tally.grad.take_diff()  # |g − g*|, released here whether the trace uses it or not
         if run.tally.grad.failures > failures and not reduced and tracing_on():  # a gradient row fails
             exact = view.exact_gradient()
             bound = exact.whole_bound(self.tolerance, self.fmt) if exact is not None else None
-            run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, first_row + index, bound)
+            rows = first_row + index
+            run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, rows, bound, diff)
         if run.worst is not None:
             badness = row_badness(errors, outcome.grad)
             if reduced:

@@ -148,6 +148,7 @@ class CellTally:
         mean = np.asarray(reference.loss).reshape(1)
         mean_grad = reference.grad if grad else None
         self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance, unit)
+        self.grad.take_diff()  # not kept: only a per-row block's is traced
         floor = floor_row_errors(mean, mean_grad, fmt, unit)
         grad_floor = floor.grad_norm_rel if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)

@@ -106,3 +106,49 @@ def test_the_last_reference_is_recalled_for_the_same_bytes_only(monkeypatch):
     again = variants.reference_loss(block, targets, options)
     assert variants.reference_loss(block, targets, options) is not again  # too large to keep
     np.testing.assert_array_equal(again.loss, first.loss)
+
+
+def test_long_doubles_to_float64_round_as_astype_does():
+    from ce_audit import dtypes
+
+    if np.finfo(np.longdouble).nmant < 63:
+        pytest.skip("long double is a double here")
+    rng = np.random.default_rng(5)
+    two = np.longdouble(2.0)
+    exponents = rng.integers(-1200, 10, size=20000).astype(np.int32)
+    values = np.ldexp((rng.random(20000) * 2 - 1).astype(np.longdouble), exponents)
+    values *= 1 + two**-60 * rng.integers(-8, 8, 20000)  # bits past float64's significand
+    values[:12] = [
+        0.0, -0.0, np.nan, np.inf, -np.inf, two**-1075, -(two**-1075), 3 * two**-1075,  # ties to even
+        two**-1022 * (1 - two**-60), two**-1075 * (1 + two**-63), -(two**-1076), two**-16000,
+    ]  # fmt: skip
+    for array in (values, values.reshape(100, 200)[:, ::3]):
+        converted = dtypes.to_float64(array)
+        np.testing.assert_array_equal(converted.view(np.int64), array.astype(np.float64).view(np.int64))
+    plain = np.arange(4.0)
+    assert dtypes.to_float64(plain) is plain  # float64: no copy
+
+
+def test_nonfinite_gradients_give_the_plain_formulas_results():
+    """NaN entries take no arithmetic (slow in long double): the row errors and failing-row scores are
+    those of the plain formulas."""
+    fmt, targets, exact = _block("float64")
+    tolerance = Tolerance(fmt.rtol, fmt.atol)
+    grad = exact.grad.astype(np.float64) * 1.01
+    grad[2, :], grad[4, 3], grad[6, 1] = np.nan, np.inf, -np.inf
+    tally = GradTally()
+    rows = tally.add(grad.astype(exact.grad.dtype), exact.grad, tolerance, fmt)
+    assert tally.take_diff() is None  # a non-finite entry: the trace computes |g − g*| itself
+    with np.errstate(all="ignore"):
+        delta = np.where(np.isfinite(grad), grad - exact.grad, 0)  # the plain formula
+    distance = np.sqrt(np.einsum("ij,ij->i", delta, delta))
+    norms = np.sqrt(np.einsum("ij,ij->i", np.abs(exact.grad), np.abs(exact.grad)))
+    distance[[2, 4, 6]] = np.inf
+    np.testing.assert_array_equal(rows, distance / (2.0**-52 * np.maximum(norms, 1.0)))
+    numbers = np.arange(grad.shape[0])
+    with np.errstate(all="ignore"):
+        ratio = np.abs(grad - exact.grad) / (tolerance.atol + tolerance.rtol * np.abs(exact.grad))
+    scores = np.nan_to_num(ratio, nan=0.0).max(axis=1)
+    expected = (float(scores.max()), int(np.argmax(scores)))
+    assert worst_failing_row((-1.0, -1), grad, exact.grad, tolerance, numbers) == expected
+    assert tally.mismatches == 3 and tally.nan_rows == 1 and tally.inf_rows == 2
