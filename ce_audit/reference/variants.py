@@ -78,11 +78,11 @@ def _raw(values: np.ndarray | None) -> np.ndarray | None:
 class _LastReference:
     """The last reference computed, with copies of its inputs: asked again for the same bytes (the
     ``rounded`` built-in, on the block whose reference the pipeline has just computed), it is not
-    computed twice. Arrays are compared byte for byte, with their dtypes and shapes."""
+    computed twice. Arrays are compared byte for byte, with their dtypes and shapes; the entry is one
+    tuple, replaced whole, so a thread never pairs one call's inputs with another's reference."""
 
     def __init__(self) -> None:
-        self.inputs: tuple[Any, ...] = ()
-        self.reference: VariantReference | None = None
+        self.entry: tuple[Any, ...] | None = None  # (settings, shapes, raw inputs…, reference)
 
     @staticmethod
     def _key(logits: np.ndarray, targets: np.ndarray, weight: np.ndarray | None) -> tuple[Any, ...]:
@@ -91,24 +91,25 @@ class _LastReference:
 
     def recall(self, logits: np.ndarray, targets: np.ndarray, weight: np.ndarray | None,
                settings: tuple[Any, ...]) -> VariantReference | None:  # fmt: skip
-        if self.reference is None or logits.size > RECALLED_ELEMENTS or self.inputs[0] != settings:
+        entry = self.entry
+        if entry is None or logits.size > RECALLED_ELEMENTS or entry[0] != settings:
             return None
         shapes, *raw = self._key(logits, targets, weight)
-        if shapes != self.inputs[1]:
+        if shapes != entry[1]:
             return None
         same = all(
             (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-            for a, b in zip(raw, self.inputs[2:], strict=True)
+            for a, b in zip(raw, entry[2:5], strict=True)
         )
-        return self.reference if same else None
+        return entry[5] if same else None
 
     def keep(self, logits: np.ndarray, targets: np.ndarray, weight: np.ndarray | None,
              settings: tuple[Any, ...], reference: VariantReference) -> None:  # fmt: skip
-        self.inputs, self.reference = (), None  # the previous one released first
+        self.entry = None  # the previous one released first
         if logits.size <= RECALLED_ELEMENTS:
             shapes, *raw = self._key(logits, targets, weight)
             copies = [None if a is None else a.copy() for a in raw]
-            self.inputs, self.reference = (settings, shapes, *copies), reference
+            self.entry = (settings, shapes, *copies, reference)
 
 
 _LAST = _LastReference()
