@@ -37,6 +37,7 @@ Target = str | Callable[..., Any]
 # the loss options that make a sweep audit each family, where check() is not given them
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
     "binary": {"loss": "binary"},
+    "linear_ce": {"loss": "linear_ce"},
     "focal": {"focal_gamma": [0.0, 0.5, 2.0]},  # γ = 0 (plain CE's gradient), below 1, the common 2
 }
 

@@ -46,7 +46,7 @@ class BlockCall:
     settings: dict[str, Any]
     want_grad: bool
     options: LossOptions  # the implementation receives them as keyword arguments (options.call_keywords)
-    weight: np.ndarray | None  # per-class weights in the audited dtype
+    weight: np.ndarray | None  # per-class weights in the audited dtype (linear_ce: the classifier C (V, D))
     shape: tuple[int, ...]  # what a per-row (or per-element) result must be shaped like
     # "loss", "grad" or "loss,grad": trace the call instead and explain those results (``run_call`` returns a
     # ce_audit.trace Trace; "every-op" added: every op's local error, not only the named ones'); "": a call
@@ -196,7 +196,10 @@ class TorchBackend(Backend):
         else:
             target_tensor = torch.from_numpy(targets).to(device=device, copy=True)
         weight_tensor = None if weight is None else self.tensor(weight, fmt, device)
+        linear = call.options.family == "linear_ce"  # logits: hidden states E; weight: the classifier C
         logits.requires_grad_(want_grad)
+        if linear and weight_tensor is not None:
+            weight_tensor.requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
             losses = impl(logits, target_tensor, settings, call.options, weight_tensor)
         if isinstance(losses, (float, np.floating)) and not impl.builtin:  # a Python or NumPy scalar
@@ -217,13 +220,20 @@ class TorchBackend(Backend):
                     raise RuntimeError("the result does not require grad")
                 losses.sum().backward()
                 if logits.grad is None:
-                    raise RuntimeError("no gradient reached the logits")
+                    raise RuntimeError(f"no gradient reached the {'hidden states' if linear else 'logits'}")
                 grad = logits.grad.detach().to("cpu", torch.float64, copy=True).numpy()
+                if linear:  # (N + V, D): ∂L/∂E, then ∂L/∂C (ce_audit.reference.linear)
+                    if weight_tensor.grad is None:
+                        raise RuntimeError("no gradient reached the classifier")
+                    by_classifier = weight_tensor.grad.detach().to("cpu", torch.float64, copy=True).numpy()
+                    grad = np.concatenate([grad, by_classifier])
             except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
                 grad_error = first_line(error)
         # Checked after backward too: fused kernels may store the gradient in the logits buffer.
         wrote = tuple(logits.shape) != block.shape or not same_bytes(self._bytes(logits), raw_bytes(block))
         wrote = wrote or not same_bytes(self._bytes(target_tensor), raw_bytes(targets))
+        if weight_tensor is not None:
+            wrote = wrote or not same_bytes(self._bytes(weight_tensor), raw_bytes(weight))
         return Outcome(value, grad, grad_error, wrote, mean, value_dtype)
 
 
