@@ -253,7 +253,8 @@ class DtypeAudit:
             view.gradient_unit(),
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
-        if run.tally.grad.failures > failures and not reduced and tracing_on() and not reference.classifier_rows:
+        failed = run.tally.grad.failures > failures and not reduced and not reference.classifier_rows
+        if failed and tracing_on():  # a gradient row fails (linear_ce's are not traced)
             run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, first_row + index)
         if run.worst is not None:
             badness = row_badness(errors, outcome.grad)

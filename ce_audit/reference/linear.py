@@ -37,7 +37,9 @@ from ce_audit.reference.exact import accurate_sum, two_product, two_sum
 UNIT = 2.0**-53
 REFINE_FACTOR = 2.0**-12  # tolerance of the float64 products, in ε of the audited dtype
 DOT2_ELEMENTS = 1 << 20  # Dot2 works on this many (row, column) pairs at a time
-FLOAT64_REFUSED = "linear cross-entropy is audited in float16, bfloat16 and float32 (float64 products are not exact)"
+FLOAT64_REFUSED = (
+    "linear cross-entropy is audited in float16, bfloat16 and float32 (float64 products are not exact)"
+)
 
 
 def gamma(k: int) -> float:
@@ -120,8 +122,8 @@ def linear_terms(
     fmt = format_of_array(hidden)
     if fmt.name == "float64":
         raise ValueError(FLOAT64_REFUSED)
-    if classifier is None or classifier.ndim != 2 or hidden.ndim != 2 or classifier.shape[1] != hidden.shape[1]:
-        shape = None if classifier is None else classifier.shape
+    shape = None if classifier is None else classifier.shape
+    if shape is None or len(shape) != 2 or hidden.ndim != 2 or shape[1] != hidden.shape[1]:
         raise ValueError(f"hidden states {hidden.shape} and classifier {shape} do not share D")
     rows = hidden.shape[0]
     logits = exact_logits(hidden, classifier, fmt)
