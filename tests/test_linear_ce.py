@@ -216,3 +216,66 @@ def test_register_accepts_the_linear_family_and_check_audits_it():
     mine = [cell for cell in report.cells if cell.impl == "plain"]
     assert mine and all(cell.options.loss == "linear_ce" and cell.hidden_size == 64 for cell in mine)
     report.assert_ok()
+
+
+def write_linear_dump(path: Path, **changes: object) -> Path:
+    """A bfloat16 (B, T, D) = (2, 8, 64) dump with a (300, 64) classifier and (B, T) targets."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "hidden": torch.randn(2, 8, 64, generator=generator).to(torch.bfloat16),
+        "classifier": (torch.randn(300, 64, generator=generator) / 8).to(torch.bfloat16),
+        "targets": torch.randint(0, 300, (2, 8), generator=generator),
+        **changes,
+    }
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, path)
+    else:
+        torch.save(tensors, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_replay_audits_a_dump_of_hidden_states_and_a_classifier(tmp_path, capsys, suffix):
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    dump = write_linear_dump(tmp_path / f"dump{suffix}")
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        ["replay", dump, "--out", out, "-q", "--dtype", "bfloat16", "--dtype", "float32"], capsys
+    )
+    assert code == 0, err
+    rows = read_rows(out / "summary.csv")
+    assert {row["impl"] for row in rows} == {"linear_fused", "linear_chunked", "linear_rounded"}
+    for row in rows:
+        assert (row["loss"], row["distribution"], row["batch"], row["vocab"], row["hidden_size"]) == (
+            "linear_ce", "replay", "16", "300", "64",
+        )  # fmt: skip
+        assert row["status"] == "ok" and row["grad_status"] in ("ok", "inaccurate"), row
+    rounded = [row for row in rows if row["impl"] == "linear_rounded"]
+    assert all(row["flag"] == "" and float(row["grad_err"]) <= 0.5 for row in rounded)
+    assert len(read_rows(out / "rows.csv")) == 16 * len(rows)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"classifier": "wrong_width"}, "classifier must be (V, D) with D = 64"),
+        ({"hidden": "float64"}, "hidden is float64: linear cross-entropy is audited in float16"),
+        ({"targets": "out_of_range"}, "target 300 is out of range for 300 classes"),
+    ],
+)
+def test_a_bad_linear_dump_is_one_line_and_exit_2(tmp_path, capsys, changes, message):
+    import torch
+
+    bad = {
+        "wrong_width": torch.zeros(300, 32, dtype=torch.bfloat16),
+        "float64": torch.zeros(2, 8, 64, dtype=torch.float64),
+        "out_of_range": torch.full((2, 8), 300),
+    }
+    dump = write_linear_dump(tmp_path / "dump.pt", **{key: bad[value] for key, value in changes.items()})
+    code, _, err = run_cli(["replay", dump, "--out", tmp_path / "out", "-q"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
