@@ -279,3 +279,27 @@ def test_a_bad_linear_dump_is_one_line_and_exit_2(tmp_path, capsys, changes, mes
     dump = write_linear_dump(tmp_path / "dump.pt", **{key: bad[value] for key, value in changes.items()})
     code, _, err = run_cli(["replay", dump, "--out", tmp_path / "out", "-q"], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_same_numbers_whatever_the_jobs_or_shard(tmp_path, capsys):
+    grid = ["--vocab", "40", "--batch", "8", "--hidden-size", "32", "--hidden-size", "96", "--scale", "1",
+            "--dtype", "bfloat16", "--dtype", "float32"]  # fmt: skip
+    measured = (
+        "impl",
+        "dtype",
+        "hidden_size",
+        "status",
+        "grad_status",
+        "max_ulp",
+        "grad_norm_rel_err",
+        "loss_err",
+    )
+
+    def numbers(rows: list[dict[str, str]]) -> set[tuple[str, ...]]:
+        return {tuple(row[column] for column in measured) for row in rows}
+
+    alone, _ = sweep(tmp_path / "one", capsys, *grid)
+    jobs, _ = sweep(tmp_path / "jobs", capsys, *grid, "--jobs", "2")
+    shards = [sweep(tmp_path / f"shard{k}", capsys, *grid, "--shard", f"{k}/2")[0] for k in (1, 2)]
+    assert numbers(alone) == numbers(jobs) == numbers(shards[0]) | numbers(shards[1])
+    assert {row["hidden_size"] for row in alone} == {"32", "96"}
