@@ -20,9 +20,9 @@ class Implementation:
 
     ``target`` is the function itself or a ``"module:attribute"`` string resolved on first call, so
     that listing the registry never imports a framework. ``family`` is the loss it computes (``ce``,
-    ``focal`` or ``binary``); ``supports`` names the options (ce_audit.options.SUPPORTABLE) it accepts as
-    keyword arguments (``call_keywords``) — ``reduction``, ``weight``, ``ignore_index``, ... — or, for
-    ``probs``, as targets.
+    ``focal``, ``binary`` or ``linear_ce``); ``supports`` names the options (ce_audit.options.SUPPORTABLE)
+    it accepts as keyword arguments (``call_keywords``) — ``reduction``, ``weight``, ``ignore_index``, ... —
+    or, for ``probs``, as targets.
     ``adapter`` (user implementations) says how it is called and what it returns (ce_audit.adapters).
     """
 
