@@ -303,3 +303,17 @@ def test_the_same_numbers_whatever_the_jobs_or_shard(tmp_path, capsys):
     shards = [sweep(tmp_path / f"shard{k}", capsys, *grid, "--shard", f"{k}/2")[0] for k in (1, 2)]
     assert numbers(alone) == numbers(jobs) == numbers(shards[0]) | numbers(shards[1])
     assert {row["hidden_size"] for row in alone} == {"32", "96"}
+
+
+@pytest.mark.slow
+def test_the_floor_passes_every_cell_of_configs_linear_ce():
+    from ce_audit.config import load_config
+    from ce_audit.run.sweep import run_sweep
+
+    config = Path(__file__).parents[1] / "configs" / "linear_ce.toml"
+    cells = run_sweep(load_config(config, {"impls": ["linear_rounded"], "isolation": "none"})).cells
+    measured = [cell for cell in cells if cell.status != "skipped"]
+    assert {cell.hidden_size for cell in measured} == {64, 1024, 4096}
+    bad = [cell for cell in measured if cell.status != "ok" or cell.grad_status != "ok" or cell.flag]
+    assert not bad, bad[:3]
+    assert all(cell.max_ulp <= 0.51 and cell.grad_err <= 0.5 for cell in measured)
