@@ -7,7 +7,7 @@ E (N, D) and a classifier C (V, D) in the audited dtype (ce_audit.reference.line
   m + log s − z_y rounded once to the dtype; gradients by autograd through those float32 steps, rounded
   once to the dtype (the way fused kernels such as Liger's and cut-cross-entropy's proceed). The running
   maximum m is a shift the loss does not depend on, so it carries no gradient (detached): differentiated,
-  its gradient 1 − Σ_k p_k would cancel in float32 at the argmax and cost the classifier's gradient ~V ε;
+  its gradient 1 − Σ_k p_k would cancel in float32 at each row's argmax and cost those classes' ∂L/∂C a few ε;
 * ``linear_rounded``: the exact loss and gradients of the quantized E and C, each rounded once (the floor).
 """
 
