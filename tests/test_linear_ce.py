@@ -338,3 +338,9 @@ def test_the_chunked_builtin_gives_no_gradient_to_its_running_maximum():
         per_class = np.linalg.norm(c.grad.double().numpy() - exact, axis=1) / np.linalg.norm(exact, axis=1)
         worst[function.__name__] = per_class.max() / 2**-23
     assert worst["linear_chunked"] <= 1.5 * worst["linear_fused"], worst
+
+
+def test_explain_refuses_a_linear_cell_in_one_line(tmp_path, capsys):
+    sweep(tmp_path, capsys, "--vocab", "16", "--batch", "4", "--dtype", "float32", "--scale", "1")
+    code, _, err = run_cli(["explain", tmp_path], capsys)
+    assert code == 2 and "linear_ce cells are not traced" in err and len(err.strip().splitlines()) == 1
