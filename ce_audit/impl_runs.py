@@ -26,6 +26,8 @@ def skip_reason_of(impl: Implementation, fmt: FloatFormat, device: str, options:
     """Why ``impl`` cannot run in ``fmt`` on ``device`` with ``options`` (None: it can)."""
     if fmt.name not in impl.dtypes:
         return f"{impl.name} does not support {fmt.name}"
+    if options.family == "linear_ce" and impl.backend == "jax":  # its gradient is taken for the logits alone
+        return "linear_ce is audited on the torch, triton and numpy backends"
     return backend_skip_reason(impl.backend, fmt, device) or skip_reason(
         impl.name, impl.family, impl.supports, options
     )
