@@ -344,3 +344,12 @@ def test_explain_refuses_a_linear_cell_in_one_line(tmp_path, capsys):
     sweep(tmp_path, capsys, "--vocab", "16", "--batch", "4", "--dtype", "float32", "--scale", "1")
     code, _, err = run_cli(["explain", tmp_path], capsys)
     assert code == 2 and "linear_ce cells are not traced" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_backend_that_cannot_take_hidden_states_is_skipped_with_the_reason(tmp_path, capsys):
+    spec = f"{PLUGINS / 'linear_plugins.py'}:numpy_linear,backend=numpy,family=linear_ce"
+    rows, _ = sweep(tmp_path, capsys, "--impl", spec, "--vocab", "16", "--batch", "4", "--dtype", "float32")
+    assert rows and all(row["status"] == "skipped" for row in rows)
+    assert {row["error"] for row in rows} == {
+        "the numpy backend does not run linear_ce (torch and triton do)"
+    }
