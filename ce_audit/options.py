@@ -384,8 +384,7 @@ def label_meanings() -> dict[str, str]:
 def skip_reason(name: str, family: str, supports: frozenset[str], options: LossOptions) -> str | None:
     """Why an implementation cannot be audited with ``options`` (None: it can)."""
     if family != options.family:
-        what = FAMILY_WORDS
-        return f"{name} computes {what.get(family, family)}, not {what[options.family]}"
+        return f"{name} computes {FAMILY_WORDS.get(family, family)}, not {FAMILY_WORDS[options.family]}"
     missing = sorted(options.required() - supports)
     if missing:
         return f"{name} does not support {', '.join(missing)}"
