@@ -114,8 +114,12 @@ def trace_lines(cell: Cell, trace: Trace | None) -> list[str]:
     )
     origin = trace.nonfinite_origin
     lines.append(f"non-finite origin: {origin.text() if origin else 'none'}")
+    if trace.departure is not None:  # where the formula leaves the exact values (ce_audit.trace.departure)
+        lines.append(f"error origin: {trace.departure.text()}")
     if trace.error_origins:
         lines += [f"error origin: {found.text()}" for found in trace.error_origins]
+    elif trace.departure is not None:
+        pass
     elif origin is not None:
         lines.append("error origin: none found (the result is non-finite)")
     elif trace.traced and trace.ops and cell.dtype != "float64":

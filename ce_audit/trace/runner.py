@@ -18,6 +18,7 @@ import numpy as np
 
 from ce_audit.trace.explain import error_origins, nonfinite_origin
 from ce_audit.trace.records import Origin, Trace
+from ce_audit.trace.shift import shifted_origin
 from ce_audit.trace.source_line import BOUNDARY, user_line
 
 _NUMPY_FUNCTION = re.compile(r"\b(?:np|numpy)\.(\w+)\s*\(")
@@ -107,6 +108,8 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
         if not finite:
             broken.append(producer)
     origin = nonfinite_origin(tracer.ops, tracer.inputs, broken) if broken else None
+    feeds = tuple(tuple(producer for producer, _, _ in op_inputs) for op_inputs in tracer.inputs)
+    origin = shifted_origin(tracer.ops, feeds, tracer.input_ids, tracer.small, origin) or origin
     shadowed = shadow and call.fmt.name != "float64"  # float64 has no wider shadow here
     found = error_origins(tracer.ops, tracer.inputs, finals) if shadowed else ()
     if found:  # their local error, for the words (re-run only now: the sweep's cost)
@@ -115,6 +118,7 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
     return Trace(
         impl.name, call.fmt.name, rows, tuple(tracer.ops), origin, found, errors[0], errors[1],
         note="" if shadowed else "float64: non-finite origin only (no wider shadow)",
+        feeds=feeds, values=tracer.small_shadows if shadowed else {}, loss_op=tracer.producer_of(losses),
     )  # fmt: skip
 
 

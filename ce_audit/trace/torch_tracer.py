@@ -120,6 +120,14 @@ def flat(value: Any) -> list[Any]:
     return out
 
 
+def _zero_rows(name: str, inputs: list[torch.Tensor], out: np.ndarray, rows: int) -> bool:
+    """Whether an exp made a whole row 0 from finite inputs: every term of the row underflowed."""
+    if name not in ("exp", "exp2") or not out.size or len(inputs) != 1:
+        return False
+    zero = (_by_rows(out, rows) == 0).all(axis=1)
+    return bool(zero.any()) and bool(torch.isfinite(inputs[0]).all())
+
+
 def _absorbs(inputs: list[np.ndarray], out: np.ndarray) -> bool:
     """Whether an elementwise op of one tensor made finite nonzero values of its ±inf entries (tanh(−inf)
     = −1, a clamp): a mask or padding that counts again. (exp(−inf) = 0 keeps the mask; max(m, −inf) of
@@ -199,6 +207,10 @@ class TorchTracer:
         self.shadowing = shadow  # False: no float64 twins (only the non-finite origin is wanted)
         self._later: dict[int, tuple[Any, ...]] = {}
         self._facts: dict[int, tuple[int, str, float]] = {}  # tensor id → (version, kind, carried)
+        self.input_ids: list[tuple[int, ...]] = []  # per op: the tensor ids of its floating inputs
+        # forward ops with at most one value per traced row: their values and their shadows' (float64)
+        self.small: dict[int, np.ndarray] = {}
+        self.small_shadows: dict[int, np.ndarray] = {}
         self._modes = (_Tagging(self), _Recording(self))
 
     def __enter__(self) -> TorchTracer:
@@ -284,6 +296,7 @@ class TorchTracer:
         known = [self.facts(t) for t in float_in]
         pairs = zip(float_in, known, strict=True)
         inputs = [(self.producer_of(t), kind, carried) for t, (kind, carried, _) in pairs]
+        input_ids = tuple(self.tensor_id(t) for t in float_in)
         carried_in = max((carried for _, _, carried in inputs), default=0.0)
         in_nan = any(kind == "nan" for _, kind, _ in inputs)
         in_nonfinite = any(kind for _, kind, _ in inputs)
@@ -313,9 +326,10 @@ class TorchTracer:
                 self.shadows[key] = tensor.detach().to(torch.float64, copy=True)
             values, dtype = as_numpy(tensor), _FLOATS.get(tensor.dtype, str(tensor.dtype))
             kind = kind_of(values) if fresh else ""
-            carried = 0.0
+            carried, twin_values = 0.0, None
             if self.shadowing:
-                carried = carried_ulps(values, as_numpy(self.shadows[key]), self.rows, self.eps)
+                twin_values = as_numpy(self.shadows[key])
+                carried = carried_ulps(values, twin_values, self.rows, self.eps)
             self._facts[key] = (tensor._version, kind, carried)
             local = math.nan
             again = rerun_flat[position] if len(rerun_flat) == len(flat_out) else None
@@ -335,10 +349,16 @@ class TorchTracer:
                 takes_row=bool(kind and float_in) and not in_whole_row and _whole_row(values, self.rows),
                 absorbs=fresh and len(nonfinite_in) == len(float_in) == 1 and _absorbs(nonfinite_in, values),
                 masks=bool(kind) and name in MASKING and _masks(float_in, values),
+                zero_rows=_zero_rows(name, float_in, values, self.rows),
             )  # fmt: skip
             self.producer[key] = record.index
             self.ops.append(record)
             self.inputs.append(inputs)
+            self.input_ids.append(input_ids)
+            if self.phase == "forward" and fresh and values.size <= max(self.rows, 1):
+                self.small[record.index] = values
+                if twin_values is not None:
+                    self.small_shadows[record.index] = twin_values
             if rerunnable and not self.every_local:  # re-run later, if this op is named
                 versions = tuple(t._version for t in float_in)
                 self._later[record.index] = (func, args, kwargs, name, float_in, versions, position, values)
