@@ -172,17 +172,19 @@ def formula_departure(trace: Trace, logits: np.ndarray, targets: np.ndarray, cel
 
     try:
         reference = reference_loss(logits, targets, options, weight=weight, grad=False)
-    except Exception:  # noqa: BLE001 - no reference for these rows: no departure
+        per_row = np.asarray(reference.per_row, dtype=np.float64)
+        if per_row.shape != (logits.shape[0],):  # one loss per element (binary): not placed
+            return None
+        index = targets.ndim == 1 and targets.dtype.kind in "iu"
+        valid = targets != options.ignore_index if index else np.ones(logits.shape[0], dtype=bool)
+        expected = np.asarray(reference.loss, dtype=np.float64)
+        if options.reduction == "none" and cell.value_kind == "mean":  # a 0-d mean returned by choice
+            expected = np.array([per_row[valid].mean()]) if valid.any() else expected
+        lengths = {shape[0] for op in trace.ops for shape in op.shapes if shape}
+        weighted = weight is not None and options.reduction == "mean"
+        return departure(trace, Exact(per_row, expected, valid, trace.rows, lengths, weighted), expected)
+    except Exception:  # noqa: BLE001 - no departure where it cannot be looked for: the cell keeps its words
         return None
-    index = targets.ndim == 1 and targets.dtype.kind in "iu"
-    valid = targets != options.ignore_index if index else np.ones(logits.shape[0], dtype=bool)
-    per_row = np.asarray(reference.per_row, dtype=np.float64)
-    expected = np.asarray(reference.loss, dtype=np.float64)
-    if options.reduction == "none" and cell.value_kind == "mean":  # a 0-d mean returned by choice
-        expected = np.array([per_row[valid].mean()]) if valid.any() else expected
-    lengths = {shape[0] for op in trace.ops for shape in op.shapes if shape}
-    weighted = weight is not None and options.reduction == "mean"
-    return departure(trace, Exact(per_row, expected, valid, trace.rows, lengths, weighted), expected)
 
 
 FORMULA_GAP = 8.0  # ε (at max(|exact|, 1)) past which an error its float64 shadow shares is the formula's

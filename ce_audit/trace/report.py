@@ -84,6 +84,7 @@ def op_line(op: OpRecord) -> str:
     """One op of the trace as a line of the printout."""
     shapes = " ".join("×".join(map(str, shape)) or "0-d" for shape in op.shapes[:3])
     mark = op.born or ("row ±inf/NaN" if op.takes_row else "") or ("±inf made finite" if op.absorbs else "")
+    mark = mark or ("a whole row underflowed to 0" if op.zero_rows else "")
     flag = f" {op.nonfinite}" if op.nonfinite else ""
     return (
         f"{op.index:>4} {op.phase:<8} {op.name:<28} {op.dtype:<8} {op.line or '?':<32} "
