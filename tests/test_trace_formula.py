@@ -9,6 +9,7 @@ sweep: asking it here shows it finds nothing on a formula that is right).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -165,3 +166,24 @@ def test_paddle_clamp_is_named_where_it_moves_the_shift_and_megatron_keeps_its_l
         megatron = trace(f"bug_{stem}", wide, wide_targets, "float32", "loss,nonfinite", plugin=stem,
                          label_smoothing=0.1)  # fmt: skip
     assert megatron.nonfinite_origin.column() == f"aten.log {line_of(stem, MARKER)}"
+
+
+def test_explain_prints_the_departure_and_a_trace_leaves_torch_threads_as_they_were() -> None:
+    import torch
+
+    from ce_audit.trace.report import trace_lines
+
+    logits, targets = _te_rows()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with isolated():
+            found, origin = _departure("bug_te_ignored_mean", "te_ignored_mean", logits, targets, "float32",
+                                       reduction="mean")  # fmt: skip
+        assert torch.get_num_threads() == 2  # traced on one thread, then given back
+    finally:
+        torch.set_num_threads(threads)
+    cell = Cell(impl="bug_te_ignored_mean", dtype="float32", **KEY, status="inaccurate", grad_status="off")
+    lines = trace_lines(cell, replace(found, departure=origin))
+    assert f"error origin: aten.div at {line_of('te_ignored_mean', MARKER)} takes in" in "\n".join(lines)
+    assert not any("what the dtype allows" in line for line in lines)
