@@ -50,6 +50,7 @@ from ce_audit.reference.exact import (
     accurate_sum,
 )
 from ce_audit.reference.gradient import dw_gradient, rows_to_refine
+from ce_audit.reference.linear import linear_reference
 from ce_audit.reference.parts import (
     INF_SMOOTHING_NOTE,
     Softmax,
@@ -68,7 +69,12 @@ def _mean_note(options: LossOptions, n_rows: int, valid: np.ndarray, weighted_in
     return ZERO_WEIGHT_NOTE if weighted_index else EXPECTED_NAN_NOTE
 
 
-RECALLED_ELEMENTS = 1 << 21  # the last reference is kept for blocks of up to this many logits
+RECALLED_ELEMENTS = 1 << 21  # the last reference is kept for inputs of up to this many values
+
+
+def _small(logits: np.ndarray, weight: np.ndarray | None) -> bool:
+    """Whether inputs are small enough to be kept (linear_ce's ``weight`` is the whole classifier)."""
+    return logits.size + (0 if weight is None else weight.size) <= RECALLED_ELEMENTS
 
 
 def _raw(values: np.ndarray | None) -> np.ndarray | None:
@@ -92,7 +98,7 @@ class _LastReference:
     def recall(self, logits: np.ndarray, targets: np.ndarray, weight: np.ndarray | None,
                settings: tuple[Any, ...]) -> VariantReference | None:  # fmt: skip
         entry = self.entry
-        if entry is None or logits.size > RECALLED_ELEMENTS or entry[0] != settings:
+        if entry is None or not _small(logits, weight) or entry[0] != settings:
             return None
         shapes, *raw = self._key(logits, targets, weight)
         if shapes != entry[1]:
@@ -106,7 +112,7 @@ class _LastReference:
     def keep(self, logits: np.ndarray, targets: np.ndarray, weight: np.ndarray | None,
              settings: tuple[Any, ...], reference: VariantReference) -> None:  # fmt: skip
         self.entry = None  # the previous one released first
-        if logits.size <= RECALLED_ELEMENTS:
+        if _small(logits, weight):
             shapes, *raw = self._key(logits, targets, weight)
             copies = [None if a is None else a.copy() for a in raw]
             self.entry = (settings, shapes, *copies, reference)
@@ -127,6 +133,8 @@ def reference_loss(
 
     ``logits``: (N, V) in the audited dtype; ``targets``: (N,) class indices (ignore_index allowed), or
     (N, V) probabilities / binary targets in the audited dtype; ``weight``: (V,) in the audited dtype.
+    Linear cross-entropy (``options.family == "linear_ce"``): ``logits`` are the hidden states E (N, D) and
+    ``weight`` the classifier C (V, D), the case's per-class input (ce_audit.reference.linear).
     The last one is remembered (``_LastReference``): the same inputs again get the same object.
     """
     settings = (options, grad)
@@ -144,6 +152,8 @@ def _reference_loss(
     weight: np.ndarray | None,
     grad: bool,
 ) -> VariantReference:
+    if options.family == "linear_ce":
+        return linear_reference(logits, weight, targets, options, grad=grad)
     fmt = format_of_array(logits)
     if options.family == "binary":
         return binary_reference(logits, targets, options, weight=weight, grad=grad)

@@ -19,8 +19,8 @@ import numpy as np
 
 from ce_audit.backends import BlockCall
 from ce_audit.results import Cell
-from ce_audit.trace.explain import INTRODUCED
-from ce_audit.trace.records import Trace
+from ce_audit.trace.explain import GAIN, INTRODUCED
+from ce_audit.trace.records import Origin, Trace
 
 FLAGGED = ("inaccurate", "nonfinite")
 
@@ -158,7 +158,43 @@ def trace_cell(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, setti
         return None
     if not isinstance(found, Trace):
         return None
-    return replace(found, rows=tuple(rows))
+    found = replace(found, rows=tuple(rows))
+    if formula_suspected(cell, found):
+        found = replace(found, departure=formula_departure(found, logits, targets, cell, options, weight))
+    return found
+
+
+def formula_suspected(cell: Cell, trace: Trace) -> bool:
+    """Whether the loss is farther from the exact value than its float64 shadow explains: more than
+    ``FORMULA_GAP`` ε, and more than ``GAIN`` times the error the trace saw it carry (the shadow computes
+    the same formula: the difference is the formula's)."""
+    if not trace.traced or not trace.values or trace.nonfinite_origin is not None or cell.dtype == "float64":
+        return False
+    carried = 0.0 if math.isnan(trace.loss_error) else trace.loss_error
+    return cell.status == "inaccurate" and cell.loss_err > max(FORMULA_GAP, GAIN * carried)
+
+
+def formula_departure(trace: Trace, logits: np.ndarray, targets: np.ndarray, cell: Cell, options: Any,
+                      weight: np.ndarray | None) -> Origin | None:  # fmt: skip
+    """Where the traced formula leaves the exact values of these rows (ce_audit.trace.departure)."""
+    from ce_audit.reference.variants import reference_loss
+    from ce_audit.trace.departure import Exact, departure
+
+    try:
+        reference = reference_loss(logits, targets, options, weight=weight, grad=False)
+        per_row = np.asarray(reference.per_row, dtype=np.float64)
+        if per_row.shape != (logits.shape[0],):  # one loss per element (binary): not placed
+            return None
+        index = targets.ndim == 1 and targets.dtype.kind in "iu"
+        valid = targets != options.ignore_index if index else np.ones(logits.shape[0], dtype=bool)
+        expected = np.asarray(reference.loss, dtype=np.float64)
+        if options.reduction == "none" and cell.value_kind == "mean":  # a 0-d mean returned by choice
+            expected = np.array([per_row[valid].mean()]) if valid.any() else expected
+        lengths = {shape[0] for op in trace.ops for shape in op.shapes if shape}
+        weighted = weight is not None and options.reduction == "mean"
+        return departure(trace, Exact(per_row, expected, valid, trace.rows, lengths, weighted), expected)
+    except Exception:  # noqa: BLE001 - no departure where it cannot be looked for: the cell keeps its words
+        return None
 
 
 FORMULA_GAP = 8.0  # ε (at max(|exact|, 1)) past which an error its float64 shadow shares is the formula's
@@ -177,7 +213,7 @@ def with_origins(cell: Cell, trace: Trace | None) -> Cell:
         return cell
     nonfinite = "nonfinite" in (cell.status, cell.grad_status)
     origin = trace.nonfinite_origin if nonfinite else None
-    error = trace.error_origin
+    error = trace.error_origin  # a formula's departure first, where one was found
     if origin is not None:
         words = origin.text()
     elif error is not None:

@@ -7,6 +7,7 @@ two summary.csv columns, ``nonfinite_origin`` and ``error_origin``: ``"<op> <fil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Error sizes are in ULPs (u ≤ ½ for a correctly rounded value): of the op's own dtype for ``local``, of
 # the audited dtype for ``carried`` (relative to each row's largest magnitude).
@@ -40,6 +41,7 @@ class OpRecord:
     takes_row: bool = False  # a row of its output is non-finite throughout, none of its inputs' was
     absorbs: bool = False  # it turned ±inf input entries into finite nonzero ones (a mask undone)
     masks: bool = False  # it put ±inf where a same-shaped input held finite values (a mask applied)
+    zero_rows: bool = False  # an exp that made a whole row 0 from finite inputs (every term underflowed)
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,21 @@ class Trace:
     traced: bool = True
     note: str = ""
     candidates: tuple[int, ...] = field(default=())  # indices of ops that introduced error
+    # per op: the ops that made its floating inputs (-1: an input of the call), for the walk by value
+    feeds: tuple[tuple[int, ...], ...] = field(default=(), compare=False)
+    # forward ops with at most one value per traced row: their float64 shadows' values (trace.departure)
+    values: dict[int, Any] = field(default_factory=dict, compare=False)
+    loss_op: int = -1  # the op that made the returned loss
+    departure: Origin | None = None  # where the formula leaves the exact quantities (a term, a denominator)
 
     @property
     def error_origin(self) -> Origin | None:
-        return self.error_origins[0] if self.error_origins else None
+        return self.departure or (self.error_origins[0] if self.error_origins else None)
 
     @property
     def allowed(self) -> bool:
-        return self.traced and not self.error_origins and self.nonfinite_origin is None
+        found = self.error_origins or self.nonfinite_origin is not None or self.departure is not None
+        return self.traced and not found
 
     def columns(self) -> dict[str, str]:
         """The two summary.csv columns."""

@@ -55,6 +55,8 @@ def explain_cell(directory: str | Path, row: int | None = None, plugins: tuple[s
     cell = pick_cell(list(read_cells(summary).cells), row, selectors)
     if cell.distribution == "replay":
         raise AuditError("explain traces a sweep's cells (a replay's rows are in its files: replay them)")
+    if cell.options.family == "linear_ce":
+        raise AuditError("explain traces cells whose inputs are logits; linear_ce cells are not traced")
     report = summary.with_name("report.json")
     config = load_config()
     if report.is_file():
@@ -84,6 +86,7 @@ def op_line(op: OpRecord) -> str:
     """One op of the trace as a line of the printout."""
     shapes = " ".join("×".join(map(str, shape)) or "0-d" for shape in op.shapes[:3])
     mark = op.born or ("row ±inf/NaN" if op.takes_row else "") or ("±inf made finite" if op.absorbs else "")
+    mark = mark or ("a whole row underflowed to 0" if op.zero_rows else "")
     flag = f" {op.nonfinite}" if op.nonfinite else ""
     return (
         f"{op.index:>4} {op.phase:<8} {op.name:<28} {op.dtype:<8} {op.line or '?':<32} "
@@ -114,8 +117,12 @@ def trace_lines(cell: Cell, trace: Trace | None) -> list[str]:
     )
     origin = trace.nonfinite_origin
     lines.append(f"non-finite origin: {origin.text() if origin else 'none'}")
+    if trace.departure is not None:  # where the formula leaves the exact values (ce_audit.trace.departure)
+        lines.append(f"error origin: {trace.departure.text()}")
     if trace.error_origins:
         lines += [f"error origin: {found.text()}" for found in trace.error_origins]
+    elif trace.departure is not None:
+        pass
     elif origin is not None:
         lines.append("error origin: none found (the result is non-finite)")
     elif trace.traced and trace.ops and cell.dtype != "float64":

@@ -10,14 +10,17 @@ traced.
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from ce_audit.trace.explain import error_origins, nonfinite_origin
 from ce_audit.trace.records import Origin, Trace
+from ce_audit.trace.shift import shifted_origin
 from ce_audit.trace.source_line import BOUNDARY, user_line
 
 _NUMPY_FUNCTION = re.compile(r"\b(?:np|numpy)\.(\w+)\s*\(")
@@ -36,6 +39,22 @@ def _implementation_call(impl: Any, logits: Any, targets: Any, call: Any, *weigh
 
 
 BOUNDARY.add(_implementation_call.__code__)
+
+
+@contextlib.contextmanager
+def one_thread(torch: Any) -> Iterator[None]:
+    """Torch on one thread while a few rows are traced: an op on one or two rows costs microseconds, and
+    waking a second thread for it costs a millisecond or more (ten on a loaded machine), for every op
+    and its float64 shadow."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def trace_call(backend: Any, impl: Any, call: Any) -> Trace:
@@ -73,7 +92,7 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
     parts = call.trace.split(",")
     every, shadow = "every-op" in parts, "nonfinite" not in parts
     tracer = TorchTracer(call.fmt.name, len(rows), every_local=every, shadow=shadow)
-    with tracer:
+    with one_thread(torch), tracer:
         tracer.phase = "forward"
         try:
             with torch.set_grad_enabled(call.want_grad):
@@ -107,6 +126,8 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
         if not finite:
             broken.append(producer)
     origin = nonfinite_origin(tracer.ops, tracer.inputs, broken) if broken else None
+    feeds = tuple(tuple(producer for producer, _, _ in op_inputs) for op_inputs in tracer.inputs)
+    origin = shifted_origin(tracer.ops, feeds, tracer.input_ids, tracer.small, origin) or origin
     shadowed = shadow and call.fmt.name != "float64"  # float64 has no wider shadow here
     found = error_origins(tracer.ops, tracer.inputs, finals) if shadowed else ()
     if found:  # their local error, for the words (re-run only now: the sweep's cost)
@@ -115,6 +136,7 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
     return Trace(
         impl.name, call.fmt.name, rows, tuple(tracer.ops), origin, found, errors[0], errors[1],
         note="" if shadowed else "float64: non-finite origin only (no wider shadow)",
+        feeds=feeds, values=tracer.small_shadows if shadowed else {}, loss_op=tracer.producer_of(losses),
     )  # fmt: skip
 
 

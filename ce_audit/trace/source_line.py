@@ -35,17 +35,30 @@ def user_line(prefixes: list[str], depth: int = 1) -> str:
     is found before the tracer's entry); "" when there is none."""
     frame = sys._getframe(depth)
     builtin = ""
+    kinds = _KINDS.setdefault(tuple(prefixes), {})
     while frame is not None:
         code = frame.f_code
         if code in BOUNDARY:
             break
-        name = code.co_filename
-        if name.startswith("<") or name in _SKIPPED:
-            pass
-        elif any(name.startswith(prefix) for prefix in prefixes):
-            if not builtin and name.startswith(_BUILTINS):
-                builtin = f"{os.path.basename(name)}:{frame.f_lineno}"
-        else:
-            return f"{os.path.basename(name)}:{frame.f_lineno}"
+        kind = kinds.get(code.co_filename)
+        if kind is None:
+            kind = kinds[code.co_filename] = _kind(code.co_filename, prefixes)
+        if kind == "user":
+            return f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
+        if kind == "builtin" and not builtin:
+            builtin = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
         frame = frame.f_back
     return builtin
+
+
+_KINDS: dict[tuple[str, ...], dict[str, str]] = {}  # prefixes → file name → its kind (``_kind``)
+
+
+def _kind(name: str, prefixes: list[str]) -> str:
+    """"skip" (generated code, contextlib, torch, ce-audit), "builtin" (a built-in implementation's file) or
+    "user"."""
+    if name.startswith("<") or name in _SKIPPED:
+        return "skip"
+    if any(name.startswith(prefix) for prefix in prefixes):
+        return "builtin" if name.startswith(_BUILTINS) else "skip"
+    return "user"

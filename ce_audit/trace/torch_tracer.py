@@ -34,6 +34,12 @@ from ce_audit.trace.records import OpRecord
 from ce_audit.trace.source_line import BUILTIN_FILES, METADATA_KEY, excluded_prefixes, user_line
 
 _FLOATS = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+# ops whose output holds their one input's values, row for row (where the leading size is kept): its
+# non-finite kind and carried error are the input's, without copying the values to compare them
+SAME_VALUES = frozenset(
+    {"detach", "alias", "view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "expand",
+     "clone", "contiguous", "lift_fresh"}
+)  # fmt: skip
 _FLOATS[torch.float64] = "float64"
 
 
@@ -120,6 +126,14 @@ def flat(value: Any) -> list[Any]:
     return out
 
 
+def _zero_rows(name: str, inputs: list[torch.Tensor], out: np.ndarray, rows: int) -> bool:
+    """Whether an exp made a whole row 0 from finite inputs: every term of the row underflowed."""
+    if name not in ("exp", "exp2") or not out.size or len(inputs) != 1:
+        return False
+    zero = (_by_rows(out, rows) == 0).all(axis=1)
+    return bool(zero.any()) and bool(torch.isfinite(inputs[0]).all())
+
+
 def _absorbs(inputs: list[np.ndarray], out: np.ndarray) -> bool:
     """Whether an elementwise op of one tensor made finite nonzero values of its ±inf entries (tanh(−inf)
     = −1, a clamp): a mask or padding that counts again. (exp(−inf) = 0 keeps the mask; max(m, −inf) of
@@ -199,6 +213,10 @@ class TorchTracer:
         self.shadowing = shadow  # False: no float64 twins (only the non-finite origin is wanted)
         self._later: dict[int, tuple[Any, ...]] = {}
         self._facts: dict[int, tuple[int, str, float]] = {}  # tensor id → (version, kind, carried)
+        self.input_ids: list[tuple[int, ...]] = []  # per op: the tensor ids of its floating inputs
+        # forward ops with at most one value per traced row: their values and their shadows' (float64)
+        self.small: dict[int, np.ndarray] = {}
+        self.small_shadows: dict[int, np.ndarray] = {}
         self._modes = (_Tagging(self), _Recording(self))
 
     def __enter__(self) -> TorchTracer:
@@ -284,6 +302,7 @@ class TorchTracer:
         known = [self.facts(t) for t in float_in]
         pairs = zip(float_in, known, strict=True)
         inputs = [(self.producer_of(t), kind, carried) for t, (kind, carried, _) in pairs]
+        input_ids = tuple(self.tensor_id(t) for t in float_in)
         carried_in = max((carried for _, _, carried in inputs), default=0.0)
         in_nan = any(kind == "nan" for _, kind, _ in inputs)
         in_nonfinite = any(kind for _, kind, _ in inputs)
@@ -311,11 +330,21 @@ class TorchTracer:
                 self.shadows[key] = twin
             elif self.shadowing:
                 self.shadows[key] = tensor.detach().to(torch.float64, copy=True)
-            values, dtype = as_numpy(tensor), _FLOATS.get(tensor.dtype, str(tensor.dtype))
-            kind = kind_of(values) if fresh else ""
-            carried = 0.0
-            if self.shadowing:
-                carried = carried_ulps(values, as_numpy(self.shadows[key]), self.rows, self.eps)
+            dtype = _FLOATS.get(tensor.dtype, str(tensor.dtype))
+            same = fresh and self.shadowing and name in SAME_VALUES and len(float_in) == 1 and not mutable
+            same = same and tuple(tensor.shape[:1]) == tuple(float_in[0].shape[:1])
+            if same:  # the input's values, row by row: its kind and carried error (no copy to compare)
+                kind, carried = known[0][0], known[0][1]
+                small = tensor.numel() <= max(self.rows, 1)
+                values = as_numpy(tensor) if small else None
+                twin_values = as_numpy(self.shadows[key]) if small else None
+            else:
+                values = as_numpy(tensor)
+                kind = kind_of(values) if fresh else ""
+                carried, twin_values = 0.0, None
+                if self.shadowing:
+                    twin_values = as_numpy(self.shadows[key])
+                    carried = carried_ulps(values, twin_values, self.rows, self.eps)
             self._facts[key] = (tensor._version, kind, carried)
             local = math.nan
             again = rerun_flat[position] if len(rerun_flat) == len(flat_out) else None
@@ -328,17 +357,25 @@ class TorchTracer:
             if name in REDUCTIONS and float_in and tensor.numel():
                 terms = max(float_in[0].numel() // tensor.numel(), 1)
             line = line or self._line()
+            changes, rows, in_whole = not same, self.rows, in_whole_row  # (kept values change no kind)
+            lone_nonfinite = fresh and len(nonfinite_in) == len(float_in) == 1
             record = OpRecord(
                 index=len(self.ops), name=f"aten.{name}", dtype=dtype,
                 shapes=tuple(tuple(t.shape) for t in flat_in), line=line, phase=self.phase,
                 local=local, carried=carried, carried_in=carried_in, nonfinite=kind, born=born, terms=terms,
-                takes_row=bool(kind and float_in) and not in_whole_row and _whole_row(values, self.rows),
-                absorbs=fresh and len(nonfinite_in) == len(float_in) == 1 and _absorbs(nonfinite_in, values),
-                masks=bool(kind) and name in MASKING and _masks(float_in, values),
+                takes_row=changes and bool(kind and float_in) and not in_whole and _whole_row(values, rows),
+                absorbs=changes and lone_nonfinite and _absorbs(nonfinite_in, values),
+                masks=changes and bool(kind) and name in MASKING and _masks(float_in, values),
+                zero_rows=changes and _zero_rows(name, float_in, values, self.rows),
             )  # fmt: skip
             self.producer[key] = record.index
             self.ops.append(record)
             self.inputs.append(inputs)
+            self.input_ids.append(input_ids)
+            if self.phase == "forward" and fresh and values is not None and values.size <= max(self.rows, 1):
+                self.small[record.index] = values
+                if twin_values is not None:
+                    self.small_shadows[record.index] = twin_values
             if rerunnable and not self.every_local:  # re-run later, if this op is named
                 versions = tuple(t._version for t in float_in)
                 self._later[record.index] = (func, args, kwargs, name, float_in, versions, position, values)
