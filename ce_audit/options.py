@@ -44,6 +44,7 @@ TARGET_POSITIONS = ("random", "first", "last", "block-edge")
 BLOCK_EDGES = (32768, 65536)
 DEFAULT_IGNORE_INDEX = -100
 FAMILIES = ("ce", "focal", "binary")
+UPSTREAMS = ("ones", "random")  # the upstream gradient a result is differentiated with (ce_audit.upstream)
 
 EXPECTED_NAN_NOTE = "expected NaN (PyTorch semantics: empty/fully-ignored mean)"
 ZERO_WEIGHT_NOTE = "expected NaN (PyTorch semantics: mean over zero total class weight)"
@@ -215,6 +216,11 @@ class LossOptions:
     focal_alpha: float = option(
         1.0, "float", "Focal loss α (default 1).", "focal_alpha", grid=False,
         check=_focal_alpha_check, active=lambda o: o.focal_gamma is not None, keyword="focal_alpha",
+    )
+    upstream: str = option(
+        "ones", "str", "Upstream gradient: ones, or random (seeded, per row).", "upstreams",
+        choices=UPSTREAMS, label=lambda v: f"up={v}" if v != "ones" else "", label_order=13,
+        legend=("up=",), meaning="up= upstream gradient (cotangent) of the backward",
     )  # fmt: skip
 
     @property
