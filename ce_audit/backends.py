@@ -330,10 +330,7 @@ class JaxBackend(Backend):
             return impl(z, target_array, call.settings, call.options, weight)
 
         grad, grad_error = None, None
-        if call.want_grad:
-            losses, pullback = jax.vjp(loss, logits)
-        else:
-            losses = loss(logits)
+        losses, pullback = jax.vjp(loss, logits) if call.want_grad else (loss(logits), None)
         if isinstance(losses, (float, np.floating)) and not impl.builtin and not call.want_grad:
             losses = jax.numpy.asarray(losses)  # a Python or NumPy scalar (no gradient to take from it)
         if not isinstance(losses, jax.Array):
@@ -343,7 +340,8 @@ class JaxBackend(Backend):
         value = np.asarray(losses).astype(np.float64)
         if call.want_grad:
             try:
-                (pulled,) = pullback(jax.numpy.asarray(cotangent(call.upstream, losses.shape), losses.dtype))
+                seed = cotangent(call.upstream, losses.shape)  # ones, or the call's (ce_audit.upstream)
+                (pulled,) = pullback(jax.numpy.asarray(seed, losses.dtype))
                 grad = np.asarray(pulled).astype(np.float64)
             except Exception as error:  # noqa: BLE001 - a failing gradient is recorded, not raised
                 grad_error = first_line(error)
@@ -361,7 +359,7 @@ class TritonBackend(TorchBackend):
 
     name = "triton"
 
-    tracer = ""  # a kernel is one opaque call to PyTorch's dispatcher; tracing would change torch.compile state
+    tracer = ""  # a kernel is opaque to PyTorch's dispatcher; tracing would change torch.compile state
 
     def __init__(self) -> None:
         super().__init__()

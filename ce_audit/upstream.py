@@ -40,7 +40,8 @@ def _row_values(case: Any, rows: np.ndarray) -> np.ndarray:
     values = np.empty(rows.shape[0], dtype=np.float64)
     chunks = rows // case.chunk_rows
     for chunk in np.unique(chunks):
-        drawn = UPSTREAM_VALUES[_generator(case, 1, int(chunk)).integers(0, UPSTREAM_VALUES.size, case.chunk_rows)]
+        picks = _generator(case, 1, int(chunk)).integers(0, UPSTREAM_VALUES.size, case.chunk_rows)
+        drawn = UPSTREAM_VALUES[picks]
         inside = chunks == chunk
         values[inside] = drawn[rows[inside] % case.chunk_rows]
     return values

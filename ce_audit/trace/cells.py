@@ -145,8 +145,9 @@ def trace_cell(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, setti
         parts = parts or flagged_parts(cell)
         upstream = draw_upstream(source.case, 0, np.asarray(rows)) if grad else None  # the audit's cotangent
         call = BlockCall(
-            logits, targets, fmt, cell.device, settings, grad, options, weight, (), trace=parts, upstream=upstream
-        )
+            logits, targets, fmt, cell.device, settings, grad, options, weight, (), trace=parts,
+            upstream=upstream,
+        )  # fmt: skip
         found = run_implementation(impl, call)
     except Exception:  # noqa: BLE001 - a trace that fails leaves the cell as measured
         return None
