@@ -148,3 +148,18 @@ def test_the_same_seed_gives_the_same_numbers_with_two_jobs(tmp_path) -> None:
     header, *lines = summaries[0].decode().splitlines()
     column = header.split(",").index("upstream")
     assert lines and all(line.split(",")[column] == "random" for line in lines)
+
+
+def test_the_default_sweep_flags_a_misread_grad_output_in_its_upstream_grid() -> None:
+    (grid,) = [grid for grid in load_config().expanded() if "random" in grid.values("upstream")]
+    assert grid.values("reduction") == ("none",)  # per-row cotangents: grad_output[0] is not grad_output
+    config = grid.updated(
+        impls=(*MISREAD, FIX), plugins=(str(PLUGINS / "upstream_plugins.py"),), devices=("cpu",), trace="none"
+    )
+    with isolated():
+        cells = AuditedCells(tuple(run_sweep(config).cells))
+    for impl in MISREAD:
+        misread = cells.where(impl=impl)
+        assert misread and all(cell.grad_status == "inaccurate" and cell.flag == "worse" for cell in misread)
+    fixed = cells.where(impl=FIX)
+    assert fixed and all(cell.grad_status == "ok" and cell.flag != "worse" for cell in fixed)
