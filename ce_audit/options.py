@@ -25,7 +25,8 @@ Beyond F.cross_entropy, as LLM training code writes them:
   loss = y · softplus(−z) + (1 − y) · softplus(z) (= softplus(z) − y·z), times w of its column;
   ``mean`` divides by the number of elements (F.binary_cross_entropy[_with_logits]).
 
-``mask_fraction`` (−inf logits) is a property of the input every implementation sees, not an option an
+``mask_fraction`` (−inf logits) is a property of the input every implementation sees, and ``upstream`` the
+cotangent its backward gets (ones, or seeded random values: ce_audit.upstream), not options an
 implementation has to support; the others are, and an implementation declares the ones it does.
 """
 
