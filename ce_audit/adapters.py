@@ -181,8 +181,12 @@ class Adapter:
         """Row blocks handed to this implementation must be a multiple of this many rows."""
         return self.sequence or 1
 
-    def call(self, function: Callable[..., Any], logits: Any, targets: Any, keywords: dict[str, Any]) -> Any:
-        """Call ``function`` on an (N, V) block; the result as (N,) values or a 0-d value."""
+    def call(
+        self, function: Callable[..., Any], logits: Any, targets: Any, keywords: dict[str, Any],
+        classifier: Any = None,
+    ) -> Any:
+        """Call ``function`` on an (N, V) block; the result as (N,) values or a 0-d value. With a
+        ``classifier`` (linear_ce), ``logits`` are the hidden states and the inputs are (E, C, targets)."""
         n_rows = logits.shape[0]
         keywords = {**self.kwargs, **keywords}
         ignore = keywords.get("ignore_index", self.ignore_index)
@@ -200,6 +204,8 @@ class Adapter:
             loss = function(**constructor)
             keywords = {k: v for k, v in keywords.items() if k == self.count_keyword}
         arguments = (targets, logits) if self.inputs == "targets-logits" else (logits, targets)
+        if classifier is not None:
+            arguments = (logits, classifier, targets)
         arguments += tuple(keywords.pop(name, None) for name in self.positional)
         result = self._pick(loss(*arguments, **keywords))
         return self._shape(result, n_rows, reduced=reduced)

@@ -37,6 +37,7 @@ Target = str | Callable[..., Any]
 # the loss options that make a sweep audit each family, where check() is not given them
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
     "binary": {"loss": "binary"},
+    "linear_ce": {"loss": "linear_ce"},
     "focal": {"focal_gamma": [0.0, 0.5, 2.0]},  # γ = 0 (plain CE's gradient), below 1, the common 2
 }
 
@@ -105,8 +106,9 @@ def check(
     call, with ``backend``, ``supports`` (the options it takes, as in ``ce_audit.register``) and
     ``adapter``: the adapter settings of ``ce_audit.register`` by name (``{"returns": "mean",
     "sequence": 128, "shifted": True, "kwargs": {...}}``; ce_audit.adapters.ADAPTER_KEYS), and ``family``
-    (``"ce"``, ``"binary"`` or ``"focal"``, as in ``ce_audit.register``): a binary or focal function is
-    audited with ``loss="binary"``, or with ``focal_gamma=[0, 0.5, 2]``, unless those options are given
+    (``"ce"``, ``"binary"``, ``"focal"`` or ``"linear_ce"``, as in ``ce_audit.register``): a binary, focal or
+    linear function is audited with ``loss="binary"``, ``focal_gamma=[0, 0.5, 2]`` or ``loss="linear_ce"``
+    (``fn(hidden, classifier, targets)``), unless those options are given
     (``FAMILY_OPTIONS``). A failing cell's
     line names the cell and its worst row (the first non-finite one, else the largest ULP error).
     ``options``: loss options by their names in the option table (``reduction="mean"``,

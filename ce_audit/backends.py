@@ -3,9 +3,8 @@
 A backend knows how to move a quantized block to a device, call an implementation on it, take the
 gradient, check what came back, and which devices it runs on. Nothing else branches on a backend's
 name: the engine asks ``get_backend(impl.backend)``. A framework is imported only when its backend is
-first used, so listing implementations or a NumPy-only sweep never imports torch.
-
-To add a backend: a subclass of ``Backend`` here, and its name in ``BACKEND_CLASSES``.
+first used, so listing implementations or a NumPy-only sweep never imports torch. To add a backend: a
+subclass of ``Backend`` here, and its name in ``BACKEND_CLASSES``.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ class BlockCall:
     settings: dict[str, Any]
     want_grad: bool
     options: LossOptions  # the implementation receives them as keyword arguments (options.call_keywords)
-    weight: np.ndarray | None  # per-class weights in the audited dtype
+    weight: np.ndarray | None  # per-class weights in the audited dtype (linear_ce: the classifier C (V, D))
     shape: tuple[int, ...]  # what a per-row (or per-element) result must be shaped like
     # "loss", "grad" or "loss,grad": trace the call instead and explain those results (``run_call`` returns a
     # ce_audit.trace Trace; "every-op" added: every op's local error, not only the named ones'); "": a call
@@ -99,6 +98,7 @@ class Backend:
     name: ClassVar[str]
     takes_gradients: ClassVar[bool] = False  # False: the gradient status is "n/a"
     uses_accelerators: ClassVar[bool] = False  # True: "auto" devices include the first accelerator
+    runs_linear_ce: ClassVar[bool] = False  # calls linear_ce as fn(E, C, targets), differentiates E and C
 
     @classmethod
     def skip_reason(cls, fmt: FloatFormat, device: str) -> str | None:
@@ -144,8 +144,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     tracer = "torch"
-    takes_gradients = True
-    uses_accelerators = True
+    takes_gradients = uses_accelerators = runs_linear_ce = True
 
     def __init__(self) -> None:
         import torch
@@ -198,7 +197,10 @@ class TorchBackend(Backend):
         else:
             target_tensor = torch.from_numpy(targets).to(device=device, copy=True)
         weight_tensor = None if weight is None else self.tensor(weight, fmt, device)
-        logits.requires_grad_(want_grad)
+        linear = call.options.family == "linear_ce"  # E, C: the gradient is (N + V, D), ∂L/∂E then ∂L/∂C
+        leaves = {"hidden states": logits, "classifier": weight_tensor} if linear else {"logits": logits}
+        for leaf in leaves.values():
+            leaf.requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
             losses = impl(logits, target_tensor, settings, call.options, weight_tensor)
         if isinstance(losses, (float, np.floating)) and not impl.builtin:  # a Python or NumPy scalar
@@ -221,14 +223,16 @@ class TorchBackend(Backend):
                     losses.sum().backward()
                 else:  # the call's cotangent (ce_audit.upstream), in the result's dtype
                     losses.backward(torch.from_numpy(cotangent(call.upstream, losses.shape)).to(losses))
-                if logits.grad is None:
-                    raise RuntimeError("no gradient reached the logits")
-                grad = logits.grad.detach().to("cpu", torch.float64, copy=True).numpy()
+                for name in (name for name, leaf in leaves.items() if leaf.grad is None):  # the first one
+                    raise RuntimeError(f"no gradient reached the {name}")
+                grad = np.concatenate([t.grad.detach().cpu().double().numpy() for t in leaves.values()])
             except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
                 grad_error = first_line(error)
         # Checked after backward too: fused kernels may store the gradient in the logits buffer.
         wrote = tuple(logits.shape) != block.shape or not same_bytes(self._bytes(logits), raw_bytes(block))
         wrote = wrote or not same_bytes(self._bytes(target_tensor), raw_bytes(targets))
+        if linear:
+            wrote = wrote or not same_bytes(self._bytes(weight_tensor), raw_bytes(weight))
         return Outcome(value, grad, grad_error, wrote, mean, value_dtype)
 
 
@@ -272,8 +276,7 @@ class JaxBackend(Backend):
     """
 
     name = "jax"
-    takes_gradients = True
-    uses_accelerators = True
+    takes_gradients = uses_accelerators = True
 
     def __init__(self) -> None:
         import jax
@@ -358,7 +361,6 @@ class TritonBackend(TorchBackend):
     self-tests (ce_audit.triton_interpreter, ce_audit.triton_selftest). Interpreter cells say so."""
 
     name = "triton"
-
     tracer = ""  # a kernel is opaque to PyTorch's dispatcher; tracing would change torch.compile state
 
     def __init__(self) -> None:

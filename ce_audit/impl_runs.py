@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_audit.backends import BlockCall, Outcome, backend_skip_reason
+from ce_audit.backends import BlockCall, Outcome, backend_class, backend_skip_reason
 from ce_audit.dtypes import FloatFormat
 from ce_audit.implementations import REGISTRY, Implementation
 from ce_audit.options import LossOptions, skip_reason
@@ -26,6 +26,8 @@ def skip_reason_of(impl: Implementation, fmt: FloatFormat, device: str, options:
     """Why ``impl`` cannot run in ``fmt`` on ``device`` with ``options`` (None: it can)."""
     if fmt.name not in impl.dtypes:
         return f"{impl.name} does not support {fmt.name}"
+    if options.family == "linear_ce" and not backend_class(impl.backend).runs_linear_ce:
+        return f"the {impl.backend} backend does not run linear_ce (torch and triton do)"
     return backend_skip_reason(impl.backend, fmt, device) or skip_reason(
         impl.name, impl.family, impl.supports, options
     )

@@ -24,6 +24,9 @@ Beyond F.cross_entropy, as LLM training code writes them:
 * binary cross-entropy (``loss = "binary"``): each logit is its own binary problem,
   loss = y · softplus(−z) + (1 − y) · softplus(z) (= softplus(z) − y·z), times w of its column;
   ``mean`` divides by the number of elements (F.binary_cross_entropy[_with_logits]).
+* linear cross-entropy (``loss = "linear_ce"``): the inputs are hidden states E (N, D) and a classifier
+  C (V, D), the loss is cross-entropy of the logits z = E·Cᵀ (fused kernels: Liger, cut-cross-entropy);
+  audited with ``reduction`` alone (ce_audit.reference.linear).
 
 ``mask_fraction`` (−inf logits) is a property of the input every implementation sees, and ``upstream`` the
 cotangent its backward gets (ones, or seeded random values: ce_audit.upstream), not options an
@@ -37,14 +40,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-LOSSES = ("ce", "binary")
+LOSSES = ("ce", "binary", "linear_ce")
 REDUCTIONS = ("none", "mean", "sum")
 WEIGHTS = ("none", "random", "zero-on-target")
 TARGETS = ("index", "probs")
 TARGET_POSITIONS = ("random", "first", "last", "block-edge")
 BLOCK_EDGES = (32768, 65536)
 DEFAULT_IGNORE_INDEX = -100
-FAMILIES = ("ce", "focal", "binary")
+FAMILIES = ("ce", "focal", "binary", "linear_ce")
+FAMILY_WORDS = {
+    "ce": "cross-entropy", "focal": "focal loss", "binary": "binary cross-entropy",
+    "linear_ce": "linear cross-entropy",
+}  # fmt: skip
 UPSTREAMS = ("ones", "random")  # the upstream gradient a result is differentiated with (ce_audit.upstream)
 
 EXPECTED_NAN_NOTE = "expected NaN (PyTorch semantics: empty/fully-ignored mean)"
@@ -132,6 +139,15 @@ def _focal_gamma_check(value: Any) -> str | None:
     return f"focal gamma must be a finite number ≥ 0, got {value!r}"
 
 
+def _hidden_check(value: Any) -> str | None:
+    return None if 0 <= value <= 1 << 20 else f"hidden sizes must lie in 0 … 1048576, got {value!r}"
+
+
+def _classifier_scale_check(value: Any) -> str | None:
+    ok = math.isfinite(value) and value > 0
+    return None if ok else f"classifier scales must be finite numbers > 0, got {value!r}"
+
+
 def _focal_alpha_check(value: Any) -> str | None:
     return (
         None
@@ -153,7 +169,8 @@ class LossOptions:
     """
 
     loss: str = option(
-        "ce", "str", "ce or binary (binary cross-entropy).", "losses", choices=LOSSES,
+        "ce", "str", "ce, binary (binary cross-entropy) or linear_ce (hidden states × classifier).", "losses",
+        choices=LOSSES,
         label=lambda v: v if v != "ce" else "", label_order=0, replay=False,
     )
     reduction: str = option(
@@ -220,15 +237,15 @@ class LossOptions:
     )
     upstream: str = option(
         "ones", "str", "Upstream gradient: ones, or random (seeded, per row).", "upstreams",
-        choices=UPSTREAMS, label=lambda v: f"up={v}" if v != "ones" else "", label_order=13,
+        choices=UPSTREAMS, label=lambda v: f"up={v}" if v != "ones" else "", label_order=15,
         legend=("up=",), meaning="up= upstream gradient (cotangent) of the backward",
     )  # fmt: skip
 
     @property
     def family(self) -> str:
-        """Which implementations compute this loss: ``ce``, ``focal`` or ``binary``."""
-        if self.loss == "binary":
-            return "binary"
+        """Which implementations compute this loss: ``ce``, ``focal``, ``binary`` or ``linear_ce``."""
+        if self.loss in ("binary", "linear_ce"):
+            return self.loss
         return "focal" if self.focal_gamma is not None else "ce"
 
     @property
@@ -243,6 +260,12 @@ class LossOptions:
 
     def invalid_reason(self) -> str | None:
         """Why no loss is defined for this combination (every cell is then skipped), or None."""
+        if self.family == "linear_ce":
+            if self.required() - {"reduction"} or self.mask_fraction > 0 or self.focal_gamma is not None:
+                return "linear cross-entropy is audited with a reduction alone (no other loss option)"
+            if self.upstream != "ones":  # its gradients w.r.t. E and C are not scaled row by row
+                return "linear cross-entropy is audited with an upstream gradient of ones"
+            return None
         if self.family == "binary":
             extra = [
                 name
@@ -294,6 +317,17 @@ INPUT_SPECS: tuple[OptionSpec, ...] = (
         "target_position", "str", "random", "random, first, last or block-edge.", "target_positions",
         choices=TARGET_POSITIONS, label=lambda v: f"y={v}" if v != "random" else "", label_order=12,
         legend=("y=",), meaning="y= target position", replay=False, owned=False,
+    ),
+    OptionSpec(
+        "hidden_size", "int", 0, "Hidden size D of linear_ce's E (N, D) and C (V, D); 0 = the default 64.",
+        "hidden_sizes", check=_hidden_check, label=lambda v: f"hidden size {v}" if v else "", label_order=13,
+        replay=False, owned=False,
+    ),
+    OptionSpec(
+        "classifier_scale", "float", 1.0,
+        "linear_ce: C = classifier_scale · N(0, 1) / √D (E = offset + scale · base).", "classifier_scales",
+        check=_classifier_scale_check, label=lambda v: f"classifier×{v:g}" if v != 1 else "", label_order=14,
+        replay=False, owned=False,
     ),
 )  # fmt: skip
 INPUTS_AFTER = "mask_fraction"  # where the input dimensions stand among the option columns
@@ -359,8 +393,7 @@ def label_meanings() -> dict[str, str]:
 def skip_reason(name: str, family: str, supports: frozenset[str], options: LossOptions) -> str | None:
     """Why an implementation cannot be audited with ``options`` (None: it can)."""
     if family != options.family:
-        what = {"ce": "cross-entropy", "focal": "focal loss", "binary": "binary cross-entropy"}
-        return f"{name} computes {what.get(family, family)}, not {what[options.family]}"
+        return f"{name} computes {FAMILY_WORDS.get(family, family)}, not {FAMILY_WORDS[options.family]}"
     missing = sorted(options.required() - supports)
     if missing:
         return f"{name} does not support {', '.join(missing)}"

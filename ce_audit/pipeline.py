@@ -154,11 +154,13 @@ class DtypeAudit:
         """Compute the block's reference (and the floor: the error of the exact values rounded once), then
         call every pending implementation on it."""
         fmt, grad = self.fmt, self.grad
-        if block.size:
+        options, weight = self.source.options, self.weight
+        if block.size and options.family != "linear_ce":
             with np.errstate(invalid="ignore"):
                 self.max_logit = max(self.max_logit, float(np.nanmax(block)))  # in the block's dtype: no copy
-        options, weight = self.source.options, self.weight
         reference = block_reference(block, targets, options, weight=weight, grad=grad, device=self.on_device)
+        if not np.isnan(reference.max_logit):  # linear_ce: the block holds hidden states, not logits
+            self.max_logit = max(self.max_logit, reference.max_logit)
         upstream = draw_upstream(self.source.case, first_row, block.shape[0]) if grad else None
         if upstream is not None:  # the gradient audited is c · ∂loss/∂z (ce_audit.upstream)
             reference = upstream.scaled(reference, reduced=options.reduction != "none")
@@ -170,7 +172,9 @@ class DtypeAudit:
         floor = None
         if any(run.tally.status is None for run in self.runs):
             exact_grad = reference.grad if grad else None
-            floor = floor_row_errors(reference.loss, exact_grad, fmt, full.gradient_unit())
+            floor = floor_row_errors(
+                reference.loss, exact_grad, fmt, full.gradient_unit(), reference.classifier_rows
+            )
             self.floor_loss = max(self.floor_loss, floor_ulp_error(reference.loss, fmt))
             if grad and reference.grad is not None:
                 self.floor_grad = max(self.floor_grad, floor.grad_norm_rel)
@@ -254,7 +258,8 @@ class DtypeAudit:
             view.gradient_unit(),
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
-        if run.tally.grad.failures > failures and not reduced and tracing_on():  # a gradient row fails
+        failed = run.tally.grad.failures > failures and not reduced and not reference.classifier_rows
+        if failed and tracing_on():  # a gradient row fails (linear_ce's are not traced)
             run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, first_row + index)
         if run.worst is not None:
             badness = row_badness(errors, outcome.grad)
@@ -291,7 +296,7 @@ class DtypeAudit:
                 run.tally, self.fmt, case, grad, self.max_logit, self.max_reference, floor,
                 kernel.tally if kernel else None,
             )  # fmt: skip
-            if traces(run.tally.impl):  # flagged cells only: their worst rows, where the implementation runs
+            if traces(run.tally.impl) and run.options.family != "linear_ce":  # flagged cells' worst rows
                 cell = traced(
                     cell, self.source, self.fmt, run.tally.impl, run.options, self.settings, self.weight,
                     grad, run.trace_rows.row,
@@ -308,7 +313,7 @@ def _on_rows(errors: RowErrorsScaled | None, picked: np.ndarray | None, rows: in
         return errors
     loss = errors.loss[picked] if errors.loss.size == rows else errors.loss
     grad = errors.grad[picked] if errors.grad is not None and errors.grad.shape[0] == rows else errors.grad
-    return RowErrorsScaled(loss, grad)
+    return RowErrorsScaled(loss, grad, errors.classifier)
 
 
 def make_cell(

@@ -32,7 +32,6 @@ ENTRY_POINT_GROUP = "ce_audit.implementations"
 ATTRIBUTE = "__ce_audit_implementation__"  # set on a registered function: its registry entry
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]*$")
 _FILE_MODULE_PREFIX = "ce_audit_plugin_"
-PLANNED_FAMILIES = ("linear_ce",)  # declared by the design, not audited yet
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,8 +65,6 @@ def check_family(family: Any, where: str) -> str:
     ``where`` otherwise."""
     if family in FAMILIES:
         return str(family)
-    if family in PLANNED_FAMILIES:
-        raise AuditError(f"{where}: family {family!r} is not supported yet")
     raise AuditError(f"{where}: unknown family {family!r}; choose {', '.join(FAMILIES)}")
 
 
@@ -89,7 +86,7 @@ def add_function(
     """Register ``function`` under ``name``; a clash with a built-in or another function raises AuditError.
 
     ``spec``: the name is a ``module:function`` spec (it may hold ':' and '/', which names may not).
-    ``family``: the loss it computes, ``ce``, ``binary`` or ``focal`` (ce_audit.options.FAMILIES); it runs
+    ``family``: the loss it computes, ``ce``, ``binary``, ``focal`` or ``linear_ce`` (FAMILIES); it runs
     in the sweeps of that loss only.
     ``supports``: option names of ``ce-audit list`` (ce_audit.options.SUPPORTABLE); ``adapter``: how it is
     called (ce_audit.adapters; default: ``fn(logits, targets, **options)``); ``source_spec``: the
@@ -178,8 +175,10 @@ def register(
     option not declared are skipped. It returns (N,) per-row losses of any floating dtype, or a 0-d value
     (the mean over rows not ignored). ``family`` is the loss it computes and the sweeps it runs in:
     ``"ce"`` (softmax cross-entropy, the default sweep), ``"binary"`` (``fn(logits, targets)`` with (N, V)
-    float targets in [0, 1], per-element losses (N, V): ``--loss binary``) or ``"focal"`` (softmax focal
-    loss, called with ``focal_gamma`` and ``focal_alpha`` keywords: sweeps with ``--focal-gamma``).
+    float targets in [0, 1], per-element losses (N, V): ``--loss binary``), ``"focal"`` (softmax focal
+    loss, called with ``focal_gamma`` and ``focal_alpha`` keywords: sweeps with ``--focal-gamma``) or
+    ``"linear_ce"`` (``fn(hidden, classifier, targets)``: E (N, D), C (V, D), cross-entropy of E·Cᵀ;
+    ``--loss linear_ce``; audited with ``reduction`` alone, gradients with respect to E and C).
     ``kwargs``, ``inputs``, ``sequence``, ``shifted``, ``returns``, ``loss_at``, ``count_keyword``,
     ``ignore_index``, ``rename`` and ``positional`` describe other call and return forms
     (ce_audit.adapters.ADAPTER_KEYS). The target (a

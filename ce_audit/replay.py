@@ -1,4 +1,5 @@
-"""Audit logits dumped from a real model: load, validate, and run every implementation on them.
+"""Audit logits dumped from a real model: load, validate, and run every implementation on them (a file of
+hidden states and a classifier: the linear_ce family, ce_audit.replay_linear).
 
 Loss options apply as in a sweep, one value each: targets are class indices (ignore_index allowed) or,
 when the targets file is (N, V) floating point, probabilities; ``ignore_fraction`` and ``mask_fraction``
@@ -26,6 +27,7 @@ from ce_audit.options import LossOptions
 from ce_audit.pipeline import Block, audit_source, implementations_and_devices, row_multiple
 from ce_audit.plan.cases import Case, random_class_weights
 from ce_audit.printable import plural
+from ce_audit.replay_linear import CLASSIFIER_KEY, HIDDEN_KEY, holds_linear_dump, linear_source
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.run.interruption import UnitCount, received_signal, signal_name
 from ce_audit.run.isolation import session
@@ -341,6 +343,57 @@ def load_dump(
     return logits, raw_targets, shape
 
 
+def load_linear_dump(
+    path: str | Path, targets_path: str | Path | None, targets_key: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(hidden, classifier, targets) when the file's named tensors hold ``hidden`` and ``classifier``
+    (targets from its ``targets`` tensor, or the targets file), else None."""
+    if Path(path).suffix.lower() not in (".safetensors", ".pt", ".pth") or not Path(path).is_file():
+        return None
+    try:
+        tensors = _tensors(Path(path), "dump")
+    except Exception:  # noqa: BLE001 - not readable as named tensors: load_dump says why
+        return None
+    if not isinstance(tensors, dict) or not holds_linear_dump(tensors):
+        return None
+    key = targets_key or DEFAULT_TARGETS_KEY
+    if targets_path is not None:
+        targets = load_array(targets_path, "targets", key)
+    elif key in tensors:
+        targets = tensors[key]
+    else:
+        raise AuditError(f"linear dump {path} has no tensor {key!r} (it holds: {', '.join(sorted(tensors))})")
+    return tensors[HIDDEN_KEY], tensors[CLASSIFIER_KEY], targets
+
+
+def _logits_source(
+    logits_path: str | Path,
+    targets_path: str | Path | None,
+    config: SweepConfig,
+    budget: int,
+    impls: list[Any],
+    *,
+    logits_key: str | None,
+    targets_key: str | None,
+) -> tuple[FileSource, str]:
+    """The source of a dump of logits and targets, and the file's dtype."""
+    logits, raw_targets, _ = load_dump(
+        logits_path, targets_path, logits_key=logits_key, targets_key=targets_key
+    )
+    options = replay_options(config, probs=raw_targets.ndim == 2)
+    targets = validate_inputs(logits, raw_targets, options.ignore_index)
+    peak = scan_logits(logits)
+    targets, weight = apply_target_options(targets, logits.shape[1], options, config.seed)
+    if not options.probs and targets.size:  # the column reports the fraction ignored, the file's own included
+        options = replace(options, ignore_fraction=float((targets == options.ignore_index).mean()))
+    case = Case.of_files(logits.shape[0], logits.shape[1], config.seed, options)
+    family = [impl for impl in impls if config.impls or impl.family == options.family]
+    source = FileSource(
+        logits, targets, case, weight, budget, peak, config.seed, row_multiple=row_multiple(family)
+    )
+    return source, _file_format_name(logits)
+
+
 def run_replay(
     logits_path: str | Path,
     targets_path: str | Path | None,
@@ -354,25 +407,19 @@ def run_replay(
     """Audit the implementations of ``config`` on the dumped logits, per dtype (default: the file's).
     ``reproducers`` collects the worst rows of every failing cell."""
     started, clock = time.time(), time.perf_counter()
-    logits, raw_targets, _ = load_dump(
-        logits_path, targets_path, logits_key=logits_key, targets_key=targets_key
-    )
-    options = replay_options(config, probs=raw_targets.ndim == 2)
-    targets = validate_inputs(logits, raw_targets, options.ignore_index)
-    peak = scan_logits(logits)
-    impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
-    if not config.impls:
-        impls = [impl for impl in impls if impl.family == options.family]
-    targets, weight = apply_target_options(targets, logits.shape[1], options, config.seed)
-    if not options.probs and targets.size:  # the column reports the fraction ignored, the file's own included
-        options = replace(options, ignore_fraction=float((targets == options.ignore_index).mean()))
-    audited = list(dtypes or [_file_format_name(logits)])
-    config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
-    case = Case.of_files(logits.shape[0], logits.shape[1], config.seed, options)
     budget = min(config.block_mib, REPLAY_BLOCK_MIB) << 20
-    source = FileSource(
-        logits, targets, case, weight, budget, peak, config.seed, row_multiple=row_multiple(impls)
-    )
+    impls, devices = implementations_and_devices(config.impls, config.plugins, config.devices)
+    linear = load_linear_dump(logits_path, targets_path, targets_key)
+    if linear is not None:  # hidden states and a classifier: the linear_ce family (ce_audit.replay_linear)
+        source, file_dtype = linear_source(*linear, replay_options(config, probs=False), config.seed, budget)
+    else:
+        source, file_dtype = _logits_source(
+            logits_path, targets_path, config, budget, impls, logits_key=logits_key, targets_key=targets_key
+        )
+    if not config.impls:
+        impls = [impl for impl in impls if impl.family == source.options.family]
+    audited = list(dtypes or [file_dtype])
+    config = replace(config, dtypes=tuple(audited))  # report.json records what was audited
     units = UnitCount(len(audited))  # one unit per dtype
     limits = {"max_memory": config.max_memory}
     opened = session(config.isolation, config.timeout, impls=config.impls, plugins=config.plugins, **limits)

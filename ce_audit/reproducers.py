@@ -178,7 +178,7 @@ class ReproducerSink:
         return WorstRows(self.rows)
 
     def add(self, cell: Cell, rows: WorstRows, implementation: Any, options: LossOptions, seed: int) -> None:
-        if cell_fails(cell) and rows.logits is not None and options.family != "binary":
+        if cell_fails(cell) and rows.logits is not None and options.family not in ("binary", "linear_ce"):
             self.found.append(Reproducer(cell, rows, implementation, options, seed))
 
     def write(self, directory: str | Path) -> dict[Cell, Path]:

@@ -77,6 +77,8 @@ class Cell:
     options: LossOptions = key(LossOptions(), has_default=True)
     margin: float | None = key(SPECS_BY_NAME["margin"].default, has_default=True)
     target_position: str = key(SPECS_BY_NAME["target_position"].default, has_default=True)
+    hidden_size: int = key(SPECS_BY_NAME["hidden_size"].default, has_default=True)
+    classifier_scale: float = key(SPECS_BY_NAME["classifier_scale"].default, has_default=True)
     notes: str = measurement("")
     value_kind: str = measurement(
         "", gate="kind"

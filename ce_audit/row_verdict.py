@@ -6,6 +6,9 @@ On every row, with ε = 2^(1−p) the audited dtype's machine epsilon:
     loss error      e_i = |v_i − ℓ_i| / (ε · max(|ℓ_i|, 1))
     gradient error  d_i = ‖g_i − g*_i‖₂ / (ε · max(‖g*_i‖₂, u))     (u = 1; 1/n for a mean over n rows)
 
+(linear_ce: g_i is ∂L/∂E_i; the classifier's gradient ∂L/∂C, a sum over the rows, is one more unit judged
+whole, its Frobenius norm in place of ‖·‖₂: ``split_classifier``)
+
 (inf where the value is NaN/±inf and the exact one is not, or finite where the exact one is ±inf). A loss of
 2e-13 returned as 0 costs 2e-13/ε, not the 2^p ULPs of its own spacing; a loss of 6.9 returned as 0 costs
 1/ε. The correctly rounded result costs at most ½ on every row. With e′_i PyTorch's error on the same row,
@@ -42,6 +45,8 @@ class RowErrorsScaled:
 
     loss: np.ndarray
     grad: np.ndarray | None = None
+    # linear_ce: the classifier's gradient judged whole, ‖G − G*‖_F / (ε · max(‖G*‖_F, u)) (NaN: none)
+    classifier: float = math.nan
 
 
 def scaled_loss_errors(
@@ -139,10 +144,12 @@ class RowVerdictTally:
         self.above_floor += int(above.sum()) + int(reduced_above)
         loss_rows = row_numbers if row_numbers is not None and mine.loss.size == rows else None
         if pytorch is None or pytorch.loss.shape != mine.loss.shape:
+            self._add_classifier(mine, floor, None)
             self.uncompared_blocks += 1
             self._track_worst(mine.loss, loss_rows)
             return
         self.compared_blocks += 1
+        classifier_worse = self._add_classifier(mine, floor, pytorch)
         loss_worse = worse_rows(mine.loss, pytorch.loss)
         loss_ratio = ratios(mine.loss, pytorch.loss)
         self.loss_ratio.add(loss_ratio, loss_worse)
@@ -152,11 +159,28 @@ class RowVerdictTally:
             grad_worse = worse_rows(grad, pytorch.grad)
             self.grad_ratio.add(ratios(grad, pytorch.grad), grad_worse)
             worse = worse | grad_worse
-        self.worse += int(worse.sum()) or int(reduced_worse)
+        self.worse += int(worse.sum()) or int(reduced_worse or classifier_worse)
         if grad is not None and grad_worse is not None and grad_worse.any() and not loss_worse.any():
             self._track_worst(grad, row_numbers, grad_worse)  # only the gradient is worse: its worst row
         else:
             self._track_worst(mine.loss, loss_rows, loss_worse)
+
+    def _add_classifier(
+        self, mine: RowErrorsScaled, floor: RowErrorsScaled, pytorch: RowErrorsScaled | None
+    ) -> bool:
+        """linear_ce's classifier gradient, one unit: its error, floor and ratio; whether it is worse."""
+        if math.isnan(mine.classifier):
+            return False
+        self.grad_err = max(0.0 if math.isnan(self.grad_err) else self.grad_err, mine.classifier)
+        mine_error, floor_error = np.array([mine.classifier]), np.array([floor.classifier])
+        if not math.isnan(floor.classifier) and not _within(mine_error, floor_error).all():
+            self.above_floor += 1
+        if pytorch is None or math.isnan(pytorch.classifier):
+            return False
+        theirs = np.array([pytorch.classifier])
+        worse = worse_rows(mine_error, theirs)
+        self.grad_ratio.add(ratios(mine_error, theirs), worse)
+        return bool(worse.any())
 
     def _track_worst(
         self, errors: np.ndarray, row_numbers: np.ndarray | None, worse: np.ndarray | None = None
@@ -205,11 +229,30 @@ class FloorRows:
     grad_norm_rel: float = math.nan
 
 
+def split_classifier(
+    row_errors: np.ndarray, grad: np.ndarray, reference: np.ndarray, classifier_rows: int, eps: float,
+    unit: float,
+) -> RowErrorsScaled:
+    """Gradient row errors of a (N + V, D) linear_ce gradient as N rows (∂L/∂E) and the classifier's
+    ∂L/∂C judged whole: ‖G − G*‖_F / (ε · max(‖G*‖_F, u)) over its finite entries (inf for a non-finite
+    mismatch); ``loss`` left empty for the caller."""
+    rows = grad.shape[0] - classifier_rows
+    with np.errstate(all="ignore"):
+        got, want = grad[rows:], reference[rows:]
+        both = np.isfinite(got) & np.isfinite(want)
+        mismatch = (~both & ~(np.isnan(got) & np.isnan(want)) & (got != want)).any()
+        distance = math.sqrt(float(np.square(np.where(both, got - want, 0)).sum()))
+        norm = math.sqrt(float(np.square(np.where(np.isfinite(want), want, 0)).sum()))
+    whole = math.inf if mismatch else distance / (eps * max(norm, unit))
+    return RowErrorsScaled(np.zeros(0), row_errors[:rows], whole)
+
+
 def floor_row_errors(
-    loss: np.ndarray, grad: np.ndarray | None, fmt: FloatFormat, unit: float = 1.0
+    loss: np.ndarray, grad: np.ndarray | None, fmt: FloatFormat, unit: float = 1.0, classifier_rows: int = 0
 ) -> FloorRows:
     """The errors of the exact values rounded once to ``fmt`` (the floor), row by row, in the same measure;
-    the gradient is rounded once for both of FloorRows' figures."""
+    the gradient is rounded once for both of FloorRows' figures (``classifier_rows``: linear_ce's ∂L/∂C
+    rows, judged whole: ``split_classifier``)."""
     eps = machine_epsilon(fmt)
     loss = np.asarray(loss).reshape(-1)
     with np.errstate(all="ignore"):
@@ -225,4 +268,9 @@ def floor_row_errors(
         whole = np.isfinite(grad).all(axis=-1)
         normwise = relative_error(distance[whole], norms[whole])
     grad_norm_rel = float(normwise.max()) / eps if normwise.size else 0.0
-    return FloorRows(RowErrorsScaled(scaled_loss, distance / (eps * np.maximum(norms, unit))), grad_norm_rel)
+    row_errors = distance / (eps * np.maximum(norms, unit))
+    if classifier_rows:
+        rounded = rounded_once(grad, fmt).astype(grad.dtype)
+        split = split_classifier(row_errors, rounded, grad, classifier_rows, eps, unit)
+        return FloorRows(RowErrorsScaled(scaled_loss, split.grad, split.classifier), grad_norm_rel)
+    return FloorRows(RowErrorsScaled(scaled_loss, row_errors), grad_norm_rel)

@@ -37,7 +37,13 @@ from ce_audit.metrics import (
 )
 from ce_audit.plan.cases import Case
 from ce_audit.results import Cell
-from ce_audit.row_verdict import RowErrorsScaled, RowVerdictTally, floor_row_errors, scaled_loss_errors
+from ce_audit.row_verdict import (
+    RowErrorsScaled,
+    RowVerdictTally,
+    floor_row_errors,
+    scaled_loss_errors,
+    split_classifier,
+)
 from ce_audit.statuses import GRAD_NOT_AVAILABLE, GRAD_OFF, UNMEASURED, Status
 from ce_audit.verdict import Relative, Side, relative
 
@@ -119,6 +125,14 @@ class CellTally:
         elif outcome.grad is not None and reference_grad is not None and self.grad_status is None:
             gradient = outcome.grad.astype(work)
             scaled_grad = self.grad.add(gradient, reference_grad, tolerance, fmt, grad_unit)
+            if reference.classifier_rows:  # linear_ce: ∂L/∂C judged whole in the row verdict
+                split = split_classifier(
+                    scaled_grad, gradient, reference_grad, reference.classifier_rows, machine_epsilon(fmt),
+                    grad_unit,
+                )  # fmt: skip
+                self.last_block = RowErrorsScaled(scaled_loss, split.grad, split.classifier)
+                self.checks.add(gradient, reference_grad, reference.true_index, None, tolerance, fmt)
+                return errors
             rowsum = reference.rowsum
             if reference_grad is not reference.grad and rowsum is not None:
                 rowsum = rowsum / max(reference.loss.shape[0], 1)
@@ -141,7 +155,7 @@ class CellTally:
         mean = np.asarray(reference.loss).reshape(1)
         mean_grad = reference.grad if grad else None
         self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance, unit)
-        floor = floor_row_errors(mean, mean_grad, fmt, unit)
+        floor = floor_row_errors(mean, mean_grad, fmt, unit, reference.classifier_rows)
         grad_floor = floor.grad_norm_rel if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)
         if self.last_block is not None:
@@ -238,7 +252,8 @@ class CellTally:
             impl=self.impl.name, dtype=fmt.name, device=self.device, device_name=device_name,
             distribution=case.distribution, scale=case.scale, offset=case.offset, batch=case.batch,
             vocab=case.vocab, seed=case.seed, options=case.options, margin=case.margin,
-            target_position=case.target_position, status=status, grad_status=grad_status,
+            target_position=case.target_position, hidden_size=case.hidden_size,
+            classifier_scale=case.classifier_scale, status=status, grad_status=grad_status,
             max_logit=max_logit, max_reference=max_reference, **columns,
         )  # fmt: skip
 

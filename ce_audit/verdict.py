@@ -31,7 +31,8 @@ from ce_audit.errors import AuditError
 from ce_audit.printable import plural
 from ce_audit.statuses import status_rank, worst_status
 
-PYTORCH_KERNELS = {"ce": "fused", "binary": "bce_logits"}  # PyTorch's kernel for each loss family
+# PyTorch's kernel for each loss family
+PYTORCH_KERNELS = {"ce": "fused", "binary": "bce_logits", "linear_ce": "linear_fused"}
 WORSE_FACTOR = 2.0
 WORSE_SLACK_ULP = 2.0
 FLOOR_FACTOR = 2.0

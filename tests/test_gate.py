@@ -331,6 +331,8 @@ def test_cell_key_is_every_column_that_is_not_a_measurement():
         "mask_fraction",
         "margin",
         "target_position",
+        "hidden_size",
+        "classifier_scale",
         "focal_gamma",
         "focal_alpha",
         "upstream",

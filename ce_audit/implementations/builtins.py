@@ -117,6 +117,24 @@ _BUILTINS = [
     ),
 ]
 
+# linear cross-entropy (fn(hidden, classifier, targets)): name, description, origin, tunables
+_LINEAR = "ce_audit.implementations.linear_builtins"
+_LINEAR_BUILTINS = [
+    ("linear_fused", "F.cross_entropy(F.linear(E, C), y) in the dtype", "PyTorch, unfused", ()),
+    (
+        "linear_chunked",
+        "vocabulary chunks of float32 logits E·Cᵀ, online log-sum-exp, rounded once",
+        "the chunked fused linear cross-entropy of Liger and cut-cross-entropy",
+        ("chunk_size",),
+    ),
+    (
+        "linear_rounded",
+        "the exact loss and gradients (E and C) rounded once to the dtype: the correctly rounded result",
+        "ce-audit's reference, rounded to nearest",
+        (),
+    ),
+]
+
 
 def register_builtins() -> None:
     """Add every built-in to the registry (their modules are imported on first call only)."""
@@ -144,5 +162,18 @@ def register_builtins() -> None:
                 origin=origin,
                 supports=_FOCAL if family == "focal" else _BINARY,
                 family=family,
+            )
+        )
+    for name, description, origin, tunables in _LINEAR_BUILTINS:
+        add(
+            Implementation(
+                name=name,
+                backend="torch",
+                target=f"{_LINEAR}:{name}",
+                description=description,
+                origin=origin,
+                tunables=tunables,
+                supports=frozenset({"reduction"}),
+                family="linear_ce",
             )
         )

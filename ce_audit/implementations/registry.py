@@ -15,13 +15,14 @@ from ce_audit.options import LossOptions, call_keywords
 
 @dataclass(frozen=True)
 class Implementation:
-    """One audited cross-entropy: ``fn(logits, targets, **tunables, **options) -> per-row losses``.
+    """One audited cross-entropy: ``fn(logits, targets, **tunables, **options) -> per-row losses``
+    (``linear_ce``: ``fn(hidden, classifier, targets, ...)``, the classifier in ``__call__``'s ``weight``).
 
     ``target`` is the function itself or a ``"module:attribute"`` string resolved on first call, so
     that listing the registry never imports a framework. ``family`` is the loss it computes (``ce``,
-    ``focal`` or ``binary``); ``supports`` names the options (ce_audit.options.SUPPORTABLE) it accepts as
-    keyword arguments (``call_keywords``) — ``reduction``, ``weight``, ``ignore_index``, ... — or, for
-    ``probs``, as targets.
+    ``focal``, ``binary`` or ``linear_ce``); ``supports`` names the options (ce_audit.options.SUPPORTABLE)
+    it accepts as keyword arguments (``call_keywords``) — ``reduction``, ``weight``, ``ignore_index``, ... —
+    or, for ``probs``, as targets.
     ``adapter`` (user implementations) says how it is called and what it returns (ce_audit.adapters).
     """
 
@@ -61,12 +62,15 @@ class Implementation:
         kwargs = {name: settings[name] for name in self.tunables if name in settings}
         options = options or LossOptions()
         kwargs.update({"options": options} if self.takes_options else call_keywords(options))
-        if weight is not None:
+        classifier = weight if self.family == "linear_ce" else None  # fn(hidden, classifier, targets)
+        if weight is not None and classifier is None:
             kwargs["weight"] = weight
         if self.adapter is not None:
             if "reduction" in self.supports:  # explicit: a default of "mean" never makes "none" cells a mean
                 kwargs.setdefault("reduction", options.reduction)
-            return self.adapter.call(self.function(), logits, targets, kwargs)
+            return self.adapter.call(self.function(), logits, targets, kwargs, classifier=classifier)
+        if classifier is not None:
+            return self.function()(logits, classifier, targets, **kwargs)
         return self.function()(logits, targets, **kwargs)
 
 

@@ -22,14 +22,19 @@ _FORMATS_BY_TORCH = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch
 _FORMATS_BY_TORCH[torch.float64] = "float64"
 
 
-def _to_numpy(tensor: torch.Tensor, fmt: FloatFormat) -> np.ndarray:
+def format_of_tensor(tensor: torch.Tensor) -> FloatFormat:
+    """The audited format of a floating tensor."""
+    return FORMATS[_FORMATS_BY_TORCH[tensor.dtype]]
+
+
+def tensor_values(tensor: torch.Tensor, fmt: FloatFormat) -> np.ndarray:
     tensor = tensor.detach().to("cpu")
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(fmt.numpy_dtype)
     return tensor.numpy()
 
 
-def _to_torch(values: np.ndarray, fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+def rounded_tensor(values: np.ndarray, fmt: FloatFormat, device: torch.device) -> torch.Tensor:
     """Values in the reference's precision, rounded once to ``fmt``, as a tensor on ``device``."""
     rounded = rounded_once(np.asarray(values), fmt)
     flat = np.ascontiguousarray(rounded.reshape(-1))
@@ -44,19 +49,19 @@ class _Rounded(torch.autograd.Function):
         ctx: Any, logits: torch.Tensor, targets: torch.Tensor, options: Any, weight: Any
     ) -> torch.Tensor:
         fmt = FORMATS[_FORMATS_BY_TORCH[logits.dtype]]
-        block = _to_numpy(logits, fmt)
-        target_values = _to_numpy(targets, fmt) if targets.is_floating_point() else targets.cpu().numpy()
-        class_weight = None if weight is None else _to_numpy(weight, fmt)
+        block = tensor_values(logits, fmt)
+        target_values = tensor_values(targets, fmt) if targets.is_floating_point() else targets.cpu().numpy()
+        class_weight = None if weight is None else tensor_values(weight, fmt)
         reference = reference_loss(block, target_values, options, weight=class_weight, grad=True)
         ctx.fmt, ctx.grad = fmt, reference.grad
         loss = reference.loss if options.reduction == "none" else reference.loss.reshape(())
-        return _to_torch(loss, fmt, logits.device)
+        return rounded_tensor(loss, fmt, logits.device)
 
     @staticmethod
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[Any, ...]:
         scale = upstream.detach().to("cpu", torch.float64).numpy().astype(ctx.grad.dtype)
         grad = ctx.grad * (scale[:, None] if scale.ndim == 1 else scale)
-        return _to_torch(grad, ctx.fmt, upstream.device), None, None, None
+        return rounded_tensor(grad, ctx.fmt, upstream.device), None, None, None
 
 
 def rounded(

@@ -77,6 +77,8 @@ class Case:
     margin: float | None = SPECS_BY_NAME["margin"].default
     target_position: str = SPECS_BY_NAME["target_position"].default
     options: LossOptions = LossOptions()
+    hidden_size: int = SPECS_BY_NAME["hidden_size"].default  # D of linear_ce's inputs (0: no hidden states)
+    classifier_scale: float = SPECS_BY_NAME["classifier_scale"].default
 
     @classmethod
     def of_files(cls, batch: int, vocab: int, seed: int, options: LossOptions) -> Case:
@@ -90,8 +92,9 @@ class Case:
 
     @property
     def chunk_rows(self) -> int:
-        """Rows drawn from one generator: about 64k elements, at least one row."""
-        return max(1, GENERATION_ELEMENTS // self.vocab)
+        """Rows drawn from one generator: about 64k elements (of a logits row or a hidden state), at least
+        one row."""
+        return max(1, GENERATION_ELEMENTS // max(self.vocab, self.hidden_size))
 
     def label(self) -> str:
         text = (
@@ -102,6 +105,10 @@ class Case:
             text += f" margin={self.margin:g}"
         if self.target_position != "random":
             text += f" target={self.target_position}"
+        if self.hidden_size:
+            text += f" hidden={self.hidden_size}"
+        if self.classifier_scale != 1:
+            text += f" classifier_scale={self.classifier_scale:g}"
         return text
 
 
@@ -363,3 +370,40 @@ def generate_quantized(
 
     map_ranges(fill, n_rows, group)
     return logits, targets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# linear cross-entropy: hidden states E (N, D) and a classifier C (V, D)
+# ---------------------------------------------------------------------------------------------------------
+
+LINEAR_DISTRIBUTIONS = ("normal", "uniform")
+DEFAULT_HIDDEN_SIZE = 64  # a linear_ce case's D where the grid leaves hidden_size at 0
+
+
+def _linear_generator(case: Case, what: str, chunk_index: int = 0) -> np.random.Generator:
+    key = zlib.crc32(f"{what}/{case.distribution}/{case.vocab}/{case.hidden_size}".encode())
+    return np.random.default_rng(np.random.SeedSequence([case.seed, key, chunk_index]))
+
+
+def linear_rows(case: Case, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 hidden states E = offset + scale · base (base ~ N(0, 1) or U(−1, 1)) and int64 targets of
+    rows [start, stop), one generator per chunk of rows: the same rows whatever the batch or block."""
+    hidden, targets = [], []
+    for chunk in range(start // case.chunk_rows, -(-stop // case.chunk_rows)):
+        rng = _linear_generator(case, "hidden", chunk)
+        targets.append(rng.integers(0, case.vocab, size=case.chunk_rows))
+        shape = (case.chunk_rows, case.hidden_size)
+        uniform = case.distribution == "uniform"
+        hidden.append(rng.uniform(-1.0, 1.0, size=shape) if uniform else rng.standard_normal(shape))
+    first = start - start // case.chunk_rows * case.chunk_rows
+    base = np.concatenate(hidden)[first : first + stop - start]
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = case.offset + case.scale * base
+    return values, np.concatenate(targets)[first : first + stop - start].astype(np.int64)
+
+
+def linear_classifier(case: Case) -> np.ndarray:
+    """Float64 classifier C = classifier_scale · N(0, 1) / √D, (V, D), seeded by the case alone."""
+    rng = _linear_generator(case, "classifier")
+    scale = case.classifier_scale / math.sqrt(case.hidden_size)
+    return scale * rng.standard_normal((case.vocab, case.hidden_size))

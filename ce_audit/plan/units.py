@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from ce_audit.config import Grid, SweepConfig
 from ce_audit.options import LossOptions
 from ce_audit.pipeline import implementations_and_devices
-from ce_audit.plan.cases import Case, build_cases
+from ce_audit.plan.cases import DEFAULT_HIDDEN_SIZE, Case, build_cases
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,31 @@ class Unit:
         """An estimate of the work: rows × vocabulary × (implementations + the reference) × devices."""
         if not self.impls:
             return 0
-        return self.case.batch * self.case.vocab * (len(self.impls) + 1) * len(self.devices)
+        width = self.case.vocab * max(1, self.case.hidden_size)  # linear_ce: N × V × D products
+        return self.case.batch * width * (len(self.impls) + 1) * len(self.devices)
 
 
 def grid_cases(grid: Grid) -> list[Case]:
-    """The cases of one grid in report order: each generated case × input dimension × loss options."""
+    """The cases of one grid in report order: each generated case × input dimension × loss options. The
+    logits' dimensions (margin, target position) shape the logits families' cases, the hidden states' (hidden
+    size, classifier scale) linear_ce's (hidden size 0: DEFAULT_HIDDEN_SIZE); each family keeps the others'
+    defaults."""
     cases = build_cases(grid.distributions, grid.scales, grid.offsets, grid.vocabs, grid.batches, grid.seed)
-    return [
-        replace(case, margin=margin, target_position=position, options=options)
-        for case in cases
-        for margin, position in itertools.product(grid.values("margin"), grid.values("target_position"))
-        for options in grid.loss_options()
-    ]
+    logits_inputs = list(itertools.product(grid.values("margin"), grid.values("target_position")))
+    hidden_sizes = tuple(dict.fromkeys(size or DEFAULT_HIDDEN_SIZE for size in grid.values("hidden_size")))
+    hidden_inputs = list(itertools.product(hidden_sizes, grid.values("classifier_scale")))
+    planned = []
+    for case in cases:
+        for margin, position in logits_inputs:
+            for options in grid.loss_options():
+                if options.family != "linear_ce":
+                    planned.append(replace(case, margin=margin, target_position=position, options=options))
+                elif (margin, position) == logits_inputs[0]:  # once, whatever the logits' dimensions
+                    planned += [
+                        replace(case, options=options, hidden_size=size, classifier_scale=scale)
+                        for size, scale in hidden_inputs
+                    ]
+    return planned
 
 
 def plan_units(config: SweepConfig, devices_here: bool = True) -> tuple[list[Unit], list[str]]:

@@ -41,6 +41,8 @@ class VariantReference:
     rowsum: np.ndarray | None
     format: FloatFormat
     note: str = ""
+    max_logit: float = float("nan")  # linear_ce: the largest exact logit of E·Cᵀ (NaN: the inputs are logits)
+    classifier_rows: int = 0  # linear_ce: the gradient's last V rows are ∂L/∂C (ce_audit.reference.linear)
 
 
 @dataclass(frozen=True)

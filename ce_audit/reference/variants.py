@@ -48,6 +48,7 @@ from ce_audit.reference.exact import (
     accurate_sum,
 )
 from ce_audit.reference.gradient import dw_gradient, rows_to_refine
+from ce_audit.reference.linear import linear_reference
 from ce_audit.reference.parts import (
     INF_SMOOTHING_NOTE,
     Softmax,
@@ -78,7 +79,11 @@ def reference_loss(
 
     ``logits``: (N, V) in the audited dtype; ``targets``: (N,) class indices (ignore_index allowed), or
     (N, V) probabilities / binary targets in the audited dtype; ``weight``: (V,) in the audited dtype.
+    Linear cross-entropy (``options.family == "linear_ce"``): ``logits`` are the hidden states E (N, D) and
+    ``weight`` the classifier C (V, D), the case's per-class input (ce_audit.reference.linear).
     """
+    if options.family == "linear_ce":
+        return linear_reference(logits, weight, targets, options, grad=grad)
     fmt = format_of_array(logits)
     if options.family == "binary":
         return binary_reference(logits, targets, options, weight=weight, grad=grad)

@@ -40,12 +40,13 @@ from ce_audit.results import KEY_COLUMNS, Cell, column_value
 from ce_audit.statuses import RANKED, worst_status
 
 # What a heatmap may run along, in order of preference when several matter equally.
-DIMENSIONS: tuple[str, ...] = ("scale", "offset", "vocab", "distribution", "margin", "batch")
+DIMENSIONS: tuple[str, ...] = ("scale", "offset", "vocab", "distribution", "margin", "batch", "hidden_size")
 # Numeric dimensions an error curve is drawn against, and their axis labels.
 CURVE_DIMENSIONS: dict[str, str] = {
     "scale": "logit scale",
     "offset": "common logit offset",
     "margin": "target margin (confidence: the target this far above the rest)",
+    "hidden_size": "hidden size D (linear_ce: the logits are sums of D products)",
 }
 # The verdict colours, chosen to stay apart for the common colour-vision deficiencies (Okabe–Ito).
 STATUS_COLOURS: dict[str, str] = {

@@ -274,7 +274,7 @@ def legend(rows: list[Cell], case_tables_shown: bool) -> str:
         parts.append(
             "("
             + "), (".join(present)
-            + ") = the logits: "
+            + (") = the hidden states: " if all(row.hidden_size for row in rows) else ") = the logits: ")
             + "; ".join(DISTRIBUTION_WORDS[n] for n in present)
         )
     parts.append("ULP = the dtype's spacing at the exact value")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator
@@ -30,15 +31,19 @@ from ce_audit.pipeline import (
     row_multiple,
 )
 from ce_audit.plan.cases import (
+    LINEAR_DISTRIBUTIONS,
     Case,
     class_weights,
     generate_inputs,
     generate_quantized,
+    linear_classifier,
+    linear_rows,
     quantize,
     row_blocks,
 )
 from ce_audit.plan.units import Unit, plan_units
 from ce_audit.plugins import prepare
+from ce_audit.reference.linear import FLOAT64_REFUSED
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
 from ce_audit.run.executors import Execution
@@ -63,9 +68,15 @@ class CaseSource:
 
     def __post_init__(self) -> None:
         self.invalid = self.options.invalid_reason()
-        self._weight = None if self.invalid else class_weights(self.case, self.options)
+        self.linear = self.options.family == "linear_ce"
+        if self.linear:
+            self.invalid = self.invalid or linear_skip_reason(self.case)
+            self._weight = None if self.invalid else linear_classifier(self.case)
+        else:
+            self._weight = None if self.invalid else class_weights(self.case, self.options)
 
     def weight(self, fmt: FloatFormat) -> np.ndarray | None:
+        """The per-class input in ``fmt``: class weights (V,), or linear_ce's classifier C (V, D)."""
         return None if self._weight is None else quantize(self._weight, fmt)
 
     def _ranges(self, fmt: FloatFormat, budget_bytes: int) -> list[tuple[int, int]]:
@@ -79,6 +90,10 @@ class CaseSource:
 
     def _blocks(self, fmt: FloatFormat, budget_bytes: int) -> Iterator[Block]:
         for start, stop in self._ranges(fmt, budget_bytes):
+            if self.linear:  # hidden states E (rows, D) in place of logits
+                hidden, targets = linear_rows(self.case, start, stop)
+                yield start, quantize(hidden, fmt), targets
+                continue
             logits, targets = generate_quantized(self.case, self.options, start, stop, fmt)
             yield start, logits, targets
 
@@ -90,6 +105,8 @@ class CaseSource:
         return logits, targets
 
     def skip_reason(self, fmt: FloatFormat) -> str | None:
+        if self.linear:
+            return self.invalid or self._too_big(fmt) or linear_overflow(self.case, fmt)
         return self.invalid or self._too_big(fmt) or self._overflows(fmt)
 
     def _too_big(self, fmt: FloatFormat) -> str | None:
@@ -121,6 +138,31 @@ class CaseSource:
             if peak is not None:
                 return f"logits reach {peak:.4g}, beyond {fmt.name}'s largest finite value {fmt.max:.6g}"
         return None
+
+
+def linear_skip_reason(case: Case) -> str | None:
+    """Why a linear_ce case cannot be drawn (None: it can)."""
+    if case.distribution not in LINEAR_DISTRIBUTIONS:
+        return f"linear_ce draws its hidden states from {' or '.join(LINEAR_DISTRIBUTIONS)}"
+    return None
+
+
+def linear_overflow(case: Case, fmt: FloatFormat) -> str | None:
+    """Why E or C cannot be held in ``fmt``: float64 is refused, values past the largest finite one."""
+    if fmt.name == "float64":
+        return FLOAT64_REFUSED
+    hidden_peak = abs(case.offset) + abs(case.scale) * 8.0  # |N(0, 1)| past 8: p < 1.3e-15 a draw
+    classifier_peak = case.classifier_scale * 8.0 / math.sqrt(max(case.hidden_size, 1))
+    if max(hidden_peak, classifier_peak) < fmt.max / 2:
+        return None
+    for start, stop in row_blocks(case, 8, 64 << 20):
+        peak = overflow_peak(linear_rows(case, start, stop)[0], fmt)
+        if peak is not None:
+            return f"hidden states reach {peak:.4g}, beyond {fmt.name}'s largest finite value {fmt.max:.6g}"
+    peak = overflow_peak(linear_classifier(case), fmt)
+    if peak is not None:
+        return f"the classifier reaches {peak:.4g}, beyond {fmt.name}'s largest finite value {fmt.max:.6g}"
+    return None
 
 
 def _scaled(progress: Progress, cells: int, fraction: float) -> None:

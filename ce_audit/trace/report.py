@@ -55,6 +55,8 @@ def explain_cell(directory: str | Path, row: int | None = None, plugins: tuple[s
     cell = pick_cell(list(read_cells(summary).cells), row, selectors)
     if cell.distribution == "replay":
         raise AuditError("explain traces a sweep's cells (a replay's rows are in its files: replay them)")
+    if cell.options.family == "linear_ce":
+        raise AuditError("explain traces cells whose inputs are logits; linear_ce cells are not traced")
     report = summary.with_name("report.json")
     config = load_config()
     if report.is_file():

@@ -7,7 +7,7 @@ Cut Cross-Entropy computes ``CE(E · Cᵀ, y)`` without forming the logits. Give
 Z, this plugin calls it with E = I (N × N) and C = Zᵀ: every product E·Cᵀ then has one nonzero term, so
 the kernel sees exactly Z and the gradient with respect to C is the gradient with respect to Zᵀ. This
 audits the kernel's softmax, log-sum-exp, softcap and backward; it cannot see how the kernel rounds and
-accumulates a real E·Cᵀ (a linear cross-entropy audit does that).
+accumulates a real E·Cᵀ (``examples/linear_ce/cce_linear.py``, the linear_ce family, does that).
 """
 
 from __future__ import annotations
