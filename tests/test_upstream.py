@@ -163,3 +163,11 @@ def test_the_default_sweep_flags_a_misread_grad_output_in_its_upstream_grid() ->
         assert misread and all(cell.grad_status == "inaccurate" and cell.flag == "worse" for cell in misread)
     fixed = cells.where(impl=FIX)
     assert fixed and all(cell.grad_status == "ok" and cell.flag != "worse" for cell in fixed)
+
+
+def test_linear_ce_is_audited_with_ones_alone() -> None:
+    """Its gradient is (∂L/∂E, ∂L/∂C): a per-row cotangent scales E's rows but not C's, so the reference's
+    row-by-row scaling does not apply; its cells under a random upstream gradient are skipped, with why."""
+    reason = LossOptions(loss="linear_ce", upstream="random").invalid_reason()
+    assert reason is not None and "upstream gradient of ones" in reason
+    assert LossOptions(loss="linear_ce").invalid_reason() is None
