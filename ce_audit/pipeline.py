@@ -296,7 +296,7 @@ class DtypeAudit:
                 run.tally, self.fmt, case, grad, self.max_logit, self.max_reference, floor,
                 kernel.tally if kernel else None,
             )  # fmt: skip
-            if traces(run.tally.impl) and run.options.family != "linear_ce":  # flagged cells' worst rows
+            if traces(run.tally.impl):  # flagged cells' worst rows
                 cell = traced(
                     cell, self.source, self.fmt, run.tally.impl, run.options, self.settings, self.weight,
                     grad, run.trace_rows.row,

@@ -154,7 +154,7 @@ def trace_cell(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, setti
     if not isinstance(found, Trace):
         return None
     found = replace(found, rows=tuple(rows))
-    if formula_suspected(cell, found):
+    if formula_suspected(cell, found) and options.family != "linear_ce":  # the reference of E·Cᵀ is not here
         found = replace(found, departure=formula_departure(found, logits, targets, cell, options, weight))
     return found
 
