@@ -20,6 +20,7 @@ from ce_audit.dtypes import FORMATS, FloatFormat
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
 from ce_audit.statuses import first_line
+from ce_audit.upstream import Upstream, cotangent
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class BlockCall:
     # "loss", "grad" or "loss,grad": trace the call instead and explain those results (``run_call`` returns a
     # ce_audit.trace Trace; "every-op" added: every op's local error, not only the named ones'); "": a call
     trace: str = ""
+    upstream: Upstream | None = None  # the cotangent the gradient is taken with (None: ones)
 
 
 def raw_bytes(array: np.ndarray) -> np.ndarray:
@@ -217,7 +219,10 @@ class TorchBackend(Backend):
             try:
                 if not losses.requires_grad:
                     raise RuntimeError("the result does not require grad")
-                losses.sum().backward()
+                if call.upstream is None:
+                    losses.sum().backward()
+                else:  # the call's cotangent (ce_audit.upstream), in the result's dtype
+                    losses.backward(torch.from_numpy(cotangent(call.upstream, losses.shape)).to(losses))
                 for name in (name for name, leaf in leaves.items() if leaf.grad is None):  # the first one
                     raise RuntimeError(f"no gradient reached the {name}")
                 grad = np.concatenate([t.grad.detach().cpu().double().numpy() for t in leaves.values()])
@@ -264,7 +269,7 @@ JAX_MISSING = "JAX is not installed: pip install 'ce-audit[jax]'"
 
 class JaxBackend(Backend):
     """JAX: arrays of the audited dtype (bfloat16 and float16 native) on a JAX device, gradients by
-    ``jax.vjp`` with a cotangent of ones (the gradient of the sum of the result, as torch's backward).
+    ``jax.vjp`` with the call's cotangent (ones: the gradient of the sum of the result, as torch's backward).
 
     Float64 needs ``jax_enable_x64``: it is turned on for the call (targets are then int64, else int32)
     and restored after. ``cuda`` / ``cuda:N`` map to JAX's GPU devices where JAX has them.
@@ -328,10 +333,7 @@ class JaxBackend(Backend):
             return impl(z, target_array, call.settings, call.options, weight)
 
         grad, grad_error = None, None
-        if call.want_grad:
-            losses, pullback = jax.vjp(loss, logits)
-        else:
-            losses = loss(logits)
+        losses, pullback = jax.vjp(loss, logits) if call.want_grad else (loss(logits), None)
         if isinstance(losses, (float, np.floating)) and not impl.builtin and not call.want_grad:
             losses = jax.numpy.asarray(losses)  # a Python or NumPy scalar (no gradient to take from it)
         if not isinstance(losses, jax.Array):
@@ -341,8 +343,9 @@ class JaxBackend(Backend):
         value = np.asarray(losses).astype(np.float64)
         if call.want_grad:
             try:
-                (cotangent,) = pullback(jax.numpy.ones_like(losses))
-                grad = np.asarray(cotangent).astype(np.float64)
+                seed = cotangent(call.upstream, losses.shape)  # ones, or the call's (ce_audit.upstream)
+                (pulled,) = pullback(jax.numpy.asarray(seed, losses.dtype))
+                grad = np.asarray(pulled).astype(np.float64)
             except Exception as error:  # noqa: BLE001 - a failing gradient is recorded, not raised
                 grad_error = first_line(error)
         return Outcome(value, grad, grad_error, False, mean, value_dtype)  # JAX arrays are immutable
@@ -358,10 +361,7 @@ class TritonBackend(TorchBackend):
     self-tests (ce_audit.triton_interpreter, ce_audit.triton_selftest). Interpreter cells say so."""
 
     name = "triton"
-
-    # not traced: a Triton kernel runs outside PyTorch's dispatcher (its inside is one opaque call), and
-    # tracing around it would change the process's torch.compile state for its next calls
-    tracer = ""
+    tracer = ""  # a kernel is opaque to PyTorch's dispatcher; tracing would change torch.compile state
 
     def __init__(self) -> None:
         super().__init__()

@@ -52,7 +52,7 @@ def call_implementation(
     try:
         call = BlockCall(
             view.logits, view.targets, fmt, tally.device, settings, grad, view.options, weight,
-            expected_shape(view.options, view.logits),
+            expected_shape(view.options, view.logits), upstream=view.upstream,
         )  # fmt: skip
         with tally.timed():
             outcome = run_implementation(tally.impl, call)  # non-built-ins isolated (ce_audit.run.isolation)

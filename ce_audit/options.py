@@ -28,7 +28,8 @@ Beyond F.cross_entropy, as LLM training code writes them:
   C (V, D), the loss is cross-entropy of the logits z = E·Cᵀ (fused kernels: Liger, cut-cross-entropy);
   audited with ``reduction`` alone (ce_audit.reference.linear).
 
-``mask_fraction`` (−inf logits) is a property of the input every implementation sees, not an option an
+``mask_fraction`` (−inf logits) is a property of the input every implementation sees, and ``upstream`` the
+cotangent its backward gets (ones, or seeded random values: ce_audit.upstream), not options an
 implementation has to support; the others are, and an implementation declares the ones it does.
 """
 
@@ -51,6 +52,7 @@ FAMILY_WORDS = {
     "ce": "cross-entropy", "focal": "focal loss", "binary": "binary cross-entropy",
     "linear_ce": "linear cross-entropy",
 }  # fmt: skip
+UPSTREAMS = ("ones", "random")  # the upstream gradient a result is differentiated with (ce_audit.upstream)
 
 EXPECTED_NAN_NOTE = "expected NaN (PyTorch semantics: empty/fully-ignored mean)"
 ZERO_WEIGHT_NOTE = "expected NaN (PyTorch semantics: mean over zero total class weight)"
@@ -232,6 +234,11 @@ class LossOptions:
     focal_alpha: float = option(
         1.0, "float", "Focal loss α (default 1).", "focal_alpha", grid=False,
         check=_focal_alpha_check, active=lambda o: o.focal_gamma is not None, keyword="focal_alpha",
+    )
+    upstream: str = option(
+        "ones", "str", "Upstream gradient: ones, or random (seeded, per row).", "upstreams",
+        choices=UPSTREAMS, label=lambda v: f"up={v}" if v != "ones" else "", label_order=15,
+        legend=("up=",), meaning="up= upstream gradient (cotangent) of the backward",
     )  # fmt: skip
 
     @property
@@ -256,6 +263,8 @@ class LossOptions:
         if self.family == "linear_ce":
             if self.required() - {"reduction"} or self.mask_fraction > 0 or self.focal_gamma is not None:
                 return "linear cross-entropy is audited with a reduction alone (no other loss option)"
+            if self.upstream != "ones":  # its gradients w.r.t. E and C are not scaled row by row
+                return "linear cross-entropy is audited with an upstream gradient of ones"
             return None
         if self.family == "binary":
             extra = [

@@ -33,6 +33,7 @@ from ce_audit.scoring import CellTally
 from ce_audit.statuses import Status
 from ce_audit.trace import traces, tracing_on
 from ce_audit.trace.cells import traced
+from ce_audit.upstream import draw_upstream
 from ce_audit.verdict import Side
 
 Progress = Callable[[float], None]
@@ -160,11 +161,14 @@ class DtypeAudit:
         reference = block_reference(block, targets, options, weight=weight, grad=grad, device=self.on_device)
         if not np.isnan(reference.max_logit):  # linear_ce: the block holds hidden states, not logits
             self.max_logit = max(self.max_logit, reference.max_logit)
+        upstream = draw_upstream(self.source.case, first_row, block.shape[0]) if grad else None
+        if upstream is not None:  # the gradient audited is c · ∂loss/∂z (ce_audit.upstream)
+            reference = upstream.scaled(reference, reduced=options.reduction != "none")
         finite_reference = reference.loss[np.isfinite(reference.loss)]
         if finite_reference.size:
             self.max_reference = max(self.max_reference, float(finite_reference.max()))
         whole = first_row == 0 and block.shape[0] == self.source.case.batch
-        full = RowsView(None, block, targets, reference, options)
+        full = RowsView(None, block, targets, reference, options, upstream=upstream)
         floor = None
         if any(run.tally.status is None for run in self.runs):
             exact_grad = reference.grad if grad else None
@@ -209,7 +213,8 @@ class DtypeAudit:
         if not deferred:
             return
         block, targets = self.source.whole_batch(self.fmt)
-        full = RowsView(None, block, targets, None, self.source.options)
+        upstream = draw_upstream(self.source.case, 0, block.shape[0]) if self.grad else None
+        full = RowsView(None, block, targets, None, self.source.options, upstream=upstream)
         views = BlockViews(full, self.weight, self.grad, per_row=False)
         for run in deferred:
             self.run_on(run, 0, views.view_for(run.drops_ignored), True)
@@ -295,7 +300,7 @@ class DtypeAudit:
                 run.tally, self.fmt, case, grad, self.max_logit, self.max_reference, floor,
                 kernel.tally if kernel else None,
             )  # fmt: skip
-            if traces(run.tally.impl) and run.options.family != "linear_ce":  # flagged cells' worst rows
+            if traces(run.tally.impl):  # flagged cells' worst rows
                 cell = traced(
                     cell, self.source, self.fmt, run.tally.impl, run.options, self.settings, self.weight,
                     grad, run.trace_rows.row,

@@ -11,6 +11,7 @@ import numpy as np
 from ce_audit.grad_metrics import ExactGradient
 from ce_audit.options import LossOptions
 from ce_audit.reference.variants import reference_loss
+from ce_audit.upstream import Upstream
 
 DROPPED_NOTE = "ignored rows left out of its call and of its reference (it does not support ignore_index)"
 
@@ -44,6 +45,7 @@ class RowsView:
     reference: Any  # per-row reference (None where only a mean is scored)
     options: LossOptions  # the options of the call
     mean: Any = None  # the exact batch mean, computed on first use (for 0-d results)
+    upstream: Upstream | None = None  # the cotangent of its rows (None: ones); ``reference`` is scaled by it
     exact: ExactGradient | None = None  # the reference gradient's shared terms, made on first use
 
     def exact_gradient(self) -> ExactGradient | None:
@@ -69,7 +71,8 @@ class RowsView:
     def mean_reference(self, weight: np.ndarray | None, grad: bool) -> Any:
         """The exact mean of these rows (``_mean_reference``), computed once."""
         if self.mean is None:
-            self.mean = _mean_reference(self.logits, self.targets, self.options, weight, grad)
+            mean = _mean_reference(self.logits, self.targets, self.options, weight, grad)
+            self.mean = mean if self.upstream is None else self.upstream.scaled(mean, reduced=True)
         return self.mean
 
 
@@ -79,10 +82,13 @@ def _kept_view(full: RowsView, weight: np.ndarray | None, grad: bool, per_row: b
     rows = _kept(full.logits, full.targets, full.options)
     own = without_ignored(full.options)
     if rows is None:
-        return RowsView(None, full.logits, full.targets, full.reference, own)
+        return RowsView(None, full.logits, full.targets, full.reference, own, upstream=full.upstream)
     block, targets = full.logits[rows], full.targets[rows]
     kept = reference_loss(block, targets, own, weight=weight, grad=grad) if per_row else None
-    return RowsView(rows, block, targets, kept, own)
+    upstream = None if full.upstream is None else full.upstream.take(rows)
+    if upstream is not None:
+        kept = upstream.scaled(kept, reduced=own.reduction != "none")
+    return RowsView(rows, block, targets, kept, own, upstream=upstream)
 
 
 @dataclass

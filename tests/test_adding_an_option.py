@@ -86,7 +86,7 @@ def test_an_option_declared_once_reaches_flag_config_column_and_keyword(tmp_path
     with open(out / "summary.csv", newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     header = list(rows[0])
-    assert header.index("temperature") == header.index("focal_alpha") + 1  # the option columns' end
+    assert header.index("temperature") == header.index("upstream") + 1  # the option columns' end
     assert sorted(row["temperature"] for row in rows) == ["0.5", "2.0"]  # the config key's grid
     assert {row["status"] for row in rows} != {"skipped"}  # "temperature" is a name `supports` takes
     assert sorted(json.loads(line) for line in seen.read_text().splitlines()) == [0.5, 2.0]

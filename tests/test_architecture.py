@@ -71,7 +71,7 @@ def test_supportable_names_and_the_legend_come_from_the_specs():
         "reduction", "weight", "ignore_index", "label_smoothing", "probs", "softcap", "z_loss",
     )  # fmt: skip
     assert {"reduction", "softcap", "z_loss"} == GENERIC_SUPPORTS
-    legend = ["w=", "ignore=", "ls=", "cap=", "z=", "mask=", "M=", "y=", "mean", "sum"]
+    legend = ["w=", "ignore=", "ls=", "cap=", "z=", "mask=", "M=", "y=", "up=", "mean", "sum"]
     assert list(LABEL_MEANINGS) == ["s=", "+", "-", *legend]
 
 

@@ -335,6 +335,7 @@ def test_cell_key_is_every_column_that_is_not_a_measurement():
         "classifier_scale",
         "focal_gamma",
         "focal_alpha",
+        "upstream",
     )
     header = (*SUMMARY_COLUMNS, "temperature")  # a case column added by a later version
     assert key_columns(header)[-1] == "temperature"

@@ -107,3 +107,25 @@ def test_the_vjp_gradient_is_softmax_minus_onehot(jax):
     assert outcome.grad is not None and outcome.grad.shape == (6, 33) and not outcome.wrote_input
     np.testing.assert_allclose(outcome.grad, softmax, atol=1e-6)
     assert outcome.value.dtype == np.float64 and outcome.value.shape == (6,)
+
+
+def test_the_vjp_takes_the_calls_upstream_gradient(jax):
+    import numpy as np
+
+    from ce_audit.backends import BlockCall, get_backend
+    from ce_audit.implementations import REGISTRY
+    from ce_audit.upstream import Upstream
+
+    rng = np.random.default_rng(1)
+    block = (4.0 * rng.standard_normal((5, 17))).astype(np.float32)
+    targets = rng.integers(0, 17, size=5)
+    upstream = Upstream(np.array([0.5, 1.75, 0.625, 1.5, 0.75]), 1.25)
+    call = BlockCall(
+        block, targets, float_format("float32"), "cpu", {}, True, LossOptions(), None, (5,), upstream=upstream
+    )
+    ones = BlockCall(block, targets, float_format("float32"), "cpu", {}, True, LossOptions(), None, (5,))
+    jax_backend = get_backend("jax")
+    scaled = jax_backend.run(REGISTRY["jax_shifted"], call).grad
+    plain = jax_backend.run(REGISTRY["jax_shifted"], ones).grad
+    assert scaled is not None and plain is not None
+    np.testing.assert_allclose(scaled, plain * upstream.rows[:, None], rtol=1e-6, atol=1e-7)

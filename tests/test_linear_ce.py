@@ -152,6 +152,12 @@ def test_bfloat16_accumulation_is_flagged_with_the_hidden_size_named(tmp_path, c
     assert by_impl["linear_bf16_accumulate"]["flag"] == "worse"
     assert by_impl["linear_chunked"]["flag"] != "worse"
     assert "linear_bf16_accumulate: worse than PyTorch" in out and "hidden size 4096" in out
+    # the cause is traced to the rounding of the running sum to bfloat16, with its line, not guessed
+    lines = EXAMPLE.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if ".to(torch.bfloat16)" in text)
+    assert by_impl["linear_bf16_accumulate"]["error_origin"] == f"aten._to_copy bf16_accumulation.py:{line}"
+    assert "rounds to bfloat16" in by_impl["linear_bf16_accumulate"]["traced_cause"]
+    assert "likely:" not in out.split("linear_bf16_accumulate: worse than PyTorch")[1].split("\n\n")[0]
 
 
 def test_float64_cells_are_skipped_with_the_reason(tmp_path, capsys):
@@ -340,10 +346,15 @@ def test_the_chunked_builtin_gives_no_gradient_to_its_running_maximum():
     assert worst["linear_chunked"] <= 1.5 * worst["linear_fused"], worst
 
 
-def test_explain_refuses_a_linear_cell_in_one_line(tmp_path, capsys):
-    sweep(tmp_path, capsys, "--vocab", "16", "--batch", "4", "--dtype", "float32", "--scale", "1")
-    code, _, err = run_cli(["explain", tmp_path], capsys)
-    assert code == 2 and "linear_ce cells are not traced" in err and len(err.strip().splitlines()) == 1
+def test_explain_traces_a_linear_cell_op_by_op(tmp_path, capsys):
+    sweep(
+        tmp_path, capsys, "--plugin", EXAMPLE, "--impl", "linear_bf16_accumulate", "--vocab", "256",
+        "--batch", "4", "--hidden-size", "256", "--dtype", "float32", "--scale", "1", "--offset", "0",
+        "--distribution", "normal", "--reduction", "none",
+    )  # fmt: skip
+    code, out, _ = run_cli(["explain", tmp_path, "--plugin", EXAMPLE], capsys)
+    assert code == 0, out
+    assert "aten.mm" in out and "bf16_accumulation.py" in out and "bfloat16" in out
 
 
 def test_a_backend_that_cannot_take_hidden_states_is_skipped_with_the_reason(tmp_path, capsys):

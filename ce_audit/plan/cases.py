@@ -33,6 +33,7 @@ import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,14 @@ class Case:
         """A replay's case: rows read from files, not generated (distribution ``replay``, scale 1,
         offset 0)."""
         return cls(REPLAY, 1.0, 0.0, vocab, batch, seed, options=options)
+
+    @classmethod
+    def of_cell(cls, cell: Any) -> Case:
+        """The case a summary.csv cell was measured on (its key columns)."""
+        return cls(
+            cell.distribution, cell.scale, cell.offset, cell.vocab, cell.batch, cell.seed, cell.margin,
+            cell.target_position, cell.options, cell.hidden_size, cell.classifier_scale,
+        )  # fmt: skip
 
     @property
     def from_files(self) -> bool:

@@ -21,6 +21,7 @@ from ce_audit.backends import BlockCall
 from ce_audit.results import Cell
 from ce_audit.trace.explain import GAIN, INTRODUCED
 from ce_audit.trace.records import Origin, Trace
+from ce_audit.upstream import draw_upstream
 
 FLAGGED = ("inaccurate", "nonfinite")
 
@@ -152,14 +153,18 @@ def trace_cell(cell: Cell, source: Any, fmt: Any, impl: Any, options: Any, setti
     try:
         logits, targets = row_inputs(source, fmt, rows)
         parts = parts or flagged_parts(cell)
-        call = BlockCall(logits, targets, fmt, cell.device, settings, grad, options, weight, (), trace=parts)
+        upstream = draw_upstream(source.case, 0, np.asarray(rows)) if grad else None  # the audit's cotangent
+        call = BlockCall(
+            logits, targets, fmt, cell.device, settings, grad, options, weight, (), trace=parts,
+            upstream=upstream,
+        )  # fmt: skip
         found = run_implementation(impl, call)
     except Exception:  # noqa: BLE001 - a trace that fails leaves the cell as measured
         return None
     if not isinstance(found, Trace):
         return None
     found = replace(found, rows=tuple(rows))
-    if formula_suspected(cell, found):
+    if formula_suspected(cell, found) and options.family != "linear_ce":  # the reference of E·Cᵀ is not here
         found = replace(found, departure=formula_departure(found, logits, targets, cell, options, weight))
     return found
 

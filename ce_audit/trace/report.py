@@ -55,8 +55,6 @@ def explain_cell(directory: str | Path, row: int | None = None, plugins: tuple[s
     cell = pick_cell(list(read_cells(summary).cells), row, selectors)
     if cell.distribution == "replay":
         raise AuditError("explain traces a sweep's cells (a replay's rows are in its files: replay them)")
-    if cell.options.family == "linear_ce":
-        raise AuditError("explain traces cells whose inputs are logits; linear_ce cells are not traced")
     report = summary.with_name("report.json")
     config = load_config()
     if report.is_file():
@@ -66,8 +64,7 @@ def explain_cell(directory: str | Path, row: int | None = None, plugins: tuple[s
             raise AuditError(f"cannot read {report}: {error}") from None
     specs = tuple(dict.fromkeys([*config.plugins, *plugins]))
     (impl,) = prepare((cell.impl,), specs)
-    case = Case(cell.distribution, cell.scale, cell.offset, cell.vocab, cell.batch, cell.seed, cell.margin,
-                cell.target_position, cell.options)  # fmt: skip
+    case = Case.of_cell(cell)
     source = CaseSource(case, config.block_mib << 20, row_multiple([impl]))
     fmt = float_format(cell.dtype)
     with session(config.isolation, config.timeout, impls=(cell.impl,), plugins=specs):

@@ -22,6 +22,7 @@ from ce_audit.trace.explain import error_origins, nonfinite_origin
 from ce_audit.trace.records import Origin, Trace
 from ce_audit.trace.shift import shifted_origin
 from ce_audit.trace.source_line import BOUNDARY, user_line
+from ce_audit.upstream import cotangent
 
 _NUMPY_FUNCTION = re.compile(r"\b(?:np|numpy)\.(\w+)\s*\(")
 _NUMPY_KINDS = {"overflow": "overflowed", "divide by zero": "divided by 0", "invalid value": "made NaN"}
@@ -102,7 +103,9 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
         if not isinstance(losses, torch.Tensor) or not losses.is_floating_point():
             return Trace(impl.name, call.fmt.name, rows, traced=False, note="returned no floating tensor")
         if call.want_grad and losses.requires_grad and ("grad" in parts or "every-op" in parts):
-            seed = torch.ones_like(losses)  # (a loss-only trace needs no backward)
+            seed = torch.ones_like(losses)  # or the audit's cotangent (a loss-only trace needs no backward)
+            if call.upstream is not None:
+                seed = torch.from_numpy(cotangent(call.upstream, tuple(losses.shape))).to(losses)
             tracer.phase = "backward"
             try:
                 _backward(torch, losses, seed)

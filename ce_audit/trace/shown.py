@@ -41,12 +41,7 @@ def trace_shown(cells: list[Cell], config: Any, source_of: Callable[[Any, Any], 
         impl = REGISTRY.get(cell.impl)
         if id(cell) not in chosen or impl is None or not impl.builtin or cell.distribution == REPLAY:
             continue
-        if cell.options.family == "linear_ce":  # the tracer follows logits, not hidden states
-            continue
-        case = Case(
-            cell.distribution, cell.scale, cell.offset, cell.vocab, cell.batch, cell.seed, cell.margin,
-            cell.target_position, cell.options,
-        )  # fmt: skip
+        case = Case.of_cell(cell)
         source = source_of(case, impl)
         fmt = float_format(cell.dtype)
         grad = cell.grad_status not in ("off", "n/a", "")

@@ -16,10 +16,9 @@ clip (its test reference clips the shifted logits instead, as Paddle's CPU softm
 CUDA kernels compute x - max - log(sum) with no clip at all, as the fix here does). Both versions compute
 in the audited dtype (the kernel is templated on it: float and double), with Paddle's backward.
 
-ce-audit sees it on rows far below zero: `ce-audit sweep --dtype float32 --dtype float64 --distribution
-normal --scale 1 --offset=-1000` (not in a shipped config: the default sweep's most negative offset, -100,
-leaves the clamped shift at about -36, where exp still has range). The bug is `nonfinite`, loss and
-gradient, on every row; the fix is ok.
+ce-audit sees it on rows far below zero: the default sweep's grid 8 (offset -1000, float32 and float64;
+its other negative offset, -100, leaves the clamped shift at about -36, where exp still has range in
+float32). The bug is `nonfinite`, loss and gradient, on every row; the fix is ok.
 """
 
 from __future__ import annotations
