@@ -12,7 +12,8 @@ script's median. ``--figures DIR/summary.csv`` times, in this process, drawing t
     python benchmarks/sweep.py --stages [--repeats 3]     # each stage's share of the default sweep
 
 ``--stages`` runs the default sweep in this process under the stage timers of `benchmarks/stages.py` and
-prints each stage's share of its time, median of ``--repeats`` (the row verdict's cost among them).
+prints its wall and CPU seconds and each stage's share of its time, medians of ``--repeats`` (the row
+verdict's cost among them).
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def stage_shares(repeats: int) -> list[dict[str, float]]:
     runs = []
     for _ in range(repeats):
         with stage_timers() as seconds:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run_sweep(load_config(None, {}))
-            total = time.perf_counter() - start
-        runs.append({**seconds, "total": total})
+            total, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        runs.append({**seconds, "total": total, "cpu": cpu})
     return runs
 
 
@@ -81,7 +82,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.stages:
         runs = stage_shares(args.repeats)
-        for label in sorted({label for run in runs for label in run} - {"total"}):
+        wall, cpu = (statistics.median(run[key] for run in runs) for key in ("total", "cpu"))
+        print(f"the default sweep in this process: median {wall:.2f} s wall, {cpu:.2f} s CPU (all threads)")
+        for label in sorted({label for run in runs for label in run} - {"total", "cpu"}):
             shares = [run.get(label, 0.0) / run["total"] for run in runs]
             print(f"{label:16s} median {100 * statistics.median(shares):5.1f} % of the sweep "
                   f"(runs {[round(100 * share, 1) for share in shares]} %)")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -124,6 +125,48 @@ LIMITED_FLOAT64_REFERENCE = (
     "float64: long double is a double on this platform, so the float64 reference is accurate to about "
     "a few ULP instead of 0.01 ULP"
 )
+
+
+_FLOAT64_TINY = 2.0**-1022  # float64's smallest normal value
+_EXTENDED = np.finfo(np.longdouble).nmant >= 63  # x87 long double: 64-bit significand, 15-bit exponent
+_SUBNORMAL_SCALE = np.longdouble(2.0) ** 1074 if _EXTENDED else None  # exact: 2^1074 in long double
+
+
+def to_float64(values: np.ndarray) -> np.ndarray:
+    """``values.astype(np.float64)``, exactly, without copying float64 values. Long double values below
+    float64's normal range (``astype`` takes ~60× longer on them: every such conversion is a microcoded
+    underflow) are rounded as the conversion rounds them, to nearest, ties to even, at float64's subnormal
+    spacing 2^-1074: below 2^-1075 to ±0; else n = rint(|x| · 2^1074) is exact in long double
+    (|x| · 2^1074 < 2^52), and n is the bit pattern of the float64 n · 2^-1074 (2^52 of them: 2^-1022),
+    the sign set apart (−0 kept)."""
+    if values.dtype != np.longdouble or not _EXTENDED:
+        return values.astype(np.float64, copy=False)
+    exponent = _biased_exponents(values)  # 16383 + e for 2^e ≤ |x| < 2^(e+1); 0 for 0
+    tiny = exponent < 16383 - 1022
+    if not tiny.any():
+        return values.astype(np.float64)
+    out = np.empty(values.shape, dtype=np.float64)
+    out[~tiny] = values[~tiny].astype(np.float64)
+    small = values[tiny]
+    bits = np.zeros(small.shape, dtype=np.int64)  # below 2^-1075: ±0
+    rounded = exponent[tiny] >= 16383 - 1075
+    bits[rounded] = np.rint(np.abs(small[rounded]) * _SUBNORMAL_SCALE).astype(np.int64)
+    bits[np.signbit(small)] |= np.int64(-(1 << 63))
+    out[tiny] = bits.view(np.float64)
+    return out
+
+
+def _biased_exponents(values: np.ndarray) -> np.ndarray:
+    """The x87 long doubles' biased exponents (16383 + e for 2^e ≤ |x| < 2^(e+1); 0 for zeros and long
+    double subnormals; 32767 for NaN and ±inf), from bytes 8–9 of each little-endian value (an integer
+    pass, no floating point); where the layout is another, from ``frexp``."""
+    if sys.byteorder == "little" and values.dtype.itemsize in (12, 16):
+        raw = np.ascontiguousarray(values).view(np.uint16).reshape(*values.shape, values.dtype.itemsize // 2)
+        return (raw[..., 4] & 0x7FFF).astype(np.int32)
+    with np.errstate(invalid="ignore"):
+        _, exponent = np.frexp(values)
+    finite = np.isfinite(values)
+    return np.where(finite & (values != 0), exponent.astype(np.int32) + 16382, np.where(finite, 0, 32767))
 
 
 def ulp(reference: np.ndarray, fmt: FloatFormat) -> np.ndarray:

@@ -4,16 +4,91 @@ gradient of cross-entropy must pass (rows summing to 0, the true class's entry p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat, ulp
+from ce_audit.dtypes import FloatFormat, to_float64, ulp
 from ce_audit.metrics import Tolerance, machine_epsilon
 from ce_audit.statuses import Status, relative_error
 
 ROW_GROUP_ELEMENTS = 1 << 16  # GradTally works on this many gradient entries at a time
+SHARED_TERMS_ELEMENTS = 1 << 21  # ExactGradient keeps its terms for blocks up to this many entries
+
+
+@dataclass
+class ExactRows:
+    """What a group of rows of the exact gradient g* gives every tally alone: |g*| (0 where g* is not
+    finite), the tolerance atol + rtol·|g*|, ulp(|g*|), and by row max_k |g*_ik| and ‖g*_i‖₂."""
+
+    values: np.ndarray
+    finite: np.ndarray | None  # where g* is finite; None: everywhere
+    size: np.ndarray
+    bound: np.ndarray
+    spacing: np.ndarray
+    row_norm: np.ndarray
+    norms: np.ndarray
+
+    @classmethod
+    def of(cls, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat) -> ExactRows:
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(reference)
+            if finite.all():
+                size, finite = np.abs(reference), None
+            else:
+                size = np.abs(np.where(finite, reference, 0))
+            return cls(
+                reference, finite, size, tolerance.atol + tolerance.rtol * size,
+                ulp(to_float64(size), fmt),  # float64 spacing: a metric, not a reference
+                size.max(axis=1), np.sqrt(np.einsum("ij,ij->i", size, size)),
+            )  # fmt: skip
+
+
+class ExactGradient:
+    """A block's exact gradient and its row groups' ``ExactRows``, computed once per (dtype, tolerance) and
+    shared by every implementation scored on the block (up to ``SHARED_TERMS_ELEMENTS`` entries; a larger
+    block's are computed group by group, for each tally, and not kept)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self._groups: dict[tuple[int, int, str, Tolerance], ExactRows] = {}
+        self._row_sums: tuple[np.ndarray, np.ndarray] | None = None
+        self._bounds: dict[tuple[int, int, str, Tolerance], np.ndarray] = {}
+
+    def whole_bound(self, tolerance: Tolerance, fmt: FloatFormat) -> np.ndarray | None:
+        """atol + rtol·|g*| over the whole block where every entry is finite and the terms are kept (None:
+        not)."""
+        values = self.values
+        if values.ndim != 2 or not values.size or values.size > SHARED_TERMS_ELEMENTS:
+            return None
+        step = max(1, ROW_GROUP_ELEMENTS // max(values.shape[1], 1))
+        groups = [self.rows(first, step, tolerance, fmt) for first in range(0, values.shape[0], step)]
+        if any(group.finite is not None for group in groups):
+            return None
+        if len(groups) == 1:
+            return groups[0].bound
+        key = (-1, step, fmt.name, tolerance)
+        if key not in self._bounds:
+            self._bounds[key] = np.concatenate([group.bound for group in groups])
+        return self._bounds[key]
+
+    def finite_rows_and_abs_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows of g* are finite, and Σ_k |g*_ik| by row (GradChecks' row-sum check)."""
+        if self._row_sums is None:
+            with np.errstate(all="ignore"):
+                self._row_sums = np.isfinite(self.values).all(axis=1), np.abs(self.values).sum(axis=1)
+        return self._row_sums
+
+    def rows(self, first: int, step: int, tolerance: Tolerance, fmt: FloatFormat) -> ExactRows:
+        """The terms of rows ``first`` to ``first + step``."""
+        key = (first, step, fmt.name, tolerance)
+        terms = self._groups.get(key)
+        if terms is None:
+            terms = ExactRows.of(self.values[first : first + step], tolerance, fmt)
+            if self.values.size <= SHARED_TERMS_ELEMENTS:
+                self._groups[key] = terms
+        return terms
 
 
 @dataclass
@@ -31,67 +106,79 @@ class GradTally:
     max_ulp: float = 0.0
     norm_rel_err: float = 0.0
     measured: bool = False
+    # |g − g*| of the block just added, by row group (None: a group with a non-finite entry), until taken
+    last_diff: list[np.ndarray | None] | None = field(default=None, compare=False, repr=False)
+
+    def take_diff(self) -> np.ndarray | None:
+        """|g − g*| of the block just added where every entry was finite (else None); not kept after."""
+        groups, self.last_diff = self.last_diff, None
+        if not groups or any(group is None for group in groups):
+            return None
+        return groups[0] if len(groups) == 1 else np.concatenate(groups)  # type: ignore[arg-type]
 
     def add(
         self,
         grad: np.ndarray,
-        reference: np.ndarray,
+        reference: np.ndarray | ExactGradient,
         tolerance: Tolerance,
         fmt: FloatFormat,
         unit: float = 1.0,
     ) -> np.ndarray:
         """Tally a block, ROW_GROUP_ELEMENTS at a time: every quantity is per row or a maximum, so the
         totals are those of one pass, and the temporaries stay in cache. Returns each row's error
-        ‖g_i − g*_i‖₂ / (ε · max(‖g*_i‖₂, ``unit``)) (ce_audit.row_verdict; inf for a non-finite mismatch)."""
+        ‖g_i − g*_i‖₂ / (ε · max(‖g*_i‖₂, ``unit``)) (ce_audit.row_verdict; inf for a non-finite mismatch).
+        ``reference``: g*, or an ``ExactGradient`` whose terms the block's other tallies share."""
         self.measured = True
         if not grad.size:
             return np.zeros(grad.shape[0] if grad.ndim else 0)
+        exact = reference if isinstance(reference, ExactGradient) else ExactGradient(reference)
         step = max(1, ROW_GROUP_ELEMENTS // max(grad.shape[1], 1))
         scale, row_errors = machine_epsilon(fmt), []
+        self.last_diff = []
         for first in range(0, grad.shape[0], step):
-            distance, norms = self._add_rows(
-                grad[first : first + step], reference[first : first + step], tolerance, fmt
-            )
+            terms = exact.rows(first, step, tolerance, fmt)
+            distance, norms = self._add_rows(grad[first : first + step], terms)
             row_errors.append(distance / (scale * np.maximum(norms, unit)))
-        return np.concatenate(row_errors)
+        return row_errors[0] if len(row_errors) == 1 else np.concatenate(row_errors)
 
-    def _add_rows(
-        self, grad: np.ndarray, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def _add_rows(self, grad: np.ndarray, exact: ExactRows) -> tuple[np.ndarray, np.ndarray]:
         """Tally a group of rows; returns ‖g_i − g*_i‖₂ (inf for a non-finite mismatch) and ‖g*_i‖₂ by row."""
+        reference = exact.values
         with np.errstate(all="ignore"):
-            grad_finite, reference_finite = np.isfinite(grad), np.isfinite(reference)
-            if grad_finite.all() and reference_finite.all():  # the usual case: one pass per quantity
+            grad_finite = np.isfinite(grad)
+            finite = exact.finite is None and bool(grad_finite.all())
+            if finite:  # the usual case: one pass per quantity
                 delta = grad - reference
-                size = np.abs(reference)
                 mismatch = wrong = None
             else:
+                reference_finite = np.isfinite(reference) if exact.finite is None else exact.finite
                 self.nan_rows += int(np.isnan(grad).any(axis=1).sum())
                 self.inf_rows += int(np.isinf(grad).any(axis=1).sum())
                 mismatch = ~grad_finite & ~(np.isnan(reference) & np.isnan(grad)) & (grad != reference)
                 self.mismatches += int(mismatch.any(axis=1).sum())
                 wrong = grad_finite & np.isinf(reference)
                 both = reference_finite & grad_finite
-                delta = np.where(both, grad - reference, 0)
-                size = np.abs(np.where(reference_finite, reference, 0))
+                delta = np.zeros(grad.shape, np.result_type(grad, reference))
+                np.subtract(grad, reference, out=delta, where=both)  # no NaN arithmetic (slow in long double)
             diff = np.abs(delta)
-            failing = diff > tolerance.atol + tolerance.rtol * size
+            if self.last_diff is not None:
+                self.last_diff.append(diff if finite else None)
+            failing = diff > exact.bound
             if mismatch is not None:
                 failing |= mismatch | wrong
             self.failures += int(failing.any(axis=1).sum())
-            spacing = ulp(size.astype(np.float64), fmt)  # float64 spacing: a metric, not a reference
-            self.max_ulp = max(self.max_ulp, float((diff.astype(np.float64) / spacing).max()))
-            row_abs, row_norm = diff.max(axis=1), size.max(axis=1)
+            ulps = to_float64(diff) / exact.spacing
+            self.max_ulp = max(self.max_ulp, float(ulps.max()))
+            row_abs, row_norm = diff.max(axis=1), exact.row_norm
             row_rel = np.where(row_norm > 0, relative_error(row_abs, row_norm), 0)
-            norms = np.sqrt(np.einsum("ij,ij->i", size, size))
             distance = np.sqrt(np.einsum("ij,ij->i", delta, delta))
-            norm_rel = relative_error(distance, norms)
+            norm_rel = relative_error(distance, exact.norms)
             if mismatch is not None:
                 distance[(mismatch | wrong).any(axis=1)] = np.inf
         self.max_abs_err = max(self.max_abs_err, float(row_abs.max()))
         self.max_rel_err = max(self.max_rel_err, float(row_rel.max()))
         self.norm_rel_err = max(self.norm_rel_err, float(norm_rel.max()))
-        return distance, norms
+        return distance, exact.norms
 
     @property
     def status(self) -> str:
@@ -137,7 +224,9 @@ class GradChecks:
         rowsum: np.ndarray | None,
         tolerance: Tolerance,
         fmt: FloatFormat,
+        exact: ExactGradient | None = None,
     ) -> None:
+        """Check a block (``exact``: ``reference`` with the terms the block's other tallies share)."""
         with np.errstate(all="ignore"):
             if true_index is None:
                 got, want = grad.ravel(), reference.ravel()
@@ -152,18 +241,18 @@ class GradChecks:
             if rowsum is None or grad.shape[0] == 0:
                 return
             self.rowsum_checked = True
-            finite_rows = (
-                np.isfinite(grad).all(axis=1) & np.isfinite(reference).all(axis=1) & np.isfinite(rowsum)
-            )
-            error = np.abs(grad.sum(axis=1) - rowsum)[finite_rows]
-            finite_reference = reference[finite_rows]
-            norm = np.abs(finite_reference).sum(axis=1)
+            exact = exact if exact is not None and exact.values is reference else ExactGradient(reference)
+            reference_rows, abs_sums = exact.finite_rows_and_abs_sums()
+            finite_rows = np.isfinite(grad).all(axis=1) & reference_rows & np.isfinite(rowsum)
+            # Σ_k of each row alone: the same whichever rows are summed (none with a NaN: slow in long double)
+            error = np.abs(grad[finite_rows].sum(axis=1) - rowsum[finite_rows])
+            norm = abs_sums[finite_rows]
             rel = relative_error(error, norm)
             if rel.size:
                 self.rowsum_max = max(self.rowsum_max, float(rel.max()))
             suspect = np.flatnonzero(error > tolerance.atol + tolerance.rtol * norm)
             if suspect.size:  # only these rows need the rounding allowance Σ_k ½ ulp(g*_k)
-                spacing = ulp(finite_reference[suspect].astype(np.float64), fmt)
+                spacing = ulp(to_float64(reference[np.flatnonzero(finite_rows)[suspect]]), fmt)
                 allowed = tolerance.atol + tolerance.rtol * norm[suspect] + 0.5 * spacing.sum(axis=1)
                 self.rowsum_failures += int((error[suspect] > allowed).sum())
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_audit.dtypes import FORMATS, FloatFormat, ulp
+from ce_audit.dtypes import FORMATS, FloatFormat, to_float64, ulp
 from ce_audit.statuses import Status, relative_error
 
 
@@ -295,7 +295,7 @@ def rounded_once(values: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     """The reference's values rounded once to ``fmt`` (long double → float64, float64 → narrower)."""
     if fmt.name == "float64":
         with np.errstate(over="ignore"):  # a long double past float64's range rounds to ±inf, as it should
-            return values.astype(np.float64)
+            return to_float64(values) if values.dtype == np.longdouble else values.astype(np.float64)
     return fmt.quantize(values.astype(np.float64))
 
 

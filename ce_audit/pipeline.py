@@ -255,12 +255,16 @@ class DtypeAudit:
         failures = run.tally.grad.failures
         errors = run.tally.score(
             outcome, value, reference, reference.loss, reference.grad, self.fmt, self.tolerance,
-            view.gradient_unit(),
+            view.gradient_unit(), view.exact_gradient(),
         )  # fmt: skip
         index = np.arange(value.shape[0]) if view.rows is None else view.rows
+        diff = run.tally.grad.take_diff()  # |g − g*|, released here whether the trace uses it or not
         failed = run.tally.grad.failures > failures and not reduced and not reference.classifier_rows
         if failed and tracing_on():  # a gradient row fails (linear_ce's are not traced)
-            run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, first_row + index)
+            exact = view.exact_gradient()
+            bound = exact.whole_bound(self.tolerance, self.fmt) if exact is not None else None
+            rows = first_row + index
+            run.trace_rows.add_failing(outcome.grad, reference.grad, self.tolerance, rows, bound, diff)
         if run.worst is not None:
             badness = row_badness(errors, outcome.grad)
             if reduced:

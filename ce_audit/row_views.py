@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ce_audit.grad_metrics import ExactGradient
 from ce_audit.options import LossOptions
 from ce_audit.reference.variants import reference_loss
 from ce_audit.upstream import Upstream
@@ -45,6 +46,16 @@ class RowsView:
     options: LossOptions  # the options of the call
     mean: Any = None  # the exact batch mean, computed on first use (for 0-d results)
     upstream: Upstream | None = None  # the cotangent of its rows (None: ones); ``reference`` is scaled by it
+    exact: ExactGradient | None = None  # the reference gradient's shared terms, made on first use
+
+    def exact_gradient(self) -> ExactGradient | None:
+        """The per-row reference gradient with the terms every implementation's tally shares (None: none)."""
+        grad = None if self.reference is None else self.reference.grad
+        if grad is None:
+            return None
+        if self.exact is None or self.exact.values is not grad:
+            self.exact = ExactGradient(grad)
+        return self.exact
 
     def gradient_unit(self, mean: bool = False) -> float:
         """u of the row verdict's gradient measure (ce_audit.row_verdict): 1, or for a mean (``mean`` or the

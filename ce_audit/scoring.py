@@ -24,7 +24,7 @@ import numpy as np
 
 from ce_audit.backends import Outcome, backend_class, takes_gradients
 from ce_audit.dtypes import FORMATS, FloatFormat
-from ce_audit.grad_metrics import GradChecks, GradTally
+from ce_audit.grad_metrics import ExactGradient, GradChecks, GradTally
 from ce_audit.implementations import Implementation
 from ce_audit.metrics import (
     LossTally,
@@ -98,12 +98,14 @@ class CellTally:
         fmt: FloatFormat,
         tolerance: Tolerance,
         grad_unit: float = 1.0,
+        exact_grad: ExactGradient | None = None,
     ) -> RowErrors:
         """Add one result to the tallies; returns the per-row errors and leaves the block's errors in the
-        row verdict's measure in ``last_block`` (ce_audit.row_verdict; ``grad_unit``: u there)."""
+        row verdict's measure in ``last_block`` (ce_audit.row_verdict; ``grad_unit``: u there).
+        ``exact_grad``: ``reference_grad`` with the terms every tally of the block shares."""
         work = reference_loss.dtype
         value = value.reshape(-1)
-        errors = self.loss.add(value.astype(work), reference_loss, fmt, tolerance)
+        errors = self.loss.add(value.astype(work, copy=False), reference_loss, fmt, tolerance)
         wrong = errors.nonfinite_mismatch | errors.finite_where_infinite
         scaled_loss = scaled_loss_errors(errors.abs_err, reference_loss, wrong, machine_epsilon(fmt))
         scaled_grad = None
@@ -123,8 +125,10 @@ class CellTally:
         if outcome.grad_error:
             self.grad_status, self.error = Status.ERROR, outcome.grad_error
         elif outcome.grad is not None and reference_grad is not None and self.grad_status is None:
-            gradient = outcome.grad.astype(work)
-            scaled_grad = self.grad.add(gradient, reference_grad, tolerance, fmt, grad_unit)
+            gradient = outcome.grad.astype(work, copy=False)
+            shared = exact_grad is not None and exact_grad.values is reference_grad
+            exact = exact_grad if shared else reference_grad
+            scaled_grad = self.grad.add(gradient, exact, tolerance, fmt, grad_unit)
             if reference.classifier_rows:  # linear_ce: ∂L/∂C judged whole in the row verdict
                 split = split_classifier(
                     scaled_grad, gradient, reference_grad, reference.classifier_rows, machine_epsilon(fmt),
@@ -136,7 +140,10 @@ class CellTally:
             rowsum = reference.rowsum
             if reference_grad is not reference.grad and rowsum is not None:
                 rowsum = rowsum / max(reference.loss.shape[0], 1)
-            self.checks.add(gradient, reference_grad, reference.true_index, rowsum, tolerance, fmt)
+            self.checks.add(
+                gradient, reference_grad, reference.true_index, rowsum, tolerance, fmt,
+                exact if shared else None,
+            )  # fmt: skip
         self.last_block = RowErrorsScaled(scaled_loss, scaled_grad)
         return errors
 
@@ -155,6 +162,7 @@ class CellTally:
         mean = np.asarray(reference.loss).reshape(1)
         mean_grad = reference.grad if grad else None
         self.score(outcome, outcome.value, reference, mean, mean_grad, fmt, tolerance, unit)
+        self.grad.take_diff()  # not kept: only a per-row block's is traced
         floor = floor_row_errors(mean, mean_grad, fmt, unit, reference.classifier_rows)
         grad_floor = floor.grad_norm_rel if grad else np.nan
         self.mean_floor = Side(floor_ulp_error(mean, fmt), False, grad_floor)

@@ -6,14 +6,17 @@ of threads. ``set_threads(1)`` (e.g. in worker processes that already use every 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 MAX_THREADS = 8
+# Below this many logits per case, torch runs on one thread (``torch_threads_for``).
+SMALL_CASE_ELEMENTS = 1 << 20
 _threads: int | None = None
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0  # a forked child has the parent's pool object but none of its threads: it makes its own
@@ -71,3 +74,22 @@ def map_ranges(work: Callable[[int, int], None], stop: int, step: int) -> None:
         _pool_pid = os.getpid()
     for future in [_pool.submit(work, first, last) for first, last in ranges]:
         future.result()
+
+
+@contextlib.contextmanager
+def torch_threads_for(largest_case: int) -> Iterator[None]:
+    """Torch on one thread inside the block when the largest case has fewer than ``SMALL_CASE_ELEMENTS``
+    logits (and torch is imported): its ops on so few elements gain little from more threads, which wake
+    and spin for every op, and lose much where the cores are busy (the float16 default sweep in this
+    process on 2 busy cores: 1.6 s of CPU, 2.4 s wall on one thread; 16–20 s of CPU, 24–39 s wall on
+    two). Results do not depend on it: a --jobs worker process runs on one thread already."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else 1
+    if before == 1 or largest_case >= SMALL_CASE_ELEMENTS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

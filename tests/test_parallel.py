@@ -23,6 +23,7 @@ from ce_audit.run.executors import (
     ProcessExecutor,
     RayExecutor,
     available_cores,
+    sweep_cost,
 )
 from ce_audit.run.shards import Shard, assign
 from ce_audit.run.sweep import run_sweep
@@ -187,13 +188,35 @@ def test_progress_counts_the_cells_of_each_unit_in_workers_and_in_this_process(t
 
 def test_default_jobs_keep_a_small_sweep_in_this_process(tiny_config: object) -> None:
     units, _ = plan_units(tiny_config)  # type: ignore[arg-type]
-    assert sum(unit.cost for unit in units) < SMALL_SWEEP_COST
+    assert sweep_cost(units) < SMALL_SWEEP_COST
     assert isinstance(Execution(jobs=None).executor_for(units), LocalExecutor)
     big, _ = plan_units(load_config(None))
     chosen = Execution(jobs=None).executor_for(big)
     expected = LocalExecutor if available_cores() == 1 else ProcessExecutor
     assert isinstance(chosen, expected)
     assert isinstance(Execution(jobs=3).executor_for(units), ProcessExecutor)
+    headline, _ = plan_units(load_config(None, {"dtypes": ["float16"]}))  # the headline use: here
+    assert isinstance(Execution(jobs=None).executor_for(headline), LocalExecutor)
+    variants = Path(__file__).parents[1] / "configs" / "variants.toml"
+    tiny_cells, _ = plan_units(load_config(variants))  # 31456 tiny cells: the cores
+    assert isinstance(Execution(jobs=None).executor_for(tiny_cells), expected)
+
+
+def test_small_cases_run_torch_on_one_thread_and_restore_it() -> None:
+    import torch
+
+    from ce_audit.threads import SMALL_CASE_ELEMENTS, torch_threads_for
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads_for(64 * 1000):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with torch_threads_for(SMALL_CASE_ELEMENTS):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

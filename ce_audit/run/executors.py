@@ -45,10 +45,13 @@ if TYPE_CHECKING:
 Progress = Callable[[float], None]  # advance(cells): the cells done since the last call (Unit.cells)
 UnitFunction = Callable[..., "list[Cell]"]  # function(unit, progress=None) -> the unit's cells
 
-# Below this estimated cost (rows × vocabulary × implementations × devices, summed over units) a sweep
-# whose --jobs was not given runs in this process: starting workers (a Python and a torch import each,
-# about a second) would cost more than it saves.
-SMALL_SWEEP_COST = 50_000_000
+# Below this estimated cost (rows × vocabulary × implementations × devices, summed over units, plus
+# CELL_COST per cell) a sweep whose --jobs was not given runs in this process: starting workers (a Python
+# and a torch import each, about a second) would cost more than it saves. The float16 default sweep
+# (6.6·10⁷) audits in about 2 s of CPU on one thread; configs/variants.toml's 31456 tiny cells (6.8·10⁸)
+# in about 25 s, about 0.8 ms each whatever their size.
+SMALL_SWEEP_COST = 100_000_000
+CELL_COST = 20_000
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STOP_SIGNAL = signal.SIGUSR1  # the run's request to a unit's worker process: end your workers and exit
 _POLL_S = 0.1  # the wait for units is sliced, so that an interruption is seen in time
@@ -291,6 +294,11 @@ EXECUTORS: dict[str, str] = {
 }
 
 
+def sweep_cost(units: Sequence[Unit]) -> int:
+    """The estimated cost of running ``units``: their rows × vocabulary work, and CELL_COST per cell."""
+    return sum(unit.cost + CELL_COST * unit.cells for unit in units if unit.impls)
+
+
 @dataclass(frozen=True)
 class Execution:
     """How a sweep runs its units: an executor name (None: `local` for one job, `processes` for more),
@@ -321,7 +329,7 @@ class Execution:
         jobs = self.jobs
         if jobs is None:
             busy = [unit for unit in units if unit.impls]
-            small = len(busy) < 2 or sum(unit.cost for unit in busy) < SMALL_SWEEP_COST
+            small = len(busy) < 2 or sweep_cost(busy) < SMALL_SWEEP_COST
             jobs = 1 if small else available_cores()
         if self.executor == LocalExecutor.name or (self.executor is None and jobs == 1):
             return LocalExecutor()

@@ -50,6 +50,7 @@ from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
+from ce_audit.threads import torch_threads_for
 from ce_audit.trace import tracing
 from ce_audit.trace.shown import trace_shown
 
@@ -240,7 +241,8 @@ def run_sweep(
     isolated = session(
         config.isolation, config.timeout, impls=impls, plugins=plugins, max_memory=config.max_memory
     )
-    with isolated:  # one worker per implementation, for the whole run
+    largest = max((unit.case.batch * unit.case.vocab for unit in chosen if unit.impls), default=0)
+    with isolated, torch_threads_for(largest):  # one worker per implementation, for the whole run
         results = execution.run(run, chosen, progress)
         try:
             for unit, unit_cells in zip(chosen, results, strict=False):

@@ -71,8 +71,10 @@ class TraceRows:
     def add_row_errors(self, errors: Any, numbers: np.ndarray, picked: np.ndarray | None) -> None:
         self.worst = worst_gradient_row(self.worst, errors, numbers, picked)
 
-    def add_failing(self, grad: Any, exact: Any, tolerance: Any, numbers: np.ndarray) -> None:
-        self.failing = worst_failing_row(self.failing, grad, exact, tolerance, numbers)
+    def add_failing(
+        self, grad: Any, exact: Any, tolerance: Any, numbers: np.ndarray, bound: Any = None, diff: Any = None
+    ) -> None:
+        self.failing = worst_failing_row(self.failing, grad, exact, tolerance, numbers, bound, diff)
 
     @property
     def row(self) -> int:
@@ -83,14 +85,22 @@ class TraceRows:
 def worst_failing_row(
     worst: tuple[float, int], grad: np.ndarray | None, exact: np.ndarray | None, tolerance: Any,
     numbers: np.ndarray,
+    bound: np.ndarray | None = None,
+    diff: np.ndarray | None = None,
 ) -> tuple[float, int]:
     """The largest max_k |g − g*| / (atol + rtol·|g*|) over the rows so far and its input row, after one
-    more block (``numbers``: the input row of each gradient row)."""
+    more block (``numbers``: the input row of each gradient row; ``bound`` and ``diff``: atol + rtol·|g*|
+    and |g − g*|, where they are computed already)."""
     if grad is None or exact is None or grad.ndim != 2 or grad.shape != exact.shape:
         return worst
     with np.errstate(invalid="ignore", over="ignore"):
-        ratio = np.abs(grad - exact) / (tolerance.atol + tolerance.rtol * np.abs(exact))
-    scores = np.nan_to_num(ratio, nan=0.0).max(axis=1)
+        if bound is None or bound.shape != exact.shape:
+            bound = tolerance.atol + tolerance.rtol * np.abs(exact)
+        if diff is None or diff.shape != exact.shape:
+            nan = np.isnan(grad)  # its ratio is NaN, scored 0, whatever g* is: so is g* − g* or NaN there
+            diff = np.abs((np.where(nan, exact, grad) if nan.any() else grad) - exact)
+        ratio = diff / bound
+    scores = np.nan_to_num(ratio, nan=0.0, copy=False).max(axis=1)
     if not scores.size or scores.shape != numbers.shape:
         return worst
     index = int(np.argmax(scores))
