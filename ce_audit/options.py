@@ -263,8 +263,6 @@ class LossOptions:
         if self.family == "linear_ce":
             if self.required() - {"reduction"} or self.mask_fraction > 0 or self.focal_gamma is not None:
                 return "linear cross-entropy is audited with a reduction alone (no other loss option)"
-            if self.upstream != "ones":  # its gradients w.r.t. E and C are not scaled row by row
-                return "linear cross-entropy is audited with an upstream gradient of ones"
             return None
         if self.family == "binary":
             extra = [

@@ -70,6 +70,8 @@ class Upstream:
         sums multiplied by c: by the scalar when ``reduced`` (a 0-d result), row by row otherwise."""
         if reference is None or reference.grad is None:
             return reference
+        if not reduced and reference.row_weighted_grad is not None:  # linear_ce: ∂L/∂C sums the rows
+            return replace(reference, grad=reference.row_weighted_grad(self.rows))
         factor = self.scalar if reduced else self.rows
         column = factor if reduced else factor[:, None]
         rowsum = None if reference.rowsum is None else reference.rowsum * factor

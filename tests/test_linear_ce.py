@@ -346,6 +346,25 @@ def test_the_chunked_builtin_gives_no_gradient_to_its_running_maximum():
     assert worst["linear_chunked"] <= 1.5 * worst["linear_fused"], worst
 
 
+def test_a_backward_that_reads_only_the_first_upstream_value_is_flagged_with_a_random_upstream(
+    tmp_path, capsys
+):
+    """Liger-Kernel PR #1298's bug class: ∂L/∂E and ∂L/∂C scaled by grad_output[0]; with ones it is right."""
+    rows, _ = sweep(
+        tmp_path, capsys, "--plugin", PLUGINS / "linear_plugins.py", "--impl", "linear_first_grad_output",
+        "--impl", "linear_per_row_grad_output", "--impl", "linear_fused", "--impl", "linear_rounded",
+        "--upstream", "ones", "--upstream", "random", "--vocab", "64", "--batch", "8", "--hidden-size", "32",
+        "--dtype", "float32", "--dtype", "bfloat16", "--scale", "1", "--offset", "0",
+        "--distribution", "normal",
+    )  # fmt: skip
+    for row in rows:
+        bug = row["impl"] == "linear_first_grad_output" and row["upstream"] == "random"
+        assert (row["flag"] == "worse") == bug, row
+        assert (row["grad_status"] == "inaccurate") == bug or row["impl"] == "linear_fused", row
+        if row["impl"] == "linear_rounded":
+            assert float(row["grad_err"]) <= 0.5, row
+
+
 def test_explain_traces_a_linear_cell_op_by_op(tmp_path, capsys):
     sweep(
         tmp_path, capsys, "--plugin", EXAMPLE, "--impl", "linear_bf16_accumulate", "--vocab", "256",

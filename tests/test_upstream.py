@@ -165,9 +165,21 @@ def test_the_default_sweep_flags_a_misread_grad_output_in_its_upstream_grid() ->
     assert fixed and all(cell.grad_status == "ok" and cell.flag != "worse" for cell in fixed)
 
 
-def test_linear_ce_is_audited_with_ones_alone() -> None:
-    """Its gradient is (∂L/∂E, ∂L/∂C): a per-row cotangent scales E's rows but not C's, so the reference's
-    row-by-row scaling does not apply; its cells under a random upstream gradient are skipped, with why."""
-    reason = LossOptions(loss="linear_ce", upstream="random").invalid_reason()
-    assert reason is not None and "upstream gradient of ones" in reason
-    assert LossOptions(loss="linear_ce").invalid_reason() is None
+def test_linear_ce_takes_a_random_upstream_and_its_classifier_gradient_sums_the_weighted_rows() -> None:
+    """Its gradient is (∂L/∂E, ∂L/∂C): a per-row cotangent scales E's rows, and ∂L/∂C = (diag(c)·G)ᵀ·E,
+    which is not the ones-gradient scaled row by row (tests/test_linear_ce.py audits a kernel that gets it
+    wrong)."""
+    from ce_audit.reference.linear import linear_terms
+
+    assert LossOptions(loss="linear_ce", upstream="random").invalid_reason() is None
+    rng = np.random.default_rng(3)
+    hidden = rng.normal(size=(4, 8)).astype(np.float32)
+    classifier = rng.normal(size=(6, 8)).astype(np.float32)
+    targets = np.array([0, 5, 2, 3])
+    reference, logits_gradient = linear_terms(hidden, classifier, targets, LossOptions(loss="linear_ce"))
+    weights = np.array([0.5, 1.875, 0.75, 1.25])
+    weighted = reference.row_weighted_grad(weights)
+    g = logits_gradient * weights[:, None]
+    np.testing.assert_allclose(weighted[:4], g @ classifier.astype(np.float64), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(weighted[4:], g.T @ hidden.astype(np.float64), rtol=1e-12, atol=1e-15)
+    assert not np.allclose(weighted[4:], reference.grad[4:] * weights.mean())

@@ -14,7 +14,8 @@ relative accuracy even when the difference is not representable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,9 @@ class VariantReference:
     note: str = ""
     max_logit: float = float("nan")  # linear_ce: the largest exact logit of E·Cᵀ (NaN: the inputs are logits)
     classifier_rows: int = 0  # linear_ce: the gradient's last V rows are ∂L/∂C (ce_audit.reference.linear)
+    # linear_ce: c ↦ the gradient of Σ_i c_i ℓ_i (its ∂L/∂C sums the rows, so it is not ``grad`` scaled row
+    # by row; ce_audit.upstream)
+    row_weighted_grad: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ Float64 inputs are refused: their products are not exact in float64 (``FLOAT64_R
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ce_audit.dtypes import FloatFormat, format_of_array
@@ -145,6 +147,20 @@ def linear_terms(
     no_true_class = np.full(rows + classifier.shape[0], -1)  # no entry is a −(1 − p_y) term
     finite = logits[np.isfinite(logits)]
     peak = float(finite.max()) if finite.size else float("nan")
+    weighted = None
+    if logits_gradient is not None and options.reduction == "none":
+        weighted = partial(row_weighted_gradient, logits_gradient, hidden, classifier, fmt)
     return VariantReference(
-        loss, gradient, per_row, no_true_class, None, fmt, note, peak, classifier.shape[0]
+        loss, gradient, per_row, no_true_class, None, fmt, note, peak, classifier.shape[0], weighted
     ), logits_gradient
+
+
+def row_weighted_gradient(
+    logits_gradient: np.ndarray, hidden: np.ndarray, classifier: np.ndarray, fmt: FloatFormat,
+    weights: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """The (N + V, D) gradient of Σ_i c_i ℓ_i: ∂/∂E = diag(c)·G·C and ∂/∂C = (diag(c)·G)ᵀ·E. The c_i are
+    k/8 with k < 16 (ce_audit.upstream), so diag(c)·G is exact in float64 (short of underflow) and the
+    products are as accurate as ``input_gradients``'."""
+    weighted = logits_gradient * np.asarray(weights, np.float64)[:, None]
+    return input_gradients(weighted, hidden, classifier, fmt)
