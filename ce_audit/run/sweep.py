@@ -46,7 +46,7 @@ from ce_audit.plugins import prepare
 from ce_audit.reference.linear import FLOAT64_REFUSED
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
-from ce_audit.run.executors import Execution
+from ce_audit.run.executors import Execution, start_workers_ahead
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
@@ -230,6 +230,11 @@ def run_sweep(
     run = run_unit if reproducers is None else functools.partial(run_unit, reproducers=reproducers)
     started = time.time()
     clock = time.perf_counter()
+    if execution.devices_here:  # workers to come start importing while this process plans
+        ahead = plan_units(config, cpu_only=True)[0]
+        threads = execution.worker_threads(ahead if shard is None else shard.select(ahead))
+        if threads is not None:
+            start_workers_ahead(threads)
     units, devices = plan_units(config, execution.devices_here)
     chosen = units if shard is None else shard.select(units)
     cells: list[Cell] = []
