@@ -20,7 +20,7 @@ from ce_audit.dtypes import FORMATS, FloatFormat
 from ce_audit.errors import AuditError
 from ce_audit.options import LossOptions
 from ce_audit.statuses import first_line
-from ce_audit.upstream import Upstream, cotangent
+from ce_audit.upstream import Upstream, cotangent, seeded_backward
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,8 @@ class TorchBackend(Backend):
                 if call.upstream is None:
                     losses.sum().backward()
                 else:  # the call's cotangent (ce_audit.upstream), in the result's dtype
-                    losses.backward(torch.from_numpy(cotangent(call.upstream, losses.shape)).to(losses))
+                    seed = torch.from_numpy(cotangent(call.upstream, losses.shape)).to(losses)
+                    seeded_backward(torch, losses, seed)
                 for name in (name for name, leaf in leaves.items() if leaf.grad is None):  # the first one
                     raise RuntimeError(f"no gradient reached the {name}")
                 grad = np.concatenate([t.grad.detach().cpu().double().numpy() for t in leaves.values()])

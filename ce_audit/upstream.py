@@ -91,3 +91,16 @@ def draw_upstream(case: Any, first_row: int, rows: int | np.ndarray) -> Upstream
     indices = rows if isinstance(rows, np.ndarray) else np.arange(first_row, first_row + rows)
     scalar = UPSTREAM_VALUES[_generator(case, 2).integers(0, UPSTREAM_VALUES.size)]
     return Upstream(_row_values(case, np.asarray(indices, dtype=np.int64)), float(scalar))
+
+
+def seeded_backward(torch: Any, losses: Any, seed: Any) -> None:
+    """``losses.backward(seed)``, the seed handed to autograd's engine as is where ``backward``'s checks of
+    it hold by construction (a plain tensor, the seed of its shape, dtype and device): their first use
+    imports sympy (about a quarter of a second). Anything else goes through ``backward`` itself."""
+    run_backward = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
+    plain = type(losses) is torch.Tensor and not losses.is_nested and type(seed) is torch.Tensor
+    same = plain and (seed.shape, seed.dtype, seed.device) == (losses.shape, losses.dtype, losses.device)
+    if run_backward is None or not same:
+        losses.backward(seed)
+        return
+    run_backward((losses,), (seed,), False, False, (), allow_unreachable=True, accumulate_grad=True)

@@ -66,17 +66,21 @@ def grid_cases(grid: Grid) -> list[Case]:
     return planned
 
 
-def plan_units(config: SweepConfig, devices_here: bool = True) -> tuple[list[Unit], list[str]]:
+def plan_units(
+    config: SweepConfig, devices_here: bool = True, *, cpu_only: bool = False
+) -> tuple[list[Unit], list[str]]:
     """Every unit of the sweep, in report order, and the devices of all its grids.
 
     Plugins are loaded here to know each implementation's loss family. ``devices_here`` False: a named
     accelerator (cuda, cuda:N) need not be present on this machine (a cluster's nodes have their own).
+    ``cpu_only``: every grid on the CPU alone, no device looked for (torch not imported): the same units,
+    their cost a lower bound.
     """
     units: list[Unit] = []
     all_devices: list[str] = []
     for grid in config.expanded():
         impls, grid_devices = implementations_and_devices(
-            grid.impls, grid.plugins, grid.devices, present_only=devices_here
+            grid.impls, grid.plugins, ("cpu",) if cpu_only else grid.devices, present_only=devices_here
         )
         all_devices += [device for device in grid_devices if device not in all_devices]
         for case in grid_cases(grid):

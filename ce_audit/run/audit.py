@@ -26,7 +26,7 @@ from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interruption, interruption_of, stop_on_signals
 from ce_audit.run.progress import progress_reporter
 from ce_audit.run.shards import Shard
-from ce_audit.run.sweep import run_sweep, sweep_cells
+from ce_audit.run.sweep import run_sweep, start_workers_early, sweep_cells
 from ce_audit.verdict import check_fail_level, fail_on_verdict
 
 
@@ -70,6 +70,8 @@ def sweep_to_report(
     sink = ReproducerSink() if save_failures is not None else None
     with ReportDirectory(Path(config.out)) as target, stop_on_signals():  # a signal while the reports
         # are written exits after them
+        if sink is None:  # reproducers are collected in this process
+            start_workers_early(config, execution, shard)  # their imports while this one counts cells
         total = sweep_cells(config, shard, execution.devices_here)
         with progress_reporter(total, quiet=quiet) as advance:
             result = run_sweep(config, progress=advance, execution=execution, shard=shard, reproducers=sink)

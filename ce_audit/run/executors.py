@@ -136,10 +136,9 @@ class ProcessExecutor:
     ) -> Iterator[list[Cell]]:
         if not units:
             return
-        methods = multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         workers = max(1, min(self.jobs, len(units)))
         threads = max(1, available_cores() // workers)
+        context = multiprocessing.get_context(_start_method(threads))
         _start_resource_tracker()
         with held_signals():  # the forkserver keeps them held; the workers (started in submit) let them
             # through once they have left the run's process group
@@ -156,6 +155,44 @@ class ProcessExecutor:
             if stop_requested():
                 _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+# What a worker imports before it can run a unit: a forkserver started ahead of the pool
+# (``start_workers_ahead``) imports them once, while this process plans, and every worker forks with them.
+WORKER_MODULES = ("__main__", "numpy", "torch", "ce_audit.run.sweep")
+_forkserver: dict[str, int] = {}  # "threads": the thread count it was started with, once started
+
+
+def _start_method(threads: int) -> str:
+    """forkserver (the server started ahead of the pool, its modules imported with ``threads`` threads, or
+    started now), else spawn: a server whose libraries chose another thread count is not used."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    return "forkserver" if _forkserver.setdefault("threads", threads) == threads else "spawn"
+
+
+def start_workers_ahead(threads: int) -> None:
+    """Start the forkserver now, with the run's signals held and ``THREAD_VARIABLES`` set to ``threads``
+    for its imports of ``WORKER_MODULES`` (as each worker sets them before its own imports), so that it
+    imports torch while this process plans; the pool's workers then fork from it ready. Once a process."""
+    if _forkserver or "forkserver" not in multiprocessing.get_all_start_methods():
+        return
+    from multiprocessing import forkserver
+
+    _forkserver["threads"] = threads
+    _start_resource_tracker()
+    saved = {variable: os.environ.get(variable) for variable in THREAD_VARIABLES}
+    try:
+        os.environ.update({variable: str(threads) for variable in THREAD_VARIABLES})
+        with held_signals():
+            forkserver.set_forkserver_preload(list(WORKER_MODULES))
+            forkserver.ensure_running()
+    finally:
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
 
 
 def _start_resource_tracker() -> None:
@@ -321,6 +358,14 @@ class Execution:
     def devices_here(self) -> bool:
         """Whether the units' devices are this machine's (not so on a Ray cluster)."""
         return self.executor != RayExecutor.name
+
+    def worker_threads(self, units: Sequence[Unit]) -> int | None:
+        """Each worker's threads where ``units`` run in worker processes here, else None. A sweep whose
+        devices are not yet known may pass its units on the CPU alone: more devices only add cost."""
+        executor = self.executor_for(units)
+        if not isinstance(executor, ProcessExecutor) or not units:
+            return None
+        return max(1, available_cores() // max(1, min(executor.jobs, len(units))))
 
     def executor_for(self, units: Sequence[Unit]) -> LocalExecutor | ProcessExecutor | RayExecutor:
         """The executor that runs these units."""

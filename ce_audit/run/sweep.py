@@ -46,7 +46,7 @@ from ce_audit.plugins import prepare
 from ce_audit.reference.linear import FLOAT64_REFUSED
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
-from ce_audit.run.executors import Execution
+from ce_audit.run.executors import Execution, start_workers_ahead
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
@@ -209,6 +209,16 @@ def case_source(config: SweepConfig) -> Callable[[Case, Implementation], CaseSou
     return lambda case, impl: CaseSource(case, config.block_mib << 20, row_multiple([impl]))
 
 
+def start_workers_early(config: SweepConfig, execution: Execution, shard: Shard | None = None) -> None:
+    """Where the sweep's units will run in worker processes here, start them now, before torch is
+    imported and the units planned (``executors.start_workers_ahead``): the units on the CPU alone tell."""
+    if execution.devices_here:
+        ahead = plan_units(config, cpu_only=True)[0]
+        threads = execution.worker_threads(ahead if shard is None else shard.select(ahead))
+        if threads is not None:
+            start_workers_ahead(threads)
+
+
 def run_sweep(
     config: SweepConfig,
     progress: Progress | None = None,
@@ -230,6 +240,7 @@ def run_sweep(
     run = run_unit if reproducers is None else functools.partial(run_unit, reproducers=reproducers)
     started = time.time()
     clock = time.perf_counter()
+    start_workers_early(config, execution, shard)
     units, devices = plan_units(config, execution.devices_here)
     chosen = units if shard is None else shard.select(units)
     cells: list[Cell] = []

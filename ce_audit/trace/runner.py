@@ -22,7 +22,7 @@ from ce_audit.trace.explain import error_origins, nonfinite_origin
 from ce_audit.trace.records import Origin, Trace
 from ce_audit.trace.shift import shifted_origin
 from ce_audit.trace.source_line import BOUNDARY, user_line
-from ce_audit.upstream import cotangent
+from ce_audit.upstream import cotangent, seeded_backward
 
 _NUMPY_FUNCTION = re.compile(r"\b(?:np|numpy)\.(\w+)\s*\(")
 _NUMPY_KINDS = {"overflow": "overflowed", "divide by zero": "divided by 0", "invalid value": "made NaN"}
@@ -108,7 +108,7 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
                 seed = torch.from_numpy(cotangent(call.upstream, tuple(losses.shape))).to(losses)
             tracer.phase = "backward"
             try:
-                _backward(torch, losses, seed)
+                seeded_backward(torch, losses, seed)
             except Exception:  # noqa: BLE001 - a failing backward is the audit's to report, not the trace's
                 pass
             finally:
@@ -200,14 +200,3 @@ def numpy_trace(impl: Any, call: Any) -> Trace:
 
 
 BOUNDARY.add(numpy_trace.__code__)
-
-
-def _backward(torch: Any, losses: Any, seed: Any) -> None:
-    """``losses.backward(seed)``, with the seed passed to autograd's engine as is: ``seed`` is
-    ``ones_like(losses)``, so the checks ``backward`` makes of it first hold, and their first use imports
-    sympy (about half a second). Where the engine's entry point is missing, ``backward`` itself."""
-    run_backward = getattr(getattr(torch.autograd, "graph", None), "_engine_run_backward", None)
-    if run_backward is None or seed.shape != losses.shape:
-        losses.backward(seed)
-        return
-    run_backward((losses,), (seed,), False, False, (), allow_unreachable=True, accumulate_grad=True)
