@@ -16,7 +16,6 @@ Torch is never imported here; matplotlib only when a figure is drawn (``plotting
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import re
@@ -37,7 +36,6 @@ from ce_audit.reports.figure_layout import (
     tick_labels_height,
     widest,
 )
-from ce_audit.reports.figure_pool import draw_all
 from ce_audit.results import KEY_COLUMNS, Cell, column_value
 from ce_audit.statuses import RANKED, worst_status
 
@@ -420,23 +418,18 @@ def audit_figures(cells: list[Cell], rtols: dict[str, float]) -> dict[str, list[
     for cell in cells:
         by_dtype[cell.dtype].append(cell)
     dimension = swept_dimension(cells)
-    draws: list[tuple[str, Callable[[], Figure]]] = []  # (dtype, its figure's drawing), in order
+    drawn: dict[str, list[Figure]] = {}
     for dtype, group in by_dtype.items():
         measured = [cell for cell in group if overall_status(cell) != "skipped"] or group
         if (dimension is None or len(dimension_values(measured, dimension)) < 2) and not any(
             len(dimension_values(measured, curve)) > 1 for curve in CURVE_DIMENSIONS
         ):
             continue  # one case: the verdict table says all a figure would (and matplotlib stays unloaded)
-        draws.append((dtype, functools.partial(_heatmap, measured, dtype, dimension)))
+        figures = [_heatmap(measured, dtype, dimension)]
         for curve in CURVE_DIMENSIONS:
             along = [cell for cell in measured if getattr(cell, curve) is not None]
             if len(dimension_values(along, curve)) > 1:
                 rtol = rtols.get(dtype) or float_format(dtype).rtol
-                draws.append((dtype, functools.partial(_curves, along, dtype, curve, rtol)))
-    if draws:
-        import matplotlib.backends.backend_agg  # noqa: F401 - once, before a child shares the drawing
-        import matplotlib.figure  # noqa: F401
-    drawn: dict[str, list[Figure]] = defaultdict(list)
-    for (dtype, _), figure in zip(draws, draw_all([draw for _, draw in draws]), strict=True):
-        drawn[dtype].append(figure)
-    return dict(drawn)
+                figures.append(_curves(along, dtype, curve, rtol))
+        drawn[dtype] = figures
+    return drawn
