@@ -77,15 +77,11 @@ def map_ranges(work: Callable[[int, int], None], stop: int, step: int) -> None:
 
 
 @contextlib.contextmanager
-def torch_threads_for(largest_case: int) -> Iterator[None]:
-    """Torch on one thread inside the block when the largest case has fewer than ``SMALL_CASE_ELEMENTS``
-    logits (and torch is imported): its ops on so few elements gain little from more threads, which wake
-    and spin for every op, and lose much where the cores are busy (the float16 default sweep in this
-    process on 2 busy cores: 1.6 s of CPU, 2.4 s wall on one thread; 16–20 s of CPU, 24–39 s wall on
-    two). Results do not depend on it: a --jobs worker process runs on one thread already."""
+def torch_on_one_thread() -> Iterator[None]:
+    """Torch (where it is imported) on one thread inside the block, its thread count given back after."""
     torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else 1
-    if before == 1 or largest_case >= SMALL_CASE_ELEMENTS:
+    if before == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -93,3 +89,17 @@ def torch_threads_for(largest_case: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def torch_threads_for(largest_case: int) -> Iterator[None]:
+    """Torch on one thread inside the block when the largest case has fewer than ``SMALL_CASE_ELEMENTS``
+    logits (and torch is imported): its ops on so few elements gain little from more threads, which wake
+    and spin for every op, and lose much where the cores are busy (the float16 default sweep in this
+    process on 2 busy cores: 1.6 s of CPU, 2.4 s wall on one thread; 16–20 s of CPU, 24–39 s wall on
+    two). Results do not depend on it: a --jobs worker process runs on one thread already."""
+    if largest_case >= SMALL_CASE_ELEMENTS:
+        yield
+        return
+    with torch_on_one_thread():
+        yield

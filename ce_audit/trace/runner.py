@@ -10,14 +10,13 @@ traced.
 
 from __future__ import annotations
 
-import contextlib
 import linecache
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from ce_audit.threads import torch_on_one_thread
 from ce_audit.trace.explain import error_origins, nonfinite_origin
 from ce_audit.trace.records import Origin, Trace
 from ce_audit.trace.shift import shifted_origin
@@ -40,22 +39,6 @@ def _implementation_call(impl: Any, logits: Any, targets: Any, call: Any, *weigh
 
 
 BOUNDARY.add(_implementation_call.__code__)
-
-
-@contextlib.contextmanager
-def one_thread(torch: Any) -> Iterator[None]:
-    """Torch on one thread while a few rows are traced: an op on one or two rows costs microseconds, and
-    waking a second thread for it costs a millisecond or more (ten on a loaded machine), for every op
-    and its float64 shadow."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def trace_call(backend: Any, impl: Any, call: Any) -> Trace:
@@ -93,7 +76,7 @@ def torch_trace(backend: Any, impl: Any, call: Any) -> Trace:
     parts = call.trace.split(",")
     every, shadow = "every-op" in parts, "nonfinite" not in parts
     tracer = TorchTracer(call.fmt.name, len(rows), every_local=every, shadow=shadow)
-    with one_thread(torch), tracer:
+    with torch_on_one_thread(), tracer:  # an op on a row or two: a second thread only wakes and spins
         tracer.phase = "forward"
         try:
             with torch.set_grad_enabled(call.want_grad):
