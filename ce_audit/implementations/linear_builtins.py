@@ -13,6 +13,7 @@ E (N, D) and a classifier C (V, D) in the audited dtype (ce_audit.reference.line
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +37,36 @@ def linear_fused(
     return F.cross_entropy(F.linear(hidden, classifier), targets, reduction=reduction)
 
 
+def float32_logits(wide_hidden: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    """E·C_chunkᵀ in float32 (E already float32)."""
+    return wide_hidden @ classifier.float().T
+
+
+def online_chunked_loss(
+    hidden: torch.Tensor,
+    classifier: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    chunk_size: int,
+) -> torch.Tensor:
+    """Per-row m + log s − z_y by an online log-sum-exp over vocabulary chunks whose logits are
+    ``chunk_logits(E, C_chunk)`` (float32)."""
+    rows = hidden.shape[0]
+    top = torch.full((rows,), float("-inf"), device=hidden.device)
+    total = torch.zeros(rows, device=hidden.device)
+    target_logit = torch.zeros(rows, device=hidden.device)
+    for first in range(0, classifier.shape[0], chunk_size):
+        last = min(first + chunk_size, classifier.shape[0])
+        logits = chunk_logits(hidden, classifier[first:last])
+        new_top = torch.maximum(top, logits.detach().max(dim=1).values)  # a shift: no gradient of its own
+        total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(dim=1)
+        top = new_top
+        inside = (targets >= first) & (targets < last)
+        local = (targets - first).clamp(0, last - first - 1)
+        target_logit = target_logit + torch.where(inside, logits.gather(1, local[:, None])[:, 0], 0.0)
+    return top + torch.log(total) - target_logit
+
+
 def linear_chunked(
     hidden: torch.Tensor,
     classifier: torch.Tensor,
@@ -44,21 +75,8 @@ def linear_chunked(
     chunk_size: int = 256,
 ) -> torch.Tensor:
     """Online log-sum-exp over vocabulary chunks of float32 logits E·C_chunkᵀ; loss = m + log s − z_y."""
-    wide = hidden.float()
-    rows = hidden.shape[0]
-    top = torch.full((rows,), float("-inf"), device=hidden.device)
-    total = torch.zeros(rows, device=hidden.device)
-    target_logit = torch.zeros(rows, device=hidden.device)
-    for first in range(0, classifier.shape[0], chunk_size):
-        last = min(first + chunk_size, classifier.shape[0])
-        logits = wide @ classifier[first:last].float().T
-        new_top = torch.maximum(top, logits.detach().max(dim=1).values)  # a shift: no gradient of its own
-        total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(dim=1)
-        top = new_top
-        inside = (targets >= first) & (targets < last)
-        local = (targets - first).clamp(0, last - first - 1)
-        target_logit = target_logit + torch.where(inside, logits.gather(1, local[:, None])[:, 0], 0.0)
-    return _reduce(top + torch.log(total) - target_logit, reduction).to(hidden.dtype)
+    losses = online_chunked_loss(hidden.float(), classifier, targets, float32_logits, chunk_size)
+    return _reduce(losses, reduction).to(hidden.dtype)
 
 
 class _LinearRounded(torch.autograd.Function):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 import ce_audit
+from ce_audit.implementations.linear_builtins import online_chunked_loss
 
 PIECE = 16  # products summed in float32 before each rounding to bfloat16
 CHUNK = 256  # vocabulary chunk
@@ -30,20 +31,7 @@ def bf16_logits(hidden: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
 
 @ce_audit.register("linear_bf16_accumulate", family="linear_ce", supports=["reduction"])
 def linear_bf16_accumulate(hidden, classifier, targets, reduction="none"):
-    rows = hidden.shape[0]
-    top = torch.full((rows,), float("-inf"), device=hidden.device)
-    total = torch.zeros(rows, device=hidden.device)
-    target_logit = torch.zeros(rows, device=hidden.device)
-    for first in range(0, classifier.shape[0], CHUNK):
-        last = min(first + CHUNK, classifier.shape[0])
-        logits = bf16_logits(hidden, classifier[first:last])
-        new_top = torch.maximum(top, logits.detach().max(dim=1).values)
-        total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(dim=1)
-        top = new_top
-        inside = (targets >= first) & (targets < last)
-        local = (targets - first).clamp(0, last - first - 1)
-        target_logit = target_logit + torch.where(inside, logits.gather(1, local[:, None])[:, 0], 0.0)
-    losses = top + torch.log(total) - target_logit
+    losses = online_chunked_loss(hidden, classifier, targets, bf16_logits, CHUNK)
     if reduction != "none":
         losses = losses.sum() if reduction == "sum" else losses.mean()
     return losses.to(hidden.dtype)
