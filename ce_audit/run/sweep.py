@@ -219,6 +219,16 @@ def start_workers_early(config: SweepConfig, execution: Execution, shard: Shard 
             start_workers_ahead(threads)
 
 
+def draws_figures(config: SweepConfig, shard: Shard | None = None) -> bool:
+    """Whether the sweep's report.html will have figures (``figure_painter.worth_a_painter``), from its
+    units on the CPU alone (torch not imported)."""
+    from ce_audit.reports.figure_painter import worth_a_painter
+
+    units = plan_units(config, cpu_only=True)[0]
+    units = units if shard is None else shard.select(units)
+    return worth_a_painter((unit.dtype, unit.case) for unit in units)
+
+
 def run_sweep(
     config: SweepConfig,
     progress: Progress | None = None,
