@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -177,7 +178,8 @@ def _running(pid: int) -> bool:
 
 def test_painters_are_wanted_where_a_dimension_varies_within_a_dtype():
     def wanted(overrides: dict) -> bool:
-        return draws_figures(load_config(None, {"impls": ["naive"], "vocabs": [64], "batches": [8], **overrides}))
+        small = {"impls": ["naive"], "vocabs": [64], "batches": [8]}
+        return draws_figures(load_config(None, {**small, **overrides}))
 
     one_case = {"distributions": ["normal"], "scales": [1], "offsets": [0]}
     assert not wanted({**one_case, "dtypes": ["float16", "float32"]})  # one case per dtype: no figure
@@ -185,3 +187,25 @@ def test_painters_are_wanted_where_a_dimension_varies_within_a_dtype():
     assert wanted({**one_case, "distributions": ["normal", "spike"]})
     units = plan_units(load_config(None, {}), cpu_only=True)[0]
     assert figure_painter.worth_a_painter((unit.dtype, unit.case) for unit in units)  # the default sweep
+
+
+def test_figures_sent_ahead_serve_the_page_when_only_the_causes_changed(jobs, drawn_here, monkeypatch):
+    monkeypatch.setattr(figure_painter, "default_threads", lambda: 2)
+    cells = list(dict.fromkeys(cell for job in jobs for cell in job.cells))
+    traced = [replace(cell, traced_cause="traced: aten.exp at x.py:1 overflowed") for cell in cells]
+    drawn_locally: list[str] = []
+    real_draw = plots.draw_figure
+    monkeypatch.setattr(plots, "draw_figure", lambda job: (drawn_locally.append(job.kind), real_draw(job))[1])
+    with figure_painter.painter_ahead(True):
+        figure_painter.draw_ahead(cells, {})
+        drawing = figure_painter.FigureDrawing(plots.figure_jobs(traced, {}))
+        assert [figure.png for figure in drawing.figures()] == drawn_here
+    assert drawn_locally == []  # the painters' figures, sent before the traces, were taken
+    changed = [replace(cell, max_ulp=cell.max_ulp + 1) for cell in cells]  # a value the figures show
+    with figure_painter.painter_ahead(True):
+        figure_painter.draw_ahead(cells, {})
+        drawing = figure_painter.FigureDrawing(plots.figure_jobs(changed, {}))
+        mine = [real_draw(job).png for job in drawing.jobs]
+        drawn_locally.clear()
+        assert [figure.png for figure in drawing.figures()] == mine != drawn_here
+    assert len(drawn_locally) == len(jobs)  # not the figures sent ahead: drawn here

@@ -19,6 +19,7 @@ as the figures are in, and at the end of ``painter_ahead``'s block.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import struct
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ce_audit.reports import plots
+from ce_audit.results import KEY_COLUMNS, Cell, column_value, with_significant_digits
 from ce_audit.threads import default_threads
 
 # Seconds without a figure from any painter after which they count as stalled (a figure takes < 1 s).
@@ -143,6 +145,7 @@ class PainterPool:
                 break  # fewer painters (none: the figures are drawn here)
         self.board.alive = len(self.painters)
         self.used = False
+        self.submitted: list[plots.FigureJob] = []
 
     def submit(self, jobs: list[plots.FigureJob]) -> bool:
         """Send ``jobs`` to every painter, each its own order (the first from the first job, the second
@@ -150,6 +153,7 @@ class PainterPool:
         if self.used or not self.painters:
             return False
         self.used = True
+        self.submitted = jobs
         with self.board.changed:
             self.board.wanted = range(len(jobs))
         forward = list(range(len(jobs)))
@@ -208,13 +212,41 @@ def painter_ahead(wanted: bool) -> Iterator[None]:
         pool.close()
 
 
+def job_key(job: plots.FigureJob) -> tuple[Any, ...]:
+    """What a job's figure is drawn from: its kind, dtype, dimension, rtol and each cell's key columns and
+    ``plots.FIGURE_FIELDS`` (NaN as the string "nan", so that equal keys mean equal figures)."""
+
+    def plain(value: Any) -> Any:
+        return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+    cells = tuple(
+        tuple(plain(column_value(cell, name)) for name in KEY_COLUMNS)
+        + tuple(plain(getattr(cell, name)) for name in plots.FIGURE_FIELDS)
+        for cell in job.cells
+    )
+    return (job.kind, job.dtype, job.dimension, job.rtol, cells)
+
+
+def draw_ahead(cells: list[Cell], rtols: dict[str, float]) -> None:
+    """Send the figures of ``cells`` (as summary.csv will hold them) to the run's painters now, before the
+    last work on the cells that no figure reads (the shown cells' traces): the page's ``FigureDrawing`` then
+    collects them if its figures are drawn from the same values (``job_key``), and draws its own if not."""
+    if _ACTIVE and not _ACTIVE[0].used:
+        _ACTIVE[0].submit(plots.figure_jobs([with_significant_digits(cell) for cell in cells], rtols))
+
+
 class FigureDrawing:
     """The figures of ``jobs``, sent to the run's painters now (if they run) and collected by
     ``figures()``; drawn here otherwise."""
 
     def __init__(self, jobs: list[plots.FigureJob]) -> None:
         self.jobs = jobs
-        self._pool = _ACTIVE[0] if _ACTIVE and jobs and _ACTIVE[0].submit(jobs) else None
+        pool = _ACTIVE[0] if _ACTIVE and jobs else None
+        if pool is not None and pool.used:  # sent ahead: the same figures, or drawn here
+            same = len(pool.submitted) == len(jobs) and all(map(_same_job, pool.submitted, jobs))
+            self._pool = pool if same else None
+        else:
+            self._pool = pool if pool is not None and pool.submit(jobs) else None
         self._figures: list[plots.Figure] | None = None
 
     def figures(self) -> list[plots.Figure]:
@@ -224,6 +256,10 @@ class FigureDrawing:
             else:
                 self._figures = self._pool.collect(self.jobs, plots.draw_figure)
         return self._figures
+
+
+def _same_job(sent: plots.FigureJob, wanted: plots.FigureJob) -> bool:
+    return sent is wanted or job_key(sent) == job_key(wanted)
 
 
 def _warm_up() -> None:

@@ -58,6 +58,9 @@ STATUS_COLOURS: dict[str, str] = {
     "skipped": "#BBBBBB",
 }
 NOT_MEASURED = ("off", "n/a", "skipped", "")
+# What the figures read of a cell besides its key columns (a cell's traced cause is never among them).
+FIGURE_FIELDS = ("status", "grad_status", "max_ulp", "best_max_ulp", "grad_norm_rel_err",
+                 "best_grad_norm_rel_err")  # fmt: skip
 DPI = 96
 # The names of the figures this version writes under plots/ (``file_stem`` of ``_heatmap`` and ``_curves``):
 # what a report set may replace or remove there, and nothing else.

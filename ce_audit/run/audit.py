@@ -21,7 +21,7 @@ from ce_audit.dtypes import canonical_dtype
 from ce_audit.overrides import front_door_config
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory
-from ce_audit.reports.figure_painter import painter_ahead
+from ce_audit.reports.figure_painter import draw_ahead, painter_ahead
 from ce_audit.reproducers import ReproducerSink, check_destination
 from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interruption, interruption_of, stop_on_signals
@@ -78,7 +78,11 @@ def sweep_to_report(
             start_workers_early(config, execution, shard)  # their imports while this one counts cells
         total = sweep_cells(config, shard, execution.devices_here)
         with progress_reporter(total, quiet=quiet) as advance:
-            result = run_sweep(config, progress=advance, execution=execution, shard=shard, reproducers=sink)
+            rtols = {dtype: tolerance.rtol for dtype, tolerance in config.tolerances.items()}
+            result = run_sweep(
+                config, progress=advance, execution=execution, shard=shard, reproducers=sink,
+                audited=lambda cells: draw_ahead(cells, rtols),  # the figures start before the traces
+            )  # fmt: skip
         run = ReportedRun(result, target.write(result, "sweep"), "sweep")
         return _finish(run, Path(config.out), sink, save_failures, fail_on, show)
 

@@ -236,12 +236,14 @@ def run_sweep(
     execution: Execution | None = None,
     shard: Shard | None = None,
     reproducers: ReproducerSink | None = None,
+    audited: Callable[[list[Cell]], None] | None = None,
 ) -> AuditResult:
     """Run the whole grid of ``config`` (each of its [[grids]] in turn); one cell per implementation,
     dtype, device and case, in the same order whatever runs the units (``execution``: in this process by
     default). ``shard``: run only that part of the units (ce_audit.run.shards); the result records which.
     ``reproducers`` collects the worst rows of every failing cell (the units then run in this process).
-    A size this machine cannot hold is refused first (ce_audit.plan.capacity)."""
+    A size this machine cannot hold is refused first (ce_audit.plan.capacity). ``audited`` is called with
+    the cells once every unit ran, before the shown cells are traced (which changes only their causes)."""
     from ce_audit.plan.capacity import check_capacity
 
     check_capacity(config)
@@ -278,6 +280,8 @@ def run_sweep(
             close = getattr(results, "close", None)
             if close is not None:
                 close()
+        if audited is not None:
+            audited(cells)
         if shard is None and not stop_requested():  # a shard's are traced by the merge, on every cell
             cells = trace_shown(cells, config, case_source(config))
     signum = received_signal()
