@@ -5,6 +5,7 @@ none left behind, whether the run ends, is killed, or is interrupted at the term
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from ce_audit.plan.units import plan_units
 from ce_audit.plugins import isolated
 from ce_audit.reports import figure_painter, plots
 from ce_audit.reports.csv import read_cells
-from ce_audit.run.sweep import draws_figures
+from ce_audit.run.executors import sweep_cost
+from ce_audit.run.sweep import painters_wanted
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not plots.plotting_available(), reason="matplotlib (the html extra)")
@@ -179,14 +181,21 @@ def _running(pid: int) -> bool:
 def test_painters_are_wanted_where_a_dimension_varies_within_a_dtype():
     def wanted(overrides: dict) -> bool:
         small = {"impls": ["naive"], "vocabs": [64], "batches": [8]}
-        return draws_figures(load_config(None, {**small, **overrides}))
+        return painters_wanted(load_config(None, {**small, **overrides}))
 
     one_case = {"distributions": ["normal"], "scales": [1], "offsets": [0]}
-    assert not wanted({**one_case, "dtypes": ["float16", "float32"]})  # one case per dtype: no figure
-    assert wanted({**one_case, "scales": [1, 10]})
-    assert wanted({**one_case, "distributions": ["normal", "spike"]})
+    assert "torch" in sys.modules  # as in a process that has audited before: only a long audit is worth them
+    assert not wanted({**one_case, "scales": [1, 10]})  # figures, but over before a painter is warm
+    assert not wanted({**one_case, "dtypes": ["float16", "float32"], "batches": [65536]})  # one case a dtype
+    assert wanted({**one_case, "scales": [1, 10], "batches": [65536]})
+    assert wanted({**one_case, "distributions": ["normal", "spike"], "batches": [65536]})
     units = plan_units(load_config(None, {}), cpu_only=True)[0]
-    assert figure_painter.worth_a_painter((unit.dtype, unit.case) for unit in units)  # the default sweep
+    assert figure_painter.worth_a_painter(((unit.dtype, unit.case) for unit in units), sweep_cost(units))
+    fresh = "from ce_audit.run.sweep import painters_wanted; from ce_audit.config import load_config; "
+    fresh += "import sys; print(painters_wanted(load_config(None, {'scales': [1, 10], 'vocabs': [64]})), "
+    fresh += "'torch' in sys.modules)"
+    answer = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True)
+    assert answer.stdout.split() == ["True", "False"]  # torch's import ahead: worth them for a small sweep
 
 
 def test_figures_sent_ahead_serve_the_page_when_only_the_causes_changed(jobs, drawn_here, monkeypatch):
@@ -209,3 +218,21 @@ def test_figures_sent_ahead_serve_the_page_when_only_the_causes_changed(jobs, dr
         drawn_locally.clear()
         assert [figure.png for figure in drawing.figures()] == mine != drawn_here
     assert len(drawn_locally) == len(jobs)  # not the figures sent ahead: drawn here
+
+
+def test_a_fresh_sweep_writes_the_figures_its_rebuild_draws_here(tmp_path):
+    """A `ce-audit sweep` as a user runs it (a fresh process: painters started, figures sent ahead of the
+    traces) writes the page and PNGs that `ce-audit report` draws again in its own process."""
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "ce_audit", *SWEEP, "--out", str(out)], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(out, rebuilt)
+    with isolated():
+        main(["report", str(rebuilt)])
+    assert (rebuilt / "report.html").read_bytes() == (out / "report.html").read_bytes()
+    pngs = sorted(path.name for path in (out / "plots").iterdir())
+    assert len(pngs) == 6 and pngs == sorted(path.name for path in (rebuilt / "plots").iterdir())
+    for name in pngs:
+        assert (rebuilt / "plots" / name).read_bytes() == (out / "plots" / name).read_bytes()

@@ -36,6 +36,9 @@ from ce_audit.threads import default_threads
 
 # Seconds without a figure from any painter after which they count as stalled (a figure takes < 1 s).
 STALL_SECONDS = 60.0
+# The work (executors.sweep_cost, about 3.6·10⁷ a second on one core) of an audit that lasts as long as a
+# painter takes to start and warm up (about 0.8 s).
+WARM_UP_COST = 30_000_000
 # Painters at most: two draw the list from both ends; a third would have nothing left to start on.
 PAINTERS = 2
 # How much lower the second painter's priority is than the run's (nice): its start-up and warm-up use what
@@ -179,10 +182,13 @@ class PainterPool:
         self.painters = []
 
 
-def worth_a_painter(dtype_cases: Iterable[tuple[str, Any]]) -> bool:
-    """Whether a sweep of these (dtype, case) pairs will draw figures: some dtype has two cases that differ
-    in a dimension a figure runs along (a one-case audit draws none, and needs no second process)."""
-    if not plots.plotting_available():
+def worth_a_painter(dtype_cases: Iterable[tuple[str, Any]], cost: float) -> bool:
+    """Whether painters started now pay for a sweep of these (dtype, case) pairs, of work ``cost``
+    (executors.sweep_cost): it will draw figures (some dtype has two cases that differ in a dimension a
+    figure runs along; a one-case audit draws none), and the painters will be warm when they are needed
+    (this process has torch's import ahead of it, about a second, or the audit's work passes WARM_UP_COST;
+    else the run would wait for them, where a process that drew before draws as fast)."""
+    if not plots.plotting_available() or ("torch" in sys.modules and cost < WARM_UP_COST):
         return False
     dimensions = dict.fromkeys([*plots.DIMENSIONS, *plots.CURVE_DIMENSIONS])
     seen: dict[tuple[str, str], Any] = {}

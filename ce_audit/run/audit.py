@@ -27,7 +27,7 @@ from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interruption, interruption_of, stop_on_signals
 from ce_audit.run.progress import progress_reporter
 from ce_audit.run.shards import Shard
-from ce_audit.run.sweep import draws_figures, run_sweep, start_workers_early, sweep_cells
+from ce_audit.run.sweep import painters_wanted, run_sweep, start_workers_early, sweep_cells
 from ce_audit.verdict import check_fail_level, fail_on_verdict
 
 
@@ -72,7 +72,7 @@ def sweep_to_report(
     with (
         ReportDirectory(Path(config.out)) as target,
         stop_on_signals(),  # a signal while the reports are written exits after them
-        painter_ahead(draws_figures(config, shard)),  # report.html's figures drawn beside the audit
+        painter_ahead(painters_wanted(config, shard)),  # report.html's figures drawn beside the audit
     ):
         if sink is None:  # reproducers are collected in this process
             start_workers_early(config, execution, shard)  # their imports while this one counts cells

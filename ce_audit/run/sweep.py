@@ -46,7 +46,7 @@ from ce_audit.plugins import prepare
 from ce_audit.reference.linear import FLOAT64_REFUSED
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
-from ce_audit.run.executors import Execution, start_workers_ahead
+from ce_audit.run.executors import Execution, start_workers_ahead, sweep_cost
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
@@ -219,14 +219,14 @@ def start_workers_early(config: SweepConfig, execution: Execution, shard: Shard 
             start_workers_ahead(threads)
 
 
-def draws_figures(config: SweepConfig, shard: Shard | None = None) -> bool:
-    """Whether the sweep's report.html will have figures (``figure_painter.worth_a_painter``), from its
-    units on the CPU alone (torch not imported)."""
+def painters_wanted(config: SweepConfig, shard: Shard | None = None) -> bool:
+    """Whether report.html's figures are worth painter processes started now
+    (``figure_painter.worth_a_painter``), from the sweep's units on the CPU alone (torch not imported)."""
     from ce_audit.reports.figure_painter import worth_a_painter
 
     units = plan_units(config, cpu_only=True)[0]
     units = units if shard is None else shard.select(units)
-    return worth_a_painter((unit.dtype, unit.case) for unit in units)
+    return worth_a_painter(((unit.dtype, unit.case) for unit in units), sweep_cost(units))
 
 
 def run_sweep(
