@@ -16,6 +16,7 @@ import html
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ce_audit.options import options_label
 from ce_audit.printable import plural, printable
 from ce_audit.ranking import CELL_VERDICTS, cell_verdict, factor, implementation_name, ranked
 from ce_audit.reports import plots
+from ce_audit.reports.figure_painter import FigureDrawing
 from ce_audit.reports.files import ReportFile
 from ce_audit.reports.table import closing_line, legend, verdict_text
 from ce_audit.results import Cell
@@ -258,12 +260,18 @@ def _figures_html(figures: dict[str, list[plots.Figure]] | None) -> str:
     return "".join(parts)
 
 
+FiguresByDtype = dict[str, list[plots.Figure]] | None
+
+
 def html_report(
-    cells: list[Cell], document: dict[str, Any] | None, figures: dict[str, list[plots.Figure]] | None
+    cells: list[Cell], document: dict[str, Any] | None, figures: FiguresByDtype | Callable[[], FiguresByDtype]
 ) -> str:
-    """The page: run details, the verdict (as the terminal tells it), figures (None: matplotlib is missing),
-    every finding linked to its cells, and the cells."""
+    """The page: run details, the verdict (as the terminal tells it), figures (None: matplotlib is missing;
+    a callable: called for them once the rest of the page is rendered, while painters draw them), every
+    finding linked to its cells, and the cells."""
     dimension = plots.swept_dimension(cells)
+    findings_html, cells_html = _findings_html(cells), _cells_html(cells)
+    figures = figures() if callable(figures) else figures
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -286,37 +294,39 @@ def html_report(
             else "",
             _figures_html(figures),
             '<h2 id="findings">Every finding</h2>',
-            _findings_html(cells),
+            findings_html,
             '<h2 id="cells">Cells</h2>',
-            _cells_html(cells),
+            cells_html,
             "</body></html>",
             "",
         ]
     )
 
 
-def _figures(cells: list[Cell], document: dict[str, Any] | None) -> tuple[Any, list[plots.Figure]]:
-    """The figures of the page by dtype (None without matplotlib), and the same flat, in order."""
-    figures = plots.audit_figures(cells, rtols_of(document)) if plots.plotting_available() else None
-    return figures, [figure for group in (figures or {}).values() for figure in group]
-
-
 def html_files(cells: list[Cell], document: dict[str, Any] | None) -> list[ReportFile]:
     """report.html and (when there are figures) the plots/ folder as members of the report set
-    (``ReportFile``s); the figures are drawn once, for both. The cells are as summary.csv holds them
-    (``AuditResult.summary_cells``), so `ce-audit report` draws the same page from summary.csv."""
-    figures, drawn = _figures(cells, document)
+    (``ReportFile``s); the figures are drawn once, for both, by the run's painter where one was started
+    (ce_audit.reports.figure_painter: it starts on them now, while the other members are written). The cells
+    are as summary.csv holds them (``AuditResult.summary_cells``), so `ce-audit report` draws the same page
+    from summary.csv."""
+    drawing = None
+    if plots.plotting_available():
+        drawing = FigureDrawing(plots.figure_jobs(cells, rtols_of(document)))
+
+    def figures() -> FiguresByDtype:
+        return None if drawing is None else plots.figures_by_dtype(drawing.jobs, drawing.figures())
 
     def write_page(path: Path) -> None:
         path.write_text(html_report(cells, document, figures), encoding="utf-8")
 
     def write_plots(path: Path) -> None:
+        assert drawing is not None
         path.mkdir()
-        for figure in drawn:
+        for figure in drawing.figures():
             (path / f"{figure.name}.png").write_bytes(figure.png)
 
     members = [ReportFile(HTML_NAME, write_page)]
-    return [*members, ReportFile(PLOTS_DIR, write_plots)] if drawn else members
+    return [*members, ReportFile(PLOTS_DIR, write_plots)] if drawing is not None and drawing.jobs else members
 
 
 def plots_markdown(directory: str | Path, inline: bool = False) -> str:

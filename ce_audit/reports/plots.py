@@ -27,11 +27,12 @@ from typing import Any
 
 from ce_audit.dtypes import FORMATS, float_format
 from ce_audit.reports.figure_layout import (
-    LINE,
     PAD,
     TICK,
-    Margins,
-    log_tick_labels,
+    curves_margins,
+    heatmap_margins,
+    place_axis_labels,
+    power_label,
     text_points,
     tick_labels_height,
     widest,
@@ -57,6 +58,9 @@ STATUS_COLOURS: dict[str, str] = {
     "skipped": "#BBBBBB",
 }
 NOT_MEASURED = ("off", "n/a", "skipped", "")
+# What the figures read of a cell besides its key columns (a cell's traced cause is never among them).
+FIGURE_FIELDS = ("status", "grad_status", "max_ulp", "best_max_ulp", "grad_norm_rel_err",
+                 "best_grad_norm_rel_err")  # fmt: skip
 DPI = 96
 # The names of the figures this version writes under plots/ (``file_stem`` of ``_heatmap`` and ``_curves``):
 # what a report set may replace or remove there, and nothing else.
@@ -188,40 +192,6 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _heatmap_margins(impls: list[str], columns: list[str], rotation: float, top: float) -> Margins:
-    """Left: the implementations' names; bottom: the rotated column labels and the axis label; top: the
-    figure's and the panels' titles; right: the colour bar with its tick labels and label."""
-    bar_text = TICK + widest([f"{top:.1f}"], 10) + PAD + LINE * 10
-    return Margins(
-        left=PAD + widest(impls, 8) + TICK,
-        right=12 + 14 + bar_text + PAD,
-        bottom=PAD + LINE * 10 + PAD + tick_labels_height(columns, 8, rotation) + TICK,
-        top=PAD + LINE * 11 + PAD + LINE * 9 + 6,
-        gap=12,
-        bar_gap=12,
-        bar=14,
-    )
-
-
-# A legend's width beside its text, in font sizes: two border pads, the handle, the pad after it.
-LEGEND_PADS = 2 * 0.4 + 2.0 + 0.8
-
-
-def _curves_margins(labels: list[str], low: float, high: float, x_labels: list[str]) -> Margins:
-    """Left and between the panels: each panel's axis label and log tick labels; bottom: the x tick labels
-    and axis label; top: the titles; right: the legend (``labels`` at 7 points, after a 2-em handle)."""
-    y_ticks = log_tick_labels(low, high)
-    y_text = PAD + LINE * 10 + PAD + widest(y_ticks, 10, math_text=True) + TICK
-    x_ticks = max([LINE * 10, *(text_points(label, 10, "$" in label)[1] for label in x_labels)])
-    return Margins(
-        left=y_text,
-        right=3 * PAD + LEGEND_PADS * 7 + widest(labels, 7) + PAD,  # 3 PAD from the panel
-        bottom=PAD + LINE * 10 + PAD + x_ticks + TICK,
-        top=PAD + LINE * 11 + PAD + LINE * 9 + 6,
-        gap=y_text + 2 * PAD,
-    )
-
-
 def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure as MplFigure
@@ -245,7 +215,7 @@ def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
     rotation = 45 if len(columns) > 6 else 0
     size = (2 * width + 2.2, 0.32 * len(impls) + 1.6)
     figure = MplFigure(figsize=size, dpi=DPI)
-    margins = _heatmap_margins(impls, columns, rotation, top)
+    margins = heatmap_margins(impls, columns, rotation, top)
     left, right = figure.subplots(1, 2, sharey=True, gridspec_kw=margins.grid(size, panels=2))
     left.imshow(verdict, cmap=ListedColormap(list(STATUS_COLOURS.values())), vmin=0, vmax=len(names) - 1,
                 aspect="auto", interpolation="nearest")  # fmt: skip
@@ -257,10 +227,12 @@ def _heatmap(cells: list[Cell], dtype: str, dimension: str | None) -> Figure:
             colour = "white" if not math.isinf(value) and value < 0.6 * top else "black"
             right.text(column, row, text, ha="center", va="center", fontsize=7, color=colour)
             left.text(column, row, names[verdict[row][column]][:4], ha="center", va="center", fontsize=7)
+    below = TICK + tick_labels_height(columns, 8, rotation)
     for axis, title in ((left, "verdict (worse of loss and gradient)"), (right, "loss error, bits")):
         axis.set_xticks(range(len(columns)), columns, rotation=rotation, fontsize=8)
         axis.set_xlabel(dimension or "")
-        axis.set_title(title, fontsize=9)
+        place_axis_labels(axis, below=below)
+        axis.set_title(title, fontsize=9, y=1.0)  # y given: not placed above tick labels it does not have
     left.set_yticks(range(len(impls)), impls, fontsize=8)
     figure.colorbar(image, cax=figure.add_axes(margins.colorbar(size)), label="log2(1 + max ULP)")
     figure.suptitle(f"{dtype}: implementations × {dimension or 'case'}", fontsize=11, y=margins.title_y(size))
@@ -290,7 +262,7 @@ def _curve_panel(
     when it has nothing to draw. Errors past 2^(p+3) units (all p bits wrong, and then some) are drawn at
     that edge, so that a value 1e180 ULPs off does not flatten every other curve."""
     from matplotlib import colormaps
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     colours = colormaps["tab20"]
     errors = [p.error for points in series.values() for p in points.values()]
@@ -333,9 +305,10 @@ def _curve_panel(
                   label="floor: exact value rounded once")  # fmt: skip
     axis.set_yscale("log")
     axis.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost more to place than the rest
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: power_label(value)))
     axis.set_ylim(low, high * 1.5)
     axis.set_ylabel(f"{what}: {unit}")
-    axis.set_title(f"{what} (filled: past tolerance; × on top: NaN or ±inf)", fontsize=9)
+    axis.set_title(f"{what} (filled: past tolerance; × on top: NaN or ±inf)", fontsize=9, y=1.0)
     axis.grid(True, which="major", alpha=0.3)
     return True
 
@@ -366,7 +339,7 @@ def _series(
 
 def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figure:
     from matplotlib.figure import Figure as MplFigure
-    from matplotlib.ticker import NullLocator
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     size = (12, 4.6)
     figure = MplFigure(figsize=size, dpi=DPI)
@@ -379,7 +352,7 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
     grad_unit = "max ‖g − g*‖ / ‖g*‖, machine epsilons"
     has_grad = _curve_panel(grad_axis, grad, band, "gradient", grad_unit, precision)
     values = [v for v in dimension_values(cells, dimension) if v is not None]
-    x_labels = [value_label(v) for v in values] if len(values) <= 10 else [r"$\mathdefault{-10^{0}}$"]
+    x_labels = [value_label(v) for v in values] if len(values) <= 10 else [power_label(-1.0)]
     for axis in (loss_axis, grad_axis):
         if dimension == "scale" and min(values) > 0:
             axis.set_xscale("log")
@@ -388,12 +361,19 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
         axis.xaxis.set_minor_locator(NullLocator())
         if len(values) <= 10:
             axis.set_xticks(values, x_labels)  # the swept values themselves
+        elif axis.get_xscale() != "linear":
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: power_label(value)))
         axis.set_xlabel(CURVE_DIMENSIONS[dimension])
     handles, labels = loss_axis.get_legend_handles_labels()
     drawn = [axis.get_ylim() for axis, shown in ((loss_axis, has_loss), (grad_axis, has_grad)) if shown]
     low, high = min([1.0, *(y[0] for y in drawn)]), max([1.0, *(y[1] for y in drawn)])
-    margins = _curves_margins(labels, low, high, x_labels)
+    margins = curves_margins(labels, low, high, x_labels)
     figure.subplots_adjust(**margins.grid(size, panels=2))
+    x_ticks = max(text_points(label, 10)[1] for label in x_labels)
+    for axis in (loss_axis, grad_axis):
+        bottom, top_y = axis.get_ylim()
+        y_ticks = widest([power_label(tick) for tick in axis.get_yticks() if bottom <= tick <= top_y], 10)
+        place_axis_labels(axis, below=TICK + x_ticks, left=TICK + y_ticks)
     top = 1 - margins.top / (size[1] * 72)
     figure.legend(handles, labels, loc="upper right", bbox_to_anchor=(1 - PAD / (size[0] * 72), top),
                   borderaxespad=0, fontsize=7, frameon=False)  # fmt: skip
@@ -412,24 +392,58 @@ def _curves(cells: list[Cell], dtype: str, dimension: str, rtol: float) -> Figur
     return Figure(name, f"{dtype} error vs {dimension}", caption, _png(figure))
 
 
-def audit_figures(cells: list[Cell], rtols: dict[str, float]) -> dict[str, list[Figure]]:
-    """Per dtype (in the cells' order), its heatmap and its error curves. Needs matplotlib."""
+@dataclass(frozen=True)
+class FigureJob:
+    """One figure to draw from ``cells``: a dtype's heatmap along ``dimension`` (the swept one; None: no
+    dimension varies) or its error curves along ``dimension`` with tolerance ``rtol``."""
+
+    kind: str  # "heatmap" or "curves"
+    dtype: str
+    dimension: str | None
+    cells: list[Cell]
+    rtol: float = 0.0
+
+
+def figure_jobs(cells: list[Cell], rtols: dict[str, float]) -> list[FigureJob]:
+    """The figures of the cells, in the page's order: per dtype (in the cells' order) its heatmap and its
+    error curves; none for a dtype with one case (the verdict table says all a figure would)."""
     by_dtype: dict[str, list[Cell]] = defaultdict(list)
     for cell in cells:
         by_dtype[cell.dtype].append(cell)
     dimension = swept_dimension(cells)
-    drawn: dict[str, list[Figure]] = {}
+    jobs: list[FigureJob] = []
     for dtype, group in by_dtype.items():
         measured = [cell for cell in group if overall_status(cell) != "skipped"] or group
         if (dimension is None or len(dimension_values(measured, dimension)) < 2) and not any(
             len(dimension_values(measured, curve)) > 1 for curve in CURVE_DIMENSIONS
         ):
-            continue  # one case: the verdict table says all a figure would (and matplotlib stays unloaded)
-        figures = [_heatmap(measured, dtype, dimension)]
+            continue
+        jobs.append(FigureJob("heatmap", dtype, dimension, measured))
         for curve in CURVE_DIMENSIONS:
             along = [cell for cell in measured if getattr(cell, curve) is not None]
             if len(dimension_values(along, curve)) > 1:
                 rtol = rtols.get(dtype) or float_format(dtype).rtol
-                figures.append(_curves(along, dtype, curve, rtol))
-        drawn[dtype] = figures
-    return drawn
+                jobs.append(FigureJob("curves", dtype, curve, along, rtol))
+    return jobs
+
+
+def draw_figure(job: FigureJob) -> Figure:
+    """The figure of one job (needs matplotlib)."""
+    if job.kind == "heatmap":
+        return _heatmap(job.cells, job.dtype, job.dimension)
+    assert job.dimension is not None
+    return _curves(job.cells, job.dtype, job.dimension, job.rtol)
+
+
+def figures_by_dtype(jobs: list[FigureJob], figures: list[Figure]) -> dict[str, list[Figure]]:
+    """The drawn figures of ``jobs`` grouped by dtype, in order."""
+    grouped: dict[str, list[Figure]] = defaultdict(list)
+    for job, figure in zip(jobs, figures, strict=True):
+        grouped[job.dtype].append(figure)
+    return dict(grouped)
+
+
+def audit_figures(cells: list[Cell], rtols: dict[str, float]) -> dict[str, list[Figure]]:
+    """Per dtype (in the cells' order), its heatmap and its error curves, drawn here. Needs matplotlib."""
+    jobs = figure_jobs(cells, rtols)
+    return figures_by_dtype(jobs, [draw_figure(job) for job in jobs])

@@ -21,12 +21,13 @@ from ce_audit.dtypes import canonical_dtype
 from ce_audit.overrides import front_door_config
 from ce_audit.replay import run_replay
 from ce_audit.reports.bundle import ReportDirectory
+from ce_audit.reports.figure_painter import draw_ahead, painter_ahead
 from ce_audit.reproducers import ReproducerSink, check_destination
 from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interruption, interruption_of, stop_on_signals
 from ce_audit.run.progress import progress_reporter
 from ce_audit.run.shards import Shard
-from ce_audit.run.sweep import run_sweep, start_workers_early, sweep_cells
+from ce_audit.run.sweep import painters_wanted, run_sweep, start_workers_early, sweep_cells
 from ce_audit.verdict import check_fail_level, fail_on_verdict
 
 
@@ -68,13 +69,20 @@ def sweep_to_report(
     if save_failures is not None:
         check_destination(save_failures)  # before the run, not after it
     sink = ReproducerSink() if save_failures is not None else None
-    with ReportDirectory(Path(config.out)) as target, stop_on_signals():  # a signal while the reports
-        # are written exits after them
+    with (
+        ReportDirectory(Path(config.out)) as target,
+        stop_on_signals(),  # a signal while the reports are written exits after them
+        painter_ahead(painters_wanted(config, shard)),  # report.html's figures drawn beside the audit
+    ):
         if sink is None:  # reproducers are collected in this process
             start_workers_early(config, execution, shard)  # their imports while this one counts cells
         total = sweep_cells(config, shard, execution.devices_here)
         with progress_reporter(total, quiet=quiet) as advance:
-            result = run_sweep(config, progress=advance, execution=execution, shard=shard, reproducers=sink)
+            rtols = {dtype: tolerance.rtol for dtype, tolerance in config.tolerances.items()}
+            result = run_sweep(
+                config, progress=advance, execution=execution, shard=shard, reproducers=sink,
+                audited=lambda cells: draw_ahead(cells, rtols),  # the figures start before the traces
+            )  # fmt: skip
         run = ReportedRun(result, target.write(result, "sweep"), "sweep")
         return _finish(run, Path(config.out), sink, save_failures, fail_on, show)
 

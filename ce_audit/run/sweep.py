@@ -46,7 +46,7 @@ from ce_audit.plugins import prepare
 from ce_audit.reference.linear import FLOAT64_REFUSED
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
-from ce_audit.run.executors import Execution, start_workers_ahead
+from ce_audit.run.executors import Execution, start_workers_ahead, sweep_cost
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
@@ -219,6 +219,16 @@ def start_workers_early(config: SweepConfig, execution: Execution, shard: Shard 
             start_workers_ahead(threads)
 
 
+def painters_wanted(config: SweepConfig, shard: Shard | None = None) -> bool:
+    """Whether report.html's figures are worth painter processes started now
+    (``figure_painter.worth_a_painter``), from the sweep's units on the CPU alone (torch not imported)."""
+    from ce_audit.reports.figure_painter import worth_a_painter
+
+    units = plan_units(config, cpu_only=True)[0]
+    units = units if shard is None else shard.select(units)
+    return worth_a_painter(((unit.dtype, unit.case) for unit in units), sweep_cost(units))
+
+
 def run_sweep(
     config: SweepConfig,
     progress: Progress | None = None,
@@ -226,12 +236,14 @@ def run_sweep(
     execution: Execution | None = None,
     shard: Shard | None = None,
     reproducers: ReproducerSink | None = None,
+    audited: Callable[[list[Cell]], None] | None = None,
 ) -> AuditResult:
     """Run the whole grid of ``config`` (each of its [[grids]] in turn); one cell per implementation,
     dtype, device and case, in the same order whatever runs the units (``execution``: in this process by
     default). ``shard``: run only that part of the units (ce_audit.run.shards); the result records which.
     ``reproducers`` collects the worst rows of every failing cell (the units then run in this process).
-    A size this machine cannot hold is refused first (ce_audit.plan.capacity)."""
+    A size this machine cannot hold is refused first (ce_audit.plan.capacity). ``audited`` is called with
+    the cells once every unit ran, before the shown cells are traced (which changes only their causes)."""
     from ce_audit.plan.capacity import check_capacity
 
     check_capacity(config)
@@ -268,6 +280,8 @@ def run_sweep(
             close = getattr(results, "close", None)
             if close is not None:
                 close()
+        if audited is not None:
+            audited(cells)
         if shard is None and not stop_requested():  # a shard's are traced by the merge, on every cell
             cells = trace_shown(cells, config, case_source(config))
     signum = received_signal()

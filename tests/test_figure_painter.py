@@ -1,0 +1,238 @@
+"""report.html's figures drawn by painter processes started ahead (ce_audit.reports.figure_painter): the same
+PNG bytes as drawn in the run's process, whatever the painters do (die, answer nonsense, stall, never start);
+none left behind, whether the run ends, is killed, or is interrupted at the terminal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ce_audit.cli import main
+from ce_audit.config import load_config
+from ce_audit.plan.units import plan_units
+from ce_audit.plugins import isolated
+from ce_audit.reports import figure_painter, plots
+from ce_audit.reports.csv import read_cells
+from ce_audit.run.executors import sweep_cost
+from ce_audit.run.sweep import painters_wanted
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not plots.plotting_available(), reason="matplotlib (the html extra)")
+SWEEP = [
+    "sweep", "--impl", "naive", "--impl", "shifted", "--dtype", "float16", "--dtype", "bfloat16",
+    "--device", "cpu", "--distribution", "normal", "--scale", "1", "--scale", "100", "--offset", "0",
+    "--offset", "10000", "--vocab", "64", "--batch", "8", "-q",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> list[plots.FigureJob]:
+    out = tmp_path_factory.mktemp("painter") / "report"
+    with isolated():
+        main([*SWEEP, "--out", str(out)])
+    found = plots.figure_jobs(read_cells(out / "summary.csv").cells, {})
+    assert len(found) == 6  # per dtype: the heatmap, the curves along scale and along offset
+    return found
+
+
+@pytest.fixture(scope="module")
+def drawn_here(jobs: list[plots.FigureJob]) -> list[bytes]:
+    return [plots.draw_figure(job).png for job in jobs]
+
+
+def _children_alive(pool: figure_painter.PainterPool) -> list[int]:
+    return [painter.process.pid for painter in pool.painters if painter.process.poll() is None]
+
+
+def test_two_painters_deliver_the_figures_drawn_here_byte_for_byte(jobs, drawn_here):
+    pool = figure_painter.PainterPool(2)
+    processes = [painter.process for painter in pool.painters]
+    assert len(processes) == 2
+    assert all(os.getsid(process.pid) != os.getsid(0) for process in processes)  # no Ctrl-C reaches them
+    assert pool.submit(jobs)
+    local: list[int] = []
+    figures = pool.collect(jobs, lambda job: local.append(1) or plots.draw_figure(job))
+    assert [figure.png for figure in figures] == drawn_here
+    assert [figure.name for figure in figures] == [plots.draw_figure(job).name for job in jobs]
+    assert local == []  # the painters drew every one
+    assert all(process.poll() is not None for process in processes)  # killed and reaped once done
+    assert not pool.submit(jobs)  # a pool is used once
+
+
+def test_a_dead_painter_leaves_the_list_to_the_other(jobs, drawn_here):
+    pool = figure_painter.PainterPool(2)
+    pool.painters[1].process.kill()
+    assert pool.submit(jobs)
+    figures = pool.collect(jobs, lambda job: pytest.fail("drawn here although a painter answers"))
+    assert [figure.png for figure in figures] == drawn_here
+
+
+def test_without_painters_every_figure_is_drawn_here(jobs, drawn_here):
+    pool = figure_painter.PainterPool(2)
+    for painter in pool.painters:
+        painter.process.kill()
+    assert pool.submit(jobs)
+    drawn: list[str] = []
+
+    def draw(job: plots.FigureJob) -> plots.Figure:
+        drawn.append(job.kind)
+        return plots.draw_figure(job)
+
+    figures = pool.collect(jobs, draw)
+    assert [figure.png for figure in figures] == drawn_here
+    assert len(drawn) == len(jobs)
+
+
+def _pool_running(monkeypatch: pytest.MonkeyPatch, script: str) -> figure_painter.PainterPool:
+    """A pool of one painter that runs ``script`` instead of the painter's loop."""
+    monkeypatch.setattr(figure_painter, "_BOOTSTRAP", script.replace("{", "{{").replace("}", "}}"))
+    return figure_painter.PainterPool(1)
+
+
+def test_a_painter_answering_nonsense_is_dropped(jobs, drawn_here, monkeypatch):
+    script = textwrap.dedent(
+        """
+        import pickle, struct, sys
+        sys.stdin.buffer.read(8)
+        data = pickle.dumps(("not", "a figure"))
+        sys.stdout.buffer.write(struct.pack("<Q", len(data)) + data)
+        sys.stdout.buffer.flush()
+        sys.stdin.buffer.read()
+        """
+    )
+    pool = _pool_running(monkeypatch, script)
+    assert pool.submit(jobs)
+    figures = pool.collect(jobs, plots.draw_figure)
+    assert [figure.png for figure in figures] == drawn_here
+
+
+def test_a_stalled_painter_is_killed_and_its_figures_drawn_here(jobs, drawn_here, monkeypatch):
+    monkeypatch.setattr(figure_painter, "STALL_SECONDS", 0.5)
+    pool = _pool_running(monkeypatch, "import time; time.sleep(600)")
+    process = pool.painters[0].process
+    assert pool.submit(jobs)
+    figures = pool.collect(jobs, plots.draw_figure)
+    assert [figure.png for figure in figures] == drawn_here
+    assert process.poll() is not None
+
+
+def test_painter_ahead_starts_only_when_wanted_and_kills_at_the_end(jobs, drawn_here, monkeypatch):
+    monkeypatch.setattr(figure_painter, "default_threads", lambda: 2)
+    with figure_painter.painter_ahead(False):
+        assert figure_painter._ACTIVE == []
+        assert [figure.png for figure in figure_painter.FigureDrawing(jobs).figures()] == drawn_here
+    with figure_painter.painter_ahead(True):
+        (pool,) = figure_painter._ACTIVE
+        processes = [painter.process for painter in pool.painters]
+        assert len(processes) == 2 and all(process.poll() is None for process in processes)
+    assert figure_painter._ACTIVE == []
+    assert all(process.poll() is not None for process in processes)  # never asked: killed all the same
+    monkeypatch.setattr(figure_painter, "default_threads", lambda: 1)
+    with figure_painter.painter_ahead(True):
+        assert figure_painter._ACTIVE == []  # one core: the painters would only take the run's time
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_run_leaves_no_painter_behind(tmp_path):
+    pids = tmp_path / "pids"
+    script = textwrap.dedent(
+        f"""
+        import time
+        from ce_audit.reports import figure_painter
+        figure_painter.default_threads = lambda: 2
+        with figure_painter.painter_ahead(True):
+            pool = figure_painter._ACTIVE[0]
+            open({str(pids)!r}, "w").write(" ".join(str(p.process.pid) for p in pool.painters))
+            time.sleep(600)
+        """
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    painters = [int(pid) for pid in pids.read_text().split()]
+    assert len(painters) == 2
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 60
+    while any(_running(pid) for pid in painters) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in painters)  # their standard input closed: they ended
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not reaped by its init, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_painters_are_wanted_where_a_dimension_varies_within_a_dtype():
+    def wanted(overrides: dict) -> bool:
+        small = {"impls": ["naive"], "vocabs": [64], "batches": [8]}
+        return painters_wanted(load_config(None, {**small, **overrides}))
+
+    one_case = {"distributions": ["normal"], "scales": [1], "offsets": [0]}
+    assert "torch" in sys.modules  # as in a process that has audited before: only a long audit is worth them
+    assert not wanted({**one_case, "scales": [1, 10]})  # figures, but over before a painter is warm
+    assert not wanted({**one_case, "dtypes": ["float16", "float32"], "batches": [65536]})  # one case a dtype
+    assert wanted({**one_case, "scales": [1, 10], "batches": [65536]})
+    assert wanted({**one_case, "distributions": ["normal", "spike"], "batches": [65536]})
+    units = plan_units(load_config(None, {}), cpu_only=True)[0]
+    assert figure_painter.worth_a_painter(((unit.dtype, unit.case) for unit in units), sweep_cost(units))
+    fresh = "from ce_audit.run.sweep import painters_wanted; from ce_audit.config import load_config; "
+    fresh += "import sys; print(painters_wanted(load_config(None, {'scales': [1, 10], 'vocabs': [64]})), "
+    fresh += "'torch' in sys.modules)"
+    answer = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True)
+    assert answer.stdout.split() == ["True", "False"]  # torch's import ahead: worth them for a small sweep
+
+
+def test_figures_sent_ahead_serve_the_page_when_only_the_causes_changed(jobs, drawn_here, monkeypatch):
+    monkeypatch.setattr(figure_painter, "default_threads", lambda: 2)
+    cells = list(dict.fromkeys(cell for job in jobs for cell in job.cells))
+    traced = [replace(cell, traced_cause="traced: aten.exp at x.py:1 overflowed") for cell in cells]
+    drawn_locally: list[str] = []
+    real_draw = plots.draw_figure
+    monkeypatch.setattr(plots, "draw_figure", lambda job: (drawn_locally.append(job.kind), real_draw(job))[1])
+    with figure_painter.painter_ahead(True):
+        figure_painter.draw_ahead(cells, {})
+        drawing = figure_painter.FigureDrawing(plots.figure_jobs(traced, {}))
+        assert [figure.png for figure in drawing.figures()] == drawn_here
+    assert drawn_locally == []  # the painters' figures, sent before the traces, were taken
+    changed = [replace(cell, max_ulp=cell.max_ulp + 1) for cell in cells]  # a value the figures show
+    with figure_painter.painter_ahead(True):
+        figure_painter.draw_ahead(cells, {})
+        drawing = figure_painter.FigureDrawing(plots.figure_jobs(changed, {}))
+        mine = [real_draw(job).png for job in drawing.jobs]
+        drawn_locally.clear()
+        assert [figure.png for figure in drawing.figures()] == mine != drawn_here
+    assert len(drawn_locally) == len(jobs)  # not the figures sent ahead: drawn here
+
+
+def test_a_fresh_sweep_writes_the_figures_its_rebuild_draws_here(tmp_path):
+    """A `ce-audit sweep` as a user runs it (a fresh process: painters started, figures sent ahead of the
+    traces) writes the page and PNGs that `ce-audit report` draws again in its own process."""
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "ce_audit", *SWEEP, "--out", str(out)], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(out, rebuilt)
+    with isolated():
+        main(["report", str(rebuilt)])
+    assert (rebuilt / "report.html").read_bytes() == (out / "report.html").read_bytes()
+    pngs = sorted(path.name for path in (out / "plots").iterdir())
+    assert len(pngs) == 6 and pngs == sorted(path.name for path in (rebuilt / "plots").iterdir())
+    for name in pngs:
+        assert (rebuilt / "plots" / name).read_bytes() == (out / "plots" / name).read_bytes()
