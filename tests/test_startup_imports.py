@@ -14,8 +14,7 @@ NOT_AT_START = ("torch", "ce_audit.gate.workflow", "ce_audit.run.merge", "ce_aud
 
 def test_the_cli_imports_no_torch_and_no_other_commands_library():
     code = (
-        "import sys, ce_audit.cli; "
-        f"print(','.join(name for name in {NOT_AT_START!r} if name in sys.modules))"
+        f"import sys, ce_audit.cli; print(','.join(name for name in {NOT_AT_START!r} if name in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == ""
