@@ -74,7 +74,7 @@ def report_files(result: AuditResult, document: dict[str, Any] | None = None) ->
     files = [ReportFile("summary.csv", lambda path: write_summary_csv(summary, path, rounded=True))]
     if result.row_results or (document or {}).get("command") == "replay":  # a replay's always
         files.append(ReportFile("rows.csv", lambda path: write_rows_csv(result.row_results, path)))
-    return [*files, *html_files(result.summary_cells, document)]
+    return [*files, *html_files(summary, document)]
 
 
 def digest(path: Path) -> str | None:
