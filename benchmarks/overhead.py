@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 BATCH, VOCAB = 2048, 32000
+TARGET_RATIO = 1.3  # the wall-time ratio to the plain script this benchmark is held to
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -121,7 +122,7 @@ def main() -> None:
     print(f"plain script : median {plain_median:.2f} s  runs {[round(t, 2) for t in plain]}")
     print(f"ce-audit     : median {sweep_median:.2f} s  runs {[round(t, 2) for t in sweep]}")
     plain_cpu_median, sweep_cpu_median = statistics.median(plain_cpu), statistics.median(sweep_cpu)
-    print(f"ratio        : {sweep_median / plain_median:.2f}x wall (target ≤ 1.5x)")
+    print(f"ratio        : {sweep_median / plain_median:.2f}x wall (target ≤ {TARGET_RATIO}x)")
     print(f"CPU seconds  : median {sweep_cpu_median:.2f} against {plain_cpu_median:.2f} (user + system), "
           f"{sweep_cpu_median / plain_cpu_median:.2f}x")  # fmt: skip
     if stages is not None:

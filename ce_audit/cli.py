@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ce_audit import __version__
+from ce_audit import __version__, commands
 from ce_audit.cli_explain import explain
 from ce_audit.cli_gate import gate
 from ce_audit.cli_options import (
@@ -32,12 +32,9 @@ from ce_audit.errors import AuditError
 from ce_audit.plugins import prepare
 from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
-from ce_audit.reports.listing import print_implementations
-from ce_audit.reports.rebuild import rebuild_report, report_markdown
 from ce_audit.reports.stdout import print_summary, status_console, terminal_console
 from ce_audit.run.audit import ReportedRun, replay_to_report, sweep_to_report
 from ce_audit.run.executors import Execution
-from ce_audit.run.merge import merge_reports
 from ce_audit.run.shards import Shard
 
 try:  # Typer ≥ 0.20 vendors Click; older releases use the click package itself.
@@ -331,7 +328,7 @@ def merge(
     quiet: QuietOption = False,
 ) -> None:
     """Join the reports of a sweep's shards into one, as a single run would have written it."""
-    paths = merge_reports(list(reports), out or Path("ce-audit-report"))
+    paths = commands.merge_reports(list(reports), out or Path("ce-audit-report"))
     console = terminal_console()
     for path in paths:
         console.print(path if quiet else f"wrote {path}", markup=False, highlight=False)
@@ -345,7 +342,7 @@ def merge(
 def list_implementations(plugin: LoadPluginOption = None) -> None:
     """List the implementations (built-ins and plugins), their origin, the dtypes and the devices here."""
     prepare((), plugin or ())
-    print_implementations(terminal_console())
+    commands.print_implementations(terminal_console())
 
 
 @app.command(
@@ -376,9 +373,9 @@ def report(
     ] = False,
 ) -> None:
     """Rebuild report.html and the PNGs in plots/ from a summary.csv and the report.json beside it."""
-    written = rebuild_report(directory)
+    written = commands.rebuild_report(directory)
     if markdown is not None:
-        written.append(write_atomically(markdown, report_markdown(written[0].parent, inline_images)))
+        written.append(write_atomically(markdown, commands.report_markdown(written[0].parent, inline_images)))
     for path in written:
         typer.echo(f"wrote {path}")
 

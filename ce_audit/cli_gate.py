@@ -10,10 +10,9 @@ from typing import Annotated
 
 import typer
 
+from ce_audit import commands
 from ce_audit.cli_options import PluginOption, QuietOption
-from ce_audit.gate.workflow import gate_to_files
 from ce_audit.printable import plural
-from ce_audit.reports.gate_table import print_gate
 from ce_audit.reports.stdout import terminal_console
 
 
@@ -101,14 +100,14 @@ def gate(
     ] = False,
 ) -> None:
     """Compare the current audit with a baseline: exit 0 held, 1 regressed, 2 bad input."""
-    outcome = gate_to_files(
+    outcome = commands.gate_to_files(
         baseline, current=current, config=config, plugins=plugin or (), budgets=budget or (),
         ulp_growth=ulp_growth, rel_growth=rel_growth, strict=strict, markdown=markdown, junit=junit,
         update=update, out=out, baseline_plugins=baseline_plugins,
     )  # fmt: skip
     console = terminal_console()
     if not quiet and not update:
-        print_gate(outcome.result, console)
+        commands.print_gate(outcome.result, console)
     for path in outcome.written:
         console.print(f"wrote {path}" if not quiet else path, highlight=False, markup=False)
     if outcome.updated is not None:

@@ -205,3 +205,12 @@ def test_the_gate_decides_on_the_rounded_values_a_fresh_run_and_its_file_share(t
     assert on_fresh.passed == on_file.passed is True
     worse = write_summary_csv([cell(max_ulp=11.02)], tmp_path / "worse.csv")
     assert not compare(read_audit(base, "baseline"), read_audit(worse, "current")).passed
+
+
+def test_rounded_cells_are_written_as_they_are_and_others_rounded_here():
+    from ce_audit.reports.csv import summary_text
+
+    cells = [cell(max_abs_err=0.123456789, max_rel_err=1.0 / 3.0), cell(max_abs_err=2.0 / 3.0)]
+    rounded = [with_significant_digits(one) for one in cells]
+    assert summary_text(rounded, rounded=True) == summary_text(cells)  # the same file either way
+    assert summary_text(cells, rounded=True) != summary_text(cells)  # full digits when told they are rounded

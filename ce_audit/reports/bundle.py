@@ -70,10 +70,11 @@ def report_files(result: AuditResult, document: dict[str, Any] | None = None) ->
     from ce_audit.reports.csv import write_rows_csv, write_summary_csv
     from ce_audit.reports.html import html_files
 
-    files = [ReportFile("summary.csv", lambda path: write_summary_csv(result.summary_cells, path))]
+    summary = result.summary_cells  # already to the file's significant digits
+    files = [ReportFile("summary.csv", lambda path: write_summary_csv(summary, path, rounded=True))]
     if result.row_results or (document or {}).get("command") == "replay":  # a replay's always
         files.append(ReportFile("rows.csv", lambda path: write_rows_csv(result.row_results, path)))
-    return [*files, *html_files(result.summary_cells, document)]
+    return [*files, *html_files(summary, document)]
 
 
 def digest(path: Path) -> str | None:

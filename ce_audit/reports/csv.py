@@ -74,14 +74,16 @@ def _csv_text(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def summary_text(rows: list[Cell]) -> str:
+def summary_text(rows: list[Cell], *, rounded: bool = False) -> str:
     """summary.csv's text: error measurements to ``results.SIGNIFICANT_DIGITS`` significant digits (as
-    ``AuditResult.summary_cells`` has them already; this holds any other cells to the file's format)."""
-    return _csv_text(SUMMARY_COLUMNS, [cell_columns(with_significant_digits(cell)) for cell in rows])
+    ``AuditResult.summary_cells`` has them already: ``rounded`` says so, and they are written as they are;
+    any other cells are held to the file's format here)."""
+    cells = rows if rounded else [with_significant_digits(cell) for cell in rows]
+    return _csv_text(SUMMARY_COLUMNS, [cell_columns(cell) for cell in cells])
 
 
-def write_summary_csv(rows: list[Cell], path: str | Path) -> Path:
-    return write_atomically(path, summary_text(rows))
+def write_summary_csv(rows: list[Cell], path: str | Path, *, rounded: bool = False) -> Path:
+    return write_atomically(path, summary_text(rows, rounded=rounded))
 
 
 def write_rows_csv(records: list[RowResult], path: str | Path) -> Path:
