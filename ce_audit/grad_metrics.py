@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat, to_float64, ulp
+from ce_audit.dtypes import FloatFormat, magnitude, to_float64, ulp
 from ce_audit.metrics import Tolerance, machine_epsilon
 from ce_audit.statuses import Status, relative_error
 
@@ -37,7 +37,7 @@ class ExactRows:
         with np.errstate(all="ignore"):
             finite = np.isfinite(reference)
             if finite.all():
-                size, finite = np.abs(reference), None
+                size, finite = magnitude(reference), None
             else:
                 size = np.abs(np.where(finite, reference, 0))
             spacing = ulp(to_float64(size), fmt)  # float64 spacing: a metric, not a reference
@@ -171,7 +171,7 @@ class GradTally:
                 delta = np.zeros(grad.shape, np.result_type(grad, reference))
                 np.subtract(grad, reference, out=delta, where=both)  # no NaN arithmetic (slow in long double)
                 squares = np.einsum("ij,ij->i", delta, delta)
-            diff = np.abs(delta)
+            diff = magnitude(delta)
             if self.last_diff is not None:
                 self.last_diff.append(diff if finite else None)
             failing = diff > exact.bound

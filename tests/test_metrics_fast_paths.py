@@ -130,3 +130,26 @@ def test_worst_failing_row_with_infinite_ratios_is_the_entrywise_one() -> None:
             with np.errstate(divide="ignore"):
                 got = worst_failing_row((-1.0, -1), grad, exact, tolerance, numbers, None, diff)
             assert got == expected
+
+
+def test_long_double_magnitude_is_numpys_absolute_bit_for_bit() -> None:
+    """|x| of x87 long doubles by clearing the sign bit: NumPy's value bits (the 10 bytes that hold the
+    value) on signs, zeros, ±inf, values below float64's range, views and shapes; other dtypes pass
+    through ``np.abs``."""
+    from ce_audit.dtypes import magnitude
+
+    rng = np.random.default_rng(2)
+    values = (rng.standard_normal(60) * np.exp2(rng.uniform(-1100, 60, 60))).astype(np.longdouble)
+    values[:6] = [0.0, -0.0, np.inf, -np.inf, np.longdouble("-1e-4000"), np.longdouble("1e4000")]
+    for array in (values, values.reshape(6, 10)[:, ::3], values.reshape(6, 10).T, values[:1]):
+        got, want = magnitude(array), np.abs(array)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        width = np.finfo(np.longdouble).nmant >= 63 and array.dtype.itemsize in (12, 16)
+        if width:  # compare the value's bytes, not the padding
+            as_bytes = [
+                np.ascontiguousarray(a).view(np.uint8).reshape(*a.shape, -1)[..., :10] for a in (got, want)
+            ]
+            np.testing.assert_array_equal(*as_bytes)
+        else:
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(magnitude(np.array([-1.5, 2.0])), [1.5, 2.0])
