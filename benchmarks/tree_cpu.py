@@ -32,7 +32,9 @@ def tree_run(checkout: Path, sweep_args: list[str], out: str) -> tuple[float, fl
     start = time.perf_counter()
     command = [sys.executable, "-m", "ce_audit", "sweep", *sweep_args, "--quiet", "--out", out]
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    # run from the checkout: ``-m`` puts the working directory first on sys.path, before PYTHONPATH
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(command, env=env, cwd=checkout, check=True, **quiet)
     wall = time.perf_counter() - start
     while True:  # the orphans (a forkserver and its workers) come to this subreaper
         try:

@@ -189,8 +189,7 @@ class TorchBackend(Backend):
 
     def run(self, impl: Any, call: BlockCall, on_value: Any = None) -> Outcome:
         block, targets, fmt, device, weight = call.block, call.targets, call.fmt, call.device, call.weight
-        settings, want_grad, shape = call.settings, call.want_grad, call.shape
-        torch = self.torch
+        want_grad, torch = call.want_grad, self.torch
         logits = self.private_logits(block, fmt, device)
         if targets.dtype.kind == "f" or targets.dtype == fmt.numpy_dtype:  # probabilities, binary targets
             target_tensor = self.tensor(targets, fmt, device)
@@ -202,13 +201,13 @@ class TorchBackend(Backend):
         for leaf in leaves.values():
             leaf.requires_grad_(want_grad)
         with torch.set_grad_enabled(want_grad):
-            losses = impl(logits, target_tensor, settings, call.options, weight_tensor)
+            losses = impl(logits, target_tensor, call.settings, call.options, weight_tensor)
         if isinstance(losses, (float, np.floating)) and not impl.builtin:  # a Python or NumPy scalar
             losses = torch.from_numpy(np.asarray(losses)).to(logits.device)
         if not isinstance(losses, torch.Tensor):
             raise TypeError(f"returned {type_name(losses)}, expected a torch.Tensor")
         value_dtype = floating_dtype_name(str(losses.dtype))
-        mean = check_shape(tuple(losses.shape), shape)
+        mean = check_shape(tuple(losses.shape), call.shape)
         if not impl.builtin and losses.device != logits.device:
             raise ValueError(f"returned a tensor on {losses.device}, expected {logits.device}")
         value = losses.detach().to("cpu", torch.float64, copy=True).numpy()  # never a view of the buffer
@@ -226,7 +225,8 @@ class TorchBackend(Backend):
                     seeded_backward(torch, losses, seed)
                 for name in (name for name, leaf in leaves.items() if leaf.grad is None):  # the first one
                     raise RuntimeError(f"no gradient reached the {name}")
-                grad = np.concatenate([t.grad.detach().cpu().double().numpy() for t in leaves.values()])
+                grads = [t.grad.detach().to("cpu", torch.float64, copy=True).numpy() for t in leaves.values()]
+                grad = grads[0] if len(grads) == 1 else np.concatenate(grads)  # a copy of its own either way
             except Exception as error:  # noqa: BLE001 - a failing backward is recorded, not raised
                 grad_error = first_line(error)
         # Checked after backward too: fused kernels may store the gradient in the logits buffer.

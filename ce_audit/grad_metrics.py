@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat, to_float64, ulp
+from ce_audit.dtypes import FloatFormat, magnitude, to_float64, ulp
 from ce_audit.metrics import Tolerance, machine_epsilon
 from ce_audit.statuses import Status, relative_error
 
@@ -29,19 +29,22 @@ class ExactRows:
     spacing: np.ndarray
     row_norm: np.ndarray
     norms: np.ndarray
+    # 1 / spacing where every reciprocal is finite (exact: the spacings are powers of two), else None
+    per_spacing: np.ndarray | None = None
 
     @classmethod
     def of(cls, reference: np.ndarray, tolerance: Tolerance, fmt: FloatFormat) -> ExactRows:
         with np.errstate(all="ignore"):
             finite = np.isfinite(reference)
             if finite.all():
-                size, finite = np.abs(reference), None
+                size, finite = magnitude(reference), None
             else:
                 size = np.abs(np.where(finite, reference, 0))
+            spacing = ulp(to_float64(size), fmt)  # float64 spacing: a metric, not a reference
+            per_spacing = 1.0 / spacing if spacing.size and spacing.min() >= 2.0**-1022 else None
             return cls(
-                reference, finite, size, tolerance.atol + tolerance.rtol * size,
-                ulp(to_float64(size), fmt),  # float64 spacing: a metric, not a reference
-                size.max(axis=1), np.sqrt(np.einsum("ij,ij->i", size, size)),
+                reference, finite, size, tolerance.atol + tolerance.rtol * size, spacing,
+                size.max(axis=1), np.sqrt(np.einsum("ij,ij->i", size, size)), per_spacing,
             )  # fmt: skip
 
 
@@ -106,6 +109,7 @@ class GradTally:
     max_ulp: float = 0.0
     norm_rel_err: float = 0.0
     measured: bool = False
+    last_finite: bool = False  # every entry of the block just added is finite (GradChecks need not look)
     # |g − g*| of the block just added, by row group (None: a group with a non-finite entry), until taken
     last_diff: list[np.ndarray | None] | None = field(default=None, compare=False, repr=False)
 
@@ -128,7 +132,7 @@ class GradTally:
         totals are those of one pass, and the temporaries stay in cache. Returns each row's error
         ‖g_i − g*_i‖₂ / (ε · max(‖g*_i‖₂, ``unit``)) (ce_audit.row_verdict; inf for a non-finite mismatch).
         ``reference``: g*, or an ``ExactGradient`` whose terms the block's other tallies share."""
-        self.measured = True
+        self.measured, self.last_finite = True, False
         if not grad.size:
             return np.zeros(grad.shape[0] if grad.ndim else 0)
         exact = reference if isinstance(reference, ExactGradient) else ExactGradient(reference)
@@ -139,18 +143,24 @@ class GradTally:
             terms = exact.rows(first, step, tolerance, fmt)
             distance, norms = self._add_rows(grad[first : first + step], terms)
             row_errors.append(distance / (scale * np.maximum(norms, unit)))
+        self.last_finite = all(group is not None for group in self.last_diff)
         return row_errors[0] if len(row_errors) == 1 else np.concatenate(row_errors)
 
     def _add_rows(self, grad: np.ndarray, exact: ExactRows) -> tuple[np.ndarray, np.ndarray]:
         """Tally a group of rows; returns ‖g_i − g*_i‖₂ (inf for a non-finite mismatch) and ‖g*_i‖₂ by row."""
         reference = exact.values
         with np.errstate(all="ignore"):
-            grad_finite = np.isfinite(grad)
-            finite = exact.finite is None and bool(grad_finite.all())
-            if finite:  # the usual case: one pass per quantity
+            finite = False
+            if exact.finite is None:  # the usual case: one pass per quantity
                 delta = grad - reference
+                squares = np.einsum("ij,ij->i", delta, delta)
+                # g* is finite: a NaN or ±inf entry of g makes its row's Σ (g − g*)² NaN or inf
+                finite = bool(np.isfinite(squares).all())
+            if finite:
                 mismatch = wrong = None
-            else:
+            else:  # (also a finite g whose Σ (g − g*)² overflows: the same results)
+                grad_finite = np.isfinite(grad)
+                finite = exact.finite is None and bool(grad_finite.all())  # |g − g*| is kept for the trace
                 reference_finite = np.isfinite(reference) if exact.finite is None else exact.finite
                 self.nan_rows += int(np.isnan(grad).any(axis=1).sum())
                 self.inf_rows += int(np.isinf(grad).any(axis=1).sum())
@@ -160,18 +170,22 @@ class GradTally:
                 both = reference_finite & grad_finite
                 delta = np.zeros(grad.shape, np.result_type(grad, reference))
                 np.subtract(grad, reference, out=delta, where=both)  # no NaN arithmetic (slow in long double)
-            diff = np.abs(delta)
+                squares = np.einsum("ij,ij->i", delta, delta)
+            diff = magnitude(delta)
             if self.last_diff is not None:
                 self.last_diff.append(diff if finite else None)
             failing = diff > exact.bound
             if mismatch is not None:
                 failing |= mismatch | wrong
             self.failures += int(failing.any(axis=1).sum())
-            ulps = to_float64(diff) / exact.spacing
+            if exact.per_spacing is None:
+                ulps = to_float64(diff) / exact.spacing
+            else:  # the same quotients: a product by 2^-k's exact reciprocal rounds as the quotient does
+                ulps = to_float64(diff) * exact.per_spacing
             self.max_ulp = max(self.max_ulp, float(ulps.max()))
             row_abs, row_norm = diff.max(axis=1), exact.row_norm
             row_rel = np.where(row_norm > 0, relative_error(row_abs, row_norm), 0)
-            distance = np.sqrt(np.einsum("ij,ij->i", delta, delta))
+            distance = np.sqrt(squares)
             norm_rel = relative_error(distance, exact.norms)
             if mismatch is not None:
                 distance[(mismatch | wrong).any(axis=1)] = np.inf
@@ -225,8 +239,10 @@ class GradChecks:
         tolerance: Tolerance,
         fmt: FloatFormat,
         exact: ExactGradient | None = None,
+        grad_finite: bool = False,
     ) -> None:
-        """Check a block (``exact``: ``reference`` with the terms the block's other tallies share)."""
+        """Check a block (``exact``: ``reference`` with the terms the block's other tallies share;
+        ``grad_finite``: every entry of ``grad`` is known to be finite)."""
         with np.errstate(all="ignore"):
             if true_index is None:
                 got, want = grad.ravel(), reference.ravel()
@@ -243,10 +259,15 @@ class GradChecks:
             self.rowsum_checked = True
             exact = exact if exact is not None and exact.values is reference else ExactGradient(reference)
             reference_rows, abs_sums = exact.finite_rows_and_abs_sums()
-            finite_rows = np.isfinite(grad).all(axis=1) & reference_rows & np.isfinite(rowsum)
+            finite_rows = reference_rows & np.isfinite(rowsum)
+            if not grad_finite:
+                finite_rows &= np.isfinite(grad).all(axis=1)
             # Σ_k of each row alone: the same whichever rows are summed (none with a NaN: slow in long double)
-            error = np.abs(grad[finite_rows].sum(axis=1) - rowsum[finite_rows])
-            norm = abs_sums[finite_rows]
+            if finite_rows.all() and grad.flags.c_contiguous:
+                error, norm = np.abs(grad.sum(axis=1) - rowsum), abs_sums
+            else:
+                error = np.abs(grad[finite_rows].sum(axis=1) - rowsum[finite_rows])
+                norm = abs_sums[finite_rows]
             rel = relative_error(error, norm)
             if rel.size:
                 self.rowsum_max = max(self.rowsum_max, float(rel.max()))

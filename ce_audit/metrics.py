@@ -44,6 +44,7 @@ class RowErrors:
     finite_where_infinite: np.ndarray  # a finite value where the exact value is ±inf: a wrong value
     convention: np.ndarray  # a finite value where the exact value is NaN by PyTorch's convention
     rounds_to_inf: np.ndarray  # ±inf where the exact value is past the format's range: correct rounding
+    all_finite: bool = False  # True: every value and reference is finite (the masks above are all False)
 
 
 def overflow_threshold(fmt: FloatFormat) -> float:
@@ -53,6 +54,13 @@ def overflow_threshold(fmt: FloatFormat) -> float:
 
 def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> RowErrors:
     """abs, rel, ULP and bits of error per row; value and reference in working precision."""
+    if np.isfinite(value).all() and np.isfinite(reference).all():
+        return _finite_row_errors(value, reference, fmt)
+    return any_row_errors(value, reference, fmt)
+
+
+def any_row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> RowErrors:
+    """``row_errors`` with every mask computed (NaN, ±inf, the convention, correct overflow)."""
     with np.errstate(all="ignore"):
         value_finite, reference_finite = np.isfinite(value), np.isfinite(reference)
         both_finite = value_finite & reference_finite
@@ -88,6 +96,20 @@ def row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> Ro
         convention,
         rounds_to_inf,
     )
+
+
+def _finite_row_errors(value: np.ndarray, reference: np.ndarray, fmt: FloatFormat) -> RowErrors:
+    """``row_errors`` where every value and every reference is finite (the usual case): the same arrays,
+    without the masks' arithmetic (each is all False; ``both_finite`` all True)."""
+    with np.errstate(all="ignore"):
+        diff = np.abs(value - reference)
+        ulps = diff / ulp(reference, fmt)
+        errors = RowErrors(
+            diff, relative_error(diff, np.abs(reference)), ulps, np.log2(1 + ulps),
+            np.ones(value.shape, dtype=bool), *(np.zeros(value.shape, dtype=bool) for _ in range(4)),
+            all_finite=True,
+        )  # fmt: skip
+    return errors
 
 
 def within_tolerance(errors: RowErrors, reference: np.ndarray, tolerance: Tolerance) -> np.ndarray:
@@ -138,6 +160,35 @@ class LossTally:
     ) -> RowErrors:
         errors = row_errors(value, reference, fmt)
         self.rows += value.size
+        if errors.all_finite:  # every count of a non-finite value is 0
+            size = np.abs(reference)
+            with np.errstate(invalid="ignore"):
+                failing = errors.abs_err > tolerance.atol + tolerance.rtol * size
+                relative_fails = errors.abs_err > tolerance.rtol * size
+            self.failures += int(np.count_nonzero(failing))
+            self.atol_rows += int(np.count_nonzero(relative_fails & ~failing))
+        else:
+            self._add_nonfinite(value, reference, errors, tolerance)
+        self.max_abs_err = max(self.max_abs_err, _max(errors.abs_err))
+        self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))
+        self.max_ulp = max(self.max_ulp, _max(errors.ulp_err))
+        bits = np.asarray(errors.bits, dtype=np.float64)
+        self.bits_sum = exact_sum_terms(self.bits_sum, bits[~np.isnan(bits)])
+        self._track_cap(value, reference, errors, tolerance)
+        finite = (value if errors.all_finite else value[np.isfinite(value)]).astype(np.float64)
+        if finite.size:
+            self.max_significant_bits = max(self.max_significant_bits, int(significant_bits_of(finite).max()))
+        for narrower in FORMATS.values():
+            if narrower.precision < fmt.precision and self.representable.get(narrower.name, True):
+                with np.errstate(over="ignore"):
+                    exact = finite.astype(narrower.numpy_dtype) == finite
+                    self.representable[narrower.name] = bool(exact.all())
+        return errors
+
+    def _add_nonfinite(
+        self, value: np.ndarray, reference: np.ndarray, errors: RowErrors, tolerance: Tolerance
+    ) -> None:
+        """The counts of a block with a non-finite value or reference, and its pass/fail counts."""
         self.nan_rows += int(np.isnan(value).sum())
         self.inf_rows += int(np.isinf(value).sum())
         self.mismatches += int(errors.nonfinite_mismatch.sum())
@@ -151,23 +202,8 @@ class LossTally:
                 np.where(errors.both_finite, reference, 0)
             )
         self.atol_rows += int((passing & relative_fails).sum())
-        self.max_abs_err = max(self.max_abs_err, _max(errors.abs_err))
-        self.max_rel_err = max(self.max_rel_err, _max(errors.rel_err))
-        self.max_ulp = max(self.max_ulp, _max(errors.ulp_err))
-        bits = np.asarray(errors.bits, dtype=np.float64)
-        self.bits_sum = exact_sum_terms(self.bits_sum, bits[~np.isnan(bits)])
-        self._track_cap(value, reference, errors, tolerance)
         if errors.convention.any() and math.isnan(self.convention_value):
             self.convention_value = float(value[errors.convention][0])
-        finite = value[np.isfinite(value)].astype(np.float64)
-        if finite.size:
-            self.max_significant_bits = max(self.max_significant_bits, int(significant_bits_of(finite).max()))
-        for narrower in FORMATS.values():
-            if narrower.precision < fmt.precision and self.representable.get(narrower.name, True):
-                with np.errstate(over="ignore"):
-                    exact = finite.astype(narrower.numpy_dtype) == finite
-                    self.representable[narrower.name] = bool(exact.all())
-        return errors
 
     def _track_cap(self, value: np.ndarray, reference: np.ndarray, errors: RowErrors, tol: Tolerance) -> None:
         finite = np.isfinite(value)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ce_audit.allocator import keep_freed_memory
 from ce_audit.backends import Outcome, backend_class, uses_accelerators
 from ce_audit.devices import device_name, resolve_devices
 from ce_audit.dtypes import FloatFormat
@@ -399,6 +400,7 @@ def audit_source(
     Each dtype is one unit: when the run is asked to stop (ce_audit.run.interruption) no further unit starts,
     and a unit whose isolated call was dropped is left out whole; ``units.done`` counts those completed.
     """
+    keep_freed_memory()  # the blocks' temporaries reuse freed memory (ce_audit.allocator)
     cells: list[Cell] = []
     row_results: list[RowResult] = []
     for fmt in formats:

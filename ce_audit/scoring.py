@@ -142,7 +142,7 @@ class CellTally:
                 rowsum = rowsum / max(reference.loss.shape[0], 1)
             self.checks.add(
                 gradient, reference_grad, reference.true_index, rowsum, tolerance, fmt,
-                exact if shared else None,
+                exact if shared else None, grad_finite=self.grad.last_finite,
             )  # fmt: skip
         self.last_block = RowErrorsScaled(scaled_loss, scaled_grad)
         return errors

@@ -100,7 +100,11 @@ def worst_failing_row(
             nan = np.isnan(grad)  # its ratio is NaN, scored 0, whatever g* is: so is g* − g* or NaN there
             diff = np.abs((np.where(nan, exact, grad) if nan.any() else grad) - exact)
         ratio = diff / bound
-    scores = np.nan_to_num(ratio, nan=0.0, copy=False).max(axis=1)
+        scores = ratio.max(axis=1)  # ratio's largest entry by row, unless the row has a NaN
+    if np.isnan(scores).any():  # a NaN ratio (0/0, inf/inf) scores 0: the largest of the others
+        scores = np.nan_to_num(ratio, nan=0.0, copy=False).max(axis=1)
+    else:  # ±inf becomes ±the largest float, as it would entry by entry: the maximum commutes with it
+        scores = np.nan_to_num(scores, nan=0.0)
     if not scores.size or scores.shape != numbers.shape:
         return worst
     index = int(np.argmax(scores))
