@@ -57,7 +57,7 @@ def test_two_painters_deliver_the_figures_drawn_here_byte_for_byte(jobs, drawn_h
     pool = figure_painter.PainterPool(2)
     processes = [painter.process for painter in pool.painters]
     assert len(processes) == 2
-    assert all(os.getsid(process.pid) != os.getsid(0) for process in processes)  # no Ctrl-C reaches them
+    assert all(os.getpgid(process.pid) != os.getpgid(0) for process in processes)  # no Ctrl-C reaches them
     assert pool.submit(jobs)
     local: list[int] = []
     figures = pool.collect(jobs, lambda job: local.append(1) or plots.draw_figure(job))

@@ -11,9 +11,9 @@ tests/test_figure_painter.py holds it.
 
 Failure costs nothing but time: a painter that cannot start, dies or answers nonsense drops out (the other
 draws the whole list); when none answers, or none has delivered a figure for ``STALL_SECONDS``, what is
-missing is drawn here. Painters run in their own session (a Ctrl-C at the terminal does not reach them), end
-when their standard input closes (a run that is killed leaves none behind), and are killed and reaped as soon
-as the figures are in, and at the end of ``painter_ahead``'s block.
+missing is drawn here. Painters run in their own process group (a Ctrl-C at the terminal does not reach
+them), end when their standard input closes (a run that is killed leaves none behind), and are killed and
+reaped as soon as the figures are in, and at the end of ``painter_ahead``'s block.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class Painter:
         self.process = subprocess.Popen(
             [sys.executable, "-c", _BOOTSTRAP.format(niceness=niceness)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-            start_new_session=True,
+            process_group=0,  # not a session: one would be its own scheduling autogroup, where nice is void
         )  # fmt: skip
         self._board = board
         self._reader = threading.Thread(target=self._read, name="ce-audit-painter", daemon=True)
