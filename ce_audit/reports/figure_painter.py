@@ -19,6 +19,7 @@ reaped as soon as the figures are in, and at the end of ``painter_ahead``'s bloc
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from ce_audit.reports import plots
@@ -45,11 +45,14 @@ PAINTERS = 2
 # CPU the audit and the first painter leave, never theirs (the first, at the run's priority, fits beside the
 # run's own start-up on a second core); once the audit is done the run's process waits and they have it all.
 NICENESS = 10
-# A painter's first statement, before any import: lower its priority by {niceness}, then run this module.
+# A painter's first statements, before any import: lower its priority by {niceness}, take the run's module
+# search path (so that it imports the very modules the run did: this ce_audit, the same matplotlib), then
+# run this module.
 _BOOTSTRAP = (
-    "import os; os.nice({niceness}); import runpy; "
-    "runpy.run_module('ce_audit.reports.figure_painter', run_name='__main__', alter_sys=True)"
+    "import os, sys, json; os.nice({niceness}); sys.path[:] = json.loads(os.environ.pop({variable!r})); "
+    "import runpy; runpy.run_module('ce_audit.reports.figure_painter', run_name='__main__', alter_sys=True)"
 )
+_PATH_VARIABLE = "CE_AUDIT_PAINTER_SYS_PATH"
 _LENGTH = struct.Struct("<Q")
 _ACTIVE: list[PainterPool] = []  # the painters of the run in progress (one pool at most)
 
@@ -84,11 +87,9 @@ class Painter:
     """One painter process; a thread reads what it sends onto the pool's board."""
 
     def __init__(self, board: _Board, niceness: int = 0) -> None:
-        package_root = str(Path(plots.__file__).resolve().parents[2])  # this ce_audit, wherever it came from
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH", "")]))
+        env = {**os.environ, _PATH_VARIABLE: json.dumps(sys.path)}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP.format(niceness=niceness)],
+            [sys.executable, "-c", _BOOTSTRAP.format(niceness=niceness, variable=_PATH_VARIABLE)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
             process_group=0,  # not a session: one would be its own scheduling autogroup, where nice is void
         )  # fmt: skip
