@@ -236,3 +236,16 @@ def test_a_fresh_sweep_writes_the_figures_its_rebuild_draws_here(tmp_path):
     assert len(pngs) == 6 and pngs == sorted(path.name for path in (rebuilt / "plots").iterdir())
     for name in pngs:
         assert (rebuilt / "plots" / name).read_bytes() == (out / "plots" / name).read_bytes()
+
+
+def test_a_painter_is_counted_in_before_it_can_be_counted_out(monkeypatch):
+    """A painter that ends at once, even before its pool has started the next one, leaves the count of
+    those still answering right (else the run would wait STALL_SECONDS for a painter that is gone)."""
+    monkeypatch.setattr(figure_painter, "_BOOTSTRAP", "pass")
+    board = figure_painter._Board(0)
+    painter = figure_painter.Painter(board)
+    painter.process.wait()
+    painter._reader.join(timeout=60)
+    assert not painter._reader.is_alive()
+    assert board.alive == 0  # counted in (1), then out (0)
+    painter.close()

@@ -94,6 +94,8 @@ class Painter:
             process_group=0,  # not a session: one would be its own scheduling autogroup, where nice is void
         )  # fmt: skip
         self._board = board
+        with board.changed:
+            board.alive += 1  # before its reader runs, which counts it out when its output ends
         self._reader = threading.Thread(target=self._read, name="ce-audit-painter", daemon=True)
         self._reader.start()
 
@@ -147,7 +149,6 @@ class PainterPool:
                 self.painters.append(Painter(self.board, NICENESS if self.painters else 0))
             except OSError:
                 break  # fewer painters (none: the figures are drawn here)
-        self.board.alive = len(self.painters)
         self.used = False
         self.submitted: list[plots.FigureJob] = []
 
