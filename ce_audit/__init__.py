@@ -6,7 +6,7 @@ first use, so that ``import ce_audit`` imports neither NumPy nor torch (``ce-aud
 
 from __future__ import annotations
 
-from typing import Any
+from ce_audit.lazy import lazy_names
 
 __version__ = "0.1.0"
 __all__ = ["AuditError", "CheckReport", "check", "register"]
@@ -19,16 +19,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ce_audit' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names("ce_audit", globals(), _LAZY)

@@ -4,8 +4,9 @@ or the report rebuild's modules, and the CLI keeps its imports at its top."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ce_audit.lazy import lazy_names
 
 if TYPE_CHECKING:
     from ce_audit.gate.workflow import gate_to_files
@@ -29,14 +30,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ce_audit.commands' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names("ce_audit.commands", globals(), _LAZY)
