@@ -418,3 +418,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def command_line() -> None:
+    """The `ce-audit` and `python -m ce_audit` process: ``main`` on sys.argv, then the process ends at
+    once with its exit code (ce_audit.fast_exit: no interpreter teardown)."""
+    from ce_audit.fast_exit import exit_now
+
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        if done.code is not None and not isinstance(done.code, int):
+            raise  # a message for the interpreter to print
+        code = done.code or 0
+    exit_now(code)
