@@ -29,6 +29,7 @@ from ce_audit.cli_options import (
 )
 from ce_audit.config import default_help_text
 from ce_audit.errors import AuditError
+from ce_audit.fast_exit import exit_now
 from ce_audit.plugins import prepare
 from ce_audit.printable import printable
 from ce_audit.reports.files import write_atomically
@@ -423,8 +424,6 @@ def main(argv: list[str] | None = None) -> None:
 def command_line() -> None:
     """The `ce-audit` and `python -m ce_audit` process: ``main`` on sys.argv, then the process ends at
     once with its exit code (ce_audit.fast_exit: no interpreter teardown)."""
-    from ce_audit.fast_exit import exit_now
-
     try:
         main()
         code = 0

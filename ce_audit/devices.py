@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import re
 from typing import Any
@@ -26,6 +27,20 @@ def accelerators() -> list[str]:
     if mps is not None and mps.is_available():
         found.append("mps")
     return found
+
+
+# Device nodes of the GPUs torch can use on Linux: NVIDIA's driver, AMD's ROCm, WSL's GPU.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def cpu_alone(requested: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``requested`` devices surely resolve to the CPU alone, known without importing torch: each
+    is cpu, or auto/all on a Linux machine with none of GPU_DEVICE_NODES (no accelerator to find)."""
+    names = {name.strip().lower() for name in requested}
+    if names <= {"cpu"}:
+        return True
+    linux_without_gpu = platform.system() == "Linux" and not any(map(os.path.exists, GPU_DEVICE_NODES))
+    return names <= {"cpu", "auto", "all"} and linux_without_gpu
 
 
 def resolve_devices(

@@ -10,7 +10,7 @@ import pytest
 
 from ce_audit.config import load_config
 from ce_audit.plan.units import plan_units
-from ce_audit.run import executors
+from ce_audit.run import worker_start
 from ce_audit.run.executors import Execution, ProcessExecutor, available_cores
 from ce_audit.upstream import seeded_backward
 
@@ -49,11 +49,11 @@ def test_worker_threads_only_where_the_units_run_in_worker_processes():
 
 
 def test_a_forkserver_started_with_other_threads_is_not_used(monkeypatch):
-    if "forkserver" not in executors.multiprocessing.get_all_start_methods():
+    if "forkserver" not in worker_start.multiprocessing.get_all_start_methods():
         pytest.skip("no forkserver here")
-    monkeypatch.setattr(executors, "_forkserver", {"threads": 2})
-    assert executors._start_method(2) == "forkserver"
-    assert executors._start_method(1) == "spawn"  # its numpy and torch chose 2 threads
+    monkeypatch.setattr(worker_start, "_forkserver", {"threads": 2})
+    assert worker_start.start_method(2) == "forkserver"
+    assert worker_start.start_method(1) == "spawn"  # its numpy and torch chose 2 threads
 
 
 def test_seeded_backward_is_backward_and_imports_no_sympy():

@@ -11,6 +11,7 @@ the ``--fail-on`` level (ce_audit.verdict.fail_on_verdict), else 0.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,13 @@ from ce_audit.run.executors import Execution
 from ce_audit.run.interruption import Interruption, interruption_of, stop_on_signals
 from ce_audit.run.progress import progress_reporter
 from ce_audit.run.shards import Shard
-from ce_audit.run.sweep import painters_wanted, run_sweep, start_workers_early, sweep_cells
+from ce_audit.run.sweep import (
+    painters_wanted,
+    run_sweep,
+    start_workers_early,
+    sweep_cells,
+    workers_forked_early,
+)
 from ce_audit.verdict import check_fail_level, fail_on_verdict
 
 
@@ -76,8 +83,9 @@ def sweep_to_report(
     ):
         if sink is None:  # reproducers are collected in this process
             start_workers_early(config, execution, shard)  # their imports while this one counts cells
-        total = sweep_cells(config, shard, execution.devices_here)
-        with progress_reporter(total, quiet=quiet) as advance:
+        total = sweep_cells(config, shard, execution.devices_here)  # imports torch where units need it
+        forked = workers_forked_early(config, execution, shard) if sink is None else contextlib.nullcontext()
+        with forked, progress_reporter(total, quiet=quiet) as advance:  # forked before progress's thread
             rtols = {dtype: tolerance.rtol for dtype, tolerance in config.tolerances.items()}
             result = run_sweep(
                 config, progress=advance, execution=execution, shard=shard, reproducers=sink,

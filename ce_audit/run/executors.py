@@ -8,10 +8,16 @@ and the row, and the reference is computed from those inputs alone.
 | name        | runs each unit                                                                         |
 |-------------|----------------------------------------------------------------------------------------|
 | `local`     | in this process, one after the other (progress advances inside a unit)                |
-| `processes` | in one of ``jobs`` worker processes (forkserver, else spawn); plugins are loaded again |
-|             | in each worker from the config's specs; torch and BLAS get cores // jobs threads each  |
+| `processes` | in one of ``jobs`` worker processes (forked, else forkserver, else spawn); plugins are |
+|             | loaded again in each worker from the config's specs; torch and BLAS get cores // jobs  |
+|             | threads each                                                                           |
 | `ray`       | as a Ray task (``num_cpus=1``; ``num_gpus`` = the unit's CUDA devices, and the          |
 |             | ``accelerator_type`` asked for); a local Ray is started for the run without an address |
+
+How ``processes`` starts its workers is ce_audit.run.worker_start's: where the units run on the CPU alone in
+one-thread workers on Linux, forked from the run once torch is imported, and a sweep whose --jobs was not
+given runs in workers from FORKED_SMALL_SWEEP_COST on (a worker costs a fork, not an interpreter and
+torch's import); else from a forkserver that imported torch while the run planned.
 
 Every executor stops starting units once the run is asked to stop (ce_audit.run.interruption) and yields
 the units completed in order before it. ``processes`` starts its workers with the run's signals held;
@@ -26,8 +32,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -36,7 +40,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ce_audit.errors import AuditError
-from ce_audit.run.interruption import HANDLED, held_signals, stop_requested
+from ce_audit.run.interruption import held_signals, stop_requested
+from ce_audit.run.worker_start import (
+    STOP_SIGNAL,
+    forked_ahead,
+    forked_pool,
+    start_method,
+    start_pool,
+)
 
 if TYPE_CHECKING:
     from ce_audit.plan.units import Unit
@@ -52,8 +63,9 @@ UnitFunction = Callable[..., "list[Cell]"]  # function(unit, progress=None) -> t
 # in about 25 s, about 0.8 ms each whatever their size.
 SMALL_SWEEP_COST = 100_000_000
 CELL_COST = 20_000
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-STOP_SIGNAL = signal.SIGUSR1  # the run's request to a unit's worker process: end your workers and exit
+# The same threshold where the workers are forked from this process once torch is imported (a fork and
+# the cells sent back: about 0.05 s for two workers). The float16 default sweep is 6.6·10⁷.
+FORKED_SMALL_SWEEP_COST = 20_000_000
 _POLL_S = 0.1  # the wait for units is sliced, so that an interruption is seen in time
 _GRACE_S = 5.0  # how long stopped worker processes get before they are killed
 
@@ -91,39 +103,6 @@ class LocalExecutor:
             yield function(unit, progress)
 
 
-def _stop_unit_process(signum: int, frame: Any) -> None:
-    """``STOP_SIGNAL`` in a unit's worker process: end the isolated workers it started, and exit. The
-    signal may come while the process is still importing the package: no import here (a module half
-    imported cannot be imported again), and no workers to end unless isolation is loaded whole."""
-    isolation = sys.modules.get("ce_audit.run.isolation")
-    end_all_workers = getattr(isolation, "end_all_workers", None)
-    if end_all_workers is not None:
-        with contextlib.suppress(Exception):
-            end_all_workers()
-    os._exit(128 + signum)
-
-
-def _init_worker(threads: int) -> None:
-    """A worker's start: out of the run's process group (the run's signals are the run's to handle; they
-    were held from it until now, and one that arrived meanwhile is dropped), stopped by ``STOP_SIGNAL``
-    (also when its parent dies), ``threads`` threads for torch and BLAS (set before either is imported)."""
-    with contextlib.suppress(OSError):
-        os.setpgid(0, 0)
-    for signum in HANDLED:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.signal(STOP_SIGNAL, _stop_unit_process)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(Exception):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, STOP_SIGNAL)  # PR_SET_PDEATHSIG
-    for variable in THREAD_VARIABLES:
-        os.environ[variable] = str(threads)
-    if "torch" in sys.modules:  # pragma: no cover - a start method that copies the parent's modules
-        sys.modules["torch"].set_num_threads(threads)
-
-
 @dataclass
 class ProcessExecutor:
     """Units in ``jobs`` worker processes; each worker gets cores // jobs threads (at least one)."""
@@ -138,13 +117,10 @@ class ProcessExecutor:
             return
         workers = max(1, min(self.jobs, len(units)))
         threads = max(1, available_cores() // workers)
-        context = multiprocessing.get_context(_start_method(threads))
-        _start_resource_tracker()
-        with held_signals():  # the forkserver keeps them held; the workers (started in submit) let them
-            # through once they have left the run's process group
-            pool = ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
-            )
+        pool = forked_pool(workers)  # forked ahead (worker_start.workers_forked_ahead), else started now
+        if pool is None:
+            pool = start_pool(multiprocessing.get_context(start_method(threads)), workers, threads)
+        with held_signals():  # the workers let them through once they have left the run's process group
             futures = [pool.submit(function, unit) for unit in units]
         try:
             yield from _in_order(futures, progress, [cells_of(unit) for unit in units])
@@ -155,53 +131,6 @@ class ProcessExecutor:
             if stop_requested():
                 _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
-
-
-# What a worker imports before it can run a unit: a forkserver started ahead of the pool
-# (``start_workers_ahead``) imports them once, while this process plans, and every worker forks with them.
-WORKER_MODULES = ("__main__", "numpy", "torch", "ce_audit.run.sweep")
-_forkserver: dict[str, int] = {}  # "threads": the thread count it was started with, once started
-
-
-def _start_method(threads: int) -> str:
-    """forkserver (the server started ahead of the pool, its modules imported with ``threads`` threads, or
-    started now), else spawn: a server whose libraries chose another thread count is not used."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return "spawn"
-    return "forkserver" if _forkserver.setdefault("threads", threads) == threads else "spawn"
-
-
-def start_workers_ahead(threads: int) -> None:
-    """Start the forkserver now, with the run's signals held and ``THREAD_VARIABLES`` set to ``threads``
-    for its imports of ``WORKER_MODULES`` (as each worker sets them before its own imports), so that it
-    imports torch while this process plans; the pool's workers then fork from it ready. Once a process."""
-    if _forkserver or "forkserver" not in multiprocessing.get_all_start_methods():
-        return
-    from multiprocessing import forkserver
-
-    _forkserver["threads"] = threads
-    _start_resource_tracker()
-    saved = {variable: os.environ.get(variable) for variable in THREAD_VARIABLES}
-    try:
-        os.environ.update({variable: str(threads) for variable in THREAD_VARIABLES})
-        with held_signals():
-            forkserver.set_forkserver_preload(list(WORKER_MODULES))
-            forkserver.ensure_running()
-    finally:
-        for variable, value in saved.items():
-            if value is None:
-                os.environ.pop(variable, None)
-            else:
-                os.environ[variable] = value
-
-
-def _start_resource_tracker() -> None:
-    """multiprocessing's resource tracker, started with SIGHUP held (it ignores SIGINT and SIGTERM but
-    not SIGHUP); started here, since starting it unblocks SIGINT and SIGTERM in the starting thread."""
-    from multiprocessing import resource_tracker
-
-    with held_signals():
-        resource_tracker.ensure_running()
 
 
 def _interrupted_soon(grace: float = 1.0) -> bool:
@@ -367,6 +296,19 @@ class Execution:
             return None
         return max(1, available_cores() // max(1, min(executor.jobs, len(units))))
 
+    def forked_workers(self, units: Sequence[Unit]) -> int | None:
+        """How many workers to fork ahead for ``units`` (ProcessExecutor, one thread each, on the CPU
+        alone), where forking them would make them run there; else None."""
+        if self.executor not in (None, ProcessExecutor.name) or self.jobs == 1:
+            return None
+        if any(device != "cpu" for unit in units for device in unit.devices):
+            return None
+        busy = [unit for unit in units if unit.impls]
+        if self.jobs is None and (len(busy) < 2 or sweep_cost(busy) < FORKED_SMALL_SWEEP_COST):
+            return None
+        workers = min(self.jobs or available_cores(), len(units))
+        return workers if workers > 1 and available_cores() // workers == 1 else None
+
     def executor_for(self, units: Sequence[Unit]) -> LocalExecutor | ProcessExecutor | RayExecutor:
         """The executor that runs these units."""
         if self.executor == RayExecutor.name:
@@ -374,7 +316,8 @@ class Execution:
         jobs = self.jobs
         if jobs is None:
             busy = [unit for unit in units if unit.impls]
-            small = len(busy) < 2 or sweep_cost(busy) < SMALL_SWEEP_COST
+            threshold = FORKED_SMALL_SWEEP_COST if forked_ahead() else SMALL_SWEEP_COST
+            small = len(busy) < 2 or sweep_cost(busy) < threshold
             jobs = 1 if small else available_cores()
         if self.executor == LocalExecutor.name or (self.executor is None and jobs == 1):
             return LocalExecutor()

@@ -188,6 +188,14 @@ def lasting_session(
         _SESSION.reset(token)
 
 
+def forget_sessions() -> None:
+    """In a process forked from the run: the run's sessions and their workers are the run's, not this
+    process's (it neither calls them nor stops them); it opens its own."""
+    _SESSION.set(None)
+    _OPEN.clear()
+    _LASTING.clear()
+
+
 def in_session() -> bool:
     """Whether calls made here go through a run's isolation session."""
     return _SESSION.get() is not None

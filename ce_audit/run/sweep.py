@@ -20,7 +20,7 @@ import numpy as np
 
 from ce_audit.audit_result import AuditResult
 from ce_audit.config import SweepConfig
-from ce_audit.devices import device_description
+from ce_audit.devices import cpu_alone, device_description
 from ce_audit.dtypes import FloatFormat, float_format, overflow_peak, working_dtype
 from ce_audit.implementations import Implementation, registered
 from ce_audit.options import LossOptions
@@ -46,10 +46,11 @@ from ce_audit.plugins import prepare
 from ce_audit.reference.linear import FLOAT64_REFUSED
 from ce_audit.reproducers import ReproducerSink
 from ce_audit.results import Cell
-from ce_audit.run.executors import Execution, start_workers_ahead, sweep_cost
+from ce_audit.run.executors import Execution, sweep_cost
 from ce_audit.run.interruption import Interrupted, UnitCount, received_signal, signal_name, stop_requested
 from ce_audit.run.isolation import in_session, lasting_session, session
 from ce_audit.run.shards import Shard
+from ce_audit.run.worker_start import can_fork_workers, start_workers_ahead, workers_forked_ahead
 from ce_audit.threads import torch_threads_for
 from ce_audit.trace import tracing
 from ce_audit.trace.shown import trace_shown
@@ -211,12 +212,38 @@ def case_source(config: SweepConfig) -> Callable[[Case, Implementation], CaseSou
 
 def start_workers_early(config: SweepConfig, execution: Execution, shard: Shard | None = None) -> None:
     """Where the sweep's units will run in worker processes here, start them now, before torch is
-    imported and the units planned (``executors.start_workers_ahead``): the units on the CPU alone tell."""
+    imported and the units planned (``worker_start.start_workers_ahead``): the units on the CPU alone tell.
+    Not where they will be forked from this process once torch is imported (``workers_forked_early``)."""
     if execution.devices_here:
         ahead = plan_units(config, cpu_only=True)[0]
-        threads = execution.worker_threads(ahead if shard is None else shard.select(ahead))
+        ahead = ahead if shard is None else shard.select(ahead)
+        if _forks_later(config, execution, ahead):
+            return
+        threads = execution.worker_threads(ahead)
         if threads is not None:
             start_workers_ahead(threads)
+
+
+def _forks_later(config: SweepConfig, execution: Execution, units: list[Unit]) -> bool:
+    """Whether the workers of these units will be forked once torch is imported: on the CPU alone (known
+    before torch's import: ``devices.cpu_alone``), where this process can fork them."""
+    on_cpu = all(cpu_alone(grid.devices) for grid in config.expanded())
+    return on_cpu and execution.forked_workers(units) is not None and can_fork_workers()
+
+
+@contextlib.contextmanager
+def workers_forked_early(
+    config: SweepConfig, execution: Execution, shard: Shard | None = None
+) -> Iterator[None]:
+    """Inside the block, the sweep's worker processes forked now (``worker_start.workers_forked_ahead``),
+    where its units (planned with torch imported) run on the CPU alone in one-thread workers."""
+    units = plan_units(config, execution.devices_here)[0] if execution.devices_here else []
+    workers = execution.forked_workers(units if shard is None else shard.select(units)) if units else None
+    if workers is None:
+        yield
+        return
+    with workers_forked_ahead(workers):
+        yield
 
 
 def painters_wanted(config: SweepConfig, shard: Shard | None = None) -> bool:
@@ -265,7 +292,8 @@ def run_sweep(
         config.isolation, config.timeout, impls=impls, plugins=plugins, max_memory=config.max_memory
     )
     largest = max((unit.case.batch * unit.case.vocab for unit in chosen if unit.impls), default=0)
-    with isolated, torch_threads_for(largest):  # one worker per implementation, for the whole run
+    forked = workers_forked_early(config, execution, shard)  # where `ce-audit sweep` has not forked them
+    with forked, isolated, torch_threads_for(largest):  # isolated: one worker per implementation
         results = execution.run(run, chosen, progress)
         try:
             for unit, unit_cells in zip(chosen, results, strict=False):
