@@ -235,3 +235,20 @@ def test_double_word_exp_against_mpmath(work, bits):
                 # expm1: 2^-80 (float64) where |x| ≤ ln2/2^13, else exp − 1 loses up to 13 bits
                 tol = bits - 13 if work is np.longdouble else 80
                 assert abs(to_mpf(mh[i]) + to_mpf(ml[i]) - exact_m1) <= mpmath.ldexp(abs(exact_m1), -tol)
+
+
+@pytest.mark.parametrize("work", [np.float64, np.longdouble])
+def test_exp_table_is_each_power_of_two_computed_alone(work):
+    """The exp table's 2^(j/2^12), built as a chain of products (fast), is entry for entry the double word
+    of 2^(j/2^12) computed alone by mpmath at 300 bits and split into three doubles."""
+    from ce_audit.reference.exact import TABLE_BITS, _dw_constant, _exp_constants
+
+    size = 1 << TABLE_BITS
+    table_hi, table_lo, *_ = _exp_constants(np.dtype(work))
+    with mpmath.workprec(300):
+        for j in range(size):
+            hi, lo = _dw_constant(mpmath.power(2, mpmath.mpf(j) / size), np.dtype(work))
+            assert (table_hi[j], table_lo[j]) == (hi, lo), j
+            if j:  # and it is 2^(j/2^12): the double word within 2^-100 of it
+                got = to_mpf(table_hi[j]) + to_mpf(table_lo[j])
+                assert abs(got - mpmath.power(2, mpmath.mpf(j) / size)) <= mpmath.ldexp(got, -100)

@@ -21,6 +21,7 @@ Also ``accurate_sum``: Σ x correctly rounded to the working precision (math.fsu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +117,30 @@ def _dw_constant(value: object, dtype: np.dtype) -> tuple[np.floating, np.floati
     return fast_two_sum(hi, lo + dtype.type(d3))
 
 
+def _powers_of_two(size: int) -> list[Any]:
+    """2^(j/size) for j = 0 … size − 1, each to ~2^-400 (mpmath at 420 bits: each a product of the one
+    before by 2^(1/size), whose rounding errors add up to size · 2^-420), far below the 2^-159 that
+    ``_dw_constant``'s three doubles keep: the same three doubles as 2^(j/size) computed alone."""
+    import mpmath
+
+    with mpmath.workprec(420):
+        factor = mpmath.power(2, mpmath.mpf(1) / size)
+        powers = [mpmath.mpf(1)]
+        for _ in range(size - 1):
+            powers.append(powers[-1] * factor)
+    return powers
+
+
+def _dw_table(values: list[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``_dw_constant`` of every value at once: the same operations, element by element."""
+    d1 = [float(value) for value in values]
+    rest = [value - first for value, first in zip(values, d1, strict=True)]
+    d2 = [float(value) for value in rest]
+    d3 = [float(value - second) for value, second in zip(rest, d2, strict=True)]
+    hi, lo = two_sum(np.array(d1).astype(dtype), np.array(d2).astype(dtype))
+    return fast_two_sum(hi, lo + np.array(d3).astype(dtype))
+
+
 _TABLES: dict[str, tuple] = {}
 
 
@@ -127,11 +152,8 @@ def _exp_constants(dtype: np.dtype) -> tuple:
         import mpmath  # the tables are built once, on first use
 
         size = 1 << TABLE_BITS
-        hi = np.empty(size, dtype=dtype)
-        lo = np.empty(size, dtype=dtype)
         with mpmath.workprec(300):
-            for j in range(size):
-                hi[j], lo[j] = _dw_constant(mpmath.power(2, mpmath.mpf(j) / size), dtype)
+            hi, lo = _dw_table(_powers_of_two(size), dtype)
             step = mpmath.log(2) / size
             short = np.finfo(dtype).nmant + 1 - 27
             parts = []
