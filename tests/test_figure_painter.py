@@ -127,17 +127,20 @@ def test_a_stalled_painter_is_killed_and_its_figures_drawn_here(jobs, drawn_here
 
 def test_painter_ahead_starts_only_when_wanted_and_kills_at_the_end(jobs, drawn_here, monkeypatch):
     monkeypatch.setattr(figure_painter, "default_threads", lambda: 2)
-    with figure_painter.painter_ahead(False):
+    with figure_painter.painter_ahead(0):
         assert figure_painter._ACTIVE == []
         assert [figure.png for figure in figure_painter.FigureDrawing(jobs).figures()] == drawn_here
-    with figure_painter.painter_ahead(True):
+    with figure_painter.painter_ahead(1):
+        (pool,) = figure_painter._ACTIVE
+        assert len(pool.painters) == 1  # one dtype's figures
+    with figure_painter.painter_ahead(4):
         (pool,) = figure_painter._ACTIVE
         processes = [painter.process for painter in pool.painters]
-        assert len(processes) == 2 and all(process.poll() is None for process in processes)
+        assert len(processes) == 2 and all(process.poll() is None for process in processes)  # PAINTERS
     assert figure_painter._ACTIVE == []
     assert all(process.poll() is not None for process in processes)  # never asked: killed all the same
     monkeypatch.setattr(figure_painter, "default_threads", lambda: 1)
-    with figure_painter.painter_ahead(True):
+    with figure_painter.painter_ahead(2):
         assert figure_painter._ACTIVE == []  # one core: the painters would only take the run's time
 
 
@@ -149,7 +152,7 @@ def test_a_killed_run_leaves_no_painter_behind(tmp_path):
         import time
         from ce_audit.reports import figure_painter
         figure_painter.default_threads = lambda: 2
-        with figure_painter.painter_ahead(True):
+        with figure_painter.painter_ahead(2):
             pool = figure_painter._ACTIVE[0]
             open({str(pids)!r}, "w").write(" ".join(str(p.process.pid) for p in pool.painters))
             time.sleep(600)
@@ -179,7 +182,7 @@ def _running(pid: int) -> bool:
 
 
 def test_painters_are_wanted_where_a_dimension_varies_within_a_dtype():
-    def wanted(overrides: dict) -> bool:
+    def wanted(overrides: dict) -> int:
         small = {"impls": ["naive"], "vocabs": [64], "batches": [8]}
         return painters_wanted(load_config(None, {**small, **overrides}))
 
@@ -187,15 +190,15 @@ def test_painters_are_wanted_where_a_dimension_varies_within_a_dtype():
     assert "torch" in sys.modules  # as in a process that has audited before: only a long audit is worth them
     assert not wanted({**one_case, "scales": [1, 10]})  # figures, but over before a painter is warm
     assert not wanted({**one_case, "dtypes": ["float16", "float32"], "batches": [65536]})  # one case a dtype
-    assert wanted({**one_case, "scales": [1, 10], "batches": [65536]})
-    assert wanted({**one_case, "distributions": ["normal", "spike"], "batches": [65536]})
+    assert wanted({**one_case, "scales": [1, 10], "batches": [262144], "dtypes": ["float16"]}) == 1
+    assert wanted({**one_case, "distributions": ["normal", "spike"], "batches": [65536]}) == 4  # a dtype each
     units = plan_units(load_config(None, {}), cpu_only=True)[0]
-    assert figure_painter.worth_a_painter(((unit.dtype, unit.case) for unit in units), sweep_cost(units))
+    assert figure_painter.painters_worth(((unit.dtype, unit.case) for unit in units), sweep_cost(units)) == 4
     fresh = "from ce_audit.run.sweep import painters_wanted; from ce_audit.config import load_config; "
     fresh += "import sys; print(painters_wanted(load_config(None, {'scales': [1, 10], 'vocabs': [64]})), "
     fresh += "'torch' in sys.modules)"
     answer = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True)
-    assert answer.stdout.split() == ["True", "False"]  # torch's import ahead: worth them for a small sweep
+    assert answer.stdout.split() == ["4", "False"]  # torch's import ahead: worth them for a small sweep
 
 
 def test_figures_sent_ahead_serve_the_page_when_only_the_causes_changed(jobs, drawn_here, monkeypatch):
@@ -205,13 +208,13 @@ def test_figures_sent_ahead_serve_the_page_when_only_the_causes_changed(jobs, dr
     drawn_locally: list[str] = []
     real_draw = plots.draw_figure
     monkeypatch.setattr(plots, "draw_figure", lambda job: (drawn_locally.append(job.kind), real_draw(job))[1])
-    with figure_painter.painter_ahead(True):
+    with figure_painter.painter_ahead(2):
         figure_painter.draw_ahead(cells, {})
         drawing = figure_painter.FigureDrawing(plots.figure_jobs(traced, {}))
         assert [figure.png for figure in drawing.figures()] == drawn_here
     assert drawn_locally == []  # the painters' figures, sent before the traces, were taken
     changed = [replace(cell, max_ulp=cell.max_ulp + 1) for cell in cells]  # a value the figures show
-    with figure_painter.painter_ahead(True):
+    with figure_painter.painter_ahead(2):
         figure_painter.draw_ahead(cells, {})
         drawing = figure_painter.FigureDrawing(plots.figure_jobs(changed, {}))
         mine = [real_draw(job).png for job in drawing.jobs]

@@ -1,7 +1,8 @@
-"""report.html's figures drawn by two processes started ahead, while the audit runs.
+"""report.html's figures drawn by processes started ahead, while the audit runs.
 
 A sweep that will draw figures starts *painters* (``painter_ahead``): ``python -m
-ce_audit.reports.figure_painter``, one per core (two at most), each of which imports matplotlib and draws a
+ce_audit.reports.figure_painter``, one per dtype that draws figures (``painters_worth``) and per core, two
+at most, each of which imports matplotlib and draws a
 throwaway figure (fonts, mathtext, colour maps loaded) while this process audits, then waits. When the report
 is written, ``FigureDrawing`` sends them every figure to draw (``plots.FigureJob``s, pickled once): the
 first draws the list from its start, the second from its end, each figure streamed back as soon as it is
@@ -184,34 +185,37 @@ class PainterPool:
         self.painters = []
 
 
-def worth_a_painter(dtype_cases: Iterable[tuple[str, Any]], cost: float) -> bool:
-    """Whether painters started now pay for a sweep of these (dtype, case) pairs, of work ``cost``
-    (executors.sweep_cost): it will draw figures (some dtype has two cases that differ in a dimension a
-    figure runs along; a one-case audit draws none), and the painters will be warm when they are needed
-    (this process has torch's import ahead of it, about a second, or the audit's work passes WARM_UP_COST;
-    else the run would wait for them, where a process that drew before draws as fast)."""
+def painters_worth(dtype_cases: Iterable[tuple[str, Any]], cost: float) -> int:
+    """How many painters started now pay for a sweep of these (dtype, case) pairs, of work ``cost``
+    (executors.sweep_cost): one per dtype that will draw figures (two of its cases differ in a dimension a
+    figure runs along; a one-case audit draws none) — one painter draws a dtype's three figures in about
+    the time the page's own work takes after the audit, and every painter costs matplotlib's import —
+    and none unless they will be warm when they are needed (this process has torch's import ahead of it,
+    about a second, or the audit's work passes WARM_UP_COST; else the run would wait for them, where a
+    process that drew before draws as fast). ``painter_ahead`` caps the number at PAINTERS and the cores."""
     if not plots.plotting_available() or ("torch" in sys.modules and cost < WARM_UP_COST):
-        return False
+        return 0
     dimensions = dict.fromkeys([*plots.DIMENSIONS, *plots.CURVE_DIMENSIONS])
     seen: dict[tuple[str, str], Any] = {}
+    drawn: set[str] = set()
     for dtype, case in dtype_cases:
         for dimension in dimensions:
             value = getattr(case, dimension, None)
             if seen.setdefault((dtype, dimension), value) != value:
-                return True
-    return False
+                drawn.add(dtype)
+    return len(drawn)
 
 
 @contextlib.contextmanager
-def painter_ahead(wanted: bool) -> Iterator[None]:
-    """Painters for the figures drawn inside the block, started now if ``wanted`` and this process may use
-    more than one core (one per core, at most PAINTERS; on one core they would only take the run's time);
-    killed at the block's end."""
+def painter_ahead(wanted: int) -> Iterator[None]:
+    """Painters for the figures drawn inside the block, ``wanted`` of them started now (at most PAINTERS
+    and one per core) where this process may use more than one core (on one core they would only take the
+    run's time); killed at the block's end."""
     cores = default_threads()
-    if not wanted or _ACTIVE or cores < 2:
+    if wanted < 1 or _ACTIVE or cores < 2:
         yield
         return
-    pool = PainterPool(min(PAINTERS, cores))
+    pool = PainterPool(min(wanted, PAINTERS, cores))
     _ACTIVE.append(pool)
     try:
         yield

@@ -246,14 +246,14 @@ def workers_forked_early(
         yield
 
 
-def painters_wanted(config: SweepConfig, shard: Shard | None = None) -> bool:
-    """Whether report.html's figures are worth painter processes started now
-    (``figure_painter.worth_a_painter``), from the sweep's units on the CPU alone (torch not imported)."""
-    from ce_audit.reports.figure_painter import worth_a_painter
+def painters_wanted(config: SweepConfig, shard: Shard | None = None) -> int:
+    """How many painter processes started now report.html's figures are worth
+    (``figure_painter.painters_worth``), from the sweep's units on the CPU alone (torch not imported)."""
+    from ce_audit.reports.figure_painter import painters_worth
 
     units = plan_units(config, cpu_only=True)[0]
     units = units if shard is None else shard.select(units)
-    return worth_a_painter(((unit.dtype, unit.case) for unit in units), sweep_cost(units))
+    return painters_worth(((unit.dtype, unit.case) for unit in units), sweep_cost(units))
 
 
 def run_sweep(
