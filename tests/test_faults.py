@@ -446,13 +446,23 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _command_line(pid: int) -> bytes | None:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
 def test_ctrl_c_while_the_jobs_workers_start(tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) as soon as the first --jobs worker exists."""
     process, _ = _start_sweep(tmp_path, "--jobs", "2", group=True, units=400)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
-        if any(_children(child) for child in _children(process.pid)):  # forkserver → a worker
+        children = _children(process.pid)
+        if any(_command_line(child) == _command_line(process.pid) for child in children):  # forked from it
+            break
+        if any(_children(child) for child in children):  # forkserver → a worker
             break
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGINT)
