@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pstats
 import subprocess
 import sys
 import textwrap
@@ -77,3 +78,16 @@ def test_the_command_line_exits_with_its_code_and_its_report(tmp_path: Path) -> 
     assert rows and {row["impl"] for row in rows} == {"naive"}
     assert json.loads((out / "report.json").read_text())["cells"]
     assert str(out / "summary.csv") in done.stdout
+
+
+def test_a_profiled_command_exits_normally_and_the_profile_is_written(tmp_path: Path) -> None:
+    """Under a profiler (or a tracer, or a sys.monitoring tool) the process takes the normal exit: cProfile
+    writes its statistics after the program returns."""
+    profile = tmp_path / "list.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "ce_audit", "list"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "naive" in done.stdout
+    assert pstats.Stats(str(profile)).total_calls > 0
