@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,28 @@ def test_the_command_forks_its_workers_and_reports_as_one_process(
     assert methods == ["fork"]  # --jobs 1: no worker
     one, forked = ((tmp_path / name / "summary.csv").read_bytes() for name in ("one", "forked"))
     assert forked == one and one.count(b"\n") == 4
+
+
+@needs_fork
+def test_torch_is_imported_once_before_the_workers_are_forked(tmp_path: Path) -> None:
+    """A sweep on `--device cpu` imports no torch to find its devices; the run imports it before it forks
+    its workers (else each would import it again, and the run too, for the traces)."""
+    program = textwrap.dedent(
+        f"""
+        import sys
+        from ce_audit.run import worker_start
+        real = worker_start.ProcessPoolExecutor
+        def pool(*args, mp_context, **kwargs):
+            print(mp_context.get_start_method(), "torch" in sys.modules, file=sys.stderr)
+            return real(*args, mp_context=mp_context, **kwargs)
+        worker_start.ProcessPoolExecutor = pool
+        from ce_audit.cli import main
+        main({[*FORKED_GRID, "--out", str(tmp_path / "out")]!r})
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program.replace("main([", "main(['sweep', ")], capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.split() == ["fork", "True"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ce_audit.audit_result import AuditResult
+from ce_audit.backends import TorchBackend, backend_class
 from ce_audit.config import SweepConfig
 from ce_audit.devices import cpu_alone, device_description
 from ce_audit.dtypes import FloatFormat, float_format, overflow_peak, working_dtype
@@ -236,14 +237,28 @@ def workers_forked_early(
     config: SweepConfig, execution: Execution, shard: Shard | None = None
 ) -> Iterator[None]:
     """Inside the block, the sweep's worker processes forked now (``worker_start.workers_forked_ahead``),
-    where its units (planned with torch imported) run on the CPU alone in one-thread workers."""
+    where its units run on the CPU alone in one-thread workers; torch imported here first where their
+    implementations use it (each worker would import it again, and this process too, for the traces)."""
     units = plan_units(config, execution.devices_here)[0] if execution.devices_here else []
-    workers = execution.forked_workers(units if shard is None else shard.select(units)) if units else None
+    units = units if shard is None else shard.select(units)
+    workers = execution.forked_workers(units) if units else None
     if workers is None:
         yield
         return
+    if _torch_backends(units):
+        import torch  # noqa: F401 - imported once, here, for every worker
     with workers_forked_ahead(workers):
         yield
+
+
+def _torch_backends(units: list[Unit]) -> bool:
+    """Whether some implementation of these units runs on torch (the torch or triton backend)."""
+    return any(
+        issubclass(backend_class(impl.backend), TorchBackend)
+        for unit in units
+        if unit.impls
+        for impl in prepare(unit.impls, unit.grid.plugins, specs=unit.grid.impls)
+    )
 
 
 def painters_wanted(config: SweepConfig, shard: Shard | None = None) -> int:
