@@ -110,11 +110,8 @@ def dw_row_sum(hi: np.ndarray, lo: np.ndarray | None = None) -> tuple[np.ndarray
 
 def _dw_constant(value: object, dtype: np.dtype) -> tuple[np.floating, np.floating]:
     """hi + lo = value to ~3 doubles of precision, rounded to two parts of ``dtype``."""
-    d1 = float(value)
-    d2 = float(value - d1)
-    d3 = float(value - d1 - d2)
-    hi, lo = two_sum(dtype.type(d1), dtype.type(d2))
-    return fast_two_sum(hi, lo + dtype.type(d3))
+    hi, lo = _dw_table([value], dtype)
+    return hi[0], lo[0]
 
 
 def _powers_of_two(size: int) -> list[Any]:
@@ -132,7 +129,8 @@ def _powers_of_two(size: int) -> list[Any]:
 
 
 def _dw_table(values: list[Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``_dw_constant`` of every value at once: the same operations, element by element."""
+    """hi + lo = each value to ~3 doubles of precision (d1 = the value rounded to a double, d2 the rest
+    rounded, d3 what is left rounded), rounded to two parts of ``dtype``."""
     d1 = [float(value) for value in values]
     rest = [value - first for value, first in zip(values, d1, strict=True)]
     d2 = [float(value) for value in rest]

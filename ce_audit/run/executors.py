@@ -265,6 +265,13 @@ def sweep_cost(units: Sequence[Unit]) -> int:
     return sum(unit.cost + CELL_COST * unit.cells for unit in units if unit.impls)
 
 
+def small_sweep(units: Sequence[Unit], threshold: int) -> bool:
+    """Whether ``units`` are too little work for worker processes: fewer than two that audit anything, or
+    their cost (``sweep_cost``) under ``threshold``."""
+    busy = [unit for unit in units if unit.impls]
+    return len(busy) < 2 or sweep_cost(busy) < threshold
+
+
 @dataclass(frozen=True)
 class Execution:
     """How a sweep runs its units: an executor name (None: `local` for one job, `processes` for more),
@@ -303,8 +310,7 @@ class Execution:
             return None
         if any(device != "cpu" for unit in units for device in unit.devices):
             return None
-        busy = [unit for unit in units if unit.impls]
-        if self.jobs is None and (len(busy) < 2 or sweep_cost(busy) < FORKED_SMALL_SWEEP_COST):
+        if self.jobs is None and small_sweep(units, FORKED_SMALL_SWEEP_COST):
             return None
         workers = min(self.jobs or available_cores(), len(units))
         return workers if workers > 1 and available_cores() // workers == 1 else None
@@ -315,10 +321,8 @@ class Execution:
             return RayExecutor(self.ray_address, self.ray_accelerator_type)
         jobs = self.jobs
         if jobs is None:
-            busy = [unit for unit in units if unit.impls]
             threshold = FORKED_SMALL_SWEEP_COST if forked_ahead() else SMALL_SWEEP_COST
-            small = len(busy) < 2 or sweep_cost(busy) < threshold
-            jobs = 1 if small else available_cores()
+            jobs = 1 if small_sweep(units, threshold) else available_cores()
         if self.executor == LocalExecutor.name or (self.executor is None and jobs == 1):
             return LocalExecutor()
         return ProcessExecutor(jobs)
