@@ -142,7 +142,8 @@ def to_float64(values: np.ndarray) -> np.ndarray:
     if values.dtype != np.longdouble or not _EXTENDED:
         return values.astype(np.float64, copy=False)
     exponent = _biased_exponents(values)  # 16383 + e for 2^e ≤ |x| < 2^(e+1); 0 for 0
-    tiny = exponent < 16383 - 1022
+    # zeros (exponent 0, with long double subnormals: ±0 in float64 either way) convert fast as they are
+    tiny = (exponent > 0) & (exponent < 16383 - 1022)
     if not tiny.any():
         return values.astype(np.float64)
     out = np.empty(values.shape, dtype=np.float64)

@@ -49,37 +49,113 @@ def drawn_here(jobs: list[plots.FigureJob]) -> list[bytes]:
     return [plots.draw_figure(job).png for job in jobs]
 
 
-def _children_alive(pool: figure_painter.PainterPool) -> list[int]:
-    return [painter.process.pid for painter in pool.painters if painter.process.poll() is None]
+def _siblings(pool: figure_painter.PainterPool, count: int = 1) -> list[int]:
+    """The pids of the siblings the pool's painter forked once warm (waited for)."""
+    assert pool.process is not None
+    pid = pool.process.pid
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = [
+            int(child)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()
+        ]
+        if len(children) >= count:
+            return children
+        time.sleep(0.02)
+    raise AssertionError("the painter forked no sibling")
 
 
-def test_two_painters_deliver_the_figures_drawn_here_byte_for_byte(jobs, drawn_here):
+needs_proc = pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+
+
+@needs_proc
+def test_two_painters_deliver_the_figures_drawn_here_byte_for_byte(jobs, drawn_here, monkeypatch):
+    received: list[int] = []
+    real_receive = figure_painter._receive
+
+    def counted(stream):
+        message = real_receive(stream)
+        if message is not None:
+            received.append(message[0])
+        return message
+
+    monkeypatch.setattr(figure_painter, "_receive", counted)  # what the pool's readers receive
     pool = figure_painter.PainterPool(2)
-    processes = [painter.process for painter in pool.painters]
-    assert len(processes) == 2
-    assert all(os.getpgid(process.pid) != os.getpgid(0) for process in processes)  # no Ctrl-C reaches them
+    assert len(pool.painters) == 2 and pool.process is not None
+    process = pool.process
+    (sibling,) = _siblings(pool)  # forked once warm: one process started, two painters
+    assert os.getpgid(process.pid) != os.getpgid(0)  # no Ctrl-C reaches them
+    assert os.getpgid(sibling) == process.pid
     assert pool.submit(jobs)
     local: list[int] = []
     figures = pool.collect(jobs, lambda job: local.append(1) or plots.draw_figure(job))
     assert [figure.png for figure in figures] == drawn_here
     assert [figure.name for figure in figures] == [plots.draw_figure(job).name for job in jobs]
     assert local == []  # the painters drew every one
-    assert all(process.poll() is not None for process in processes)  # killed and reaped once done
+    assert sorted(received) == list(range(len(jobs)))  # each figure drawn once, by one painter or the other
+    assert received[0] in (0, len(jobs) - 1) and {0, len(jobs) - 1} <= set(received)  # from both ends
+    assert process.poll() is not None and not _running(sibling)  # killed (and reaped) once done
     assert not pool.submit(jobs)  # a pool is used once
 
 
+@needs_proc
 def test_a_dead_painter_leaves_the_list_to_the_other(jobs, drawn_here):
     pool = figure_painter.PainterPool(2)
-    pool.painters[1].process.kill()
+    (sibling,) = _siblings(pool)
+    os.kill(sibling, signal.SIGKILL)
     assert pool.submit(jobs)
     figures = pool.collect(jobs, lambda job: pytest.fail("drawn here although a painter answers"))
     assert [figure.png for figure in figures] == drawn_here
 
 
+def test_a_job_left_by_a_painter_that_drops_out_goes_to_the_other():
+    """The dispatch on the run's side, with the test answering for the painters: each is asked for one
+    figure at a time, the first from the start of the list and the second from its end; the job of one that
+    ends goes to the other, which then takes the rest."""
+    board = figure_painter._Board()
+    first_requests, first_answers = os.pipe(), os.pipe()
+    second_requests, second_answers = os.pipe(), os.pipe()
+    first = figure_painter.Painter(
+        board, os.fdopen(first_requests[1], "wb"), os.fdopen(first_answers[0], "rb")
+    )
+    second = figure_painter.Painter(
+        board, os.fdopen(second_requests[1], "wb"), os.fdopen(second_answers[0], "rb"), from_end=True
+    )
+    jobs = [plots.FigureJob("heatmap", "float16", "scale", [])] * 3
+    board.pending = [0, 1, 2]
+    first.submit(jobs)
+    second.submit(jobs)
+    asked = os.fdopen(first_requests[0], "rb")
+    answers = os.fdopen(first_answers[1], "wb")
+    assert figure_painter._receive(asked)[0] == 0
+    assert figure_painter._receive(os.fdopen(second_requests[0], "rb"))[0] == 2
+    os.close(second_answers[1])  # the second painter ends while drawing job 2
+    deadline = time.monotonic() + 60
+    while board.alive > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert board.alive == 1 and board.pending == [2, 1]
+    order = [0]
+    for index in (0, 2, 1):
+        figure_painter._send(answers, (index, plots.Figure(f"f{index}", "", "", b"")))
+        if index != 1:
+            order.append(figure_painter._receive(asked)[0])
+    assert order == [0, 2, 1]  # its own first, then the job left behind, then the rest
+    with board.changed:
+        while len(board.figures) < 3:
+            assert board.changed.wait(timeout=60)
+    assert sorted(board.figures) == [0, 1, 2] and board.idle == [first]
+    first.close()
+    answers.close()
+    for painter in (first, second):
+        painter.join()
+    assert board.alive == 0
+
+
 def test_without_painters_every_figure_is_drawn_here(jobs, drawn_here):
     pool = figure_painter.PainterPool(2)
-    for painter in pool.painters:
-        painter.process.kill()
+    assert pool.process is not None
+    os.killpg(pool.process.pid, signal.SIGKILL)  # the painter, and its sibling if forked already
     assert pool.submit(jobs)
     drawn: list[str] = []
 
@@ -118,7 +194,8 @@ def test_a_painter_answering_nonsense_is_dropped(jobs, drawn_here, monkeypatch):
 def test_a_stalled_painter_is_killed_and_its_figures_drawn_here(jobs, drawn_here, monkeypatch):
     monkeypatch.setattr(figure_painter, "STALL_SECONDS", 0.5)
     pool = _pool_running(monkeypatch, "import time; time.sleep(600)")
-    process = pool.painters[0].process
+    process = pool.process
+    assert process is not None
     assert pool.submit(jobs)
     figures = pool.collect(jobs, plots.draw_figure)
     assert [figure.png for figure in figures] == drawn_here
@@ -135,16 +212,16 @@ def test_painter_ahead_starts_only_when_wanted_and_kills_at_the_end(jobs, drawn_
         assert len(pool.painters) == 1  # one dtype's figures
     with figure_painter.painter_ahead(4):
         (pool,) = figure_painter._ACTIVE
-        processes = [painter.process for painter in pool.painters]
-        assert len(processes) == 2 and all(process.poll() is None for process in processes)  # PAINTERS
+        process = pool.process
+        assert len(pool.painters) == 2 and process is not None and process.poll() is None  # PAINTERS
     assert figure_painter._ACTIVE == []
-    assert all(process.poll() is not None for process in processes)  # never asked: killed all the same
+    assert process.poll() is not None  # never asked: killed all the same
     monkeypatch.setattr(figure_painter, "default_threads", lambda: 1)
     with figure_painter.painter_ahead(2):
         assert figure_painter._ACTIVE == []  # one core: the painters would only take the run's time
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@needs_proc
 def test_a_killed_run_leaves_no_painter_behind(tmp_path):
     pids = tmp_path / "pids"
     script = textwrap.dedent(
@@ -152,9 +229,14 @@ def test_a_killed_run_leaves_no_painter_behind(tmp_path):
         import time
         from ce_audit.reports import figure_painter
         figure_painter.default_threads = lambda: 2
+        from pathlib import Path
         with figure_painter.painter_ahead(2):
             pool = figure_painter._ACTIVE[0]
-            open({str(pids)!r}, "w").write(" ".join(str(p.process.pid) for p in pool.painters))
+            tasks = Path(f"/proc/{{pool.process.pid}}/task")
+            children = lambda: [c for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+            while not (siblings := children()):
+                time.sleep(0.02)  # the sibling is forked once the painter is warm
+            open({str(pids)!r}, "w").write(" ".join([str(pool.process.pid), *siblings]))
             time.sleep(600)
         """
     )
@@ -190,15 +272,17 @@ def test_painters_are_wanted_where_a_dimension_varies_within_a_dtype():
     assert "torch" in sys.modules  # as in a process that has audited before: only a long audit is worth them
     assert not wanted({**one_case, "scales": [1, 10]})  # figures, but over before a painter is warm
     assert not wanted({**one_case, "dtypes": ["float16", "float32"], "batches": [65536]})  # one case a dtype
-    assert wanted({**one_case, "scales": [1, 10], "batches": [262144], "dtypes": ["float16"]}) == 1
-    assert wanted({**one_case, "distributions": ["normal", "spike"], "batches": [65536]}) == 4  # a dtype each
+    # a figure each: the heatmap, and the curves along scale
+    assert wanted({**one_case, "scales": [1, 10], "batches": [262144], "dtypes": ["float16"]}) == 2
+    assert wanted({**one_case, "distributions": ["normal", "spike"], "batches": [65536]}) == 4  # heatmaps
     units = plan_units(load_config(None, {}), cpu_only=True)[0]
-    assert figure_painter.painters_worth(((unit.dtype, unit.case) for unit in units), sweep_cost(units)) == 4
+    # each dtype's heatmap and curves along scale and offset
+    assert figure_painter.painters_worth(((unit.dtype, unit.case) for unit in units), sweep_cost(units)) == 12
     fresh = "from ce_audit.run.sweep import painters_wanted; from ce_audit.config import load_config; "
     fresh += "import sys; print(painters_wanted(load_config(None, {'scales': [1, 10], 'vocabs': [64]})), "
     fresh += "'torch' in sys.modules)"
     answer = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True)
-    assert answer.stdout.split() == ["4", "False"]  # torch's import ahead: worth them for a small sweep
+    assert answer.stdout.split() == ["12", "False"]  # torch's import ahead: worth them for a small sweep
 
 
 def test_figures_sent_ahead_serve_the_page_when_only_the_causes_changed(jobs, drawn_here, monkeypatch):
@@ -245,10 +329,14 @@ def test_a_painter_is_counted_in_before_it_can_be_counted_out(monkeypatch):
     """A painter that ends at once, even before its pool has started the next one, leaves the count of
     those still answering right (else the run would wait STALL_SECONDS for a painter that is gone)."""
     monkeypatch.setattr(figure_painter, "_BOOTSTRAP", "pass")
-    board = figure_painter._Board(0)
-    painter = figure_painter.Painter(board)
-    painter.process.wait()
-    painter._reader.join(timeout=60)
-    assert not painter._reader.is_alive()
-    assert board.alive == 0  # counted in (1), then out (0)
-    painter.close()
+    board = figure_painter._Board()
+    process, pairs = figure_painter._start_painter(2)
+    painters = [figure_painter.Painter(board, requests, answers) for requests, answers in pairs]
+    process.wait()
+    for painter in painters:
+        painter._reader.join(timeout=60)
+        assert not painter._reader.is_alive()
+    assert board.alive == 0  # each counted in (2), then out (0): its channels closed with it
+    for painter in painters:
+        painter.close()
+        painter.join()

@@ -125,6 +125,12 @@ def test_long_doubles_to_float64_round_as_astype_does():
     for array in (values, values.reshape(100, 200)[:, ::3]):
         converted = dtypes.to_float64(array)
         np.testing.assert_array_equal(converted.view(np.int64), array.astype(np.float64).view(np.int64))
+    # zeros and long double subnormals (±0 in float64) beside normal values: converted as they are
+    zeros = np.array([0.0, -0.0, 1.0, -3.5], dtype=np.longdouble)
+    zeros = np.concatenate([zeros, [two**-16440, -(two**-16440), two**-1022, np.finfo(np.float64).max]])
+    assert dtypes._biased_exponents(zeros)[4] == 0  # a long double subnormal
+    converted = dtypes.to_float64(zeros)
+    np.testing.assert_array_equal(converted.view(np.int64), zeros.astype(np.float64).view(np.int64))
     plain = np.arange(4.0)
     assert dtypes.to_float64(plain) is plain  # float64: no copy
 

@@ -1,20 +1,20 @@
 """report.html's figures drawn by processes started ahead, while the audit runs.
 
-A sweep that will draw figures starts *painters* (``painter_ahead``): ``python -m
-ce_audit.reports.figure_painter``, one per dtype that draws figures (``painters_worth``) and per core, two
-at most, each of which imports matplotlib and draws a
-throwaway figure (fonts, mathtext, colour maps loaded) while this process audits, then waits. When the report
-is written, ``FigureDrawing`` sends them every figure to draw (``plots.FigureJob``s, pickled once): the
-first draws the list from its start, the second from its end, each figure streamed back as soon as it is
-drawn, so that together they are done when they meet (one figure at most is drawn twice). The PNGs are those
-the run's process would draw itself, byte for byte (same code, same matplotlib, same environment):
-tests/test_figure_painter.py holds it.
+A sweep that will draw figures starts a *painter* (``painter_ahead``): ``python -m
+ce_audit.reports.figure_painter``, which imports matplotlib and draws a throwaway figure (fonts, colour maps
+loaded) while this process audits, then forks a *sibling* for each further channel the run opened (two
+painters at most, one per core): a sibling is as warm as the first for the cost of a fork. When the report
+is written, ``FigureDrawing`` sends every painter the figures to draw (``plots.FigureJob``s, pickled once),
+then asks each for one at a time: the first from the list's start, the second from its end, each figure
+streamed back as soon as it is drawn and the painter asked for the next one left, so that together they
+are done when they meet, none drawn twice. The PNGs are those the run's process would draw itself, byte
+for byte (same code, same matplotlib, same environment): tests/test_figure_painter.py holds it.
 
 Failure costs nothing but time: a painter that cannot start, dies or answers nonsense drops out (the other
 draws the whole list); when none answers, or none has delivered a figure for ``STALL_SECONDS``, what is
 missing is drawn here. Painters run in their own process group (a Ctrl-C at the terminal does not reach
-them), end when their standard input closes (a run that is killed leaves none behind), and are killed and
-reaped as soon as the figures are in, and at the end of ``painter_ahead``'s block.
+them), end when their requests' pipe closes (a run that is killed leaves none behind), and are killed (the
+whole group) and reaped as soon as the figures are in, and at the end of ``painter_ahead``'s block.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -42,18 +43,15 @@ STALL_SECONDS = 60.0
 WARM_UP_COST = 30_000_000
 # Painters at most: two draw the list from both ends; a third would have nothing left to start on.
 PAINTERS = 2
-# How much lower the second painter's priority is than the run's (nice): its start-up and warm-up use what
-# CPU the audit and the first painter leave, never theirs (the first, at the run's priority, fits beside the
-# run's own start-up on a second core); once the audit is done the run's process waits and they have it all.
-NICENESS = 10
-# A painter's first statements, before any import: lower its priority by {niceness}, take the run's module
-# search path (so that it imports the very modules the run did: this ce_audit, the same matplotlib), then
-# run this module.
+# A painter's first statements, before any import: take the run's module search path (so that it imports the
+# very modules the run did: this ce_audit, the same matplotlib), then run this module.
 _BOOTSTRAP = (
-    "import os, sys, json; os.nice({niceness}); sys.path[:] = json.loads(os.environ.pop({variable!r})); "
+    "import os, sys, json; sys.path[:] = json.loads(os.environ.pop({variable!r})); "
     "import runpy; runpy.run_module('ce_audit.reports.figure_painter', run_name='__main__', alter_sys=True)"
 )
 _PATH_VARIABLE = "CE_AUDIT_PAINTER_SYS_PATH"
+# The descriptors of each sibling's channel in the painter, "requests,answers" separated by spaces.
+_SIBLINGS_VARIABLE = "CE_AUDIT_PAINTER_SIBLINGS"
 _LENGTH = struct.Struct("<Q")
 _ACTIVE: list[PainterPool] = []  # the painters of the run in progress (one pool at most)
 
@@ -75,96 +73,165 @@ def _receive(stream: BinaryIO) -> Any:
 
 
 class _Board:
-    """What the painters have delivered, and how many still answer."""
+    """What the painters have delivered, the jobs none has been asked for yet, and how many still answer."""
 
-    def __init__(self, painters: int) -> None:
+    def __init__(self) -> None:
         self.changed = threading.Condition()
         self.figures: dict[int, plots.Figure] = {}
-        self.wanted: range = range(0)  # the indices of the request's jobs
-        self.alive = painters
+        self.pending: list[int] = []  # the request's jobs no painter is drawing, in the page's order
+        self.idle: list[Painter] = []  # painters that answer and have nothing to draw
+        self.alive = 0
+
+    def next_job(self, painter: Painter) -> int | None:
+        """The job ``painter`` draws next (the first one pending, or the last for a painter that works from
+        the end), or None: it waits, idle (call with ``changed`` held)."""
+        if not self.pending:
+            self.idle.append(painter)
+            return None
+        return self.pending.pop(-1 if painter.from_end else 0)
 
 
 class Painter:
-    """One painter process; a thread reads what it sends onto the pool's board."""
+    """One painter's channel: requests written to it, and a thread that reads what it sends onto the pool's
+    board (the first painter's are its standard input and output; a sibling's, pipes it inherited). It is
+    sent the jobs once, then asked for one figure at a time: each painter takes the next job as it delivers
+    one, so that none is drawn twice, and a job left by a painter that drops out goes to one still there."""
 
-    def __init__(self, board: _Board, niceness: int = 0) -> None:
-        env = {**os.environ, _PATH_VARIABLE: json.dumps(sys.path)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP.format(niceness=niceness, variable=_PATH_VARIABLE)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-            process_group=0,  # not a session: one would be its own scheduling autogroup, where nice is void
-        )  # fmt: skip
+    def __init__(self, board: _Board, requests: BinaryIO, answers: BinaryIO, from_end: bool = False) -> None:
+        self.requests, self.answers, self.from_end = requests, answers, from_end
+        self.drawing: int | None = None  # the job asked for and not delivered
         self._board = board
         with board.changed:
             board.alive += 1  # before its reader runs, which counts it out when its output ends
         self._reader = threading.Thread(target=self._read, name="ce-audit-painter", daemon=True)
         self._reader.start()
 
-    def submit(self, order: list[int], jobs: list[plots.FigureJob]) -> None:
-        """Ask for ``jobs``' figures, drawn in ``order`` (a painter that cannot take it is closed)."""
+    def submit(self, jobs: list[plots.FigureJob]) -> None:
+        """Send ``jobs`` and ask for the first figure this painter draws (if one is left)."""
+        with self._board.changed:
+            self.drawing = first = self._board.next_job(self)
+        self._send((first, jobs))
+
+    def _send(self, message: tuple[int | None, list[plots.FigureJob] | None]) -> None:
         try:
-            assert self.process.stdin is not None
-            _send(self.process.stdin, (order, jobs))
+            _send(self.requests, message)
         except (OSError, ValueError, pickle.PicklingError):
-            self.close()
+            self.close()  # it ends, and its reader hands its job on
 
     def _read(self) -> None:
-        assert self.process.stdout is not None
+        board = self._board
         while True:
             try:
-                message = _receive(self.process.stdout)
+                message = _receive(self.answers)
             except Exception:  # noqa: BLE001 - anything unreadable ends this painter's part
                 message = None
-            with self._board.changed:
+            asked: list[tuple[Painter, int]] = []
+            with board.changed:
                 valid = (
                     isinstance(message, tuple) and len(message) == 2 and isinstance(message[1], plots.Figure)
                 )
                 if valid:
-                    self._board.figures.setdefault(*message)
+                    board.figures.setdefault(*message)
+                    self.drawing = board.next_job(self)
+                    if self.drawing is not None:
+                        asked.append((self, self.drawing))
                 else:
-                    self._board.alive -= 1
-                self._board.changed.notify_all()
+                    board.alive -= 1
+                    if self in board.idle:
+                        board.idle.remove(self)
+                    if self.drawing is not None and self.drawing not in board.figures:
+                        board.pending.insert(0, self.drawing)
+                    self.drawing = None
+                    while board.pending and board.idle:  # a job left behind: to a painter waiting
+                        other = board.idle.pop()
+                        other.drawing = board.next_job(other)
+                        asked.append((other, other.drawing))  # type: ignore[arg-type]
+                board.changed.notify_all()
+            for painter, index in asked:
+                painter._send((index, None))
             if not valid:
                 return
 
     def close(self) -> None:
-        """Kill and reap the painter; its reader thread ends with its output."""
-        with contextlib.suppress(OSError):
-            self.process.kill()
+        """Close its requests (a painter ends when they do); its reader thread ends with its output."""
         with contextlib.suppress(OSError, ValueError):
-            if self.process.stdin is not None:
-                self.process.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
+            self.requests.close()
+
+    def join(self) -> None:
         self._reader.join(timeout=5)
+        with contextlib.suppress(OSError, ValueError):
+            self.answers.close()
+
+
+def _start_painter(channels: int) -> tuple[subprocess.Popen[bytes], list[tuple[BinaryIO, BinaryIO]]]:
+    """The painter process, in a process group of its own, and ``channels`` (requests, answers) pairs: its
+    standard input and output, then a pair of pipes for each sibling it forks once warm."""
+    opened: list[int] = []
+    kept: list[tuple[int, int]] = []  # the run's ends
+    given: list[tuple[int, int]] = []  # the painter's ends
+    try:
+        for _ in range(channels - 1):
+            request_read, request_write = os.pipe()
+            opened += [request_read, request_write]
+            answer_read, answer_write = os.pipe()
+            opened += [answer_read, answer_write]
+            kept.append((request_write, answer_read))
+            given.append((request_read, answer_write))
+        env = {
+            **os.environ,
+            _PATH_VARIABLE: json.dumps(sys.path),
+            _SIBLINGS_VARIABLE: " ".join(f"{reading},{writing}" for reading, writing in given),
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-c", _BOOTSTRAP.format(variable=_PATH_VARIABLE)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            pass_fds=[fd for pair in given for fd in pair],
+            process_group=0,  # not a session: one would be its own scheduling autogroup
+        )  # fmt: skip
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    for pair in given:
+        for fd in pair:
+            os.close(fd)
+    assert process.stdin is not None and process.stdout is not None
+    pairs: list[tuple[BinaryIO, BinaryIO]] = [(process.stdin, process.stdout)]
+    pairs += [(os.fdopen(write, "wb"), os.fdopen(read, "rb")) for write, read in kept]
+    return process, pairs
 
 
 class PainterPool:
     """Painters started ahead for one report's figures (used once: killed as soon as those are drawn)."""
 
     def __init__(self, count: int) -> None:
-        self.board = _Board(0)
+        self.board = _Board()
         self.painters: list[Painter] = []
-        for _ in range(count):
+        self.process: subprocess.Popen[bytes] | None = None
+        if count > 0:
             try:
-                self.painters.append(Painter(self.board, NICENESS if self.painters else 0))
+                self.process, pairs = _start_painter(count)
             except OSError:
-                break  # fewer painters (none: the figures are drawn here)
+                pairs = []  # no painter: the figures are drawn here
+            self.painters = [
+                Painter(self.board, requests, answers, from_end=number % 2 == 1)
+                for number, (requests, answers) in enumerate(pairs)
+            ]
         self.used = False
         self.submitted: list[plots.FigureJob] = []
 
     def submit(self, jobs: list[plots.FigureJob]) -> bool:
-        """Send ``jobs`` to every painter, each its own order (the first from the first job, the second
-        from the last), so that together they cover the list in about 1/count of the time."""
+        """Send ``jobs`` to every painter: the first draws from the first job on, the second from the last
+        back, each taking the next job left as it delivers one, so that together they cover the list in about
+        1/count of the time."""
         if self.used or not self.painters:
             return False
         self.used = True
         self.submitted = jobs
         with self.board.changed:
-            self.board.wanted = range(len(jobs))
-        forward = list(range(len(jobs)))
-        for number, painter in enumerate(self.painters):
-            painter.submit(forward if number % 2 == 0 else forward[::-1], jobs)
+            self.board.pending = list(range(len(jobs)))
+        for painter in self.painters:
+            painter.submit(jobs)
         return True
 
     def collect(self, jobs: list[plots.FigureJob], draw: Callable[[plots.FigureJob], plots.Figure]) -> list:
@@ -180,37 +247,49 @@ class PainterPool:
         return [delivered[i] if i in delivered else draw(job) for i, job in enumerate(jobs)]
 
     def close(self) -> None:
+        """Kill the painter and its siblings (its process group) and reap it."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.returncode is None:  # not reaped: its group is still there
+                with contextlib.suppress(OSError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            for painter in self.painters:
+                painter.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
         for painter in self.painters:
             painter.close()
+            painter.join()
         self.painters = []
 
 
 def painters_worth(dtype_cases: Iterable[tuple[str, Any]], cost: float) -> int:
     """How many painters started now pay for a sweep of these (dtype, case) pairs, of work ``cost``
-    (executors.sweep_cost): one per dtype that will draw figures (two of its cases differ in a dimension a
-    figure runs along; a one-case audit draws none) — one painter draws a dtype's three figures in about
-    the time the page's own work takes after the audit, and every painter costs matplotlib's import —
-    and none unless they will be warm when they are needed (this process has torch's import ahead of it,
-    about a second, or the audit's work passes WARM_UP_COST; else the run would wait for them, where a
-    process that drew before draws as fast). ``painter_ahead`` caps the number at PAINTERS and the cores."""
+    (executors.sweep_cost): as many as it will draw figures (a dtype draws its heatmap where two of its
+    cases differ in a dimension a figure runs along, and a curve for each such curve dimension; a one-case
+    audit draws none), since a painter after the first costs a fork; and none unless they will be warm when
+    they are needed (this process has torch's import ahead of it, about a second, or the audit's work passes
+    WARM_UP_COST; else the run would wait for them, where a process that drew before draws as fast).
+    ``painter_ahead`` caps the number at PAINTERS and the cores."""
     if not plots.plotting_available() or ("torch" in sys.modules and cost < WARM_UP_COST):
         return 0
     dimensions = dict.fromkeys([*plots.DIMENSIONS, *plots.CURVE_DIMENSIONS])
     seen: dict[tuple[str, str], Any] = {}
-    drawn: set[str] = set()
+    varying: set[tuple[str, str]] = set()
     for dtype, case in dtype_cases:
         for dimension in dimensions:
             value = getattr(case, dimension, None)
             if seen.setdefault((dtype, dimension), value) != value:
-                drawn.add(dtype)
-    return len(drawn)
+                varying.add((dtype, dimension))
+    heatmaps = {dtype for dtype, _ in varying}
+    return len(heatmaps) + sum(dimension in plots.CURVE_DIMENSIONS for _, dimension in varying)
 
 
 @contextlib.contextmanager
 def painter_ahead(wanted: int) -> Iterator[None]:
-    """Painters for the figures drawn inside the block, ``wanted`` of them started now (at most PAINTERS
-    and one per core) where this process may use more than one core (on one core they would only take the
-    run's time); killed at the block's end."""
+    """Painters for the figures drawn inside the block, ``wanted`` of them (at most PAINTERS and one per
+    core: one process, and siblings it forks once warm) started now where this process may use more than
+    one core (on one core they would only take the run's time); killed at the block's end."""
     cores = default_threads()
     if wanted < 1 or _ACTIVE or cores < 2:
         yield
@@ -293,19 +372,52 @@ def _warm_up() -> None:
     plots._png(figure)
 
 
-def serve(requests: BinaryIO, answers: BinaryIO) -> None:
-    """The painter's loop: each request's figures in its order, each sent as soon as it is drawn; returns
-    when ``requests`` ends."""
+def _siblings(description: str) -> list[tuple[int, int]]:
+    return [(int(pair.split(",")[0]), int(pair.split(",")[1])) for pair in description.split()]
+
+
+def _fork_siblings(siblings: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """Fork a warm sibling for each channel; in a sibling, its channel's descriptors (its standard input
+    and output, the first painter's, then lead nowhere), else None. A sibling that cannot be forked drops
+    out: its channel closes."""
+    for number, (reading, writing) in enumerate(siblings):
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            for other in siblings[number + 1 :]:
+                for fd in other:
+                    os.close(fd)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+            return reading, writing
+        os.close(reading)
+        os.close(writing)
+    return None
+
+
+def serve(requests: BinaryIO, answers: BinaryIO, siblings: list[tuple[int, int]] | None = None) -> None:
+    """The painter's loop: warm up, fork ``siblings`` (their channels' descriptors), then draw each figure
+    asked for (a request: the job's index or None, and the jobs the first time), sent as soon as it is
+    drawn; returns when the requests end."""
     _warm_up()
+    channel = _fork_siblings(siblings or [])
+    if channel is not None:
+        requests, answers = os.fdopen(channel[0], "rb"), os.fdopen(channel[1], "wb")
+    jobs: list[plots.FigureJob] = []
     while True:
         message = _receive(requests)
         if message is None:
             return
-        order, jobs = message
-        for index in order:
+        index, sent = message
+        jobs = sent if sent is not None else jobs
+        if index is not None:
             _send(answers, (index, plots.draw_figure(jobs[index])))
 
 
 if __name__ == "__main__":
     with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
-        serve(sys.stdin.buffer, sys.stdout.buffer)
+        serve(sys.stdin.buffer, sys.stdout.buffer, _siblings(os.environ.pop(_SIBLINGS_VARIABLE, "")))
