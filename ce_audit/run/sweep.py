@@ -207,8 +207,18 @@ def run_unit(
 
 
 def case_source(config: SweepConfig) -> Callable[[Case, Implementation], CaseSource]:
-    """How a case's rows are generated again for one implementation, as ``config`` generated them."""
-    return lambda case, impl: CaseSource(case, config.block_mib << 20, row_multiple([impl]))
+    """How a case's rows are generated again for one implementation, as ``config`` generated them: one
+    source per case and row multiple, so that the cells of a case traced one after the other share its
+    rows (ce_audit.trace.cells keeps the last source's blocks)."""
+    sources: dict[tuple[Case, int], CaseSource] = {}
+
+    def source_of(case: Case, impl: Implementation) -> CaseSource:
+        key = (case, row_multiple([impl]))
+        if key not in sources:
+            sources[key] = CaseSource(case, config.block_mib << 20, key[1])
+        return sources[key]
+
+    return source_of
 
 
 def start_workers_early(config: SweepConfig, execution: Execution, shard: Shard | None = None) -> None:
