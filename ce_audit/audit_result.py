@@ -8,7 +8,7 @@ from typing import Any
 
 from ce_audit.config import SweepConfig
 from ce_audit.implementations import Implementation
-from ce_audit.results import Cell, RowResult, with_significant_digits
+from ce_audit.results import Cell, RowResult, rounded_cells
 
 
 @dataclass(frozen=True)
@@ -37,4 +37,4 @@ class AuditResult:
         """The cells as summary.csv holds them, every error measurement to ``results.SIGNIFICANT_DIGITS``
         significant digits: rounded once, here, for every report and the gate, so that they all read the
         same values (``cells`` keep full precision for the Python API and the terminal)."""
-        return [with_significant_digits(cell) for cell in self.cells]
+        return rounded_cells(self.cells)

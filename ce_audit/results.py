@@ -239,3 +239,22 @@ def with_significant_digits(cell: Cell) -> Cell:
     rounded.__dict__.update(cell.__dict__)
     rounded.__dict__.update(changed)
     return rounded
+
+
+# id(cell) → (cell, its rounded cell), for the cells of the last list ``rounded_cells`` was given
+_LAST_ROUNDED: dict[int, tuple[Cell, Cell]] = {}
+
+
+def rounded_cells(cells: list[Cell]) -> list[Cell]:
+    """``with_significant_digits`` of each cell; a cell the previous call was given (the same object) is
+    not rounded again and gives the same rounded object: the figures sent ahead of the traces and the
+    summary written after them share every cell the traces left as it was."""
+    global _LAST_ROUNDED
+    earlier, kept, out = _LAST_ROUNDED, {}, []
+    for cell in cells:
+        pair = earlier.get(id(cell))
+        rounded = pair[1] if pair is not None and pair[0] is cell else with_significant_digits(cell)
+        kept[id(cell)] = (cell, rounded)
+        out.append(rounded)
+    _LAST_ROUNDED = kept
+    return out

@@ -214,3 +214,22 @@ def test_rounded_cells_are_written_as_they_are_and_others_rounded_here():
     rounded = [with_significant_digits(one) for one in cells]
     assert summary_text(rounded, rounded=True) == summary_text(cells)  # the same file either way
     assert summary_text(cells, rounded=True) != summary_text(cells)  # full digits when told they are rounded
+
+
+def test_rounding_a_cell_again_gives_it_back_and_the_last_list_is_not_rounded_twice():
+    from dataclasses import replace
+
+    from ce_audit.results import rounded_cells
+
+    full = cell(max_abs_err=0.123456789, max_rel_err=1.0 / 3.0, max_ulp=float("nan"))
+    once = with_significant_digits(full)
+    assert once is not full and once.max_abs_err == 0.1235 and once.max_rel_err == 0.3333
+    assert with_significant_digits(once) is once  # nothing left to round: the same cell
+    assert once == replace(full, max_abs_err=0.1235, max_rel_err=0.3333)  # what replace() would make
+    other = cell(max_abs_err=2.0 / 3.0)
+    first = rounded_cells([full, other])
+    assert [one.max_abs_err for one in first] == [0.1235, 0.6667]
+    traced = replace(other, traced_cause="traced: aten.exp overflowed")  # a cell the traces replaced
+    again = rounded_cells([full, traced])
+    assert again[0] is first[0]  # the same cell: its rounded cell kept (the figures' and the summary's)
+    assert again[1] is not first[1] and again[1] == with_significant_digits(traced)

@@ -5,6 +5,7 @@ none left behind, whether the run ends, is killed, or is interrupted at the term
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -122,7 +123,7 @@ def test_a_job_left_by_a_painter_that_drops_out_goes_to_the_other():
     second = figure_painter.Painter(
         board, os.fdopen(second_requests[1], "wb"), os.fdopen(second_answers[0], "rb"), from_end=True
     )
-    jobs = [plots.FigureJob("heatmap", "float16", "scale", [])] * 3
+    jobs = pickle.dumps([plots.FigureJob("heatmap", "float16", "scale", [])] * 3)
     board.pending = [0, 1, 2]
     first.submit(jobs)
     second.submit(jobs)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from ce_audit.reports import plots
-from ce_audit.results import KEY_COLUMNS, Cell, column_value, with_significant_digits
+from ce_audit.results import KEY_COLUMNS, Cell, column_value, rounded_cells
 from ce_audit.threads import default_threads
 
 # Seconds without a figure from any painter after which they count as stalled (a figure takes < 1 s).
@@ -106,16 +106,16 @@ class Painter:
         self._reader = threading.Thread(target=self._read, name="ce-audit-painter", daemon=True)
         self._reader.start()
 
-    def submit(self, jobs: list[plots.FigureJob]) -> None:
-        """Send ``jobs`` and ask for the first figure this painter draws (if one is left)."""
+    def submit(self, jobs: bytes) -> None:
+        """Send the jobs (pickled) and ask for the first figure this painter draws (if one is left)."""
         with self._board.changed:
             self.drawing = first = self._board.next_job(self)
         self._send((first, jobs))
 
-    def _send(self, message: tuple[int | None, list[plots.FigureJob] | None]) -> None:
+    def _send(self, message: tuple[int | None, bytes | None]) -> None:
         try:
             _send(self.requests, message)
-        except (OSError, ValueError, pickle.PicklingError):
+        except (OSError, ValueError):
             self.close()  # it ends, and its reader hands its job on
 
     def _read(self) -> None:
@@ -230,8 +230,13 @@ class PainterPool:
         self.submitted = jobs
         with self.board.changed:
             self.board.pending = list(range(len(jobs)))
+        try:
+            pickled = pickle.dumps(jobs, protocol=pickle.HIGHEST_PROTOCOL)  # once for every painter
+        except (pickle.PicklingError, TypeError, AttributeError):
+            self.close()
+            return True  # the painters are gone: collect draws every figure here
         for painter in self.painters:
-            painter.submit(jobs)
+            painter.submit(pickled)
         return True
 
     def collect(self, jobs: list[plots.FigureJob], draw: Callable[[plots.FigureJob], plots.Figure]) -> list:
@@ -303,19 +308,21 @@ def painter_ahead(wanted: int) -> Iterator[None]:
         pool.close()
 
 
-def job_key(job: plots.FigureJob) -> tuple[Any, ...]:
-    """What a job's figure is drawn from: its kind, dtype, dimension, rtol and each cell's key columns and
-    ``plots.FIGURE_FIELDS`` (NaN as the string "nan", so that equal keys mean equal figures)."""
+def _plain(value: Any) -> Any:
+    return "nan" if isinstance(value, float) and math.isnan(value) else value
 
-    def plain(value: Any) -> Any:
-        return "nan" if isinstance(value, float) and math.isnan(value) else value
 
-    cells = tuple(
-        tuple(plain(column_value(cell, name)) for name in KEY_COLUMNS)
-        + tuple(plain(getattr(cell, name)) for name in plots.FIGURE_FIELDS)
-        for cell in job.cells
+def cell_key(cell: Cell) -> tuple[Any, ...]:
+    """What a figure reads of a cell: its key columns and ``plots.FIGURE_FIELDS`` (NaN as the string "nan",
+    so that equal keys mean equal figures)."""
+    return tuple(_plain(column_value(cell, name)) for name in KEY_COLUMNS) + tuple(
+        _plain(getattr(cell, name)) for name in plots.FIGURE_FIELDS
     )
-    return (job.kind, job.dtype, job.dimension, job.rtol, cells)
+
+
+def job_key(job: plots.FigureJob) -> tuple[Any, ...]:
+    """What a job's figure is drawn from: its kind, dtype, dimension, rtol and each cell's ``cell_key``."""
+    return (job.kind, job.dtype, job.dimension, job.rtol, tuple(cell_key(cell) for cell in job.cells))
 
 
 def draw_ahead(cells: list[Cell], rtols: dict[str, float]) -> None:
@@ -323,7 +330,7 @@ def draw_ahead(cells: list[Cell], rtols: dict[str, float]) -> None:
     last work on the cells that no figure reads (the shown cells' traces): the page's ``FigureDrawing`` then
     collects them if its figures are drawn from the same values (``job_key``), and draws its own if not."""
     if _ACTIVE and not _ACTIVE[0].used:
-        _ACTIVE[0].submit(plots.figure_jobs([with_significant_digits(cell) for cell in cells], rtols))
+        _ACTIVE[0].submit(plots.figure_jobs(rounded_cells(cells), rtols))
 
 
 class FigureDrawing:
@@ -350,7 +357,15 @@ class FigureDrawing:
 
 
 def _same_job(sent: plots.FigureJob, wanted: plots.FigureJob) -> bool:
-    return sent is wanted or job_key(sent) == job_key(wanted)
+    """Whether two jobs give the same figure (``job_key``), a cell that is the same object taken as it is
+    (the summary's cells are the figures' own where the traces left them: ``results.rounded_cells``)."""
+    if sent is wanted:
+        return True
+    head = lambda job: (job.kind, job.dtype, job.dimension, job.rtol, len(job.cells))  # noqa: E731
+    return head(sent) == head(wanted) and all(
+        mine is theirs or cell_key(mine) == cell_key(theirs)
+        for mine, theirs in zip(sent.cells, wanted.cells, strict=True)
+    )
 
 
 def _warm_up() -> None:
@@ -401,8 +416,8 @@ def _fork_siblings(siblings: list[tuple[int, int]]) -> tuple[int, int] | None:
 
 def serve(requests: BinaryIO, answers: BinaryIO, siblings: list[tuple[int, int]] | None = None) -> None:
     """The painter's loop: warm up, fork ``siblings`` (their channels' descriptors), then draw each figure
-    asked for (a request: the job's index or None, and the jobs the first time), sent as soon as it is
-    drawn; returns when the requests end."""
+    asked for (a request: the job's index or None, and the pickled jobs the first time), sent as soon as
+    it is drawn; returns when the requests end."""
     _warm_up()
     channel = _fork_siblings(siblings or [])
     if channel is not None:
@@ -413,7 +428,7 @@ def serve(requests: BinaryIO, answers: BinaryIO, siblings: list[tuple[int, int]]
         if message is None:
             return
         index, sent = message
-        jobs = sent if sent is not None else jobs
+        jobs = pickle.loads(sent) if sent is not None else jobs
         if index is not None:
             _send(answers, (index, plots.draw_figure(jobs[index])))
 
