@@ -43,6 +43,9 @@ STALL_SECONDS = 60.0
 WARM_UP_COST = 30_000_000
 # Painters at most: two draw the list from both ends; a third would have nothing left to start on.
 PAINTERS = 2
+# Where the first painter forks its siblings: Linux (elsewhere, where forking a process that has loaded
+# system frameworks is not safe, one painter draws every figure).
+SIBLINGS_FORKED = sys.platform.startswith("linux")
 # A painter's first statements, before any import: take the run's module search path (so that it imports the
 # very modules the run did: this ce_audit, the same matplotlib), then run this module.
 _BOOTSTRAP = (
@@ -293,13 +296,13 @@ def painters_worth(dtype_cases: Iterable[tuple[str, Any]], cost: float) -> int:
 @contextlib.contextmanager
 def painter_ahead(wanted: int) -> Iterator[None]:
     """Painters for the figures drawn inside the block, ``wanted`` of them (at most PAINTERS and one per
-    core: one process, and siblings it forks once warm) started now where this process may use more than
-    one core (on one core they would only take the run's time); killed at the block's end."""
+    core: one process, and on Linux the siblings it forks once warm) started now where this process may
+    use more than one core (on one core they would only take the run's time); killed at the block's end."""
     cores = default_threads()
     if wanted < 1 or _ACTIVE or cores < 2:
         yield
         return
-    pool = PainterPool(min(wanted, PAINTERS, cores))
+    pool = PainterPool(min(wanted, PAINTERS if SIBLINGS_FORKED else 1, cores))
     _ACTIVE.append(pool)
     try:
         yield
