@@ -248,7 +248,8 @@ _LAST_ROUNDED: dict[int, tuple[Cell, Cell]] = {}
 def rounded_cells(cells: list[Cell]) -> list[Cell]:
     """``with_significant_digits`` of each cell; a cell the previous call was given (the same object) is
     not rounded again and gives the same rounded object: the figures sent ahead of the traces and the
-    summary written after them share every cell the traces left as it was."""
+    summary written after them share every cell the traces left as it was. (The last list's cells are kept
+    until the next call: an id is never reused while it is looked up.)"""
     global _LAST_ROUNDED
     earlier, kept, out = _LAST_ROUNDED, {}, []
     for cell in cells:
