@@ -113,9 +113,9 @@ class Painter:
         """Send the jobs (pickled) and ask for the first figure this painter draws (if one is left)."""
         with self._board.changed:
             self.drawing = first = self._board.next_job(self)
-        self._send((first, jobs))
+        self._request((first, jobs))
 
-    def _send(self, message: tuple[int | None, bytes | None]) -> None:
+    def _request(self, message: tuple[int | None, bytes | None]) -> None:
         try:
             _send(self.requests, message)
         except (OSError, ValueError):
@@ -151,7 +151,7 @@ class Painter:
                         asked.append((other, other.drawing))  # type: ignore[arg-type]
                 board.changed.notify_all()
             for painter, index in asked:
-                painter._send((index, None))
+                painter._request((index, None))
             if not valid:
                 return
 
@@ -359,13 +359,16 @@ class FigureDrawing:
         return self._figures
 
 
+def _job_head(job: plots.FigureJob) -> tuple[Any, ...]:
+    return (job.kind, job.dtype, job.dimension, job.rtol, len(job.cells))
+
+
 def _same_job(sent: plots.FigureJob, wanted: plots.FigureJob) -> bool:
     """Whether two jobs give the same figure (``job_key``), a cell that is the same object taken as it is
     (the summary's cells are the figures' own where the traces left them: ``results.rounded_cells``)."""
     if sent is wanted:
         return True
-    head = lambda job: (job.kind, job.dtype, job.dimension, job.rtol, len(job.cells))  # noqa: E731
-    return head(sent) == head(wanted) and all(
+    return _job_head(sent) == _job_head(wanted) and all(
         mine is theirs or cell_key(mine) == cell_key(theirs)
         for mine, theirs in zip(sent.cells, wanted.cells, strict=True)
     )
