@@ -20,7 +20,8 @@ from ce_audit.reference.exact import (
     two_product,
     two_sum,
 )
-from ce_audit.reference.parts import ROW_CHUNK_ELEMENTS, Softmax, mp_softcap
+from ce_audit.reference.parts import ROW_CHUNK_ELEMENTS, Softmax
+from ce_audit.reference.softcap import softcap_double_word
 
 
 def _dw_softcap(z: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +48,7 @@ def _dw_logits(logits: np.ndarray, fmt: FloatFormat, cap: float) -> tuple[np.nda
     finite = np.isfinite(z)
     hi = z.copy()
     if fmt.name == "float64":
-        hi[finite], lo[finite], _ = mp_softcap(logits.astype(np.float64)[finite], cap)
+        hi[finite], lo[finite], _ = softcap_double_word(logits.astype(np.float64)[finite], cap)
     else:
         with np.errstate(all="ignore"):
             hi[finite], lo[finite] = _dw_softcap(z[finite], cap)

@@ -1,6 +1,6 @@
 """Pieces of the reference shared by the loss and its exact gradient: the log-softmax of a row
-(a = max, e_k = exp(t_k − a), S = Σ e_k, lse), the softcap C·tanh(z/C) (mpmath at 160 bits for float64
-inputs), and the weighted sums of −log p they combine."""
+(a = max, e_k = exp(t_k − a), S = Σ e_k, lse), the softcap C·tanh(z/C) (a long double double word for
+float64 inputs, ce_audit.reference.softcap), and the weighted sums of −log p they combine."""
 
 from __future__ import annotations
 
@@ -10,57 +10,10 @@ import numpy as np
 
 from ce_audit.dtypes import FloatFormat, working_dtype
 from ce_audit.reference.cross_entropy import _two_difference
+from ce_audit.reference.softcap import softcap_double_word
 
-SOFTCAP_PRECISION = 160  # bits of the mpmath softcap for float64 inputs
 INF_SMOOTHING_NOTE = "exact loss +inf: label smoothing gives ε/C to −inf-masked classes (PyTorch semantics)"
 ROW_CHUNK_ELEMENTS = 1 << 16  # the double-word gradient works on this many elements at a time (in cache)
-
-
-_SOFTCAP_CACHE: dict[tuple[float, bytes], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-
-def mp_softcap_values(uniques: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """C·tanh(x/C) as long double hi + lo and sech²(x/C), per distinct float64 x, in mpmath; the last few
-    results are kept (a sweep evaluates the same logits under many option combinations)."""
-    key = (cap, uniques.tobytes())
-    if key in _SOFTCAP_CACHE:
-        return _SOFTCAP_CACHE[key]
-    import mpmath  # only float64 softcaps need it: the package imports without loading mpmath
-
-    hi = np.empty(uniques.size, dtype=np.longdouble)
-    lo = np.empty(uniques.size, dtype=np.longdouble)
-    chain = np.empty(uniques.size, dtype=np.longdouble)
-    with mpmath.workprec(SOFTCAP_PRECISION):
-        c = mpmath.mpf(cap)
-        for i, value in enumerate(uniques.tolist()):
-            x = mpmath.mpf(value) / c
-            t = c * mpmath.tanh(x)
-            d1 = float(t)
-            d2 = float(t - d1)
-            d3 = float(t - d1 - d2)
-            h = np.longdouble(d1) + np.longdouble(d2)
-            hi[i] = h
-            lo[i] = ((np.longdouble(d1) - h) + np.longdouble(d2)) + np.longdouble(d3)
-            if abs(x) > 5600:  # sech² = 4 e^−2|x| is below the smallest long double
-                chain[i] = 0
-                continue
-            sech2 = 1 / mpmath.cosh(x) ** 2
-            if abs(x) < 300:  # two doubles carry the value to ~2^-106; the long double sum rounds once
-                d1 = float(sech2)
-                chain[i] = np.longdouble(d1) + np.longdouble(float(sech2 - d1))
-            else:  # below the double range: strtold rounds 25 digits correctly to the long double
-                chain[i] = np.longdouble(mpmath.nstr(sech2, 25, min_fixed=1, max_fixed=0))
-    if len(_SOFTCAP_CACHE) >= 8:
-        _SOFTCAP_CACHE.pop(next(iter(_SOFTCAP_CACHE)))
-    _SOFTCAP_CACHE[key] = (hi, lo, chain)
-    return hi, lo, chain
-
-
-def mp_softcap(values: np.ndarray, cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """C·tanh(x/C) as long double hi + lo, and sech²(x/C), for float64 inputs (mpmath, per distinct value)."""
-    uniques, inverse = np.unique(values, return_inverse=True)
-    hi, lo, chain = mp_softcap_values(uniques, cap)
-    return hi[inverse], lo[inverse], chain[inverse]
 
 
 def capped_logits(
@@ -76,7 +29,7 @@ def capped_logits(
     lo = np.zeros_like(z)
     chain = np.zeros_like(z)
     if fmt.name == "float64":
-        h, low, c = mp_softcap(logits.astype(np.float64)[finite], cap)
+        h, low, c = softcap_double_word(logits.astype(np.float64)[finite], cap)
         hi[finite], lo[finite], chain[finite] = h, low, c
     else:
         x = z[finite] / cap

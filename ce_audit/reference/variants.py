@@ -14,8 +14,9 @@ With t = softcap(z) (or z), a = max_k t_k attained at m, e_k = exp(t_k − a) an
 
 Reductions sum the per-row values exactly (math.fsum of the working-precision values, carried as two
 doubles for long double), then divide once. Float64 inputs: differences t_k − a carried as hi + lo
-(TwoSum) as in reference.py; a softcap is evaluated in mpmath (tanh and sech² at 160 bits) and carried
-as hi + lo, since a long double tanh alone misses 0.01 ULP of float64.
+(TwoSum) as in reference.py; a softcap is evaluated in double-word long double arithmetic
+(ce_audit.reference.softcap: tanh within 2^-115, sech² within one ulp) and carried as hi + lo, since a long
+double tanh alone misses 0.01 ULP of float64.
 
 Gradients whose entries are sums of terms of both signs (label smoothing, probability targets, z-loss)
 are computed so that each entry is accurate relative to its own exact value. With coef_k the coefficient
