@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from ce_audit import __version__, commands
+from ce_audit import __version__, collector, commands
 from ce_audit.cli_explain import explain
 from ce_audit.cli_gate import gate
 from ce_audit.cli_options import (
@@ -46,11 +46,15 @@ except ImportError:  # pragma: no cover - depends on the installed Typer
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _user_errors(command: F) -> F:
-    """AuditError from the library becomes one line on stderr and exit code 2."""
+def _user_errors(command: F, *, start_up_ends_inside: bool = False) -> F:
+    """AuditError from the library becomes one line on stderr and exit code 2. The process's start-up ends
+    as the command begins (ce_audit.collector.resume), or inside it where ``start_up_ends_inside`` (`sweep`:
+    once torch is imported, before its workers are forked, ce_audit.run.audit)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not start_up_ends_inside:
+            collector.resume()
         try:
             return command(*args, **kwargs)
         except AuditError as error:
@@ -142,7 +146,7 @@ def _grid_option(key: str, flag: str, metavar: str, help_text: str) -> Any:
         "ce-audit sweep --format json > summary.json     # machine-readable",
     )
 )
-@_user_errors
+@functools.partial(_user_errors, start_up_ends_inside=True)
 @with_loss_options(grid=True)
 @with_run_options(
     dtype_help=f"{DTYPE_HELP} Default: {default_help_text('dtypes')}.",

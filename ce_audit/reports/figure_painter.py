@@ -32,6 +32,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
+from ce_audit import collector
 from ce_audit.reports import plots
 from ce_audit.results import KEY_COLUMNS, Cell, column_value, rounded_cells
 from ce_audit.threads import default_threads
@@ -47,9 +48,11 @@ PAINTERS = 2
 # system frameworks is not safe, one painter draws every figure).
 SIBLINGS_FORKED = sys.platform.startswith("linux")
 # A painter's first statements, before any import: take the run's module search path (so that it imports the
-# very modules the run did: this ce_audit, the same matplotlib), then run this module.
+# very modules the run did: this ce_audit, the same matplotlib), pause the garbage collector for its start-up
+# (ce_audit.collector; ``serve`` resumes it once warm), then run this module.
 _BOOTSTRAP = (
     "import os, sys, json; sys.path[:] = json.loads(os.environ.pop({variable!r})); "
+    "from ce_audit import collector; collector.pause(); "
     "import runpy; runpy.run_module('ce_audit.reports.figure_painter', run_name='__main__', alter_sys=True)"
 )
 _PATH_VARIABLE = "CE_AUDIT_PAINTER_SYS_PATH"
@@ -425,6 +428,7 @@ def serve(requests: BinaryIO, answers: BinaryIO, siblings: list[tuple[int, int]]
     asked for (a request: the job's index or None, and the pickled jobs the first time), sent as soon as
     it is drawn; returns when the requests end."""
     _warm_up()
+    collector.resume()  # start-up is over: the siblings fork with its objects frozen
     channel = _fork_siblings(siblings or [])
     if channel is not None:
         requests, answers = os.fdopen(channel[0], "rb"), os.fdopen(channel[1], "wb")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ce_audit import collector
 from ce_audit.audit_result import AuditResult
 from ce_audit.dtypes import canonical_dtype
 from ce_audit.overrides import front_door_config
@@ -86,6 +87,7 @@ def sweep_to_report(
         total = sweep_cells(config, shard, execution.devices_here)  # imports torch where units need it
         forked = workers_forked_early(config, execution, shard) if sink is None else contextlib.nullcontext()
         with forked, progress_reporter(total, quiet=quiet) as advance:  # forked before progress's thread
+            collector.resume()  # the command's start-up is over (ce_audit.collector; the cli's `sweep`)
             rtols = {dtype: tolerance.rtol for dtype, tolerance in config.tolerances.items()}
             result = run_sweep(
                 config, progress=advance, execution=execution, shard=shard, reproducers=sink,

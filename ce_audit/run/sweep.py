@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ce_audit import collector
 from ce_audit.audit_result import AuditResult
 from ce_audit.backends import TorchBackend, backend_class
 from ce_audit.config import SweepConfig
@@ -257,6 +258,7 @@ def workers_forked_early(
         return
     if _torch_backends(units):
         import torch  # noqa: F401 - imported once, here, for every worker
+    collector.resume()  # start-up is over: the workers fork with its objects frozen (ce_audit.collector)
     with workers_forked_ahead(workers):
         yield
 

@@ -1,0 +1,34 @@
+"""Python's cyclic garbage collector paused while a command starts.
+
+Start-up creates several hundred thousand objects that live as long as the process (the modules of Typer,
+Rich, NumPy, torch, matplotlib) and next to no garbage; the collector's passes over them while they are
+imported are pure cost (about 0.2 s of a `ce-audit sweep`'s start, before its workers are forked). The
+command line's process (``ce_audit.__main__``) and the painters pause it before their first import
+(``pause``) and resume it once start-up is over (``resume``): the objects alive then are frozen into the
+permanent generation (``gc.freeze``), so that later collections, and those of the processes forked from
+it, skip them and leave their memory pages shared. ``resume`` only undoes ``pause``: where the collector
+was not paused here (ce_audit used as a library, its tests in one process), it changes nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+
+_paused = False
+
+
+def pause() -> None:
+    """Stop the collector until ``resume``, where it runs."""
+    global _paused
+    if gc.isenabled():
+        gc.disable()
+        _paused = True
+
+
+def resume() -> None:
+    """Start-up is over: freeze what is alive and run the collector again, where ``pause`` stopped it."""
+    global _paused
+    if _paused:
+        _paused = False
+        gc.freeze()
+        gc.enable()
