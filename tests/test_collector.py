@@ -89,6 +89,33 @@ def test_pause_stops_the_collector_and_resume_freezes_what_start_up_left() -> No
     assert done.stdout.split() == ["True", "True", "0", "True"]
 
 
+def test_a_process_that_collects_itself_collects_once_each_time_it_asks(monkeypatch) -> None:
+    """resume(automatic=False) (a painter): the start-up frozen, no automatic pass, and ``collect`` frees the
+    cycles left by a piece of work; where the collector was not paused here, ``collect`` does nothing."""
+    program = textwrap.dedent(
+        """
+        import gc, weakref
+        from ce_audit import collector
+        collector.pause()
+        collector.resume(automatic=False)
+        class Node: pass
+        node = Node(); node.me = node  # a cycle, as a drawn figure leaves
+        alive = weakref.ref(node)
+        del node
+        before = alive() is not None
+        collector.collect()
+        print(gc.isenabled(), gc.get_freeze_count() > 0, before, alive() is None)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True", "True"]
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *args: calls.append(args))
+    collector.collect()
+    assert calls == []
+
+
 SWEEP = [
     "sweep", "--impl", "gc_recording_ce", "--distribution", "normal", "--scale", "1", "--offset", "0",
     "--vocab", "1000", "--device", "cpu", "--no-grad", "--quiet",

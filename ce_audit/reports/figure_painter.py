@@ -428,7 +428,7 @@ def serve(requests: BinaryIO, answers: BinaryIO, siblings: list[tuple[int, int]]
     asked for (a request: the job's index or None, and the pickled jobs the first time), sent as soon as
     it is drawn; returns when the requests end."""
     _warm_up()
-    collector.resume()  # start-up is over: the siblings fork with its objects frozen
+    collector.resume(automatic=False)  # the siblings fork with the start-up frozen; one collection a figure
     channel = _fork_siblings(siblings or [])
     if channel is not None:
         requests, answers = os.fdopen(channel[0], "rb"), os.fdopen(channel[1], "wb")
@@ -441,6 +441,7 @@ def serve(requests: BinaryIO, answers: BinaryIO, siblings: list[tuple[int, int]]
         jobs = pickle.loads(sent) if sent is not None else jobs
         if index is not None:
             _send(answers, (index, plots.draw_figure(jobs[index])))
+            collector.collect()  # the figure's matplotlib objects, once sent
 
 
 if __name__ == "__main__":
