@@ -55,6 +55,8 @@ SWEEP_ARGS = [
 
 BREAKDOWN_DRIVER = """
 import sys, time
+from ce_audit import collector
+collector.pause()  # as the command line's entry does (ce_audit.__main__)
 clock = time.perf_counter()
 import torch
 torch_import = time.perf_counter() - clock
