@@ -5,7 +5,7 @@ rounding to the dtype), reference, implementations (the copy to the device, the 
 the check that the input was not written), metrics (errors, tallies, cells; each row's loss error in the
 row verdict's measure among them), row verdict (the floor row by row, whose gradient rounding also gives
 ``best_grad_norm_rel_err``, and the comparison with PyTorch's kernel on the same rows: ce_audit.row_verdict),
-reports (the files).
+traces (the shown cells traced after the run: ce_audit.trace.shown), reports (the files).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ STAGES = [
     ("metrics", "ce_audit.scoring", "CellTally.to_cell"),
     ("row verdict", "ce_audit.pipeline", "floor_row_errors"),
     ("row verdict", "ce_audit.pipeline", "DtypeAudit._compare_rows"),
+    ("traces", "ce_audit.run.sweep", "trace_shown"),
     ("reports", "ce_audit.reports.bundle", "ReportDirectory.write"),
 ]
-LABELS = ["inputs", "reference", "implementations", "metrics", "row verdict", "reports"]
+LABELS = ["inputs", "reference", "implementations", "metrics", "row verdict", "traces", "reports"]
 
 
 def _timed(original: Any, label: str, seconds: dict[str, float], synchronize: Any) -> Any:

@@ -10,10 +10,20 @@ script's median. ``--figures DIR/summary.csv`` times, in this process, drawing t
     python benchmarks/sweep.py [--repeats 3]
     python benchmarks/sweep.py --figures OUT/summary.csv [--repeats 5]
     python benchmarks/sweep.py --stages [--repeats 3]     # each stage's share of the default sweep
+    python benchmarks/sweep.py --floor [--repeats 3]      # what no change inside ce-audit can remove
 
 ``--stages`` runs the default sweep in this process under the stage timers of `benchmarks/stages.py` and
 prints its wall and CPU seconds and each stage's share of its time, medians of ``--repeats`` (the row
 verdict's cost among them).
+
+``--floor`` sets each sweep's wall time beside its floor on this machine's C cores: torch's import (a fresh
+process; the workers fork once it is done, and the plain script pays it too) plus the CPU of the
+implementations' own calls and of drawing report.html's figures, divided by C. No change inside ce-audit
+can go below it: the implementations are what is audited, and the figures are matplotlib's. The inputs and
+the reference are added next (an audit cannot do without them, but they are ce-audit's code), then each of
+ce-audit's other stages. The stages' CPU comes from the sweep run in this process under the stage timers,
+the figures' from drawing them from that sweep's summary.csv, the wall times from fresh processes,
+interleaved; every figure is a median of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -55,9 +65,10 @@ def figures_seconds(summary: str, repeats: int) -> tuple[list[float], list[float
     return wall, cpu
 
 
-def stage_shares(repeats: int) -> list[dict[str, float]]:
-    """The default sweep run in this process ``repeats`` times under the stage timers (benchmarks/stages.py):
-    each stage's seconds and the whole sweep's (``total``)."""
+def stage_shares(repeats: int, overrides: dict[str, list[str]] | None = None) -> list[dict[str, float]]:
+    """The default sweep (with ``overrides``, as the command line's --dtype gives them) run in this process
+    ``repeats`` times under the stage timers (benchmarks/stages.py): each stage's seconds and the whole
+    sweep's (``total``)."""
     from benchmarks.stages import stage_timers
     from ce_audit.config import load_config
     from ce_audit.run.sweep import run_sweep
@@ -66,10 +77,58 @@ def stage_shares(repeats: int) -> list[dict[str, float]]:
     for _ in range(repeats):
         with stage_timers() as seconds:
             start, start_cpu = time.perf_counter(), time.process_time()
-            run_sweep(load_config(None, {}))
+            run_sweep(load_config(None, overrides or {}))
             total, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         runs.append({**seconds, "total": total, "cpu": cpu})
     return runs
+
+
+def floor_table(repeats: int) -> None:
+    """Each sweep of SWEEPS beside its floor on this machine's cores, and what each stage adds to it (see
+    the module docstring)."""
+    from benchmarks.stages import LABELS
+    from ce_audit.run.executors import available_cores
+
+    cores = available_cores()
+    walls: dict[str, list[float]] = {"import torch": [], "plain script": [], **{name: [] for name in SWEEPS}}
+    with tempfile.TemporaryDirectory() as scratch:
+        timed([sys.executable, "-c", "import torch"])  # warm the file cache for every side
+        for repeat in range(repeats):
+            walls["import torch"].append(timed([sys.executable, "-c", "import torch"]))
+            walls["plain script"].append(timed([sys.executable, "-c", PLAIN_SCRIPT]))
+            for index, (name, extra) in enumerate(SWEEPS.items()):
+                out = str(Path(scratch) / f"{index}")
+                command = [sys.executable, "-m", "ce_audit", "sweep", *extra, "--quiet", "--out", out]
+                walls[name].append(timed(command))
+            latest = ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in walls.items())
+            print(f"run {repeat + 1}: {latest}", flush=True)
+        summaries = [str(Path(scratch) / f"{index}" / "summary.csv") for index in range(len(SWEEPS))]
+        figures = {
+            name: statistics.median(figures_seconds(summary, repeats)[1])
+            for name, summary in zip(SWEEPS, summaries, strict=True)
+        }
+    plain, torch_import = statistics.median(walls["plain script"]), statistics.median(walls["import torch"])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{cores} cores; load average {load:.1f} at the end; medians of {repeats} runs; "
+          f"plain script {plain:.2f} s, import torch {torch_import:.2f} s (fresh processes)")  # fmt: skip
+    for name, extra in SWEEPS.items():
+        overrides = {"dtypes": [extra[extra.index("--dtype") + 1]]} if "--dtype" in extra else None
+        runs = stage_shares(repeats, overrides)
+        cpu = {label: statistics.median(run.get(label, 0.0) for run in runs) for label in LABELS}
+        cpu["figures"] = figures[name]
+        wall = statistics.median(walls[name])
+        print(f"\n{name}: {wall:.2f} s, {wall / plain:.2f}x the plain script")
+        calls, drawing = cpu["implementations"], cpu["figures"]
+        floor = torch_import + (calls + drawing) / cores
+        print(f"  {'floor: import torch + (implementations + figures) / cores':60s} {floor:6.2f} s "
+              f"{floor / plain:5.2f}x   ({calls:.2f} + {drawing:.2f} s CPU)")  # fmt: skip
+        reached = floor
+        for label in ("inputs", "reference", "metrics", "row verdict", "traces"):
+            reached += cpu[label] / cores
+            print(f"  {'+ ' + label + ' / cores':60s} {reached:6.2f} s {reached / plain:5.2f}x   "
+                  f"({cpu[label]:.2f} s CPU)")  # fmt: skip
+        rest = wall - reached
+        print(f"  {'the rest: start-up, planning, reports, waits':60s} {rest:6.2f} s of the {wall:.2f} s")
 
 
 def main() -> None:
@@ -79,7 +138,13 @@ def main() -> None:
     parser.add_argument(
         "--stages", action="store_true", help="the default sweep's time by stage, in this process, instead"
     )
+    parser.add_argument(
+        "--floor", action="store_true", help="each sweep beside what no change inside ce-audit can remove"
+    )
     args = parser.parse_args()
+    if args.floor:
+        floor_table(args.repeats)
+        return
     if args.stages:
         runs = stage_shares(args.repeats)
         wall, cpu = (statistics.median(run[key] for run in runs) for key in ("total", "cpu"))
