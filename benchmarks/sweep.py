@@ -47,6 +47,26 @@ SWEEPS = {
 }
 
 
+def interleaved_walls(
+    repeats: int, scratch: str, first: dict[str, list[str]] | None = None
+) -> dict[str, list[float]]:
+    """Wall seconds of the commands ``first`` (by name), the plain script and each sweep of SWEEPS, as fresh
+    processes, interleaved ``repeats`` times; sweep i writes its report of repeat r to SCRATCH/i-r."""
+    commands = {**(first or {}), "plain script": [sys.executable, "-c", PLAIN_SCRIPT]}
+    walls: dict[str, list[float]] = {name: [] for name in [*commands, *SWEEPS]}
+    timed([sys.executable, "-c", "import torch"])  # warm the file cache for every side
+    for repeat in range(repeats):
+        for name, command in commands.items():
+            walls[name].append(timed(command))
+        for index, (name, extra) in enumerate(SWEEPS.items()):
+            out = str(Path(scratch) / f"{index}-{repeat}")
+            command = [sys.executable, "-m", "ce_audit", "sweep", *extra, "--quiet", "--out", out]
+            walls[name].append(timed(command))
+        latest = ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in walls.items())
+        print(f"run {repeat + 1}: {latest}", flush=True)
+    return walls
+
+
 def figures_seconds(summary: str, repeats: int) -> tuple[list[float], list[float]]:
     """Wall and CPU seconds of drawing every figure of report.html from ``summary``'s cells, ``repeats``
     times (on a shared machine the CPU seconds move less)."""
@@ -90,19 +110,10 @@ def floor_table(repeats: int) -> None:
     from ce_audit.run.executors import available_cores
 
     cores = available_cores()
-    walls: dict[str, list[float]] = {"import torch": [], "plain script": [], **{name: [] for name in SWEEPS}}
     with tempfile.TemporaryDirectory() as scratch:
-        timed([sys.executable, "-c", "import torch"])  # warm the file cache for every side
-        for repeat in range(repeats):
-            walls["import torch"].append(timed([sys.executable, "-c", "import torch"]))
-            walls["plain script"].append(timed([sys.executable, "-c", PLAIN_SCRIPT]))
-            for index, (name, extra) in enumerate(SWEEPS.items()):
-                out = str(Path(scratch) / f"{index}")
-                command = [sys.executable, "-m", "ce_audit", "sweep", *extra, "--quiet", "--out", out]
-                walls[name].append(timed(command))
-            latest = ", ".join(f"{name} {seconds[-1]:.2f} s" for name, seconds in walls.items())
-            print(f"run {repeat + 1}: {latest}", flush=True)
-        summaries = [str(Path(scratch) / f"{index}" / "summary.csv") for index in range(len(SWEEPS))]
+        walls = interleaved_walls(repeats, scratch, {"import torch": [sys.executable, "-c", "import torch"]})
+        last = repeats - 1  # the reports of the last repeat
+        summaries = [str(Path(scratch) / f"{index}-{last}" / "summary.csv") for index in range(len(SWEEPS))]
         figures = {
             name: statistics.median(figures_seconds(summary, repeats)[1])
             for name, summary in zip(SWEEPS, summaries, strict=True)
@@ -159,17 +170,8 @@ def main() -> None:
         print(f"figures: median {statistics.median(wall):.2f} s wall, {statistics.median(cpu):.2f} s CPU; "
               f"runs {[round(t, 2) for t in wall]} wall")  # fmt: skip
         return
-    times: dict[str, list[float]] = {"plain script": [], **{name: [] for name in SWEEPS}}
     with tempfile.TemporaryDirectory() as scratch:
-        timed([sys.executable, "-c", "import torch"])  # warm the file cache for every side
-        for repeat in range(args.repeats):
-            times["plain script"].append(timed([sys.executable, "-c", PLAIN_SCRIPT]))
-            for index, (name, extra) in enumerate(SWEEPS.items()):
-                out = str(Path(scratch) / f"{index}-{repeat}")
-                command = [sys.executable, "-m", "ce_audit", "sweep", *extra, "--quiet", "--out", out]
-                times[name].append(timed(command))
-            latest = ", ".join(f"{name} {seconds[-1]:.1f} s" for name, seconds in times.items())
-            print(f"run {repeat + 1}: {latest}", flush=True)
+        times = interleaved_walls(args.repeats, scratch)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{os.cpu_count()} cores; load average {load:.1f} at the end; medians of {args.repeats} runs")
     plain = statistics.median(times["plain script"])
