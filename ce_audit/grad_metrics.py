@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from ce_audit.dtypes import FloatFormat, magnitude, to_float64, ulp
+from ce_audit.dtypes import CACHE_ELEMENTS, FloatFormat, magnitude, row_pieces, to_float64, ulp
 from ce_audit.metrics import Tolerance, machine_epsilon
 from ce_audit.statuses import Status, relative_error
 
-ROW_GROUP_ELEMENTS = 1 << 16  # GradTally works on this many gradient entries at a time
+ROW_GROUP_ELEMENTS = CACHE_ELEMENTS  # GradTally works on this many gradient entries at a time
 SHARED_TERMS_ELEMENTS = 1 << 21  # ExactGradient keeps its terms for blocks up to this many entries
 
 
@@ -79,8 +79,16 @@ class ExactGradient:
     def finite_rows_and_abs_sums(self) -> tuple[np.ndarray, np.ndarray]:
         """Which rows of g* are finite, and Σ_k |g*_ik| by row (GradChecks' row-sum check)."""
         if self._row_sums is None:
-            with np.errstate(all="ignore"):
-                self._row_sums = np.isfinite(self.values).all(axis=1), np.abs(self.values).sum(axis=1)
+            values = self.values
+            with np.errstate(all="ignore"):  # a piece of rows at a time, each row's sum its own
+                parts = [
+                    (np.isfinite(values[piece]).all(axis=1), np.abs(values[piece]).sum(axis=1))
+                    for piece in row_pieces(values.shape[0], values.shape[1], ROW_GROUP_ELEMENTS)
+                ]
+            if len(parts) == 1:
+                self._row_sums = parts[0]
+            else:
+                self._row_sums = tuple(np.concatenate(column) for column in zip(*parts, strict=True))
         return self._row_sums
 
     def rows(self, first: int, step: int, tolerance: Tolerance, fmt: FloatFormat) -> ExactRows:
@@ -110,15 +118,15 @@ class GradTally:
     norm_rel_err: float = 0.0
     measured: bool = False
     last_finite: bool = False  # every entry of the block just added is finite (GradChecks need not look)
-    # |g − g*| of the block just added, by row group (None: a group with a non-finite entry), until taken
+    # |g − g*| of the block just added (None: it has a non-finite entry), until taken; kept for a block of
+    # one row group only (the trace computes a larger one's group by group: ce_audit.trace.cells)
     last_diff: list[np.ndarray | None] | None = field(default=None, compare=False, repr=False)
 
     def take_diff(self) -> np.ndarray | None:
-        """|g − g*| of the block just added where every entry was finite (else None); not kept after."""
+        """|g − g*| of the block just added where it was kept and every entry was finite (else None); not
+        kept after."""
         groups, self.last_diff = self.last_diff, None
-        if not groups or any(group is None for group in groups):
-            return None
-        return groups[0] if len(groups) == 1 else np.concatenate(groups)  # type: ignore[arg-type]
+        return groups[0] if groups and len(groups) == 1 else None
 
     def add(
         self,
@@ -138,12 +146,12 @@ class GradTally:
         exact = reference if isinstance(reference, ExactGradient) else ExactGradient(reference)
         step = max(1, ROW_GROUP_ELEMENTS // max(grad.shape[1], 1))
         scale, row_errors = machine_epsilon(fmt), []
-        self.last_diff = []
+        self.last_diff = [] if grad.shape[0] <= step else None
+        self.last_finite = True  # until a group has a non-finite entry
         for first in range(0, grad.shape[0], step):
             terms = exact.rows(first, step, tolerance, fmt)
             distance, norms = self._add_rows(grad[first : first + step], terms)
             row_errors.append(distance / (scale * np.maximum(norms, unit)))
-        self.last_finite = all(group is not None for group in self.last_diff)
         return row_errors[0] if len(row_errors) == 1 else np.concatenate(row_errors)
 
     def _add_rows(self, grad: np.ndarray, exact: ExactRows) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +182,7 @@ class GradTally:
                 np.subtract(grad, reference, out=delta, where=both)  # no NaN arithmetic (slow in long double)
                 squares = np.einsum("ij,ij->i", delta, delta)
             diff = magnitude(delta)
+            self.last_finite = self.last_finite and finite
             if self.last_diff is not None:
                 self.last_diff.append(diff if finite else None)
             failing = diff > exact.bound
@@ -275,8 +284,13 @@ class GradChecks:
                 self.rowsum_max = max(self.rowsum_max, float(rel.max()))
             suspect = np.flatnonzero(error > tolerance.atol + tolerance.rtol * norm)
             if suspect.size:  # only these rows need the rounding allowance Σ_k ½ ulp(g*_k)
-                spacing = ulp(to_float64(reference[np.flatnonzero(finite_rows)[suspect]]), fmt)
-                allowed = tolerance.atol + tolerance.rtol * norm[suspect] + 0.5 * spacing.sum(axis=1)
+                rows = np.flatnonzero(finite_rows)[suspect]
+                spacings = [  # a piece of rows at a time, each row's sum its own
+                    ulp(to_float64(reference[rows[piece]]), fmt).sum(axis=1)
+                    for piece in row_pieces(rows.size, reference.shape[1], ROW_GROUP_ELEMENTS)
+                ]
+                spacing = spacings[0] if len(spacings) == 1 else np.concatenate(spacings)
+                allowed = tolerance.atol + tolerance.rtol * norm[suspect] + 0.5 * spacing
                 self.rowsum_failures += int((error[suspect] > allowed).sum())
 
     def columns(self) -> dict[str, Any]:

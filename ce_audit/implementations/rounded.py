@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ce_audit.dtypes import FORMATS, FloatFormat
+from ce_audit.dtypes import CACHE_ELEMENTS, FORMATS, FloatFormat, row_pieces
 from ce_audit.metrics import rounded_once
 from ce_audit.options import LossOptions
 from ce_audit.reference.variants import reference_loss
@@ -36,7 +36,11 @@ def tensor_values(tensor: torch.Tensor, fmt: FloatFormat) -> np.ndarray:
 
 def rounded_tensor(values: np.ndarray, fmt: FloatFormat, device: torch.device) -> torch.Tensor:
     """Values in the reference's precision, rounded once to ``fmt``, as a tensor on ``device``."""
-    rounded = rounded_once(np.asarray(values), fmt)
+    return _as_tensor(rounded_once(np.asarray(values), fmt), fmt, device)
+
+
+def _as_tensor(rounded: np.ndarray, fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    """Values of ``fmt`` (bfloat16 as ml_dtypes'), as a tensor on ``device``."""
     flat = np.ascontiguousarray(rounded.reshape(-1))
     if fmt.name == "bfloat16":
         return torch.from_numpy(flat.view(np.int16)).view(torch.bfloat16).reshape(rounded.shape).to(device)
@@ -60,8 +64,15 @@ class _Rounded(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[Any, ...]:
         scale = upstream.detach().to("cpu", torch.float64).numpy().astype(ctx.grad.dtype)
-        grad = ctx.grad * (scale[:, None] if scale.ndim == 1 else scale)
-        return rounded_tensor(grad, ctx.fmt, upstream.device), None, None, None
+        exact = ctx.grad
+        if scale.ndim != 1 or exact.ndim != 2 or exact.size <= CACHE_ELEMENTS:
+            grad = exact * (scale[:, None] if scale.ndim == 1 else scale)
+            return rounded_tensor(grad, ctx.fmt, upstream.device), None, None, None
+        # a large block: g* · c rounded a few rows at a time (each entry on its own), into one array
+        rounded = np.empty(exact.shape, dtype=ctx.fmt.numpy_dtype)
+        for rows in row_pieces(exact.shape[0], exact.shape[1], CACHE_ELEMENTS):
+            rounded[rows] = rounded_once(exact[rows] * scale[rows, None], ctx.fmt)
+        return _as_tensor(rounded, ctx.fmt, upstream.device), None, None, None
 
 
 def rounded(

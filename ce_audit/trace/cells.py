@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ce_audit.backends import BlockCall
+from ce_audit.dtypes import CACHE_ELEMENTS, row_pieces
 from ce_audit.results import Cell
 from ce_audit.trace.explain import GAIN, INTRODUCED
 from ce_audit.trace.records import Origin, Trace
@@ -93,22 +94,35 @@ def worst_failing_row(
     and |g − g*|, where they are computed already)."""
     if grad is None or exact is None or grad.ndim != 2 or grad.shape != exact.shape:
         return worst
+    bound = bound if bound is not None and bound.shape == exact.shape else None
+    diff = diff if diff is not None and diff.shape == exact.shape else None
+    parts = [  # a piece of rows at a time: their temporaries stay in the cache
+        _failing_scores(grad[piece], exact[piece], tolerance, None if bound is None else bound[piece],
+                        None if diff is None else diff[piece])
+        for piece in row_pieces(grad.shape[0], grad.shape[1], CACHE_ELEMENTS)
+    ]  # fmt: skip
+    scores = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if not scores.size or scores.shape != numbers.shape:
+        return worst
+    index = int(np.argmax(scores))
+    return (float(scores[index]), int(numbers[index])) if scores[index] > worst[0] else worst
+
+
+def _failing_scores(
+    grad: np.ndarray, exact: np.ndarray, tolerance: Any, bound: np.ndarray | None, diff: np.ndarray | None
+) -> np.ndarray:
+    """max_k |g − g*| / (atol + rtol·|g*|) by row (``worst_failing_row``'s score; each row on its own)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        if bound is None or bound.shape != exact.shape:
+        if bound is None:
             bound = tolerance.atol + tolerance.rtol * np.abs(exact)
-        if diff is None or diff.shape != exact.shape:
+        if diff is None:
             nan = np.isnan(grad)  # its ratio is NaN, scored 0, whatever g* is: so is g* − g* or NaN there
             diff = np.abs((np.where(nan, exact, grad) if nan.any() else grad) - exact)
         ratio = diff / bound
         scores = ratio.max(axis=1)  # ratio's largest entry by row, unless the row has a NaN
     if np.isnan(scores).any():  # a NaN ratio (0/0, inf/inf) scores 0: the largest of the others
-        scores = np.nan_to_num(ratio, nan=0.0, copy=False).max(axis=1)
-    else:  # ±inf becomes ±the largest float, as it would entry by entry: the maximum commutes with it
-        scores = np.nan_to_num(scores, nan=0.0)
-    if not scores.size or scores.shape != numbers.shape:
-        return worst
-    index = int(np.argmax(scores))
-    return (float(scores[index]), int(numbers[index])) if scores[index] > worst[0] else worst
+        return np.nan_to_num(ratio, nan=0.0, copy=False).max(axis=1)
+    return np.nan_to_num(scores, nan=0.0)  # ±inf becomes ±the largest float, as it would entry by entry
 
 
 def traced_rows(cell: Cell, grad_row: int = -1) -> list[int]:
