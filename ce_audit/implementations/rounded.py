@@ -65,10 +65,9 @@ class _Rounded(torch.autograd.Function):
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[Any, ...]:
         scale = upstream.detach().to("cpu", torch.float64).numpy().astype(ctx.grad.dtype)
         exact = ctx.grad
-        if scale.ndim != 1 or exact.ndim != 2 or exact.size <= CACHE_ELEMENTS:
-            grad = exact * (scale[:, None] if scale.ndim == 1 else scale)
-            return rounded_tensor(grad, ctx.fmt, upstream.device), None, None, None
-        # a large block: g* · c rounded a few rows at a time (each entry on its own), into one array
+        if scale.ndim != 1 or exact.ndim != 2:  # c of a 0-d mean, or of each entry (binary targets)
+            return rounded_tensor(exact * scale, ctx.fmt, upstream.device), None, None, None
+        # c_i of each row: g* · c rounded a piece of rows at a time (each entry on its own), into one array
         rounded = np.empty(exact.shape, dtype=ctx.fmt.numpy_dtype)
         for rows in row_pieces(exact.shape[0], exact.shape[1], CACHE_ELEMENTS):
             rounded[rows] = rounded_once(exact[rows] * scale[rows, None], ctx.fmt)
